@@ -1,0 +1,101 @@
+"""`fastwidth` console entry: train, mup-table, coord-check, report, data prepare.
+
+Every user error ends as one line on stderr and exit code 2; anything else is a bug and keeps
+its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from fastwidth.errors import UserError
+
+
+def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", nargs="+",
+                   help="override a config key, e.g. --set optim.lr=3e-3 sweep.widths=[64,128]")
+
+
+def overrides_of(args) -> list[str]:
+    return [item for group in args.overrides for item in group]
+
+
+def cmd_train(args) -> int:
+    from fastwidth.config import load_config
+    from fastwidth.train.loop import run
+    run_dir = run(load_config(args.config, overrides_of(args)))
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def cmd_mup_table(args) -> int:
+    from fastwidth.config import load_config
+    from fastwidth.data import build_stream
+    from fastwidth.models import build_meta
+    from fastwidth.param.scaling import mup_table, table_rows
+    from fastwidth.train.loop import data_io
+    cfg = load_config(args.config, overrides_of(args))
+    model = build_meta(cfg, data_io(build_stream(cfg.data), cfg))
+    rows = table_rows(mup_table(model, cfg))
+    keys = ("name", "shape", "role", "init_std", "lr_mult", "wd_mult", "forward_mult", "init")
+    rows = [{k: r[k] for k in keys} for r in rows]
+    if args.format == "jsonl":
+        print("\n".join(json.dumps(r) for r in rows))
+    else:
+        print("[\n" + ",\n".join("  " + json.dumps(r) for r in rows) + "\n]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastwidth", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train the sweep a config describes")
+    add_config_args(p)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("mup-table", help="print the µP table (JSON rows) of the model a config builds")
+    add_config_args(p)
+    p.add_argument("--format", choices=["json", "jsonl"], default="json",
+                   help="a JSON array (one row a line) or JSON lines")
+    p.set_defaults(func=cmd_mup_table)
+
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub) -> None:
+    """Commands whose modules add their own parsers (statistics, report, data, planning)."""
+    from fastwidth.stats.coord import add_parser as add_coord
+    add_coord(sub)
+    for module, attr in (("fastwidth.report.cli", "add_parser"), ("fastwidth.data.cli", "add_data_parser"),
+                         ("fastwidth.dist.plan", "add_parser")):
+        try:
+            mod = __import__(module, fromlist=[attr])
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        getattr(mod, attr)(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except UserError as e:
+        print(f"fastwidth: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("fastwidth: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Model construction: build on the meta device, materialize, then initialize from the µP table.
+
+    model, table = build_model(cfg, io, device="cpu", seed=0)
+
+`io` describes the data (a stream works): kind "tokens" with vocab_size and seq_len, or kind
+"classes" with in_shape and num_classes. Building on meta first means a sharding engine can wrap
+the model before any memory is allocated (torchtitan's order: meta, shard, to_empty, init).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastwidth.config import Config
+from fastwidth.errors import ConfigError
+from fastwidth.models import gpt, mlp, resnet
+from fastwidth.param.scaling import ParamInfo, apply_forward_mults, init_parameters, mup_table
+
+BUILDERS = {"gpt": gpt.build, "mlp": mlp.build, "resnet": resnet.build}
+KIND_OF_ARCH = {"gpt": "tokens", "mlp": "classes", "resnet": "classes"}
+
+
+def build_meta(cfg: Config, io) -> nn.Module:
+    """The model on the meta device (no memory), for sharding or planning."""
+    arch = cfg.model.arch
+    if KIND_OF_ARCH[arch] != io.kind:
+        raise ConfigError(f"model.arch {arch} needs a {KIND_OF_ARCH[arch]} data source, "
+                          f"data.source gives {io.kind}")
+    with torch.device("meta"):
+        return BUILDERS[arch](cfg, io)
+
+
+def materialize(model: nn.Module, table: dict[str, ParamInfo], device, seed: int) -> nn.Module:
+    """Allocate on `device`, then draw parameters from the table and reset buffers."""
+    model.to_empty(device=device)
+    init_parameters(model, table, seed)
+    model.reset_buffers()
+    apply_forward_mults(model, table)
+    return model
+
+
+def build_model(cfg: Config, io, device="cpu", seed: int | None = None) -> tuple[nn.Module, dict[str, ParamInfo]]:
+    model = build_meta(cfg, io)
+    table = mup_table(model, cfg)
+    materialize(model, table, torch.device(device), cfg.train.seed if seed is None else seed)
+    return model, table

@@ -1,0 +1,86 @@
+"""GPT: pre-norm decoder with RoPE, RMSNorm or LayerNorm, GELU or SwiGLU, and a µP readout.
+
+n_heads = width / head_dim (head_dim fixed, the µP default) or fixed heads (head_dim grows).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastwidth.kernels.act import gelu, swiglu
+from fastwidth.models.base import WidthModel
+from fastwidth.nn import Attention, MuEmbedding, MuLinear, MuReadout, Norm
+from fastwidth.nn.attention import rope_tables
+from fastwidth.param.scaling import attention_scale
+
+
+class FeedForward(nn.Module):
+    def __init__(self, width: int, hidden: int, act: str, bias: bool, device=None):
+        super().__init__()
+        self.act = act
+        self.fc = MuLinear(width, hidden, bias=bias, device=device)
+        self.gate = MuLinear(width, hidden, bias=bias, device=device) if act == "swiglu" else None
+        self.proj = MuLinear(hidden, width, bias=bias, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.fc(x)  # (B, T, hidden)
+        h = swiglu(self.gate(x), u) if self.gate is not None else gelu(u)
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, n_heads: int, scale: float, cfg_model, device=None):
+        super().__init__()
+        act = "gelu" if cfg_model.act == "auto" else cfg_model.act
+        self.norm1 = Norm(width, cfg_model.norm, device=device)
+        self.attn = Attention(width, n_heads, scale, bias=cfg_model.bias, device=device)
+        self.norm2 = Norm(width, cfg_model.norm, device=device)
+        self.mlp = FeedForward(width, cfg_model.mlp_ratio * width, act, cfg_model.bias, device=device)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.norm1(x), cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(WidthModel):
+    def __init__(self, cfg, vocab_size: int, seq_len: int, device=None):
+        super().__init__()
+        mc = cfg.model
+        n_heads = mc.n_heads or mc.width // mc.head_dim
+        self.seq_len, self.head_dim, self.rope_base = seq_len, mc.width // n_heads, mc.rope_base
+        scale = attention_scale(cfg)
+        self.embed = MuEmbedding(vocab_size, mc.width, device=device)
+        self.blocks = nn.ModuleList(Block(mc.width, n_heads, scale, mc, device=device) for _ in range(mc.depth))
+        self.norm_f = Norm(mc.width, mc.norm, device=device)
+        self.readout = MuReadout(mc.width, vocab_size, bias=False, device=device)
+        cos, sin = rope_tables(seq_len, self.head_dim, mc.rope_base, device=device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def reset_buffers(self) -> None:
+        cos, sin = rope_tables(self.seq_len, self.head_dim, self.rope_base, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def features(self, idx: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        if T > self.seq_len:
+            raise ValueError(f"sequence of {T} tokens is longer than the model's {self.seq_len}")
+        x = self.embed(idx)  # (B, T, N)
+        for block in self.blocks:
+            x = block(x, self.rope_cos, self.rope_sin)
+        return self.norm_f(x)
+
+    def feature_points(self):
+        return {f"block{i}": b for i, b in enumerate(self.blocks)}
+
+    def preact_points(self):
+        pts = {}
+        for i, b in enumerate(self.blocks):
+            pts[f"block{i}.attn_q"] = b.attn.q
+            pts[f"block{i}.mlp_fc"] = b.mlp.fc
+        return pts
+
+
+def build(cfg, io, device=None) -> GPT:
+    return GPT(cfg, io.vocab_size, io.seq_len, device=device)

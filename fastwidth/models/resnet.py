@@ -1,0 +1,71 @@
+"""CIFAR-style ResNet: a 3x3 stem, four stages of BasicBlocks with width x [1, 2, 4, 8] channels
+(stride 2 from the second stage on), global average pooling and a µP readout.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastwidth.models.base import WidthModel
+from fastwidth.nn import BatchNorm2d, MuConv2d, MuReadout
+from fastwidth.param.roles import Role
+
+STAGE_MULTS = (1, 2, 4, 8)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, device=None):
+        super().__init__()
+        self.conv1 = MuConv2d(cin, cout, 3, stride=stride, device=device)
+        self.bn1 = BatchNorm2d(cout, device=device)
+        self.conv2 = MuConv2d(cout, cout, 3, device=device)
+        self.bn2 = BatchNorm2d(cout, device=device)
+        self.short = None
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(MuConv2d(cin, cout, 1, stride=stride, device=device),
+                                       BatchNorm2d(cout, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.short is None else self.short(x)))
+
+
+class ResNet(WidthModel):
+    def __init__(self, in_channels: int, width: int, blocks_per_stage: int, num_classes: int, device=None):
+        super().__init__()
+        self.stem = MuConv2d(in_channels, width, 3, role=Role.INPUT, device=device)
+        self.stem_bn = BatchNorm2d(width, device=device)
+        stages, cin = [], width
+        for s, mult in enumerate(STAGE_MULTS):
+            cout = width * mult
+            blocks = [BasicBlock(cin if b == 0 else cout, cout, 2 if (s > 0 and b == 0) else 1, device=device)
+                      for b in range(blocks_per_stage)]
+            stages.append(nn.Sequential(*blocks))
+            cin = cout
+        self.stages = nn.ModuleList(stages)
+        self.readout = MuReadout(cin, num_classes, device=device)
+
+    def reset_buffers(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.reset_running_stats()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.stem_bn(self.stem(x)))  # (B, w, H, W)
+        for stage in self.stages:
+            h = stage(h)
+        return h.mean(dim=(2, 3))  # (B, 8w)
+
+    def feature_points(self):
+        return {f"stage{i}": s for i, s in enumerate(self.stages)}
+
+    def preact_points(self):
+        return {"stem": self.stem, **{f"stage{i}.conv1": s[0].conv1 for i, s in enumerate(self.stages)}}
+
+
+def build(cfg, io, device=None) -> ResNet:
+    if len(io.in_shape) != 3:
+        raise ValueError(f"resnet needs images (C, H, W), the data gives shape {io.in_shape}")
+    return ResNet(io.in_shape[0], cfg.model.width, cfg.model.depth, io.num_classes, device=device)

@@ -1,0 +1,110 @@
+"""Thin µP-aware layers. Each declares its parameters' roles when built (`mup_roles`) and holds
+one plain float `mult`, its forward multiplier, set from the side table by
+`fastwidth.param.scaling.apply_forward_mults`. The math lives in fastwidth.kernels.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastwidth.kernels.norm import layer_norm, rms_norm
+from fastwidth.param.roles import Init, Role
+
+
+class MuLinear(nn.Module):
+    """y = mult · (x Wᵀ) + b on the vendor GEMM (addmm with alpha = mult; the bias is not scaled)."""
+
+    def __init__(self, in_features: int, out_features: int, *, role: Role = Role.HIDDEN,
+                 bias: bool = True, query: bool = False, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.role = in_features, out_features, role
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+        self._winit = Init.QUERY if query else Init.FAN_IN
+        self.mult = 1.0
+
+    def mup_roles(self):
+        bias_role = Role.FIXED if self.role is Role.OUTPUT else Role.VECTOR
+        return {"weight": (self.role, self._winit), "bias": (bias_role, Init.ZEROS)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (rows, in)
+        w = self.weight.t()
+        if self.bias is not None:
+            y = torch.addmm(self.bias.to(x2.dtype), x2, w.to(x2.dtype), alpha=self.mult)
+        else:
+            y = torch.mm(x2, w.to(x2.dtype))
+            if self.mult != 1.0:
+                y = y * self.mult
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}->{self.out_features}, role={self.role.value}, mult={self.mult:.4g}"
+
+
+class MuReadout(MuLinear):
+    """The readout: role OUTPUT (µP: mult = output_mult / m, zero init by default), bias FIXED."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True, device=None):
+        super().__init__(in_features, out_features, role=Role.OUTPUT, bias=bias, device=device)
+
+
+class MuEmbedding(nn.Module):
+    """Token embedding: role INPUT (fan_in is the one-hot vocabulary, fixed in width)."""
+
+    def __init__(self, num_embeddings: int, dim: int, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, dim, device=device))
+        self.mult = 1.0
+
+    def mup_roles(self):
+        return {"weight": (Role.INPUT, Init.EMBED)}
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        out = F.embedding(idx, self.weight)
+        return out if self.mult == 1.0 else out * self.mult
+
+
+class MuConv2d(nn.Module):
+    """Convolution without bias (a norm follows); role INPUT for the stem, HIDDEN elsewhere."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, *, stride: int = 1, role: Role = Role.HIDDEN, device=None):
+        super().__init__()
+        self.stride, self.padding, self.role = stride, kernel // 2, role
+        self.weight = nn.Parameter(torch.empty(cout, cin, kernel, kernel, device=device))
+        self.mult = 1.0
+
+    def mup_roles(self):
+        return {"weight": (self.role, Init.FAN_IN)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(x, self.weight.to(x.dtype), None, self.stride, self.padding)
+        return y if self.mult == 1.0 else y * self.mult
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm with gains and shifts as VECTOR parameters."""
+
+    def mup_roles(self):
+        return {"weight": (Role.VECTOR, Init.ONES), "bias": (Role.VECTOR, Init.ZEROS)}
+
+
+class Norm(nn.Module):
+    """Pre-norm for the GPT: RMSNorm (gain only) or LayerNorm (gain and shift)."""
+
+    def __init__(self, dim: int, kind: str = "rms", eps: float | None = None, device=None):
+        super().__init__()
+        self.kind = kind
+        self.eps = eps if eps is not None else (1e-6 if kind == "rms" else 1e-5)
+        self.weight = nn.Parameter(torch.empty(dim, device=device))
+        self.bias = nn.Parameter(torch.empty(dim, device=device)) if kind == "layer" else None
+
+    def mup_roles(self):
+        return {"weight": (Role.VECTOR, Init.ONES), "bias": (Role.VECTOR, Init.ZEROS)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "rms":
+            return rms_norm(x, self.weight, self.eps)
+        return layer_norm(x, self.weight, self.bias, self.eps)

@@ -1,0 +1,115 @@
+"""The README's µP table and config reference, generated from the code (a test keeps them in sync).
+
+    python -m fastwidth.param.doc          # rewrite the generated sections of README.md
+
+The µP table is read off `param_info` itself: each multiplier is evaluated at two widths and its
+power of m is recovered, so the README cannot drift from what the trainer does.
+"""
+from __future__ import annotations
+
+import math
+import re
+import sys
+from pathlib import Path
+
+from fastwidth.config import load_config, reference_rows
+from fastwidth.param.roles import Init, Role
+from fastwidth.param.scaling import param_info
+
+KINDS = ("mup", "mean_field", "sp", "ntk")
+ROLES = ((Role.INPUT, Init.FAN_IN, "input (first layer, embedding)"),
+         (Role.HIDDEN, Init.FAN_IN, "hidden (q/k/v/o, MLP, conv)"),
+         (Role.OUTPUT, Init.FAN_IN, "output (readout)"),
+         (Role.VECTOR, Init.ZEROS, "vector (biases, gains)"),
+         (Role.FIXED, Init.ZEROS, "fixed (readout bias)"))
+BASE = 64
+
+
+def _power(f, what: str = "") -> str:
+    """Render f(m) = c · what · m^k as text, from f at m = 2 and m = 4."""
+    a, b = f(2.0), f(4.0)
+    if a == 0 and b == 0:
+        return "0"
+    k = round(math.log2(b / a) * 2) / 2
+    c = a / 2.0 ** k
+    head = what or "1"
+    if not math.isclose(c, 1.0):
+        head = f"{c:g}·{what}" if what else f"{c:g}"
+    if k == 0:
+        return head
+    mpow = {1: "·m", -1: "/m", 0.5: "·√m", -0.5: "/√m"}.get(k, f"·m^{k:g}")
+    if head == "1" and mpow.startswith("·"):
+        return mpow[1:]
+    return head + mpow
+
+
+def _info(kind: str, opt: str, role: Role, init: Init, m: float, gamma0: float = 2.0):
+    width = int(BASE * m)
+    cfg = load_config(None, [f"param.kind={kind}", f"optim.name={opt}", f"param.base_width={BASE}",
+                             f"model.width={width}", "param.zero_readout=false", f"param.gamma0={gamma0}"])
+    shape = {Role.INPUT: (width, 10), Role.HIDDEN: (width, width), Role.OUTPUT: (10, width)}.get(role, (width,))
+    return param_info("w", shape, role, init, cfg)
+
+
+def mup_markdown() -> str:
+    lines = ["| kind | role | init std (× σ/√fan_in) | forward mult | Adam LR | SGD LR | Adam WD | SGD WD |",
+             "|---|---|---|---|---|---|---|---|"]
+    for kind in KINDS:
+        for role, init, label in ROLES:
+            def get(attr, opt="adamw"):
+                return lambda m: getattr(_info(kind, opt, role, init, m), attr)
+
+            def std_rel(m):
+                info = _info(kind, "adamw", role, init, m)
+                shape = info.shape
+                fan = math.prod(shape[1:]) if len(shape) > 1 else 1
+                return info.init_std * math.sqrt(fan) if init is Init.FAN_IN else 0.0
+
+            def fwd(m):  # ntk's matrices carry 1/√fan_in: show the rest
+                info = _info(kind, "adamw", role, init, m)
+                fan = math.prod(info.shape[1:]) if len(info.shape) > 1 else 1
+                scale = math.sqrt(fan) if (kind == "ntk" and init is Init.FAN_IN) else 1.0
+                return info.forward_mult * scale
+            init_txt = ("const" if init is Init.ZEROS else
+                        ("N(0, σ²)" if kind == "ntk" else _power(std_rel, "")))
+            fwd_txt = _power(fwd, "α" if role is Role.OUTPUT else "")
+            if kind == "ntk" and init is Init.FAN_IN:
+                fwd_txt = "1/√fan_in" if fwd_txt == "1" else f"{fwd_txt}/√fan_in"
+            lines.append(f"| {kind} | {label} | {init_txt} | {fwd_txt} | {_power(get('lr_mult'), 'η')} | "
+                         f"{_power(get('lr_mult', 'sgd'), 'η')} | {_power(get('wd_mult'), 'wd')} | "
+                         f"{_power(get('wd_mult', 'sgd'), 'wd')} |")
+    lines.append("")
+    lines.append("m = width / base_width, α = param.output_mult, σ = param.init_std; mean_field rows are at "
+                 "γ0 = 2 (output ÷γ0, LR ×γ0 Adam, ×γ0² SGD). The readout is zero-initialized under µP kinds "
+                 "unless param.zero_readout=false (the row shows the non-zero std); gains start at 1, biases at 0.")
+    return "\n".join(lines)
+
+
+def config_markdown() -> str:
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, tname, default, help_ in reference_rows():
+        lines.append(f"| `{key}` | {tname} | `{default}` | {help_.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+SECTIONS = {"mup-table": mup_markdown, "config-reference": config_markdown}
+
+
+def render(readme: str) -> str:
+    for name, fn in SECTIONS.items():
+        pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
+        if not pattern.search(readme):
+            raise ValueError(f"README has no <!-- {name}:start --> ... <!-- {name}:end --> markers")
+        readme = pattern.sub(lambda m_: m_.group(1) + fn() + "\n" + m_.group(2), readme)
+    return readme
+
+
+def main() -> int:
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("README.md")
+    path.write_text(render(path.read_text()))
+    print(f"updated {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Optimizer param groups from the µP table, and the LR schedule (owned here, nowhere else).
+
+Each group carries its `lr_mult` and `wd_mult`; every step `set_lr` writes
+    group["lr"] = optim.lr × lr_mult × schedule(step)
+    group["weight_decay"] = optim.weight_decay × wd_mult
+so neither a resumed optimizer state nor an engine's scheduler can overwrite the multipliers.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from fastwidth.config import Config, OptimConfig
+from fastwidth.param.scaling import ParamInfo
+
+
+def param_groups(model: nn.Module, table: dict[str, ParamInfo]) -> list[dict]:
+    """One group per distinct (lr_mult, wd_mult), in first-seen parameter order."""
+    buckets: dict[tuple[float, float], dict] = defaultdict(lambda: {"params": [], "names": []})
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        info = table[name]
+        group = buckets[(info.lr_mult, info.wd_mult)]
+        group["params"].append(p)
+        group["names"].append(name)
+    return [{**g, "lr_mult": lr, "wd_mult": wd} for (lr, wd), g in buckets.items()]
+
+
+def build_optimizer(model: nn.Module, table: dict[str, ParamInfo], cfg: Config) -> torch.optim.Optimizer:
+    oc = cfg.optim
+    groups = param_groups(model, table)
+    if oc.name == "sgd":
+        opt = torch.optim.SGD(groups, lr=oc.lr, momentum=oc.momentum, weight_decay=oc.weight_decay)
+    else:
+        cls = torch.optim.AdamW if oc.name == "adamw" else torch.optim.Adam
+        opt = cls(groups, lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps, weight_decay=oc.weight_decay)
+    set_lr(opt, cfg.optim, step=0, total_steps=cfg.train.steps)
+    return opt
+
+
+def lr_factor(step: int, oc: OptimConfig, total_steps: int) -> float:
+    """schedule(t) for the optimizer step with index `step` (0-based)."""
+    if oc.warmup_steps and step < oc.warmup_steps:
+        return (step + 1) / oc.warmup_steps
+    if oc.schedule == "constant":
+        return 1.0
+    horizon = (oc.decay_steps or total_steps) - oc.warmup_steps
+    frac = min(max(step - oc.warmup_steps, 0) / max(horizon, 1), 1.0)
+    if oc.schedule == "linear":
+        shape = 1.0 - frac
+    else:  # cosine
+        shape = 0.5 * (1.0 + math.cos(math.pi * frac))
+    return oc.min_lr_ratio + (1.0 - oc.min_lr_ratio) * shape
+
+
+def set_lr(opt: torch.optim.Optimizer, oc: OptimConfig, step: int, total_steps: int) -> float:
+    """Write every group's lr and weight decay for `step`; returns the schedule factor."""
+    factor = lr_factor(step, oc, total_steps)
+    for g in opt.param_groups:
+        g["lr"] = oc.lr * g["lr_mult"] * factor
+        g["weight_decay"] = oc.weight_decay * g["wd_mult"]
+    return factor

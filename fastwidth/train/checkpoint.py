@@ -1,0 +1,206 @@
+"""Checkpoints: safetensors for tensors, JSON for everything else, written atomically.
+
+Layout of one checkpoint (a directory under RUN/checkpoints/):
+    step_000020/
+        meta.json                     step, members, optimizer scalars, RNG, data cursor, µP tables,
+                                      and the sha256 of every tensor file (truncation is detected)
+        model.<member>.safetensors    model state_dict
+        optim.<member>.safetensors    optimizer tensor state ("<param index>.<key>")
+    latest                            name of the newest complete checkpoint
+
+A checkpoint is written into a hidden temporary directory, each file fsynced, then renamed into
+place and `latest` replaced by rename: a crash leaves either the old or the new checkpoint, never
+a half-written one.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from fastwidth.errors import CheckpointError
+
+FORMAT = "fastwidth-checkpoint-1"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file, fsync and rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- RNG
+
+def rng_state() -> dict:
+    """torch's CPU (and CUDA) generator states; fastwidth draws no numbers from Python's or numpy's."""
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+                                      for s in state["cuda"]])
+
+
+# --------------------------------------------------------------------------- optimizer state
+
+def split_optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors for safetensors, JSON-able rest) of an optimizer's state_dict."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for key, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"{idx}.{key}"] = val.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = val
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def merge_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state: dict[int, dict] = {}
+    for flat, val in list(tensors.items()) + list(rest["scalars"].items()):
+        idx, key = flat.split(".", 1)
+        state.setdefault(int(idx), {})[key] = val
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+# --------------------------------------------------------------------------- save / load
+
+def save_checkpoint(ckpt_root: Path, step: int, members: list, extra: dict, keep: int = 2) -> Path:
+    """Write checkpoint `step_<step>` for `members` (objects with .name, .model, .optimizer)."""
+    ckpt_root = Path(ckpt_root)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step_{step:06d}"
+    tmp = ckpt_root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    files, member_meta = {}, []
+    for m in members:
+        model_file = f"model.{m.name}.safetensors"
+        save_file({k: v.detach().cpu().contiguous() for k, v in m.model.state_dict().items()}, str(tmp / model_file))
+        opt_tensors, opt_rest = split_optimizer_state(m.optimizer)
+        optim_file = f"optim.{m.name}.safetensors"
+        save_file(opt_tensors, str(tmp / optim_file))
+        for f in (model_file, optim_file):
+            _fsync_file(tmp / f)
+            files[f] = _sha256(tmp / f)
+        member_meta.append({"name": m.name, "width": m.width, "seed": m.seed, "step": m.step,
+                            "optimizer": opt_rest})
+    meta = {"format": FORMAT, "step": step, "members": member_meta, "files": files, **extra}
+    with open(tmp / "meta.json", "w") as f:
+        json.dump(meta, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+    atomic_write_text(ckpt_root / "latest", final.name + "\n")
+    _prune(ckpt_root, keep)
+    return final
+
+
+def _prune(ckpt_root: Path, keep: int) -> None:
+    done = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    ckpt_root = Path(ckpt_root)
+    pointer = ckpt_root / "latest"
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        if name and (ckpt_root / name).is_dir():
+            return ckpt_root / name
+    done = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+    return done[-1] if done else None
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Read and verify a checkpoint; returns meta plus 'tensors' {file: {name: tensor}}.
+
+    Raises CheckpointError (one line) for a missing, truncated or corrupt checkpoint.
+    """
+    path = Path(path)
+    meta_file = path / "meta.json"
+    try:
+        meta = json.loads(meta_file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} has no meta.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"checkpoint {meta_file} is truncated or not JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {meta_file} is not a {FORMAT} checkpoint")
+    tensors = {}
+    for fname, digest in meta["files"].items():
+        f = path / fname
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {fname}")
+        if _sha256(f) != digest:
+            raise CheckpointError(f"checkpoint file {f} is truncated or corrupt (checksum mismatch)")
+        try:
+            tensors[fname] = load_file(str(f))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"checkpoint file {f} cannot be read: {e}") from None
+    meta["tensors"] = tensors
+    return meta
+
+
+def restore_member(member, meta: dict) -> None:
+    """Load one member's model and optimizer state from a verified checkpoint."""
+    entry = next((e for e in meta["members"] if e["name"] == member.name), None)
+    if entry is None:
+        raise CheckpointError(f"checkpoint has no model {member.name} (it holds "
+                              f"{', '.join(e['name'] for e in meta['members'])})")
+    model_sd = meta["tensors"][f"model.{member.name}.safetensors"]
+    try:
+        member.model.load_state_dict(model_sd, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint model {member.name} does not match the config: {first}") from None
+    opt_sd = merge_optimizer_state(meta["tensors"][f"optim.{member.name}.safetensors"], entry["optimizer"])
+    member.optimizer.load_state_dict(opt_sd)
+    member.step = int(entry["step"])
