@@ -1,0 +1,96 @@
+"""Triton kernels that run compiled on CUDA tensors and interpreted on CPU tensors.
+
+Why not plain `@triton.jit`: triton (3.0 .. 3.9) reads TRITON_INTERPRET through
+`triton.knobs.runtime.interpret` once, when the decorator runs, and returns either a
+JITFunction or an InterpretedFunction for good. Kernels defined at import would then be
+bound to whatever the environment held when fastwidth.kernels was first imported (in a
+test session: whichever test file happened to be collected first). `jit` below keeps one
+object that is a real JITFunction (so the compiler, nested calls and @triton.autotune see
+what they expect on a GPU) and switches to the interpreter per launch when the tensors
+live on the CPU, so TRITON_INTERPRET need not be set at all.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastwidth.errors import UserError
+
+try:  # triton is a hard dependency on Linux, but keep the torch path alive without it
+    import triton
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only on machines without triton
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+
+def require_triton() -> None:
+    if not HAS_TRITON:
+        raise UserError("kernels=triton needs the triton package (pip install triton); use kernels=torch")
+
+
+if HAS_TRITON:
+
+    class _DualJIT(JITFunction):
+        """A JITFunction that interprets itself when launched on CPU tensors."""
+
+        def __init__(self, fn):
+            super().__init__(fn)
+            self._interp = InterpretedFunction(fn)
+
+        def run(self, *args, grid, warmup, **kwargs):
+            on_cpu = any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args)
+            if not on_cpu:
+                return super().run(*args, grid=grid, warmup=warmup, **kwargs)
+            # triton.language's own helpers (tl.sum, tl.max, tl.cdiv, ...) are plain JITFunctions
+            # unless TRITON_INTERPRET was set when triton was imported; calling one from an
+            # interpreted kernel raises. For the length of this launch, make such calls run
+            # interpreted too. The compiler never calls JITFunction.__call__, so a GPU launch
+            # in another thread would be unaffected.
+            saved = JITFunction.__call__
+            JITFunction.__call__ = _interpreted_call
+            try:
+                return self._interp.run(*args, grid=grid, warmup=warmup, **kwargs)
+            finally:
+                JITFunction.__call__ = saved
+
+        def __call__(self, *args, **kwargs):
+            # Only reached from inside an interpreted kernel (a nested device-function call);
+            # the compiler handles nested JITFunctions from the AST and never calls this.
+            return self._interp(*args, **kwargs)
+
+    _interpreted: dict = {}
+
+    def _interpreted_call(self, *args, **kwargs):
+        fn = _interpreted.get(self.fn)
+        if fn is None:
+            fn = _interpreted[self.fn] = InterpretedFunction(self.fn)
+        return fn(*args, **kwargs)
+
+    def jit(fn):
+        return _DualJIT(fn)
+
+else:  # pragma: no cover
+
+    def jit(fn):
+        return fn
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def interpreting(t: torch.Tensor) -> bool:
+    """True when a launch on `t` runs in the Triton interpreter (fixed configs, no autotune)."""
+    return t.device.type == "cpu"
+
+
+def fp32_dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: "ieee" keeps fp32 results equal to torch's fp32 (the e2e loss-curve check
+    # relies on it); tf32 would be faster but changes low bits on every GEMM-like tile.
+    return "ieee" if dtype == torch.float32 else "tf32"

@@ -1,0 +1,266 @@
+"""RMSNorm and LayerNorm over the last dim, forward and backward, optionally fused with the
+residual add (s = x + residual; y = norm(s)), returning per-row RMS of the norm input.
+
+The per-row RMS, sqrt(mean(s^2)) in fp32 without eps, is what the coordinate statistics log;
+the kernel has it for free. Statistics and the normalization are computed in fp32; y and s
+are stored in the input dtype, and s is rounded to that dtype before it is normalized, as an
+unfused `x + residual` would be, so both backends see the same residual stream.
+Limits: the normalized dim N <= 32768 (one row in one Triton block).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastwidth.errors import UserError
+from fastwidth.kernels import dispatch
+from fastwidth.kernels._triton import HAS_TRITON, interpreting, jit, next_pow2, tl
+
+MAX_N = 32768
+
+# ---------------------------------------------------------------- torch reference
+
+
+def norm_ref(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+             eps: float, is_rms: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (y, s, rms): y = norm(s) * weight + bias in x.dtype, s = x + residual (or x),
+    rms = sqrt(mean(s^2)) per row in fp32 (no grad)."""
+    s = x if residual is None else x + residual
+    sf = s.float()
+    if is_rms:
+        y = sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps)
+        if weight is not None:
+            y = y * weight.float()
+        if bias is not None:
+            y = y + bias.float()
+    else:
+        w = None if weight is None else weight.float()
+        b = None if bias is None else bias.float()
+        y = F.layer_norm(sf, (s.shape[-1],), w, b, eps)
+    with torch.no_grad():
+        rms = sf.pow(2).mean(-1).sqrt()
+    return y.to(x.dtype), s, rms
+
+
+# ---------------------------------------------------------------- Triton kernels
+
+if HAS_TRITON:
+
+    @jit
+    def _norm_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, s_ptr, mean_ptr, rstd_ptr, rms_ptr,
+                         N, eps, IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
+                         HAS_B: tl.constexpr, BLOCK_N: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        x = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0)
+        if HAS_RES:
+            r = tl.load(r_ptr + row * N + cols, mask=mask, other=0.0)
+            # round the sum to the storage dtype first: the unfused reference does.
+            s = (x.to(tl.float32) + r.to(tl.float32)).to(s_ptr.dtype.element_ty)
+            tl.store(s_ptr + row * N + cols, s, mask=mask)
+            s = s.to(tl.float32)
+        else:
+            s = x.to(tl.float32)
+        ms = tl.sum(s * s, axis=0) / N
+        tl.store(rms_ptr + row, tl.sqrt(ms))
+        if IS_RMS:
+            mean = 0.0
+            rstd = 1.0 / tl.sqrt(ms + eps)
+            xhat = s * rstd
+        else:
+            mean = tl.sum(s, axis=0) / N
+            d = tl.where(mask, s - mean, 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
+            xhat = d * rstd
+        tl.store(mean_ptr + row, mean)
+        tl.store(rstd_ptr + row, rstd)
+        y = xhat
+        if HAS_W:
+            y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_B:
+            y = y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * N + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @jit
+    def _norm_bwd_kernel(dy_ptr, ds_ptr, s_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr,
+                         M, N, IS_RMS: tl.constexpr, HAS_DS: tl.constexpr, HAS_W: tl.constexpr,
+                         HAS_B: tl.constexpr, BLOCK_N: tl.constexpr):
+        # Each program walks rows pid, pid+G, ... and keeps its share of dw/db in registers;
+        # the G partial rows are summed by the launcher (no atomics, deterministic).
+        pid = tl.program_id(0)
+        G = tl.num_programs(0)
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        if HAS_W:
+            w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for row in range(pid, M, G):
+            off = tl.cast(row, tl.int64) * N + cols
+            s = tl.load(s_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(mean_ptr + row)
+            rstd = tl.load(rstd_ptr + row)
+            xhat = tl.where(mask, (s - mean) * rstd, 0.0)
+            wdy = dy
+            if HAS_W:
+                wdy = dy * w
+            c1 = tl.sum(xhat * wdy, axis=0) / N
+            if IS_RMS:
+                dx = (wdy - xhat * c1) * rstd
+            else:
+                c2 = tl.sum(wdy, axis=0) / N
+                dx = (wdy - xhat * c1 - c2) * rstd
+            if HAS_DS:
+                dx = dx + tl.load(ds_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            dw += dy * xhat
+            db += dy
+        if HAS_W:
+            tl.store(dw_ptr + pid * N + cols, dw, mask=mask)
+        if HAS_B:
+            tl.store(db_ptr + pid * N + cols, db, mask=mask)
+
+
+# ---------------------------------------------------------------- launchers
+
+
+def _warps(block_n: int) -> int:
+    # 4 warps up to 2k columns, 8 up to 8k, 16 beyond: keeps ~16 fp32 values a thread
+    # (the Triton layer-norm tutorial's rule, measured there on A100).
+    return 4 if block_n <= 2048 else (8 if block_n <= 8192 else 16)
+
+
+def _norm_fwd_launch(x, residual, weight, bias, eps, is_rms):
+    N = x.shape[-1]
+    if N > MAX_N:
+        raise UserError(f"norm kernel: normalized dim {N} exceeds {MAX_N}; use kernels=torch")
+    x2 = x.reshape(-1, N).contiguous()
+    M = x2.shape[0]
+    r2 = residual.reshape(-1, N).contiguous() if residual is not None else x2
+    y = torch.empty_like(x2)
+    s = torch.empty_like(x2) if residual is not None else x2.new_empty(0)
+    mean, rstd, rms = (torch.empty(M, device=x.device, dtype=torch.float32) for _ in range(3))
+    if M > 0:
+        bn = next_pow2(N)
+        _norm_fwd_kernel[(M,)](x2, r2, weight if weight is not None else x2, bias if bias is not None else x2,
+                               y, s if residual is not None else y, mean, rstd, rms, N, float(eps),
+                               IS_RMS=is_rms, HAS_RES=residual is not None, HAS_W=weight is not None,
+                               HAS_B=bias is not None, BLOCK_N=bn, num_warps=_warps(bn))
+    lead = x.shape[:-1]
+    s_out = s.view(x.shape) if residual is not None else s
+    return y.view(x.shape), s_out, mean.view(lead), rstd.view(lead), rms.view(lead)
+
+
+def _norm_bwd_launch(dy, ds, s, weight, mean, rstd, is_rms, has_bias):
+    N = s.shape[-1]
+    s2 = s.reshape(-1, N).contiguous()
+    M = s2.shape[0]
+    dy2 = dy.reshape(-1, N).contiguous()
+    ds2 = ds.reshape(-1, N).contiguous() if ds is not None else dy2
+    dx = torch.empty_like(s2)
+    # ~4 programs an SM on an H200 (132 SMs); 4 in the interpreter, where each is a Python loop.
+    G = max(1, min(M, 4 if interpreting(s) else 4 * torch.cuda.get_device_properties(s.device).multi_processor_count))
+    part = torch.zeros(2, G, N, device=s.device, dtype=torch.float32)
+    if M > 0:
+        bn = next_pow2(N)
+        _norm_bwd_kernel[(G,)](dy2, ds2, s2, weight if weight is not None else s2, mean.reshape(-1).contiguous(),
+                               rstd.reshape(-1).contiguous(), dx, part[0], part[1], M, N, IS_RMS=is_rms,
+                               HAS_DS=ds is not None, HAS_W=weight is not None, HAS_B=has_bias,
+                               BLOCK_N=bn, num_warps=_warps(bn))
+    dw = part[0].sum(0).to(weight.dtype) if weight is not None else s.new_empty(0)
+    db = part[1].sum(0).to(weight.dtype if weight is not None else s.dtype) if has_bias else s.new_empty(0)
+    return dx.view(s.shape), dw, db
+
+
+# ---------------------------------------------------------------- registered ops + autograd
+
+
+@torch.library.custom_op("fastwidth::norm_fwd", mutates_args=())
+def _norm_fwd_op(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                 eps: float, is_rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _norm_fwd_launch(x, residual, weight, bias, eps, is_rms)
+
+
+@_norm_fwd_op.register_fake
+def _(x, residual, weight, bias, eps, is_rms):
+    lead = x.shape[:-1]
+    stat = x.new_empty(lead, dtype=torch.float32)
+    s = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    return torch.empty_like(x), s, stat, torch.empty_like(stat), torch.empty_like(stat)
+
+
+@torch.library.custom_op("fastwidth::norm_bwd", mutates_args=())
+def _norm_bwd_op(dy: Tensor, ds: Optional[Tensor], s: Tensor, weight: Optional[Tensor], mean: Tensor,
+                 rstd: Tensor, is_rms: bool, has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _norm_bwd_launch(dy, ds, s, weight, mean, rstd, is_rms, has_bias)
+
+
+@_norm_bwd_op.register_fake
+def _(dy, ds, s, weight, mean, rstd, is_rms, has_bias):
+    dw = torch.empty_like(weight) if weight is not None else s.new_empty(0)
+    wdt = weight.dtype if weight is not None else s.dtype
+    db = s.new_empty(s.shape[-1], dtype=wdt) if has_bias else s.new_empty(0)
+    return torch.empty_like(s), dw, db
+
+
+def _norm_setup(ctx, inputs, output):
+    x, residual, weight, bias, eps, is_rms = inputs
+    y, s, mean, rstd, rms = output
+    ctx.has_res, ctx.is_rms, ctx.has_bias = residual is not None, is_rms, bias is not None
+    ctx.mark_non_differentiable(mean, rstd, rms)
+    ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
+
+
+def _norm_backward(ctx, dy, ds, _dmean, _drstd, _drms):
+    s, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = _norm_bwd_op(dy, ds if ctx.has_res else None, s, weight, mean, rstd, ctx.is_rms, ctx.has_bias)
+    return (dx, dx if ctx.has_res else None, dw if weight is not None else None,
+            db if ctx.has_bias else None, None, None)
+
+
+_norm_fwd_op.register_autograd(_norm_backward, setup_context=_norm_setup)
+
+
+# ---------------------------------------------------------------- functional
+
+
+def _norm(x, residual, weight, bias, eps, is_rms, backend):
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"norm: residual {tuple(residual.shape)} does not match x {tuple(x.shape)}")
+    if dispatch.resolve(backend, x) == "triton":
+        y, s, _, _, rms = _norm_fwd_op(x, residual, weight, bias, float(eps), is_rms)
+        return y, (s if residual is not None else x), rms
+    return norm_ref(x, residual, weight, bias, eps, is_rms)
+
+
+def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float = 1e-6, backend: str | None = None, *,
+             return_rms: bool = False):
+    """RMSNorm over the last dim. Outputs: y (x's shape, dtype), plus per-row RMS (fp32,
+    x.shape[:-1], no grad) when return_rms."""
+    y, _, rms = _norm(x, None, weight, None, eps, True, backend)
+    return (y, rms) if return_rms else y
+
+
+def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5,
+               backend: str | None = None, *, return_rms: bool = False):
+    """LayerNorm over the last dim; weight/bias may be None. Outputs as rms_norm."""
+    y, _, rms = _norm(x, None, weight, bias, eps, False, backend)
+    return (y, rms) if return_rms else y
+
+
+def rms_norm_residual(x: Tensor, residual: Tensor, weight: Optional[Tensor], eps: float = 1e-6,
+                      backend: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """s = x + residual; y = RMSNorm(s). Outputs: (y, s, rms of s per row)."""
+    return _norm(x, residual, weight, None, eps, True, backend)
+
+
+def layer_norm_residual(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                        eps: float = 1e-5, backend: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """s = x + residual; y = LayerNorm(s). Outputs: (y, s, rms of s per row)."""
+    return _norm(x, residual, weight, bias, eps, False, backend)

@@ -1,0 +1,103 @@
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastwidth.errors import UserError
+from fastwidth.kernels import attention as A
+from tests.kernels.helpers import compare
+
+B, T = 2, 37
+
+
+def _fn(scale, causal, backend):
+    def f(q, k, v):
+        return A.attention(q, k, v, scale=scale, causal=causal, backend=backend, return_max_logit=True)
+    return f
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("H,Hkv,D", [(4, 2, 48), (2, 2, 32)])
+def test_attention_matches_reference(dtype, causal, H, Hkv, D):
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+    do = torch.randn(B, H, T, D)
+    scale = 2.0 / D  # µP: attn_mult / head_dim, not 1/sqrt(D)
+    compare(_fn(scale, causal, "triton"), _fn(scale, causal, "torch"), [q, k, v], [do, None], dtype,
+            ["attention", "q", "k", "v"])
+
+
+def test_attention_fp16_head_dim_128_strided_inputs():
+    # q, k, v as the model makes them: (B, T, H, D) projections viewed as (B, H, T, D).
+    D = 128
+    qkv = torch.randn(B, T, 3, 2, D)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous()
+    compare(_fn(1 / D, True, "triton"), _fn(1 / D, True, "torch"), [q, k, v], [torch.randn(B, 2, T, D), None],
+            torch.float16, ["attention", "q", "k", "v"])
+
+
+def test_max_logit_is_the_largest_visible_scaled_logit():
+    q, k, v = torch.randn(1, 2, T, 32), torch.randn(1, 2, T, 32), torch.randn(1, 2, T, 32)
+    s = (q @ k.transpose(-1, -2)) * 0.25
+    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    for backend in ("triton", "torch", "math"):
+        _, mx = A.attention(q, k, v, scale=0.25, causal=True, backend=backend, return_max_logit=True)
+        torch.testing.assert_close(mx, s.amax(dim=(-1, -2)))
+
+
+BACKENDS_HERE = ["torch", "math", "triton"] + (["flash"] if A.flash_available() else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_changing_the_scale_changes_every_backend_output(backend):
+    q, k, v = torch.randn(1, 2, T, 32), torch.randn(1, 2, T, 32), torch.randn(1, 2, T, 32)
+    outs = [A.attention(q, k, v, scale=s, causal=True, backend=backend) for s in (1 / 32, 1 / 32 ** 0.5, 0.5)]
+    for a, b in [(0, 1), (1, 2), (0, 2)]:
+        diff = (outs[a] - outs[b]).abs()
+        # every query row past the first (which sees only itself) must move
+        assert (diff[:, :, 1:].amax(-1) > 1e-4).all(), f"{backend}: scale not applied"
+    ref, _ = A.attention_ref(q.double(), k.double(), v.double(), 0.5, True)
+    torch.testing.assert_close(outs[2].double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_each_backend_receives_the_scale(monkeypatch):
+    q, k, v = torch.randn(1, 4, 8, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32)
+    seen = {}
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy_sdpa(*a, **kw):
+        seen["torch"] = kw.get("scale")
+        return real_sdpa(*a, **kw)
+
+    def fake_flash(q, k, v, softmax_scale=None, causal=False):
+        seen["flash"] = softmax_scale  # (B, T, H, D) in, as flash_attn_func
+        return torch.zeros_like(q)
+
+    real_ref, real_op = A.attention_ref, A._attn_fwd_op
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy_sdpa)
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=fake_flash))
+    monkeypatch.setattr(A, "attention_ref", lambda q, k, v, scale, causal: (seen.__setitem__("math", scale),
+                                                                            real_ref(q, k, v, scale, causal))[1])
+    monkeypatch.setattr(A, "_attn_fwd_op", lambda q, k, v, scale, causal: (seen.__setitem__("triton", scale),
+                                                                           real_op(q, k, v, scale, causal))[1])
+    for backend in ("torch", "math", "flash", "triton"):
+        o = A.attention(q, k, v, scale=0.123, causal=True, backend=backend)
+        assert o.shape == q.shape
+    assert seen == {"torch": 0.123, "math": 0.123, "flash": 0.123, "triton": 0.123}
+
+
+def test_errors_are_clear():
+    q = torch.randn(1, 2, 8, 256)
+    with pytest.raises(UserError, match="head_dim 256"):
+        A.attention(q, q, q, scale=1.0, backend="triton")
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        A.attention(torch.randn(1, 3, 8, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32), scale=1.0)
+    with pytest.raises(UserError, match="not one of"):
+        A.attention(q, q, q, scale=1.0, backend="cudnn")
+    if not A.flash_available():
+        with pytest.raises(UserError, match="flash-attn"):
+            A.attention(torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32), scale=1.0,
+                        backend="flash")

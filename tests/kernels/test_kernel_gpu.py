@@ -1,0 +1,84 @@
+"""The compiled (not interpreted) kernels on a CUDA device, at shapes that use the GPU tiles.
+
+Skipped without CUDA. bench/gpu_bench.py runs these first. Error bounds as on the CPU: twice
+PyTorch's own error at the same precision against fp64, plus a small atol (looser for fp32
+GEMMs, which torch may run in TF32 when a user enabled it).
+"""
+
+import pytest
+import torch
+
+from fastwidth.kernels import act, attention, norm, readout_ce, stats
+from tests.kernels.helpers import compare
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def cuda(*ts):
+    return [t.cuda() for t in ts]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_act_gpu(dtype):
+    x, u, dy = cuda(torch.randn(1023, 1531) * 3, torch.randn(1023, 1531), torch.randn(1023, 1531))
+    compare(lambda t: act.gelu(t, backend="triton"), act.gelu_ref, [x], [dy], dtype, ["gelu", "x"])
+    compare(lambda a, b: act.swiglu(a, b, backend="triton"), act.swiglu_ref, [x, u], [dy], dtype,
+            ["swiglu", "gate", "up"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("is_rms", [True, False])
+def test_norm_gpu(dtype, is_rms):
+    M, N = 4097, 3001
+    x, r, w, b, dy, ds = cuda(torch.randn(M, N), torch.randn(M, N), torch.randn(N), torch.randn(N),
+                              torch.randn(M, N), torch.randn(M, N))
+
+    def f(backend):
+        def g(x, r, w, b):
+            y, s, _ = norm._norm(x, r, w, None if is_rms else b, 1e-5, is_rms, backend) if backend else \
+                norm.norm_ref(x, r, w, None if is_rms else b, 1e-5, is_rms)
+            return y, s
+        return g
+    compare(f("triton"), f(None), [x, r, w, b], [dy, ds], dtype, ["norm", "x", "residual", "weight", "bias"][:5 - is_rms])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_readout_ce_gpu(dtype):
+    M, N, V = 4099, 768, 50257
+    h, w, bias = cuda(torch.randn(M, N), torch.randn(V, N) * 0.05, torch.randn(V))
+    t = torch.randint(0, V, (M,), device="cuda")
+    t[:7] = -100
+
+    def f(backend):
+        def g(h, w, b):
+            r = readout_ce.readout_ce_stats(h, w, t, multiplier=0.5, bias=b, z_loss=1e-4, label_smoothing=0.05,
+                                            backend=backend)
+            return r.loss, r.lse, r.true_logit
+        return g
+    compare(f("triton"), f("torch"), [h, w, bias], [torch.tensor(1.0, device="cuda"), None, None], dtype,
+            ["readout_ce", "h", "weight", "bias"], atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("H,Hkv,D,T", [(8, 2, 128, 1031), (4, 4, 64, 517), (4, 4, 32, 300), (6, 3, 96, 257)])
+def test_attention_gpu(dtype, causal, H, Hkv, D, T):
+    q, k, v, do = cuda(torch.randn(2, H, T, D), torch.randn(2, Hkv, T, D), torch.randn(2, Hkv, T, D),
+                       torch.randn(2, H, T, D))
+
+    def f(backend):
+        return lambda q, k, v: attention.attention(q, k, v, scale=1.0 / D, causal=causal, backend=backend,
+                                                   return_max_logit=True)
+    compare(f("triton"), f("math"), [q, k, v], [do, None], dtype, ["attention", "q", "k", "v"], atol=2e-3)
+
+
+def test_stats_gpu():
+    x = torch.randn(10_000_019, device="cuda")
+    got = stats.moments_histogram(x, -4.0, 4.0, 100, backend="triton")
+    ref = stats.moments_histogram_ref(x, -4.0, 4.0, 100)
+    assert torch.equal(got.hist, ref.hist)
+    torch.testing.assert_close(torch.stack(got[1:7]), torch.stack(ref[1:7]), rtol=1e-5, atol=1e-2)
+    f = torch.randn(1000, 4099, device="cuda")
+    torch.testing.assert_close(stats.gram(f, backend="triton").double(), f.double() @ f.double().t(), rtol=1e-4,
+                               atol=1e-2)
