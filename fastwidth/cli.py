@@ -14,7 +14,7 @@ from fastwidth.errors import UserError
 
 
 def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--config", required=required, help="YAML config file")
+    p.add_argument("--config", required=required, help="YAML config file" + ("" if required else " (default: built-in defaults)"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", nargs="+",
                    help="override a config key, e.g. --set optim.lr=3e-3 sweep.widths=[64,128]")
 
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("mup-table", help="print the µP table (JSON rows) of the model a config builds")
-    add_config_args(p)
+    add_config_args(p, required=False)
     p.add_argument("--format", choices=["json", "jsonl"], default="json",
                    help="a JSON array (one row a line) or JSON lines")
     p.set_defaults(func=cmd_mup_table)

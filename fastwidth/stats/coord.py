@@ -131,7 +131,7 @@ def cmd_coord_check(args) -> int:
 def add_parser(sub) -> None:
     from fastwidth.cli import add_config_args
     p = sub.add_parser("coord-check", help="per-layer activation and update RMS across widths")
-    add_config_args(p)
+    add_config_args(p, required=False)
     p.add_argument("--widths", default="", help="comma-separated widths (default: sweep.widths)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps")
     p.add_argument("--seeds", type=int, default=2, help="seeds averaged")
