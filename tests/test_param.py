@@ -169,3 +169,11 @@ def test_coordinate_check_mup_flat_sp_grows():
         ups = sp["layers"][name]["update_rms"]
         assert all(b > a for a, b in zip(ups, ups[1:])), (name, ups)
         assert ups[-1] / ups[0] > 4, (name, ups)  # 16x wider: updates grow with width
+
+
+def test_readme_tables_are_generated_from_the_code():
+    from pathlib import Path
+    from fastwidth.param.doc import render
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert render(readme) == readme, "README is stale: run python -m fastwidth.param.doc"
+    assert "| mup | hidden (q/k/v/o, MLP, conv) | 1 | 1 | η/m | η | wd·m | wd |" in readme
