@@ -32,8 +32,8 @@ from fastwidth.kernels import dispatch
 from fastwidth.models import build_model
 from fastwidth.param.optim import build_optimizer, set_lr
 from fastwidth.param.scaling import ParamInfo, table_rows
+from fastwidth.stats.monitor import Monitor
 from fastwidth.train import checkpoint as ckpt
-from fastwidth.train.evaluate import Evaluator
 from fastwidth.train.metrics import MetricsWriter, truncate_after
 
 log = logging.getLogger("fastwidth.train")
@@ -41,7 +41,9 @@ log = logging.getLogger("fastwidth.train")
 # Keys that may change between a checkpoint and the command that resumes it.
 RESUMABLE_CHANGES = {"train.steps", "train.resume", "train.overwrite", "train.progress", "train.log_every",
                      "train.ckpt_every", "train.keep_checkpoints", "train.threads", "train.device",
-                     "stats.every", "stats.enabled", "stats.reference_run"}
+                     "stats.every", "stats.enabled", "stats.reference_run", "stats.eval_batch",
+                     "stats.sharpness_iters", "stats.sharpness_every", "stats.sharpness_points", "stats.hvp",
+                     "stats.ntk_points", "stats.ntk_every", "stats.ntk_max_mb"}
 
 
 @dataclass
@@ -179,8 +181,7 @@ class Trainer:
         self.run_dir = prepare_run_dir(cfg, self.resume_meta)
         self.writer = MetricsWriter(self.run_dir / "metrics.jsonl")
         self.tokens_per_step = tokens_per_step(self.stream, cfg)
-        self.evaluator = Evaluator(cfg, self.run_dir, self.members, self.stream.probe(), self.writer,
-                                   self.device, autocast_for(cfg, self.device))
+        self.evaluator = Monitor(cfg, self.run_dir, self.members, self.stream.probe(), self.writer, self.device)
         if self.resume_meta is not None and "stats" in self.resume_meta:
             self.evaluator.load_state_dict(self.resume_meta["stats"])
 

@@ -1,0 +1,312 @@
+"""The report's figures. Each function takes runs and an output path, draws one PNG and returns
+its path, or None when the runs hold nothing it could draw (a figure is never an empty frame).
+
+Colors encode width (viridis, narrow = dark) in every per-width panel; runs side by side are
+panels with shared y axes so µP and SP read on one scale.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fastwidth.report.reader import Run, late_mean  # noqa: E402
+from fastwidth.stats.metrics import fit_power_law  # noqa: E402
+
+DPI = 110
+
+
+def width_colors(widths: list[int]) -> dict[int, tuple]:
+    cmap = plt.get_cmap("viridis")
+    n = max(len(widths) - 1, 1)
+    return {w: cmap(0.9 * i / n) for i, w in enumerate(sorted(widths))}
+
+
+def _panels(runs: list[Run], height=3.8, sharey=True):
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.2 * len(runs) + 0.6, height), sharey=sharey, squeeze=False)
+    return fig, axes[0]
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _tokens_axis(ax):
+    ax.set_xlabel("tokens (training targets seen)")
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _ema(values, alpha=0.2):
+    out, m = [], None
+    for v in values:
+        m = v if m is None else (1 - alpha) * m + alpha * v
+        out.append(m)
+    return out
+
+
+def loss_curves(runs: list[Run], path: Path) -> Path | None:
+    if not any(run.rows("eval") or run.rows("train") for run in runs):
+        return None
+    fig, axes = _panels(runs)
+    for ax, run in zip(axes, runs):
+        colors = width_colors(run.widths)
+        evals = run.series("eval", "probe_loss")
+        for w, pts in evals.items():
+            t, v = zip(*pts)
+            ax.plot(t, v, "-o", ms=2.5, color=colors.get(w), label=f"N={w}")
+        for w, pts in run.series("train", "loss").items():
+            t, v = zip(*pts)
+            ax.plot(t, _ema(v), "-", lw=0.8, alpha=0.35, color=colors.get(w), label=None if evals else f"N={w}")
+        ax.set_title(f"{run.label}\nprobe loss (lines+dots), train loss EMA (faint)", fontsize=9)
+        ax.set_yscale("log")
+        _tokens_axis(ax)
+    axes[0].set_ylabel("cross-entropy (nats)")
+    axes[-1].legend(fontsize=7, title="width", title_fontsize=7)
+    return _save(fig, path)
+
+
+def rmse_curves(runs: list[Run], path: Path) -> Path | None:
+    if not any(run.rows("consistency", ref="live") for run in runs):
+        return None
+    fig, axes = _panels(runs)
+    for ax, run in zip(axes, runs):
+        colors = width_colors(run.widths)
+        for w, pts in run.series("consistency", "true_logit_rmse", ref="live").items():
+            pts = [(t, v) for t, v in pts if v > 0]  # µP's zero readout makes every logit 0 at step 0
+            if pts:
+                t, v = zip(*pts)
+                ax.plot(t, v, "-o", ms=2.5, color=colors.get(w), label=f"N={w}")
+        ax.set_yscale("log")
+        ax.set_title(f"{run.label}\ntrue-logit RMSE from the N={run.ref_width} model (mean over seeds)", fontsize=9)
+        _tokens_axis(ax)
+    axes[0].set_ylabel("true-logit RMSE")
+    axes[-1].legend(fontsize=7, title="width", title_fontsize=7)
+    return _save(fig, path)
+
+
+def _loglog_fit(ax, x, y, color, label, marker="o"):
+    slope, icpt = fit_power_law(x, y)
+    ax.plot(x, y, marker=marker, ls="none", color=color, ms=6)
+    if math.isfinite(slope):
+        xs = np.array([min(x), max(x)], dtype=float)
+        ax.plot(xs, np.exp(icpt) * xs ** slope, "-", color=color, lw=1.2, label=f"{label}: slope {slope:+.2f}")
+    else:
+        ax.plot([], [], color=color, label=f"{label}: no fit")
+    return slope
+
+
+def _guide(ax, x, y, slope, text):
+    """A dashed reference power law through the geometric middle of the data."""
+    x = np.asarray(x, float)
+    y = np.asarray([v for v in y if v and v > 0], float)
+    if len(x) < 2 or len(y) == 0:
+        return
+    xm, ym = math.exp(np.log(x).mean()), math.exp(np.log(y).mean())
+    xs = np.array([x.min(), x.max()])
+    ax.plot(xs, ym * (xs / xm) ** slope, "--", color="gray", lw=1, label=text)
+
+
+def _width_ticks(ax, widths):
+    """Label a log2 width axis with the widths themselves (64, 128, ...) rather than 2^6, 2^7."""
+    ws = sorted(set(widths))
+    if ws:
+        ax.set_xticks(ws, [str(w) for w in ws])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+
+
+def _loglog_axes(ax, widths=(), xlabel="width N"):
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.grid(True, which="both", alpha=0.3)
+    _width_ticks(ax, widths)
+
+
+def late_rmse(run: Run) -> dict[int, float]:
+    return {w: late_mean(pts) for w, pts in run.series("consistency", "true_logit_rmse", ref="live").items()}
+
+
+def rmse_vs_width(runs: list[Run], path: Path) -> Path | None:
+    data = [(run, late_rmse(run)) for run in runs]
+    if not any(d for _, d in data):
+        return None
+    fig, ax = plt.subplots(figsize=(5.6, 4.2))
+    colors = plt.get_cmap("tab10")
+    for i, (run, d) in enumerate(data):
+        if d:
+            _loglog_fit(ax, list(d), list(d.values()), colors(i), run.label)
+    first = next(d for _, d in data if d)
+    _guide(ax, list(first), list(first.values()), -0.5, "N^-0.5 (paper)")
+    _loglog_axes(ax, [w for _, d in data for w in d])
+    ax.set_ylabel("late-time true-logit RMSE")
+    ax.set_title("true-logit RMSE vs width (last 25% of tokens)", fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _last(run: Run, kind: str, **match) -> list[dict]:
+    step = max((r["step"] for r in run.rows(kind, **match)), default=None)
+    return [] if step is None else run.rows(kind, step=step, **match)
+
+
+def cka_vs_width(runs: list[Run], path: Path) -> Path | None:
+    per_run = []
+    for run in runs:
+        rows = _last(run, "consistency", ref="live")
+        layers = sorted({l for r in rows for l in (r.get("cka") or {})})
+        table = {l: {} for l in layers}
+        for l in layers:
+            for w in sorted({r["width"] for r in rows}):
+                vals = [r["cka"][l] for r in rows if r["width"] == w and r.get("cka", {}).get(l) is not None]
+                if vals:
+                    table[l][w] = sum(vals) / len(vals)
+        per_run.append((run, table))
+    if not any(t for _, t in per_run):
+        return None
+    fig, axes = _panels(runs)
+    for ax, (run, table) in zip(axes, per_run):
+        cmap = plt.get_cmap("plasma")
+        for i, (layer, d) in enumerate(table.items()):
+            ax.plot(list(d), list(d.values()), "-o", color=cmap(0.85 * i / max(len(table) - 1, 1)), label=layer)
+        ax.set_xscale("log", base=2)
+        _width_ticks(ax, [w for d in table.values() for w in d])
+        ax.set_xlabel("width N")
+        ax.grid(True, alpha=0.3)
+        ax.set_title(f"{run.label}\nCKA with the N={run.ref_width} model, final eval", fontsize=9)
+        ax.legend(fontsize=7, title="layer", title_fontsize=7)
+    axes[0].set_ylabel("CKA (centered kernel alignment)")
+    return _save(fig, path)
+
+
+def preact_histograms(runs: list[Run], path: Path) -> Path | None:
+    """Final-eval training-batch preactivation histograms, one panel per (run, layer), widths overlaid."""
+    found = []
+    for run in runs:
+        step = run.last_step("eval")
+        seeds = sorted({r["seed"] for r in run.rows("eval")})
+        per_w = {}
+        for w in run.widths:
+            got = run.signature(f"w{w}_s{seeds[0]}", step) if seeds and step is not None else None
+            if got and any(k.startswith("preact_hist/") for k in got[0]):
+                per_w[w] = got
+        if per_w:
+            found.append((run, step, per_w))
+    if not found:
+        return None
+    n_layers = max(len([k for k in next(iter(pw.values()))[0] if k.startswith("preact_hist/")]) for _, _, pw in found)
+    fig, axes = plt.subplots(len(found), n_layers, figsize=(max(3.6 * n_layers, 5.0) + 0.6, 3.0 * len(found)),
+                             squeeze=False)
+    for row, (run, step, per_w) in enumerate(found):
+        colors = width_colors(run.widths)
+        for w, (sig, meta) in per_w.items():
+            layers = sorted(k.split("/", 1)[1] for k in sig if k.startswith("preact_hist/"))
+            for j, layer in enumerate(layers):
+                h = sig[f"preact_hist/{layer}"].numpy()
+                lo, hi = meta.get("hist_lo", -1.0), meta.get("hist_hi", 1.0)
+                edges = np.linspace(lo, hi, len(h) + 1)
+                dens = h / max(h.sum(), 1) / (edges[1] - edges[0])
+                ax = axes[row][j]
+                ax.stairs(dens, edges, color=colors.get(w), lw=1.1, label=f"N={w}")
+                ax.set_title(f"{run.label}: {layer} (step {step})", fontsize=8)
+                ax.set_yscale("log")
+                ax.grid(True, alpha=0.3)
+        axes[row][0].set_ylabel("density")
+        axes[row][-1].legend(fontsize=6)
+    for ax in axes[-1]:
+        ax.set_xlabel("preactivation (edge bins: out of range)")
+    return _save(fig, path)
+
+
+def sharpness(runs: list[Run], path: Path) -> Path | None:
+    if not any(run.rows("sharpness") for run in runs):
+        return None
+    fig, axes = _panels(runs)
+    for ax, run in zip(axes, runs):
+        colors = width_colors(run.widths)
+        rows = run.rows("sharpness")
+        for w, pts in run.series("sharpness", "lr_sharpness").items():
+            t, v = zip(*pts)
+            ax.plot(t, v, "-o", color=colors.get(w), label=f"N={w}")
+        ax.axhline(2.0, color="red", ls="--", lw=1, label="edge of stability (2)")
+        pk = sorted({r.get("precond") for r in rows})
+        ax.set_title(f"{run.label}\npreconditioned sharpness x 2/threshold ({'/'.join(map(str, pk))})", fontsize=9)
+        ax.set_yscale("log")
+        _tokens_axis(ax)
+    axes[0].set_ylabel("lr-sharpness (stable below 2)")
+    axes[-1].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def ensemble_variance(runs: list[Run], path: Path) -> Path | None:
+    data = []
+    for run in runs:
+        rows = _last(run, "ensemble")
+        d = {r["width"]: r["seed_variance"] for r in rows if r.get("seed_variance")}
+        b = {r["width"]: r["bias"] for r in rows if r.get("bias") and r["width"] != run.ref_width}
+        data.append((run, d, b))
+    if not any(d for _, d, _ in data):
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.get_cmap("tab10")
+    for i, (run, d, b) in enumerate(data):
+        if d:
+            _loglog_fit(axes[0], list(d), list(d.values()), colors(i), run.label)
+        if b:
+            _loglog_fit(axes[1], list(b), list(b.values()), colors(i), run.label, marker="s")
+    first = next(d for _, d, _ in data if d)
+    _guide(axes[0], list(first), list(first.values()), -1.0, "1/N")
+    for ax, title, ylabel in ((axes[0], "seed variance of the true logit V_N (final eval)", "V_N"),
+                              (axes[1], "ensemble bias ||f̄_N - f̄_ref|| (RMS, final eval)", "bias")):
+        _loglog_axes(ax, [w for _, d, b in data for w in list(d) + list(b)])
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def ntk_spectra(runs: list[Run], path: Path) -> Path | None:
+    found = [(run, _last(run, "ntk")) for run in runs]
+    found = [(r, rows) for r, rows in found if rows]
+    if not found:
+        return None
+    fig, axes = plt.subplots(len(found), 2, figsize=(10.5, 3.6 * len(found)), squeeze=False)
+    for (run, rows), (ax_e, ax_c) in zip(found, axes):
+        colors = width_colors(run.widths)
+        seed0 = min(r["seed"] for r in rows)
+        for r in sorted(rows, key=lambda r: r["width"]):
+            if r["seed"] != seed0:
+                continue
+            ev = np.clip(np.asarray(r["eigenvalues"], float), 1e-12, None)
+            k = np.arange(1, len(ev) + 1)
+            ax_e.plot(k, ev / ev.sum(), "-o", ms=2.5, color=colors.get(r["width"]), label=f"N={r['width']}")
+            ax_c.plot(k, r["task_power"], "-o", ms=2.5, color=colors.get(r["width"]), label=f"N={r['width']}")
+        ax_e.set_yscale("log")
+        ax_e.set_title(f"{run.label}: eNTK eigenvalues / trace (step {rows[0]['step']})", fontsize=9)
+        ax_c.set_title(f"{run.label}: task power C(k)", fontsize=9)
+        for ax in (ax_e, ax_c):
+            ax.set_xscale("log")
+            ax.set_xlabel("k")
+            ax.grid(True, which="both", alpha=0.3)
+        ax_c.set_ylim(0, 1.02)
+        ax_c.legend(fontsize=7)
+    return _save(fig, path)
+
+
+FIGURES = {
+    "loss.png": loss_curves,
+    "rmse_vs_tokens.png": rmse_curves,
+    "rmse_vs_width.png": rmse_vs_width,
+    "cka.png": cka_vs_width,
+    "preact_hist.png": preact_histograms,
+    "sharpness.png": sharpness,
+    "ensemble_variance.png": ensemble_variance,
+    "ntk.png": ntk_spectra,
+}

@@ -1,0 +1,333 @@
+"""The loop's one handle on the statistics: hooks while training, signatures and rows at evals.
+
+    monitor = Monitor(cfg, run_dir, members, probe, writer, device)
+    with monitor.training(member):          # around each member's training forward (+ backward)
+        loss = member.model.loss(x, y)
+    monitor.evaluate(step, tokens)           # every stats.every steps and at the end
+    monitor.flush_pending()                  # sequential sweeps: after each member's run
+    ckpt["stats"] = monitor.state_dict()     # and monitor.load_state_dict(...) on resume
+
+Rows written (DESIGN.md §5; every row has kind, step, tokens, width, seed; seed -1 means "over
+seeds", width 0 "across widths"):
+- eval:        per member: probe_loss, probe_acc, preact {layer: moments of the training batches}
+- consistency: per member vs the reference width (ref "live"; same seed, else the first) and vs a
+               stored run (ref "run"): ref_width, ref_seed, true_logit_rmse, true_logit_rmse_vs_mean
+               (vs the mean over the reference seeds), sketch_distance, top1_agreement, loss_gap,
+               cka / kernel_alignment / preact_w1 {layer}
+- ensemble:    per width with >= 2 seeds: seed_variance V_N, seed_std, logit_variance (sketch),
+               bias ||f̄_N - f̄_ref||
+- fit:         per eval step: slopes of log rmse and log V_N against log N
+- sharpness:   per member at stats.sharpness_every; ntk: per member at stats.ntk_every
+Every metric is computed from signatures (the live one and a stored one are the same numbers),
+so a reference-run comparison equals the live one when the models match.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from fastwidth.errors import UserError
+from fastwidth.stats import metrics as M
+from fastwidth.stats.moments import PreactAccumulator
+from fastwidth.stats.ntk import entk, probe_output_fn, spectrum
+from fastwidth.stats.sharpness import optimizer_preconditioner, top_hessian_eig
+from fastwidth.stats.signature import (ProbeSpec, add_preacts, list_signatures, load_signature, preacts_of,
+                                       probe_signature, save_signature, signature_path)
+
+log = logging.getLogger("fastwidth.stats")
+
+
+def clean(x):
+    """JSON-safe: nan/inf -> None, tensors -> floats, recursively."""
+    if isinstance(x, dict):
+        return {k: clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [clean(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return clean(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def compare(sig: dict, ref: dict, ref_mean_true: torch.Tensor | None, lo: float, hi: float) -> dict:
+    """Every pairwise consistency metric of signature `sig` against signature `ref`."""
+    row = {"true_logit_rmse": M.true_logit_rmse(sig["true_logit"], ref["true_logit"]),
+           "sketch_distance": M.sketch_distance(sig["sketch"], ref["sketch"]),
+           "top1_agreement": M.top1_agreement(sig["argmax"], ref["argmax"]),
+           "loss_gap": M.loss_gap(sig["loss"], ref["loss"])}
+    if ref_mean_true is not None:
+        row["true_logit_rmse_vs_mean"] = M.true_logit_rmse(sig["true_logit"], ref_mean_true)
+    layers = [k.split("/", 1)[1] for k in sig if k.startswith("kernel/") and k in ref]
+    if layers:
+        row["cka"] = {l: M.cka(sig[f"kernel/{l}"], ref[f"kernel/{l}"]) for l in layers}
+        row["kernel_alignment"] = {l: M.kernel_alignment(sig[f"kernel/{l}"], ref[f"kernel/{l}"]) for l in layers}
+    hists = [k.split("/", 1)[1] for k in sig if k.startswith("preact_hist/") and k in ref]
+    if hists:
+        row["preact_w1"] = {l: M.wasserstein1_hist(sig[f"preact_hist/{l}"], ref[f"preact_hist/{l}"], lo, hi)
+                            for l in hists}
+    return row
+
+
+class ReferenceRun:
+    """Signatures of a stored run at its reference width, loaded by step."""
+
+    def __init__(self, path: str, spec_meta: dict):
+        self.path = Path(path)
+        cfg_file = self.path / "config.yaml"
+        if not cfg_file.is_file():
+            raise UserError(f"stats.reference_run {self.path} is not a run directory (no config.yaml)")
+        sweep = (yaml.safe_load(cfg_file.read_text()) or {}).get("sweep", {})
+        self.width = int(sweep.get("reference_width") or max(sweep.get("widths") or [0]))
+        self.sigs = {n: s for n, s in list_signatures(self.path).items() if n.startswith(f"w{self.width}_s")}
+        if not self.sigs:
+            raise UserError(f"stats.reference_run {self.path} holds no signatures at its reference width {self.width}")
+        _, meta = load_signature(next(iter(next(iter(self.sigs.values())).values())))
+        for key, want in spec_meta.items():
+            if meta.get(key) != want:
+                raise UserError(f"stats.reference_run {self.path} has {key}={meta.get(key)!r}, this run "
+                                f"{want!r}; compare runs with the same probe and stats settings")
+        self._cache: tuple[int, dict] | None = None
+
+    def at(self, step: int) -> dict[int, dict] | None:
+        """{seed: signature} at `step`, or None when the reference run did not evaluate it."""
+        if self._cache and self._cache[0] == step:
+            return self._cache[1]
+        found = {int(n.rsplit("_s", 1)[1]): steps[step] for n, steps in self.sigs.items() if step in steps}
+        out = {s: load_signature(p)[0] for s, p in sorted(found.items())} or None
+        self._cache = (step, out)
+        return out
+
+
+class Monitor:
+    def __init__(self, cfg, run_dir: Path, members: list, probe: dict, writer, device, autocast=None):
+        # autocast is accepted for the loop's convenience and ignored: the probe runs in fp32
+        # because bf16 logits (error ~0.02 at |z|~5) would swamp RMSEs of a few hundredths.
+        self.cfg, self.sc = cfg, cfg.stats
+        self.run_dir, self.members, self.writer, self.device = Path(run_dir), members, writer, device
+        sc = self.sc
+        self.spec = ProbeSpec.build(probe, signature_points=sc.signature_points, kernel_points=sc.kernel_points,
+                                    sketch_dim=sc.sketch_dim, sketch_seed=sc.sketch_seed, eval_batch=sc.eval_batch)
+        self.probe = probe
+        self.ref_width = cfg.sweep.reference_width or max(m.width for m in members)
+        self.lo, self.hi = -sc.hist_range, sc.hist_range
+        self.by_name = {m.name: m for m in members}
+        self.acc = {m.name: {layer: PreactAccumulator(sc.hist_bins, self.lo, self.hi, sc.hist_stride)
+                             for layer in (m.model.preact_points() if sc.preact else {})} for m in members}
+        self.calls = {m.name: 0 for m in members}
+        self._active: str | None = None
+        self._hooks = [mod.register_forward_hook(self._hook(m.name, layer))
+                       for m in members for layer, mod in (m.model.preact_points() if sc.preact else {}).items()]
+        self.pending: list[tuple[str, int, int]] = []   # (member, step, tokens) awaiting the reference
+        self._cache: dict[tuple[str, int], dict] = {}
+        self._ensembled: set[int] = set()
+        self.reference = ReferenceRun(sc.reference_run, self._meta_keys()) if sc.reference_run else None
+
+    def _meta_keys(self) -> dict:
+        return {**self.spec.meta(), "hist_lo": self.lo, "hist_hi": self.hi, "hist_bins": self.sc.hist_bins}
+
+    # ------------------------------------------------------------------ training hooks
+
+    def _hook(self, name: str, layer: str):
+        acc = self.acc[name][layer]
+
+        def hook(_mod, _inp, out):
+            if self._active == name:
+                acc.update(out[0] if isinstance(out, (tuple, list)) else out)
+        return hook
+
+    @contextlib.contextmanager
+    def training(self, member):
+        """Accumulate `member`'s preactivations during the wrapped forward (every preact_every-th call)."""
+        k = self.calls[member.name]
+        self.calls[member.name] = k + 1
+        self._active = member.name if k % self.sc.preact_every == 0 else None
+        try:
+            yield
+        finally:
+            self._active = None
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _due(self, step: int, every: int) -> bool:
+        return step == self.cfg.train.steps or (every > 0 and step % every == 0)
+
+    def evaluate(self, step: int, tokens: int, members: list | None = None) -> None:
+        """Signatures and eval rows for `members` (default: all), then every comparison now possible."""
+        for m in members if members is not None else self.members:
+            feats = m.model.feature_points() if self.sc.kernel_points else {}
+            sig, summary = probe_signature(m.model, self.spec, self.device, feats)
+            pre = {layer: a.result() for layer, a in self.acc[m.name].items()}
+            for a in self.acc[m.name].values():
+                a.reset()
+            add_preacts(sig, pre)
+            meta = {"step": step, "tokens": tokens, "width": m.width, "seed": m.seed, "name": m.name,
+                    **self._meta_keys()}
+            save_signature(signature_path(self.run_dir, m.name, step), sig, meta)
+            self._cache[(m.name, step)] = sig
+            base = {"step": step, "tokens": tokens, "width": m.width, "seed": m.seed}
+            moments = {l: {k: r[k] for k in ("mean", "var", "skew", "kurt", "min", "max")}
+                       for l, r in pre.items() if r["count"] > 0}
+            self.write({"kind": "eval", **base, "probe_loss": summary["loss"], "probe_acc": summary["accuracy"],
+                        **({"preact": moments} if moments else {})})
+            if self.sc.sharpness_iters and self._due(step, self.sc.sharpness_every):
+                self.write({"kind": "sharpness", **base, **self.sharpness(m)})
+            if self.sc.ntk_points and self._due(step, self.sc.ntk_every):
+                self.write({"kind": "ntk", **base, **self.ntk(m)})
+            if self.reference is not None:
+                self._against_run(m, sig, base)
+            self.pending.append((m.name, step, tokens))
+        self.flush_pending()
+
+    def write(self, row: dict) -> None:
+        self.writer.write(clean(row))
+
+    def _sig(self, name: str, step: int) -> dict | None:
+        if (name, step) in self._cache:
+            return self._cache[(name, step)]
+        path = signature_path(self.run_dir, name, step)
+        return load_signature(path)[0] if path.is_file() else None
+
+    def _ref_sigs(self, step: int) -> dict[int, dict] | None:
+        refs = {m.seed: self._sig(m.name, step) for m in self.members if m.width == self.ref_width}
+        return None if not refs or any(s is None for s in refs.values()) else refs
+
+    def flush_pending(self) -> None:
+        """Write consistency rows for evaluated members whose reference signatures now exist."""
+        waiting = []
+        for name, step, tokens in self.pending:
+            refs = self._ref_sigs(step)
+            if refs is None:
+                waiting.append((name, step, tokens))
+                continue
+            m = self.by_name[name]
+            if m.width != self.ref_width:
+                self._consistency(m, self._sig(name, step), refs, step, tokens, "live", self.ref_width)
+            self._ensemble(step, tokens)
+        self.pending = waiting
+        live = {s for _, s, _ in self.pending}
+        self._cache = {k: v for k, v in self._cache.items() if k[1] in live}
+
+    def _consistency(self, m, sig, refs: dict[int, dict], step, tokens, kind: str, ref_width: int, extra=None):
+        ref_seed = m.seed if m.seed in refs else min(refs)
+        mean_true = torch.stack([r["true_logit"].double() for r in refs.values()]).mean(0)
+        row = {"kind": "consistency", "step": step, "tokens": tokens, "width": m.width, "seed": m.seed,
+               "ref": kind, "ref_width": ref_width, "ref_seed": ref_seed, **(extra or {}),
+               **compare(sig, refs[ref_seed], mean_true, self.lo, self.hi)}
+        self.write(row)
+
+    def _against_run(self, m, sig: dict, base: dict) -> None:
+        refs = self.reference.at(base["step"])
+        if refs is None:
+            log.warning("stats.reference_run %s has no signatures at step %d", self.reference.path, base["step"])
+            return
+        self._consistency(m, sig, refs, base["step"], base["tokens"], "run", self.reference.width,
+                          {"ref_run": str(self.reference.path)})
+
+    def _ensemble(self, step: int, tokens: int) -> None:
+        """Ensemble and fit rows once every member has a signature at `step`."""
+        if step in self._ensembled:
+            return
+        sigs = {m.name: self._sig(m.name, step) for m in self.members}
+        if any(s is None for s in sigs.values()):
+            return
+        self._ensembled.add(step)
+        widths = sorted({m.width for m in self.members})
+        true = {w: torch.stack([sigs[m.name]["true_logit"].double() for m in self.members if m.width == w])
+                for w in widths}
+        sketch = {w: torch.stack([sigs[m.name]["sketch"].double() for m in self.members if m.width == w])
+                  for w in widths}
+        ref_mean = true[self.ref_width].mean(0)
+        var = {}
+        for w in widths:
+            n_seeds = true[w].shape[0]
+            row = {"kind": "ensemble", "step": step, "tokens": tokens, "width": w, "seed": -1, "n_seeds": n_seeds,
+                   "ref_width": self.ref_width, "bias": M.ensemble_bias(true[w].mean(0), ref_mean)}
+            if n_seeds >= 2:
+                var[w] = M.seed_variance(true[w])
+                row.update(seed_variance=var[w], seed_std=math.sqrt(var[w]),
+                           logit_variance=float(sketch[w].var(0, correction=1).sum(-1).mean()))
+            self.write(row)
+        refs = {m.seed: sigs[m.name]["true_logit"] for m in self.members if m.width == self.ref_width}
+        rmse = {}
+        for w in widths:
+            if w != self.ref_width:
+                pair = [M.true_logit_rmse(sigs[m.name]["true_logit"], refs.get(m.seed, refs[min(refs)]))
+                        for m in self.members if m.width == w]
+                rmse[w] = sum(pair) / len(pair)
+        fit = {"kind": "fit", "step": step, "tokens": tokens, "width": 0, "seed": -1, "ref_width": self.ref_width}
+        fit["rmse_slope"], _ = M.fit_power_law(list(rmse), list(rmse.values()))
+        fit["variance_slope"], _ = M.fit_power_law(list(var), list(var.values()))
+        fit["bias_slope"], _ = M.fit_power_law(
+            [w for w in widths if w != self.ref_width],
+            [M.ensemble_bias(true[w].mean(0), ref_mean) for w in widths if w != self.ref_width])
+        self.write(fit)
+
+    # ------------------------------------------------------------------ sharpness and NTK
+
+    def sharpness(self, m) -> dict:
+        sc, model = self.sc, m.model
+        n = -(-sc.sharpness_points // self.spec.per_example)    # whole sequences for token probes
+        x, y = self.probe["x"][:n].to(self.device), self.probe["y"][:n].to(self.device)
+
+        def loss_fn():
+            logits = model(x).float()
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        precond, threshold, pkind = optimizer_preconditioner(m.optimizer, params)
+        was = model.training
+        model.eval()
+        try:
+            pre, info = top_hessian_eig(loss_fn, params, precond=precond, iters=sc.sharpness_iters,
+                                        hvp=sc.hvp, seed=m.seed)
+        finally:
+            model.train(was)
+        row = {"precond_sharpness": pre, "threshold": threshold, "precond": pkind,
+               "lr_sharpness": pre * 2.0 / threshold, "hvp": info["hvp"], "iters": info["iters"],
+               "converged": info["converged"]}
+        lrs = {float(g["lr"]) for g in m.optimizer.param_groups}
+        if pkind == "lr" and len(lrs) == 1 and min(lrs) > 0:  # one LR: P = lr·I, so λ(H) = λ(P H) / lr
+            row["sharpness"] = pre / lrs.pop()
+        return row
+
+    def ntk(self, m) -> dict:
+        model = m.model
+        out = probe_output_fn(model, self.probe, self.sc.ntk_points, self.device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        was = model.training
+        model.eval()
+        try:
+            K, method = entk(out.fn, out.n, params, max_bytes=self.sc.ntk_max_mb << 20)
+        finally:
+            model.train(was)
+        evals, c = spectrum(K, out.target)
+        return {"eigenvalues": evals.tolist(), "task_power": c.tolist(), "trace": float(K.trace()),
+                "ntk_class": out.cls, "method": method}
+
+    # ------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict:
+        return {"calls": dict(self.calls), "pending": [list(p) for p in self.pending],
+                "ensembled": sorted(self._ensembled),
+                "preact": {n: {l: a.state_dict() for l, a in accs.items()} for n, accs in self.acc.items()}}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.calls.update(d.get("calls", {}))
+        self.pending = [tuple(p) for p in d.get("pending", [])]
+        self._ensembled = set(d.get("ensembled", []))
+        for n, accs in d.get("preact", {}).items():
+            for l, s in accs.items():
+                if n in self.acc and l in self.acc[n]:
+                    self.acc[n][l].load_state_dict(s)

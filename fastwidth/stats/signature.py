@@ -1,0 +1,213 @@
+"""A model's signature on the probe split: a few hundred KB that stand in for its predictions.
+
+    spec = ProbeSpec.build(probe, signature_points=4096, kernel_points=128, sketch_dim=16, sketch_seed=0)
+    sig, summary = probe_signature(model, spec, device)     # CPU tensors in storage dtypes
+    save_signature(path, sig, meta)                          # safetensors
+    sig, meta = load_signature(path)
+
+Points are probe examples (classifiers) or probe tokens (GPT: every (sequence, position)). The
+stored subsets are fixed strided index sets that depend only on the probe and the config, so
+they are the same for every width, seed and run. Per point: true-class logit, loss, entropy,
+argmax, and a k-dim sketch R^T (z - mean(z)) with R ~ N(0, 1/k) drawn from `sketch_seed`, so
+full-logit distances survive without storing logits. Per feature layer: the kernel
+Phi = phi phi^T / N on `kernel_points` points. Signatures are created directly in their storage
+dtypes, so metrics from a live signature and from its file are bit-identical.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fastwidth.stats.metrics import feature_kernel
+
+# true logits and losses keep fp32 (RMSEs of ~1e-2 on logits of ~5 need it); the sketch, the
+# entropy and the kernels are only ever averaged, so fp16 halves their bytes at no visible cost.
+STORE_DTYPES = {"true_logit": torch.float32, "loss": torch.float32, "entropy": torch.float16,
+                "argmax": torch.int32, "sketch": torch.float16, "kernel": torch.float16}
+
+
+def strided_index(n: int, k: int) -> torch.Tensor:
+    """k indices spread evenly over range(n) (all of them when k >= n)."""
+    if k >= n:
+        return torch.arange(n)
+    return torch.unique(torch.linspace(0, n - 1, k).round().long())
+
+
+def probe_hash(probe: dict) -> str:
+    h = hashlib.sha1()
+    for key in ("x", "y"):
+        t = probe[key].contiguous()
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class ProbeSpec:
+    x: torch.Tensor
+    y: torch.Tensor
+    per_example: int             # points per example: T for token streams, 1 for classifiers
+    sig_index: torch.Tensor      # flat point indices stored per point
+    kernel_index: torch.Tensor   # flat point indices of the feature kernels
+    sketch_dim: int
+    sketch_seed: int
+    eval_batch: int = 256
+    hash: str = ""
+    _proj: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, probe: dict, *, signature_points: int, kernel_points: int, sketch_dim: int,
+              sketch_seed: int, eval_batch: int = 256) -> "ProbeSpec":
+        x, y = probe["x"], probe["y"]
+        per_example = y[0].numel() if y.dim() > 1 else 1
+        n = y.numel()
+        return cls(x, y, per_example, strided_index(n, signature_points), strided_index(n, kernel_points),
+                   sketch_dim, sketch_seed, eval_batch, probe_hash(probe))
+
+    @property
+    def n_examples(self) -> int:
+        return self.x.shape[0]
+
+    def projection(self, num_classes: int, device) -> torch.Tensor:
+        """R (C, k) ~ N(0, 1/k), a pure function of (sketch_seed, C, k): the same for every model."""
+        if num_classes not in self._proj:
+            g = torch.Generator().manual_seed(self.sketch_seed)
+            r = torch.randn(num_classes, self.sketch_dim, generator=g, dtype=torch.float32)
+            self._proj[num_classes] = r / math.sqrt(self.sketch_dim)
+        return self._proj[num_classes].to(device)
+
+    def meta(self) -> dict:
+        return {"probe_hash": self.hash, "probe_points": self.y.numel(), "signature_points": len(self.sig_index),
+                "kernel_points": len(self.kernel_index), "sketch_dim": self.sketch_dim,
+                "sketch_seed": self.sketch_seed}
+
+
+def _select(index: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Positions (relative to lo) of the sorted `index` entries that fall in [lo, hi)."""
+    a, b = torch.searchsorted(index, torch.tensor([lo, hi])).tolist()
+    return index[a:b] - lo
+
+
+def _point_stats(z: torch.Tensor, y: torch.Tensor):
+    """Per-point true logit, loss, entropy, argmax from logits z (M, C) and targets y (M,)."""
+    lse = torch.logsumexp(z, -1)
+    true = z.gather(1, y[:, None]).squeeze(1)
+    p = torch.softmax(z, -1)
+    entropy = lse - (p * z).sum(-1)
+    return true, lse - true, entropy, z.argmax(-1)
+
+
+def _kernel(phi: torch.Tensor) -> torch.Tensor:
+    """Phi = phi phi^T / N: kernels/stats.py's Gram kernel where Triton is the backend, else torch."""
+    from fastwidth.kernels import dispatch
+
+    if dispatch.resolve(None, phi) == "triton":
+        from fastwidth.kernels.stats import gram
+        return gram(phi.float(), backend="triton") / phi.shape[-1]
+    return feature_kernel(phi)
+
+
+@torch.no_grad()
+def probe_signature(model: torch.nn.Module, spec: ProbeSpec, device,
+                    feature_modules: dict[str, torch.nn.Module] | None = None) -> tuple[dict, dict]:
+    """Evaluate `model` on the probe in chunks; return (signature tensors, {loss, accuracy}).
+
+    Logits never leave the device in full: each chunk is reduced to per-point values at once.
+    """
+    feature_modules = feature_modules or {}
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda _m, _i, out, k=k: captured.__setitem__(k, out))
+             for k, m in feature_modules.items()]
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list] = {k: [] for k in ("true_logit", "loss", "entropy", "argmax", "sketch")}
+    feats: dict[str, list] = {k: [] for k in feature_modules}
+    pe = spec.per_example
+    loss_acc = torch.zeros((), dtype=torch.float64, device=device)
+    corr_acc = torch.zeros((), dtype=torch.int64, device=device)
+    try:
+        for s in range(0, spec.n_examples, spec.eval_batch):
+            e = min(s + spec.eval_batch, spec.n_examples)
+            logits = model(spec.x[s:e].to(device)).float()
+            z = logits.reshape(-1, logits.shape[-1])                 # (b * pe, C)
+            yb = spec.y[s:e].reshape(-1).to(device)
+            true, loss, ent, amax = _point_stats(z, yb)
+            loss_acc += loss.double().sum()
+            corr_acc += (amax == yb).sum()
+            sel = _select(spec.sig_index, s * pe, e * pe).to(device)
+            zs = z[sel]
+            sketch = (zs - zs.mean(-1, keepdim=True)) @ spec.projection(z.shape[-1], device)
+            for key, v in zip(parts, (true[sel], loss[sel], ent[sel], amax[sel], sketch)):
+                parts[key].append(v.to(STORE_DTYPES[key]).cpu())
+            ksel = _select(spec.kernel_index, s * pe, e * pe).to(device)
+            for k in feature_modules:
+                out = captured.pop(k)
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                feats[k].append(out.reshape(len(yb), -1)[ksel].float())  # (points, N)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    sig = {k: torch.cat(v) for k, v in parts.items()}
+    for k, v in feats.items():
+        sig[f"kernel/{k}"] = _kernel(torch.cat(v)).to(STORE_DTYPES["kernel"]).cpu()
+    n = spec.y.numel()
+    summary = {"loss": float(loss_acc) / n, "accuracy": float(corr_acc) / n}
+    return sig, summary
+
+
+def add_preacts(sig: dict, preacts: dict[str, dict]) -> dict:
+    """Put PreactAccumulator results into a signature: (7,) moments and (bins,) counts per layer."""
+    from fastwidth.stats.moments import MOMENT_NAMES
+
+    for layer, r in preacts.items():
+        sig[f"preact/{layer}"] = torch.tensor([r[k] for k in MOMENT_NAMES], dtype=torch.float64)
+        sig[f"preact_hist/{layer}"] = torch.as_tensor(r["hist"], dtype=torch.float64)
+    return sig
+
+
+def preacts_of(sig: dict) -> dict[str, dict]:
+    """Inverse of add_preacts (without lo/hi, which live in the metadata)."""
+    from fastwidth.stats.moments import MOMENT_NAMES
+
+    out = {}
+    for key, t in sig.items():
+        if key.startswith("preact/"):
+            layer = key.split("/", 1)[1]
+            out[layer] = dict(zip(MOMENT_NAMES, t.tolist()))
+            out[layer]["hist"] = sig[f"preact_hist/{layer}"]
+    return out
+
+
+def signature_path(run_dir: Path, name: str, step: int) -> Path:
+    return Path(run_dir) / "signatures" / name / f"step_{step:08d}.safetensors"
+
+
+def save_signature(path: Path, sig: dict, meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in sig.items()}, str(tmp),
+              metadata={"json": json.dumps(meta, sort_keys=True)})
+    tmp.replace(path)  # atomic: a killed run never leaves half a signature
+
+
+def load_signature(path: Path) -> tuple[dict, dict]:
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("json", "{}"))
+        return {k: f.get_tensor(k) for k in f.keys()}, meta
+
+
+def list_signatures(run_dir: Path) -> dict[str, dict[int, Path]]:
+    """{member name: {step: path}} for every signature in a run directory."""
+    out: dict[str, dict[int, Path]] = {}
+    root = Path(run_dir) / "signatures"
+    for p in sorted(root.glob("*/step_*.safetensors")) if root.is_dir() else []:
+        out.setdefault(p.parent.name, {})[int(p.stem.split("_")[1])] = p
+    return out

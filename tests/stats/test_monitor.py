@@ -1,0 +1,174 @@
+"""The Monitor driven by a minimal lock-step loop over hand-made models (the loop's contract)."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastwidth.config import Config, dump_yaml
+from fastwidth.stats.moments import histogram_ref, moments_ref
+from fastwidth.stats.monitor import Monitor
+from fastwidth.stats.signature import list_signatures, load_signature
+from stats_toys import ListWriter, Member, ToyMLP, teacher_data
+
+STEPS, EVERY, B = 6, 3, 16
+
+
+def make_cfg(widths, seeds, **stats):
+    cfg = Config()
+    cfg.sweep.widths, cfg.sweep.seeds, cfg.sweep.reference_width = widths, seeds, max(widths)
+    cfg.train.steps = STEPS
+    cfg.stats.every = EVERY
+    cfg.stats.kernel_points = 16
+    cfg.stats.hist_range = 3.0
+    cfg.stats.sharpness_iters = 5
+    cfg.stats.ntk_points = 6
+    for k, v in stats.items():
+        setattr(cfg.stats, k, v)
+    return cfg
+
+
+def drive(run_dir, widths, seeds, ref_width=None, record=None, **stats):
+    cfg = make_cfg(widths, seeds, **stats)
+    if ref_width:
+        cfg.sweep.reference_width = ref_width
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    members = [Member(w, s, ToyMLP(6, w, 4, seed=s)) for w in widths for s in seeds]
+    px, py = teacher_data(40, seed=99)
+    writer = ListWriter()
+    mon = Monitor(cfg, run_dir, members, {"x": px, "y": py}, writer, "cpu")
+    mon.evaluate(0, 0)
+    for step in range(STEPS):
+        x, y = teacher_data(B, seed=step)
+        for m in members:
+            with mon.training(m):
+                loss = m.model.loss(x, y)
+            loss.backward()
+            m.optimizer.step()
+            m.optimizer.zero_grad()
+        if (step + 1) % EVERY == 0:
+            mon.evaluate(step + 1, (step + 1) * B)
+    return writer.rows, mon, members
+
+
+def _rows(rows, kind, **match):
+    return [r for r in rows if r["kind"] == kind and all(r.get(k) == v for k, v in match.items())]
+
+
+def test_rows_and_signatures(tmp_path):
+    rows, mon, members = drive(tmp_path / "a", [8, 16, 32], [0, 1])
+    for r in rows:
+        assert {"kind", "step", "tokens", "width", "seed"} <= r.keys()
+    assert len(_rows(rows, "eval")) == 6 * 3
+    cons = _rows(rows, "consistency")
+    assert len(cons) == 4 * 3  # widths 8, 16 x 2 seeds x 3 evals, never the reference itself
+    for r in cons:
+        assert r["ref_width"] == 32 and r["ref"] == "live" and r["ref_seed"] == r["seed"]
+        assert r["true_logit_rmse"] > 0 and set(r["cka"]) == {"layer0", "layer1"}
+        assert 0 <= r["top1_agreement"] <= 1 and set(r["preact_w1"]) <= {"layer0", "layer1"}
+    ens = _rows(rows, "ensemble", step=STEPS)
+    assert [r["width"] for r in ens] == [8, 16, 32] and all(r["seed_variance"] > 0 for r in ens)
+    fit = _rows(rows, "fit", step=STEPS)[0]
+    assert math.isfinite(fit["variance_slope"]) and math.isfinite(fit["rmse_slope"])
+    # sharpness and NTK at the final evaluation only (cadence 0)
+    assert {r["step"] for r in _rows(rows, "sharpness")} == {STEPS}
+    nt = _rows(rows, "ntk")
+    assert len(nt) == 6 and len(nt[0]["eigenvalues"]) == 6 and nt[0]["task_power"][-1] == pytest.approx(1.0)
+    sigs = list_signatures(tmp_path / "a")
+    assert set(sigs) == {m.name for m in members} and set(sigs["w8_s0"]) == {0, 3, 6}
+
+
+def test_consistency_rows_equal_offline_metrics(tmp_path):
+    rows, mon, members = drive(tmp_path / "a", [8, 32], [0, 1])
+    a, _ = load_signature(tmp_path / "a/signatures/w8_s1/step_00000006.safetensors")
+    r0, _ = load_signature(tmp_path / "a/signatures/w32_s0/step_00000006.safetensors")
+    r1, _ = load_signature(tmp_path / "a/signatures/w32_s1/step_00000006.safetensors")
+    row = _rows(rows, "consistency", step=STEPS, width=8, seed=1)[0]
+    ta, t1, t0 = (s["true_logit"].double().numpy() for s in (a, r1, r0))
+    assert row["true_logit_rmse"] == pytest.approx(np.sqrt(((ta - t1) ** 2).mean()), rel=1e-12)
+    assert row["true_logit_rmse_vs_mean"] == pytest.approx(np.sqrt(((ta - (t0 + t1) / 2) ** 2).mean()), rel=1e-12)
+    ens = _rows(rows, "ensemble", step=STEPS, width=32)[0]
+    assert ens["seed_variance"] == pytest.approx(np.var([t0, t1], axis=0, ddof=1).mean(), rel=1e-12)
+
+
+def test_streaming_preacts_equal_dumped_tensors(tmp_path):
+    # a second hook dumps the first layer's training preactivations; the streamed summary must match
+    dumped = []
+    run_dir = tmp_path / "b"
+    cfg = make_cfg([8], [0])
+    run_dir.mkdir()
+    m = Member(8, 0, ToyMLP(6, 8, 4, seed=0))
+    px, py = teacher_data(40, seed=99)
+    writer = ListWriter()
+    mon = Monitor(cfg, run_dir, [m], {"x": px, "y": py}, writer, "cpu")
+    recording = [False]
+    m.model.layers[0].register_forward_hook(lambda _m, _i, out: dumped.append(out.detach().clone())
+                                            if recording[0] else None)
+    for step in range(EVERY):
+        x, y = teacher_data(B, seed=step)
+        with mon.training(m):
+            recording[0] = True
+            loss = m.model.loss(x, y)
+            recording[0] = False
+        loss.backward()
+        m.optimizer.step()
+        m.optimizer.zero_grad()
+    mon.evaluate(EVERY, EVERY * B)
+    flat = torch.cat([d.reshape(-1) for d in dumped])
+    want = moments_ref(flat)
+    got = _rows(writer.rows, "eval")[0]["preact"]["layer0"]
+    for k in ("mean", "var", "skew", "kurt", "min", "max"):
+        assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-6), k
+    sig, meta = load_signature(run_dir / f"signatures/w8_s0/step_{EVERY:08d}.safetensors")
+    sampled = torch.cat([d.reshape(-1)[::cfg.stats.hist_stride] for d in dumped])  # every k-th element per batch
+    assert cfg.stats.hist_stride > 1
+    np.testing.assert_array_equal(sig["preact_hist/layer0"].numpy(), histogram_ref(sampled, 64, -3.0, 3.0))
+    assert sig["preact/layer0"][0] == flat.numel() and meta["hist_lo"] == -3.0
+
+
+def test_reference_run_equals_live_comparison(tmp_path):
+    live, _, _ = drive(tmp_path / "ref", [8, 32], [0, 1])
+    stored, _, _ = drive(tmp_path / "solo", [8], [0, 1], reference_run=str(tmp_path / "ref"))
+    got = _rows(stored, "consistency", ref="run")
+    assert len(got) == 6 and all(r["ref_width"] == 32 for r in got)
+    for r in got:
+        want = _rows(live, "consistency", ref="live", step=r["step"], width=r["width"], seed=r["seed"])[0]
+        strip = lambda d: {k: v for k, v in d.items() if k not in ("ref", "ref_run")}
+        assert strip(r) == strip(want)
+    assert not _rows(stored, "consistency", ref="live")  # its own reference width is 8: nothing to compare
+
+
+def test_reference_run_mismatch_is_a_user_error(tmp_path):
+    from fastwidth.errors import UserError
+    drive(tmp_path / "ref", [8, 16], [0])
+    with pytest.raises(UserError, match="sketch_dim"):
+        drive(tmp_path / "solo", [8], [0], reference_run=str(tmp_path / "ref"), sketch_dim=4)
+    with pytest.raises(UserError, match="not a run directory"):
+        drive(tmp_path / "solo2", [8], [0], reference_run=str(tmp_path / "nowhere"))
+
+
+def test_sequential_mode_waits_for_reference(tmp_path):
+    cfg = make_cfg([8, 16], [0])
+    small, big = Member(8, 0, ToyMLP(6, 8, 4)), Member(16, 0, ToyMLP(6, 16, 4))
+    px, py = teacher_data(20, seed=5)
+    writer = ListWriter()
+    mon = Monitor(cfg, tmp_path, [big, small], {"x": px, "y": py}, writer, "cpu")
+    mon.evaluate(0, 0, [small])
+    assert not _rows(writer.rows, "consistency") and mon.pending
+    state = json.loads(json.dumps(mon.state_dict()))
+    mon2 = Monitor(cfg, tmp_path, [big, small], {"x": px, "y": py}, writer, "cpu")
+    mon2.load_state_dict(state)
+    mon2.evaluate(0, 0, [big])
+    assert len(_rows(writer.rows, "consistency")) == 1 and not mon2.pending
+
+
+def test_preact_every_and_disabled_parts(tmp_path):
+    rows, mon, _ = drive(tmp_path / "a", [8, 16], [0], preact_every=3, kernel_points=0, sharpness_iters=0,
+                         ntk_points=0)
+    sig, _ = load_signature(tmp_path / "a/signatures/w8_s0/step_00000003.safetensors")
+    assert sig["preact/layer0"][0] == B * 8  # one of three batches, 8 units
+    assert not any(k.startswith("kernel/") for k in sig)
+    assert not _rows(rows, "sharpness") and not _rows(rows, "ntk")
+    assert "cka" not in _rows(rows, "consistency")[0]

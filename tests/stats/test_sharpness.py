@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from fastwidth.stats.sharpness import hvp_double, hvp_fd, optimizer_preconditioner, top_hessian_eig
+from stats_toys import ToyMLP, teacher_data
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = ToyMLP(3, 5, 3, depth=1, seed=2).double()
+    x, y = teacher_data(20, d=3, classes=3, seed=4)
+    x = x.double()
+    names = [n for n, _ in model.named_parameters()]
+    params = [p for _, p in model.named_parameters()]
+    shapes = [p.shape for p in params]
+
+    def loss_fn():
+        return F.cross_entropy(model(x), y)
+
+    def flat_loss(theta):
+        chunks, i = {}, 0
+        for n, s in zip(names, shapes):
+            k = int(np.prod(s))
+            chunks[n] = theta[i:i + k].reshape(s)
+            i += k
+        return F.cross_entropy(functional_call(model, chunks, (x,)), y)
+
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+    H = torch.autograd.functional.hessian(flat_loss, theta)
+    return model, params, loss_fn, H
+
+
+def _top(A):
+    return float(torch.linalg.eigvalsh(A)[-1])
+
+
+@pytest.mark.parametrize("hvp", ["double", "fd"])
+def test_power_iteration_matches_exact_hessian(hvp):
+    model, params, loss_fn, H = _setup()
+    lam, info = top_hessian_eig(loss_fn, params, iters=500, tol=1e-10, hvp=hvp)
+    assert info["hvp"] == hvp
+    assert lam == pytest.approx(_top(H), rel=1e-4)
+
+
+def test_hvp_fd_equals_double_and_restores_params():
+    model, params, loss_fn, H = _setup()
+    before = [p.detach().clone() for p in params]
+    v = [torch.randn_like(p) for p in params]
+    a, b = hvp_double(loss_fn, params, v), hvp_fd(loss_fn, params, v)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+    assert all(torch.equal(p, q) for p, q in zip(params, before))  # bit-exact restore
+    flat_v = torch.cat([t.reshape(-1) for t in v])
+    torch.testing.assert_close(torch.cat([t.reshape(-1) for t in a]), H @ flat_v)
+
+
+def test_preconditioned_eigenvalue():
+    model, params, loss_fn, H = _setup()
+    d = [torch.full_like(p, lr) for p, lr in zip(params, [0.5, 0.1, 2.0, 0.3])]
+    lam, _ = top_hessian_eig(loss_fn, params, precond=d, iters=800, tol=1e-12, hvp="double")
+    r = torch.cat([t.reshape(-1) for t in d]).sqrt()
+    assert lam == pytest.approx(_top(r[:, None] * H * r[None, :]), rel=1e-4)
+
+
+def test_optimizer_preconditioner():
+    model = ToyMLP(3, 4, 2, depth=1)
+    params = list(model.parameters())
+    sgd = torch.optim.SGD([{"params": params[:2], "lr": 0.1}, {"params": params[2:], "lr": 0.4}], momentum=0.5)
+    pre, thr, kind = optimizer_preconditioner(sgd, params)
+    assert kind == "lr" and thr == pytest.approx(3.0)
+    assert float(pre[0][0, 0]) == pytest.approx(0.1) and float(pre[3][0]) == pytest.approx(0.4)
+    adam = torch.optim.Adam(params, lr=0.01, betas=(0.9, 0.99), eps=1e-8)
+    model.loss(torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1])).backward()
+    adam.step()
+    pre, thr, kind = optimizer_preconditioner(adam, params)
+    assert kind == "adam" and thr == pytest.approx(38.0)
+    v = adam.state[params[0]]["exp_avg_sq"] / (1 - 0.99)
+    torch.testing.assert_close(pre[0], 0.01 / (v.sqrt() + 1e-8))
+
+
+@pytest.mark.parametrize("hvp", ["double", "fd"])
+def test_dominant_negative_eigenvalue_is_shifted_away(hvp):
+    """Power iteration alone would return -5 here; the top eigenvalue is 2."""
+    q, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    A = q @ torch.diag(torch.tensor([-5.0, 1.0, 2.0, 0.5], dtype=torch.float64)) @ q.T
+    theta = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    lam, info = top_hessian_eig(lambda: 0.5 * theta @ A @ theta, [theta], iters=300,
+                                tol=1e-12, hvp=hvp)
+    assert lam == pytest.approx(2.0, rel=1e-5)
