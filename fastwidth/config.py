@@ -132,13 +132,14 @@ class StatsConfig:
     preact: bool = _opt(True, help="accumulate preactivation moments and histograms over training batches")
     preact_every: int = _opt(1, min=1, help="accumulate preactivations on every k-th training step")
     hist_bins: int = _opt(64, min=2, help="preactivation histogram bins")
+    hist_stride: int = _opt(16, min=1, help="torch path: histogram every k-th preactivation element (moments use all; the fused Triton kernel reads all)")
     hist_range: float = _opt(8.0, min=1e-6, help="preactivation histograms span [-hist_range, hist_range]; outside goes to the edge bins")
     eval_batch: int = _opt(256, min=1, help="probe examples per forward when evaluating")
-    sharpness_iters: int = _opt(20, min=0, help="power iterations for the top Hessian eigenvalue; 0 = off")
+    sharpness_iters: int = _opt(10, min=0, help="power iterations for the top Hessian eigenvalue; 0 = off")
     sharpness_every: int = _opt(0, min=0, help="sharpness cadence in steps (at evaluations); 0 = final evaluation only")
-    sharpness_examples: int = _opt(64, min=1, help="probe examples (sequences for text) in the sharpness loss")
+    sharpness_points: int = _opt(256, min=1, help="probe points in the sharpness loss (examples, or tokens rounded up to whole sequences)")
     hvp: str = _opt("auto", choices=["auto", "double", "fd"], help="Hessian-vector products: double backward, finite differences, or double with fd fallback")
-    ntk_points: int = _opt(32, min=0, help="probe points of the eNTK (scalar output); 0 = off")
+    ntk_points: int = _opt(16, min=0, help="probe points of the eNTK (scalar output); 0 = off")
     ntk_every: int = _opt(0, min=0, help="eNTK cadence in steps (at evaluations); 0 = final evaluation only")
     ntk_max_mb: int = _opt(256, min=0, help="stack per-point gradients (exact eNTK) up to this size, else finite-difference JVPs")
 
@@ -148,6 +149,12 @@ class DistConfig:
     backend: str = _opt("none", choices=["none", "ddp", "fsdp2", "deepspeed"], help="sharding / data-parallel engine")
     zero_stage: int = _opt(0, min=0, help="deepspeed ZeRO stage 0-3")
     deepspeed: dict = _opt({}, help="passthrough merged into the generated DeepSpeed config")
+    offload_optimizer: bool = _opt(False, help="deepspeed: optimizer state (and fp32 master) in CPU memory")
+    offload_params: bool = _opt(False, help="deepspeed ZeRO-3 / fsdp2: parameters in CPU memory between uses")
+    mixed_precision: str = _opt("none", choices=["none", "bf16"], help="fsdp2: bf16 compute copies of fp32 shards (reduce in fp32); deepspeed: bf16 engine")
+    timeout_s: int = _opt(600, min=1, help="seconds a collective waits before a lost rank is reported")
+    world_size: int = _opt(0, min=0, help="`fastwidth plan` only: ranks to plan for; 0 = 1 (training takes it from the launcher)")
+    gpu_memory_gb: float = _opt(141.0, min=0.0, help="`fastwidth plan` only: memory of one accelerator (H200: 141)")
 
 
 @dataclass
