@@ -75,9 +75,11 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    source: str = _opt("stdlib", help="stdlib | synthetic | text | ... (README: data sources)")
+    source: str = _opt("stdlib", choices=["stdlib", "synthetic", "text", "shakespeare", "gensim", "shards", "fmnist",
+                                          "cifar5m", "imagefolder", "arrays"],
+                       help="data source (README: data sources)")
     path: str = _opt("", help="file or directory for file-backed sources")
-    tokenizer: str = _opt("bytes", help="bytes | bpe | path to a tokenizer.json")
+    tokenizer: str = _opt("bytes", help="bytes | bpe | a tokenizer.json | a GPT-2 vocab.json (merges.txt beside it) or its directory")
     bpe_vocab_size: int = _opt(1024, min=260, help="vocabulary of a BPE tokenizer trained offline")
     seq_len: int = _opt(128, min=1, help="tokens per training sequence")
     batch_size: int = _opt(32, min=1, help="global batch of one optimizer step, split across data-parallel ranks")
@@ -86,7 +88,7 @@ class DataConfig:
     holdout_fraction: float = _opt(0.02, min=0.0, help="fraction of the corpus held out for the probe split")
     epochs: int = _opt(1, min=1, help="passes allowed over the training split; >1 repeats examples (logged)")
     in_dim: int = _opt(32, min=1, help="synthetic: input dimension")
-    num_classes: int = _opt(10, min=2, help="synthetic: classes of the teacher")
+    num_classes: int = _opt(10, min=2, help="synthetic: classes of the teacher; arrays / imagefolder: label range")
     teacher_width: int = _opt(64, min=1, help="synthetic: teacher MLP width")
     cache_dir: str = _opt("", help="where tokenized corpora and tokenizers are cached; empty = ~/.cache/fastwidth")
     text_field: str = _opt("text", help="jsonl field / parquet column holding the text")

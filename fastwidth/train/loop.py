@@ -27,11 +27,15 @@ from tqdm import tqdm
 
 from fastwidth.config import Config, dump_yaml, for_width, resolve
 from fastwidth.data import build_stream
+from fastwidth.dist import checkpoint as dist_ckpt
+from fastwidth.dist import stats as dist_stats
+from fastwidth.dist.engines import build_engine
+from fastwidth.dist.env import init_dist
 from fastwidth.errors import CheckpointError, DataError, UserError
 from fastwidth.kernels import dispatch
-from fastwidth.models import build_model
+from fastwidth.models import build_meta, build_model
 from fastwidth.param.optim import build_optimizer, set_lr
-from fastwidth.param.scaling import ParamInfo, table_rows
+from fastwidth.param.scaling import ParamInfo, mup_table, table_rows
 from fastwidth.stats.monitor import Monitor
 from fastwidth.train import checkpoint as ckpt
 from fastwidth.train.metrics import MetricsWriter, truncate_after
@@ -39,7 +43,7 @@ from fastwidth.train.metrics import MetricsWriter, truncate_after
 log = logging.getLogger("fastwidth.train")
 
 # Keys that may change between a checkpoint and the command that resumes it.
-RESUMABLE_CHANGES = {"train.steps", "train.resume", "train.overwrite", "train.progress", "train.log_every",
+RESUMABLE_CHANGES = {"train.steps", "train.out_dir", "train.resume", "train.overwrite", "train.progress", "train.log_every",
                      "train.ckpt_every", "train.keep_checkpoints", "train.threads", "train.device",
                      "stats.every", "stats.enabled", "stats.reference_run", "stats.eval_batch",
                      "stats.sharpness_iters", "stats.sharpness_every", "stats.sharpness_points", "stats.hvp",
@@ -91,8 +95,9 @@ def tokens_per_step(stream, cfg: Config) -> int:
     return cfg.data.batch_size * (cfg.data.seq_len if stream.kind == "tokens" else 1)
 
 
-def make_members(cfg: Config, stream, device: torch.device) -> list[Member]:
-    """Models of every (width, seed), the reference width first (sequential mode needs it)."""
+def make_members(cfg: Config, stream, device: torch.device, engine=None) -> list[Member]:
+    """Models of every (width, seed), the reference width first (sequential mode needs it).
+    Under a distributed engine each member is built on meta and handed to engine.wrap."""
     io = data_io(stream, cfg)
     ref = cfg.sweep.reference_width
     widths = [ref] + [w for w in cfg.sweep.widths if w != ref]
@@ -100,6 +105,12 @@ def make_members(cfg: Config, stream, device: torch.device) -> list[Member]:
     for w in widths:
         wcfg = for_width(cfg, w)
         for s in cfg.sweep.seeds:
+            if engine is not None:
+                meta = build_meta(wcfg, io)
+                table = mup_table(meta, wcfg)  # global shapes, before any sharding
+                model, opt = engine.wrap(f"w{w}_s{s}", meta, table, wcfg, s)
+                members.append(Member(w, s, wcfg, model, opt, table))
+                continue
             model, table = build_model(wcfg, io, device=device, seed=s)
             members.append(Member(w, s, wcfg, model, build_optimizer(model, table, wcfg), table))
     return members
@@ -166,24 +177,42 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.device = pick_device(cfg.train.device)
         dispatch.set_backend(cfg.train.kernels)
-        self.stream = build_stream(cfg.data)
+        self.dist = init_dist(cfg)  # rank 0 of 1 without an engine
+        if self.dist.active:
+            self.device = self.dist.device
+        self.engine = build_engine(cfg, self.dist)
+        dist_stats.check_sharded_stats(cfg, self.engine)
+        self.stream = build_stream(cfg.data, rank=self.dist.rank, world_size=self.dist.world_size)
         if self.stream.steps_available < cfg.train.steps:
             raise DataError(f"data: {cfg.data.source} holds {self.stream.steps_available} steps of "
                             f"data.batch_size={cfg.data.batch_size} in data.epochs={cfg.data.epochs}, "
                             f"train.steps={cfg.train.steps} asks for more")
         self.resume_meta = check_run_dir(cfg)
-        self.members = make_members(cfg, self.stream, self.device)
+        self.dist.barrier()  # every rank has read the run directory before rank 0 writes to it
+        self.members = make_members(cfg, self.stream, self.device, self.engine)
         if self.resume_meta is not None:
-            for m in self.members:
-                ckpt.restore_member(m, self.resume_meta)
+            if self.dist.active or "engine" in self.resume_meta:
+                dist_ckpt.restore(self.engine, self.dist, self.members, self.resume_meta,
+                                  ckpt.latest_checkpoint(Path(cfg.train.out_dir) / "checkpoints"))
+            else:
+                for m in self.members:
+                    ckpt.restore_member(m, self.resume_meta)
             self.stream.load_state_dict(self.resume_meta["data"])
             ckpt.set_rng_state(self.resume_meta["rng"])
-        self.run_dir = prepare_run_dir(cfg, self.resume_meta)
+        if self.dist.is_main:
+            self.run_dir = prepare_run_dir(cfg, self.resume_meta)
+        else:  # other ranks evaluate too (collective forwards) but write into a scratch copy
+            self.run_dir = Path(cfg.train.out_dir) / f".rank{self.dist.rank}"
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            for sub in ("checkpoints", "signatures", "report"):
+                (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+        self.dist.barrier()
         self.writer = MetricsWriter(self.run_dir / "metrics.jsonl")
         self.tokens_per_step = tokens_per_step(self.stream, cfg)
         self.evaluator = Monitor(cfg, self.run_dir, self.members, self.stream.probe(), self.writer, self.device)
         if self.resume_meta is not None and "stats" in self.resume_meta:
             self.evaluator.load_state_dict(self.resume_meta["stats"])
+            dist_stats.keep_on_main(self.evaluator, self.dist.rank)  # the saved summary is rank 0's, global
 
     # one optimizer step of one member on one batch; returns the loss (a tensor, no host sync)
     def train_step(self, m: Member, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -191,7 +220,11 @@ class Trainer:
         set_lr(m.optimizer, oc, m.step, self.cfg.train.steps)
         m.model.train()
         with self.evaluator.training(m), autocast_for(self.cfg, self.device):
-            loss = m.model.loss(x, y)
+            loss = m.model.loss(x, y) if self.engine is None else self.engine.loss(m.name, x, y)
+        if self.engine is not None:  # backward, clip, step, zero; the logged loss is the global mean
+            self.engine.step(m.name, loss)
+            m.step += 1
+            return self.dist.mean(loss.detach())
         loss.backward()
         if oc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(m.model.parameters(), oc.grad_clip)
@@ -230,6 +263,7 @@ class Trainer:
                     if m.step == step:
                         losses[m.name] = self.train_step(m, x, y)
                 bar.update(len(losses))
+                self.dist.maybe_die(step + 1)
                 self._after_step(step + 1, group, losses, bar)
             if cfg.sweep.mode == "sequential" and cfg.stats.enabled:
                 self.evaluator.flush_pending()
@@ -238,7 +272,9 @@ class Trainer:
         self.writer.write({"kind": "run", "step": cfg.train.steps, "tokens": cfg.train.steps * self.tokens_per_step,
                            "width": 0, "seed": 0, "wall_s": time.time() - t0, "models": len(self.members)})
         self.writer.close()
-        return self.run_dir
+        if not self.dist.is_main:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        return Path(cfg.train.out_dir) if self.dist.active else self.run_dir
 
     def _after_step(self, step: int, group: list[Member], losses: dict, bar) -> None:
         cfg = self.cfg
@@ -252,19 +288,33 @@ class Trainer:
             if ref is not None:
                 bar.set_postfix({group[0].name: f"{float(ref):.3f}"}, refresh=False)
         if cfg.stats.enabled and self._due(step, cfg.stats.every):
+            dist_stats.sync_monitor(self.evaluator, group, self.dist.world_size)  # whole-batch preact stats
             self.evaluator.evaluate(step, step * self.tokens_per_step, group)
         if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < cfg.train.steps:
             self.save(final=False)
 
     def save(self, final: bool) -> Path:
         step = min(m.step for m in self.members)
+        dist_stats.sync_monitor(self.evaluator, self.members, self.dist.world_size)
         extra = {"config": self.cfg.to_dict(), "data": self.stream.state_dict(), "rng": ckpt.rng_state(),
                  "mup_tables": {m.name: table_rows(m.table) for m in self.members},
                  "stats": self.evaluator.state_dict(), "final": final}
+        if self.engine is not None:
+            return dist_ckpt.save(self.engine, self.dist, Path(self.cfg.train.out_dir) / "checkpoints", step,
+                                  self.members, extra, keep=self.cfg.train.keep_checkpoints)
         return ckpt.save_checkpoint(self.run_dir / "checkpoints", step, self.members, extra,
                                     keep=self.cfg.train.keep_checkpoints)
 
 
 def run(cfg: Config) -> Path:
     """Train the sweep `cfg` describes; returns the run directory."""
-    return Trainer(cfg).run()
+    if cfg.dist.backend == "none":
+        return Trainer(cfg).run()
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
+        with trainer.dist.guard("training"):
+            return trainer.run()
+    finally:
+        if trainer is not None:
+            trainer.dist.close()

@@ -1,0 +1,163 @@
+"""Sharded checkpoints in each engine's own format, inside fastwidth's checkpoint directory.
+
+    step_000020/
+        meta.json                 written by rank 0: step, members, µP tables, data cursor, RNG,
+                                  stats state, config, and "engine": {backend, world_size, zero_stage}
+        engine/<member>/          fsdp2: torch.distributed.checkpoint (model + optimizer, DTensor
+                                  metadata, so it loads on any number of ranks);
+                                  deepspeed: save_checkpoint(tag=<member>) (same number of ranks)
+
+ddp holds whole replicas, so rank 0 writes the single-process format (it resumes anywhere).
+Atomicity as in train/checkpoint.py: every rank writes into one hidden directory, a barrier, then
+rank 0 writes meta.json, renames the directory into place and replaces `latest`; a rank that dies
+mid-save leaves the previous checkpoint as the latest complete one.
+`export_checkpoint` turns any of them into one safetensors file (no process group needed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fastwidth.errors import CheckpointError
+from fastwidth.train import checkpoint as ckpt
+
+
+def _engine_dir(path: Path, name: str) -> Path:
+    return Path(path) / "engine" / name
+
+
+def save_member(engine, name: str, where: Path) -> None:
+    if engine.name == "fsdp2":
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        msd, osd = get_state_dict(engine.models[name], engine.optimizers[name])
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(where))
+    else:  # deepspeed
+        engine.handles[name].save_checkpoint(str(where.parent), tag=where.name, save_latest=False)
+
+
+def load_member(engine, name: str, where: Path) -> None:
+    if engine.name == "fsdp2":
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        model, opt = engine.models[name], engine.optimizers[name]
+        msd, osd = get_state_dict(model, opt)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=str(where))
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        path, _ = engine.handles[name].load_checkpoint(str(where.parent), tag=where.name,
+                                                       load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointError(f"deepspeed could not load checkpoint {where}")
+
+
+def save(engine, env, ckpt_root: Path, step: int, members: list, extra: dict, keep: int) -> Path:
+    """Collective: every rank calls it at the same step."""
+    ckpt_root = Path(ckpt_root)
+    if engine.name == "ddp":
+        path = None
+        if env.is_main:
+            path = ckpt.save_checkpoint(ckpt_root, step, members, extra, keep=keep)
+        env.barrier()
+        return path or ckpt_root / f"step_{step:06d}"
+    final = ckpt_root / f"step_{step:06d}"
+    tmp = ckpt_root / f".tmp-{final.name}"
+    if env.is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "engine").mkdir(parents=True)
+    env.barrier()
+    for m in members:
+        save_member(engine, m.name, _engine_dir(tmp, m.name))
+    env.barrier()
+    if env.is_main:
+        info = {"backend": engine.name, "world_size": env.world_size, "zero_stage": engine.cfg.dist.zero_stage}
+        meta = {"format": ckpt.FORMAT, "step": step, "files": {}, "engine": info,
+                "members": [{"name": m.name, "width": m.width, "seed": m.seed, "step": m.step} for m in members],
+                **extra}
+        ckpt.atomic_write_text(tmp / "meta.json", json.dumps(meta))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        ckpt.atomic_write_text(ckpt_root / "latest", final.name + "\n")
+        ckpt._prune(ckpt_root, keep)
+    env.barrier()
+    return final
+
+
+def restore(engine, env, members: list, meta: dict, path: Path) -> None:
+    """Load every member from checkpoint `path` (meta from ckpt.read_checkpoint)."""
+    info = meta.get("engine")
+    if engine is None or engine.name == "ddp":
+        if info is not None:
+            raise CheckpointError(f"checkpoint {path} was saved by dist.backend={info['backend']}; resume it with "
+                                  f"that backend, or export it with `fastwidth export {path}`")
+        for m in members:
+            ckpt.restore_member(m, meta)
+        return
+    if info is None or info["backend"] != engine.name:
+        got = info["backend"] if info else "none/ddp"
+        raise CheckpointError(f"checkpoint {path} was saved by dist.backend={got}, this run uses {engine.name}")
+    if engine.name == "deepspeed" and (info["world_size"] != env.world_size or info["zero_stage"] != engine.cfg.dist.zero_stage):
+        raise CheckpointError(f"checkpoint {path} holds ZeRO-{info['zero_stage']} shards of {info['world_size']} "
+                              f"ranks; resume on {info['world_size']} ranks with that stage (fsdp2 checkpoints reshard)")
+    for m in members:
+        entry = next((e for e in meta["members"] if e["name"] == m.name), None)
+        if entry is None:
+            raise CheckpointError(f"checkpoint {path} has no model {m.name}")
+        load_member(engine, m.name, _engine_dir(path, m.name))
+        m.step = int(entry["step"])
+
+
+# --------------------------------------------------------------------------- export
+
+def _member_state(path: Path, meta: dict, name: str) -> dict[str, torch.Tensor]:
+    info = meta.get("engine")
+    if info is None:
+        return dict(meta["tensors"][f"model.{name}.safetensors"])
+    where = _engine_dir(path, name)
+    if info["backend"] == "fsdp2":
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+        with tempfile.TemporaryDirectory() as d:
+            dcp_to_torch_save(str(where), os.path.join(d, "full.pt"))
+            return dict(torch.load(os.path.join(d, "full.pt"), weights_only=True)["model"])
+    from fastwidth.dist.engines import import_deepspeed
+    import_deepspeed(torch.cuda.is_available())
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(where.parent), tag=where.name)
+    return {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()}
+
+
+def export_checkpoint(path: Path, out: Path, member: str | None = None) -> list[str]:
+    """Write one safetensors file with the full (unsharded) fp32 weights of a checkpoint.
+
+    One member: plain parameter names; several: '<member>/<name>'. The µP tables ride along in
+    the file's metadata (JSON). Returns the members written.
+    """
+    from safetensors.torch import save_file
+    path = Path(path)
+    if (path / "latest").is_file() or (path / "checkpoints").is_dir():
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        found = ckpt.latest_checkpoint(root)
+        if found is None:
+            raise CheckpointError(f"{path} holds no checkpoint")
+        path = found
+    meta = ckpt.read_checkpoint(path)
+    names = [e["name"] for e in meta["members"]]
+    if member is not None and member not in names:
+        raise CheckpointError(f"checkpoint {path} has no model {member} (it holds {', '.join(names)})")
+    chosen = [member] if member else names
+    tensors = {}
+    for name in chosen:
+        for k, v in _member_state(path, meta, name).items():
+            tensors[k if len(chosen) == 1 else f"{name}/{k}"] = v.detach().float().contiguous()
+    tables = {n: meta.get("mup_tables", {}).get(n) for n in chosen}
+    save_file(tensors, str(out), metadata={"format": "fastwidth-export-1", "step": str(meta["step"]),
+                                           "members": json.dumps(chosen), "mup_tables": json.dumps(tables)})
+    return chosen

@@ -1,0 +1,131 @@
+"""The process group: who am I, how many of us, and the one place collectives are set up.
+
+    env = init_dist(cfg)          # DistEnv(rank, world_size, local_rank, device, backend)
+    env.is_main                   # rank 0 writes the run directory
+    env.barrier(); env.close()
+
+Launchers: torchrun and `deepspeed` both export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+MASTER_PORT (deepspeed also passes --local_rank, which the CLI accepts and ignores). Plain
+`python launch/train.py` with an engine runs as a group of one on a private TCP store, so the
+same config (and a checkpoint saved on 2 ranks) also runs on one process. The collective backend
+is NCCL on GPUs and gloo on the CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import signal
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fastwidth.errors import ConfigError, UserError
+
+# Test hook: "RANK:STEP" makes that rank SIGKILL itself after finishing optimizer step STEP, as
+# a crashed host would (tests/dist/test_dist.py checks the launch fails loudly, the checkpoint survives).
+KILL_ENV = "FASTWIDTH_TEST_KILL"
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str = "none"          # dist.backend of the config
+    comm: str = ""                 # gloo | nccl | "" (no process group)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.comm)
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks (every rank holds an equal share of the batch, so this is the global mean)."""
+        if not self.active or self.world_size == 1:
+            return t
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        return t / self.world_size
+
+    def close(self) -> None:
+        if self.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def maybe_die(self, step: int) -> None:
+        spec = os.environ.get(KILL_ENV, "")
+        if spec and spec == f"{self.rank}:{step}":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    @contextlib.contextmanager
+    def guard(self, where: str):
+        """Turn a collective failing because another rank died into one clear line."""
+        if not self.active:
+            yield
+            return
+        try:
+            yield
+        except (dist.DistError, RuntimeError) as e:
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            lost = isinstance(e, dist.DistError) or any(k in text.lower() for k in (
+                "connection", "peer", "timed out", "gloo", "nccl", "broken pipe"))
+            if not lost:
+                raise
+            raise UserError(f"rank {self.rank}/{self.world_size}: another rank stopped during {where} "
+                            f"({text[:160]}); the last complete checkpoint in train.out_dir still loads") from None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launched_world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def init_dist(cfg) -> DistEnv:
+    """Join (or create) the process group the launcher set up; a plain DistEnv when backend is none."""
+    backend = cfg.dist.backend
+    world = launched_world()
+    if backend == "none":
+        if world > 1:
+            raise ConfigError(f"launched on {world} ranks but dist.backend is none; set dist.backend to "
+                              f"ddp, fsdp2 or deepspeed")
+        return DistEnv()
+    if cfg.dist.zero_stage and backend != "deepspeed":
+        raise ConfigError(f"dist.zero_stage={cfg.dist.zero_stage} needs dist.backend=deepspeed, got {backend}")
+    if cfg.dist.offload_optimizer and backend != "deepspeed":
+        raise ConfigError("dist.offload_optimizer needs dist.backend=deepspeed (fsdp2 offloads with dist.offload_params)")
+    if cfg.dist.offload_params and not (backend == "fsdp2" or (backend == "deepspeed" and cfg.dist.zero_stage == 3)):
+        raise ConfigError(f"dist.offload_params needs dist.backend=fsdp2 or deepspeed with zero_stage=3, "
+                          f"got {backend} with zero_stage={cfg.dist.zero_stage}")
+    cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    comm = "nccl" if cuda else "gloo"
+    if "RANK" not in os.environ:  # plain python: a group of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=cfg.dist.timeout_s)
+    if not dist.is_initialized():
+        if backend == "deepspeed":
+            from fastwidth.dist.engines import import_deepspeed
+            import_deepspeed(cuda).init_distributed(dist_backend=comm, timeout=timeout)
+        else:
+            dist.init_process_group(comm, timeout=timeout)
+    return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, device=device,
+                   backend=backend, comm=comm)

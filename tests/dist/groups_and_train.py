@@ -1,0 +1,40 @@
+"""Launched like launch/train.py (torchrun / deepspeed): after wrapping, every rank dumps its live
+optimizer groups (names, lr_mult, wd_mult, lr, global shapes) to OUT/groups.rank<r>.json, then trains."""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from fastwidth.cli import build_parser, overrides_of  # noqa: E402
+from fastwidth.config import load_config  # noqa: E402
+from fastwidth.train.loop import Trainer  # noqa: E402
+
+
+def global_shape(p):
+    if hasattr(p, "ds_shape"):           # ZeRO-3 partitions: p.shape is the local (flat) piece
+        return list(p.ds_shape)
+    return list(p.shape)                 # DTensor .shape is the global shape
+
+
+def main():
+    args = build_parser().parse_args(["train", *sys.argv[1:]])
+    cfg = load_config(args.config, overrides_of(args))
+    trainer = Trainer(cfg)
+    rows = {}
+    for m in trainer.members:
+        named = dict(m.model.named_parameters())
+        rows[m.name] = [{"names": g["names"], "lr_mult": g["lr_mult"], "wd_mult": g["wd_mult"], "lr": g["lr"],
+                         "weight_decay": g["weight_decay"], "shapes": [global_shape(named[n]) for n in g["names"]]}
+                        for g in m.optimizer.param_groups]
+    out = Path(cfg.train.out_dir)
+    (out / f"groups.rank{trainer.dist.rank}.json").write_text(json.dumps(rows))
+    try:
+        with trainer.dist.guard("training"):
+            trainer.run()
+    finally:
+        trainer.dist.close()
+
+
+if __name__ == "__main__":
+    main()

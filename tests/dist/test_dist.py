@@ -1,0 +1,213 @@
+"""Distributed engines on 2 CPU ranks (gloo), launched as users launch (torchrun / deepspeed).
+
+For ddp, fsdp2 and ZeRO 1-3: the 2-rank loss trajectory equals the single-process one (fp32,
+relative error < 1e-4 over 20 steps), the live optimizer groups on every rank carry the
+single-process µP table, the probe and preactivation statistics match, and a resume from the
+step-10 checkpoint on 2 ranks continues exactly. fsdp2 saved on 2 ranks resumes on 1. A rank
+killed mid-run fails the launch loudly and leaves a loadable checkpoint. Every checkpoint exports
+to one safetensors file equal to the single-process weights.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from fastwidth.config import load_config
+from fastwidth.dist.checkpoint import export_checkpoint
+from fastwidth.train import checkpoint as ckpt
+from fastwidth.train.loop import run
+from fastwidth.train.metrics import read_metrics
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+CONFIG = {"model": {"arch": "gpt", "depth": 2, "head_dim": 8}, "param": {"base_width": 16},
+          "data": {"source": "stdlib", "seq_len": 16, "batch_size": 8, "probe_size": 8},
+          "sweep": {"widths": [16, 32], "seeds": [0]},
+          "train": {"steps": 20, "progress": False, "log_every": 1, "ckpt_every": 10},
+          "stats": {"every": 10, "sharpness_iters": 0, "ntk_points": 0, "kernel_points": 16}}
+BACKENDS = {"ddp": ["dist.backend=ddp"], "fsdp2": ["dist.backend=fsdp2"],
+            "zero1": ["dist.backend=deepspeed", "dist.zero_stage=1"],
+            "zero2": ["dist.backend=deepspeed", "dist.zero_stage=2"],
+            "zero3": ["dist.backend=deepspeed", "dist.zero_stage=3"]}
+TIMEOUT = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(launcher: str, script: Path, cfg_file: Path, sets: list[str], nproc=2, env_extra=None, check=True):
+    """Run `script --config cfg_file --set ...` under torchrun, deepspeed or plain python."""
+    port = str(free_port())
+    if launcher == "torchrun":
+        cmd = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={port}"]
+    elif launcher == "deepspeed":
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", port]
+    else:
+        cmd = [sys.executable]
+    cmd += [str(script), "--config", str(cfg_file), "--set", *sets]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env_extra or {}))
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=TIMEOUT)
+    if check and res.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited {res.returncode}\n--- stdout\n{res.stdout[-4000:]}\n"
+                    f"--- stderr\n{res.stderr[-6000:]}")
+    return res
+
+
+def launcher_of(backend: str) -> str:
+    return "deepspeed" if backend.startswith("zero") else "torchrun"
+
+
+def losses(run_dir: Path) -> dict:
+    return {(r["width"], r["step"]): r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"}
+
+
+def evals(run_dir: Path) -> dict:
+    return {(r["width"], r["step"]): r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"}
+
+
+def rel_err(a: dict, b: dict) -> float:
+    assert set(a) == set(b), sorted(set(a) ^ set(b))
+    return max(abs(a[k] - b[k]) / abs(a[k]) for k in a)
+
+
+def rewind(run_dir: Path, to: Path, step: int) -> Path:
+    """A copy of run_dir whose latest checkpoint is step `step` (as if the run had stopped there)."""
+    shutil.copytree(run_dir, to)
+    root = to / "checkpoints"
+    for p in root.glob("step_*"):
+        if int(p.name.split("_")[1]) > step:
+            shutil.rmtree(p)
+    (root / "latest").write_text(f"step_{step:06d}\n")
+    return to  # a run may be resumed from a copy: train.out_dir is not part of the config check
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    cache = tmp / "cache"
+    cfg = {**CONFIG, "data": {**CONFIG["data"], "cache_dir": str(cache)}}
+    cfg_file = tmp / "tiny.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    single = run(load_config(cfg_file, [f"train.out_dir={tmp / 'single'}"]))
+    return tmp, cfg_file, Path(single)
+
+
+@pytest.fixture(scope="module")
+def trained(work):
+    """backend -> 2-rank run directory (trained once, shared by the tests below)."""
+    tmp, cfg_file, _ = work
+    done = {}
+
+    def get(backend):
+        if backend not in done:
+            out = tmp / backend
+            launch(launcher_of(backend), ROOT / "tests" / "dist" / "groups_and_train.py", cfg_file,
+                   [f"train.out_dir={out}", *BACKENDS[backend]])
+            done[backend] = out
+        return done[backend]
+    return get
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_two_ranks_match_one(work, trained, backend):
+    tmp, _, single = work
+    out = trained(backend)
+    err = rel_err(losses(single), losses(out))
+    print(f"\n{backend}: max relative loss error over 20 steps x 2 widths = {err:.2e}")
+    assert err < 1e-4
+    # µP groups on every rank equal the single-process table (names, multipliers, LRs, global shapes)
+    tables = ckpt.read_checkpoint(single / "checkpoints" / "step_000020")["mup_tables"]
+    table = {name: {r["name"]: r for r in rows} for name, rows in tables.items()}
+    for rank in (0, 1):
+        groups = json.loads((out / f"groups.rank{rank}.json").read_text())
+        assert set(groups) == set(table)
+        for name, gs in groups.items():
+            seen = set()
+            for g in gs:
+                for pname, shape in zip(g["names"], g["shapes"]):
+                    info = table[name][pname]
+                    assert (g["lr_mult"], g["wd_mult"]) == (info["lr_mult"], info["wd_mult"]), (rank, pname)
+                    assert shape == info["shape"], (rank, pname, shape)
+                    seen.add(pname)
+                assert g["lr"] == pytest.approx(1e-3 * g["lr_mult"])
+            assert seen == set(table[name]), (rank, name)
+    assert len({g["lr_mult"] for gs in groups.values() for g in gs}) > 1  # µP really has several LRs
+    # statistics: probe loss / accuracy and the whole-batch preactivation moments
+    ea, eb = evals(single), evals(out)
+    assert set(ea) == set(eb)
+    for k in ea:
+        assert eb[k]["probe_loss"] == pytest.approx(ea[k]["probe_loss"], rel=1e-5)
+        assert eb[k]["probe_acc"] == ea[k]["probe_acc"]
+        for layer, mom in ea[k].get("preact", {}).items():
+            for stat in ("mean", "var", "skew", "kurt", "min", "max"):
+                assert eb[k]["preact"][layer][stat] == pytest.approx(mom[stat], rel=1e-4, abs=1e-5), (k, layer, stat)
+    assert not list(out.glob(".rank*")), "scratch directories of other ranks must be removed"
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_resume_on_two_ranks_is_exact(work, trained, backend):
+    tmp, cfg_file, single = work
+    straight = trained(backend)
+    again = rewind(straight, tmp / f"{backend}-resumed", 10)
+    launch(launcher_of(backend), ROOT / "launch" / "train.py", cfg_file,
+           [f"train.out_dir={again}", "train.resume=true", *BACKENDS[backend]])
+    a, b = losses(straight), losses(again)
+    assert set(a) == set(b)
+    assert max(abs(a[k] - b[k]) for k in a) <= 1e-6 * max(abs(v) for v in a.values())
+    # the export of the final sharded checkpoint is the single-process model
+    exp = export_checkpoint(again / "checkpoints" / "step_000020", tmp / f"{backend}.safetensors", member="w32_s0")
+    assert exp == ["w32_s0"]
+    got = load_file(str(tmp / f"{backend}.safetensors"))
+    ref = ckpt.read_checkpoint(single / "checkpoints" / "step_000020")["tensors"]["model.w32_s0.safetensors"]
+    assert set(got) == set(ref)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-3, atol=1e-5)
+
+
+def test_fsdp2_saved_on_two_ranks_resumes_on_one(work, trained):
+    tmp, cfg_file, single = work
+    again = rewind(trained("fsdp2"), tmp / "fsdp2-one", 10)
+    launch("python", ROOT / "launch" / "train.py", cfg_file,
+           [f"train.out_dir={again}", "train.resume=true", "dist.backend=fsdp2"])
+    err = rel_err(losses(single), losses(again))
+    print(f"\nfsdp2 2 ranks -> 1 rank: max relative loss error = {err:.2e}")
+    assert err < 1e-4
+
+
+def test_zero_checkpoint_on_other_rank_count_is_refused(work, trained):
+    tmp, cfg_file, _ = work
+    again = rewind(trained("zero2"), tmp / "zero2-one", 10)
+    res = launch("python", ROOT / "launch" / "train.py", cfg_file,
+                 [f"train.out_dir={again}", "train.resume=true", *BACKENDS["zero2"]], check=False)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "resume on 2 ranks" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_dead_rank_fails_the_launch_and_keeps_the_checkpoint(work):
+    tmp, cfg_file, _ = work
+    out = tmp / "dead"
+    res = launch("torchrun", ROOT / "launch" / "train.py", cfg_file,
+                 [f"train.out_dir={out}", "dist.backend=ddp", "train.ckpt_every=5"],
+                 env_extra={"FASTWIDTH_TEST_KILL": "1:13"}, check=False)
+    assert res.returncode != 0
+    text = res.stdout + res.stderr
+    assert "FAILED" in text and ("Signal 9" in text or "SIGKILL" in text or "exitcode  : -9" in text), text[-3000:]
+    latest = ckpt.latest_checkpoint(out / "checkpoints")
+    assert latest is not None and latest.name == "step_000010"
+    meta = ckpt.read_checkpoint(latest)  # verifies every file's checksum
+    assert meta["step"] == 10
+    assert export_checkpoint(out, tmp / "dead.safetensors") == ["w32_s0", "w16_s0"]
