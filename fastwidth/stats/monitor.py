@@ -128,6 +128,9 @@ class Monitor:
         self._cache: dict[tuple[str, int], dict] = {}
         self._ensembled: set[int] = set()
         self.reference = ReferenceRun(sc.reference_run, self._meta_keys()) if sc.reference_run else None
+        # (model, spec, device, feature_modules) -> (signature, summary); a distributed run swaps in
+        # fastwidth.dist.stats.probe_signature_sharded, which splits the probe over the ranks
+        self.probe_fn = probe_signature
 
     def _meta_keys(self) -> dict:
         return {**self.spec.meta(), "hist_lo": self.lo, "hist_hi": self.hi, "hist_bins": self.sc.hist_bins}
@@ -167,7 +170,7 @@ class Monitor:
         """Signatures and eval rows for `members` (default: all), then every comparison now possible."""
         for m in members if members is not None else self.members:
             feats = m.model.feature_points() if self.sc.kernel_points else {}
-            sig, summary = probe_signature(m.model, self.spec, self.device, feats)
+            sig, summary = self.probe_fn(m.model, self.spec, self.device, feats)
             pre = {layer: a.result() for layer, a in self.acc[m.name].items()}
             for a in self.acc[m.name].values():
                 a.reset()

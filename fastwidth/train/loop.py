@@ -210,6 +210,10 @@ class Trainer:
         self.writer = MetricsWriter(self.run_dir / "metrics.jsonl")
         self.tokens_per_step = tokens_per_step(self.stream, cfg)
         self.evaluator = Monitor(cfg, self.run_dir, self.members, self.stream.probe(), self.writer, self.device)
+        if self.dist.world_size > 1:  # each rank evaluates its slice of the probe; all get the whole signature
+            rank, world = self.dist.rank, self.dist.world_size
+            self.evaluator.probe_fn = lambda model, spec, device, feats: dist_stats.probe_signature_sharded(
+                model, spec, device, rank, world, feats)
         if self.resume_meta is not None and "stats" in self.resume_meta:
             self.evaluator.load_state_dict(self.resume_meta["stats"])
             dist_stats.keep_on_main(self.evaluator, self.dist.rank)  # the saved summary is rank 0's, global

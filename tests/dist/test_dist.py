@@ -155,6 +155,16 @@ def test_two_ranks_match_one(work, trained, backend):
         for layer, mom in ea[k].get("preact", {}).items():
             for stat in ("mean", "var", "skew", "kurt", "min", "max"):
                 assert eb[k]["preact"][layer][stat] == pytest.approx(mom[stat], rel=1e-4, abs=1e-5), (k, layer, stat)
+    # signatures (probe split over the ranks, gathered by rank 0): per-point values and feature kernels
+    for sig_file in sorted((single / "signatures").rglob("*.safetensors")):
+        a = load_file(str(sig_file))
+        b = load_file(str(out / sig_file.relative_to(single)))
+        assert set(a) == set(b) and any(k.startswith("kernel/") for k in a), sig_file
+        for key in a:
+            half = a[key].dtype in (torch.float16, torch.bfloat16)  # stored at half precision: one ulp apart
+            torch.testing.assert_close(b[key].double(), a[key].double(), rtol=2e-3 if half else 1e-4,
+                                       atol=2e-4 if half else 1e-5, equal_nan=True,
+                                       msg=lambda m: f"{sig_file.name} {key}: {m}")
     assert not list(out.glob(".rank*")), "scratch directories of other ranks must be removed"
 
 
