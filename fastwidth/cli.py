@@ -1,4 +1,4 @@
-"""`fastwidth` console entry: train, mup-table, coord-check, report, data prepare.
+"""`fastwidth` console entry: train, mup-table, coord-check, report, data, plan, export.
 
 Every user error ends as one line on stderr and exit code 2; anything else is a bug and keeps
 its traceback.
@@ -64,23 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a JSON array (one row a line) or JSON lines")
     p.set_defaults(func=cmd_mup_table)
 
-    _add_optional_commands(sub)
-    return parser
-
-
-def _add_optional_commands(sub) -> None:
-    """Commands whose modules add their own parsers (statistics, report, data, planning)."""
+    # commands whose modules own their parsers (coordinate check, report, data, planning/export)
+    from fastwidth.data.cli import add_data_parser
+    from fastwidth.dist.plan import add_parser as add_plan
+    from fastwidth.report.cli import add_parser as add_report
     from fastwidth.stats.coord import add_parser as add_coord
-    add_coord(sub)
-    for module, attr in (("fastwidth.report.cli", "add_parser"), ("fastwidth.data.cli", "add_data_parser"),
-                         ("fastwidth.dist.plan", "add_parser")):
-        try:
-            mod = __import__(module, fromlist=[attr])
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        getattr(mod, attr)(sub)
+    for add in (add_coord, add_report, add_data_parser, add_plan):
+        add(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

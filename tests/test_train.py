@@ -47,6 +47,11 @@ def test_run_directory_contract(tmp_path):
     cons = [r for r in rows if r["kind"] == "consistency"]
     assert cons and all(r["ref_width"] == 32 and r["width"] == 16 and r["true_logit_rmse"] >= 0 for r in cons)
     assert {r["step"] for r in rows if r["kind"] == "eval"} == {0, 5, 10}
+    data = [r for r in rows if r["kind"] == "data"]
+    assert len(data) == 1 and len(data[0]["fingerprint"]) >= 16
+    from safetensors import safe_open
+    with safe_open(str(run_dir / "probe.safetensors"), "pt") as f:
+        assert f.metadata()["fingerprint"] == data[0]["fingerprint"] and f.get_tensor("x").shape == (4, 16)
     # the models really train on the online stream: loss falls from ln(256)
     first = [r["loss"] for r in train if r["step"] == 1]
     assert all(abs(v - 5.545) < 0.3 for v in first)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import shutil
 import sys
@@ -251,6 +252,7 @@ class Trainer:
     def run(self) -> Path:
         cfg = self.cfg
         start = min(m.step for m in self.members)
+        self.record_data(start)
         if start == 0 and cfg.stats.enabled:
             self.evaluator.evaluate(0, 0, self.members)
         bar = tqdm(total=cfg.train.steps * len(self.members), initial=sum(m.step for m in self.members),
@@ -279,6 +281,18 @@ class Trainer:
         if not self.dist.is_main:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         return Path(cfg.train.out_dir) if self.dist.active else self.run_dir
+
+    def record_data(self, step: int) -> None:
+        """The stream's fingerprint in metrics.jsonl and the probe split beside the run, so a
+        reference run and this one can be checked to share source, split and probe."""
+        if not self.dist.is_main:
+            return
+        info = json.loads(json.dumps(self.stream.describe(), default=str))
+        self.writer.write({"kind": "data", "step": step, "tokens": step * self.tokens_per_step, "width": 0,
+                           "seed": 0, **info})
+        probe_file = self.run_dir / "probe.safetensors"
+        if not probe_file.exists():
+            self.stream.save_probe(probe_file)
 
     def _after_step(self, step: int, group: list[Member], losses: dict, bar) -> None:
         cfg = self.cfg

