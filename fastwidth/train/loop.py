@@ -224,7 +224,8 @@ class Trainer:
         oc = self.cfg.optim
         set_lr(m.optimizer, oc, m.step, self.cfg.train.steps)
         m.model.train()
-        with self.evaluator.training(m), autocast_for(self.cfg, self.device):
+        hooks = self.evaluator.training(m) if self.cfg.stats.enabled else contextlib.nullcontext()
+        with hooks, autocast_for(self.cfg, self.device):
             loss = m.model.loss(x, y) if self.engine is None else self.engine.loss(m.name, x, y)
         if self.engine is not None:  # backward, clip, step, zero; the logged loss is the global mean
             self.engine.step(m.name, loss)
