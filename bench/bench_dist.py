@@ -69,15 +69,18 @@ def main():
         t = step_time(launcher, sets, cfg_file, tmp / name, args.steps)
         rows.append({"bench": "dist_step_ratio", "backend": name, "ranks": 2, "s_per_step": round(t, 4),
                      "s_per_step_1proc": round(one, 4), "ratio": round(t / one, 3), "machine": platform.node(),
-                     "cpus": os.cpu_count(), "commit": commit, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                     "cpus": os.cpu_count(), "commit": commit, "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())})
         print(json.dumps(rows[-1]), flush=True)
+    # the same columns as bench_train.py's rows in bench/results.csv
     new = not Path(args.csv).exists()
     with open(args.csv, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.writer(f)
         if new:
-            w.writeheader()
-        w.writerows(rows)
-
+            w.writerow(["time", "bench", "machine", "commit", "shape", "metric", "value", "baseline", "ratio"])
+        for r in rows:
+            w.writerow([r["time"] + "Z", "dist_step", f"{platform.machine()} {r['cpus']} cores", r["commit"],
+                        f"gpt width {CFG['model']['width']} steps={args.steps} {r['backend']} 2 ranks",
+                        "s_per_step_2ranks", r["s_per_step"], r["s_per_step_1proc"], r["ratio"]])
 
 if __name__ == "__main__":
     main()
