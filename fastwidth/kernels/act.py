@@ -35,11 +35,16 @@ if HAS_TRITON:
         return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
 
     @jit
+    def _gelu_tanh(x):
+        # the tanh of GELU's tanh approximation: tanh(√(2/π) (x + 0.044715 x³))
+        return _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
+
+    @jit
     def _gelu_fwd_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        t = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
+        t = _gelu_tanh(x)
         y = 0.5 * x * (1.0 + t)
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -49,7 +54,7 @@ if HAS_TRITON:
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        t = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
+        t = _gelu_tanh(x)
         du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
         dx = dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)

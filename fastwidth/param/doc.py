@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fastwidth.config import load_config, reference_rows
 from fastwidth.param.roles import Init, Role
-from fastwidth.param.scaling import param_info
+from fastwidth.param.scaling import fan_in, param_info
 
 KINDS = ("mup", "mean_field", "sp", "ntk")
 ROLES = ((Role.INPUT, Init.FAN_IN, "input (first layer, embedding)"),
@@ -61,14 +61,11 @@ def mup_markdown() -> str:
 
             def std_rel(m):
                 info = _info(kind, "adamw", role, init, m)
-                shape = info.shape
-                fan = math.prod(shape[1:]) if len(shape) > 1 else 1
-                return info.init_std * math.sqrt(fan) if init is Init.FAN_IN else 0.0
+                return info.init_std * math.sqrt(fan_in(info.shape)) if init is Init.FAN_IN else 0.0
 
             def fwd(m):  # ntk's matrices carry 1/√fan_in: show the rest
                 info = _info(kind, "adamw", role, init, m)
-                fan = math.prod(info.shape[1:]) if len(info.shape) > 1 else 1
-                scale = math.sqrt(fan) if (kind == "ntk" and init is Init.FAN_IN) else 1.0
+                scale = math.sqrt(fan_in(info.shape)) if (kind == "ntk" and init is Init.FAN_IN) else 1.0
                 return info.forward_mult * scale
             init_txt = ("const" if init is Init.ZEROS else
                         ("N(0, σ²)" if kind == "ntk" else _power(std_rel, "")))

@@ -35,7 +35,7 @@ from fastwidth.dist.env import init_dist
 from fastwidth.errors import CheckpointError, DataError, UserError
 from fastwidth.kernels import dispatch
 from fastwidth.models import build_meta, build_model
-from fastwidth.param.optim import build_optimizer, set_lr
+from fastwidth.param.optim import build_optimizer, lr_factor, set_lr
 from fastwidth.param.scaling import ParamInfo, mup_table, table_rows
 from fastwidth.stats.monitor import Monitor
 from fastwidth.train import checkpoint as ckpt
@@ -298,7 +298,6 @@ class Trainer:
     def _after_step(self, step: int, group: list[Member], losses: dict, bar) -> None:
         cfg = self.cfg
         if self._due(step, cfg.train.log_every):
-            from fastwidth.param.optim import lr_factor
             f = lr_factor(step - 1, cfg.optim, cfg.train.steps)
             for m in group:
                 if m.name in losses:
