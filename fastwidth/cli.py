@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # commands whose modules own their parsers (coordinate check, report, data, planning/export)
     from fastwidth.data.cli import add_data_parser
-    from fastwidth.dist.plan import add_parser as add_plan
+    from fastwidth.parallel.plan import add_parser as add_plan
     from fastwidth.report.cli import add_parser as add_report
     from fastwidth.stats.coord import add_parser as add_coord
     for add in (add_coord, add_report, add_data_parser, add_plan):

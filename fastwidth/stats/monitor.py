@@ -129,7 +129,7 @@ class Monitor:
         self._ensembled: set[int] = set()
         self.reference = ReferenceRun(sc.reference_run, self._meta_keys()) if sc.reference_run else None
         # (model, spec, device, feature_modules) -> (signature, summary); a distributed run swaps in
-        # fastwidth.dist.stats.probe_signature_sharded, which splits the probe over the ranks
+        # fastwidth.parallel.stats.probe_signature_sharded, which splits the probe over the ranks
         self.probe_fn = probe_signature
 
     def _meta_keys(self) -> dict:

@@ -28,10 +28,10 @@ from tqdm import tqdm
 
 from fastwidth.config import Config, dump_yaml, for_width, resolve
 from fastwidth.data import build_stream
-from fastwidth.dist import checkpoint as dist_ckpt
-from fastwidth.dist import stats as dist_stats
-from fastwidth.dist.engines import build_engine
-from fastwidth.dist.env import init_dist
+from fastwidth.parallel import checkpoint as par_ckpt
+from fastwidth.parallel import stats as par_stats
+from fastwidth.parallel.engines import build_engine
+from fastwidth.parallel.env import init_dist
 from fastwidth.errors import CheckpointError, DataError, UserError
 from fastwidth.kernels import dispatch
 from fastwidth.models import build_meta, build_model
@@ -182,7 +182,7 @@ class Trainer:
         if self.dist.active:
             self.device = self.dist.device
         self.engine = build_engine(cfg, self.dist)
-        dist_stats.check_sharded_stats(cfg, self.engine)
+        par_stats.check_sharded_stats(cfg, self.engine)
         self.stream = build_stream(cfg.data, rank=self.dist.rank, world_size=self.dist.world_size)
         if self.stream.steps_available < cfg.train.steps:
             raise DataError(f"data: {cfg.data.source} holds {self.stream.steps_available} steps of "
@@ -193,7 +193,7 @@ class Trainer:
         self.members = make_members(cfg, self.stream, self.device, self.engine)
         if self.resume_meta is not None:
             if self.dist.active or "engine" in self.resume_meta:
-                dist_ckpt.restore(self.engine, self.dist, self.members, self.resume_meta,
+                par_ckpt.restore(self.engine, self.dist, self.members, self.resume_meta,
                                   ckpt.latest_checkpoint(Path(cfg.train.out_dir) / "checkpoints"))
             else:
                 for m in self.members:
@@ -213,11 +213,11 @@ class Trainer:
         self.evaluator = Monitor(cfg, self.run_dir, self.members, self.stream.probe(), self.writer, self.device)
         if self.dist.world_size > 1:  # each rank evaluates its slice of the probe; all get the whole signature
             rank, world = self.dist.rank, self.dist.world_size
-            self.evaluator.probe_fn = lambda model, spec, device, feats: dist_stats.probe_signature_sharded(
+            self.evaluator.probe_fn = lambda model, spec, device, feats: par_stats.probe_signature_sharded(
                 model, spec, device, rank, world, feats)
         if self.resume_meta is not None and "stats" in self.resume_meta:
             self.evaluator.load_state_dict(self.resume_meta["stats"])
-            dist_stats.keep_on_main(self.evaluator, self.dist.rank)  # the saved summary is rank 0's, global
+            par_stats.keep_on_main(self.evaluator, self.dist.rank)  # the saved summary is rank 0's, global
 
     # one optimizer step of one member on one batch; returns the loss (a tensor, no host sync)
     def train_step(self, m: Member, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -306,19 +306,19 @@ class Trainer:
             if ref is not None:
                 bar.set_postfix({group[0].name: f"{float(ref):.3f}"}, refresh=False)
         if cfg.stats.enabled and self._due(step, cfg.stats.every):
-            dist_stats.sync_monitor(self.evaluator, group, self.dist.world_size)  # whole-batch preact stats
+            par_stats.sync_monitor(self.evaluator, group, self.dist.world_size)  # whole-batch preact stats
             self.evaluator.evaluate(step, step * self.tokens_per_step, group)
         if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < cfg.train.steps:
             self.save(final=False)
 
     def save(self, final: bool) -> Path:
         step = min(m.step for m in self.members)
-        dist_stats.sync_monitor(self.evaluator, self.members, self.dist.world_size)
+        par_stats.sync_monitor(self.evaluator, self.members, self.dist.world_size)
         extra = {"config": self.cfg.to_dict(), "data": self.stream.state_dict(), "rng": ckpt.rng_state(),
                  "mup_tables": {m.name: table_rows(m.table) for m in self.members},
                  "stats": self.evaluator.state_dict(), "final": final}
         if self.engine is not None:
-            return dist_ckpt.save(self.engine, self.dist, Path(self.cfg.train.out_dir) / "checkpoints", step,
+            return par_ckpt.save(self.engine, self.dist, Path(self.cfg.train.out_dir) / "checkpoints", step,
                                   self.members, extra, keep=self.cfg.train.keep_checkpoints)
         return ckpt.save_checkpoint(self.run_dir / "checkpoints", step, self.members, extra,
                                     keep=self.cfg.train.keep_checkpoints)

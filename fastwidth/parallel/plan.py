@@ -10,7 +10,7 @@ Bytes per rank (P parameters, W ranks, Adam 8 B/param of state, SGD 4 with momen
                compute dtype, + one block's unsharded grads; bf16 adds a 2 B/param compute copy
     activations per GPT block B·T·(16N + 2·H·T) values saved for backward, + 2·B·T·V logits;
                MLP 3·B·N per layer; B is the rank's share of data.batch_size
-Measured against CPU peak memory in tests/dist/test_plan.py (the note quotes the error).
+Measured against CPU peak memory in tests/parallel/test_plan.py (the note quotes the error).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def _io(cfg: Config):
 
 def count_params(cfg: Config) -> dict:
     """Exact counts from the model built on meta: total, root unit, largest block."""
-    from fastwidth.dist.engines import shard_units
+    from fastwidth.parallel.engines import shard_units
     from fastwidth.models import build_meta
     model = build_meta(cfg, _io(cfg))
     total = sum(p.numel() for p in model.parameters())
@@ -150,7 +150,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from fastwidth.dist.checkpoint import export_checkpoint
+    from fastwidth.parallel.checkpoint import export_checkpoint
     names = export_checkpoint(args.checkpoint, args.output, member=args.member)
     print(f"wrote {args.output} ({', '.join(names)})")
     return 0

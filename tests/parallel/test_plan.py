@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from fastwidth.config import load_config
-from fastwidth.dist.plan import plan_memory
-from test_dist import ROOT, launch  # tests/dist is on sys.path (rootdir import mode)
+from fastwidth.parallel.plan import plan_memory
+from test_dist import ROOT, launch  # tests/parallel is on sys.path (rootdir import mode)
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 CFG = {"model": {"arch": "mlp", "depth": 4, "width": 1536}, "param": {"base_width": 64},
@@ -24,7 +24,7 @@ CFG = {"model": {"arch": "mlp", "depth": 4, "width": 1536}, "param": {"base_widt
 def measured(tmp_path, launcher, backend, width, nproc):
     f = tmp_path / "mem.yaml"
     f.write_text(yaml.safe_dump(CFG))
-    res = launch(launcher, ROOT / "tests" / "dist" / "mem_probe.py", f,
+    res = launch(launcher, ROOT / "tests" / "parallel" / "mem_probe.py", f,
                  [f"train.out_dir={tmp_path / f'{backend}{width}'}", f"dist.backend={backend}",
                   f"model.width={width}"], nproc=nproc)
     rows = [json.loads(l[4:]) for l in res.stdout.splitlines() if l.startswith("MEM ")]

@@ -21,7 +21,7 @@ import yaml
 from safetensors.torch import load_file
 
 from fastwidth.config import load_config
-from fastwidth.dist.checkpoint import export_checkpoint
+from fastwidth.parallel.checkpoint import export_checkpoint
 from fastwidth.train import checkpoint as ckpt
 from fastwidth.train.loop import run
 from fastwidth.train.metrics import read_metrics
@@ -115,7 +115,7 @@ def trained(work):
     def get(backend):
         if backend not in done:
             out = tmp / backend
-            launch(launcher_of(backend), ROOT / "tests" / "dist" / "groups_and_train.py", cfg_file,
+            launch(launcher_of(backend), ROOT / "tests" / "parallel" / "groups_and_train.py", cfg_file,
                    [f"train.out_dir={out}", *BACKENDS[backend]])
             done[backend] = out
         return done[backend]

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from fastwidth.errors import ConfigError, UserError
 
 # Test hook: "RANK:STEP" makes that rank SIGKILL itself after finishing optimizer step STEP, as
-# a crashed host would (tests/dist/test_dist.py checks the launch fails loudly, the checkpoint survives).
+# a crashed host would (tests/parallel/test_dist.py checks the launch fails loudly, the checkpoint survives).
 KILL_ENV = "FASTWIDTH_TEST_KILL"
 
 
@@ -123,7 +123,7 @@ def init_dist(cfg) -> DistEnv:
     timeout = datetime.timedelta(seconds=cfg.dist.timeout_s)
     if not dist.is_initialized():
         if backend == "deepspeed":
-            from fastwidth.dist.engines import import_deepspeed
+            from fastwidth.parallel.engines import import_deepspeed
             import_deepspeed(cuda).init_distributed(dist_backend=comm, timeout=timeout)
         else:
             dist.init_process_group(comm, timeout=timeout)
