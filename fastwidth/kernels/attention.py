@@ -24,6 +24,7 @@ from torch import Tensor
 from fastwidth.errors import UserError
 from fastwidth.kernels import dispatch
 from fastwidth.kernels._triton import HAS_TRITON, interpreting, jit, next_pow2, tl, triton
+from fastwidth.kernels.amp import cast_for_autocast
 
 BACKENDS = ("torch", "math", "flash", "triton")
 _LOG2E = 1.4426950408889634
@@ -429,6 +430,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = T
     scale = float(scale)
     mx = None
     if name == "triton":
+        q, k, v = cast_for_autocast(q, k, v)  # as autocast casts SDPA's inputs
         o, _, rows = _attn_fwd_op(q, k, v, scale, causal)
         mx = rows.amax(dim=-1) if return_max_logit else None
     elif name == "math":

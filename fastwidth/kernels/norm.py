@@ -144,7 +144,8 @@ def _norm_fwd_launch(x, residual, weight, bias, eps, is_rms):
     M = x2.shape[0]
     r2 = residual.reshape(-1, N).contiguous() if residual is not None else x2
     y = torch.empty_like(x2)
-    s = torch.empty_like(x2) if residual is not None else x2.new_empty(0)
+    # s as `x + residual` would be: the promoted dtype (bf16 + fp32 is fp32, as under autocast)
+    s = x2.new_empty(x2.shape, dtype=torch.result_type(x2, r2)) if residual is not None else x2.new_empty(0)
     mean, rstd, rms = (torch.empty(M, device=x.device, dtype=torch.float32) for _ in range(3))
     if M > 0:
         bn = next_pow2(N)
@@ -191,7 +192,7 @@ def _norm_fwd_op(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor]
 def _(x, residual, weight, bias, eps, is_rms):
     lead = x.shape[:-1]
     stat = x.new_empty(lead, dtype=torch.float32)
-    s = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    s = x.new_empty(x.shape, dtype=torch.result_type(x, residual)) if residual is not None else x.new_empty(0)
     return torch.empty_like(x), s, stat, torch.empty_like(stat), torch.empty_like(stat)
 
 
