@@ -112,6 +112,7 @@ class TrainConfig:
     keep_checkpoints: int = _opt(2, min=1, help="checkpoints kept in out_dir/checkpoints")
     progress: bool = _opt(True, help="tqdm progress bar")
     threads: int = _opt(0, min=0, help="torch CPU threads; 0 = torch default")
+    diverge_factor: float = _opt(10.0, min=0.0, help="stop a member whose loss exceeds this multiple of its first loss (a non-finite loss always stops it); 0 = only non-finite")
 
 
 @dataclass
@@ -120,6 +121,7 @@ class SweepConfig:
     seeds: list = _opt([], help="init seeds per width; empty = [train.seed]")
     reference_width: int = _opt(0, min=0, help="width the others are compared with; 0 = the largest")
     mode: str = _opt("lockstep", choices=["lockstep", "sequential"], help="all models per batch, or one after another")
+    lrs: list = _opt([], help="base learning rates: every (width, lr, seed) is a member on the same batches; empty = [optim.lr]")
 
 
 @dataclass
@@ -299,6 +301,7 @@ def from_dict(data: dict, name: str = "run") -> Config:
     data = dict(data)
     data.setdefault("name", name)
     cfg = _build(Config, data, "")
+    cfg.sweep.lrs = [_coerce(v, float, "sweep.lrs") for v in cfg.sweep.lrs]  # YAML reads 1e-3 as a string
     validate(cfg)
     return cfg
 
@@ -319,6 +322,11 @@ def validate(cfg: Config) -> None:
         for v in values:
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ConfigError(f"{key}: every entry must be an integer, got {v!r}")
+    for lr in cfg.sweep.lrs:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+            raise ConfigError(f"sweep.lrs: every entry must be a positive number, got {lr!r}")
+    if len(set(cfg.sweep.lrs)) != len(cfg.sweep.lrs):
+        raise ConfigError(f"sweep.lrs has duplicates: {cfg.sweep.lrs}")
     for w in cfg.sweep.widths:
         if w < 1:
             raise ConfigError(f"sweep.widths: width {w} must be positive")
