@@ -310,3 +310,7 @@ FIGURES = {
     "ensemble_variance.png": ensemble_variance,
     "ntk.png": ntk_spectra,
 }
+# figures of whole sweeps and of training dynamics live in their own modules
+from fastwidth.report.transfer import loss_vs_lr  # noqa: E402
+
+FIGURES["loss_vs_lr.png"] = loss_vs_lr

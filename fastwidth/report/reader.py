@@ -51,7 +51,7 @@ class Run:
     def label(self) -> str:
         name = self.path.name
         name = name if self.kind in name else f"{name} ({self.kind})"
-        return name if self.chosen_lr is None else f"{name} lr={self.chosen_lr:g}"
+        return name if self.chosen_lr is None else f"{name} lr={self.chosen_lr:.3g}"
 
     @property
     def ref_width(self) -> int:
@@ -161,9 +161,10 @@ def stopped_note(run: Run) -> list[str]:
     """Markdown lines naming the members the report leaves out because they diverged."""
     if not run.diverged:
         return []
-    names = ", ".join(f"{r.get('name') or member_key(r, True)} (step {r['step']})" for r in run.diverged)
-    return [f"{run.label}: {len(run.diverged)} member(s) diverged and were stopped; the figures and "
-            f"statistics leave them out: {names}.", ""]
+    names = [f"{r.get('name') or member_key(r, True)} (step {r['step']})" for r in run.diverged]
+    more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+    return [f"{run.label}: {len(names)} member(s) diverged and were stopped; the figures and "
+            f"statistics leave them out: {', '.join(names[:8])}{more}.", ""]
 
 
 def late_mean(points: list[tuple[int, float]], frac: float = 0.25) -> float:
