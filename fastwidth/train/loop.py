@@ -40,7 +40,7 @@ from fastwidth.param.scaling import ParamInfo, mup_table, table_rows
 from fastwidth.stats.monitor import Monitor
 from fastwidth.train import checkpoint as ckpt
 from fastwidth.train.metrics import MetricsWriter, truncate_after
-from fastwidth.train import sweep
+from fastwidth.train import dynamics, sweep
 
 log = logging.getLogger("fastwidth.train")
 
@@ -49,7 +49,8 @@ RESUMABLE_CHANGES = {"train.steps", "train.out_dir", "train.resume", "train.over
                      "train.ckpt_every", "train.keep_checkpoints", "train.threads", "train.device",
                      "stats.every", "stats.enabled", "stats.reference_run", "stats.eval_batch",
                      "stats.sharpness_iters", "stats.sharpness_every", "stats.sharpness_points", "stats.hvp",
-                     "stats.ntk_points", "stats.ntk_every", "stats.ntk_max_mb"}
+                     "stats.ntk_points", "stats.ntk_every", "stats.ntk_max_mb",
+                     "stats.batch_sharpness_every", "stats.batch_sharpness_iters", "stats.coord_every"}
 
 
 @dataclass
@@ -187,13 +188,15 @@ class Trainer:
         self.engine = build_engine(cfg, self.dist)
         par_stats.check_sharded_stats(cfg, self.engine)
         self.stream = build_stream(cfg.data, rank=self.dist.rank, world_size=self.dist.world_size)
-        if self.stream.steps_available < cfg.train.steps:
+        if self.stream.steps_available < cfg.train.steps and not cfg.train.full_batch:
             raise DataError(f"data: {cfg.data.source} holds {self.stream.steps_available} steps of "
                             f"data.batch_size={cfg.data.batch_size} in data.epochs={cfg.data.epochs}, "
                             f"train.steps={cfg.train.steps} asks for more")
         self.resume_meta = check_run_dir(cfg)
         self.dist.barrier()  # every rank has read the run directory before rank 0 writes to it
         self.members = make_members(cfg, self.stream, self.device, self.engine)
+        self._fixed = None
+        dynamics.apply_edge_lrs(self)  # optim.lr_unit = edge: η = lr × 2/λ0, at init (before any restore)
         if self.resume_meta is not None:
             if self.dist.active or "engine" in self.resume_meta:
                 par_ckpt.restore(self.engine, self.dist, self.members, self.resume_meta,
@@ -240,7 +243,8 @@ class Trainer:
         m.model.train()
         hooks = self.evaluator.training(m) if self.cfg.stats.enabled else contextlib.nullcontext()
         with hooks, autocast_for(self.cfg, self.device):
-            loss = m.model.loss(x, y) if self.engine is None else self.engine.loss(m.name, x, y)
+            loss = dynamics.member_loss(m.model, x, y, self.cfg.train.loss) if self.engine is None \
+                else self.engine.loss(m.name, x, y)
         if self.engine is not None:  # backward, clip, step, zero; the logged loss is the global mean
             self.engine.step(m.name, loss)
             m.step += 1
@@ -254,6 +258,11 @@ class Trainer:
         return loss.detach()
 
     def batch(self, step: int):
+        if self.cfg.train.full_batch:  # gradient descent: every step the stream's first batch
+            if self._fixed is None:
+                b = self.stream.batch(0)
+                self._fixed = b["x"].to(self.device), b["y"].to(self.device)
+            return self._fixed
         b = self.stream.batch(step)
         return b["x"].to(self.device, non_blocking=True), b["y"].to(self.device, non_blocking=True)
 
@@ -269,6 +278,7 @@ class Trainer:
         cfg = self.cfg
         start = min((m.step for m in self.active(self.members)), default=cfg.train.steps)
         self.record_data(start)
+        dynamics.at_start(self, start)
         if start == 0 and cfg.stats.enabled:
             self.evaluator.evaluate(0, 0, self.members)
         bar = tqdm(total=cfg.train.steps * len(self.members), initial=sum(m.step for m in self.members),
@@ -287,6 +297,7 @@ class Trainer:
                 bar.update(len(losses))
                 self.dist.maybe_die(step + 1)
                 self.stop_diverged(group, losses, bar)
+                dynamics.write_batch_sharpness(self, step + 1, self.active(group), x, y)
                 self._after_step(step + 1, group, losses, bar)
             if cfg.sweep.mode == "sequential" and cfg.stats.enabled:
                 self.evaluator.flush_pending()
