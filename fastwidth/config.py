@@ -71,6 +71,7 @@ class OptimConfig:
     warmup_steps: int = _opt(0, min=0, help="linear warmup steps")
     decay_steps: int = _opt(0, min=0, help="horizon of linear/cosine decay; 0 = train.steps (set it to extend a run by resuming)")
     min_lr_ratio: float = _opt(0.0, min=0.0, help="final LR as a fraction of the peak for linear/cosine")
+    lr_unit: str = _opt("absolute", choices=["absolute", "edge"], help="edge: optim.lr and sweep.lrs are multiples of 2/λ0, λ0 = each member's initial lr-preconditioned sharpness on its first training batch")
 
 
 @dataclass
@@ -112,6 +113,9 @@ class TrainConfig:
     keep_checkpoints: int = _opt(2, min=1, help="checkpoints kept in out_dir/checkpoints")
     progress: bool = _opt(True, help="tqdm progress bar")
     threads: int = _opt(0, min=0, help="torch CPU threads; 0 = torch default")
+    full_batch: bool = _opt(False, help="every step trains on the same fixed batch: the stream's first data.batch_size examples (gradient descent, for edge-of-stability and catapult studies)")
+    loss: str = _opt("ce", choices=["ce", "mse"], help="training loss: cross-entropy, or MSE to one-hot targets 0.5·Σ_c (f_c - y_c)² (mean over targets)")
+    diverge_factor: float = _opt(10.0, min=0.0, help="stop a member whose loss exceeds this multiple of its first loss (a non-finite loss always stops it); 0 = only non-finite")
 
 
 @dataclass
@@ -120,6 +124,7 @@ class SweepConfig:
     seeds: list = _opt([], help="init seeds per width; empty = [train.seed]")
     reference_width: int = _opt(0, min=0, help="width the others are compared with; 0 = the largest")
     mode: str = _opt("lockstep", choices=["lockstep", "sequential"], help="all models per batch, or one after another")
+    lrs: list = _opt([], help="base learning rates: every (width, lr, seed) is a member on the same batches; empty = [optim.lr]")
 
 
 @dataclass
@@ -141,6 +146,9 @@ class StatsConfig:
     sharpness_every: int = _opt(0, min=0, help="sharpness cadence in steps (at evaluations); 0 = final evaluation only")
     sharpness_points: int = _opt(256, min=1, help="probe points in the sharpness loss (examples, or tokens rounded up to whole sequences)")
     hvp: str = _opt("auto", choices=["auto", "double", "fd"], help="Hessian-vector products: double backward, finite differences, or double with fd fallback")
+    batch_sharpness_every: int = _opt(0, min=0, help="sharpness trajectory on the current training batch (full batch: the batch) every k steps and at init, by Lanczos; 0 = off")
+    batch_sharpness_iters: int = _opt(20, min=1, help="Lanczos iterations (Hessian-vector products) per batch-sharpness point")
+    coord_every: int = _opt(0, min=0, help="refined coordinate check (own-update and input-change parts of each layer's activation change) every k steps; 0 = off")
     ntk_points: int = _opt(16, min=0, help="probe points of the eNTK (scalar output); 0 = off")
     ntk_every: int = _opt(0, min=0, help="eNTK cadence in steps (at evaluations); 0 = final evaluation only")
     ntk_max_mb: int = _opt(256, min=0, help="stack per-point gradients (exact eNTK) up to this size, else finite-difference JVPs")
@@ -299,6 +307,7 @@ def from_dict(data: dict, name: str = "run") -> Config:
     data = dict(data)
     data.setdefault("name", name)
     cfg = _build(Config, data, "")
+    cfg.sweep.lrs = [_coerce(v, float, "sweep.lrs") for v in cfg.sweep.lrs]  # YAML reads 1e-3 as a string
     validate(cfg)
     return cfg
 
@@ -319,6 +328,11 @@ def validate(cfg: Config) -> None:
         for v in values:
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ConfigError(f"{key}: every entry must be an integer, got {v!r}")
+    for lr in cfg.sweep.lrs:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+            raise ConfigError(f"sweep.lrs: every entry must be a positive number, got {lr!r}")
+    if len(set(cfg.sweep.lrs)) != len(cfg.sweep.lrs):
+        raise ConfigError(f"sweep.lrs has duplicates: {cfg.sweep.lrs}")
     for w in cfg.sweep.widths:
         if w < 1:
             raise ConfigError(f"sweep.widths: width {w} must be positive")
@@ -347,6 +361,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"sweep.widths has duplicates: {widths}")
     if len(set(cfg.sweep.seeds)) != len(cfg.sweep.seeds):
         raise ConfigError(f"sweep.seeds has duplicates: {cfg.sweep.seeds}")
+    if cfg.dist.backend != "none" and (cfg.train.loss != "ce" or cfg.optim.lr_unit != "absolute"):
+        raise ConfigError(f"train.loss={cfg.train.loss} / optim.lr_unit={cfg.optim.lr_unit} need dist.backend none")
     if cfg.dist.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"dist.zero_stage: {cfg.dist.zero_stage} is not one of 0, 1, 2, 3")
     if not 0.0 <= cfg.data.holdout_fraction < 1.0:
