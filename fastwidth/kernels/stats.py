@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fastwidth.errors import UserError
-from fastwidth.kernels import dispatch
+from fastwidth.kernels import dispatch, native
 from fastwidth.kernels._triton import HAS_TRITON, interpreting, jit, next_pow2, tl, triton
 
 
@@ -196,9 +196,13 @@ def moments_histogram(x: Tensor, lo: float, hi: float, bins: int = 64, backend: 
         raise UserError(f"moments_histogram: need hi > lo and bins >= 1, got lo={lo}, hi={hi}, bins={bins}")
     if x.numel() == 0:
         raise ValueError("moments_histogram: empty tensor")
-    if dispatch.resolve(backend, x) != "triton":
+    name = dispatch.resolve(backend, x)
+    if name == "native":
+        s, hist = native.load().moments_histogram(x.detach(), float(lo), float(hi), int(bins))
+    elif name != "triton":
         return moments_histogram_ref(x, lo, hi, bins)
-    s, hist = _moments_op(x, float(lo), float(hi), int(bins))
+    else:
+        s, hist = _moments_op(x, float(lo), float(hi), int(bins))
     return Moments(x.numel(), s[0], s[1], s[2], s[3], s[4], s[5], hist)
 
 
