@@ -1,4 +1,4 @@
-// One-pass moments and fixed-range histogram on the CPU: fp64 power sums, NaN-free min/max,
+// One-pass moments and fixed-range histogram on the CPU: fp64 power sums of x - shift, NaN-free min/max,
 // and `bins` equal bins on [lo, hi) with outside values in the edge bins (the Triton kernel's
 // contract, fastwidth/kernels/stats.py). x is cut into fixed chunks (independent of the thread
 // count); each chunk's partials are kept and added up in chunk order, so results are
@@ -25,7 +25,7 @@ struct ChunkStats {
 };
 
 FW_VECTOR_LOOP
-ChunkStats power_sums(const float* x, int64_t n) {
+ChunkStats power_sums(const float* x, int64_t n, double shift) {
   double a1[kDLanes] = {}, a2[kDLanes] = {}, a3[kDLanes] = {}, a4[kDLanes] = {};
   float mn[kDLanes], mx[kDLanes];
   for (int l = 0; l < kDLanes; ++l) {
@@ -36,7 +36,7 @@ ChunkStats power_sums(const float* x, int64_t n) {
   for (; i + kDLanes <= n; i += kDLanes) {
     for (int l = 0; l < kDLanes; ++l) {
       const float v = x[i + l];
-      const double d = v, d2 = d * d;
+      const double d = v - shift, d2 = d * d;
       a1[l] += d;
       a2[l] += d2;
       a3[l] += d2 * d;
@@ -48,7 +48,7 @@ ChunkStats power_sums(const float* x, int64_t n) {
   }
   for (int l = 0; i < n; ++i, ++l) {
     const float v = x[i];
-    const double d = v, d2 = d * d;
+    const double d = v - shift, d2 = d * d;
     a1[l] += d, a2[l] += d2, a3[l] += d2 * d, a4[l] += d2 * d2;
     mn[l] = v < mn[l] ? v : mn[l];
     mx[l] = v > mx[l] ? v : mx[l];
@@ -62,30 +62,33 @@ ChunkStats power_sums(const float* x, int64_t n) {
   return out;
 }
 
-// Bin = floor((x - lo) * scale) clamped to [0, bins - 1], in fp32 as the reference does.
-void histogram(const float* x, int64_t n, float lo, float scale, int64_t bins, int64_t* hist) {
-  const float top = static_cast<float>(bins - 1);
-  for (int64_t i = 0; i < n; ++i) {
+// Bin = floor((x - lo) * bins / (hi - lo)) clamped to [0, bins - 1], in fp64: the same bins as
+// numpy.histogram of the clipped values (the statistics' reference) even where |lo| is many bin
+// widths (fp32 there would misplace values near an edge).
+void histogram(const float* x, int64_t n, int64_t first, int64_t stride, double lo, double scale, int64_t bins,
+               int64_t* hist) {
+  const double top = static_cast<double>(bins - 1);
+  for (int64_t i = first; i < n; i += stride) {
     const float v = x[i];
     if (v != v) continue;  // NaN
-    float t = std::floor((v - lo) * scale);
-    t = t < 0.0f ? 0.0f : (t > top ? top : t);
+    double t = std::floor((static_cast<double>(v) - lo) * scale);
+    t = t < 0.0 ? 0.0 : (t > top ? top : t);
     ++hist[static_cast<int64_t>(t)];
   }
 }
 
 std::tuple<at::Tensor, at::Tensor> moments_histogram_cpu(const at::Tensor& x_in, double lo, double hi,
-                                                         int64_t bins) {
+                                                         int64_t bins, double shift, int64_t hist_stride) {
   TORCH_CHECK(hi > lo && bins >= 1, "moments_histogram: need hi > lo and bins >= 1, got lo=", lo,
               ", hi=", hi, ", bins=", bins);
   TORCH_CHECK(x_in.numel() > 0, "moments_histogram: empty tensor");
+  TORCH_CHECK(hist_stride >= 1, "moments_histogram: hist_stride must be >= 1, got ", hist_stride);
   const at::Tensor x = x_in.contiguous();
   const int64_t n = x.numel();
   const int64_t nchunks = (n + kChunk - 1) / kChunk;
   std::vector<ChunkStats> parts(nchunks);
   std::vector<int64_t> hists(nchunks * bins, 0);
-  const float flo = static_cast<float>(lo);
-  const float scale = static_cast<float>(bins / (hi - lo));
+  const double scale = bins / (hi - lo);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "moments_histogram", [&] {
     const scalar_t* p = x.const_data_ptr<scalar_t>();
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
@@ -93,8 +96,9 @@ std::tuple<at::Tensor, at::Tensor> moments_histogram_cpu(const at::Tensor& x_in,
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t a = c * kChunk, len = std::min(kChunk, n - a);
         const float* f = as_float(p + a, len, buf);
-        parts[c] = power_sums(f, len);
-        histogram(f, len, flo, scale, bins, hists.data() + c * bins);
+        parts[c] = power_sums(f, len, shift);
+        const int64_t first = (hist_stride - a % hist_stride) % hist_stride;  // global index % stride == 0
+        histogram(f, len, first, hist_stride, lo, scale, bins, hists.data() + c * bins);
       }
     });
   });

@@ -1,6 +1,6 @@
 // One-pass moments and fixed-range histogram on CUDA (built only where nvcc and a CUDA torch are
 // present; the GPU default is the Triton kernel of fastwidth/kernels/stats.py, this is the
-// backend="native" path). Same contract as moments.cpp: fp64 power sums per thread, NaN left out
+// backend="native" path). Same contract as moments.cpp: fp64 power sums of x - shift per thread, NaN left out
 // of min/max/histogram, outside values in the edge bins. Each block writes its partial row;
 // the rows are added up by ATen on the device (deterministic, no host sync).
 #include <ATen/Dispatch.h>
@@ -37,7 +37,8 @@ __device__ inline float warp_max(float v) {
 }
 
 template <typename T>
-__global__ void moments_kernel(const T* __restrict__ x, int64_t n, float lo, float scale, int bins,
+__global__ void moments_kernel(const T* __restrict__ x, int64_t n, double shift, int64_t stride, double lo, double scale,
+                               int bins,
                                double* __restrict__ part, unsigned long long* __restrict__ hist) {
   extern __shared__ unsigned int shist[];
   __shared__ double sred[4][kThreads / 32];
@@ -46,14 +47,16 @@ __global__ void moments_kernel(const T* __restrict__ x, int64_t n, float lo, flo
   __syncthreads();
   double s1 = 0, s2 = 0, s3 = 0, s4 = 0;
   float mn = INFINITY, mx = -INFINITY;
-  const float top = static_cast<float>(bins - 1);
+  const double top = static_cast<double>(bins - 1);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const float v = static_cast<float>(x[i]);
-    const double d = v, d2 = d * d;
+    const double d = v - shift, d2 = d * d;
     s1 += d, s2 += d2, s3 += d2 * d, s4 += d2 * d2;
     if (v == v) {  // fminf/fmaxf would skip NaN too; the histogram must
       mn = fminf(mn, v), mx = fmaxf(mx, v);
-      const float t = fminf(fmaxf(floorf((v - lo) * scale), 0.0f), top);
+    }
+    if (v == v && i % stride == 0) {
+      const double t = fmin(fmax(floor((static_cast<double>(v) - lo) * scale), 0.0), top);  // fp64 bins, as moments.cpp
       atomicAdd(&shist[static_cast<int>(t)], 1u);
     }
   }
@@ -81,7 +84,7 @@ __global__ void moments_kernel(const T* __restrict__ x, int64_t n, float lo, flo
 }
 
 std::tuple<at::Tensor, at::Tensor> moments_histogram_cuda(const at::Tensor& x_in, double lo, double hi,
-                                                          int64_t bins) {
+                                                          int64_t bins, double shift, int64_t hist_stride) {
   TORCH_CHECK(hi > lo && bins >= 1, "moments_histogram: need hi > lo and bins >= 1");
   TORCH_CHECK(x_in.numel() > 0, "moments_histogram: empty tensor");
   c10::cuda::CUDAGuard guard(x_in.device());
@@ -94,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor> moments_histogram_cuda(const at::Tensor& x_in
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "moments_histogram_cuda", [&] {
     moments_kernel<scalar_t><<<blocks, kThreads, bins * sizeof(unsigned int), stream>>>(
-        x.const_data_ptr<scalar_t>(), n, static_cast<float>(lo), static_cast<float>(bins / (hi - lo)),
+        x.const_data_ptr<scalar_t>(), n, shift, hist_stride, lo, bins / (hi - lo),
         static_cast<int>(bins), part.data_ptr<double>(),
         reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>()));
   });

@@ -5,9 +5,13 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastwidth_native, m) {
-  // x any shape -> ((sum, sumsq, sum3, sum4, min, max) fp64, hist (bins,) int64); NaN left out
-  // of min, max and hist; values outside [lo, hi) in the edge bins.
-  m.def("moments_histogram(Tensor x, float lo, float hi, int bins) -> (Tensor, Tensor)");
+  // x any shape -> ((sum, sumsq, sum3, sum4) of x - shift, min, max of x) fp64, hist (bins,)
+  // int64, bins computed in fp64); NaN left out of min, max and hist; values outside [lo, hi)
+  // in the edge bins. A shift near the mean keeps central moments from cancelling when
+  // |mean| >> std. hist_stride k > 1: the histogram counts every k-th element only.
+  m.def(
+      "moments_histogram(Tensor x, float lo, float hi, int bins, float shift=0.0, int hist_stride=1) "
+      "-> (Tensor, Tensor)");
   // readout + cross-entropy over rows in chunks -> (total, token_loss, lse, true_logit, argmax,
   // dh, dw, db); the gradients (of the summed token loss) come from the forward when compute_grad.
   m.def(

@@ -156,7 +156,7 @@ def _register_python_side() -> None:
     lib = "fastwidth_native::"
 
     @torch.library.register_fake(lib + "moments_histogram")
-    def _(x, lo, hi, bins):
+    def _(x, lo, hi, bins, shift=0.0, hist_stride=1):
         return x.new_empty(6, dtype=torch.float64), x.new_empty(bins, dtype=torch.int64)
 
     @torch.library.register_fake(lib + "readout_ce")

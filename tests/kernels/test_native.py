@@ -3,12 +3,14 @@ its torch reference (fastwidth/kernels/stats.py)."""
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from fastwidth import cli
 from fastwidth.errors import UserError
 from fastwidth.kernels import dispatch, native, norm, readout_ce, rope, stats
+from fastwidth.stats.moments import histogram_ref
 from tests.kernels.native_skip import native_or_skip
 
 native_or_skip()
@@ -21,7 +23,8 @@ def test_moments_histogram_matches_reference(dtype, shape):
     got = stats.moments_histogram(x, -3.0, 3.0, 17, backend="native")
     ref = stats.moments_histogram_ref(x, -3.0, 3.0, 17)  # fp64 sums of the same fp32 values
     assert got.count == x.numel() and int(got.hist.sum()) == x.numel()
-    assert torch.equal(got.hist, ref.hist) and bool((got.hist[[0, -1]] > 0).all())  # edge bins hold the outside
+    assert bool((got.hist[[0, -1]] > 0).all())  # the edge bins hold the values outside [lo, hi)
+    assert np.array_equal(got.hist.numpy(), histogram_ref(x, 17, -3.0, 3.0))  # fp64 bins, as numpy
     absx = x.double().abs().reshape(-1)
     for p, name in enumerate(("sum", "sumsq", "sum3", "sum4"), start=1):
         g, r = getattr(got, name), getattr(ref, name)
@@ -36,9 +39,23 @@ def test_moments_of_a_strided_view_and_edges():
     x[4, 6] = -float("inf")
     x[5, 7] = 3.0  # exactly hi: the last bin
     got = stats.moments_histogram(x, -3.0, 3.0, 12, backend="native")
-    ref = stats.moments_histogram_ref(x, -3.0, 3.0, 12)
-    assert torch.equal(got.hist, ref.hist)
+    assert np.array_equal(got.hist.numpy(), histogram_ref(x, 12, -3.0, 3.0))
     assert float(got.max) == float("inf") and float(got.min) == -float("inf")
+
+
+def test_shifted_sums_and_bins_far_from_zero():
+    # mean/std = 1e4: raw sums would cancel every digit of the 4th central moment; the bins are
+    # 1e-4 wide at 100, where fp32 (x - lo) would misplace values near an edge
+    x = 100.0 + 0.01 * torch.randn(20011) ** 3
+    got = stats.moments_histogram(x, 99.95, 100.05, 37, backend="native", shift=float(x[0]))
+    ref = stats.moments_histogram_ref(x, 99.95, 100.05, 37, shift=float(x[0]))
+    for name in ("sum", "sumsq", "sum3", "sum4"):
+        torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=1e-12, atol=1e-12)
+    assert np.array_equal(got.hist.numpy(), histogram_ref(x, 37, 99.95, 100.05))
+    # every 7th element, counted from the first across the 32768-element chunks
+    strided = stats.moments_histogram(x.repeat(4), 99.95, 100.05, 37, backend="native", hist_stride=7)
+    assert np.array_equal(strided.hist.numpy(), histogram_ref(x.repeat(4)[::7], 37, 99.95, 100.05))
+    assert strided.count == 4 * x.numel()
 
 
 def test_nan_is_left_out_of_histogram_and_range():
