@@ -42,7 +42,8 @@ inline void store_as(const float* src, int64_t n, T* dst) {
 }
 
 // exp(x) for fp32 in straight-line code the compiler vectorizes (Cephes expf: 2^k * p(r),
-// |r| <= ln2/2, about 2 ulp). Inputs below -87 give exp(-87) ~ 1.6e-38 instead of less (no
+// |r| <= ln2/2, about 2 ulp; the clamps become blends only with -fno-trapping-math, which the
+// build passes). Inputs below -87 give exp(-87) ~ 1.6e-38 instead of less (no
 // denormals); NaN stays NaN. Every caller feeds x <= ~0 (z - max, z - lse).
 inline float vexp(float x) {
   x = x < -87.0f ? -87.0f : x;
@@ -64,30 +65,21 @@ inline float vexp(float x) {
   return p * scale;
 }
 
-// Reductions in fixed lanes: vectorizable without reassociating (no -ffast-math), and the same
-// order on every run. static: each translation unit has its own clones.
-constexpr int kLanes = 16;
-
+// Reductions: `omp simd reduction` lets the compiler keep one partial per vector lane (without
+// -ffast-math it may not reassociate a plain loop). The order is fixed for a given build and CPU,
+// so results repeat run to run. static: each translation unit has its own clones.
 static FW_VECTOR_LOOP float lane_sum(const float* a, int64_t n) {
-  float acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += a[i + l];
-  for (int l = 0; i < n; ++i, ++l) acc[l] += a[i];
   float s = 0;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i];
   return s;
 }
 
 // sum of (a - shift) * (b - shift); a == b and shift = 0 gives the sum of squares
 static FW_VECTOR_LOOP float lane_dot(const float* a, const float* b, int64_t n, float shift) {
-  float acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += (a[i + l] - shift) * (b[i + l] - shift);
-  for (int l = 0; i < n; ++i, ++l) acc[l] += (a[i] - shift) * (b[i] - shift);
   float s = 0;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += (a[i] - shift) * (b[i] - shift);
   return s;
 }
 

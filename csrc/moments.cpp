@@ -16,7 +16,6 @@ namespace fastwidth {
 namespace moments {
 
 constexpr int64_t kChunk = 1 << 15;  // elements a task: 128 KiB of fp32, stays in L2
-constexpr int kDLanes = 8;  // independent fp64 accumulators: two AVX2 vectors each
 
 struct ChunkStats {
   double s1 = 0, s2 = 0, s3 = 0, s4 = 0;
@@ -26,39 +25,19 @@ struct ChunkStats {
 
 FW_VECTOR_LOOP
 ChunkStats power_sums(const float* x, int64_t n, double shift) {
-  double a1[kDLanes] = {}, a2[kDLanes] = {}, a3[kDLanes] = {}, a4[kDLanes] = {};
-  float mn[kDLanes], mx[kDLanes];
-  for (int l = 0; l < kDLanes; ++l) {
-    mn[l] = std::numeric_limits<float>::infinity();
-    mx[l] = -std::numeric_limits<float>::infinity();
-  }
-  int64_t i = 0;
-  for (; i + kDLanes <= n; i += kDLanes) {
-    for (int l = 0; l < kDLanes; ++l) {
-      const float v = x[i + l];
-      const double d = v - shift, d2 = d * d;
-      a1[l] += d;
-      a2[l] += d2;
-      a3[l] += d2 * d;
-      a4[l] += d2 * d2;
-      // comparisons with NaN are false: NaN never enters min/max
-      mn[l] = v < mn[l] ? v : mn[l];
-      mx[l] = v > mx[l] ? v : mx[l];
-    }
-  }
-  for (int l = 0; i < n; ++i, ++l) {
+  double s1 = 0, s2 = 0, s3 = 0, s4 = 0;
+  float mn = std::numeric_limits<float>::infinity(), mx = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(+ : s1, s2, s3, s4) reduction(min : mn) reduction(max : mx)
+  for (int64_t i = 0; i < n; ++i) {
     const float v = x[i];
     const double d = v - shift, d2 = d * d;
-    a1[l] += d, a2[l] += d2, a3[l] += d2 * d, a4[l] += d2 * d2;
-    mn[l] = v < mn[l] ? v : mn[l];
-    mx[l] = v > mx[l] ? v : mx[l];
+    s1 += d, s2 += d2, s3 += d2 * d, s4 += d2 * d2;
+    // comparisons with NaN are false: NaN never enters min/max
+    mn = v < mn ? v : mn;
+    mx = v > mx ? v : mx;
   }
   ChunkStats out;
-  for (int l = 0; l < kDLanes; ++l) {
-    out.s1 += a1[l], out.s2 += a2[l], out.s3 += a3[l], out.s4 += a4[l];
-    out.mn = mn[l] < out.mn ? mn[l] : out.mn;
-    out.mx = mx[l] > out.mx ? mx[l] : out.mx;
-  }
+  out.s1 = s1, out.s2 = s2, out.s3 = s3, out.s4 = s4, out.mn = mn, out.mx = mx;
   return out;
 }
 

@@ -24,25 +24,16 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // max over the block; NaN never wins (it turns the sum of exponentials NaN instead)
 FW_VECTOR_LOOP float block_max(const float* z, int64_t n) {
-  float m[kLanes];
-  for (int l = 0; l < kLanes; ++l) m[l] = kNegInf;
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) m[l] = z[i + l] > m[l] ? z[i + l] : m[l];
-  for (int l = 0; i < n; ++i, ++l) m[l] = z[i] > m[l] ? z[i] : m[l];
-  float out = kNegInf;
-  for (int l = 0; l < kLanes; ++l) out = m[l] > out ? m[l] : out;
-  return out;
+  float m = kNegInf;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = z[i] > m ? z[i] : m;
+  return m;
 }
 
 FW_VECTOR_LOOP float block_sum_exp(const float* z, int64_t n, float m) {
-  float acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += vexp(z[i + l] - m);
-  for (int l = 0; i < n; ++i, ++l) acc[l] += vexp(z[i] - m);
   float s = 0;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += vexp(z[i] - m);
   return s;
 }
 
