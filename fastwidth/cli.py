@@ -1,4 +1,4 @@
-"""`fastwidth` console entry: train, mup-table, coord-check, report, data, plan, export.
+"""`fastwidth` console entry: train, mup-table, coord-check, report, data, plan, export, build-ext.
 
 Every user error ends as one line on stderr and exit code 2; anything else is a bug and keeps
 its traceback.
@@ -66,10 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # commands whose modules own their parsers (coordinate check, report, data, planning/export)
     from fastwidth.data.cli import add_data_parser
+    from fastwidth.kernels.native import add_parser as add_native
     from fastwidth.parallel.plan import add_parser as add_plan
     from fastwidth.report.cli import add_parser as add_report
     from fastwidth.stats.coord import add_parser as add_coord
-    for add in (add_coord, add_report, add_data_parser, add_plan):
+    for add in (add_coord, add_report, add_data_parser, add_plan, add_native):
         add(sub)
     return parser
 
