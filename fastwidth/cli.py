@@ -11,6 +11,7 @@ import logging
 import sys
 
 from fastwidth.errors import UserError
+from fastwidth.train.preempt import Preempted
 
 
 def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -82,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except UserError as e:
         print(f"fastwidth: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except Preempted as e:
+        print(f"fastwidth: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("fastwidth: interrupted", file=sys.stderr)
