@@ -39,7 +39,7 @@ from fastwidth.param.optim import build_optimizer, lr_factor, set_lr
 from fastwidth.param.scaling import ParamInfo, mup_table, table_rows
 from fastwidth.stats.monitor import Monitor
 from fastwidth.train import checkpoint as ckpt
-from fastwidth.train import preempt
+from fastwidth.train import preempt, rundir
 from fastwidth.train.metrics import MetricsWriter, truncate_after
 
 log = logging.getLogger("fastwidth.train")
@@ -160,7 +160,7 @@ def check_run_dir(cfg: Config) -> dict | None:
 
 def prepare_run_dir(cfg: Config, meta: dict | None) -> Path:
     run_dir = Path(cfg.train.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    rundir.make_dir(run_dir)
     if meta is None and (cfg.train.overwrite or cfg.train.resume == "auto"):  # auto: no checkpoint, start over
         for sub in ("checkpoints", "signatures", "report"):
             shutil.rmtree(run_dir / sub, ignore_errors=True)
@@ -346,12 +346,16 @@ def run(cfg: Config) -> Path:
 
 
 def _train(cfg: Config, stop: preempt.StopFlag) -> tuple[Path, Trainer]:
+    cfg = resolve(cfg)  # fixes out_dir (its default carries the time) before anything checks it
+    rundir.check_creatable(cfg.train.out_dir)
     if cfg.dist.backend == "none":
-        trainer = Trainer(cfg, stop)
+        with rundir.undo_on_error(cfg.train.out_dir):  # a mistake found while setting up leaves nothing
+            trainer = Trainer(cfg, stop)
         return trainer.run(), trainer
     trainer = None
     try:
-        trainer = Trainer(cfg, stop)
+        with rundir.undo_on_error(cfg.train.out_dir):
+            trainer = Trainer(cfg, stop)
         with trainer.dist.guard("training"):
             return trainer.run(), trainer
     finally:
