@@ -39,6 +39,7 @@ from fastwidth.param.optim import build_optimizer, lr_factor, set_lr
 from fastwidth.param.scaling import ParamInfo, mup_table, table_rows
 from fastwidth.stats.monitor import Monitor
 from fastwidth.train import checkpoint as ckpt
+from fastwidth.train import preempt, rundir
 from fastwidth.train.metrics import MetricsWriter, truncate_after
 from fastwidth.train import dynamics, sweep
 
@@ -46,7 +47,7 @@ log = logging.getLogger("fastwidth.train")
 
 # Keys that may change between a checkpoint and the command that resumes it.
 RESUMABLE_CHANGES = {"train.steps", "train.out_dir", "train.resume", "train.overwrite", "train.progress", "train.log_every",
-                     "train.ckpt_every", "train.keep_checkpoints", "train.threads", "train.device",
+                     "train.ckpt_every", "train.ckpt_minutes", "train.report", "train.keep_checkpoints", "train.threads", "train.device",
                      "stats.every", "stats.enabled", "stats.reference_run", "stats.eval_batch",
                      "stats.sharpness_iters", "stats.sharpness_every", "stats.sharpness_points", "stats.hvp",
                      "stats.ntk_points", "stats.ntk_every", "stats.ntk_max_mb",
@@ -138,7 +139,10 @@ def check_run_dir(cfg: Config) -> dict | None:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"train.out_dir {run_dir} exists and is not a directory")
     has_run = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
-    if not cfg.train.resume:
+    if cfg.train.resume == "auto":  # a requeued job: resume when a checkpoint exists, else start over
+        if ckpt.latest_checkpoint(run_dir / "checkpoints") is None:
+            return None
+    elif not cfg.train.resume:
         if has_run and not cfg.train.overwrite:
             raise UserError(f"run directory {run_dir} already holds a run; set train.resume=true to continue "
                             f"it or train.overwrite=true to replace it")
@@ -159,8 +163,8 @@ def prepare_run_dir(cfg: Config, meta: dict | None, member_steps: dict | None = 
     """Create (or, resuming, trim) the run directory; member_steps maps (width, seed, base_lr) to the
     step each member resumes from (rows after it are dropped)."""
     run_dir = Path(cfg.train.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if meta is None and cfg.train.overwrite:
+    rundir.make_dir(run_dir)
+    if meta is None and (cfg.train.overwrite or cfg.train.resume == "auto"):  # auto: no checkpoint, start over
         for sub in ("checkpoints", "signatures", "report"):
             shutil.rmtree(run_dir / sub, ignore_errors=True)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -176,8 +180,9 @@ def prepare_run_dir(cfg: Config, meta: dict | None, member_steps: dict | None = 
 # --------------------------------------------------------------------------- the loop
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, stop: preempt.StopFlag | None = None):
         self.cfg = cfg = resolve(cfg)
+        self.stop = stop or preempt.StopFlag()  # entered by run(): SIGTERM/SIGUSR1 set it
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device = pick_device(cfg.train.device)
@@ -286,6 +291,7 @@ class Trainer:
                    file=sys.stderr, dynamic_ncols=True)
         groups = [self.members] if cfg.sweep.mode == "lockstep" else [[m] for m in self.members]
         t0 = time.time()
+        clock = preempt.CheckpointClock(cfg.train.ckpt_minutes)
         for group in groups:
             while self.active(group) and min(m.step for m in self.active(group)) < cfg.train.steps:
                 step = min(m.step for m in self.active(group))
@@ -299,10 +305,13 @@ class Trainer:
                 self.stop_diverged(group, losses, bar)
                 dynamics.write_batch_sharpness(self, step + 1, self.active(group), x, y)
                 self._after_step(step + 1, group, losses, bar)
+                preempt.between_steps(self, self.stop, clock)
             if cfg.sweep.mode == "sequential" and cfg.stats.enabled:
                 self.evaluator.flush_pending()
         bar.close()
-        self.save(final=True)
+        final = self.save(final=True)
+        if self.stop.raised:  # the signal came during the last step or the final checkpoint
+            preempt.raise_preempted(self, self.stop, final)
         self.writer.write({"kind": "run", "step": cfg.train.steps, "tokens": cfg.train.steps * self.tokens_per_step,
                            "width": 0, "seed": 0, "wall_s": time.time() - t0, "models": len(self.members),
                            "diverged": sum(m.diverged is not None for m in self.members)})
@@ -368,14 +377,30 @@ class Trainer:
 
 
 def run(cfg: Config) -> Path:
-    """Train the sweep `cfg` describes; returns the run directory."""
+    """Train the sweep `cfg` describes, write its report (unless train.report=false) and print
+    the headline numbers; returns the run directory. Raises preempt.Preempted after a SIGTERM or
+    SIGUSR1 has stopped it at a checkpoint."""
+    with preempt.StopFlag() as stop:
+        run_dir, trainer = _train(cfg, stop)
+    if trainer.dist.is_main and trainer.cfg.train.report:
+        from fastwidth.report.headline import report_at_end
+        report_at_end(run_dir)
+    return run_dir
+
+
+def _train(cfg: Config, stop: preempt.StopFlag) -> tuple[Path, Trainer]:
+    cfg = resolve(cfg)  # fixes out_dir (its default carries the time) before anything checks it
+    rundir.check_creatable(cfg.train.out_dir)
     if cfg.dist.backend == "none":
-        return Trainer(cfg).run()
+        with rundir.undo_on_error(cfg.train.out_dir):  # a mistake found while setting up leaves nothing
+            trainer = Trainer(cfg, stop)
+        return trainer.run(), trainer
     trainer = None
     try:
-        trainer = Trainer(cfg)
+        with rundir.undo_on_error(cfg.train.out_dir):
+            trainer = Trainer(cfg, stop)
         with trainer.dist.guard("training"):
-            return trainer.run()
+            return trainer.run(), trainer
     finally:
         if trainer is not None:
             trainer.dist.close()
