@@ -127,7 +127,7 @@ def _member_state(path: Path, meta: dict, name: str) -> dict[str, torch.Tensor]:
         with tempfile.TemporaryDirectory() as d:
             dcp_to_torch_save(str(where), os.path.join(d, "full.pt"))
             return dict(torch.load(os.path.join(d, "full.pt"), weights_only=True)["model"])
-    from fastwidth.parallel.engines import import_deepspeed
+    from fastwidth.parallel.zero import import_deepspeed
     import_deepspeed(torch.cuda.is_available())
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     sd = get_fp32_state_dict_from_zero_checkpoint(str(where.parent), tag=where.name)

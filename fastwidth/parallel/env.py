@@ -123,7 +123,7 @@ def init_dist(cfg) -> DistEnv:
     timeout = datetime.timedelta(seconds=cfg.dist.timeout_s)
     if not dist.is_initialized():
         if backend == "deepspeed":
-            from fastwidth.parallel.engines import import_deepspeed
+            from fastwidth.parallel.zero import import_deepspeed
             import_deepspeed(cuda).init_distributed(dist_backend=comm, timeout=timeout)
         else:
             dist.init_process_group(comm, timeout=timeout)

@@ -156,6 +156,15 @@ class Monitor:
         finally:
             self._active = None
 
+    @contextlib.contextmanager
+    def paused(self):
+        """No accumulation inside (backward passes: activation checkpointing recomputes forwards)."""
+        active, self._active = self._active, None
+        try:
+            yield
+        finally:
+            self._active = active
+
     def close(self) -> None:
         for h in self._hooks:
             h.remove()

@@ -30,11 +30,13 @@ from fastwidth.config import Config, dump_yaml, for_width, resolve
 from fastwidth.data import build_stream
 from fastwidth.parallel import checkpoint as par_ckpt
 from fastwidth.parallel import stats as par_stats
-from fastwidth.parallel.engines import build_engine
+from fastwidth.parallel.engines import StepContext, checkpoint_blocks, local_step
 from fastwidth.parallel.env import init_dist
+from fastwidth.parallel.memory import MemoryRecorder
+from fastwidth.parallel.placement import Placement
 from fastwidth.errors import CheckpointError, DataError, UserError
 from fastwidth.kernels import dispatch
-from fastwidth.models import build_meta, build_model
+from fastwidth.models import build_meta, build_model, build_uninitialized
 from fastwidth.param.optim import build_optimizer, lr_factor, set_lr
 from fastwidth.param.scaling import ParamInfo, mup_table, table_rows
 from fastwidth.stats.monitor import Monitor
@@ -96,24 +98,40 @@ def tokens_per_step(stream, cfg: Config) -> int:
     return cfg.data.batch_size * (cfg.data.seq_len if stream.kind == "tokens" else 1)
 
 
-def make_members(cfg: Config, stream, device: torch.device, engine=None) -> list[Member]:
+def make_members(cfg: Config, stream, device: torch.device, placement=None, memory=None) -> list[Member]:
     """Models of every (width, seed), the reference width first (sequential mode needs it).
-    Under a distributed engine each member is built on meta and handed to engine.wrap."""
+    Under a distributed engine each member is built on meta and handed to its engine (placement
+    per width). Every model is built first ("built" memory row), then engines and optimizers
+    ("ready")."""
     io = data_io(stream, cfg)
     ref = cfg.sweep.reference_width
     widths = [ref] + [w for w in cfg.sweep.widths if w != ref]
-    members = []
+    built = []
     for w in widths:
         wcfg = for_width(cfg, w)
         for s in cfg.sweep.seeds:
+            engine = placement.for_width(w) if placement is not None else None
             if engine is not None:
                 meta = build_meta(wcfg, io)
                 table = mup_table(meta, wcfg)  # global shapes, before any sharding
-                model, opt = engine.wrap(f"w{w}_s{s}", meta, table, wcfg, s)
-                members.append(Member(w, s, wcfg, model, opt, table))
-                continue
-            model, table = build_model(wcfg, io, device=device, seed=s)
-            members.append(Member(w, s, wcfg, model, build_optimizer(model, table, wcfg), table))
+                model = engine.build(f"w{w}_s{s}", meta, table, wcfg, s,
+                                     construct=lambda wcfg=wcfg: build_uninitialized(wcfg, io))
+            else:
+                model, table = build_model(wcfg, io, device=device, seed=s)
+                if cfg.train.activation_checkpointing == "block":
+                    checkpoint_blocks(model)
+            built.append((w, s, wcfg, model, table, engine))
+    if memory is not None:
+        memory.mark("built", [b[4] for b in built])
+    members = []
+    for w, s, wcfg, model, table, engine in built:
+        if engine is not None:
+            model, opt = engine.finish(f"w{w}_s{s}", table, wcfg)
+        else:
+            opt = build_optimizer(model, table, wcfg)
+        members.append(Member(w, s, wcfg, model, opt, table))
+    if memory is not None:
+        memory.mark("ready", [m.table for m in members])
     return members
 
 
@@ -181,7 +199,8 @@ class Trainer:
         self.dist = init_dist(cfg)  # rank 0 of 1 without an engine
         if self.dist.active:
             self.device = self.dist.device
-        self.engine = build_engine(cfg, self.dist)
+        self.placement = Placement(cfg, self.dist)
+        self.engine = self.placement.main
         par_stats.check_sharded_stats(cfg, self.engine)
         self.stream = build_stream(cfg.data, rank=self.dist.rank, world_size=self.dist.world_size)
         if self.stream.steps_available < cfg.train.steps:
@@ -190,7 +209,8 @@ class Trainer:
                             f"train.steps={cfg.train.steps} asks for more")
         self.resume_meta = check_run_dir(cfg)
         self.dist.barrier()  # every rank has read the run directory before rank 0 writes to it
-        self.members = make_members(cfg, self.stream, self.device, self.engine)
+        self.memory = MemoryRecorder(self.dist, self.device)  # baseline: before any model exists
+        self.members = make_members(cfg, self.stream, self.device, self.placement, self.memory)
         if self.resume_meta is not None:
             if self.dist.active or "engine" in self.resume_meta:
                 par_ckpt.restore(self.engine, self.dist, self.members, self.resume_meta,
@@ -209,6 +229,7 @@ class Trainer:
                 (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
         self.dist.barrier()
         self.writer = MetricsWriter(self.run_dir / "metrics.jsonl")
+        self.memory.flush(self.writer)
         self.tokens_per_step = tokens_per_step(self.stream, cfg)
         self.evaluator = Monitor(cfg, self.run_dir, self.members, self.stream.probe(), self.writer, self.device)
         if self.dist.world_size > 1:  # each rank evaluates its slice of the probe; all get the whole signature
@@ -221,23 +242,22 @@ class Trainer:
 
     # one optimizer step of one member on one batch; returns the loss (a tensor, no host sync)
     def train_step(self, m: Member, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        oc = self.cfg.optim
-        set_lr(m.optimizer, oc, m.step, self.cfg.train.steps)
+        """One optimizer step of one member on one batch (in data.micro_batch_size pieces); returns
+        the loss, the global mean (a tensor, no host sync)."""
+        set_lr(m.optimizer, self.cfg.optim, m.step, self.cfg.train.steps)
         m.model.train()
-        hooks = self.evaluator.training(m) if self.cfg.stats.enabled else contextlib.nullcontext()
-        with hooks, autocast_for(self.cfg, self.device):
-            loss = m.model.loss(x, y) if self.engine is None else self.engine.loss(m.name, x, y)
-        if self.engine is not None:  # backward, clip, step, zero; the logged loss is the global mean
-            self.engine.step(m.name, loss)
-            m.step += 1
-            return self.dist.mean(loss.detach())
-        loss.backward()
-        if oc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(m.model.parameters(), oc.grad_clip)
-        m.optimizer.step()
-        m.optimizer.zero_grad(set_to_none=True)
+        stats = self.cfg.stats.enabled
+        hooks = self.evaluator.training(m) if stats else contextlib.nullcontext()
+        ctx = StepContext(lambda: autocast_for(self.cfg, self.device),
+                          self.evaluator.paused if stats else contextlib.nullcontext)
+        with hooks:
+            engine = self.placement.for_width(m.width)
+            if engine is None:
+                loss = local_step(m.model, m.optimizer, x, y, self.placement.k, ctx, self.cfg.optim.grad_clip)
+            else:  # forward/backward per micro-batch, clip, step, zero
+                loss = self.dist.mean(engine.train_step(m.name, x, y, self.placement.k, ctx))
         m.step += 1
-        return loss.detach()
+        return loss
 
     def batch(self, step: int):
         b = self.stream.batch(step)
@@ -270,6 +290,9 @@ class Trainer:
                     if m.step == step:
                         losses[m.name] = self.train_step(m, x, y)
                 bar.update(len(losses))
+                if "step" not in self.memory.done:
+                    self.memory.mark("step", [m.table for m in self.members], step + 1, (step + 1) * self.tokens_per_step)
+                    self.memory.flush(self.writer)
                 self.dist.maybe_die(step + 1)
                 self._after_step(step + 1, group, losses, bar)
             if cfg.sweep.mode == "sequential" and cfg.stats.enabled:
