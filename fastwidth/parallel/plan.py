@@ -120,7 +120,8 @@ def member_plan(cfg: Config, choice: Choice, world: int, counts: dict | None = N
     cb = 2 if cfg.dist.mixed_precision == "bf16" or cfg.train.precision == "bf16" else 4
     opt_b = {"sgd": 4 if cfg.optim.momentum else 0}.get(cfg.optim.name, 8)
     ds, sharded = choice.backend == "deepspeed", choice.sharded
-    held = 4 * p / (w if sharded else 1)
+    # DeepSpeed keeps its partitions in the compute dtype (bf16) beside an fp32 master; the others fp32
+    held = (cb if ds and cfg.dist.mixed_precision == "bf16" else 4) * p / (w if sharded else 1)
     host = 0.0
     if choice.offload_params and sharded:
         host, held = host + held, 0.0
@@ -153,8 +154,12 @@ def member_plan(cfg: Config, choice: Choice, world: int, counts: dict | None = N
         transient += cb * (root + 2 * blk) + 4 * blk
     if choice.backend == "fsdp2" and cpu:
         built += FSDP2_CPU_RUNTIME                            # held from the first fully_shard on
+    # evaluation: the probe forward in stats.eval_batch rows without grad: one block's values live
+    # at a time (in fp32: the probe runs fp32) and the fp32 logits
     eval_rows = min(cfg.stats.eval_batch, cfg.data.probe_size) if cfg.stats.enabled else 0
-    ev = 4 * activation_values(cfg, c, eval_rows) / max(cfg.model.depth, 1) * 2 if eval_rows else 0.0
+    ev = 4 * activation_values(cfg, c, eval_rows) / max(cfg.model.depth, 1) if eval_rows else 0.0
+    if sharded:
+        ev += cb * (root + 2 * blk)
     if cfg.stats.enabled and cfg.stats.sharpness_iters:
         n = max(1, cfg.stats.sharpness_points // (cfg.data.seq_len if cfg.model.arch == "gpt" else 1))
         ev = max(ev, 3 * 4 * activation_values(cfg, c, n) + 4 * p / (w if sharded else 1))
@@ -266,6 +271,9 @@ def cmd_plan(args) -> int:
         widest = widest_gpt(cfg, choice, w, budget) if cfg.model.arch == "gpt" else 0
         print(f"{choice.label:34s}" + "".join(f"{mem[c] / GIB:10.2f}" for c in cols)
               + f"{'yes' if mem['peak'] <= budget else 'no':>6s}{widest:>12d}")
+    if getattr(args, "dry_run", False):
+        from fastwidth.parallel.dryrun import print_dry_run
+        print_dry_run(cfg, args.ranks or [world])
     return 0
 
 def cmd_export(args) -> int:
@@ -279,6 +287,9 @@ def add_parser(sub) -> None:
     from fastwidth.cli import add_config_args
     p = sub.add_parser("plan", help="per-rank memory for every backend / ZeRO stage / offload, and the widest GPT that fits")
     add_config_args(p)
+    p.add_argument("--dry-run", action="store_true", help="shard the widest model for real on torch's fake process "
+                   "group (meta tensors, one process) and report per-rank memory")
+    p.add_argument("--ranks", type=int, nargs="+", default=None, help="rank counts of the dry run (default: dist.world_size)")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("export", help="write any checkpoint (single, ddp, fsdp2, deepspeed) as one safetensors file")
     p.add_argument("checkpoint", help="a run directory, its checkpoints/ directory, or one step_* checkpoint")

@@ -69,6 +69,7 @@ def deepspeed_config(cfg, world_size: int, block_params: int = 0, micro_steps: i
            "zero_optimization": zero, "bf16": {"enabled": dc.mixed_precision == "bf16"},
            # reduce gradients in fp32 as FSDP2 does (DeepSpeed's default is the bf16 compute dtype)
            "communication_data_type": "fp32",
+           **({"data_types": {"grad_accum_dtype": "fp32"}} if dc.mixed_precision == "bf16" else {}),
            # fastwidth's optimizer (param groups from the µP table) under every stage
            "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
            "steps_per_print": 1 << 62, "wall_clock_breakdown": False}

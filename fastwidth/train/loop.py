@@ -34,6 +34,7 @@ from fastwidth.parallel.engines import StepContext, checkpoint_blocks, local_ste
 from fastwidth.parallel.env import init_dist
 from fastwidth.parallel.memory import MemoryRecorder
 from fastwidth.parallel.placement import Placement
+from fastwidth.parallel.plan import check_fits
 from fastwidth.errors import CheckpointError, DataError, UserError
 from fastwidth.kernels import dispatch
 from fastwidth.models import build_meta, build_model, build_uninitialized
@@ -201,7 +202,10 @@ class Trainer:
             self.device = self.dist.device
         self.placement = Placement(cfg, self.dist)
         self.engine = self.placement.main
-        par_stats.check_sharded_stats(cfg, self.engine)
+        check_fits(cfg, self.dist, self.placement.k)  # one line and exit 2 when the planner says no
+        self.skipped = par_stats.sharded_skips(cfg, self.placement.engines)
+        for why in self.skipped.values():
+            log.warning("statistic skipped: %s", why)
         self.stream = build_stream(cfg.data, rank=self.dist.rank, world_size=self.dist.world_size)
         if self.stream.steps_available < cfg.train.steps:
             raise DataError(f"data: {cfg.data.source} holds {self.stream.steps_available} steps of "
@@ -230,8 +234,14 @@ class Trainer:
         self.dist.barrier()
         self.writer = MetricsWriter(self.run_dir / "metrics.jsonl")
         self.memory.flush(self.writer)
+        if self.dist.is_main:
+            for key, why in self.skipped.items():
+                self.writer.write({"kind": "skipped", "step": 0, "tokens": 0, "width": 0, "seed": 0,
+                                   "stat": key.split("_")[0], "reason": why})
         self.tokens_per_step = tokens_per_step(self.stream, cfg)
-        self.evaluator = Monitor(cfg, self.run_dir, self.members, self.stream.probe(), self.writer, self.device)
+        self.evaluator = Monitor(par_stats.without(cfg, self.skipped), self.run_dir, self.members, self.stream.probe(),
+                                 self.writer, self.device)
+        par_stats.attach_optimizer_views(self.evaluator, self.placement)
         if self.dist.world_size > 1:  # each rank evaluates its slice of the probe; all get the whole signature
             rank, world = self.dist.rank, self.dist.world_size
             self.evaluator.probe_fn = lambda model, spec, device, feats: par_stats.probe_signature_sharded(
