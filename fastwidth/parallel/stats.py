@@ -7,7 +7,9 @@
 - Probe signatures: `probe_signature_sharded` splits the probe's examples across ranks, reduces
   each rank's chunk to per-point values (true logit, loss, entropy, argmax, sketch) and gathers
   those, and gathers the kernel points' feature rows so Phi = phi phi^T / N is assembled exactly
-  from the whole probe. Every rank runs the same number of forwards (FSDP2 / ZeRO-3 forwards are
+  from the whole probe. The feature hooks keep only the kernel points' rows of each block's
+  output (on the host), not the whole output until the forward ends; forwards run in
+  stats.eval_batch examples. Every rank runs the same number of forwards (FSDP2 / ZeRO-3 forwards are
   collectives), padding its slice when the probe does not split evenly.
 - Sharpness and the eNTK need whole-model Hessian-vector products / per-point gradients: under a
   sharded backend (fsdp2, ZeRO-3) `sharded_skips` names them and the run goes on without them
@@ -141,8 +143,13 @@ def probe_signature_sharded(model, spec: S.ProbeSpec, device, rank: int, world: 
     lo, hi = _rank_slice(n, rank, world)
     per = -(-n // world)
     captured: dict = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, out, k=k: captured.__setitem__(k, out))
-             for k, m in feature_modules.items()]
+    keep = {"rows": None}  # the kernel points of the current forward: hooks keep only those rows
+
+    def hook(_m, _i, out, k):
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        rows = keep["rows"]
+        captured[k] = None if rows is None else out.reshape(rows[0], -1)[rows[1]].float().cpu()
+    hooks = [m.register_forward_hook(lambda _m, _i, out, k=k: hook(_m, _i, out, k)) for k, m in feature_modules.items()]
     was = model.training
     model.eval()
     keys = ("true_logit", "loss", "entropy", "argmax", "sketch")
@@ -153,12 +160,15 @@ def probe_signature_sharded(model, spec: S.ProbeSpec, device, rank: int, world: 
         for off in range(0, per, spec.eval_batch):  # the same number of forwards on every rank
             s, e = lo + off, min(lo + off + spec.eval_batch, hi)
             if s >= e:  # padding forward: the first example, results dropped
+                keep["rows"] = None
                 model(spec.x[:1].to(device))
                 captured.clear()
                 continue
+            yb = spec.y[s:e].reshape(-1).to(device)
+            ksel = S._select(spec.kernel_index, s * pe, e * pe).to(device)
+            keep["rows"] = (len(yb), ksel)
             z = model(spec.x[s:e].to(device)).float()
             z = z.reshape(-1, z.shape[-1])
-            yb = spec.y[s:e].reshape(-1).to(device)
             true, loss, ent, amax = S._point_stats(z, yb)
             sums += torch.tensor([float(loss.double().sum()), float((amax == yb).sum())], dtype=torch.float64)
             sel = S._select(spec.sig_index, s * pe, e * pe).to(device)
@@ -166,11 +176,8 @@ def probe_signature_sharded(model, spec: S.ProbeSpec, device, rank: int, world: 
             sketch = (zs - zs.mean(-1, keepdim=True)) @ spec.projection(z.shape[-1], device)
             for key, v in zip(keys, (true[sel], loss[sel], ent[sel], amax[sel], sketch)):
                 parts[key].append(v.to(S.STORE_DTYPES[key]).cpu())
-            ksel = S._select(spec.kernel_index, s * pe, e * pe).to(device)
             for k in feature_modules:
-                out = captured.pop(k)
-                out = out[0] if isinstance(out, (tuple, list)) else out
-                feats[k].append(out.reshape(len(yb), -1)[ksel].float().cpu())
+                feats[k].append(captured.pop(k))
     finally:
         for h in hooks:
             h.remove()

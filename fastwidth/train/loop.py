@@ -31,7 +31,7 @@ from fastwidth.data import build_stream
 from fastwidth.parallel import checkpoint as par_ckpt
 from fastwidth.parallel import stats as par_stats
 from fastwidth.parallel.engines import StepContext, checkpoint_blocks, local_step
-from fastwidth.parallel.env import init_dist
+from fastwidth.parallel.env import check_shared_dir, init_dist
 from fastwidth.parallel.memory import MemoryRecorder
 from fastwidth.parallel.placement import Placement
 from fastwidth.parallel.plan import check_fits
@@ -213,12 +213,13 @@ class Trainer:
                             f"train.steps={cfg.train.steps} asks for more")
         self.resume_meta = check_run_dir(cfg)
         self.dist.barrier()  # every rank has read the run directory before rank 0 writes to it
+        check_shared_dir(self.dist, cfg.train.out_dir)
         self.memory = MemoryRecorder(self.dist, self.device)  # baseline: before any model exists
         self.members = make_members(cfg, self.stream, self.device, self.placement, self.memory)
         if self.resume_meta is not None:
             if self.dist.active or "engine" in self.resume_meta:
                 par_ckpt.restore(self.engine, self.dist, self.members, self.resume_meta,
-                                  ckpt.latest_checkpoint(Path(cfg.train.out_dir) / "checkpoints"))
+                                  ckpt.latest_checkpoint(Path(cfg.train.out_dir) / "checkpoints"), self.placement.of)
             else:
                 for m in self.members:
                     ckpt.restore_member(m, self.resume_meta)
@@ -352,7 +353,7 @@ class Trainer:
                  "stats": self.evaluator.state_dict(), "final": final}
         if self.engine is not None:
             return par_ckpt.save(self.engine, self.dist, Path(self.cfg.train.out_dir) / "checkpoints", step,
-                                  self.members, extra, keep=self.cfg.train.keep_checkpoints)
+                                  self.members, extra, keep=self.cfg.train.keep_checkpoints, engine_of=self.placement.of)
         return ckpt.save_checkpoint(self.run_dir / "checkpoints", step, self.members, extra,
                                     keep=self.cfg.train.keep_checkpoints)
 
