@@ -104,6 +104,9 @@ def cpu_adam(model, table, wcfg):
     try:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         t0 = time.time()
+        # the first use JIT-builds DeepSpeed's cpu_adam C++ op (cached in TORCH_EXTENSIONS_DIR):
+        # 682 s measured on a loaded 2-core CPU machine, much less on a many-core GPU host
+        log.info("loading DeepSpeedCPUAdam (its C++ op is built on first use: minutes on a small machine)")
         opt = DeepSpeedCPUAdam(param_groups(model, table), lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps,
                                weight_decay=oc.weight_decay, adamw_mode=oc.name == "adamw")
     except Exception as e:  # noqa: BLE001 - a failed JIT build raises many types
