@@ -86,6 +86,7 @@ class DataConfig:
     bpe_vocab_size: int = _opt(1024, min=260, help="vocabulary of a BPE tokenizer trained offline")
     seq_len: int = _opt(128, min=1, help="tokens per training sequence")
     batch_size: int = _opt(32, min=1, help="global batch of one optimizer step, split across data-parallel ranks")
+    micro_batch_size: int = _opt(0, min=0, help="rows per forward on each rank (gradient accumulation over the rank's share of batch_size); 0 = the whole share")
     seed: int = _opt(0, help="data order seed (independent of the init seeds)")
     probe_size: int = _opt(64, min=1, help="held-out probe examples (sequences for text), same for every model")
     holdout_fraction: float = _opt(0.02, min=0.0, help="fraction of the corpus held out for the probe split")
@@ -122,6 +123,7 @@ class TrainConfig:
     loss: str = _opt("ce", choices=["ce", "mse"], help="training loss: cross-entropy, or MSE to one-hot targets 0.5·Σ_c (f_c - y_c)² (mean over targets)")
     diverge_factor: float = _opt(10.0, min=0.0, help="stop a member whose loss exceeds this multiple of its first loss (a non-finite loss always stops it); 0 = only non-finite")
     report: bool = _opt(True, help="write the report (figures, summary.md, summary.json) into out_dir/report at the end")
+    activation_checkpointing: str = _opt("none", choices=["none", "block"], help="recompute each block's forward in backward instead of keeping its activations")
 
 
 @dataclass
@@ -171,6 +173,9 @@ class DistConfig:
     timeout_s: int = _opt(600, min=1, help="seconds a collective waits before a lost rank is reported")
     world_size: int = _opt(0, min=0, help="`fastwidth plan` only: ranks to plan for; 0 = 1 (training takes it from the launcher)")
     gpu_memory_gb: float = _opt(141.0, min=0.0, help="`fastwidth plan` only: memory of one accelerator (H200: 141)")
+    shard_min_width: int = _opt(0, min=0, help="widths below this train under ddp, the rest under dist.backend (fsdp2 / deepspeed); 0 = all under dist.backend")
+    replicate: int = _opt(0, min=0, help="fsdp2: HSDP with this many replica groups (a 2-D mesh: sharded within a group, replicated across); 0 = plain FSDP")
+    ignore_plan: bool = _opt(False, help="train even when the planner says the sweep does not fit the device")
 
 
 @dataclass
