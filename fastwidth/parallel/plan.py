@@ -276,12 +276,6 @@ def cmd_plan(args) -> int:
         print_dry_run(cfg, args.ranks or [world])
     return 0
 
-def cmd_export(args) -> int:
-    from fastwidth.parallel.checkpoint import export_checkpoint
-    names = export_checkpoint(args.checkpoint, args.output, member=args.member)
-    print(f"wrote {args.output} ({', '.join(names)})")
-    return 0
-
 
 def add_parser(sub) -> None:
     from fastwidth.cli import add_config_args
@@ -291,8 +285,3 @@ def add_parser(sub) -> None:
                    "group (meta tensors, one process) and report per-rank memory")
     p.add_argument("--ranks", type=int, nargs="+", default=None, help="rank counts of the dry run (default: dist.world_size)")
     p.set_defaults(func=cmd_plan)
-    p = sub.add_parser("export", help="write any checkpoint (single, ddp, fsdp2, deepspeed) as one safetensors file")
-    p.add_argument("checkpoint", help="a run directory, its checkpoints/ directory, or one step_* checkpoint")
-    p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
-    p.add_argument("--member", default=None, help="one model (e.g. w64_s0); default: all, keys prefixed '<member>/'")
-    p.set_defaults(func=cmd_export)

@@ -84,7 +84,8 @@ def attach_optimizer_views(monitor, placement) -> None:
         if engine is not None and engine.name == "deepspeed" and not engine.sharded:
             return zero_optimizer_view(m.model, m.optimizer)
         return m.optimizer
-    monitor.optimizer_of = optimizer_of
+    for mon in (getattr(monitor, "monitors", None) or {None: monitor}).values():  # sweep.LRMonitors: one per lr
+        mon.optimizer_of = optimizer_of
 
 
 def _gather_objects(obj, world: int) -> list:
