@@ -70,7 +70,7 @@ def _decode_all(files: list[Path], size: int, out_x: Path) -> None:
     jobs = [(f, size) for f in files]
     workers = min(os.cpu_count() or 1, max(1, len(files) // 64))
     x = None
-    with (mp.get_context("fork").Pool(workers) if workers > 1 else _Serial()) as pool:
+    with (mp.get_context("forkserver").Pool(workers) if workers > 1 else _Serial()) as pool:
         it = pool.imap(_decode, jobs, chunksize=16)
         for i, arr in enumerate(tqdm(it, total=len(files), desc="decode images", disable=len(files) < 2000)):
             if isinstance(arr, str):

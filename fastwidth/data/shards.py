@@ -286,7 +286,10 @@ def _tokenize_all(corpus: Corpus, tok, writer: ShardWriter, workers: int, progre
         old = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         try:
-            ctx = mp.get_context("fork")
+            # forkserver, not fork: a process that already runs threads (torch's and OpenMP's pools,
+            # the native ops) can fork a child holding a lock no thread will release; seen here as
+            # a tokenizer worker stuck in SemLock under the test suite
+            ctx = mp.get_context("forkserver")
             with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(tok.to_json(),)) as pool:
                 for (arr, cnt), t in zip(pool.imap(_tokenize_task, jobs), tasks):
                     writer.write(arr)
