@@ -107,6 +107,7 @@ class TrainConfig:
     device: str = _opt("auto", choices=["auto", "cpu", "cuda"], help="auto = cuda when present")
     precision: str = _opt("auto", choices=["auto", "fp32", "bf16"], help="auto = bf16 autocast on GPU, fp32 on CPU")
     kernels: str = _opt("auto", choices=["auto", "torch", "triton"], help="auto = triton on CUDA, torch elsewhere")
+    compile: bool = _opt(False, help="torch.compile each model's forward and loss (backward through AOTAutograd); single-process runs")
     log_every: int = _opt(10, min=1, help="train rows in metrics.jsonl every this many steps")
     ckpt_every: int = _opt(0, min=0, help="checkpoint cadence in steps; 0 = only at the end")
     keep_checkpoints: int = _opt(2, min=1, help="checkpoints kept in out_dir/checkpoints")

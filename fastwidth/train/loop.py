@@ -44,7 +44,7 @@ from fastwidth.train.metrics import MetricsWriter, truncate_after
 log = logging.getLogger("fastwidth.train")
 
 # Keys that may change between a checkpoint and the command that resumes it.
-RESUMABLE_CHANGES = {"train.steps", "train.out_dir", "train.resume", "train.overwrite", "train.progress", "train.log_every",
+RESUMABLE_CHANGES = {"train.steps", "train.out_dir", "train.resume", "train.overwrite", "train.progress", "train.log_every", "train.compile",
                      "train.ckpt_every", "train.keep_checkpoints", "train.threads", "train.device",
                      "stats.every", "stats.enabled", "stats.reference_run", "stats.eval_batch",
                      "stats.sharpness_iters", "stats.sharpness_every", "stats.sharpness_points", "stats.hvp",
@@ -82,6 +82,17 @@ def autocast_for(cfg: Config, device: torch.device):
     if p == "bf16" or (p == "auto" and device.type == "cuda"):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def compiled_loss(model: nn.Module, cfg: Config, engine=None):
+    """model.loss, or its torch.compile when train.compile (the kernels' custom ops trace whole;
+    the backward is compiled by AOTAutograd with the forward)."""
+    if not cfg.train.compile:
+        return model.loss
+    if engine is not None:
+        raise UserError(f"train.compile=true is for single-process runs; dist.backend={cfg.dist.backend} wraps "
+                        "the model itself (set train.compile=false)")
+    return torch.compile(model.loss)
 
 
 def data_io(stream, cfg: Config) -> SimpleNamespace:
@@ -191,6 +202,7 @@ class Trainer:
         self.resume_meta = check_run_dir(cfg)
         self.dist.barrier()  # every rank has read the run directory before rank 0 writes to it
         self.members = make_members(cfg, self.stream, self.device, self.engine)
+        self.loss_fns = {m.name: compiled_loss(m.model, cfg, self.engine) for m in self.members}
         if self.resume_meta is not None:
             if self.dist.active or "engine" in self.resume_meta:
                 par_ckpt.restore(self.engine, self.dist, self.members, self.resume_meta,
@@ -226,7 +238,7 @@ class Trainer:
         m.model.train()
         hooks = self.evaluator.training(m) if self.cfg.stats.enabled else contextlib.nullcontext()
         with hooks, autocast_for(self.cfg, self.device):
-            loss = m.model.loss(x, y) if self.engine is None else self.engine.loss(m.name, x, y)
+            loss = self.loss_fns[m.name](x, y) if self.engine is None else self.engine.loss(m.name, x, y)
         if self.engine is not None:  # backward, clip, step, zero; the logged loss is the global mean
             self.engine.step(m.name, loss)
             m.step += 1
