@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastwidth.errors import UserError
-from fastwidth.kernels import dispatch
+from fastwidth.kernels import dispatch, native
 from fastwidth.kernels._triton import HAS_TRITON, interpreting, jit, next_pow2, tl
 
 MAX_N = 32768
@@ -243,7 +243,11 @@ _norm_fwd_op.register_autograd(_norm_backward, setup_context=_norm_setup)
 def _norm(x, residual, weight, bias, eps, is_rms, backend):
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"norm: residual {tuple(residual.shape)} does not match x {tuple(x.shape)}")
-    if dispatch.resolve(backend, x) == "triton":
+    name = dispatch.resolve(backend, x)
+    if name == "native":
+        y, s, _, _, rms = native.load().norm_fwd(x, residual, weight, bias, float(eps), is_rms)
+        return y, (s if residual is not None else x), rms
+    if name == "triton":
         y, s, _, _, rms = _norm_fwd_op(x, residual, weight, bias, float(eps), is_rms)
         return y, (s if residual is not None else x), rms
     return norm_ref(x, residual, weight, bias, eps, is_rms)

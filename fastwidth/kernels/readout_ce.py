@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fastwidth.errors import UserError
-from fastwidth.kernels import dispatch
+from fastwidth.kernels import dispatch, native
 from fastwidth.kernels._triton import HAS_TRITON, interpreting, jit, next_pow2, tl
 from fastwidth.kernels.amp import autocast_off, cast_for_autocast
 
@@ -256,7 +256,11 @@ def readout_ce_stats(h: Tensor, weight: Tensor, target: Tensor, *, multiplier: f
         raise UserError(f"readout_ce: reduction {reduction!r} is not one of mean, sum")
     N = h.shape[-1]
     t = target.reshape(-1)
-    if dispatch.resolve(backend, h) == "triton":
+    name = dispatch.resolve(backend, h)
+    if name == "native":
+        total, tok, lse, zy, am = native.readout_ce(h, weight, bias, t, multiplier, z_loss, label_smoothing,
+                                                    ignore_index, CHUNK_ROWS)
+    elif name == "triton":
         needs = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h, weight, bias))
         # the GEMMs run in autocast's dtype when it is on, else in h's, as the aten addmm would;
         # the casts are differentiable, so dW/db come back in the parameters' dtype

@@ -53,8 +53,8 @@ def test_compile_with_a_distributed_engine_is_a_user_error():
     cfg = Config()
     cfg.train.compile = True
     with pytest.raises(UserError, match="train.compile"):
-        compiled_loss(torch.nn.Linear(2, 2), cfg, engine=object())
+        compiled_loss(torch.nn.Linear(2, 2), cfg, distributed=True)
     cfg.train.compile = False
     m = torch.nn.Linear(2, 2)
-    m.loss = lambda x, y: x
-    assert compiled_loss(m, cfg) == m.loss
+    m.loss = lambda x, y: x + y
+    assert compiled_loss(m, cfg)(1, 2) == 3
