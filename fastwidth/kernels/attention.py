@@ -318,14 +318,15 @@ if HAS_TRITON:
 # that compile for sm_90 without register spills (python -m fastwidth.kernels.aot). At head_dim
 # 128 a dK/dV block keeps k, v and two fp32 (BLOCK_N, 128) accumulators live: every 64- and
 # 128-key tile spills there, so 32 keys at 4 warps (mma.sync; warp-group MMA needs 64 rows);
-# dQ likewise (a 64-query tile spills under triton 3.6, the H200 machine's), fwd 128x128 too.
+# dQ likewise (a 64-query tile spills under triton 3.6, the H200 machine's), fwd 128x128 too;
+# at head_dim 64 the dK/dV tiles of 4 warps (or 128 keys) spill under 3.6, those of 8 do not.
 # Causal masking needs fwd/dq BLOCK_M % BLOCK_N == 0 and dk/dv BLOCK_N % BLOCK_M == 0.
 # GPU fp32 (the IEEE path, ~10x slower than bf16; the default backend sends fp32 to SDPA):
 # one fixed small tile, no autotuning.
 _INTERP_TILE = dict(BLOCK_M=32, BLOCK_N=32)
 _FWD_CONFIGS = {64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
                 128: [(128, 64, 8, 3), (64, 64, 4, 3)]}
-_DKDV_CONFIGS = {64: [(64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3)],
+_DKDV_CONFIGS = {64: [(32, 64, 8, 3), (64, 64, 8, 3), (32, 32, 4, 3)],
                  128: [(32, 32, 4, 2), (16, 32, 4, 2)]}
 _DQ_CONFIGS = {64: [(128, 64, 8, 3), (64, 64, 4, 4), (64, 32, 4, 3)],
                128: [(32, 32, 4, 2)]}
