@@ -113,6 +113,7 @@ class TrainConfig:
     precision: str = _opt("auto", choices=["auto", "fp32", "bf16"], help="auto = bf16 autocast on GPU, fp32 on CPU")
     kernels: str = _opt("auto", choices=["auto", "torch", "triton", "native"],
                         help="auto = triton on CUDA, native C++ ops on CPU when they build, torch elsewhere")
+    compile: bool = _opt(False, help="torch.compile each model's forward and loss (backward through AOTAutograd); single-process runs")
     log_every: int = _opt(10, min=1, help="train rows in metrics.jsonl every this many steps")
     ckpt_every: int = _opt(0, min=0, help="checkpoint cadence in steps; 0 = only at the end")
     ckpt_minutes: float = _opt(30.0, min=0.0, help="also checkpoint every this many minutes of wall time; 0 = off")

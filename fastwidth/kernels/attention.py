@@ -315,17 +315,21 @@ if HAS_TRITON:
 # Interpreter: one fixed tile (32 is the smallest that still crosses tile edges at T=37 and
 # keeps tl.dot >= 16 on every side). GPU bf16/fp16: autotuned over (BLOCK_M, BLOCK_N, warps,
 # stages), per head dim, from the Triton FlashAttention tutorial's H100 tiles, trimmed to those
-# that compile for sm_90 without register spills (python -m fastwidth.kernels.aot; at head_dim
-# 128 a dK/dV block keeps two fp32 (BLOCK_N, 128) accumulators live, so 64 keys at 8 warps).
+# that compile for sm_90 without register spills (python -m fastwidth.kernels.aot). At head_dim
+# 128 a dK/dV block keeps k, v and two fp32 (BLOCK_N, 128) accumulators live: every 64- and
+# 128-key tile spills there, so 32 keys at 4 warps (mma.sync; warp-group MMA needs 64 rows);
+# dQ likewise (a 64-query tile spills under triton 3.6, the H200 machine's), fwd 128x128 too;
+# at head_dim 64 the dK/dV tiles of 4 warps (or 128 keys) spill under 3.6, those of 8 do not.
 # Causal masking needs fwd/dq BLOCK_M % BLOCK_N == 0 and dk/dv BLOCK_N % BLOCK_M == 0.
 # GPU fp32 (the IEEE path, ~10x slower than bf16; the default backend sends fp32 to SDPA):
 # one fixed small tile, no autotuning.
 _INTERP_TILE = dict(BLOCK_M=32, BLOCK_N=32)
-_FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
-_DKDV_CONFIGS = {64: [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)],
+_FWD_CONFIGS = {64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+                128: [(128, 64, 8, 3), (64, 64, 4, 3)]}
+_DKDV_CONFIGS = {64: [(32, 64, 8, 3), (64, 64, 8, 3), (32, 32, 4, 3)],
                  128: [(32, 32, 4, 2), (16, 32, 4, 2)]}
-_DQ_CONFIGS = {64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
-               128: [(64, 64, 8, 2), (64, 32, 8, 2)]}
+_DQ_CONFIGS = {64: [(128, 64, 8, 3), (64, 64, 4, 4), (64, 32, 4, 3)],
+               128: [(32, 32, 4, 2)]}
 _FP32_CONFIGS = {"_attn_fwd_kernel": (64, 32, 4, 2), "_attn_bwd_dkdv_kernel": (32, 64, 4, 2),
                  "_attn_bwd_dq_kernel": (64, 32, 4, 2)}
 _DELTA_ROWS = 64
@@ -336,9 +340,7 @@ def tile_configs(kernel_name: str, head_dim: int) -> list[tuple[int, int, int, i
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) a GPU launch at this head dim may pick (bf16/fp16)."""
     table = {"_attn_fwd_kernel": _FWD_CONFIGS, "_attn_bwd_dkdv_kernel": _DKDV_CONFIGS,
              "_attn_bwd_dq_kernel": _DQ_CONFIGS}[kernel_name]
-    if isinstance(table, dict):
-        return table[64 if head_dim <= 64 else 128]
-    return table
+    return table[64 if head_dim <= 64 else 128]
 
 
 def _kernel_for(kernel, x: Tensor, head_dim: int):

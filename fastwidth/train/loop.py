@@ -49,6 +49,7 @@ log = logging.getLogger("fastwidth.train")
 
 # Keys that may change between a checkpoint and the command that resumes it.
 RESUMABLE_CHANGES = {"train.steps", "train.out_dir", "train.resume", "train.overwrite", "train.progress", "train.log_every",
+                     "train.compile",
                      "train.ckpt_every", "train.ckpt_minutes", "train.report", "train.keep_checkpoints", "train.threads", "train.device",
                      "stats.every", "stats.enabled", "stats.reference_run", "stats.eval_batch",
                      "stats.sharpness_iters", "stats.sharpness_every", "stats.sharpness_points", "stats.hvp",
@@ -89,6 +90,21 @@ def autocast_for(cfg: Config, device: torch.device):
     if p == "bf16" or (p == "auto" and device.type == "cuda"):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def compiled_loss(model: nn.Module, cfg: Config, distributed: bool = False):
+    """The member's training loss (x, y) -> scalar; under train.compile its torch.compile (the
+    kernels' custom ops trace whole; AOTAutograd compiles the backward with the forward)."""
+    kind = cfg.train.loss
+
+    def loss(x, y):
+        return dynamics.member_loss(model, x, y, kind)
+    if not cfg.train.compile:
+        return loss
+    if distributed:
+        raise UserError(f"train.compile=true is for single-process runs; dist.backend={cfg.dist.backend} wraps "
+                        "the model itself (set train.compile=false)")
+    return torch.compile(loss)
 
 
 def data_io(stream, cfg: Config) -> SimpleNamespace:
@@ -224,6 +240,8 @@ class Trainer:
         check_shared_dir(self.dist, cfg.train.out_dir)
         self.memory = MemoryRecorder(self.dist, self.device)  # baseline: before any model exists
         self.members = make_members(cfg, self.stream, self.device, self.placement, self.memory)
+        self.loss_fns = {m.name: compiled_loss(m.model, cfg, self.placement.for_width(m.width) is not None)
+                         for m in self.members}
         self._fixed = None
         dynamics.apply_edge_lrs(self)  # optim.lr_unit = edge: η = lr × 2/λ0, at init (before any restore)
         if self.resume_meta is not None:
@@ -285,7 +303,7 @@ class Trainer:
             engine = self.placement.for_width(m.width)
             if engine is None:
                 loss = local_step(m.model, m.optimizer, x, y, self.placement.k, ctx, m.cfg.optim.grad_clip,
-                                  loss_fn=lambda xi, yi: dynamics.member_loss(m.model, xi, yi, self.cfg.train.loss))
+                                  loss_fn=self.loss_fns[m.name])
             else:  # forward/backward per micro-batch, clip, step, zero
                 loss = self.dist.mean(engine.train_step(m.name, x, y, self.placement.k, ctx))
         m.step += 1
