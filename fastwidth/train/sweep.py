@@ -15,6 +15,7 @@ row {"kind": "diverged", "step", "tokens", "width", "seed", "base_lr", "reason"}
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -130,6 +131,22 @@ class LRMonitors:
     def probe_fn(self, fn) -> None:
         for mon in self.monitors.values():
             mon.probe_fn = fn
+
+    @property
+    def optimizer_of(self):
+        return next(iter(self.monitors.values())).optimizer_of
+
+    @optimizer_of.setter
+    def optimizer_of(self, fn) -> None:
+        for mon in self.monitors.values():
+            mon.optimizer_of = fn
+
+    @contextlib.contextmanager
+    def paused(self):
+        with contextlib.ExitStack() as stack:
+            for mon in self.monitors.values():
+                stack.enter_context(mon.paused())
+            yield
 
     def training(self, member):
         return self._of[member.name].training(member)
