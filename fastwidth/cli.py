@@ -67,6 +67,55 @@ def cmd_mup_table(args) -> int:
     return 0
 
 
+def parse_widths(text: str) -> list[int]:
+    """--widths "64,128,256" -> [64, 128, 256]; anything else is a one-line UserError."""
+    widths = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item.isdigit() or int(item) < 1:
+            raise UserError(f"--widths: {item!r} is not a positive integer; give comma-separated widths like 64,128,256")
+        widths.append(int(item))
+    if len(set(widths)) != len(widths):
+        raise UserError(f"--widths: {text!r} repeats a width")
+    return widths
+
+
+def cmd_coord_check(args) -> int:
+    """Train fresh models of each width a few steps, per parameterization, and draw the panels."""
+    from pathlib import Path
+
+    from fastwidth.config import load_config, resolve
+    from fastwidth.report.coord import plot_coord_check
+    from fastwidth.stats.coord import coord_check, spread
+    cfg = load_config(args.config, overrides_of(args))
+    widths = parse_widths(args.widths) if args.widths else resolve(cfg).sweep.widths
+    kinds = [k.strip() for k in args.kinds.split(",")] if args.kinds else [cfg.param.kind]
+    # every kind and width is checked (choices, head_dim / n_heads divisibility, ...) before any work
+    cfgs = [load_config(args.config, [*overrides_of(args), f"param.kind={k}", f"sweep.widths={widths}",
+                                      "sweep.reference_width=0"]) for k in kinds]
+    results = [coord_check(c, widths, steps=args.steps, seeds=tuple(range(args.seeds))) for c in cfgs]
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "coord_check.json").write_text(json.dumps(results[0] if len(results) == 1 else results, indent=1))
+    plot_coord_check(results, out / "coord_check.png")
+    for res in results:
+        for name, layer in res["layers"].items():
+            print(f"{res['kind']:4s} {name:32s} update RMS max/min across widths: {spread(layer['update_rms']):.2f}")
+    print(f"wrote {out / 'coord_check.json'} and {out / 'coord_check.png'}")
+    return 0
+
+
+def add_coord_parser(sub) -> None:
+    p = sub.add_parser("coord-check", help="per-layer activation change across widths: own-update and input-change parts")
+    add_config_args(p, required=False)
+    p.add_argument("--widths", default="", help="comma-separated widths (default: sweep.widths)")
+    p.add_argument("--kinds", default="", help="parameterizations side by side, e.g. mup,sp (default: param.kind)")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps (one panel column each)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds averaged")
+    p.add_argument("-o", "--output", default="coord_check", help="output directory")
+    p.set_defaults(func=cmd_coord_check)
+
+
 def cmd_export(args) -> int:
     from fastwidth.interop.export import export
     out, names = export(args.run, args.output, fmt=args.format, member=args.member)
@@ -131,8 +180,9 @@ COMMANDS = [
             "fastwidth export runs/demo --format hf --member w128_s0 -o hf/w128"),
     Command("mup-table", "fastwidth.cli:add_mup_table", "the µP table (JSON rows) of the model a config builds; "
             "--bsh writes a microsoft/mup base-shapes file", "fastwidth mup-table --config demo --set model.width=256"),
-    Command("coord-check", "fastwidth.stats.coord:add_parser", "per-layer activation and update RMS across widths "
-            "over the first steps", "fastwidth coord-check --config demo --widths 32,64,128,256 -o coord"),
+    Command("coord-check", "fastwidth.cli:add_coord_parser", "per-layer activation change across widths over the "
+            "first steps, split into own-update and input-change parts; µP against SP",
+            "fastwidth coord-check --config demo --widths 32,64,128,256 --kinds mup,sp -o coord"),
     Command("plan", "fastwidth.parallel.plan:add_parser", "per-rank memory for every backend, ZeRO stage and "
             "offload, and the widest GPT that fits", "fastwidth plan --config configs/dist/gpt_16k_8gpu.yaml"),
     Command("build-ext", "fastwidth.kernels.native:add_parser", "build the native C++ ops (csrc/) now instead "

@@ -142,3 +142,25 @@ def at_start(trainer, start: int) -> None:
     write_lambda0(trainer)
     x, y = trainer.batch(0)
     write_batch_sharpness(trainer, 0, trainer.active(trainer.members), x, y)
+
+
+# --------------------------------------------------------------------------- coordinate check in the loop
+
+def init_coord(trainer) -> None:
+    """stats.coord_every: snapshot W_0 and every layer's input/output on a fixed probe batch, at init."""
+    from fastwidth.stats.coord import CoordTracker
+    trainer.coord = {}
+    if not trainer.cfg.stats.coord_every:
+        return
+    x = trainer.stream.probe()["x"][:64].to(trainer.device)
+    trainer.coord = {m.name: CoordTracker(m.model, x) for m in trainer.members if trainer.engine is None}
+
+
+def write_coord(trainer, step: int, members: list) -> None:
+    """"coord" rows: per layer act_rms, delta_rms, own_rms (W_t - W_0)·x_t, input_rms W_0·(x_t - x_0)."""
+    every = trainer.cfg.stats.coord_every
+    if not every or not (step % every == 0 or step == trainer.cfg.train.steps):
+        return
+    for m in members:
+        if m.name in trainer.coord:
+            trainer.writer.write({"kind": "coord", **_base(trainer, m, step), "layers": trainer.coord[m.name].measure()})

@@ -244,6 +244,7 @@ class Trainer:
                          for m in self.members}
         self._fixed = None
         dynamics.apply_edge_lrs(self)  # optim.lr_unit = edge: η = lr × 2/λ0, at init (before any restore)
+        dynamics.init_coord(self)      # stats.coord_every: W_0 and the layers' inputs at init
         if self.resume_meta is not None:
             if self.dist.active or "engine" in self.resume_meta:
                 par_ckpt.restore(self.engine, self.dist, self.members, self.resume_meta,
@@ -354,6 +355,7 @@ class Trainer:
                 self.dist.maybe_die(step + 1)
                 self.stop_diverged(group, losses, bar)
                 dynamics.write_batch_sharpness(self, step + 1, self.active(group), x, y)
+                dynamics.write_coord(self, step + 1, self.active(group))
                 self._after_step(step + 1, group, losses, bar)
                 preempt.between_steps(self, self.stop, clock)
             if cfg.sweep.mode == "sequential" and cfg.stats.enabled:
