@@ -20,6 +20,7 @@ from torch import Tensor
 from fastwidth.errors import UserError
 from fastwidth.kernels import dispatch, native
 from fastwidth.kernels._triton import HAS_TRITON, interpreting, jit, next_pow2, tl, triton
+from fastwidth.kernels.amp import autocast_off
 
 
 class Moments(NamedTuple):
@@ -57,7 +58,8 @@ def moments_histogram_ref(x: Tensor, lo: float, hi: float, bins: int, shift: flo
 
 def gram_ref(feats: Tensor, acc: Optional[Tensor] = None) -> Tensor:
     f = feats.detach().float()
-    g = f @ f.t()
+    with autocast_off(f):  # statistics are fp32 whatever the training precision
+        g = f @ f.t()
     return g if acc is None else acc + g
 
 

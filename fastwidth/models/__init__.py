@@ -30,10 +30,11 @@ def build_meta(cfg: Config, io) -> nn.Module:
         return BUILDERS[arch](cfg, io)
 
 
-def materialize(model: nn.Module, table: dict[str, ParamInfo], device, seed: int) -> nn.Module:
-    """Allocate on `device`, then draw parameters from the table and reset buffers."""
+def materialize(model: nn.Module, table: dict[str, ParamInfo], device, seed: int, width: int) -> nn.Module:
+    """Allocate on `device`, then draw parameters from the table (seeded by seed, width and
+    name) and reset buffers."""
     model.to_empty(device=device)
-    init_parameters(model, table, seed)
+    init_parameters(model, table, seed, width)
     model.reset_buffers()
     apply_forward_mults(model, table)
     return model
@@ -42,5 +43,5 @@ def materialize(model: nn.Module, table: dict[str, ParamInfo], device, seed: int
 def build_model(cfg: Config, io, device="cpu", seed: int | None = None) -> tuple[nn.Module, dict[str, ParamInfo]]:
     model = build_meta(cfg, io)
     table = mup_table(model, cfg)
-    materialize(model, table, torch.device(device), cfg.train.seed if seed is None else seed)
+    materialize(model, table, torch.device(device), cfg.train.seed if seed is None else seed, cfg.model.width)
     return model, table

@@ -22,7 +22,7 @@ from torch import nn
 
 from fastwidth.errors import ConfigError
 from fastwidth.param.optim import build_optimizer
-from fastwidth.param.scaling import ParamInfo, _stable_seed, apply_forward_mults, init_parameters
+from fastwidth.param.scaling import ParamInfo, apply_forward_mults, draw_init, init_parameters
 
 
 def import_deepspeed(cuda: bool):
@@ -78,15 +78,15 @@ class Engine:
         self.models: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
 
-    def _materialize(self, model, table, seed):
+    def _materialize(self, model, table, seed, width):
         model.to_empty(device=self.env.device)
-        init_parameters(model, table, seed)
+        init_parameters(model, table, seed, width)
         model.reset_buffers()
         apply_forward_mults(model, table)
         return model
 
     def wrap(self, name: str, model: nn.Module, table: dict[str, ParamInfo], wcfg, seed: int):
-        model = self._materialize(model, table, seed)
+        model = self._materialize(model, table, seed, wcfg.model.width)
         opt = build_optimizer(model, table, wcfg)
         self.handles[name], self.models[name], self.optimizers[name] = model, model, opt
         return model, opt
@@ -106,7 +106,7 @@ class DDPEngine(Engine):
 
     def wrap(self, name, model, table, wcfg, seed):
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = self._materialize(model, table, seed)  # identical on every rank: seeded per name
+        model = self._materialize(model, table, seed, wcfg.model.width)  # identical on every rank: seeded per name
         ids = [self.env.device.index] if self.env.device.type == "cuda" else None
         self.handles[name] = DDP(LossForward(model), device_ids=ids)
         opt = build_optimizer(model, table, wcfg)
@@ -136,7 +136,7 @@ class FSDP2Engine(Engine):
         register_fsdp_forward_method(model, "loss")
         register_fsdp_forward_method(model, "features")
         model.to_empty(device="cpu" if dc.offload_params else self.env.device)
-        init_sharded(model, table, seed)
+        init_sharded(model, table, seed, wcfg.model.width)
         model.reset_buffers()
         apply_forward_mults(model, table)
         opt = build_optimizer(model, table, wcfg)
@@ -145,23 +145,24 @@ class FSDP2Engine(Engine):
 
 
 @torch.no_grad()
-def init_sharded(model: nn.Module, table: dict[str, ParamInfo], seed: int) -> None:
-    """init_parameters for DTensor parameters: the same per-name draw (one full tensor at a time,
-    on the CPU), then each rank keeps its shard, so a sharded model equals the single-process one."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+def init_sharded(model: nn.Module, table: dict[str, ParamInfo], seed: int, width: int) -> None:
+    """init_parameters for DTensor parameters: each rank draws only the dim-0 rows it holds
+    (draw_init with a row range), so a sharded model equals the single-process one and start-up
+    work per rank is its shard, not the whole model."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     for name, p in model.named_parameters():
         info = table[name]
-        if info.init == "zeros":
-            full = torch.zeros(info.shape)
-        elif info.init == "ones":
-            full = torch.ones(info.shape)
-        else:
-            g = torch.Generator().manual_seed(_stable_seed(seed, name))
-            full = torch.randn(info.shape, generator=g, dtype=torch.float32) * info.init_std
-        if isinstance(p, DTensor):
-            p.copy_(distribute_tensor(full.to(p.dtype).to(p.device), p.device_mesh, p.placements))
-        else:
-            p.copy_(full.to(p.dtype))
+        if not isinstance(p, DTensor):
+            p.copy_(draw_init(info, seed, width).to(p.dtype))
+            continue
+        local = p.to_local()
+        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        if any(o != 0 for o in offset[1:]) or tuple(shape[1:]) != tuple(p.shape[1:]):
+            raise NotImplementedError(f"{name}: only dim-0 sharding is initialized shard-locally")
+        if local.numel():
+            rows = draw_init(info, seed, width, (offset[0], offset[0] + shape[0]))
+            local.copy_(rows.to(local.dtype))
 
 
 def deepspeed_config(cfg, world_size: int) -> dict:
@@ -201,7 +202,7 @@ class DeepSpeedEngine(Engine):
 
     def wrap(self, name, model, table, wcfg, seed):
         # materialized whole, then partitioned by initialize (ZeRO-3 host peak: one full copy per rank)
-        model = self._materialize(model, table, seed)
+        model = self._materialize(model, table, seed, wcfg.model.width)
         wrapper = LossForward(model)
         if self.sharded:  # model.loss reads the readout weight outside the readout's forward
             for p in model.readout.parameters():

@@ -149,20 +149,8 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def cmd_export(args) -> int:
-    from fastwidth.parallel.checkpoint import export_checkpoint
-    names = export_checkpoint(args.checkpoint, args.output, member=args.member)
-    print(f"wrote {args.output} ({', '.join(names)})")
-    return 0
-
-
 def add_parser(sub) -> None:
     from fastwidth.cli import add_config_args
     p = sub.add_parser("plan", help="per-rank memory for every backend / ZeRO stage / offload, and the widest GPT that fits")
     add_config_args(p)
     p.set_defaults(func=cmd_plan)
-    p = sub.add_parser("export", help="write any checkpoint (single, ddp, fsdp2, deepspeed) as one safetensors file")
-    p.add_argument("checkpoint", help="a run directory, its checkpoints/ directory, or one step_* checkpoint")
-    p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
-    p.add_argument("--member", default=None, help="one model (e.g. w64_s0); default: all, keys prefixed '<member>/'")
-    p.set_defaults(func=cmd_export)
