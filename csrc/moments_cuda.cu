@@ -5,13 +5,14 @@
 // the rows are added up by ATen on the device (deterministic, no host sync).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -90,11 +91,12 @@ std::tuple<at::Tensor, at::Tensor> moments_histogram_cuda(const at::Tensor& x_in
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t n = x.numel();
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(4 * sms, (n + kThreads * 8 - 1) / (kThreads * 8)));
   at::Tensor part = at::empty({blocks, 6}, x.options().dtype(at::kDouble));
   at::Tensor hist = at::zeros({bins}, x.options().dtype(at::kLong));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "moments_histogram_cuda", [&] {
     moments_kernel<scalar_t><<<blocks, kThreads, bins * sizeof(unsigned int), stream>>>(
         x.const_data_ptr<scalar_t>(), n, shift, hist_stride, lo, bins / (hi - lo),

@@ -148,7 +148,7 @@ class StatsConfig:
     preact: bool = _opt(True, help="accumulate preactivation moments and histograms over training batches")
     preact_every: int = _opt(1, min=1, help="accumulate preactivations on every k-th training step")
     hist_bins: int = _opt(64, min=2, help="preactivation histogram bins")
-    hist_stride: int = _opt(16, min=1, help="torch path: histogram every k-th preactivation element (moments use all; the fused Triton kernel reads all)")
+    hist_stride: int = _opt(16, min=1, help="torch and native paths: histogram every k-th preactivation element (moments use all; the fused Triton kernel reads all)")
     hist_range: float = _opt(8.0, min=1e-6, help="preactivation histograms span [-hist_range, hist_range]; outside goes to the edge bins")
     eval_batch: int = _opt(256, min=1, help="probe examples per forward when evaluating")
     sharpness_iters: int = _opt(10, min=0, help="power iterations for the top Hessian eigenvalue; 0 = off")

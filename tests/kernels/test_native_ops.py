@@ -143,3 +143,19 @@ def test_rope_is_exact_in_fp32_and_keeps_nan_local():
     x[0, 1, 4, 2] = float("nan")
     got = rope.rope(x, cos, sin, backend="native")
     assert torch.isnan(got[0, 1, 4, [2, 6]]).all() and int(torch.isnan(got).sum()) == 2
+
+
+def test_native_ops_under_cpu_autocast_match_torch():
+    # bf16 activations with fp32 parameters, as a model under autocast: the same dtypes and values
+    h, w, b = torch.randn(37, 19, requires_grad=True), torch.randn(101, 19, requires_grad=True), torch.randn(101)
+    t = torch.randint(0, 101, (37,))
+    res = {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for be in ("native", "torch"):
+            hb = torch.nn.functional.linear(h, torch.eye(19))
+            loss = rc.readout_cross_entropy(hb, w, t, bias=b, multiplier=0.5, backend=be)
+            y, _, _ = norm.rms_norm_residual(hb.detach(), hb.detach(), w[0].detach(), backend=be)
+            res[be] = (loss, y, *torch.autograd.grad(loss, (h, w)))
+    for a, c in zip(res["native"], res["torch"]):
+        assert a.dtype == c.dtype
+        torch.testing.assert_close(a.float(), c.float(), rtol=2e-2, atol=2e-2)
