@@ -48,7 +48,8 @@ from fastwidth.train import dynamics, sweep
 log = logging.getLogger("fastwidth.train")
 
 # Keys that may change between a checkpoint and the command that resumes it.
-RESUMABLE_CHANGES = {"train.steps", "train.out_dir", "train.resume", "train.overwrite", "train.progress", "train.log_every",
+RESUMABLE_CHANGES = {"data.micro_batch_size", "train.activation_checkpointing",  # memory tools: same trajectory
+                     "train.steps", "train.out_dir", "train.resume", "train.overwrite", "train.progress", "train.log_every",
                      "train.compile",
                      "train.ckpt_every", "train.ckpt_minutes", "train.report", "train.keep_checkpoints", "train.threads", "train.device",
                      "stats.every", "stats.enabled", "stats.reference_run", "stats.eval_batch",

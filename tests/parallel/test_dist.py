@@ -260,6 +260,7 @@ def test_resume_on_two_ranks_is_exact(work, trained, backend):
 
 
 def test_fsdp2_saved_on_two_ranks_resumes_on_one(work, trained):
+    """Also resumes without the micro-batching and checkpointing of the 2-rank run (resumable keys)."""
     tmp, cfg_file, single = work
     again = rewind(trained("fsdp2"), tmp / "fsdp2-one", 10)
     launch("python", ROOT / "launch" / "train.py", cfg_file,

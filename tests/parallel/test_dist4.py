@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fastwidth.config import load_config
-from fastwidth.train.loop import run
 from test_dist import ROOT, launch, losses  # tests/parallel is on sys.path (rootdir import mode)
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -30,7 +28,10 @@ def work(tmp_path_factory):
     cfg = {**CONFIG, "data": {**CONFIG["data"], "cache_dir": str(tmp / "cache")}}
     cfg_file = tmp / "tiny4.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
-    return tmp, cfg_file, run(load_config(cfg_file, [f"train.out_dir={tmp / 'single'}"]))
+    # the reference in its own process: data preparation forks tokenizer workers, which can hang in a
+    # pytest process that already holds other threads (seen in the full suite)
+    launch("python", ROOT / "launch" / "train.py", cfg_file, [f"train.out_dir={tmp / 'single'}"])
+    return tmp, cfg_file, tmp / "single"
 
 
 def local_counts(out: Path, world: int) -> list[dict]:

@@ -12,8 +12,10 @@ from fastwidth.parallel.dryrun import dry_run, local_numels
 from fastwidth.train.loop import run
 from fastwidth.train.metrics import read_metrics
 
-TINY_GPT = ["model.arch=gpt", "model.depth=2", "model.head_dim=8", "param.base_width=16", "data.source=stdlib",
-            "data.seq_len=16", "data.batch_size=8", "data.probe_size=4", "sweep.widths=[16,32]",
+# An MLP on the synthetic teacher (no data preparation, so no tokenizer workers forked from this
+# process); the GPT's blocks are checkpointed and micro-batched in the 2-rank tests (test_dist.py).
+TINY_GPT = ["model.arch=mlp", "model.depth=3", "param.base_width=16", "data.source=synthetic", "data.in_dim=8",
+            "data.num_classes=5", "data.batch_size=8", "data.probe_size=16", "sweep.widths=[16,32]",
             "train.progress=false", "train.log_every=1", "train.steps=6", "stats.every=3",
             "stats.sharpness_iters=0", "stats.ntk_points=0"]
 
@@ -41,7 +43,7 @@ def test_micro_batches_and_checkpointing_keep_the_trajectory(plain, extra):
     assert err < 1e-5
     ea = {(r["width"], r["step"]): r for r in read_metrics(base / "metrics.jsonl") if r["kind"] == "eval"}
     eb = {(r["width"], r["step"]): r for r in read_metrics(other / "metrics.jsonl") if r["kind"] == "eval"}
-    assert sum(len(r.get("preact", {})) for r in ea.values()) >= 8
+    assert sum(len(r.get("preact", {})) for r in ea.values()) >= 6
     for k in ea:  # preactivation moments see every row once (recomputed forwards are not counted)
         for layer, mom in ea[k].get("preact", {}).items():
             assert eb[k]["preact"][layer]["mean"] == pytest.approx(mom["mean"], rel=1e-4, abs=1e-6)
