@@ -117,6 +117,8 @@ class TrainConfig:
     progress: bool = _opt(True, help="tqdm progress bar")
     threads: int = _opt(0, min=0, help="torch CPU threads; 0 = torch default")
     report: bool = _opt(True, help="write the report (figures, summary.md, summary.json) into out_dir/report at the end")
+    tensorboard: bool = _opt(False, help="also write the metrics rows as TensorBoard scalars into out_dir/tensorboard")
+    csv: bool = _opt(False, help="also write the metrics rows into out_dir/metrics.csv (long format: one value a line)")
 
 
 @dataclass

@@ -39,14 +39,14 @@ from fastwidth.param.optim import build_optimizer, lr_factor, set_lr
 from fastwidth.param.scaling import ParamInfo, mup_table, table_rows
 from fastwidth.stats.monitor import Monitor
 from fastwidth.train import checkpoint as ckpt
-from fastwidth.train import preempt, rundir
-from fastwidth.train.metrics import MetricsWriter, truncate_after
+from fastwidth.train import preempt, rundir, tracking
+from fastwidth.train.metrics import truncate_after
 
 log = logging.getLogger("fastwidth.train")
 
 # Keys that may change between a checkpoint and the command that resumes it.
 RESUMABLE_CHANGES = {"train.steps", "train.out_dir", "train.resume", "train.overwrite", "train.progress", "train.log_every",
-                     "train.ckpt_every", "train.ckpt_minutes", "train.report", "train.keep_checkpoints", "train.threads", "train.device",
+                     "train.ckpt_every", "train.ckpt_minutes", "train.report", "train.tensorboard", "train.csv", "train.keep_checkpoints", "train.threads", "train.device",
                      "stats.every", "stats.enabled", "stats.reference_run", "stats.eval_batch",
                      "stats.sharpness_iters", "stats.sharpness_every", "stats.sharpness_points", "stats.hvp",
                      "stats.ntk_points", "stats.ntk_every", "stats.ntk_max_mb"}
@@ -63,6 +63,7 @@ class Member:
     optimizer: torch.optim.Optimizer
     table: dict[str, ParamInfo]
     step: int = 0
+    grad_norm: torch.Tensor | None = None  # before clipping, of the last step
 
     @property
     def name(self) -> str:
@@ -213,7 +214,7 @@ class Trainer:
             for sub in ("checkpoints", "signatures", "report"):
                 (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
         self.dist.barrier()
-        self.writer = MetricsWriter(self.run_dir / "metrics.jsonl")
+        self.writer = tracking.open_writer(self.run_dir, cfg.train)  # metrics.jsonl (+ TensorBoard, CSV)
         self.tokens_per_step = tokens_per_step(self.stream, cfg)
         self.evaluator = Monitor(cfg, self.run_dir, self.members, self.stream.probe(), self.writer, self.device)
         if self.dist.world_size > 1:  # each rank evaluates its slice of the probe; all get the whole signature
@@ -237,8 +238,7 @@ class Trainer:
             m.step += 1
             return self.dist.mean(loss.detach())
         loss.backward()
-        if oc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(m.model.parameters(), oc.grad_clip)
+        m.grad_norm = tracking.clip_and_measure(m.model, oc.grad_clip)
         m.optimizer.step()
         m.optimizer.zero_grad(set_to_none=True)
         m.step += 1
@@ -248,9 +248,10 @@ class Trainer:
         b = self.stream.batch(step)
         return b["x"].to(self.device, non_blocking=True), b["y"].to(self.device, non_blocking=True)
 
-    def log_train(self, m: Member, loss: torch.Tensor, lr_factor_: float) -> None:
+    def log_train(self, m: Member, loss: torch.Tensor, lr_factor_: float, extras: dict | None = None) -> None:
         self.writer.write({"kind": "train", "step": m.step, "tokens": m.step * self.tokens_per_step,
-                           "width": m.width, "seed": m.seed, "loss": float(loss), "lr": self.cfg.optim.lr * lr_factor_})
+                           "width": m.width, "seed": m.seed, "loss": float(loss), "lr": self.cfg.optim.lr * lr_factor_,
+                           **tracking.grad_fields(m.grad_norm, self.cfg.optim.grad_clip), **(extras or {})})
 
     def _due(self, step: int, every: int) -> bool:
         return step % every == 0 or step == self.cfg.train.steps
@@ -267,6 +268,7 @@ class Trainer:
         groups = [self.members] if cfg.sweep.mode == "lockstep" else [[m] for m in self.members]
         t0 = time.time()
         clock = preempt.CheckpointClock(cfg.train.ckpt_minutes)
+        self.throughput = tracking.Throughput(self.tokens_per_step, self.device, start)
         for group in groups:
             while min(m.step for m in group) < cfg.train.steps:
                 step = min(m.step for m in group)
@@ -308,9 +310,10 @@ class Trainer:
         cfg = self.cfg
         if self._due(step, cfg.train.log_every):
             f = lr_factor(step - 1, cfg.optim, cfg.train.steps)
+            extras = self.throughput.extras(step)  # tokens/s since the last log, peak memory
             for m in group:
                 if m.name in losses:
-                    self.log_train(m, losses[m.name], f)
+                    self.log_train(m, losses[m.name], f, extras)
             ref = losses.get(group[0].name)
             if ref is not None:
                 bar.set_postfix({group[0].name: f"{float(ref):.3f}"}, refresh=False)
