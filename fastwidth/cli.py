@@ -1,4 +1,4 @@
-"""`fastwidth` console entry: train, demo, report, export, mup-table, coord-check, plan, data.
+"""`fastwidth` console entry: train, demo, report, export, mup-table, coord-check, plan, build-ext, data.
 
 Every user error ends as one line on stderr and exit code 2; anything else is a bug and keeps
 its traceback. `fastwidth --help` imports nothing heavy: each command's parser is built (and its
@@ -135,6 +135,8 @@ COMMANDS = [
             "over the first steps", "fastwidth coord-check --config demo --widths 32,64,128,256 -o coord"),
     Command("plan", "fastwidth.parallel.plan:add_parser", "per-rank memory for every backend, ZeRO stage and "
             "offload, and the widest GPT that fits", "fastwidth plan --config configs/dist/gpt_16k_8gpu.yaml"),
+    Command("build-ext", "fastwidth.kernels.native:add_parser", "build the native C++ ops (csrc/) now instead "
+            "of on first use; prints the build time", "fastwidth build-ext"),
     Command("data", "fastwidth.data.cli:add_data_parser", "prepare (tokenize once into shards) and inspect data "
             "sources", "fastwidth data prepare --source text --path corpus/ --tokenizer bpe --out shards/"),
 ]

@@ -177,3 +177,40 @@ def test_readme_tables_are_generated_from_the_code():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert render(readme) == readme, "README is stale: run python -m fastwidth.param.doc"
     assert "| mup | hidden (q/k/v/o, MLP, conv) | 1 | 1 | η/m | η | wd·m | wd |" in readme
+
+
+def test_same_seed_models_at_two_widths_are_independent_draws():
+    """The narrow model must not be a slice of the wide one: a width in the seed makes the first
+    layer's overlapping block uncorrelated (|r| within 5 standard errors of 0) while two draws at
+    one width and seed are identical."""
+    narrow = dict(build_model(for_width(mlp_cfg(), 64), MLP_IO, seed=0)[0].named_parameters())
+    wide = dict(build_model(for_width(mlp_cfg(), 128), MLP_IO, seed=0)[0].named_parameters())
+    again = dict(build_model(for_width(mlp_cfg(), 128), MLP_IO, seed=0)[0].named_parameters())
+    for name, p in narrow.items():
+        if p.dim() < 2 or p.abs().sum() == 0:
+            continue
+        w = wide[name][: p.shape[0], : p.shape[1]].reshape(-1)
+        a = p.detach().reshape(-1)
+        r = torch.corrcoef(torch.stack([a, w]))[0, 1].item()
+        assert abs(r) < 5 / math.sqrt(a.numel()), (name, r)
+        assert torch.equal(wide[name], again[name])
+
+
+@pytest.mark.parametrize("shape", [(1823, 7), (130,), (64, 3, 3, 3), (5, 781)])
+def test_init_rows_and_flat_slices_equal_the_full_draw(shape):
+    """A shard drawn alone (dim-0 rows for FSDP2, a flat range for ZeRO-3) equals the same slice of
+    the whole tensor, for ranges that cut row blocks anywhere."""
+    from fastwidth.param.scaling import ParamInfo, draw_init, draw_init_flat
+    info = ParamInfo(name="blocks.0.w", shape=shape, role="hidden", init="normal", init_std=0.5,
+                     lr_mult=1.0, wd_mult=1.0, forward_mult=1.0)
+    full = draw_init(info, seed=3, width=256)
+    assert full.shape == shape and abs(full.std().item() - 0.5) < 0.1
+    g = torch.Generator().manual_seed(0)
+    n_rows, numel = shape[0], full.numel()
+    for _ in range(20):
+        a, b = sorted(torch.randint(0, n_rows + 1, (2,), generator=g).tolist())
+        assert torch.equal(draw_init(info, 3, 256, (a, b)), full[a:b])
+        a, b = sorted(torch.randint(0, numel + 1, (2,), generator=g).tolist())
+        assert torch.equal(draw_init_flat(info, 3, 256, a, b), full.reshape(-1)[a:b])
+    assert not torch.equal(draw_init(info, 3, 512), full)   # the width is in the seed
+    assert not torch.equal(draw_init(info, 4, 256), full)   # and so is the seed

@@ -21,7 +21,7 @@ from test_train import ROOT, TINY_GPT, TINY_MLP, cfg_of, train_losses
 
 def rows_without_wall_time(run_dir):
     return [{k: v for k, v in r.items() if k != "wall_s"} for r in read_metrics(Path(run_dir) / "metrics.jsonl")
-            if r["kind"] not in ("preempted", "data", "run")]  # those record each process, not the training
+            if r["kind"] not in ("preempted", "data", "run", "memory")]  # those record each process, not the training
 
 
 def final_weights(run_dir):

@@ -22,18 +22,25 @@ KIND_OF_ARCH = {"gpt": "tokens", "mlp": "classes", "resnet": "classes"}
 
 def build_meta(cfg: Config, io) -> nn.Module:
     """The model on the meta device (no memory), for sharding or planning."""
+    with torch.device("meta"):
+        return build_uninitialized(cfg, io)
+
+
+def build_uninitialized(cfg: Config, io) -> nn.Module:
+    """The model on the current default device with uninitialized (torch.empty) parameters: for
+    constructors that partition each layer as it is made (deepspeed.zero.Init)."""
     arch = cfg.model.arch
     if KIND_OF_ARCH[arch] != io.kind:
         raise ConfigError(f"model.arch {arch} needs a {KIND_OF_ARCH[arch]} data source, "
                           f"data.source gives {io.kind}")
-    with torch.device("meta"):
-        return BUILDERS[arch](cfg, io)
+    return BUILDERS[arch](cfg, io)
 
 
-def materialize(model: nn.Module, table: dict[str, ParamInfo], device, seed: int) -> nn.Module:
-    """Allocate on `device`, then draw parameters from the table and reset buffers."""
+def materialize(model: nn.Module, table: dict[str, ParamInfo], device, seed: int, width: int) -> nn.Module:
+    """Allocate on `device`, then draw parameters from the table (seeded by seed, width and
+    name) and reset buffers."""
     model.to_empty(device=device)
-    init_parameters(model, table, seed)
+    init_parameters(model, table, seed, width)
     model.reset_buffers()
     apply_forward_mults(model, table)
     return model
@@ -42,5 +49,5 @@ def materialize(model: nn.Module, table: dict[str, ParamInfo], device, seed: int
 def build_model(cfg: Config, io, device="cpu", seed: int | None = None) -> tuple[nn.Module, dict[str, ParamInfo]]:
     model = build_meta(cfg, io)
     table = mup_table(model, cfg)
-    materialize(model, table, torch.device(device), cfg.train.seed if seed is None else seed)
+    materialize(model, table, torch.device(device), cfg.train.seed if seed is None else seed, cfg.model.width)
     return model, table

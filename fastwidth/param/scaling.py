@@ -152,29 +152,64 @@ def attention_scale(cfg: Config) -> float:
     return attn_mult / head_dim
 
 
-def _stable_seed(seed: int, name: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+# Rows (dim 0) per independently seeded block of a draw. Any row range, or any range of the
+# flattened tensor, can then be drawn alone: FSDP2 draws only its dim-0 shard and ZeRO-3 only its
+# flat partition, and both equal the one-process tensor's slice. Changing it changes every draw.
+INIT_BLOCK_ROWS = 64
+
+
+def init_seed(seed: int, width: int, name: str, block: int) -> int:
+    """The generator seed of one row block of one tensor. The width is part of it, so models of one
+    seed at two widths are independent draws (a narrow model is not a slice of the wide one), for
+    every param.kind alike (mup at base width still equals sp bit for bit)."""
+    digest = hashlib.sha256(f"{seed}:{width}:{name}:{block}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-@torch.no_grad()
-def init_parameters(model: nn.Module, table: dict[str, ParamInfo], seed: int) -> None:
-    """Draw every parameter from its own generator seeded by (seed, name), on the CPU.
+def draw_init(info: ParamInfo, seed: int, width: int, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Rows [start, stop) of dim 0 of parameter `info`'s initial value (all rows by default), in
+    fp32 on the CPU. Equal to the same rows of the full draw, whatever the range."""
+    shape = tuple(info.shape)
+    n_rows = shape[0] if shape else 1
+    start, stop = rows if rows is not None else (0, n_rows)
+    if not 0 <= start <= stop <= n_rows:
+        raise ValueError(f"rows {start}:{stop} outside {info.name} of {n_rows} rows")
+    row_shape = shape[1:]
+    if info.init == "zeros":
+        return torch.zeros((stop - start, *row_shape))
+    if info.init == "ones":
+        return torch.ones((stop - start, *row_shape))
+    parts = []
+    first, last = start // INIT_BLOCK_ROWS, (stop - 1) // INIT_BLOCK_ROWS if stop > start else -1
+    for b in range(first, last + 1):
+        b0, b1 = b * INIT_BLOCK_ROWS, min((b + 1) * INIT_BLOCK_ROWS, n_rows)
+        g = torch.Generator().manual_seed(init_seed(seed, width, info.name, b))
+        block = torch.randn((b1 - b0, *row_shape), generator=g, dtype=torch.float32)
+        parts.append(block[max(start, b0) - b0: min(stop, b1) - b0])
+    out = torch.cat(parts) if parts else torch.empty((0, *row_shape))
+    out = out * info.init_std
+    return out.reshape(shape) if not shape else out
 
-    One generator per name makes the draws independent of module order, of the zero-init
-    options and of the device, so `mup` at base width equals `sp` bit for bit and a sharded
-    model can be initialized tensor by tensor.
+
+def draw_init_flat(info: ParamInfo, seed: int, width: int, start: int, stop: int) -> torch.Tensor:
+    """Elements [start, stop) of the flattened initial value (a ZeRO-3 partition), drawing only the
+    row blocks that overlap it."""
+    row_len = max(1, math.prod(info.shape[1:])) if len(info.shape) > 1 else 1
+    r0, r1 = start // row_len, -(-stop // row_len)
+    flat = draw_init(info, seed, width, (r0, max(r0, r1))).reshape(-1)
+    return flat[start - r0 * row_len: stop - r0 * row_len]
+
+
+@torch.no_grad()
+def init_parameters(model: nn.Module, table: dict[str, ParamInfo], seed: int, width: int) -> None:
+    """Draw every parameter from generators seeded by (seed, width, name, row block), on the CPU.
+
+    Per-name generators make the draws independent of module order, of the zero-init options and
+    of the device, so `mup` at base width equals `sp` bit for bit and a sharded model can be
+    initialized shard by shard (draw_init with a row range).
     """
     for name, p in model.named_parameters():
-        info = table[name]
-        if info.init == "zeros":
-            p.zero_()
-        elif info.init == "ones":
-            p.fill_(1.0)
-        else:
-            g = torch.Generator().manual_seed(_stable_seed(seed, name))
-            draw = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            p.copy_((draw * info.init_std).to(p.dtype))
+        p.copy_(draw_init(table[name], seed, width).to(p.dtype))
 
 
 def apply_forward_mults(model: nn.Module, table: dict[str, ParamInfo]) -> None:

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from fastwidth.report.reader import Run, late_mean
+from fastwidth.report.transfer import transfer_lines
 from fastwidth.stats.metrics import fit_power_law
 
 
@@ -91,6 +92,7 @@ def write_summary(runs: list[Run], figures: dict[str, Path | None], out: Path) -
               "the paper's is about -0.5), seed variance V_N of the true logit at the final eval (1/N gives -1) "
               "and the ensemble bias ||f̄_N - f̄_ref||. Loss spread: mean over evals of the max-min across widths "
               "of the probe loss (seed means).", ""]
+    lines += transfer_lines(runs)
     for n in numbers:
         lines += [f"## {n['label']}", ""] + _table(n) + [""]
     lines += ["## Figures", ""]

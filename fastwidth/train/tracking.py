@@ -198,16 +198,6 @@ def peak_memory_bytes(device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def clip_and_measure(model, max_norm: float):
-    """The global gradient norm before clipping (a tensor, no host sync), clipping to max_norm
-    when it is > 0 exactly as torch.nn.utils.clip_grad_norm_ does."""
-    import torch
-    params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return torch.nn.utils.get_total_norm([p.grad for p in params])
-
-
 def grad_fields(grad_norm, max_norm: float) -> dict:
     if grad_norm is None:  # a sharding engine clips inside its own step
         return {}
