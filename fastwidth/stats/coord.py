@@ -116,7 +116,7 @@ def plot_coord_check(result: dict, path: Path) -> None:
 def cmd_coord_check(args) -> int:
     from fastwidth.cli import overrides_of
     cfg = load_config(args.config, overrides_of(args))
-    widths = [int(w) for w in args.widths.split(",")] if args.widths else resolve(cfg).sweep.widths
+    widths = args.widths or resolve(cfg).sweep.widths
     result = coord_check(cfg, widths, steps=args.steps, seeds=tuple(range(args.seeds)))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,10 +129,10 @@ def cmd_coord_check(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from fastwidth.cli import add_config_args
+    from fastwidth.cli import add_config_args, width_list
     p = sub.add_parser("coord-check", help="per-layer activation and update RMS across widths")
     add_config_args(p, required=False)
-    p.add_argument("--widths", default="", help="comma-separated widths (default: sweep.widths)")
+    p.add_argument("--widths", type=width_list, default=[], help="comma-separated widths (default: sweep.widths)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps")
     p.add_argument("--seeds", type=int, default=2, help="seeds averaged")
     p.add_argument("-o", "--output", default="coord_check", help="output directory")
