@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 SWEEP = ["model.arch=gpt", "model.depth=2", "model.head_dim=16", "param.base_width=32", "data.source=stdlib",
          "data.seq_len=64", "data.batch_size=16", "data.probe_size=16", "sweep.widths=[32,64,128]",
          "sweep.seeds=[0,1]", "train.steps=1000", "train.progress=false", "stats.every=4",
-         "stats.sharpness_iters=0", "stats.ntk_points=0", "train.out_dir=/tmp/fastwidth-bench-unused"]
+         "stats.sharpness_iters=0", "stats.ntk_points=0", "stats.kernel_points=32",
+         "train.out_dir=/tmp/fastwidth-bench-unused"]
 
 
 def pytest_collection_modifyitems(items):

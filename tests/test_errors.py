@@ -102,7 +102,7 @@ def readme_examples() -> list[str]:
 
 def tiny_version(argv: list[str], run_dir: str) -> list[str]:
     """The example with tiny step counts (appended overrides win) and a real run for `report`."""
-    if "launch/train.py" in argv or argv[:2] == ["fastwidth", "train"]:
+    if "launch/train.py" in argv or argv[:2] in (["fastwidth", "train"], ["fastwidth", "demo"]):
         return argv + ["--set", *TINY]
     if argv[:2] == ["fastwidth", "coord-check"]:
         return argv + ["--steps", "1", "--seeds", "1", "--set", "data.seq_len=16", "data.batch_size=4"]

@@ -19,8 +19,12 @@ from fastwidth.train.preempt import CheckpointClock, Preempted
 from test_train import ROOT, TINY_GPT, TINY_MLP, cfg_of, train_losses
 
 
+PROCESS_MEASURES = {"wall_s", "tokens_per_s", "peak_mem_bytes"}  # of the process, not of the training
+
+
 def rows_without_wall_time(run_dir):
-    return [{k: v for k, v in r.items() if k != "wall_s"} for r in read_metrics(Path(run_dir) / "metrics.jsonl")
+    return [{k: v for k, v in r.items() if k not in PROCESS_MEASURES}
+            for r in read_metrics(Path(run_dir) / "metrics.jsonl")
             if r["kind"] not in ("preempted", "data", "run", "memory")]  # those record each process, not the training
 
 
