@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-# A demo-shaped sweep small enough for rounds of a few seconds: µP GPT, widths 32..128, 2 seeds.
+# A demo-shaped sweep small enough for rounds of a few seconds: µP GPT, widths 32 and 64, 2 seeds.
 SWEEP = ["model.arch=gpt", "model.depth=2", "model.head_dim=16", "param.base_width=32", "data.source=stdlib",
-         "data.seq_len=64", "data.batch_size=16", "data.probe_size=16", "sweep.widths=[32,64,128]",
+         "data.seq_len=64", "data.batch_size=16", "data.probe_size=16", "sweep.widths=[32,64]",
          "sweep.seeds=[0,1]", "train.steps=1000", "train.progress=false", "stats.every=4",
          "stats.sharpness_iters=0", "stats.ntk_points=0", "stats.kernel_points=32",
          "train.out_dir=/tmp/fastwidth-bench-unused"]

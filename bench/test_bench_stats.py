@@ -38,6 +38,6 @@ def test_stats_overhead(benchmark, sweep, stats, tmp_path):
         if mon is not None:
             mon.evaluate(s0 + STEPS, (s0 + STEPS) * cfg.data.batch_size * cfg.data.seq_len)
 
-    benchmark.pedantic(steps, rounds=4, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(steps, rounds=3, iterations=1, warmup_rounds=1)
     if mon is not None:
         assert list(tmp_path.rglob("*.safetensors"))  # the evaluations really wrote signatures
