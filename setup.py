@@ -1,7 +1,8 @@
-"""Packages of the wheel: fastwidth and its subpackages, and configs/ installed as fastwidth/configs.
+"""Packages of the wheel: fastwidth and its subpackages, configs/ installed as fastwidth/configs and
+csrc/ (the native ops' C++ sources, built on first use) as fastwidth/csrc.
 
 Every other setting is in pyproject.toml; setup.py exists because pyproject's `packages.find`
-cannot add a package from outside the package tree (configs/ must stay where it is).
+cannot add a package from outside the package tree (configs/ and csrc/ stay where they are).
 """
 from pathlib import Path
 
@@ -10,5 +11,5 @@ from setuptools import find_packages, setup
 CONFIG_PACKAGES = ["fastwidth.configs" + "".join("." + part for part in d.relative_to("configs").parts)
                    for d in [Path("configs"), *sorted(p for p in Path("configs").rglob("*") if p.is_dir())]]
 
-setup(packages=find_packages(include=["fastwidth", "fastwidth.*"]) + CONFIG_PACKAGES,
-      package_dir={"fastwidth.configs": "configs"})
+setup(packages=find_packages(include=["fastwidth", "fastwidth.*"]) + CONFIG_PACKAGES + ["fastwidth.csrc"],
+      package_dir={"fastwidth.configs": "configs", "fastwidth.csrc": "csrc"})  # package data: pyproject.toml

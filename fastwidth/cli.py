@@ -34,6 +34,17 @@ def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="override a config key, e.g. --set optim.lr=3e-3 sweep.widths=[64,128]")
 
 
+def width_list(text: str) -> list[int]:
+    """argparse type of a comma-separated list of positive widths, e.g. --widths 32,64,128."""
+    try:
+        widths = [int(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of widths, e.g. 32,64,128") from None
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: widths must be positive integers, e.g. 32,64,128")
+    return widths
+
+
 def overrides_of(args) -> list[str]:
     return [item for group in args.overrides for item in group]
 
@@ -238,7 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser([command] if command in BY_NAME and argv[0] == command else [])
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors: return the code instead of raising
+        return e.code if isinstance(e.code, int) else 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from fastwidth.train.preempt import Preempted
     try:

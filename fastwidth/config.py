@@ -125,6 +125,8 @@ class TrainConfig:
     loss: str = _opt("ce", choices=["ce", "mse"], help="training loss: cross-entropy, or MSE to one-hot targets 0.5·Σ_c (f_c - y_c)² (mean over targets)")
     diverge_factor: float = _opt(10.0, min=0.0, help="stop a member whose loss exceeds this multiple of its first loss (a non-finite loss always stops it); 0 = only non-finite")
     report: bool = _opt(True, help="write the report (figures, summary.md, summary.json) into out_dir/report at the end")
+    tensorboard: bool = _opt(False, help="also write the metrics rows as TensorBoard scalars into out_dir/tensorboard")
+    csv: bool = _opt(False, help="also write the metrics rows into out_dir/metrics.csv (long format: one value a line)")
 
 
 @dataclass

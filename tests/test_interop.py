@@ -1,6 +1,5 @@
 """fastwidth outside fastwidth: the Python API, Hugging Face export, microsoft/mup base shapes."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""µP as data: the table against DESIGN.md §3, mup == sp at base width, and the coordinate check."""
+"""µP as data: the table against docs/design.md §3, mup == sp at base width, and the coordinate check."""
 import math
 from types import SimpleNamespace
 

@@ -19,8 +19,12 @@ from fastwidth.train.preempt import CheckpointClock, Preempted
 from test_train import ROOT, TINY_GPT, TINY_MLP, cfg_of, train_losses
 
 
+PROCESS_MEASURES = {"wall_s", "tokens_per_s", "peak_mem_bytes"}  # of the process, not of the training
+
+
 def rows_without_wall_time(run_dir):
-    return [{k: v for k, v in r.items() if k != "wall_s"} for r in read_metrics(Path(run_dir) / "metrics.jsonl")
+    return [{k: v for k, v in r.items() if k not in PROCESS_MEASURES}
+            for r in read_metrics(Path(run_dir) / "metrics.jsonl")
             if r["kind"] not in ("preempted", "data", "run", "memory")]  # those record each process, not the training
 
 
@@ -83,6 +87,7 @@ def test_sigterm_from_outside_exits_143_and_resumes_bit_equal(tmp_path):
     assert "SIGTERM received: stopped after step" in err and "Traceback" not in err
     stopped_at = int((tmp_path / "stopped" / "checkpoints" / "latest").read_text().strip()[len("step_"):])
     assert 1 <= stopped_at < 100000
+    print(f"SIGTERM from outside: exit 143, checkpoint at step {stopped_at}; resumed to {stopped_at + 3}")
     later = f"train.steps={stopped_at + 3}"
     resumed = run(cfg_of(tmp_path, TINY_MLP, later, "stats.every=7", "train.resume=auto", out="stopped"))
     straight = run(cfg_of(tmp_path, TINY_MLP, later, "stats.every=7", out="straight"))

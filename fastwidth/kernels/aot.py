@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 # Shared memory a block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin): H100/H200, A100.
 SHARED_LIMIT = {90: 232_448, 80: 166_912}

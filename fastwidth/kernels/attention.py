@@ -15,7 +15,6 @@ Triton limits: 16 <= D <= 128; q, k, v one dtype (fp32, fp16, bf16); equal query
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

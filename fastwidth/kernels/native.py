@@ -28,7 +28,9 @@ from fastwidth.errors import UserError
 
 log = logging.getLogger("fastwidth.kernels.native")
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+_PACKAGE = Path(__file__).resolve().parents[1]
+# csrc/ beside the package in a checkout; fastwidth/csrc in an installed wheel (setup.py maps it)
+CSRC = next((d for d in (_PACKAGE.parent / "csrc", _PACKAGE / "csrc") if d.is_dir()), _PACKAGE.parent / "csrc")
 CPU_SOURCES = ("ops.cpp", "moments.cpp", "readout_ce.cpp", "norm.cpp", "rope.cpp")
 CUDA_SOURCES = ("moments_cuda.cu",)
 HEADERS = ("fastwidth.h",)

@@ -1,4 +1,4 @@
-"""MLP: `depth` hidden layers of `width` units, one readout (DESIGN.md §1's CPU-scale model)."""
+"""MLP: `depth` hidden layers of `width` units, one readout (docs/design.md §1's CPU-scale model)."""
 from __future__ import annotations
 
 import math

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 
 from fastwidth.config import Config, for_width
 

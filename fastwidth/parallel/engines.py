@@ -72,9 +72,14 @@ class LossForward(nn.Module):
         return self.model(x) if y is None else self.model.loss(x, y)
 
 
-def clip_grad(params, max_norm: float) -> None:
+def clip_grad(params, max_norm: float, measure: bool = False):
+    """Clip the global gradient norm to max_norm when it is > 0. Returns the norm before clipping
+    (a tensor, no host sync), or None when neither clipping nor `measure`."""
     if max_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if measure:
+        return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    return None
 
 
 def micro_batches(x: torch.Tensor, y: torch.Tensor, k: int):
@@ -109,10 +114,15 @@ def accumulate(forward, backward, x, y, k: int, ctx: StepContext = StepContext()
     return total / len(parts)
 
 
-def local_step(model, optimizer, x, y, k: int, ctx: StepContext, grad_clip: float, loss_fn=None) -> torch.Tensor:
-    """A single-process optimizer step with k-way gradient accumulation (loss_fn(x, y): default model.loss)."""
+def local_step(model, optimizer, x, y, k: int, ctx: StepContext, grad_clip: float, loss_fn=None,
+               on_grad_norm=None) -> torch.Tensor:
+    """A single-process optimizer step with k-way gradient accumulation; loss_fn(x, y) defaults to
+    the model's fused readout + cross-entropy; on_grad_norm(norm) receives the gradient norm
+    before clipping (train rows log it)."""
     loss = accumulate(loss_fn or model.loss, lambda l: (l / k).backward(), x, y, k, ctx)
-    clip_grad(model.parameters(), grad_clip)
+    norm = clip_grad(list(model.parameters()), grad_clip, measure=on_grad_norm is not None)
+    if on_grad_norm is not None:
+        on_grad_norm(norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss

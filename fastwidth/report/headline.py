@@ -53,14 +53,30 @@ def headline_lines(summary: dict, run_dir: str | Path | None = None) -> list[str
     return lines
 
 
+def summary_from_numbers(run_dir: str | Path) -> dict:
+    """The part of the summary.json schema the headline reads, from the report's own numbers
+    (fastwidth.report.summary.run_numbers), for a report that wrote no summary.json; no intervals."""
+    from fastwidth.report.reader import load_run
+    from fastwidth.report.summary import run_numbers
+    n = run_numbers(load_run(run_dir))
+    widths = [{"width": w, "final_loss": n["probe_loss"].get(w), "true_logit_rmse": n["rmse"].get(w)}
+              for w in n["widths"]]
+    return {"run": {"reference_width": n["ref_width"]}, "widths": widths,
+            "fits": {k: n[k] for k in ("rmse_slope", "variance_slope", "bias_slope")}}
+
+
 def print_headline(run_dir: str | Path) -> list[str]:
-    """Print the headline of a run whose report/summary.json exists; returns the lines printed."""
+    """Print the headline of a run from its report/summary.json (or, without one, from the
+    report's numbers); returns the lines printed."""
     path = Path(run_dir) / "report" / "summary.json"
     try:
         summary = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
-        log.info("%s is missing or unreadable: no headline", path)
-        return []
+        try:
+            summary = summary_from_numbers(run_dir)
+        except Exception as e:  # the headline is a courtesy: never fail a finished run for it
+            log.info("no headline for %s: %s", run_dir, e)
+            return []
     lines = headline_lines(summary if isinstance(summary, dict) else {}, run_dir)
     print("\n".join(lines), flush=True)
     return lines

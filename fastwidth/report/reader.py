@@ -1,4 +1,4 @@
-"""Read a run directory through its contract only (DESIGN.md §5): config.yaml, metrics.jsonl,
+"""Read a run directory through its contract only (docs/design.md §5): config.yaml, metrics.jsonl,
 signatures/. Works on any run directory, finished or still being written.
 
     run = load_run("runs/demo-20250101-000000")

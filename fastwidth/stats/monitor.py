@@ -7,7 +7,7 @@
     monitor.flush_pending()                  # sequential sweeps: after each member's run
     ckpt["stats"] = monitor.state_dict()     # and monitor.load_state_dict(...) on resume
 
-Rows written (DESIGN.md §5; every row has kind, step, tokens, width, seed; seed -1 means "over
+Rows written (docs/design.md §5; every row has kind, step, tokens, width, seed; seed -1 means "over
 seeds", width 0 "across widths"):
 - eval:        per member: probe_loss, probe_acc, preact {layer: moments of the training batches}
 - consistency: per member vs the reference width (ref "live"; same seed, else the first) and vs a
@@ -37,8 +37,7 @@ from fastwidth.stats import metrics as M
 from fastwidth.stats.moments import PreactAccumulator
 from fastwidth.stats.ntk import entk, probe_output_fn, spectrum
 from fastwidth.stats.sharpness import optimizer_preconditioner, top_hessian_eig
-from fastwidth.stats.signature import (ProbeSpec, add_preacts, list_signatures, load_signature, preacts_of,
-                                       probe_signature, save_signature, signature_path)
+from fastwidth.stats.signature import (ProbeSpec, add_preacts, list_signatures, load_signature, probe_signature, save_signature, signature_path)
 
 log = logging.getLogger("fastwidth.stats")
 

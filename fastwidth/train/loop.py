@@ -41,8 +41,8 @@ from fastwidth.param.optim import build_optimizer, lr_factor, set_lr
 from fastwidth.param.scaling import ParamInfo, mup_table, table_rows
 from fastwidth.stats.monitor import Monitor
 from fastwidth.train import checkpoint as ckpt
-from fastwidth.train import preempt, rundir
-from fastwidth.train.metrics import MetricsWriter, truncate_after
+from fastwidth.train import preempt, rundir, tracking
+from fastwidth.train.metrics import truncate_after
 from fastwidth.train import dynamics, sweep
 
 log = logging.getLogger("fastwidth.train")
@@ -51,7 +51,7 @@ log = logging.getLogger("fastwidth.train")
 RESUMABLE_CHANGES = {"data.micro_batch_size", "train.activation_checkpointing",  # memory tools: same trajectory
                      "train.steps", "train.out_dir", "train.resume", "train.overwrite", "train.progress", "train.log_every",
                      "train.compile",
-                     "train.ckpt_every", "train.ckpt_minutes", "train.report", "train.keep_checkpoints", "train.threads", "train.device",
+                     "train.ckpt_every", "train.ckpt_minutes", "train.report", "train.tensorboard", "train.csv", "train.keep_checkpoints", "train.threads", "train.device",
                      "stats.every", "stats.enabled", "stats.reference_run", "stats.eval_batch",
                      "stats.sharpness_iters", "stats.sharpness_every", "stats.sharpness_points", "stats.hvp",
                      "stats.ntk_points", "stats.ntk_every", "stats.ntk_max_mb",
@@ -71,6 +71,7 @@ class Member:
     step: int = 0
     base_lr: float | None = None    # set in a learning-rate sweep (sweep.lrs)
     diverged: dict | None = None    # the "diverged" row once the member is stopped
+    grad_norm: torch.Tensor | None = None  # before clipping, of the last step
 
     @property
     def name(self) -> str:
@@ -264,7 +265,7 @@ class Trainer:
             for sub in ("checkpoints", "signatures", "report"):
                 (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
         self.dist.barrier()
-        self.writer = MetricsWriter(self.run_dir / "metrics.jsonl")
+        self.writer = tracking.open_writer(self.run_dir, cfg.train)  # metrics.jsonl (+ TensorBoard, CSV)
         self.memory.flush(self.writer)
         if self.dist.is_main:
             for key, why in self.skipped.items():
@@ -305,7 +306,8 @@ class Trainer:
             engine = self.placement.for_width(m.width)
             if engine is None:
                 loss = local_step(m.model, m.optimizer, x, y, self.placement.k, ctx, m.cfg.optim.grad_clip,
-                                  loss_fn=self.loss_fns[m.name])
+                                  loss_fn=self.loss_fns[m.name],
+                                  on_grad_norm=lambda norm: setattr(m, "grad_norm", norm))
             else:  # forward/backward per micro-batch, clip, step, zero
                 loss = self.dist.mean(engine.train_step(m.name, x, y, self.placement.k, ctx))
         m.step += 1
@@ -320,9 +322,10 @@ class Trainer:
         b = self.stream.batch(step)
         return b["x"].to(self.device, non_blocking=True), b["y"].to(self.device, non_blocking=True)
 
-    def log_train(self, m: Member, loss: torch.Tensor, lr_factor_: float) -> None:
+    def log_train(self, m: Member, loss: torch.Tensor, lr_factor_: float, extras: dict | None = None) -> None:
         row = {"kind": "train", "step": m.step, "tokens": m.step * self.tokens_per_step,
-               "width": m.width, "seed": m.seed, "loss": float(loss), "lr": m.cfg.optim.lr * lr_factor_}
+               "width": m.width, "seed": m.seed, "loss": float(loss), "lr": m.cfg.optim.lr * lr_factor_,
+               **tracking.grad_fields(m.grad_norm, self.cfg.optim.grad_clip), **(extras or {})}
         self.writer.write(row if m.base_lr is None else {**row, "base_lr": m.base_lr})
 
     def _due(self, step: int, every: int) -> bool:
@@ -341,6 +344,7 @@ class Trainer:
         groups = [self.members] if cfg.sweep.mode == "lockstep" else [[m] for m in self.members]
         t0 = time.time()
         clock = preempt.CheckpointClock(cfg.train.ckpt_minutes)
+        self.throughput = tracking.Throughput(self.tokens_per_step, self.device, start)
         for group in groups:
             while self.active(group) and min(m.step for m in self.active(group)) < cfg.train.steps:
                 step = min(m.step for m in self.active(group))
@@ -404,9 +408,10 @@ class Trainer:
         cfg = self.cfg
         if self._due(step, cfg.train.log_every):
             f = lr_factor(step - 1, cfg.optim, cfg.train.steps)
+            extras = self.throughput.extras(step)  # tokens/s since the last log, peak memory
             for m in self.active(group):   # a stopped member's last row is written when it stops
                 if m.name in losses:
-                    self.log_train(m, losses[m.name], f)
+                    self.log_train(m, losses[m.name], f, extras)
             ref = losses.get(group[0].name)
             if ref is not None:
                 bar.set_postfix({group[0].name: f"{float(ref):.3f}"}, refresh=False)

@@ -102,7 +102,7 @@ def test_fmnist_bad_files(fmnist_dir, dcfg, tmp_path):
 def test_real_fashion_mnist(dcfg):
     s = build_stream(dcfg(source="fmnist", batch_size=128, probe_size=64))
     assert s.info["train_examples"] == 60000 and s.info["test_images"] == 10000
-    assert s.steps_available == 468  # one online pass at batch 128 (DESIGN.md's CPU-scale sweep)
+    assert s.steps_available == 468  # one online pass at batch 128 (docs/design.md's CPU-scale sweep)
     b = s.batch(467)
     assert b["x"].shape == (128, 1, 28, 28) and set(b["y"].tolist()) <= set(range(10))
     assert s.probe()["x"].shape == (64, 1, 28, 28)

@@ -30,7 +30,7 @@ def test_headline_tolerates_missing_keys(tmp_path, capsys):
         f"  {'width':>7}  {'final loss':>10}  {'true-logit RMSE vs ref':>24}",
         f"  {8:>7}  {'n/a':>10}  {'n/a':>24}",
         "  true-logit RMSE vs width slope n/a  (the paper's late-time slope is about -0.5)"]
-    assert print_headline(tmp_path) == []  # no report/summary.json: nothing printed, no error
+    assert print_headline(tmp_path) == []  # not a run, no report/summary.json: nothing printed, no error
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "summary.json").write_text(json.dumps(SUMMARY))
     assert print_headline(tmp_path) == capsys.readouterr().out.strip().splitlines()
@@ -47,6 +47,8 @@ def test_a_run_ends_with_its_report_and_headline(tmp_path, capsys):
     assert (run_dir / "report" / "summary.md").is_file()
     assert (run_dir / "report" / "rmse_vs_tokens.png").stat().st_size > 5_000
     assert f"report: {run_dir / 'report' / 'summary.md'}" in out
+    assert f"run {run_dir}" in out and "true-logit RMSE vs 32" in out  # the headline
+    assert [l.split()[0] for l in out.splitlines() if l.strip().split(" ")[0] in ("16", "32")] == ["16", "32"]
     off = run(load_config(None, ["model.arch=mlp", "data.source=synthetic", "train.steps=2", "train.progress=false",
                                  "train.report=false", f"train.out_dir={tmp_path / 'off'}"]))
     assert list((off / "report").iterdir()) == []
