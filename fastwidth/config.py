@@ -137,6 +137,8 @@ class StatsConfig:
     hist_stride: int = _opt(16, min=1, help="torch path: histogram every k-th preactivation element (moments use all; the fused Triton kernel reads all)")
     hist_range: float = _opt(8.0, min=1e-6, help="preactivation histograms span [-hist_range, hist_range]; outside goes to the edge bins")
     eval_batch: int = _opt(256, min=1, help="probe examples per forward when evaluating")
+    bootstrap: int = _opt(1000, min=0, help="bootstrap resamples over seeds for the intervals of every fitted slope (needs >= 3 seeds); 0 = off")
+    ensemble_every: int = _opt(0, min=0, help="language models: ensemble probe losses L(E) cadence in steps (at evaluations); 0 = final evaluation only")
     sharpness_iters: int = _opt(10, min=0, help="power iterations for the top Hessian eigenvalue; 0 = off")
     sharpness_every: int = _opt(0, min=0, help="sharpness cadence in steps (at evaluations); 0 = final evaluation only")
     sharpness_points: int = _opt(256, min=1, help="probe points in the sharpness loss (examples, or tokens rounded up to whole sequences)")

@@ -14,9 +14,13 @@ seeds", width 0 "across widths"):
                stored run (ref "run"): ref_width, ref_seed, true_logit_rmse, true_logit_rmse_vs_mean
                (vs the mean over the reference seeds), sketch_distance, top1_agreement, loss_gap,
                cka / kernel_alignment / preact_w1 {layer}
-- ensemble:    per width with >= 2 seeds: seed_variance V_N, seed_std, logit_variance (sketch),
-               bias ||f̄_N - f̄_ref||
-- fit:         per eval step: slopes of log rmse and log V_N against log N
+- ensemble:    per width: n_seeds, params, bias ||f̄_N - f̄_ref|| (raw), and with >= 2 seeds
+               seed_variance V_N, seed_std, logit_variance (sketch), bias_sq_debiased
+               (b̂² - V_N/S_N - V_ref/S_ref) with its bootstrap interval, and the averaged-logit
+               ensembles of E = 1..S members: ensemble_loss, ensemble_acc, ensemble_loss_inf/_c
+               (L(E) = L∞ + c/E; LMs at stats.ensemble_every, computed in the loop)
+- fit:         per eval step: rmse_slope, variance_slope, bias_slope (raw), bias_debiased_slope,
+               rmse2_a / rmse2_bias_sq (RMSE² = a (1/N + 1/N_ref) + b²), each with `<name>_ci`
 - sharpness:   per member at stats.sharpness_every; ntk: per member at stats.ntk_every
 Every metric is computed from signatures (the live one and a stored one are the same numbers),
 so a reference-run comparison equals the live one when the models match.
@@ -34,6 +38,7 @@ import yaml
 
 from fastwidth.errors import UserError
 from fastwidth.stats import metrics as M
+from fastwidth.stats.ensemble import EnsembleCurve, SeedEnsembles, lm_ensemble_curve
 from fastwidth.stats.moments import PreactAccumulator
 from fastwidth.stats.ntk import entk, probe_output_fn, spectrum
 from fastwidth.stats.sharpness import optimizer_preconditioner, top_hessian_eig
@@ -54,6 +59,13 @@ def clean(x):
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
+
+
+def param_count(member) -> int:
+    """Parameters of one model (global shapes from its µP table when it has one: sharded models)."""
+    if member.table:
+        return int(sum(math.prod(info.shape) for info in member.table.values()))
+    return int(sum(p.numel() for p in member.model.parameters()))
 
 
 def compare(sig: dict, ref: dict, ref_mean_true: torch.Tensor | None, lo: float, hi: float) -> dict:
@@ -127,6 +139,7 @@ class Monitor:
         self.pending: list[tuple[str, int, int]] = []   # (member, step, tokens) awaiting the reference
         self._cache: dict[tuple[str, int], dict] = {}
         self._ensembled: set[int] = set()
+        self._lm_curves: dict[tuple[int, int], dict] = {}   # (width, step) -> LM ensemble curve
         self.reference = ReferenceRun(sc.reference_run, self._meta_keys()) if sc.reference_run else None
         # (model, spec, device, feature_modules) -> (signature, summary); a distributed run swaps in
         # fastwidth.parallel.stats.probe_signature_sharded, which splits the probe over the ranks
@@ -191,6 +204,7 @@ class Monitor:
             if self.reference is not None:
                 self._against_run(m, sig, base)
             self.pending.append((m.name, step, tokens))
+        self._lm_ensembles(step, members if members is not None else self.members)
         self.flush_pending()
 
     def write(self, row: dict) -> None:
@@ -239,43 +253,46 @@ class Monitor:
                           {"ref_run": str(self.reference.path)})
 
     def _ensemble(self, step: int, tokens: int) -> None:
-        """Ensemble and fit rows once every member has a signature at `step`."""
+        """Ensemble and fit rows once every member has a signature at `step` (stats/ensemble.py)."""
         if step in self._ensembled:
             return
         sigs = {m.name: self._sig(m.name, step) for m in self.members}
         if any(s is None for s in sigs.values()):
             return
         self._ensembled.add(step)
-        widths = sorted({m.width for m in self.members})
-        true = {w: torch.stack([sigs[m.name]["true_logit"].double() for m in self.members if m.width == w])
-                for w in widths}
-        sketch = {w: torch.stack([sigs[m.name]["sketch"].double() for m in self.members if m.width == w])
-                  for w in widths}
-        ref_mean = true[self.ref_width].mean(0)
-        var = {}
-        for w in widths:
-            n_seeds = true[w].shape[0]
-            row = {"kind": "ensemble", "step": step, "tokens": tokens, "width": w, "seed": -1, "n_seeds": n_seeds,
-                   "ref_width": self.ref_width, "bias": M.ensemble_bias(true[w].mean(0), ref_mean)}
-            if n_seeds >= 2:
-                var[w] = M.seed_variance(true[w])
-                row.update(seed_variance=var[w], seed_std=math.sqrt(var[w]),
-                           logit_variance=float(sketch[w].var(0, correction=1).sum(-1).mean()))
+        by_width = {w: [m for m in self.members if m.width == w] for w in sorted({m.width for m in self.members})}
+        if self.ref_width not in by_width:
+            return
+        true = {w: torch.stack([sigs[m.name]["true_logit"] for m in ms]) for w, ms in by_width.items()}
+        est = SeedEnsembles(true, {w: [m.seed for m in ms] for w, ms in by_width.items()}, self.ref_width)
+        per_width = est.width_rows(self.sc.bootstrap)
+        for w, ms in by_width.items():
+            row = {"kind": "ensemble", "step": step, "tokens": tokens, "width": w, "seed": -1,
+                   "ref_width": self.ref_width, "params": param_count(ms[0]), **per_width[w]}
+            if len(ms) >= 2:
+                sketch = torch.stack([sigs[m.name]["sketch"].double() for m in ms])
+                row["logit_variance"] = float(sketch.var(0, correction=1).sum(-1).mean())
+                row.update(self._ensemble_curve(w, step, [sigs[m.name] for m in ms]))
             self.write(row)
-        refs = {m.seed: sigs[m.name]["true_logit"] for m in self.members if m.width == self.ref_width}
-        rmse = {}
-        for w in widths:
-            if w != self.ref_width:
-                pair = [M.true_logit_rmse(sigs[m.name]["true_logit"], refs.get(m.seed, refs[min(refs)]))
-                        for m in self.members if m.width == w]
-                rmse[w] = sum(pair) / len(pair)
-        fit = {"kind": "fit", "step": step, "tokens": tokens, "width": 0, "seed": -1, "ref_width": self.ref_width}
-        fit["rmse_slope"], _ = M.fit_power_law(list(rmse), list(rmse.values()))
-        fit["variance_slope"], _ = M.fit_power_law(list(var), list(var.values()))
-        fit["bias_slope"], _ = M.fit_power_law(
-            [w for w in widths if w != self.ref_width],
-            [M.ensemble_bias(true[w].mean(0), ref_mean) for w in widths if w != self.ref_width])
-        self.write(fit)
+        self.write({"kind": "fit", "step": step, "tokens": tokens, "width": 0, "seed": -1,
+                    "ref_width": self.ref_width, **est.fit_row(self.sc.bootstrap)})
+
+    def _ensemble_curve(self, width: int, step: int, sigs: list[dict]) -> dict:
+        """L(E), acc(E) of width's averaged-logit ensembles: from stored logits, or the loop's LM curve."""
+        if all("logits" in s for s in sigs):
+            curve = EnsembleCurve(len(sigs))
+            curve.add(torch.stack([s["logits"] for s in sigs]), self.spec.y.reshape(-1)[self.spec.sig_index])
+            return curve.result()
+        return self._lm_curves.pop((width, step), {})
+
+    def _lm_ensembles(self, step: int, members: list) -> None:
+        """Language models: ensemble probe losses of every width whose seeds are all evaluated now."""
+        if self.spec.per_example == 1 or not self._due(step, self.sc.ensemble_every):
+            return
+        for w in sorted({m.width for m in members}):
+            group = [m for m in members if m.width == w]
+            if len(group) >= 2 and len(group) == sum(m.width == w for m in self.members):
+                self._lm_curves[(w, step)] = lm_ensemble_curve([m.model for m in group], self.spec, self.device)
 
     # ------------------------------------------------------------------ sharpness and NTK
 

@@ -46,7 +46,7 @@ log = logging.getLogger("fastwidth.train")
 # Keys that may change between a checkpoint and the command that resumes it.
 RESUMABLE_CHANGES = {"train.steps", "train.out_dir", "train.resume", "train.overwrite", "train.progress", "train.log_every",
                      "train.ckpt_every", "train.keep_checkpoints", "train.threads", "train.device",
-                     "stats.every", "stats.enabled", "stats.reference_run", "stats.eval_batch",
+                     "stats.every", "stats.enabled", "stats.reference_run", "stats.eval_batch", "stats.bootstrap", "stats.ensemble_every",
                      "stats.sharpness_iters", "stats.sharpness_every", "stats.sharpness_points", "stats.hvp",
                      "stats.ntk_points", "stats.ntk_every", "stats.ntk_max_mb"}
 
