@@ -277,7 +277,8 @@ class Trainer:
         bar.close()
         self.save(final=True)
         self.writer.write({"kind": "run", "step": cfg.train.steps, "tokens": cfg.train.steps * self.tokens_per_step,
-                           "width": 0, "seed": 0, "wall_s": time.time() - t0, "models": len(self.members)})
+                           "width": 0, "seed": 0, "wall_s": time.time() - t0, "models": len(self.members),
+                           "commit": source_commit()})
         self.writer.close()
         if not self.dist.is_main:
             shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -322,6 +323,21 @@ class Trainer:
                                   self.members, extra, keep=self.cfg.train.keep_checkpoints)
         return ckpt.save_checkpoint(self.run_dir / "checkpoints", step, self.members, extra,
                                     keep=self.cfg.train.keep_checkpoints)
+
+
+def source_commit() -> str | None:
+    """The git commit of the fastwidth source that ran (with "-dirty" for uncommitted changes), or None."""
+    import subprocess
+    src = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def run(cfg: Config) -> Path:
