@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 
 from fastwidth.report.reader import Run, late_mean  # noqa: E402
 from fastwidth.stats.metrics import fit_power_law  # noqa: E402
+from fastwidth.stats.preact_range import with_overflow  # noqa: E402
 
 DPI = 110
 
@@ -238,7 +239,10 @@ def preact_histograms(runs: list[Run], path: Path) -> Path | None:
             layers = sorted(k.split("/", 1)[1] for k in sig if k.startswith("preact_hist/"))
             for j, layer in enumerate(layers):
                 h = sig[f"preact_hist/{layer}"].numpy()
-                lo, hi = meta.get("hist_lo", -1.0), meta.get("hist_hi", 1.0)
+                if (meta.get("hist_ranges") or {}).get(layer):   # per-layer range + two overflow bins
+                    lo, hi, _ = with_overflow(*meta["hist_ranges"][layer], len(h) - 2)
+                else:
+                    lo, hi = meta.get("hist_lo", -1.0), meta.get("hist_hi", 1.0)
                 edges = np.linspace(lo, hi, len(h) + 1)
                 dens = h / max(h.sum(), 1) / (edges[1] - edges[0])
                 ax = axes[row][j]

@@ -9,7 +9,8 @@
 
 Rows written (DESIGN.md §5; every row has kind, step, tokens, width, seed; seed -1 means "over
 seeds", width 0 "across widths"):
-- eval:        per member: probe_loss, probe_acc, preact {layer: moments of the training batches}
+- eval:        per member: probe_loss, probe_acc, preact {layer: moments of the training batches,
+               and out_of_range, the share outside the layer's saved range (stats/preact_range.py)}
 - consistency: per member vs the reference width (ref "live"; same seed, else the first) and vs a
                stored run (ref "run"): ref_width, ref_seed, true_logit_rmse, true_logit_rmse_vs_mean
                (vs the mean over the reference seeds), sketch_distance, top1_agreement, loss_gap,
@@ -40,6 +41,7 @@ from fastwidth.errors import UserError
 from fastwidth.stats import metrics as M
 from fastwidth.stats.ensemble import EnsembleCurve, SeedEnsembles, lm_ensemble_curve
 from fastwidth.stats.moments import PreactAccumulator
+from fastwidth.stats.preact_range import load_ranges, out_of_range_fraction, reference_ranges, save_ranges, with_overflow
 from fastwidth.stats.ntk import entk, probe_output_fn, spectrum
 from fastwidth.stats.sharpness import optimizer_preconditioner, top_hessian_eig
 from fastwidth.stats.signature import (ProbeSpec, add_preacts, list_signatures, load_signature, preacts_of,
@@ -68,8 +70,9 @@ def param_count(member) -> int:
     return int(sum(p.numel() for p in member.model.parameters()))
 
 
-def compare(sig: dict, ref: dict, ref_mean_true: torch.Tensor | None, lo: float, hi: float) -> dict:
-    """Every pairwise consistency metric of signature `sig` against signature `ref`."""
+def compare(sig: dict, ref: dict, ref_mean_true: torch.Tensor | None, bounds) -> dict:
+    """Every pairwise consistency metric of signature `sig` against signature `ref`;
+    bounds(layer) -> (lo, hi, bins) of that layer's histogram (the same for both)."""
     row = {"true_logit_rmse": M.true_logit_rmse(sig["true_logit"], ref["true_logit"]),
            "sketch_distance": M.sketch_distance(sig["sketch"], ref["sketch"]),
            "top1_agreement": M.top1_agreement(sig["argmax"], ref["argmax"]),
@@ -82,7 +85,7 @@ def compare(sig: dict, ref: dict, ref_mean_true: torch.Tensor | None, lo: float,
         row["kernel_alignment"] = {l: M.kernel_alignment(sig[f"kernel/{l}"], ref[f"kernel/{l}"]) for l in layers}
     hists = [k.split("/", 1)[1] for k in sig if k.startswith("preact_hist/") and k in ref]
     if hists:
-        row["preact_w1"] = {l: M.wasserstein1_hist(sig[f"preact_hist/{l}"], ref[f"preact_hist/{l}"], lo, hi)
+        row["preact_w1"] = {l: M.wasserstein1_hist(sig[f"preact_hist/{l}"], ref[f"preact_hist/{l}"], *bounds(l)[:2])
                             for l in hists}
     return row
 
@@ -128,10 +131,19 @@ class Monitor:
                                     sketch_dim=sc.sketch_dim, sketch_seed=sc.sketch_seed, eval_batch=sc.eval_batch)
         self.probe = probe
         self.ref_width = cfg.sweep.reference_width or max(m.width for m in members)
-        self.lo, self.hi = -sc.hist_range, sc.hist_range
         self.by_name = {m.name: m for m in members}
-        self.acc = {m.name: {layer: PreactAccumulator(sc.hist_bins, self.lo, self.hi, sc.hist_stride)
-                             for layer in (m.model.preact_points() if sc.preact else {})} for m in members}
+        # histogram bins per layer: ±hist_range, or (hist_range 0) the reference width's quantile
+        # ranges from this run's (resume) or the reference run's file, else set at the first eval
+        self.ranges = None if sc.hist_range > 0 else (
+            load_ranges(self.run_dir) or (load_ranges(Path(sc.reference_run)) if sc.reference_run else None))
+        if sc.hist_range <= 0 and sc.reference_run and self.ranges is None and sc.preact:
+            raise UserError(f"stats.reference_run {sc.reference_run} has no preactivation ranges (it used a fixed "
+                            f"stats.hist_range); set stats.hist_range to the value it used")
+        if self.ranges is not None and load_ranges(self.run_dir) is None:
+            save_ranges(self.run_dir, self.ranges)           # the reference run's bins, kept with this run
+        self.acc: dict[str, dict[str, PreactAccumulator]] = {m.name: {} for m in members}
+        if sc.hist_range > 0 or self.ranges is not None:
+            self._make_accumulators()
         self.calls = {m.name: 0 for m in members}
         self._active: str | None = None
         self._hooks = [mod.register_forward_hook(self._hook(m.name, layer))
@@ -146,16 +158,43 @@ class Monitor:
         self.probe_fn = probe_signature
 
     def _meta_keys(self) -> dict:
-        return {**self.spec.meta(), "hist_lo": self.lo, "hist_hi": self.hi, "hist_bins": self.sc.hist_bins}
+        if self.sc.hist_range > 0:
+            return {**self.spec.meta(), "hist_lo": -self.sc.hist_range, "hist_hi": self.sc.hist_range,
+                    "hist_bins": self.sc.hist_bins}
+        return {**self.spec.meta(), "hist_bins": self.sc.hist_bins, "hist_ranges": self.ranges}
+
+    def _make_accumulators(self) -> None:
+        sc = self.sc
+        for m in self.members:
+            for layer in (m.model.preact_points() if sc.preact else {}):
+                lo, hi, bins = self.hist_bounds(layer)
+                self.acc[m.name][layer] = PreactAccumulator(bins, lo, hi, sc.hist_stride)
+
+    def hist_bounds(self, layer: str) -> tuple[float, float, int]:
+        """(lo, hi, bins) of `layer`'s histogram as stored (with the overflow bins in auto mode)."""
+        r = self.sc.hist_range
+        if r > 0:
+            return -r, r, self.sc.hist_bins
+        return with_overflow(*self.ranges[layer], self.sc.hist_bins)
+
+    def _set_ranges(self, members: list) -> None:
+        """First evaluation, hist_range 0: quantile ranges of the reference width's seeds (preact_range.py)."""
+        refs = [m for m in members if m.width == self.ref_width] or \
+            [m for m in members if m.width == max(x.width for x in members)]
+        sc = self.sc
+        self.ranges = reference_ranges([m.model for m in refs], self.probe["x"], sc.eval_batch, self.device,
+                                       sc.hist_quantile, sc.hist_margin) if sc.preact else {}
+        save_ranges(self.run_dir, self.ranges)
+        self._make_accumulators()
 
     # ------------------------------------------------------------------ training hooks
 
     def _hook(self, name: str, layer: str):
-        acc = self.acc[name][layer]
+        accs = self.acc[name]
 
         def hook(_mod, _inp, out):
-            if self._active == name:
-                acc.update(out[0] if isinstance(out, (tuple, list)) else out)
+            if self._active == name and layer in accs:
+                accs[layer].update(out[0] if isinstance(out, (tuple, list)) else out)
         return hook
 
     @contextlib.contextmanager
@@ -181,6 +220,8 @@ class Monitor:
 
     def evaluate(self, step: int, tokens: int, members: list | None = None) -> None:
         """Signatures and eval rows for `members` (default: all), then every comparison now possible."""
+        if self.ranges is None and self.sc.hist_range <= 0:
+            self._set_ranges(members if members is not None else self.members)
         for m in members if members is not None else self.members:
             feats = m.model.feature_points() if self.sc.kernel_points else {}
             sig, summary = self.probe_fn(m.model, self.spec, self.device, feats)
@@ -193,7 +234,8 @@ class Monitor:
             save_signature(signature_path(self.run_dir, m.name, step), sig, meta)
             self._cache[(m.name, step)] = sig
             base = {"step": step, "tokens": tokens, "width": m.width, "seed": m.seed}
-            moments = {l: {k: r[k] for k in ("mean", "var", "skew", "kurt", "min", "max")}
+            moments = {l: {**{k: r[k] for k in ("mean", "var", "skew", "kurt", "min", "max")},
+                           **({"out_of_range": out_of_range_fraction(r["hist"])} if self.sc.hist_range <= 0 else {})}
                        for l, r in pre.items() if r["count"] > 0}
             self.write({"kind": "eval", **base, "probe_loss": summary["loss"], "probe_acc": summary["accuracy"],
                         **({"preact": moments} if moments else {})})
@@ -241,7 +283,7 @@ class Monitor:
         mean_true = torch.stack([r["true_logit"].double() for r in refs.values()]).mean(0)
         row = {"kind": "consistency", "step": step, "tokens": tokens, "width": m.width, "seed": m.seed,
                "ref": kind, "ref_width": ref_width, "ref_seed": ref_seed, **(extra or {}),
-               **compare(sig, refs[ref_seed], mean_true, self.lo, self.hi)}
+               **compare(sig, refs[ref_seed], mean_true, self.hist_bounds)}
         self.write(row)
 
     def _against_run(self, m, sig: dict, base: dict) -> None:
