@@ -147,6 +147,7 @@ class StatsConfig:
     hvp: str = _opt("auto", choices=["auto", "double", "fd"], help="Hessian-vector products: double backward, finite differences, or double with fd fallback")
     ntk_points: int = _opt(16, min=0, help="probe points of the eNTK (scalar output); 0 = off")
     ntk_every: int = _opt(0, min=0, help="eNTK cadence in steps (at evaluations); 0 = final evaluation only")
+    ntk_kernel: str = _opt("lr", choices=["lr", "raw", "adam"], help="eNTK J·D·Jᵀ: D = per-group learning rates (the kernel that drives training), identity (raw JJᵀ), or Adam's preconditioner")
     ntk_max_mb: int = _opt(256, min=0, help="stack per-point gradients (exact eNTK) up to this size, else finite-difference JVPs")
 
 

@@ -42,7 +42,7 @@ from fastwidth.stats import metrics as M
 from fastwidth.stats.ensemble import EnsembleCurve, SeedEnsembles, lm_ensemble_curve
 from fastwidth.stats.moments import PreactAccumulator
 from fastwidth.stats.preact_range import load_ranges, out_of_range_fraction, reference_ranges, save_ranges, with_overflow
-from fastwidth.stats.ntk import entk, probe_output_fn, spectrum
+from fastwidth.stats.ntk import entk, group_lr_weights, probe_output_fn, spectrum
 from fastwidth.stats.sharpness import optimizer_preconditioner, top_hessian_eig
 from fastwidth.stats.signature import (ProbeSpec, add_preacts, list_signatures, load_signature, preacts_of,
                                        probe_signature, save_signature, signature_path)
@@ -368,15 +368,28 @@ class Monitor:
         model = m.model
         out = probe_output_fn(model, self.probe, self.sc.ntk_points, self.device)
         params = [p for p in model.parameters() if p.requires_grad]
+        weights, kernel = self._ntk_weights(m, params)
         was = model.training
         model.eval()
         try:
-            K, method = entk(out.fn, out.n, params, max_bytes=self.sc.ntk_max_mb << 20)
+            K, method = entk(out.fn, out.n, params, max_bytes=self.sc.ntk_max_mb << 20, weights=weights)
         finally:
             model.train(was)
         evals, c = spectrum(K, out.target)
         return {"eigenvalues": evals.tolist(), "task_power": c.tolist(), "trace": float(K.trace()),
-                "ntk_class": out.cls, "method": method}
+                "ntk_class": out.cls, "method": method, "kernel": kernel}
+
+    def _ntk_weights(self, m, params: list) -> tuple[list | None, str]:
+        """D of K = J D Jᵀ for stats.ntk_kernel: per-group LRs ("lr"), none ("raw"), Adam's preconditioner."""
+        kind = self.sc.ntk_kernel
+        if kind == "adam":
+            precond, _, pkind = optimizer_preconditioner(m.optimizer, params)
+            if pkind == "adam":
+                return precond, "adam"
+            kind = "lr"                                   # not Adam (or no state yet): the LR kernel
+        if kind == "lr":
+            return group_lr_weights(m.optimizer, params), "lr"
+        return None, "raw"
 
     # ------------------------------------------------------------------ resume
 
