@@ -111,7 +111,7 @@ def run_numbers(run: Run) -> dict:
         "loss_gap": _late(run, "loss_gap"), "top1_agreement": _late(run, "top1_agreement"),
         "label": run.label, "kind": run.kind, "widths": run.widths, "ref_width": run.ref_width,
         "seeds": sorted({r["seed"] for r in run.rows("eval")}),
-        "tokens": max((r["tokens"] for r in run.all_rows if "tokens" in r), default=0),
+        "tokens": max((r["tokens"] for r in run.all_rows if r.get("kind") in ("train", "eval")), default=0),
         "probe_loss": _final(run, "eval", "probe_loss"), "probe_acc": _final(run, "eval", "probe_acc"),
         "rmse": rmse, "rmse_slope": fit_power_law(list(rmse), list(rmse.values()))[0],
         "rmse_vs_mean": rmse_mean,
