@@ -9,14 +9,16 @@ so the config saved in a run directory is complete and re-runnable.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
+import os
 import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -71,6 +73,7 @@ class OptimConfig:
     warmup_steps: int = _opt(0, min=0, help="linear warmup steps")
     decay_steps: int = _opt(0, min=0, help="horizon of linear/cosine decay; 0 = train.steps (set it to extend a run by resuming)")
     min_lr_ratio: float = _opt(0.0, min=0.0, help="final LR as a fraction of the peak for linear/cosine")
+    lr_unit: str = _opt("absolute", choices=["absolute", "edge"], help="edge: optim.lr and sweep.lrs are multiples of 2/λ0, λ0 = each member's initial lr-preconditioned sharpness on its first training batch")
 
 
 @dataclass
@@ -83,6 +86,7 @@ class DataConfig:
     bpe_vocab_size: int = _opt(1024, min=260, help="vocabulary of a BPE tokenizer trained offline")
     seq_len: int = _opt(128, min=1, help="tokens per training sequence")
     batch_size: int = _opt(32, min=1, help="global batch of one optimizer step, split across data-parallel ranks")
+    micro_batch_size: int = _opt(0, min=0, help="rows per forward on each rank (gradient accumulation over the rank's share of batch_size); 0 = the whole share")
     seed: int = _opt(0, help="data order seed (independent of the init seeds)")
     probe_size: int = _opt(64, min=1, help="held-out probe examples (sequences for text), same for every model")
     holdout_fraction: float = _opt(0.02, min=0.0, help="fraction of the corpus held out for the probe split")
@@ -102,16 +106,24 @@ class TrainConfig:
     steps: int = _opt(100, min=0, help="optimizer steps")
     out_dir: str = _opt("", help="run directory; empty = runs/<config name>-<UTC time>")
     seed: int = _opt(0, help="init seed of a single model (sweep.seeds overrides)")
-    resume: bool = _opt(False, help="continue from the latest checkpoint in out_dir")
+    resume: Union[bool, str] = _opt(False, choices=[False, True, "auto"],
+                                    help="continue from the latest checkpoint in out_dir; auto = resume when one exists, else start fresh (requeued jobs)")
     overwrite: bool = _opt(False, help="allow starting fresh in a run directory that already holds a run")
     device: str = _opt("auto", choices=["auto", "cpu", "cuda"], help="auto = cuda when present")
     precision: str = _opt("auto", choices=["auto", "fp32", "bf16"], help="auto = bf16 autocast on GPU, fp32 on CPU")
-    kernels: str = _opt("auto", choices=["auto", "torch", "triton"], help="auto = triton on CUDA, torch elsewhere")
+    kernels: str = _opt("auto", choices=["auto", "torch", "triton", "native"],
+                        help="auto = triton on CUDA, native C++ ops on CPU when they build, torch elsewhere")
     log_every: int = _opt(10, min=1, help="train rows in metrics.jsonl every this many steps")
     ckpt_every: int = _opt(0, min=0, help="checkpoint cadence in steps; 0 = only at the end")
+    ckpt_minutes: float = _opt(30.0, min=0.0, help="also checkpoint every this many minutes of wall time; 0 = off")
     keep_checkpoints: int = _opt(2, min=1, help="checkpoints kept in out_dir/checkpoints")
     progress: bool = _opt(True, help="tqdm progress bar")
     threads: int = _opt(0, min=0, help="torch CPU threads; 0 = torch default")
+    full_batch: bool = _opt(False, help="every step trains on the same fixed batch: the stream's first data.batch_size examples (gradient descent, for edge-of-stability and catapult studies)")
+    loss: str = _opt("ce", choices=["ce", "mse"], help="training loss: cross-entropy, or MSE to one-hot targets 0.5·Σ_c (f_c - y_c)² (mean over targets)")
+    diverge_factor: float = _opt(10.0, min=0.0, help="stop a member whose loss exceeds this multiple of its first loss (a non-finite loss always stops it); 0 = only non-finite")
+    report: bool = _opt(True, help="write the report (figures, summary.md, summary.json) into out_dir/report at the end")
+    activation_checkpointing: str = _opt("none", choices=["none", "block"], help="recompute each block's forward in backward instead of keeping its activations")
 
 
 @dataclass
@@ -120,6 +132,7 @@ class SweepConfig:
     seeds: list = _opt([], help="init seeds per width; empty = [train.seed]")
     reference_width: int = _opt(0, min=0, help="width the others are compared with; 0 = the largest")
     mode: str = _opt("lockstep", choices=["lockstep", "sequential"], help="all models per batch, or one after another")
+    lrs: list = _opt([], help="base learning rates: every (width, lr, seed) is a member on the same batches; empty = [optim.lr]")
 
 
 @dataclass
@@ -145,6 +158,9 @@ class StatsConfig:
     sharpness_every: int = _opt(0, min=0, help="sharpness cadence in steps (at evaluations); 0 = final evaluation only")
     sharpness_points: int = _opt(256, min=1, help="probe points in the sharpness loss (examples, or tokens rounded up to whole sequences)")
     hvp: str = _opt("auto", choices=["auto", "double", "fd"], help="Hessian-vector products: double backward, finite differences, or double with fd fallback")
+    batch_sharpness_every: int = _opt(0, min=0, help="sharpness trajectory on the current training batch (full batch: the batch) every k steps and at init, by Lanczos; 0 = off")
+    batch_sharpness_iters: int = _opt(20, min=1, help="Lanczos iterations (Hessian-vector products) per batch-sharpness point")
+    coord_every: int = _opt(0, min=0, help="refined coordinate check (own-update and input-change parts of each layer's activation change) every k steps; 0 = off")
     ntk_points: int = _opt(16, min=0, help="probe points of the eNTK (scalar output); 0 = off")
     ntk_every: int = _opt(0, min=0, help="eNTK cadence in steps (at evaluations); 0 = final evaluation only")
     ntk_kernel: str = _opt("lr", choices=["lr", "raw", "adam"], help="eNTK J·D·Jᵀ: D = per-group learning rates (the kernel that drives training), identity (raw JJᵀ), or Adam's preconditioner")
@@ -162,6 +178,9 @@ class DistConfig:
     timeout_s: int = _opt(600, min=1, help="seconds a collective waits before a lost rank is reported")
     world_size: int = _opt(0, min=0, help="`fastwidth plan` only: ranks to plan for; 0 = 1 (training takes it from the launcher)")
     gpu_memory_gb: float = _opt(141.0, min=0.0, help="`fastwidth plan` only: memory of one accelerator (H200: 141)")
+    shard_min_width: int = _opt(0, min=0, help="widths below this train under ddp, the rest under dist.backend (fsdp2 / deepspeed); 0 = all under dist.backend")
+    replicate: int = _opt(0, min=0, help="fsdp2: HSDP with this many replica groups (a 2-D mesh: sharded within a group, replicated across); 0 = plain FSDP")
+    ignore_plan: bool = _opt(False, help="train even when the planner says the sweep does not fit the device")
 
 
 @dataclass
@@ -192,9 +211,14 @@ def _nearest(key: str, valid, prefix: str = "") -> str:
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against the annotation `tp` and return it in canonical form."""
     origin = typing.get_origin(tp)
-    if origin is typing.Union:  # Optional[X]
+    if origin is typing.Union:  # Optional[X], or Union[X, Y]: the first type that takes the value
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _coerce(value, args[0], where)
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        for a in args[:-1]:
+            with contextlib.suppress(ConfigError):
+                return _coerce(value, a, where)
+        return _coerce(value, args[-1], where)
     bad = ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
@@ -304,6 +328,7 @@ def from_dict(data: dict, name: str = "run") -> Config:
     data = dict(data)
     data.setdefault("name", name)
     cfg = _build(Config, data, "")
+    cfg.sweep.lrs = [_coerce(v, float, "sweep.lrs") for v in cfg.sweep.lrs]  # YAML reads 1e-3 as a string
     validate(cfg)
     return cfg
 
@@ -324,6 +349,11 @@ def validate(cfg: Config) -> None:
         for v in values:
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ConfigError(f"{key}: every entry must be an integer, got {v!r}")
+    for lr in cfg.sweep.lrs:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+            raise ConfigError(f"sweep.lrs: every entry must be a positive number, got {lr!r}")
+    if len(set(cfg.sweep.lrs)) != len(cfg.sweep.lrs):
+        raise ConfigError(f"sweep.lrs has duplicates: {cfg.sweep.lrs}")
     for w in cfg.sweep.widths:
         if w < 1:
             raise ConfigError(f"sweep.widths: width {w} must be positive")
@@ -352,6 +382,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"sweep.widths has duplicates: {widths}")
     if len(set(cfg.sweep.seeds)) != len(cfg.sweep.seeds):
         raise ConfigError(f"sweep.seeds has duplicates: {cfg.sweep.seeds}")
+    if cfg.dist.backend != "none" and (cfg.train.loss != "ce" or cfg.optim.lr_unit != "absolute"):
+        raise ConfigError(f"train.loss={cfg.train.loss} / optim.lr_unit={cfg.optim.lr_unit} need dist.backend none")
     if cfg.dist.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"dist.zero_stage: {cfg.dist.zero_stage} is not one of 0, 1, 2, 3")
     if not 0.0 <= cfg.data.holdout_fraction < 1.0:
@@ -375,6 +407,7 @@ def resolve(cfg: Config, now: float | None = None) -> Config:
     if not cfg.train.out_dir:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
         cfg.train.out_dir = str(Path("runs") / f"{cfg.name}-{stamp}")
+    cfg.train.out_dir = os.path.expanduser(cfg.train.out_dir)  # `--set train.out_dir=~/x` from a shell
     validate(cfg)
     return cfg
 
@@ -398,8 +431,9 @@ def reference_rows() -> list[tuple[str, str, str, str]]:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             tp = hints[f.name]
-            tname = "float or null" if typing.get_origin(tp) is typing.Union else tp.__name__
+            tname = (" or ".join("null" if a is type(None) else a.__name__ for a in typing.get_args(tp))
+                     if typing.get_origin(tp) is typing.Union else tp.__name__)
             choices = f.metadata.get("choices")
-            help_ = f.metadata.get("help", "") + (f" ({' / '.join(choices)})" if choices else "")
+            help_ = f.metadata.get("help", "") + (f" ({' / '.join(map(str, choices))})" if choices else "")
             rows.append((f"{sec_name}.{f.name}", tname, repr(default), help_))
     return rows

@@ -16,10 +16,10 @@ from fastwidth.train.metrics import read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 TINY_GPT = ["model.arch=gpt", "model.depth=1", "model.head_dim=8", "param.base_width=16", "data.source=stdlib",
             "data.seq_len=16", "data.batch_size=4", "data.probe_size=4", "sweep.widths=[16,32]",
-            "sweep.seeds=[0,1]", "train.progress=false", "train.log_every=1", "stats.every=5"]
+            "sweep.seeds=[0,1]", "train.progress=false", "train.log_every=1", "stats.every=5", "train.report=false"]
 TINY_MLP = ["model.arch=mlp", "model.depth=2", "param.base_width=16", "data.source=synthetic",
             "data.batch_size=8", "data.in_dim=6", "data.num_classes=3", "data.probe_size=16",
-            "sweep.widths=[16,32]", "train.progress=false", "train.log_every=1", "stats.every=5"]
+            "sweep.widths=[16,32]", "train.progress=false", "train.log_every=1", "stats.every=5", "train.report=false"]
 
 
 def cfg_of(tmp_path, base, *extra, out="run"):

@@ -40,8 +40,14 @@ if HAS_TRITON:
         return _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
 
     @jit
+    def _offsets(BLOCK: tl.constexpr):
+        # 64-bit: program_id * BLOCK is int32 and wraps at 2^31 elements (an FFN of 65,536 at
+        # 32k tokens a micro-batch), which would read and write far outside the tensor
+        return tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+
+    @jit
     def _gelu_fwd_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        offs = _offsets(BLOCK)
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         t = _gelu_tanh(x)
@@ -50,7 +56,7 @@ if HAS_TRITON:
 
     @jit
     def _gelu_bwd_kernel(dy_ptr, x_ptr, dx_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        offs = _offsets(BLOCK)
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -61,7 +67,7 @@ if HAS_TRITON:
 
     @jit
     def _swiglu_fwd_kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        offs = _offsets(BLOCK)
         mask = offs < n
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -70,7 +76,7 @@ if HAS_TRITON:
 
     @jit
     def _swiglu_bwd_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        offs = _offsets(BLOCK)
         mask = offs < n
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)

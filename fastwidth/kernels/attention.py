@@ -24,6 +24,7 @@ from torch import Tensor
 from fastwidth.errors import UserError
 from fastwidth.kernels import dispatch
 from fastwidth.kernels._triton import HAS_TRITON, interpreting, jit, next_pow2, tl, triton
+from fastwidth.kernels.amp import autocast_dtype, cast_for_autocast
 
 BACKENDS = ("torch", "math", "flash", "triton")
 _LOG2E = 1.4426950408889634
@@ -73,13 +74,48 @@ def max_logit_ref(q: Tensor, k: Tensor, scale: float, causal: bool, rows: int = 
 if HAS_TRITON:
 
     @jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
+
+    @jit
+    def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_m, offs_n0, offs_d, dmask, skt, svt, T, qk_scale,
+                  MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        # One key tile of the online softmax. MASK: the tile crosses the causal diagonal or the
+        # end of the keys; other tiles skip the where() on the (M, N) scores.
+        offs_n = n0 + offs_n0
+        kt = tl.load(k_base + offs_n[None, :] * skt + offs_d[:, None],
+                     mask=(offs_n[None, :] < T) & dmask[:, None], other=0.0)  # (D, N)
+        v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :],
+                    mask=(offs_n[:, None] < T) & dmask[None, :], other=0.0)
+        if UPCAST:  # the interpreter's bf16/fp16 arithmetic is wrong
+            kt = kt.to(tl.float32)
+            v = v.to(tl.float32)
+        s = _dot(q, kt, IEEE) * qk_scale
+        if MASK:
+            keep = offs_n[None, :] < T
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        return acc, m_new, l_i
+
+    @jit
     def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mx_ptr,
                          sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
                          H, G, T, D, qk_scale,
                          CAUSAL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         # Online softmax in log2 units (qk_scale = scale * log2 e), as FlashAttention-2.
+        # Causal: the last (heaviest) query blocks are launched first; BLOCK_M % BLOCK_N == 0.
         pid_m = tl.program_id(0)
+        if CAUSAL:
+            pid_m = tl.num_programs(0) - 1 - pid_m
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
@@ -98,37 +134,18 @@ if HAS_TRITON:
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        hi = T
-        if CAUSAL:
+        if CAUSAL:  # keys below the query block are all visible; the diagonal block is masked
+            full_hi = pid_m * BLOCK_M
             hi = tl.minimum(T, (pid_m + 1) * BLOCK_M)
-        for n0 in range(0, hi, BLOCK_N):
-            offs_n = n0 + offs_n0
-            kv_mask = (offs_n[None, :] < T) & dmask[:, None]
-            kt = tl.load(k_base + offs_n[None, :] * skt + offs_d[:, None], mask=kv_mask, other=0.0)  # (D, N)
-            if UPCAST:  # the interpreter's bf16/fp16 arithmetic is wrong
-                kt = kt.to(tl.float32)
-            if IEEE:
-                s = tl.dot(q, kt, input_precision="ieee")
-            else:
-                s = tl.dot(q, kt)
-            s = s * qk_scale
-            keep = offs_n[None, :] < T
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None])
-            s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :],
-                        mask=(offs_n[:, None] < T) & dmask[None, :], other=0.0)
-            if UPCAST:  # the interpreter's bf16/fp16 arithmetic is wrong
-                v = v.to(tl.float32)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        else:  # only the last, partial key tile is masked
+            full_hi = (T // BLOCK_N) * BLOCK_N
+            hi = T
+        for n0 in range(0, full_hi, BLOCK_N):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_m, offs_n0, offs_d, dmask, skt, svt,
+                                      T, qk_scale, False, CAUSAL, IEEE, UPCAST)
+        for n0 in range(full_hi, hi, BLOCK_N):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, n0, offs_m, offs_n0, offs_d, dmask, skt, svt,
+                                      T, qk_scale, True, CAUSAL, IEEE, UPCAST)
         o = acc / l_i[:, None]
         rmask = offs_m < T
         row = bh * T + offs_m
@@ -138,6 +155,43 @@ if HAS_TRITON:
         tl.store(mx_ptr + row, m_i / 1.4426950408889634, mask=rmask)
 
     @jit
+    def _attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, R, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        # delta = rowsum(dO * O) over the R = B*H*T rows of contiguous (B, H, T, D) tensors, in fp32,
+        # one pass (FlashAttention-2's backward preprocess)
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (rows[:, None] < R) & (offs_d[None, :] < D)
+        off = rows[:, None] * D + offs_d[None, :]
+        o = tl.load(o_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(do_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(delta_ptr + rows, tl.sum(o * do, axis=1), mask=rows < R)
+
+    @jit
+    def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, bh, m0, offs_n, offs_d, dmask, sqt, T, D,
+                   qk_scale, MASK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr):
+        # One query tile against the key block. Padded queries (m >= T) load q = dO = 0 and
+        # lse = 0, so they add exactly 0: only causal tiles across the diagonal need MASK.
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mmask = offs_m < T
+        qt = tl.load(q_base + offs_m[None, :] * sqt + offs_d[:, None],
+                     mask=mmask[None, :] & dmask[:, None], other=0.0)  # (D, M)
+        do = tl.load(do_base + offs_m[:, None] * D + offs_d[None, :],
+                     mask=mmask[:, None] & dmask[None, :], other=0.0)  # (M, D)
+        if UPCAST:  # the interpreter's bf16/fp16 arithmetic is wrong
+            qt = qt.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(lse_ptr + bh * T + offs_m, mask=mmask, other=0.0)
+        delta = tl.load(delta_ptr + bh * T + offs_m, mask=mmask, other=0.0)
+        pt = tl.exp2(_dot(k, qt, IEEE) * qk_scale - lse[None, :])  # (N, M)
+        if MASK:
+            pt = tl.where(offs_n[:, None] <= offs_m[None, :], pt, 0.0)
+        dv += _dot(pt.to(do.dtype), do, IEEE)
+        dpt = _dot(v, tl.trans(do), IEEE)
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(dst.to(qt.dtype), tl.trans(qt), IEEE)
+        return dk, dv
+
+    @jit
     def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                               sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
                               H, G, T, D, qk_scale, scale,
@@ -145,6 +199,7 @@ if HAS_TRITON:
                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         # One program per (key block, batch, kv head); loops over the G query heads sharing
         # it, so grouped-query dk/dv need no atomics and no (B, H, T, D) temporaries.
+        # Causal: BLOCK_N % BLOCK_M == 0, so the diagonal is BLOCK_N / BLOCK_M masked tiles.
         pid_n = tl.program_id(0)
         bhk = tl.program_id(1)
         Hkv = H // G
@@ -156,58 +211,57 @@ if HAS_TRITON:
         nmask = offs_n < T
         k = tl.load(k_ptr + tl.cast(b, tl.int64) * skb + tl.cast(hk, tl.int64) * skh + offs_n[:, None] * skt
                     + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
-        if UPCAST:  # the interpreter's bf16/fp16 arithmetic is wrong
-            k = k.to(tl.float32)
         v = tl.load(v_ptr + tl.cast(b, tl.int64) * svb + tl.cast(hk, tl.int64) * svh + offs_n[:, None] * svt
                     + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
         if UPCAST:  # the interpreter's bf16/fp16 arithmetic is wrong
+            k = k.to(tl.float32)
             v = v.to(tl.float32)
         dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         lo = 0
+        full_lo = 0
         if CAUSAL:
-            lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
+            lo = pid_n * BLOCK_N
+            full_lo = tl.minimum(T, lo + BLOCK_N)
         for g in range(0, G):
             h = hk * G + g
             bh = b * H + h
             q_base = q_ptr + tl.cast(b, tl.int64) * sqb + tl.cast(h, tl.int64) * sqh
             do_base = do_ptr + tl.cast(bh, tl.int64) * T * D
-            for m0 in range(lo, T, BLOCK_M):
-                offs_m = m0 + tl.arange(0, BLOCK_M)
-                mmask = offs_m < T
-                qt = tl.load(q_base + offs_m[None, :] * sqt + offs_d[:, None],
-                             mask=mmask[None, :] & dmask[:, None], other=0.0)  # (D, M)
-                if UPCAST:  # the interpreter's bf16/fp16 arithmetic is wrong
-                    qt = qt.to(tl.float32)
-                do = tl.load(do_base + offs_m[:, None] * D + offs_d[None, :],
-                             mask=mmask[:, None] & dmask[None, :], other=0.0)  # (M, D)
-                if UPCAST:  # the interpreter's bf16/fp16 arithmetic is wrong
-                    do = do.to(tl.float32)
-                lse = tl.load(lse_ptr + bh * T + offs_m, mask=mmask, other=0.0)
-                delta = tl.load(delta_ptr + bh * T + offs_m, mask=mmask, other=0.0)
-                if IEEE:
-                    st = tl.dot(k, qt, input_precision="ieee")
-                else:
-                    st = tl.dot(k, qt)
-                keep = mmask[None, :] & nmask[:, None]
-                if CAUSAL:
-                    keep = keep & (offs_n[:, None] <= offs_m[None, :])
-                pt = tl.where(keep, tl.exp2(st * qk_scale - lse[None, :]), 0.0)  # (N, M)
-                if IEEE:
-                    dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee")
-                    dpt = tl.dot(v, tl.trans(do), input_precision="ieee")
-                else:
-                    dv += tl.dot(pt.to(do.dtype), do)
-                    dpt = tl.dot(v, tl.trans(do))
-                dst = pt * (dpt - delta[None, :])
-                if IEEE:
-                    dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision="ieee")
-                else:
-                    dk += tl.dot(dst.to(qt.dtype), tl.trans(qt))
+            for m0 in range(lo, full_lo, BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, bh, m0, offs_n, offs_d, dmask,
+                                    sqt, T, D, qk_scale, True, IEEE, UPCAST, BLOCK_M)
+            for m0 in range(full_lo, T, BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, bh, m0, offs_n, offs_d, dmask,
+                                    sqt, T, D, qk_scale, False, IEEE, UPCAST, BLOCK_M)
         out = tl.cast(bhk, tl.int64) * T * D + offs_n[:, None] * D + offs_d[None, :]
         omask = nmask[:, None] & dmask[None, :]
         tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=omask)
         tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=omask)
+
+    @jit
+    def _dq_tile(dq, q, do, lse, delta, k_base, v_base, n0, offs_m, offs_n0, offs_d, dmask, skt, svt, T, qk_scale,
+                 MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        # One key tile. A padded key (k = v = 0) would add exp2(-lse) * 0, which is NaN when lse
+        # is very negative: the last partial tile is masked, as the causal diagonal.
+        offs_n = n0 + offs_n0
+        nmask = offs_n < T
+        k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :],
+                    mask=nmask[:, None] & dmask[None, :], other=0.0)  # (N, D)
+        vt = tl.load(v_base + offs_n[None, :] * svt + offs_d[:, None],
+                     mask=nmask[None, :] & dmask[:, None], other=0.0)  # (D, N)
+        if UPCAST:  # the interpreter's bf16/fp16 arithmetic is wrong
+            k = k.to(tl.float32)
+            vt = vt.to(tl.float32)
+        p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
+        if MASK:
+            keep = nmask[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            p = tl.where(keep, p, 0.0)
+        ds = p * (_dot(do, vt, IEEE) - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, IEEE)
+        return dq
 
     @jit
     def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
@@ -215,7 +269,10 @@ if HAS_TRITON:
                             H, G, T, D, qk_scale, scale,
                             CAUSAL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        # Causal: heaviest query blocks first, BLOCK_M % BLOCK_N == 0.
         pid_m = tl.program_id(0)
+        if CAUSAL:
+            pid_m = tl.num_programs(0) - 1 - pid_m
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
@@ -227,46 +284,28 @@ if HAS_TRITON:
         mmask = offs_m < T
         q = tl.load(q_ptr + tl.cast(b, tl.int64) * sqb + tl.cast(h, tl.int64) * sqh + offs_m[:, None] * sqt
                     + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
-        if UPCAST:  # the interpreter's bf16/fp16 arithmetic is wrong
-            q = q.to(tl.float32)
         do = tl.load(do_ptr + tl.cast(bh, tl.int64) * T * D + offs_m[:, None] * D + offs_d[None, :],
                      mask=mmask[:, None] & dmask[None, :], other=0.0)
         if UPCAST:  # the interpreter's bf16/fp16 arithmetic is wrong
+            q = q.to(tl.float32)
             do = do.to(tl.float32)
         lse = tl.load(lse_ptr + bh * T + offs_m, mask=mmask, other=0.0)
         delta = tl.load(delta_ptr + bh * T + offs_m, mask=mmask, other=0.0)
         k_base = k_ptr + tl.cast(b, tl.int64) * skb + tl.cast(hk, tl.int64) * skh
         v_base = v_ptr + tl.cast(b, tl.int64) * svb + tl.cast(hk, tl.int64) * svh
         dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        hi = T
         if CAUSAL:
+            full_hi = pid_m * BLOCK_M
             hi = tl.minimum(T, (pid_m + 1) * BLOCK_M)
-        for n0 in range(0, hi, BLOCK_N):
-            offs_n = n0 + offs_n0
-            nmask = offs_n < T
-            k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :],
-                        mask=nmask[:, None] & dmask[None, :], other=0.0)  # (N, D)
-            if UPCAST:  # the interpreter's bf16/fp16 arithmetic is wrong
-                k = k.to(tl.float32)
-            vt = tl.load(v_base + offs_n[None, :] * svt + offs_d[:, None],
-                         mask=nmask[None, :] & dmask[:, None], other=0.0)  # (D, N)
-            if UPCAST:  # the interpreter's bf16/fp16 arithmetic is wrong
-                vt = vt.to(tl.float32)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                dp = tl.dot(do, vt, input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-                dp = tl.dot(do, vt)
-            keep = nmask[None, :] & mmask[:, None]
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None])
-            p = tl.where(keep, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
-            ds = p * (dp - delta[:, None])
-            if IEEE:
-                dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-            else:
-                dq += tl.dot(ds.to(k.dtype), k)
+        else:
+            full_hi = (T // BLOCK_N) * BLOCK_N
+            hi = T
+        for n0 in range(0, full_hi, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, n0, offs_m, offs_n0, offs_d, dmask, skt, svt, T,
+                          qk_scale, False, CAUSAL, IEEE, UPCAST)
+        for n0 in range(full_hi, hi, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, n0, offs_m, offs_n0, offs_d, dmask, skt, svt, T,
+                          qk_scale, True, CAUSAL, IEEE, UPCAST)
         tl.store(dq_ptr + tl.cast(bh, tl.int64) * T * D + offs_m[:, None] * D + offs_d[None, :],
                  (dq * scale).to(dq_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
 
@@ -274,23 +313,48 @@ if HAS_TRITON:
 # ---------------------------------------------------------------- launchers
 
 # Interpreter: one fixed tile (32 is the smallest that still crosses tile edges at T=37 and
-# keeps tl.dot >= 16 on every side). GPU: autotuned over the tiles the Triton FlashAttention
-# tutorial found best on H100 (fwd 128x64 / 128x128, 8 warps; bwd dk/dv 128 keys x 32 queries).
+# keeps tl.dot >= 16 on every side). GPU bf16/fp16: autotuned over (BLOCK_M, BLOCK_N, warps,
+# stages), per head dim, from the Triton FlashAttention tutorial's H100 tiles, trimmed to those
+# that compile for sm_90 without register spills (python -m fastwidth.kernels.aot; at head_dim
+# 128 a dK/dV block keeps two fp32 (BLOCK_N, 128) accumulators live, so 64 keys at 8 warps).
+# Causal masking needs fwd/dq BLOCK_M % BLOCK_N == 0 and dk/dv BLOCK_N % BLOCK_M == 0.
+# GPU fp32 (the IEEE path, ~10x slower than bf16; the default backend sends fp32 to SDPA):
+# one fixed small tile, no autotuning.
 _INTERP_TILE = dict(BLOCK_M=32, BLOCK_N=32)
-_FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)]
-_DKDV_CONFIGS = [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3)]
-_DQ_CONFIGS = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 4), (64, 32, 4, 3)]
+_FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
+_DKDV_CONFIGS = {64: [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)],
+                 128: [(32, 32, 4, 2), (16, 32, 4, 2)]}
+_DQ_CONFIGS = {64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+               128: [(64, 64, 8, 2), (64, 32, 8, 2)]}
+_FP32_CONFIGS = {"_attn_fwd_kernel": (64, 32, 4, 2), "_attn_bwd_dkdv_kernel": (32, 64, 4, 2),
+                 "_attn_bwd_dq_kernel": (64, 32, 4, 2)}
+_DELTA_ROWS = 64
 _tuned: dict = {}
 
 
-def _kernel_for(name: str, kernel, configs, on_cpu: bool):
+def tile_configs(kernel_name: str, head_dim: int) -> list[tuple[int, int, int, int]]:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) a GPU launch at this head dim may pick (bf16/fp16)."""
+    table = {"_attn_fwd_kernel": _FWD_CONFIGS, "_attn_bwd_dkdv_kernel": _DKDV_CONFIGS,
+             "_attn_bwd_dq_kernel": _DQ_CONFIGS}[kernel_name]
+    if isinstance(table, dict):
+        return table[64 if head_dim <= 64 else 128]
+    return table
+
+
+def _kernel_for(kernel, x: Tensor, head_dim: int):
     """The kernel to launch and the tile kwargs to pass (none when autotuned)."""
-    if on_cpu:
+    if interpreting(x):
         return kernel, dict(_INTERP_TILE, num_warps=4)
-    if name not in _tuned:
-        cfgs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in configs]
-        _tuned[name] = triton.autotune(configs=cfgs, key=["T", "D", "G", "CAUSAL", "IEEE", "UPCAST"])(kernel)
-    return _tuned[name], {}
+    name = kernel.fn.__name__
+    if x.dtype == torch.float32:
+        m, n, w, st = _FP32_CONFIGS[name]
+        return kernel, dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
+    key = (name, 64 if head_dim <= 64 else 128)
+    if key not in _tuned:
+        cfgs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                for m, n, w, st in tile_configs(name, head_dim)]
+        _tuned[key] = triton.autotune(configs=cfgs, key=["T", "D", "G", "CAUSAL", "IEEE", "UPCAST"])(kernel)
+    return _tuned[key], {}
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -322,7 +386,7 @@ def _attn_fwd_launch(q, k, v, scale, causal):
     o = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     mx = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-    kern, kw = _kernel_for("fwd", _attn_fwd_kernel, _FWD_CONFIGS, interpreting(q))
+    kern, kw = _kernel_for(_attn_fwd_kernel, q, D)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
     kern[grid](q, k, v, o, lse, mx, *_strides(q, k, v), H, G, T, D, float(scale) * _LOG2E,
                CAUSAL=causal, IEEE=q.dtype == torch.float32, UPCAST=interpreting(q), BLOCK_D=max(16, next_pow2(D)),
@@ -335,18 +399,21 @@ def _attn_bwd_launch(do, q, k, v, o, lse, scale, causal):
     Hkv = k.shape[1]
     G = H // Hkv
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
-    do = do.contiguous()
-    delta = (o.float() * do.float()).sum(-1)  # (B, H, T): rowsum(dO * O), FlashAttention-2 eq. in Alg. 2
+    do, o = do.contiguous(), o.contiguous()
+    block_d = max(16, next_pow2(D))
+    delta = torch.empty(B, H, T, device=q.device, dtype=torch.float32)  # rowsum(dO * O), FA-2 Alg. 2
+    R = B * H * T
+    _attn_bwd_delta_kernel[(triton.cdiv(R, _DELTA_ROWS),)](o, do, delta, R, D, BLOCK_M=_DELTA_ROWS, BLOCK_D=block_d,
+                                                           num_warps=4)
     dq = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
     dk = torch.empty(B, Hkv, T, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, Hkv, T, D, device=q.device, dtype=v.dtype)
-    on_cpu = interpreting(q)
-    common = dict(CAUSAL=causal, IEEE=q.dtype == torch.float32, UPCAST=on_cpu, BLOCK_D=max(16, next_pow2(D)))
+    common = dict(CAUSAL=causal, IEEE=q.dtype == torch.float32, UPCAST=interpreting(q), BLOCK_D=block_d)
     args = (*_strides(q, k, v), H, G, T, D, float(scale) * _LOG2E, float(scale))
-    kern, kw = _kernel_for("dkdv", _attn_bwd_dkdv_kernel, _DKDV_CONFIGS, on_cpu)
+    kern, kw = _kernel_for(_attn_bwd_dkdv_kernel, q, D)
     kern[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)](q, k, v, do, lse, delta, dk, dv, *args,
                                                                   **common, **kw)
-    kern, kw = _kernel_for("dq", _attn_bwd_dq_kernel, _DQ_CONFIGS, on_cpu)
+    kern, kw = _kernel_for(_attn_bwd_dq_kernel, q, D)
     kern[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](q, k, v, do, lse, delta, dq, *args, **common, **kw)
     return dq, dk, dv
 
@@ -426,9 +493,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = T
     """
     _check(q, k, v)
     name = dispatch.resolve(backend, q, extra=("math", "flash"))
+    if name == "triton" and backend is None and q.is_cuda and autocast_dtype(q) is None and q.dtype == torch.float32:
+        # fp32 on a GPU: the IEEE Triton path runs without tensor cores, ~10x slower than SDPA;
+        # an explicit backend="triton" still gets it
+        name = "torch"
     scale = float(scale)
     mx = None
     if name == "triton":
+        q, k, v = cast_for_autocast(q, k, v)  # as autocast casts SDPA's inputs
         o, _, rows = _attn_fwd_op(q, k, v, scale, causal)
         mx = rows.amax(dim=-1) if return_max_logit else None
     elif name == "math":

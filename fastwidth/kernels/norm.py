@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastwidth.errors import UserError
-from fastwidth.kernels import dispatch
+from fastwidth.kernels import dispatch, native
 from fastwidth.kernels._triton import HAS_TRITON, interpreting, jit, next_pow2, tl
 
 MAX_N = 32768
@@ -30,19 +30,19 @@ def norm_ref(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bi
     """Returns (y, s, rms): y = norm(s) * weight + bias in x.dtype, s = x + residual (or x),
     rms = sqrt(mean(s^2)) per row in fp32 (no grad)."""
     s = x if residual is None else x + residual
-    sf = s.float()
+    sf = s.to(torch.promote_types(s.dtype, torch.float32))  # fp32, or fp64 for an fp64 reference
     if is_rms:
         y = sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps)
         if weight is not None:
-            y = y * weight.float()
+            y = y * weight.to(sf.dtype)
         if bias is not None:
-            y = y + bias.float()
+            y = y + bias.to(sf.dtype)
     else:
-        w = None if weight is None else weight.float()
-        b = None if bias is None else bias.float()
+        w = None if weight is None else weight.to(sf.dtype)
+        b = None if bias is None else bias.to(sf.dtype)
         y = F.layer_norm(sf, (s.shape[-1],), w, b, eps)
     with torch.no_grad():
-        rms = sf.pow(2).mean(-1).sqrt()
+        rms = sf.pow(2).mean(-1).sqrt().float()
     return y.to(x.dtype), s, rms
 
 
@@ -136,6 +136,15 @@ def _warps(block_n: int) -> int:
     return 4 if block_n <= 2048 else (8 if block_n <= 8192 else 16)
 
 
+def _bwd_warps(block_n: int) -> int:
+    # the backward keeps s, dy, the gains and two fp32 partial rows (dw, db) live per thread:
+    # 16 warps from 4k columns, 32 (a whole 1024-thread block) above 16k, so a 32k row is 32
+    # fp32 values a thread per tensor instead of 128
+    if block_n > 16384:
+        return 32
+    return 16 if block_n >= 4096 else _warps(block_n)
+
+
 def _norm_fwd_launch(x, residual, weight, bias, eps, is_rms):
     N = x.shape[-1]
     if N > MAX_N:
@@ -144,7 +153,8 @@ def _norm_fwd_launch(x, residual, weight, bias, eps, is_rms):
     M = x2.shape[0]
     r2 = residual.reshape(-1, N).contiguous() if residual is not None else x2
     y = torch.empty_like(x2)
-    s = torch.empty_like(x2) if residual is not None else x2.new_empty(0)
+    # s as `x + residual` would be: the promoted dtype (bf16 + fp32 is fp32, as under autocast)
+    s = x2.new_empty(x2.shape, dtype=torch.result_type(x2, r2)) if residual is not None else x2.new_empty(0)
     mean, rstd, rms = (torch.empty(M, device=x.device, dtype=torch.float32) for _ in range(3))
     if M > 0:
         bn = next_pow2(N)
@@ -172,7 +182,7 @@ def _norm_bwd_launch(dy, ds, s, weight, mean, rstd, is_rms, has_bias):
         _norm_bwd_kernel[(G,)](dy2, ds2, s2, weight if weight is not None else s2, mean.reshape(-1).contiguous(),
                                rstd.reshape(-1).contiguous(), dx, part[0], part[1], M, N, IS_RMS=is_rms,
                                HAS_DS=ds is not None, HAS_W=weight is not None, HAS_B=has_bias,
-                               BLOCK_N=bn, num_warps=_warps(bn))
+                               BLOCK_N=bn, num_warps=_bwd_warps(bn))
     dw = part[0].sum(0).to(weight.dtype) if weight is not None else s.new_empty(0)
     db = part[1].sum(0).to(weight.dtype if weight is not None else s.dtype) if has_bias else s.new_empty(0)
     return dx.view(s.shape), dw, db
@@ -191,7 +201,7 @@ def _norm_fwd_op(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor]
 def _(x, residual, weight, bias, eps, is_rms):
     lead = x.shape[:-1]
     stat = x.new_empty(lead, dtype=torch.float32)
-    s = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    s = x.new_empty(x.shape, dtype=torch.result_type(x, residual)) if residual is not None else x.new_empty(0)
     return torch.empty_like(x), s, stat, torch.empty_like(stat), torch.empty_like(stat)
 
 
@@ -233,7 +243,11 @@ _norm_fwd_op.register_autograd(_norm_backward, setup_context=_norm_setup)
 def _norm(x, residual, weight, bias, eps, is_rms, backend):
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"norm: residual {tuple(residual.shape)} does not match x {tuple(x.shape)}")
-    if dispatch.resolve(backend, x) == "triton":
+    name = dispatch.resolve(backend, x)
+    if name == "native":
+        y, s, _, _, rms = native.load().norm_fwd(x, residual, weight, bias, float(eps), is_rms)
+        return y, (s if residual is not None else x), rms
+    if name == "triton":
         y, s, _, _, rms = _norm_fwd_op(x, residual, weight, bias, float(eps), is_rms)
         return y, (s if residual is not None else x), rms
     return norm_ref(x, residual, weight, bias, eps, is_rms)

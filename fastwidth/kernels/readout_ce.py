@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 
 from fastwidth.errors import UserError
-from fastwidth.kernels import dispatch
+from fastwidth.kernels import dispatch, native
 from fastwidth.kernels._triton import HAS_TRITON, interpreting, jit, next_pow2, tl
+from fastwidth.kernels.amp import autocast_off, cast_for_autocast
 
 
 class ReadoutCE(NamedTuple):
@@ -38,11 +39,14 @@ class ReadoutCE(NamedTuple):
 # ---------------------------------------------------------------- torch reference
 
 
-def readout_logits(h2: Tensor, weight: Tensor, multiplier: float, bias: Optional[Tensor]) -> Tensor:
-    """(M, N) x (V, N) -> (M, V) in h's dtype: one addmm, alpha carrying the µP multiplier."""
+def readout_logits(h2: Tensor, weight: Tensor, multiplier: float, bias: Optional[Tensor],
+                   out: Optional[Tensor] = None) -> Tensor:
+    """(M, N) x (V, N) -> (M, V) in h's dtype: one addmm, alpha carrying the µP multiplier.
+    out: an (M, V) buffer to write into (any row stride); beta=0 ignores what it held (NaN included)."""
     if bias is None:
-        return torch.addmm(h2.new_zeros(()), h2, weight.t(), beta=0, alpha=multiplier)
-    return torch.addmm(bias, h2, weight.t(), alpha=multiplier)
+        base = h2.new_zeros(()) if out is None else out
+        return torch.addmm(base, h2, weight.t(), beta=0, alpha=multiplier, out=out)
+    return torch.addmm(bias, h2, weight.t(), alpha=multiplier, out=out)
 
 
 def readout_ce_ref(h: Tensor, weight: Tensor, target: Tensor, multiplier: float = 1.0,
@@ -131,6 +135,26 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def logits_buffer(rows: int, V: int, like: Tensor) -> Tensor:
+    """An uninitialized (rows, V) view of a (rows, V rounded up to 8) buffer in like's dtype: with a
+    vocabulary that is not a multiple of 8 (GPT-2's 50,257) every row still starts 16-byte aligned,
+    which cuBLAS's fast GEMM paths and the kernel's vector loads need."""
+    return torch.empty(rows, -(-V // 8) * 8, device=like.device, dtype=like.dtype)[:, :V]
+
+
+def accumulate_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b in place, acc fp32, a and b fp32 or half precision: one GEMM with fp32
+    accumulation and no (V, N) product temporary (cuBLAS out_dtype, as Liger-Kernel since its
+    issue 1232). The CPU has no aten::addmm.dtype; there (the interpreter's test path) the
+    operands are upcast first, which costs temporaries but gives the same fp32 sum."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
 def _readout_ce_launch(h2, weight, bias, target, multiplier, z_loss, label_smoothing, ignore_index, compute_grad):
     M, N = h2.shape
     V = weight.shape[0]
@@ -141,25 +165,24 @@ def _readout_ce_launch(h2, weight, bias, target, multiplier, z_loss, label_smoot
     if compute_grad:
         dh = torch.empty_like(h2)
         dw = torch.zeros(V, N, device=dev, dtype=torch.float32)
-        db = torch.zeros(V, device=dev, dtype=torch.float32)
+        db = torch.zeros(V, device=dev, dtype=torch.float32) if bias is not None else None
     # 64 in the interpreter so small test vocabularies still cross block edges; 4096 on a GPU
     # (a 50k vocabulary in 13 blocks, 16 fp32 values a thread at 8 warps).
     block_v = min(64 if interp else 4096, next_pow2(V))
     chunk = _chunk_rows(M, N, V, interp)
+    zbuf = logits_buffer(min(chunk, M), V, h2)  # one chunk of logits, reused by every chunk
     for a in range(0, M, chunk):
         b = min(M, a + chunk)
         hc = h2[a:b]
-        z = readout_logits(hc, weight, multiplier, bias)  # (rows, V), input dtype
+        z = readout_logits(hc, weight, multiplier, bias, out=zbuf[:b - a])  # (rows, V), input dtype
         _ce_rows_kernel[(b - a,)](z, z.stride(0), target[a:b], token_loss[a:b], lse[a:b], zy[a:b], argmax[a:b],
                                   V, float(z_loss), float(label_smoothing), int(ignore_index),
                                   COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=8)
         if compute_grad:  # z now holds dloss/dlogits
             torch.mm(z, weight, out=dh[a:b])
-            if weight.dtype == torch.float32:
-                dw.addmm_(z.t(), hc)
-            else:
-                dw += torch.mm(z.t(), hc).float()
-            db += z.sum(0, dtype=torch.float32)
+            accumulate_fp32(dw, z.t(), hc)
+            if db is not None:
+                db += z.sum(0, dtype=torch.float32)
     total = token_loss.sum()
     if not compute_grad:
         e = h2.new_empty(0)
@@ -177,8 +200,9 @@ def _readout_ce_launch(h2, weight, bias, target, multiplier, z_loss, label_smoot
 def _readout_ce_op(h2: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, multiplier: float,
                    z_loss: float, label_smoothing: float, ignore_index: int, compute_grad: bool
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _readout_ce_launch(h2, weight, bias, target, multiplier, z_loss, label_smoothing, ignore_index,
-                              compute_grad)
+    with autocast_off(h2):  # the functional chose the dtypes; out= GEMMs must keep them
+        return _readout_ce_launch(h2, weight, bias, target, multiplier, z_loss, label_smoothing, ignore_index,
+                                  compute_grad)
 
 
 @_readout_ce_op.register_fake
@@ -232,13 +256,18 @@ def readout_ce_stats(h: Tensor, weight: Tensor, target: Tensor, *, multiplier: f
         raise UserError(f"readout_ce: reduction {reduction!r} is not one of mean, sum")
     N = h.shape[-1]
     t = target.reshape(-1)
-    if dispatch.resolve(backend, h) == "triton":
+    name = dispatch.resolve(backend, h)
+    if name == "native":
+        total, tok, lse, zy, am = native.readout_ce(h, weight, bias, t, multiplier, z_loss, label_smoothing,
+                                                    ignore_index, CHUNK_ROWS)
+    elif name == "triton":
         needs = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (h, weight, bias))
-        h2 = h.reshape(-1, N).contiguous()
-        # under autocast h arrives in bf16 with fp32 parameters: run the GEMMs in h's dtype, as
-        # autocast would (the casts are differentiable, so dW/db come back in fp32)
-        weight = weight.to(h.dtype)
-        bias = bias.to(h.dtype) if bias is not None else None
+        # the GEMMs run in autocast's dtype when it is on, else in h's, as the aten addmm would;
+        # the casts are differentiable, so dW/db come back in the parameters' dtype
+        h2, weight, bias = cast_for_autocast(h.reshape(-1, N), weight, bias)
+        h2 = h2.contiguous()
+        weight = weight.to(h2.dtype)
+        bias = bias.to(h2.dtype) if bias is not None else None
         total, tok, lse, zy, am, *_ = _readout_ce_op(h2, weight.contiguous(), bias, t.contiguous(),
                                                      float(multiplier), float(z_loss), float(label_smoothing),
                                                      int(ignore_index), needs)

@@ -18,8 +18,9 @@ import torch
 from torch import Tensor
 
 from fastwidth.errors import UserError
-from fastwidth.kernels import dispatch
+from fastwidth.kernels import dispatch, native
 from fastwidth.kernels._triton import HAS_TRITON, interpreting, jit, next_pow2, tl, triton
+from fastwidth.kernels.amp import autocast_off
 
 
 class Moments(NamedTuple):
@@ -42,19 +43,23 @@ def _bin_index(xf: Tensor, lo: float, hi: float, bins: int) -> Tensor:
     return ((xf - lo) * scale).floor().clamp(0, bins - 1).long()
 
 
-def moments_histogram_ref(x: Tensor, lo: float, hi: float, bins: int) -> Moments:
+def moments_histogram_ref(x: Tensor, lo: float, hi: float, bins: int, shift: float = 0.0,
+                          hist_stride: int = 1) -> Moments:
     xf = x.detach().reshape(-1).float()
     xd = xf.double()
     keep = ~torch.isnan(xf)
-    hist = torch.bincount(_bin_index(xf[keep], lo, hi, bins), minlength=bins)
+    xs = xf[::hist_stride]
+    hist = torch.bincount(_bin_index(xs[~torch.isnan(xs)], lo, hi, bins), minlength=bins)
     finite = xd[keep] if bool(keep.any()) else xd.new_full((1,), float("nan"))
-    return Moments(xf.numel(), xd.sum(), (xd ** 2).sum(), (xd ** 3).sum(), (xd ** 4).sum(),
+    d = xd - shift
+    return Moments(xf.numel(), d.sum(), (d ** 2).sum(), (d ** 3).sum(), (d ** 4).sum(),
                    finite.min(), finite.max(), hist)
 
 
 def gram_ref(feats: Tensor, acc: Optional[Tensor] = None) -> Tensor:
     f = feats.detach().float()
-    g = f @ f.t()
+    with autocast_off(f):  # statistics are fp32 whatever the training precision
+        g = f @ f.t()
     return g if acc is None else acc + g
 
 
@@ -190,15 +195,27 @@ def _(feats, acc):
 # ---------------------------------------------------------------- functional
 
 
-def moments_histogram(x: Tensor, lo: float, hi: float, bins: int = 64, backend: str | None = None) -> Moments:
-    """One pass over x (any shape): Moments(count, sum, sumsq, sum3, sum4, min, max, hist)."""
+def moments_histogram(x: Tensor, lo: float, hi: float, bins: int = 64, backend: str | None = None, *,
+                      shift: float = 0.0, hist_stride: int = 1) -> Moments:
+    """One pass over x (any shape): Moments(count, sum, sumsq, sum3, sum4, min, max, hist).
+
+    Native and torch only (Triton takes the defaults): the power sums are of x - shift (a shift
+    near the mean keeps the central moments exact when |mean| >> std), and the histogram counts
+    every hist_stride-th element. The native op bins in fp64 (numpy's bins), the others in fp32."""
     if not hi > lo or bins < 1:
         raise UserError(f"moments_histogram: need hi > lo and bins >= 1, got lo={lo}, hi={hi}, bins={bins}")
     if x.numel() == 0:
         raise ValueError("moments_histogram: empty tensor")
-    if dispatch.resolve(backend, x) != "triton":
-        return moments_histogram_ref(x, lo, hi, bins)
-    s, hist = _moments_op(x, float(lo), float(hi), int(bins))
+    name = dispatch.resolve(backend, x)
+    if name == "native":
+        s, hist = native.load().moments_histogram(x.detach(), float(lo), float(hi), int(bins), float(shift),
+                                                  int(hist_stride))
+    elif name != "triton":
+        return moments_histogram_ref(x, lo, hi, bins, shift, hist_stride)
+    elif shift or hist_stride != 1:
+        raise ValueError("moments_histogram: the Triton kernel takes shift=0 and hist_stride=1 only")
+    else:
+        s, hist = _moments_op(x, float(lo), float(hi), int(bins))
     return Moments(x.numel(), s[0], s[1], s[2], s[3], s[4], s[5], hist)
 
 

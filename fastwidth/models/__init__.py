@@ -22,12 +22,18 @@ KIND_OF_ARCH = {"gpt": "tokens", "mlp": "classes", "resnet": "classes"}
 
 def build_meta(cfg: Config, io) -> nn.Module:
     """The model on the meta device (no memory), for sharding or planning."""
+    with torch.device("meta"):
+        return build_uninitialized(cfg, io)
+
+
+def build_uninitialized(cfg: Config, io) -> nn.Module:
+    """The model on the current default device with uninitialized (torch.empty) parameters: for
+    constructors that partition each layer as it is made (deepspeed.zero.Init)."""
     arch = cfg.model.arch
     if KIND_OF_ARCH[arch] != io.kind:
         raise ConfigError(f"model.arch {arch} needs a {KIND_OF_ARCH[arch]} data source, "
                           f"data.source gives {io.kind}")
-    with torch.device("meta"):
-        return BUILDERS[arch](cfg, io)
+    return BUILDERS[arch](cfg, io)
 
 
 def materialize(model: nn.Module, table: dict[str, ParamInfo], device, seed: int, width: int) -> nn.Module:

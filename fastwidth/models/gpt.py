@@ -38,8 +38,9 @@ class Block(nn.Module):
         self.mlp = FeedForward(width, cfg_model.mlp_ratio * width, act, cfg_model.bias, device=device)
 
     def forward(self, x, cos, sin):
-        x = x + self.attn(self.norm1(x), cos, sin)
-        return x + self.mlp(self.norm2(x))
+        # x + attn(...) and norm2 of it in one kernel (the same sum, rounded the same way)
+        y, x = self.norm2.with_residual(self.attn(self.norm1(x), cos, sin), x)
+        return x + self.mlp(y)
 
 
 class GPT(WidthModel):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fastwidth.kernels.attention import attention
+from fastwidth.kernels.rope import rope
 from fastwidth.nn.layers import MuLinear
 
 
@@ -21,11 +22,8 @@ def rope_tables(seq_len: int, head_dim: int, base: float, device=None) -> tuple[
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D) rotated pairwise (x[..., :D/2], x[..., D/2:])."""
-    T = x.shape[-2]
-    c, s = cos[:T].to(x.dtype), sin[:T].to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
+    """x (B, H, T, D) rotated pairwise (x[..., :D/2], x[..., D/2:]): fastwidth.kernels.rope."""
+    return rope(x, cos, sin)
 
 
 class Attention(nn.Module):

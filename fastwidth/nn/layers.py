@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastwidth.kernels.norm import layer_norm, rms_norm
+from fastwidth.kernels.norm import layer_norm, layer_norm_residual, rms_norm, rms_norm_residual
 from fastwidth.param.roles import Init, Role
 
 
@@ -108,3 +108,11 @@ class Norm(nn.Module):
         if self.kind == "rms":
             return rms_norm(x, self.weight, self.eps)
         return layer_norm(x, self.weight, self.bias, self.eps)
+
+    def with_residual(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(s), s) for s = x + residual: the add fused into the norm's kernel."""
+        if self.kind == "rms":
+            y, s, _ = rms_norm_residual(x, residual, self.weight, self.eps)
+        else:
+            y, s, _ = layer_norm_residual(x, residual, self.weight, self.bias, self.eps)
+        return y, s

@@ -32,7 +32,7 @@ def _engine_dir(path: Path, name: str) -> Path:
 
 
 def save_member(engine, name: str, where: Path) -> None:
-    if engine.name == "fsdp2":
+    if engine.name in ("fsdp2", "ddp"):  # ddp: a replicated member of a mixed placement (DCP dedups it)
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
         msd, osd = get_state_dict(engine.models[name], engine.optimizers[name])
@@ -42,7 +42,7 @@ def save_member(engine, name: str, where: Path) -> None:
 
 
 def load_member(engine, name: str, where: Path) -> None:
-    if engine.name == "fsdp2":
+    if engine.name in ("fsdp2", "ddp"):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
         model, opt = engine.models[name], engine.optimizers[name]
@@ -57,9 +57,11 @@ def load_member(engine, name: str, where: Path) -> None:
             raise CheckpointError(f"deepspeed could not load checkpoint {where}")
 
 
-def save(engine, env, ckpt_root: Path, step: int, members: list, extra: dict, keep: int) -> Path:
-    """Collective: every rank calls it at the same step."""
+def save(engine, env, ckpt_root: Path, step: int, members: list, extra: dict, keep: int, engine_of=None) -> Path:
+    """Collective: every rank calls it at the same step. engine_of(name): the engine of a member
+    (placement per width); default `engine` for all."""
     ckpt_root = Path(ckpt_root)
+    engine_of = engine_of or (lambda _name: engine)
     if engine.name == "ddp":
         path = None
         if env.is_main:
@@ -70,11 +72,13 @@ def save(engine, env, ckpt_root: Path, step: int, members: list, extra: dict, ke
     tmp = ckpt_root / f".tmp-{final.name}"
     if env.is_main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        prune_stale(ckpt_root)
         (tmp / "engine").mkdir(parents=True)
     env.barrier()
-    for m in members:
-        save_member(engine, m.name, _engine_dir(tmp, m.name))
+    for i, m in enumerate(members):
+        if i == len(members) - 1:
+            env.maybe_die(f"save{step}")  # test hook: a rank lost in the middle of a save
+        save_member(engine_of(m.name), m.name, _engine_dir(tmp, m.name))
     env.barrier()
     if env.is_main:
         info = {"backend": engine.name, "world_size": env.world_size, "zero_stage": engine.cfg.dist.zero_stage}
@@ -91,8 +95,18 @@ def save(engine, env, ckpt_root: Path, step: int, members: list, extra: dict, ke
     return final
 
 
-def restore(engine, env, members: list, meta: dict, path: Path) -> None:
+def prune_stale(ckpt_root: Path) -> list[str]:
+    """Remove hidden .tmp-* directories: saves that never completed (a rank or the job died)."""
+    gone = []
+    for p in Path(ckpt_root).glob(".tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+        gone.append(p.name)
+    return gone
+
+
+def restore(engine, env, members: list, meta: dict, path: Path, engine_of=None) -> None:
     """Load every member from checkpoint `path` (meta from ckpt.read_checkpoint)."""
+    engine_of = engine_of or (lambda _name: engine)
     info = meta.get("engine")
     if engine is None or engine.name == "ddp":
         if info is not None:
@@ -111,7 +125,7 @@ def restore(engine, env, members: list, meta: dict, path: Path) -> None:
         entry = next((e for e in meta["members"] if e["name"] == m.name), None)
         if entry is None:
             raise CheckpointError(f"checkpoint {path} has no model {m.name}")
-        load_member(engine, m.name, _engine_dir(path, m.name))
+        load_member(engine_of(m.name), m.name, _engine_dir(path, m.name))
         m.step = int(entry["step"])
 
 
@@ -122,12 +136,12 @@ def _member_state(path: Path, meta: dict, name: str) -> dict[str, torch.Tensor]:
     if info is None:
         return dict(meta["tensors"][f"model.{name}.safetensors"])
     where = _engine_dir(path, name)
-    if info["backend"] == "fsdp2":
+    if info["backend"] == "fsdp2" or (where / ".metadata").is_file():  # DCP (also ddp members of a mixed run)
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
         with tempfile.TemporaryDirectory() as d:
             dcp_to_torch_save(str(where), os.path.join(d, "full.pt"))
             return dict(torch.load(os.path.join(d, "full.pt"), weights_only=True)["model"])
-    from fastwidth.parallel.engines import import_deepspeed
+    from fastwidth.parallel.zero import import_deepspeed
     import_deepspeed(torch.cuda.is_available())
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     sd = get_fp32_state_dict_from_zero_checkpoint(str(where.parent), tag=where.name)

@@ -1,43 +1,35 @@
 """ddp | fsdp2 | deepspeed behind one interface; models stay single-device code.
 
     engine = build_engine(cfg, env)
-    model, optimizer = engine.wrap(name, meta_model, table, width_cfg, seed)   # one per sweep member
-    loss = engine.loss(name, x, y); engine.step(name, loss)                     # every optimizer step
+    model = engine.build(name, meta_model, table, width_cfg, seed, construct)   # every member first
+    model, optimizer = engine.finish(name, table, width_cfg)                      # then engines/optimizers
+    loss = engine.train_step(name, x, y, micro_steps, StepContext(autocast, pause))  # every optimizer step
 
-`wrap` is the one parallelize step, in a fixed order: build on meta (done by the caller, with the
-µP table computed from the meta model's global shapes), shard, materialize, init. Every member of
-a sweep gets its own engine instance over the same process group. The returned `model` is the
-module the statistics hooks and the probe forward use (FSDP2 and DeepSpeed shard it in place, so
-`model(x)` gathers what it needs); the optimizer's param groups are built from the µP table and
-carry lr_mult / wd_mult, and fastwidth's schedule writes every group's LR each step, so no engine
-scheduler is ever created.
+`build` is the one parallelize step, in a fixed order (torchtitan's):
+  1. placement: this engine was chosen for the member's width (placement.engine_for_width);
+  2. activation checkpointing of every block (train.activation_checkpointing=block);
+  3. shard and materialize: FSDP2 `fully_shard` on the meta model then `to_empty` (local shards
+     only); ZeRO-3 constructs under `deepspeed.zero.Init` (each layer partitioned as it is made);
+     ddp and ZeRO-1/2 materialize the whole model;
+  4. init: each rank draws only what it holds (draw_init rows for DTensor shards, draw_init_flat
+     for a ZeRO-3 partition), so a sharded model equals the single-process one.
+`finish` creates what holds optimizer state (DDP buckets, the DeepSpeed engine, the optimizer):
+the loop measures memory between the two ("built" and "ready" rows). The optimizer's param
+groups are built from the µP table and carry lr_mult / wd_mult; fastwidth's schedule writes every
+group's LR each step, so no engine scheduler is ever created.
 """
 from __future__ import annotations
 
-import copy
-import os
+import contextlib
+import functools
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
-from fastwidth.errors import ConfigError
 from fastwidth.param.optim import build_optimizer
 from fastwidth.param.scaling import ParamInfo, apply_forward_mults, draw_init, init_parameters
-
-
-def import_deepspeed(cuda: bool):
-    """Import deepspeed for this machine. On the CPU: accelerator 'cpu', and no shared-memory comm op
-    (it only speeds CPU inference all-reduce, and its JIT C++ build took > 3 min on 2 cores)."""
-    if not cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    try:
-        import deepspeed
-        import deepspeed.ops
-    except ImportError:
-        raise ConfigError("dist.backend=deepspeed but deepspeed is not installed (pip install '.[dist]')") from None
-    if not cuda:
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    return deepspeed
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
@@ -48,6 +40,25 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
         if isinstance(child, nn.ModuleList):
             units += [m for m in child if any(True for _ in m.parameters())]
     return units
+
+
+def checkpoint_blocks(model: nn.Module) -> int:
+    """Recompute each shard unit's forward in backward instead of saving its activations
+    (torch.utils.checkpoint, non-reentrant). The instance's forward is replaced, so parameter
+    names (the µP table's keys) do not change; FSDP2's and DeepSpeed's hooks stay on the module
+    call around it. Returns the number of blocks wrapped."""
+    from torch.utils.checkpoint import checkpoint
+    units = shard_units(model)
+    for unit in units:
+        plain = unit.forward
+
+        @functools.wraps(plain)
+        def forward(*args, _plain=plain, **kwargs):
+            if not torch.is_grad_enabled():
+                return _plain(*args, **kwargs)
+            return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+        unit.forward = forward
+    return len(units)
 
 
 class LossForward(nn.Module):
@@ -66,11 +77,53 @@ def clip_grad(params, max_norm: float) -> None:
         torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
+def micro_batches(x: torch.Tensor, y: torch.Tensor, k: int):
+    """k equal row slices of this rank's batch (k divides it: checked in parallel.placement)."""
+    return list(zip(x.chunk(k), y.chunk(k))) if k > 1 else [(x, y)]
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Context factories of one training step: `forward` around each micro-batch's forward
+    (autocast), `backward` around each backward (statistics hooks paused, so activation
+    checkpointing's recomputed forwards are not counted twice)."""
+
+    forward: Callable = contextlib.nullcontext
+    backward: Callable = contextlib.nullcontext
+
+
+def accumulate(forward, backward, x, y, k: int, ctx: StepContext = StepContext(), sync=None) -> torch.Tensor:
+    """One optimizer step's gradients over k micro-batches: forward(xi, yi) -> loss (the mean over
+    its rows), backward(loss); sync(last) wraps each micro-batch (gradient reduction only on the
+    last). Every micro-batch holds the same number of targets, so the mean of the k losses is the
+    whole batch's mean and gradients of loss / k sum to its gradient. Returns the mean loss."""
+    parts = micro_batches(x, y, k)
+    total = None
+    for i, (xi, yi) in enumerate(parts):
+        with sync(i == len(parts) - 1) if sync else contextlib.nullcontext():
+            with ctx.forward():
+                loss = forward(xi, yi)
+            with ctx.backward():
+                backward(loss)
+        total = loss.detach() if total is None else total + loss.detach()
+    return total / len(parts)
+
+
+def local_step(model, optimizer, x, y, k: int, ctx: StepContext, grad_clip: float, loss_fn=None) -> torch.Tensor:
+    """A single-process optimizer step with k-way gradient accumulation; loss_fn(x, y) defaults to
+    the model's fused readout + cross-entropy."""
+    loss = accumulate(loss_fn or model.loss, lambda l: (l / k).backward(), x, y, k, ctx)
+    clip_grad(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 class Engine:
     """Base: plain single-process training (used for backend none only by tests)."""
 
     name = "none"
-    sharded = False        # parameters split across ranks (fsdp2, ZeRO-3): no whole-model statistics
+    sharded = False        # parameters split across ranks (fsdp2, ZeRO-3)
 
     def __init__(self, cfg, env):
         self.cfg, self.env = cfg, env
@@ -85,17 +138,40 @@ class Engine:
         apply_forward_mults(model, table)
         return model
 
-    def wrap(self, name: str, model: nn.Module, table: dict[str, ParamInfo], wcfg, seed: int):
-        model = self._materialize(model, table, seed, wcfg.model.width)
-        opt = build_optimizer(model, table, wcfg)
-        self.handles[name], self.models[name], self.optimizers[name] = model, model, opt
-        return model, opt
+    def _checkpointing(self, model) -> None:
+        if self.cfg.train.activation_checkpointing == "block":
+            checkpoint_blocks(model)
+
+    def build(self, name: str, model: nn.Module, table: dict[str, ParamInfo], wcfg, seed: int, construct=None):
+        """The member's model sharded and initialized; no optimizer or engine state yet."""
+        self._checkpointing(model)
+        self.models[name] = self._materialize(model, table, seed, wcfg.model.width)
+        return self.models[name]
+
+    def finish(self, name: str, table: dict[str, ParamInfo], wcfg):
+        model = self.models[name]
+        self.handles[name], self.optimizers[name] = model, build_optimizer(model, table, wcfg)
+        return model, self.optimizers[name]
+
+    def wrap(self, name, model, table, wcfg, seed, construct=None):
+        self.build(name, model, table, wcfg, seed, construct)
+        return self.finish(name, table, wcfg)
 
     def loss(self, name: str, x, y):
         return self.models[name].loss(x, y)
 
-    def step(self, name: str, loss) -> None:
-        loss.backward()
+    def sync(self, name: str, last: bool):
+        """Context of one micro-batch's forward and backward: gradient reduction only on the last."""
+        return contextlib.nullcontext()
+
+    def train_step(self, name: str, x, y, k: int = 1, ctx: StepContext = StepContext()) -> torch.Tensor:
+        """Forward and backward over k micro-batches, then clip, step and zero; the mean loss."""
+        loss = accumulate(lambda xi, yi: self.loss(name, xi, yi), lambda l: (l / k).backward(), x, y, k,
+                          ctx, lambda last: self.sync(name, last))
+        self.apply_step(name)
+        return loss
+
+    def apply_step(self, name: str) -> None:
         clip_grad(self.models[name].parameters(), self.cfg.optim.grad_clip)
         self.optimizers[name].step()
         self.optimizers[name].zero_grad(set_to_none=True)
@@ -104,30 +180,47 @@ class Engine:
 class DDPEngine(Engine):
     name = "ddp"
 
-    def wrap(self, name, model, table, wcfg, seed):
+    def finish(self, name, table, wcfg):
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = self._materialize(model, table, seed, wcfg.model.width)  # identical on every rank: seeded per name
+        model = self.models[name]  # identical on every rank: seeded per name
         ids = [self.env.device.index] if self.env.device.type == "cuda" else None
         self.handles[name] = DDP(LossForward(model), device_ids=ids)
-        opt = build_optimizer(model, table, wcfg)
-        self.models[name], self.optimizers[name] = model, opt
-        return model, opt
+        self.optimizers[name] = build_optimizer(model, table, wcfg)
+        return model, self.optimizers[name]
 
     def loss(self, name, x, y):
         return self.handles[name](x, y)
+
+    def sync(self, name, last):
+        return contextlib.nullcontext() if last else self.handles[name].no_sync()
 
 
 class FSDP2Engine(Engine):
     name = "fsdp2"
     sharded = True
 
-    def wrap(self, name, model, table, wcfg, seed):
+    def __init__(self, cfg, env):
+        super().__init__(cfg, env)
+        self.mesh = self.make_mesh()  # with the process group (before the memory baseline): ~70 MB of gloo state
+
+    def make_mesh(self):
+        """1-D over every rank, or (replicate, shard) for HSDP (dist.replicate groups)."""
+        from torch.distributed.device_mesh import init_device_mesh
+        r, world = self.cfg.dist.replicate, self.env.world_size
+        kind = self.env.device.type
+        if r > 1:
+            return init_device_mesh(kind, (r, world // r), mesh_dim_names=("replicate", "shard"))
+        return init_device_mesh(kind, (world,), mesh_dim_names=("shard",))
+
+    def build(self, name, model, table, wcfg, seed, construct=None):
         from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
                                             register_fsdp_forward_method)
         dc, cuda = self.cfg.dist, self.env.device.type == "cuda"
-        kw = {"offload_policy": CPUOffloadPolicy(pin_memory=cuda) if dc.offload_params else OffloadPolicy()}
+        kw = {"mesh": self.mesh,
+              "offload_policy": CPUOffloadPolicy(pin_memory=cuda) if dc.offload_params else OffloadPolicy()}
         if dc.mixed_precision == "bf16":
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        self._checkpointing(model)
         # order: every block its own unit (all-gathered one at a time), then the root (embedding,
         # final norm and readout); loss/features are forward methods so the root unit gathers for them
         for unit in shard_units(model):
@@ -139,9 +232,14 @@ class FSDP2Engine(Engine):
         init_sharded(model, table, seed, wcfg.model.width)
         model.reset_buffers()
         apply_forward_mults(model, table)
-        opt = build_optimizer(model, table, wcfg)
-        self.handles[name], self.models[name], self.optimizers[name] = model, model, opt
-        return model, opt
+        self.models[name] = model
+        return model
+
+    def sync(self, name, last):
+        model = self.models[name]
+
+        model.set_requires_gradient_sync(last)  # reduce-scatter only after the last micro-batch
+        return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -165,67 +263,9 @@ def init_sharded(model: nn.Module, table: dict[str, ParamInfo], seed: int, width
             local.copy_(rows.to(local.dtype))
 
 
-def deepspeed_config(cfg, world_size: int) -> dict:
-    """The DeepSpeed JSON, generated from the YAML (never a second file): batch, clipping, ZeRO
-    stage and offload from fastwidth's keys, then `dist.deepspeed` merged over it."""
-    dc, b = cfg.dist, cfg.data.batch_size
-    zero = {"stage": dc.zero_stage}
-    if dc.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if dc.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    out = {"train_batch_size": b, "train_micro_batch_size_per_gpu": b // world_size,
-           "gradient_accumulation_steps": 1, "gradient_clipping": cfg.optim.grad_clip,
-           "zero_optimization": zero, "bf16": {"enabled": dc.mixed_precision == "bf16"},
-           # fastwidth's own torch optimizer (param groups from the µP table) under every stage;
-           # DeepSpeedCPUAdam would need a C++ build and would not know lr_mult
-           "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
-           "steps_per_print": 1 << 62, "wall_clock_breakdown": False}
-    return _merge(out, dc.deepspeed)
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in (over or {}).items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-class DeepSpeedEngine(Engine):
-    name = "deepspeed"
-
-    def __init__(self, cfg, env):
-        super().__init__(cfg, env)
-        self.ds = import_deepspeed(env.device.type == "cuda")
-        self.sharded = cfg.dist.zero_stage == 3
-        self.ds_config = deepspeed_config(cfg, env.world_size)
-
-    def wrap(self, name, model, table, wcfg, seed):
-        # materialized whole, then partitioned by initialize (ZeRO-3 host peak: one full copy per rank)
-        model = self._materialize(model, table, seed, wcfg.model.width)
-        wrapper = LossForward(model)
-        if self.sharded:  # model.loss reads the readout weight outside the readout's forward
-            for p in model.readout.parameters():
-                self.ds.zero.register_external_parameter(wrapper, p)
-        opt = build_optimizer(model, table, wcfg)
-        engine, ds_opt, _, _ = self.ds.initialize(model=wrapper, optimizer=opt, config=copy.deepcopy(self.ds_config))
-        self.handles[name], self.models[name], self.optimizers[name] = engine, model, ds_opt
-        return model, ds_opt
-
-    def loss(self, name, x, y):
-        return self.handles[name](x, y)
-
-    def step(self, name, loss):
-        engine = self.handles[name]
-        engine.backward(loss)
-        engine.step()  # clips (gradient_clipping), steps and zeroes the gradients
-
-
-ENGINES = {"ddp": DDPEngine, "fsdp2": FSDP2Engine, "deepspeed": DeepSpeedEngine}
-
-
-def build_engine(cfg, env) -> Engine | None:
-    """The engine of cfg.dist.backend, or None for single-process training."""
+def build_engine(cfg, env, **kw) -> Engine | None:
+    """The engine of cfg.dist.backend, or None for single-process training (kw: DeepSpeed's)."""
+    from fastwidth.parallel.zero import DeepSpeedEngine
     if cfg.dist.backend == "none":
         return None
-    return ENGINES[cfg.dist.backend](cfg, env)
+    return {"ddp": DDPEngine, "fsdp2": FSDP2Engine, "deepspeed": DeepSpeedEngine}[cfg.dist.backend](cfg, env, **kw)

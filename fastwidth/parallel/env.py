@@ -27,6 +27,8 @@ from fastwidth.errors import ConfigError, UserError
 # Test hook: "RANK:STEP" makes that rank SIGKILL itself after finishing optimizer step STEP, as
 # a crashed host would (tests/parallel/test_dist.py checks the launch fails loudly, the checkpoint survives).
 KILL_ENV = "FASTWIDTH_TEST_KILL"
+# Test hook: that rank behaves as if train.out_dir were on a filesystem only it mounts.
+BLIND_ENV = "FASTWIDTH_TEST_PRIVATE_OUT_DIR"
 
 
 @dataclass
@@ -85,6 +87,32 @@ class DistEnv:
                             f"({text[:160]}); the last complete checkpoint in train.out_dir still loads") from None
 
 
+def check_shared_dir(env: DistEnv, out_dir) -> None:
+    """Every rank must see train.out_dir (checkpoints are written there by all ranks and renamed by
+    rank 0): rank 0 writes a token, the others read it. Collective."""
+    from pathlib import Path
+    if not env.active or env.world_size == 1:
+        return
+    token = Path(out_dir) / f".fastwidth-shared-{os.environ.get('MASTER_PORT', '0')}"
+    created = not token.parent.exists()
+    if env.is_main:
+        token.parent.mkdir(parents=True, exist_ok=True)
+        token.write_text(str(os.getpid()))
+    env.barrier()
+    seen = token.is_file() and os.environ.get(BLIND_ENV) != str(env.rank)
+    flags = [None] * env.world_size
+    dist.all_gather_object(flags, (env.rank, socket.gethostname(), seen))
+    env.barrier()
+    blind = [f"rank {r} on {h}" for r, h, ok in flags if not ok]
+    if env.is_main:
+        token.unlink(missing_ok=True)
+        if blind and created:
+            token.parent.rmdir()  # nothing left behind
+    if blind:
+        raise UserError(f"train.out_dir {out_dir} is not on a filesystem every rank sees ({', '.join(blind[:4])} "
+                        f"cannot read rank 0's files there); put it on a shared filesystem")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -99,6 +127,10 @@ def init_dist(cfg) -> DistEnv:
     """Join (or create) the process group the launcher set up; a plain DistEnv when backend is none."""
     backend = cfg.dist.backend
     world = launched_world()
+    tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+    if tasks > 1 and "WORLD_SIZE" not in os.environ:
+        raise ConfigError(f"SLURM_NTASKS={tasks} but no WORLD_SIZE: this would start {tasks} independent runs into "
+                          f"one directory; launch with torchrun or deepspeed (e.g. srun torchrun --nnodes ...)")
     if backend == "none":
         if world > 1:
             raise ConfigError(f"launched on {world} ranks but dist.backend is none; set dist.backend to "
@@ -113,6 +145,8 @@ def init_dist(cfg) -> DistEnv:
                           f"got {backend} with zero_stage={cfg.dist.zero_stage}")
     cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
     comm = "nccl" if cuda else "gloo"
+    if cuda and backend == "fsdp2" and cfg.dist.offload_params:
+        comm = "cpu:gloo,cuda:nccl"  # offloaded shards: the CPU-side gradient clip reduces over gloo
     if "RANK" not in os.environ:  # plain python: a group of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
@@ -123,7 +157,7 @@ def init_dist(cfg) -> DistEnv:
     timeout = datetime.timedelta(seconds=cfg.dist.timeout_s)
     if not dist.is_initialized():
         if backend == "deepspeed":
-            from fastwidth.parallel.engines import import_deepspeed
+            from fastwidth.parallel.zero import import_deepspeed
             import_deepspeed(cuda).init_distributed(dist_backend=comm, timeout=timeout)
         else:
             dist.init_process_group(comm, timeout=timeout)

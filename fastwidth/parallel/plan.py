@@ -1,27 +1,39 @@
-"""`fastwidth plan`: per-rank memory of a config under every backend, and the widest GPT that fits.
+"""`fastwidth plan`: per-rank memory of a sweep under every backend, and the widest GPT that fits.
 
     fastwidth plan --config configs/dist/gpt_16k_8gpu.yaml --set dist.world_size=8
 
-Bytes per rank (P parameters, W ranks, Adam 8 B/param of state, SGD 4 with momentum):
-    params     fp32 4P; sharded (fsdp2, ZeRO-3) 4P/W; offload_params: host
-    grads      4P; sharded from ZeRO-2 / fsdp2: 4P/W; ddp adds its bucket copy (+4P)
-    optimizer  8P; sharded from ZeRO-1 / fsdp2: 8P/W; offload_optimizer: host
-    buffers    gathered working set of sharded backends: root unit + 2 blocks (prefetch) in the
-               compute dtype, + one block's unsharded grads; bf16 adds a 2 B/param compute copy
-    activations per GPT block B·T·(16N + 2·H·T) values saved for backward, + 2·B·T·V logits;
-               MLP 3·B·N per layer; B is the rank's share of data.batch_size
-Measured against CPU peak memory in tests/parallel/test_plan.py (the note quotes the error).
+Per member and phase, bytes per rank (P parameters, W ranks, L the largest tensor, K the largest
+block, R the root unit's parameters, c the compute dtype's bytes; Adam holds 8 B/param of state):
+    built   params 4P (ddp, ZeRO-1/2) or 4P/W (fsdp2, ZeRO-3), plus the init temporaries: 8L
+            (ZeRO-3: the layer being built is allocated whole and broadcast before partitioning)
+    ready   + DDP's gradient buckets 4P; DeepSpeed: fp32 master partition 4P/W and the Adam state
+            8P/W it initializes in deepspeed.initialize (stage_1_and_2.py / stage3.py,
+            initialize_optimizer_states), ZeRO-1/2 a transient flat copy of the parameters 4P
+    step    persistent: + optimizer state (torch: 8P or 8P/W, created by step 1; DeepSpeed's
+            gradient partitions 4P/W); transient while one member steps: gradients (4P, or 4P/W
+            sharded), activations, the gathered working set of sharded engines ((R + 2K)·c,
+            + one block's unsharded gradient 4K), DeepSpeed's reduce buckets, FSDP2's foreach Adam
+            temporaries (8P/W) and ZeRO's flattened fp32 gradient (4P/W)
+    eval    persistent + the probe forward's activations at stats.eval_batch (+ sharpness: 3x
+            activations and a gradient 4P/W) for one member at a time
+A sweep is every member built (sum of built), then every member ready (sum), then one member at a
+time steps or evaluates on top of every member's persistent state: the peak per rank is
+    max(sum built, sum ready, sum persistent + max transient(step), sum persistent + max eval).
+Checked against the memory rows of 2-rank CPU runs (tests/parallel/test_memory.py) for ddp,
+fsdp2 and ZeRO 1-3; the note quotes the error. Offloaded state moves to "host".
 """
 from __future__ import annotations
 
-import dataclasses
-import math
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 from fastwidth.config import Config, for_width
 from fastwidth.errors import ConfigError
 
 GIB = 1 << 30
+# Host memory FSDP2 holds from its first fully_shard / to_empty on (DTensor dispatch and FSDP
+# state, not proportional to the model): 64-70 MiB per rank measured on 2 CPU ranks (torch 2.13).
+FSDP2_CPU_RUNTIME = 64 * (1 << 20)
 
 
 def _io(cfg: Config):
@@ -38,80 +50,169 @@ def _io(cfg: Config):
 
 
 def count_params(cfg: Config) -> dict:
-    """Exact counts from the model built on meta: total, root unit, largest block."""
-    from fastwidth.parallel.engines import shard_units
+    """Exact counts from the model built on meta: total, root unit, largest block, largest tensor."""
     from fastwidth.models import build_meta
+    from fastwidth.parallel.engines import shard_units
     model = build_meta(cfg, _io(cfg))
     total = sum(p.numel() for p in model.parameters())
     units = [sum(p.numel() for p in u.parameters()) for u in shard_units(model)]
     return {"total": total, "root": total - sum(units), "block": max(units, default=0),
+            "tensor": max((p.numel() for p in model.parameters()), default=0),
             "heads": (cfg.model.n_heads or cfg.model.width // cfg.model.head_dim) if cfg.model.arch == "gpt" else 0,
             "vocab": getattr(_io(cfg), "vocab_size", None)}
 
 
-def activation_values(cfg: Config, counts: dict, local_batch: int) -> float:
+def activation_values(cfg: Config, counts: dict, rows: int) -> float:
+    """Values saved for backward by one forward of `rows` examples (sequences for the GPT).
+    GPT block: B·T·(16N + 2·H·T), logits 2·B·T·V; MLP 3·B·N per layer. Under
+    train.activation_checkpointing=block only each block's input (B·T·N) stays, plus one block's
+    full set while it is recomputed."""
     m, n = cfg.model, cfg.model.width
     if m.arch == "gpt":
         t, h, v = cfg.data.seq_len, counts["heads"], counts["vocab"]
-        return local_batch * t * (m.depth * (16 * n + 2 * h * t) + 2 * v)
-    if m.arch == "mlp":
-        return local_batch * (m.depth * 3 * n + 2 * cfg.data.num_classes)
-    return local_batch * 16 * n * m.depth * 32 * 32  # resnet: rough, 32x32 feature maps
+        block, inp, head = rows * t * (16 * n + 2 * h * t), rows * t * n, 2 * rows * t * v
+    elif m.arch == "mlp":
+        block, inp, head = rows * 3 * n, rows * n, 2 * rows * cfg.data.num_classes
+    else:  # resnet: rough, 32x32 feature maps
+        block, inp, head = rows * 16 * n * 32 * 32, rows * n * 32 * 32, 0
+    if cfg.train.activation_checkpointing == "block":
+        return m.depth * inp + block + head
+    return m.depth * block + head
+
+
+@dataclass(frozen=True)
+class Choice:
+    backend: str = "none"           # none | ddp | fsdp2 | deepspeed
+    stage: int = 0
+    offload_opt: bool = False
+    offload_params: bool = False
+
+    @property
+    def sharded(self) -> bool:
+        return self.backend == "fsdp2" or (self.backend == "deepspeed" and self.stage == 3)
+
+    @property
+    def label(self) -> str:
+        s = self.backend if self.backend != "deepspeed" else f"zero{self.stage}"
+        return s + (" +opt-offload" if self.offload_opt else "") + (" +param-offload" if self.offload_params else "")
+
+
+def phase_peaks(plan: dict) -> dict:
+    """The running peak at each memory row's phase (ru_maxrss never goes down)."""
+    built = plan["built"]
+    ready = max(built, plan["ready"])
+    return {"built": built, "ready": ready, "step": max(ready, plan["step"])}
+
+
+def choice_of(cfg: Config) -> Choice:
+    d = cfg.dist
+    return Choice(d.backend, d.zero_stage if d.backend == "deepspeed" else 0, d.offload_optimizer, d.offload_params)
+
+
+def member_plan(cfg: Config, choice: Choice, world: int, counts: dict | None = None, k: int = 1,
+                cpu: bool = False) -> dict:
+    """One member's bytes per rank: built, ready, persistent, step (transient), eval (transient), host.
+    cpu: the "device" is host memory (adds the runtime state that lives in host memory)."""
+    from fastwidth.parallel.zero import bucket_elements
+    c = counts or count_params(cfg)
+    p, big, blk, root = c["total"], c["tensor"], c["block"], c["root"]
+    w = world if choice.backend != "none" else 1
+    cb = 2 if cfg.dist.mixed_precision == "bf16" or cfg.train.precision == "bf16" else 4
+    opt_b = {"sgd": 4 if cfg.optim.momentum else 0}.get(cfg.optim.name, 8)
+    ds, sharded = choice.backend == "deepspeed", choice.sharded
+    # DeepSpeed keeps its partitions in the compute dtype (bf16) beside an fp32 master; the others fp32
+    held = (cb if ds and cfg.dist.mixed_precision == "bf16" else 4) * p / (w if sharded else 1)
+    host = 0.0
+    if choice.offload_params and sharded:
+        host, held = host + held, 0.0
+    built = held + 12 * big / (w if choice.backend == "fsdp2" else 1)   # init: blocks, cat, scaled copy
+    persistent, ready_extra = held, 0.0
+    if choice.backend == "ddp":
+        persistent += 4 * p                                   # gradient buckets
+    opt_state = opt_b * p / (w if (sharded or (ds and choice.stage >= 1)) else 1)
+    master = 4 * p / w if ds else 0.0                         # fp32 master partition (DeepSpeed, every stage)
+    if ds and choice.offload_opt:
+        host, opt_state, master = host + opt_state + master + 4 * p / w, 0.0, 0.0
+    persistent += master
+    if ds and choice.stage == 3:
+        persistent += opt_state                               # stage3.py initializes the state at initialize
+    if ds and choice.stage < 3:
+        ready_extra = 4 * p                                   # flattening the parameters into one buffer
+    ready = persistent + ready_extra + (FSDP2_CPU_RUNTIME if choice.backend == "fsdp2" and cpu else 0.0)
+    # ZeRO-1 keeps only its partition of the averaged gradients, as ZeRO-2 (equal peaks measured, 0.19.8)
+    grads = 4 * p / (w if (sharded or (ds and choice.stage >= 1)) else 1)
+    rows = cfg.data.batch_size // max(w, 1) // max(k, 1)
+    act = cb * activation_values(cfg, c, rows)
+    transient = grads + act
+    if not (ds and choice.stage == 3):
+        persistent += opt_state                               # torch creates it at step 1
+    if ds:
+        persistent += grads                                   # gradient partitions
+        transient = 4 * p / w + act                           # + the flattened fp32 gradient
+        transient += 4 * 2 * bucket_elements(blk)             # reduce buckets (overlap_comm: two)
+    if sharded:
+        transient += cb * (root + 2 * blk) + 4 * blk
+    if choice.backend == "fsdp2" and cpu:
+        built += FSDP2_CPU_RUNTIME                            # held from the first fully_shard on
+    # evaluation: the probe forward in stats.eval_batch rows without grad: one block's values live
+    # at a time (in fp32: the probe runs fp32) and the fp32 logits
+    eval_rows = min(cfg.stats.eval_batch, cfg.data.probe_size) if cfg.stats.enabled else 0
+    ev = 4 * activation_values(cfg, c, eval_rows) / max(cfg.model.depth, 1) if eval_rows else 0.0
+    if sharded:
+        ev += cb * (root + 2 * blk)
+    if cfg.stats.enabled and cfg.stats.sharpness_iters:
+        n = max(1, cfg.stats.sharpness_points // (cfg.data.seq_len if cfg.model.arch == "gpt" else 1))
+        ev = max(ev, 3 * 4 * activation_values(cfg, c, n) + 4 * p / (w if sharded else 1))
+    return {"built": built, "ready": ready, "persistent": persistent, "step": transient, "eval": ev, "host": host,
+            "params": held, "grads": grads, "optimizer": opt_state + master, "activations": act}
+
+
+def sweep_members(cfg: Config) -> list[tuple[int, int]]:
+    widths = cfg.sweep.widths or [cfg.model.width]
+    return [(w, s) for w in widths for s in (cfg.sweep.seeds or [cfg.train.seed])]
+
+
+def plan_sweep(cfg: Config, world: int, choice: Choice | None = None, k: int = 1) -> dict:
+    """Peak bytes per rank of the whole sweep (placement per width: dist.shard_min_width)."""
+    choice = choice or choice_of(cfg)
+    plans, counted = [], {}
+    for w, _ in sweep_members(cfg):
+        ch = choice
+        if cfg.dist.shard_min_width and w < cfg.dist.shard_min_width and choice.backend != "none":
+            ch = Choice("ddp")
+        if (w, ch) not in counted:
+            wc = for_width(cfg, w)
+            counted[(w, ch)] = member_plan(wc, ch, world, count_params(wc), k)
+        plans.append(counted[(w, ch)])
+    total = {key: sum(pl[key] for pl in plans) for key in ("built", "ready", "persistent", "host", "params",
+                                                           "grads", "optimizer")}
+    total["step"] = total["persistent"] + max(pl["step"] for pl in plans)
+    total["eval"] = total["persistent"] + max(pl["eval"] for pl in plans)
+    total["activations"] = max(pl["activations"] for pl in plans)
+    total["peak"] = max(total["built"], total["ready"], total["step"], total["eval"])
+    total["members"] = len(plans)
+    return total
 
 
 def plan_memory(cfg: Config, backend: str, world: int, stage: int = 0, offload_opt: bool = False,
-                offload_params: bool = False, bf16: bool = False, counts: dict | None = None) -> dict:
-    """Bytes per rank on the device (and in host memory for offloaded state)."""
-    c = counts or count_params(cfg)
-    p = c["total"]
-    sharded = backend == "fsdp2" or (backend == "deepspeed" and stage == 3)
-    opt_b = {"sgd": 4 if cfg.optim.momentum else 0}.get(cfg.optim.name, 8)
-    shard_opt = backend == "fsdp2" or (backend == "deepspeed" and stage >= 1)
-    shard_grad = backend == "fsdp2" or (backend == "deepspeed" and stage >= 2)
-    out = {"params": 4 * p / (world if sharded else 1),
-           "grads": 4 * p / (world if shard_grad else 1),
-           "optimizer": opt_b * p / (world if shard_opt else 1)}
-    host = 0.0
-    if offload_params and sharded:
-        host += out["params"]
-        out["params"] = 0.0
-    if offload_opt and backend == "deepspeed":
-        host += out["optimizer"] + out["grads"]  # fp32 grads are copied out for the CPU step
-        out["optimizer"] = 0.0
-    cbytes = 2 if bf16 else 4
-    buffers = 4 * p if backend == "ddp" else 0.0  # DDP's gradient buckets
-    if sharded:
-        buffers += cbytes * (c["root"] + 2 * c["block"]) + 4 * c["block"]
-    if bf16 and not sharded:
-        buffers += 2 * p
-    out["buffers"] = buffers
-    out["activations"] = cbytes * activation_values(cfg, c, cfg.data.batch_size // world)
-    out["total"] = sum(out[k] for k in ("params", "grads", "optimizer", "buffers", "activations"))
-    out["host"] = host
-    return out
+                offload_params: bool = False, counts: dict | None = None) -> dict:
+    """One model's plan (cfg.model.width) under one choice; "total" is its peak per rank."""
+    m = member_plan(cfg, Choice(backend, stage, offload_opt, offload_params), world, counts)
+    return {**m, "total": max(m["built"], m["ready"], m["persistent"] + m["step"], m["persistent"] + m["eval"])}
 
 
-CHOICES = [("none", 0, False, False), ("ddp", 0, False, False), ("fsdp2", 0, False, False),
-           ("fsdp2", 0, False, True), ("deepspeed", 1, False, False), ("deepspeed", 2, False, False),
-           ("deepspeed", 2, True, False), ("deepspeed", 3, False, False), ("deepspeed", 3, True, False),
-           ("deepspeed", 3, True, True)]
+CHOICES = [Choice("none"), Choice("ddp"), Choice("fsdp2"), Choice("fsdp2", offload_params=True),
+           Choice("deepspeed", 1), Choice("deepspeed", 2), Choice("deepspeed", 2, True),
+           Choice("deepspeed", 3), Choice("deepspeed", 3, True), Choice("deepspeed", 3, True, True)]
 
 
-def label(backend, stage, off_opt, off_par) -> str:
-    s = backend if backend != "deepspeed" else f"zero{stage}"
-    return s + (" +opt-offload" if off_opt else "") + (" +param-offload" if off_par else "")
-
-
-def widest_gpt(cfg: Config, choice: tuple, world: int, budget: float, step: int = 0) -> int:
+def widest_gpt(cfg: Config, choice: Choice, world: int, budget: float, step: int = 0) -> int:
     """The widest GPT (multiple of the head size, doubling then bisecting) whose plan fits `budget` bytes."""
     step = step or (cfg.model.n_heads * 2 if cfg.model.n_heads else cfg.model.head_dim)
-    backend, stage, oo, op = choice
-    w = 1 if backend == "none" else world
-    bf16 = cfg.dist.mixed_precision == "bf16"
 
     def fits(width):
-        wc = for_width(cfg, width)
-        return plan_memory(wc, backend, w, stage, oo, op, bf16)["total"] <= budget
+        return plan_memory(for_width(cfg, width), choice.backend, world, choice.stage, choice.offload_opt,
+                           choice.offload_params)["total"] <= budget
 
     lo, hi = 0, step
     while fits(hi):
@@ -124,35 +225,55 @@ def widest_gpt(cfg: Config, choice: tuple, world: int, budget: float, step: int 
     return lo
 
 
+def device_budget(cfg: Config, env) -> tuple[float, str]:
+    """Bytes one rank may use: the GPU's memory, or the host's shared by the ranks on this node."""
+    import os
+    import torch
+    if env.device.type == "cuda":
+        return float(torch.cuda.get_device_properties(env.device).total_memory), f"GPU {env.device}"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total / max(local, 1), f"host memory / {local} local ranks"
+
+
+def check_fits(cfg: Config, env, k: int = 1) -> None:
+    """Refuse, in one line, a sweep the planner says will not fit (dist.ignore_plan=true overrides)."""
+    if cfg.dist.ignore_plan:
+        return
+    plan = plan_sweep(cfg, env.world_size, k=k)
+    budget, where = device_budget(cfg, env)
+    if plan["peak"] > budget:
+        raise ConfigError(f"the planner puts this sweep's peak at {plan['peak'] / GIB:.1f} GiB per rank, more than "
+                          f"the {budget / GIB:.1f} GiB of the {where} ({choice_of(cfg).label}, {env.world_size} ranks); "
+                          f"see `fastwidth plan`, or set dist.ignore_plan=true to start anyway")
+
+
 def cmd_plan(args) -> int:
     from fastwidth.cli import overrides_of
-    from fastwidth.config import load_config
-    cfg = load_config(args.config, overrides_of(args))
+    from fastwidth.config import load_config, resolve
+    cfg = resolve(load_config(args.config, overrides_of(args)))
     world = cfg.dist.world_size or 1
     if cfg.data.batch_size % world:
         raise ConfigError(f"data.batch_size {cfg.data.batch_size} is not divisible by dist.world_size={world}")
+    from fastwidth.parallel.placement import micro_steps
+    k = micro_steps(cfg, world)
     counts = count_params(cfg)
-    bf16 = cfg.dist.mixed_precision == "bf16"
     budget = cfg.dist.gpu_memory_gb * 1e9
-    print(f"{cfg.model.arch} width {cfg.model.width} depth {cfg.model.depth}: {counts['total'] / 1e6:.1f} M parameters; "
-          f"{world} ranks, global batch {cfg.data.batch_size}, {'bf16' if bf16 else 'fp32'}, "
-          f"{cfg.dist.gpu_memory_gb:g} GB per GPU; GiB per rank:")
-    cols = ("params", "grads", "optimizer", "activations", "buffers", "total", "host")
-    print(f"{'backend':34s}" + "".join(f"{c:>12s}" for c in cols) + f"{'fits':>6s}{'widest GPT':>12s}")
+    print(f"{cfg.model.arch} widths {cfg.sweep.widths} x seeds {cfg.sweep.seeds} depth {cfg.model.depth}: widest "
+          f"{counts['total'] / 1e6:.1f} M parameters; {world} ranks, global batch {cfg.data.batch_size} "
+          f"({k} micro-batches), checkpointing {cfg.train.activation_checkpointing}, "
+          f"{cfg.dist.gpu_memory_gb:g} GB per GPU; GiB per rank, summed over the sweep:")
+    cols = ("params", "grads", "optimizer", "activations", "built", "ready", "step", "eval", "peak", "host")
+    print(f"{'backend':34s}" + "".join(f"{c:>10s}" for c in cols) + f"{'fits':>6s}{'widest GPT':>12s}")
     for choice in CHOICES:
-        backend, stage, oo, op = choice
-        w = 1 if backend == "none" else world
-        mem = plan_memory(cfg, backend, w, stage, oo, op, bf16, counts)
-        widest = widest_gpt(cfg, choice, world, budget) if cfg.model.arch == "gpt" else 0
-        print(f"{label(*choice):34s}" + "".join(f"{mem[c] / GIB:12.2f}" for c in cols)
-              + f"{'yes' if mem['total'] <= budget else 'no':>6s}{widest:>12d}")
-    return 0
-
-
-def cmd_export(args) -> int:
-    from fastwidth.parallel.checkpoint import export_checkpoint
-    names = export_checkpoint(args.checkpoint, args.output, member=args.member)
-    print(f"wrote {args.output} ({', '.join(names)})")
+        w = 1 if choice.backend == "none" else world
+        mem = plan_sweep(cfg, w, choice, k)
+        widest = widest_gpt(cfg, choice, w, budget) if cfg.model.arch == "gpt" else 0
+        print(f"{choice.label:34s}" + "".join(f"{mem[c] / GIB:10.2f}" for c in cols)
+              + f"{'yes' if mem['peak'] <= budget else 'no':>6s}{widest:>12d}")
+    if getattr(args, "dry_run", False):
+        from fastwidth.parallel.dryrun import print_dry_run
+        print_dry_run(cfg, args.ranks or [world])
     return 0
 
 
@@ -160,9 +281,7 @@ def add_parser(sub) -> None:
     from fastwidth.cli import add_config_args
     p = sub.add_parser("plan", help="per-rank memory for every backend / ZeRO stage / offload, and the widest GPT that fits")
     add_config_args(p)
+    p.add_argument("--dry-run", action="store_true", help="shard the widest model for real on torch's fake process "
+                   "group (meta tensors, one process) and report per-rank memory")
+    p.add_argument("--ranks", type=int, nargs="+", default=None, help="rank counts of the dry run (default: dist.world_size)")
     p.set_defaults(func=cmd_plan)
-    p = sub.add_parser("export", help="write any checkpoint (single, ddp, fsdp2, deepspeed) as one safetensors file")
-    p.add_argument("checkpoint", help="a run directory, its checkpoints/ directory, or one step_* checkpoint")
-    p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
-    p.add_argument("--member", default=None, help="one model (e.g. w64_s0); default: all, keys prefixed '<member>/'")
-    p.set_defaults(func=cmd_export)

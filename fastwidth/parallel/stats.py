@@ -7,32 +7,77 @@
 - Probe signatures: `probe_signature_sharded` splits the probe's examples across ranks, reduces
   each rank's chunk to per-point values (true logit, loss, entropy, argmax, sketch) and gathers
   those, and gathers the kernel points' feature rows so Phi = phi phi^T / N is assembled exactly
-  from the whole probe. Every rank runs the same number of forwards (FSDP2 / ZeRO-3 forwards are
+  from the whole probe. The feature hooks keep only the kernel points' rows of each block's
+  output (on the host), not the whole output until the forward ends; forwards run in
+  stats.eval_batch examples. Every rank runs the same number of forwards (FSDP2 / ZeRO-3 forwards are
   collectives), padding its slice when the probe does not split evenly.
 - Sharpness and the eNTK need whole-model Hessian-vector products / per-point gradients: under a
-  sharded backend (fsdp2, ZeRO-3) `check_sharded_stats` refuses them with one line; under ddp and
-  ZeRO 1-2 every rank holds the whole model and they run unchanged.
+  sharded backend (fsdp2, ZeRO-3) `sharded_skips` names them and the run goes on without them
+  (one warning line and a `skipped` row each); under ddp and ZeRO 1-2 every rank holds the whole
+  model and they run, ZeRO-1/2 preconditioned by DeepSpeed's own Adam state (zero_optimizer_view).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from fastwidth.errors import ConfigError
 from fastwidth.stats import signature as S
 from fastwidth.stats.moments import merge
 
 
-def check_sharded_stats(cfg, engine) -> None:
-    if engine is None or not engine.sharded or not cfg.stats.enabled:
-        return
-    what = "fsdp2" if engine.name == "fsdp2" else "deepspeed zero_stage=3"
+def sharded_skips(cfg, engines) -> dict[str, str]:
+    """{stats key: why} for the whole-model statistics a sharded engine cannot run here (they need
+    every parameter on one rank: Hessian-vector products, per-point gradients). The run goes on
+    without them (one warning line and a `skipped` metrics row each); ddp and ZeRO-1/2 run them."""
+    sharded = [e for e in engines if e is not None and e.sharded]
+    if not sharded or not cfg.stats.enabled:
+        return {}
+    what = "fsdp2" if sharded[0].name == "fsdp2" else "deepspeed zero_stage=3"
+    out = {}
     if cfg.stats.sharpness_iters:
-        raise ConfigError(f"stats.sharpness_iters needs a gathered copy of the model and {what} shards it; "
-                          f"set stats.sharpness_iters=0 or use ddp / zero_stage<=2")
+        out["sharpness_iters"] = f"sharpness needs Hessian-vector products through the whole model and {what} shards it"
     if cfg.stats.ntk_points:
-        raise ConfigError(f"stats.ntk_points needs a gathered copy of the model and {what} shards it; "
-                          f"set stats.ntk_points=0 or use ddp / zero_stage<=2")
+        out["ntk_points"] = f"the eNTK needs per-point gradients of the whole model and {what} shards it"
+    return out
+
+
+def without(cfg, skips: dict):
+    """cfg with the skipped statistics turned off (for the Monitor only; the run records the user's)."""
+    import dataclasses
+    if not skips:
+        return cfg
+    return dataclasses.replace(cfg, stats=dataclasses.replace(cfg.stats, **{k: 0 for k in skips}))
+
+
+def zero_optimizer_view(model, ds_optimizer):
+    """A torch AdamW over `model`'s parameters holding DeepSpeed ZeRO-1/2's Adam state per parameter
+    (deepspeed.utils.safe_get_full_optimizer_state gathers each exp_avg_sq from the flat partitions;
+    collective: every rank calls it for every parameter), for the Adam-preconditioned sharpness."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+    named = dict(model.named_parameters())
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [named[n] for n in g["names"]]}
+              for g in ds_optimizer.param_groups]
+    view = torch.optim.AdamW(groups, lr=groups[0]["lr"])
+    inner = getattr(ds_optimizer, "optimizer", ds_optimizer)
+    steps = [float(st["step"]) for st in inner.state.values() if "step" in st]
+    if not steps:
+        return view
+    for g in view.param_groups:
+        for p in g["params"]:
+            v = safe_get_full_optimizer_state(p, "exp_avg_sq")
+            if v is not None:
+                view.state[p] = {"step": torch.tensor(max(steps)), "exp_avg_sq": v.reshape(p.shape).to(p.device)}
+    return view
+
+
+def attach_optimizer_views(monitor, placement) -> None:
+    """Sharpness under DeepSpeed ZeRO-1/2 reads DeepSpeed's Adam state through zero_optimizer_view."""
+    def optimizer_of(m):
+        engine = placement.for_width(m.width)
+        if engine is not None and engine.name == "deepspeed" and not engine.sharded:
+            return zero_optimizer_view(m.model, m.optimizer)
+        return m.optimizer
+    monitor.optimizer_of = optimizer_of
 
 
 def _gather_objects(obj, world: int) -> list:
@@ -98,8 +143,13 @@ def probe_signature_sharded(model, spec: S.ProbeSpec, device, rank: int, world: 
     lo, hi = _rank_slice(n, rank, world)
     per = -(-n // world)
     captured: dict = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, out, k=k: captured.__setitem__(k, out))
-             for k, m in feature_modules.items()]
+    keep = {"rows": None}  # the kernel points of the current forward: hooks keep only those rows
+
+    def hook(_m, _i, out, k):
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        rows = keep["rows"]
+        captured[k] = None if rows is None else out.reshape(rows[0], -1)[rows[1]].float().cpu()
+    hooks = [m.register_forward_hook(lambda _m, _i, out, k=k: hook(_m, _i, out, k)) for k, m in feature_modules.items()]
     was = model.training
     model.eval()
     keys = ("true_logit", "loss", "entropy", "argmax", "sketch")
@@ -110,12 +160,15 @@ def probe_signature_sharded(model, spec: S.ProbeSpec, device, rank: int, world: 
         for off in range(0, per, spec.eval_batch):  # the same number of forwards on every rank
             s, e = lo + off, min(lo + off + spec.eval_batch, hi)
             if s >= e:  # padding forward: the first example, results dropped
+                keep["rows"] = None
                 model(spec.x[:1].to(device))
                 captured.clear()
                 continue
+            yb = spec.y[s:e].reshape(-1).to(device)
+            ksel = S._select(spec.kernel_index, s * pe, e * pe).to(device)
+            keep["rows"] = (len(yb), ksel)
             z = model(spec.x[s:e].to(device)).float()
             z = z.reshape(-1, z.shape[-1])
-            yb = spec.y[s:e].reshape(-1).to(device)
             true, loss, ent, amax = S._point_stats(z, yb)
             sums += torch.tensor([float(loss.double().sum()), float((amax == yb).sum())], dtype=torch.float64)
             sel = S._select(spec.sig_index, s * pe, e * pe).to(device)
@@ -123,11 +176,8 @@ def probe_signature_sharded(model, spec: S.ProbeSpec, device, rank: int, world: 
             sketch = (zs - zs.mean(-1, keepdim=True)) @ spec.projection(z.shape[-1], device)
             for key, v in zip(keys, (true[sel], loss[sel], ent[sel], amax[sel], sketch)):
                 parts[key].append(v.to(S.STORE_DTYPES[key]).cpu())
-            ksel = S._select(spec.kernel_index, s * pe, e * pe).to(device)
             for k in feature_modules:
-                out = captured.pop(k)
-                out = out[0] if isinstance(out, (tuple, list)) else out
-                feats[k].append(out.reshape(len(yb), -1)[ksel].float().cpu())
+                feats[k].append(captured.pop(k))
     finally:
         for h in hooks:
             h.remove()

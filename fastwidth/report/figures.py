@@ -342,3 +342,8 @@ FIGURES = {
     "ensemble_variance.png": ensemble_variance,
     "ntk.png": ntk_spectra,
 }
+# figures of whole sweeps and of training dynamics live in their own modules
+from fastwidth.report.dynamics import edge_of_stability  # noqa: E402
+from fastwidth.report.transfer import loss_vs_lr  # noqa: E402
+
+FIGURES.update({"loss_vs_lr.png": loss_vs_lr, "edge_of_stability.png": edge_of_stability})

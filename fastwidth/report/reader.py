@@ -4,6 +4,12 @@ signatures/. Works on any run directory, finished or still being written.
     run = load_run("runs/demo-20250101-000000")
     run.rows("consistency", ref="live")          # rows of one kind, filtered on equal keys
     run.series("eval", "probe_loss")              # {width: [(tokens, mean over seeds)]}
+
+Two views of the rows. `sweep_rows` holds every row. `all_rows`, which the per-width figures
+read, leaves out every row of a member that was stopped for divergence (its "diverged" row stays,
+and `stopped_note` says so), and in a learning-rate sweep (sweep.lrs) keeps one learning rate:
+the one with the lowest final loss at the reference width (`chosen_lr`), so seed means never mix
+learning rates. Figures of the whole sweep (report/transfer.py) read `sweep_rows`.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import yaml
 
 from fastwidth.errors import UserError
 from fastwidth.stats.signature import list_signatures, load_signature
+from fastwidth.train.metrics import from_json
 
 
 @dataclass
@@ -25,6 +32,16 @@ class Run:
     config: dict
     all_rows: list[dict]
     signatures: dict[str, dict[int, Path]] = field(default_factory=dict)
+    sweep_rows: list[dict] = field(default_factory=list)
+    chosen_lr: float | None = None
+
+    @property
+    def diverged(self) -> list[dict]:
+        return [r for r in self.sweep_rows if r.get("kind") == "diverged"]
+
+    @property
+    def lrs(self) -> list[float]:
+        return sorted(float(v) for v in self.config.get("sweep", {}).get("lrs") or [])
 
     @property
     def kind(self) -> str:
@@ -33,7 +50,8 @@ class Run:
     @property
     def label(self) -> str:
         name = self.path.name
-        return name if self.kind in name else f"{name} ({self.kind})"
+        name = name if self.kind in name else f"{name} ({self.kind})"
+        return name if self.chosen_lr is None else f"{name} lr={self.chosen_lr:.3g}"
 
     @property
     def ref_width(self) -> int:
@@ -54,7 +72,7 @@ class Run:
         acc: dict[int, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
         for r in self.rows(kind, **match):
             v = get(r, key)
-            if v is not None and math.isfinite(v):
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 acc[r["width"]][r["tokens"]].append(v)
         return {w: sorted((t, sum(v) / len(v)) for t, v in by_t.items()) for w, by_t in sorted(acc.items())}
 
@@ -88,14 +106,65 @@ def load_run(path: str | Path) -> Run:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append(from_json(json.loads(line)))  # null, NaN and legacy "nan" -> None
         except json.JSONDecodeError:
             if i == len(lines) - 1:  # a run still writing may leave a partial last line
                 continue
             raise UserError(f"{metrics}: line {i + 1} is not JSON") from None
     cfg_file = p / "config.yaml"
     config = (yaml.safe_load(cfg_file.read_text()) or {}) if cfg_file.is_file() else {}
-    return Run(p, config, rows, list_signatures(p))
+    run = Run(p, config, rows, list_signatures(p), sweep_rows=rows)
+    run.all_rows = _view(run)
+    return run
+
+
+def member_key(row: dict, lr_sweep: bool) -> tuple:
+    """Which member a row belongs to: (width, seed) and, in a learning-rate sweep, base_lr."""
+    return (row.get("width"), row.get("seed"), row.get("base_lr")) if lr_sweep else (row.get("width"), row.get("seed"))
+
+
+def end_loss(rows: list[dict], frac: float = 0.1) -> float:
+    """A member's loss at the end of its rows: the last probe loss, else the mean train loss of the
+    last `frac` of its steps (online batches are fresh data, so that is a held-out estimate too)."""
+    evals = [r for r in rows if r.get("kind") == "eval" and isinstance(r.get("probe_loss"), (int, float))]
+    if evals:
+        return float(max(evals, key=lambda r: r["step"])["probe_loss"])
+    train = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train" and isinstance(r.get("loss"), (int, float))]
+    if not train:
+        return math.nan
+    last = max(t for t, _ in train)
+    tail = [v for t, v in train if t >= (1 - frac) * last]
+    return sum(tail) / len(tail)
+
+
+def _view(run: Run) -> list[dict]:
+    lr_sweep = bool(run.lrs)
+    stopped = {member_key(r, lr_sweep) for r in run.diverged}
+    rows = [r for r in run.sweep_rows if r.get("kind") == "diverged" or r.get("seed", -1) < 0
+            or member_key(r, lr_sweep) not in stopped]
+    if not lr_sweep:
+        return rows
+    ref = run.ref_width
+    by_lr = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.get("width") == ref and r.get("base_lr") is not None and r.get("seed", -1) >= 0:
+            by_lr[r["base_lr"]][r["seed"]].append(r)
+    ends = {lr: sum(end_loss(v) for v in seeds.values()) / len(seeds) for lr, seeds in by_lr.items()}
+    ends = {lr: v for lr, v in ends.items() if math.isfinite(v)}
+    if not ends:
+        return rows
+    run.chosen_lr = min(ends, key=ends.get)
+    return [r for r in rows if r.get("base_lr", run.chosen_lr) == run.chosen_lr]
+
+
+def stopped_note(run: Run) -> list[str]:
+    """Markdown lines naming the members the report leaves out because they diverged."""
+    if not run.diverged:
+        return []
+    names = [f"{r.get('name') or member_key(r, True)} (step {r['step']})" for r in run.diverged]
+    more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+    return [f"{run.label}: {len(names)} member(s) diverged and were stopped; the figures and "
+            f"statistics leave them out: {', '.join(names[:8])}{more}.", ""]
 
 
 def late_mean(points: list[tuple[int, float]], frac: float = 0.25) -> float:

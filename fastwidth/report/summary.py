@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 
 from fastwidth.report.reader import Run, late_mean
+from fastwidth.report.transfer import transfer_lines
 from fastwidth.stats.metrics import fit_power_law
 
 
@@ -190,6 +191,7 @@ def write_summary(runs: list[Run], figures: dict[str, Path | None], out: Path) -
               "V_ref/S_ref of seed noise) and the debiased bias sqrt(b̂² - V_N/S_N - V_ref/S_ref) over the "
               "widths where that is positive. Late RMSE slope: of the mean over the last 25% of tokens. Loss "
               "spread: mean over evals of the max-min across widths of the probe loss (seed means).", ""]
+    lines += transfer_lines(runs)
     for n in numbers:
         lines += [f"## {n['label']}", "", f"commit {n['commit'] or 'unknown'}", ""] + _table(n) + [""]
         lines += _equal_compute_table(n)

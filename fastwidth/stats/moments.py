@@ -85,34 +85,49 @@ def batch_moments_torch(x: torch.Tensor, bins: int, lo: float, hi: float,
     return torch.stack([mean, m2, m3, m4, mn, mx]), hist
 
 
-def batch_moments_fused(x: torch.Tensor, bins: int, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same row from kernels/stats.py's one-pass kernel (raw fp64 power sums, one read of x).
+def batch_moments_fused(x: torch.Tensor, bins: int, lo: float, hi: float, backend: str = "triton",
+                        hist_stride: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same row from kernels/stats.py's one-pass kernel, Triton or native (raw fp64 power
+    sums, one read of x).
 
     Centering raw sums loses digits when |mean| >> std (relative error ~ eps64 * (mean/std)^4 in
     M4); preactivations have |mean| of the order of their std, so fp64 keeps every digit we use.
     """
     from fastwidth.kernels.stats import moments_histogram
 
-    m = moments_histogram(x, lo, hi, bins, backend="triton")
+    # native: power sums about the first element (reading one value costs nothing on the CPU),
+    # so the cancellation goes with (x0 - mean)/std instead of mean/std: a few std at most, not
+    # 1e4; Triton on a GPU: about 0 (no host sync; see above)
+    first = float(x.reshape(-1)[0]) if backend == "native" else 0.0
+    shift = first if math.isfinite(first) else 0.0
+    m = moments_histogram(x, lo, hi, bins, backend=backend, shift=shift,
+                          hist_stride=hist_stride if backend == "native" else 1)
     n = float(m.count)
-    mean = m.sum / n
-    m2 = m.sumsq - n * mean ** 2
-    m3 = m.sum3 - 3 * mean * m.sumsq + 2 * n * mean ** 3
-    m4 = m.sum4 - 4 * mean * m.sum3 + 6 * mean ** 2 * m.sumsq - 3 * n * mean ** 4
-    row = torch.stack([mean, m2, m3, m4, m.min.double(), m.max.double()]).float()
+    # moments about the mean as the row stores it (fp32), as the torch path's are: merge() takes
+    # them as central about that value; e = that mean - shift, the sums expanded binomially
+    c = (shift + m.sum / n).float().double()
+    e = c - shift
+    k1, k2, k3, k4 = m.sum, m.sumsq, m.sum3, m.sum4
+    m2 = k2 - 2 * e * k1 + n * e ** 2
+    m3 = k3 - 3 * e * k2 + 3 * e ** 2 * k1 - n * e ** 3
+    m4 = k4 - 4 * e * k3 + 6 * e ** 2 * k2 - 4 * e ** 3 * k1 + n * e ** 4
+    row = torch.stack([c, m2, m3, m4, m.min.double(), m.max.double()]).float()
     return row, m.hist.float()
 
 
 def batch_moments(x: torch.Tensor, bins: int, lo: float, hi: float,
                   hist_stride: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused Triton kernel where the kernels backend picks Triton (CUDA), else the torch path.
+    """The fused one-pass kernel where the kernels backend picks Triton (CUDA) or the native op
+    (CPU), else the torch path.
 
-    The fused kernel reads x once for everything, so it histograms every element (no stride).
+    The Triton kernel reads x once for everything, so it histograms every element (no stride);
+    the native op keeps the stride, so CPU histograms are those of the torch path.
     """
     from fastwidth.kernels import dispatch
 
-    if dispatch.resolve(None, x) == "triton":
-        return batch_moments_fused(x, bins, lo, hi)
+    name = dispatch.resolve(None, x)
+    if name in ("triton", "native"):
+        return batch_moments_fused(x, bins, lo, hi, backend=name, hist_stride=hist_stride)
     return batch_moments_torch(x, bins, lo, hi, hist_stride)
 
 

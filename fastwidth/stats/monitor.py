@@ -156,6 +156,9 @@ class Monitor:
         # (model, spec, device, feature_modules) -> (signature, summary); a distributed run swaps in
         # fastwidth.parallel.stats.probe_signature_sharded, which splits the probe over the ranks
         self.probe_fn = probe_signature
+        # member -> the torch optimizer whose state preconditions sharpness; a DeepSpeed ZeRO-1/2 run
+        # swaps in fastwidth.parallel.stats.zero_optimizer_view (its state lives in flat partitions)
+        self.optimizer_of = lambda m: m.optimizer
 
     def _meta_keys(self) -> dict:
         if self.sc.hist_range > 0:
@@ -207,6 +210,15 @@ class Monitor:
             yield
         finally:
             self._active = None
+
+    @contextlib.contextmanager
+    def paused(self):
+        """No accumulation inside (backward passes: activation checkpointing recomputes forwards)."""
+        active, self._active = self._active, None
+        try:
+            yield
+        finally:
+            self._active = active
 
     def close(self) -> None:
         for h in self._hooks:
@@ -348,7 +360,7 @@ class Monitor:
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
         params = [p for p in model.parameters() if p.requires_grad]
-        precond, threshold, pkind = optimizer_preconditioner(m.optimizer, params)
+        precond, threshold, pkind = optimizer_preconditioner(self.optimizer_of(m), params)
         was = model.training
         model.eval()
         try:

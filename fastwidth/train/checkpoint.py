@@ -111,9 +111,9 @@ def save_checkpoint(ckpt_root: Path, step: int, members: list, extra: dict, keep
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:06d}"
+    for stale in ckpt_root.glob(".tmp-*"):  # a write killed mid-way (kill -9, node loss) left it
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = ckpt_root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     files, member_meta = {}, []
     for m in members:

@@ -12,7 +12,6 @@ before the first byte is written to the run directory.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import shutil
@@ -26,29 +25,35 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from fastwidth.config import Config, dump_yaml, for_width, resolve
+from fastwidth.config import Config, dump_yaml, resolve
 from fastwidth.data import build_stream
 from fastwidth.parallel import checkpoint as par_ckpt
 from fastwidth.parallel import stats as par_stats
-from fastwidth.parallel.engines import build_engine
-from fastwidth.parallel.env import init_dist
+from fastwidth.parallel.engines import StepContext, checkpoint_blocks, local_step
+from fastwidth.parallel.env import check_shared_dir, init_dist
+from fastwidth.parallel.memory import MemoryRecorder
+from fastwidth.parallel.placement import Placement
+from fastwidth.parallel.plan import check_fits
 from fastwidth.errors import CheckpointError, DataError, UserError
 from fastwidth.kernels import dispatch
-from fastwidth.models import build_meta, build_model
+from fastwidth.models import build_meta, build_model, build_uninitialized
 from fastwidth.param.optim import build_optimizer, lr_factor, set_lr
 from fastwidth.param.scaling import ParamInfo, mup_table, table_rows
 from fastwidth.stats.monitor import Monitor
 from fastwidth.train import checkpoint as ckpt
+from fastwidth.train import preempt, rundir
 from fastwidth.train.metrics import MetricsWriter, truncate_after
+from fastwidth.train import dynamics, sweep
 
 log = logging.getLogger("fastwidth.train")
 
 # Keys that may change between a checkpoint and the command that resumes it.
 RESUMABLE_CHANGES = {"train.steps", "train.out_dir", "train.resume", "train.overwrite", "train.progress", "train.log_every",
-                     "train.ckpt_every", "train.keep_checkpoints", "train.threads", "train.device",
+                     "train.ckpt_every", "train.ckpt_minutes", "train.report", "train.keep_checkpoints", "train.threads", "train.device",
                      "stats.every", "stats.enabled", "stats.reference_run", "stats.eval_batch", "stats.bootstrap", "stats.ensemble_every",
                      "stats.sharpness_iters", "stats.sharpness_every", "stats.sharpness_points", "stats.hvp",
-                     "stats.ntk_points", "stats.ntk_every", "stats.ntk_max_mb"}
+                     "stats.ntk_points", "stats.ntk_every", "stats.ntk_max_mb",
+                     "stats.batch_sharpness_every", "stats.batch_sharpness_iters", "stats.coord_every"}
 
 
 @dataclass
@@ -62,10 +67,12 @@ class Member:
     optimizer: torch.optim.Optimizer
     table: dict[str, ParamInfo]
     step: int = 0
+    base_lr: float | None = None    # set in a learning-rate sweep (sweep.lrs)
+    diverged: dict | None = None    # the "diverged" row once the member is stopped
 
     @property
     def name(self) -> str:
-        return f"w{self.width}_s{self.seed}"
+        return sweep.member_name(self.width, self.seed, self.base_lr)
 
 
 def pick_device(name: str) -> torch.device:
@@ -96,24 +103,38 @@ def tokens_per_step(stream, cfg: Config) -> int:
     return cfg.data.batch_size * (cfg.data.seq_len if stream.kind == "tokens" else 1)
 
 
-def make_members(cfg: Config, stream, device: torch.device, engine=None) -> list[Member]:
+def make_members(cfg: Config, stream, device: torch.device, placement=None, memory=None) -> list[Member]:
     """Models of every (width, seed), the reference width first (sequential mode needs it).
-    Under a distributed engine each member is built on meta and handed to engine.wrap."""
+    Under a distributed engine each member is built on meta and handed to its engine (placement
+    per width). Every model is built first ("built" memory row), then engines and optimizers
+    ("ready")."""
     io = data_io(stream, cfg)
-    ref = cfg.sweep.reference_width
-    widths = [ref] + [w for w in cfg.sweep.widths if w != ref]
-    members = []
-    for w in widths:
-        wcfg = for_width(cfg, w)
-        for s in cfg.sweep.seeds:
-            if engine is not None:
-                meta = build_meta(wcfg, io)
-                table = mup_table(meta, wcfg)  # global shapes, before any sharding
-                model, opt = engine.wrap(f"w{w}_s{s}", meta, table, wcfg, s)
-                members.append(Member(w, s, wcfg, model, opt, table))
-                continue
+    built = []
+    for w, lr, s in sweep.member_specs(cfg):
+        wcfg = sweep.for_member(cfg, w, lr)
+        name = sweep.member_name(w, s, lr)
+        engine = placement.for_width(w) if placement is not None else None
+        if engine is not None:
+            meta = build_meta(wcfg, io)
+            table = mup_table(meta, wcfg)  # global shapes, before any sharding
+            model = engine.build(name, meta, table, wcfg, s,
+                                 construct=lambda wcfg=wcfg: build_uninitialized(wcfg, io))
+        else:
             model, table = build_model(wcfg, io, device=device, seed=s)
-            members.append(Member(w, s, wcfg, model, build_optimizer(model, table, wcfg), table))
+            if cfg.train.activation_checkpointing == "block":
+                checkpoint_blocks(model)
+        built.append((w, lr, s, name, wcfg, model, table, engine))
+    if memory is not None:
+        memory.mark("built", [b[6] for b in built])
+    members = []
+    for w, lr, s, name, wcfg, model, table, engine in built:
+        if engine is not None:
+            model, opt = engine.finish(name, table, wcfg)
+        else:
+            opt = build_optimizer(model, table, wcfg)
+        members.append(Member(w, s, wcfg, model, opt, table, base_lr=lr))
+    if memory is not None:
+        memory.mark("ready", [m.table for m in members])
     return members
 
 
@@ -137,7 +158,10 @@ def check_run_dir(cfg: Config) -> dict | None:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"train.out_dir {run_dir} exists and is not a directory")
     has_run = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
-    if not cfg.train.resume:
+    if cfg.train.resume == "auto":  # a requeued job: resume when a checkpoint exists, else start over
+        if ckpt.latest_checkpoint(run_dir / "checkpoints") is None:
+            return None
+    elif not cfg.train.resume:
         if has_run and not cfg.train.overwrite:
             raise UserError(f"run directory {run_dir} already holds a run; set train.resume=true to continue "
                             f"it or train.overwrite=true to replace it")
@@ -154,17 +178,20 @@ def check_run_dir(cfg: Config) -> dict | None:
     return meta
 
 
-def prepare_run_dir(cfg: Config, meta: dict | None) -> Path:
+def prepare_run_dir(cfg: Config, meta: dict | None, member_steps: dict | None = None) -> Path:
+    """Create (or, resuming, trim) the run directory; member_steps maps (width, seed, base_lr) to the
+    step each member resumes from (rows after it are dropped)."""
     run_dir = Path(cfg.train.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if meta is None and cfg.train.overwrite:
+    rundir.make_dir(run_dir)
+    if meta is None and (cfg.train.overwrite or cfg.train.resume == "auto"):  # auto: no checkpoint, start over
         for sub in ("checkpoints", "signatures", "report"):
             shutil.rmtree(run_dir / sub, ignore_errors=True)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     for sub in ("checkpoints", "signatures", "report"):
         (run_dir / sub).mkdir(exist_ok=True)
     if meta is not None:
-        truncate_after(run_dir / "metrics.jsonl", {(e["width"], e["seed"]): e["step"] for e in meta["members"]})
+        truncate_after(run_dir / "metrics.jsonl", member_steps
+                       or {(e["width"], e["seed"], None): e["step"] for e in meta["members"]})
     ckpt.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
     return run_dir
 
@@ -172,8 +199,9 @@ def prepare_run_dir(cfg: Config, meta: dict | None) -> Path:
 # --------------------------------------------------------------------------- the loop
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, stop: preempt.StopFlag | None = None):
         self.cfg = cfg = resolve(cfg)
+        self.stop = stop or preempt.StopFlag()  # entered by run(): SIGTERM/SIGUSR1 set it
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device = pick_device(cfg.train.device)
@@ -181,27 +209,36 @@ class Trainer:
         self.dist = init_dist(cfg)  # rank 0 of 1 without an engine
         if self.dist.active:
             self.device = self.dist.device
-        self.engine = build_engine(cfg, self.dist)
-        par_stats.check_sharded_stats(cfg, self.engine)
+        self.placement = Placement(cfg, self.dist)
+        self.engine = self.placement.main
+        check_fits(cfg, self.dist, self.placement.k)  # one line and exit 2 when the planner says no
+        self.skipped = par_stats.sharded_skips(cfg, self.placement.engines)
+        for why in self.skipped.values():
+            log.warning("statistic skipped: %s", why)
         self.stream = build_stream(cfg.data, rank=self.dist.rank, world_size=self.dist.world_size)
-        if self.stream.steps_available < cfg.train.steps:
+        if self.stream.steps_available < cfg.train.steps and not cfg.train.full_batch:
             raise DataError(f"data: {cfg.data.source} holds {self.stream.steps_available} steps of "
                             f"data.batch_size={cfg.data.batch_size} in data.epochs={cfg.data.epochs}, "
                             f"train.steps={cfg.train.steps} asks for more")
         self.resume_meta = check_run_dir(cfg)
         self.dist.barrier()  # every rank has read the run directory before rank 0 writes to it
-        self.members = make_members(cfg, self.stream, self.device, self.engine)
+        check_shared_dir(self.dist, cfg.train.out_dir)
+        self.memory = MemoryRecorder(self.dist, self.device)  # baseline: before any model exists
+        self.members = make_members(cfg, self.stream, self.device, self.placement, self.memory)
+        self._fixed = None
+        dynamics.apply_edge_lrs(self)  # optim.lr_unit = edge: η = lr × 2/λ0, at init (before any restore)
         if self.resume_meta is not None:
             if self.dist.active or "engine" in self.resume_meta:
                 par_ckpt.restore(self.engine, self.dist, self.members, self.resume_meta,
-                                  ckpt.latest_checkpoint(Path(cfg.train.out_dir) / "checkpoints"))
+                                  ckpt.latest_checkpoint(Path(cfg.train.out_dir) / "checkpoints"), self.placement.of)
             else:
                 for m in self.members:
                     ckpt.restore_member(m, self.resume_meta)
             self.stream.load_state_dict(self.resume_meta["data"])
             ckpt.set_rng_state(self.resume_meta["rng"])
         if self.dist.is_main:
-            self.run_dir = prepare_run_dir(cfg, self.resume_meta)
+            self.run_dir = prepare_run_dir(cfg, self.resume_meta,
+                                           {(m.width, m.seed, m.base_lr): m.step for m in self.members})
         else:  # other ranks evaluate too (collective forwards) but write into a scratch copy
             self.run_dir = Path(cfg.train.out_dir) / f".rank{self.dist.rank}"
             shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -209,51 +246,75 @@ class Trainer:
                 (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
         self.dist.barrier()
         self.writer = MetricsWriter(self.run_dir / "metrics.jsonl")
+        self.memory.flush(self.writer)
+        if self.dist.is_main:
+            for key, why in self.skipped.items():
+                self.writer.write({"kind": "skipped", "step": 0, "tokens": 0, "width": 0, "seed": 0,
+                                   "stat": key.split("_")[0], "reason": why})
         self.tokens_per_step = tokens_per_step(self.stream, cfg)
-        self.evaluator = Monitor(cfg, self.run_dir, self.members, self.stream.probe(), self.writer, self.device)
+        self.evaluator = self._monitor(par_stats.without(cfg, self.skipped))
+        par_stats.attach_optimizer_views(self.evaluator, self.placement)
+        self.guard = sweep.DivergenceGuard(cfg.train.diverge_factor)
         if self.dist.world_size > 1:  # each rank evaluates its slice of the probe; all get the whole signature
             rank, world = self.dist.rank, self.dist.world_size
             self.evaluator.probe_fn = lambda model, spec, device, feats: par_stats.probe_signature_sharded(
                 model, spec, device, rank, world, feats)
+        if self.resume_meta is not None:
+            sweep.restore(self, self.resume_meta.get("sweep", {}))
         if self.resume_meta is not None and "stats" in self.resume_meta:
             self.evaluator.load_state_dict(self.resume_meta["stats"])
             par_stats.keep_on_main(self.evaluator, self.dist.rank)  # the saved summary is rank 0's, global
 
+    def _monitor(self, cfg: Config):
+        probe = self.stream.probe()
+        if not cfg.sweep.lrs:
+            return Monitor(cfg, self.run_dir, self.members, probe, self.writer, self.device)
+        return sweep.LRMonitors(lambda ms, w: Monitor(cfg, self.run_dir, ms, probe, w, self.device),
+                                self.members, self.writer)
+
     # one optimizer step of one member on one batch; returns the loss (a tensor, no host sync)
     def train_step(self, m: Member, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        oc = self.cfg.optim
-        set_lr(m.optimizer, oc, m.step, self.cfg.train.steps)
+        """One optimizer step of one member on one batch (in data.micro_batch_size pieces); returns
+        the loss, the global mean (a tensor, no host sync)."""
+        set_lr(m.optimizer, m.cfg.optim, m.step, self.cfg.train.steps)  # m.cfg: its own lr in an LR sweep
         m.model.train()
-        hooks = self.evaluator.training(m) if self.cfg.stats.enabled else contextlib.nullcontext()
-        with hooks, autocast_for(self.cfg, self.device):
-            loss = m.model.loss(x, y) if self.engine is None else self.engine.loss(m.name, x, y)
-        if self.engine is not None:  # backward, clip, step, zero; the logged loss is the global mean
-            self.engine.step(m.name, loss)
-            m.step += 1
-            return self.dist.mean(loss.detach())
-        loss.backward()
-        if oc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(m.model.parameters(), oc.grad_clip)
-        m.optimizer.step()
-        m.optimizer.zero_grad(set_to_none=True)
+        stats = self.cfg.stats.enabled
+        hooks = self.evaluator.training(m) if stats else contextlib.nullcontext()
+        ctx = StepContext(lambda: autocast_for(self.cfg, self.device),
+                          self.evaluator.paused if stats else contextlib.nullcontext)
+        with hooks:
+            engine = self.placement.for_width(m.width)
+            if engine is None:
+                kind = self.cfg.train.loss
+                loss = local_step(m.model, m.optimizer, x, y, self.placement.k, ctx, self.cfg.optim.grad_clip,
+                                  loss_fn=lambda xi, yi: dynamics.member_loss(m.model, xi, yi, kind))
+            else:  # forward/backward per micro-batch, clip, step, zero
+                loss = self.dist.mean(engine.train_step(m.name, x, y, self.placement.k, ctx))
         m.step += 1
-        return loss.detach()
+        return loss
 
     def batch(self, step: int):
+        if self.cfg.train.full_batch:  # gradient descent: every step the stream's first batch
+            if self._fixed is None:
+                b = self.stream.batch(0)
+                self._fixed = b["x"].to(self.device), b["y"].to(self.device)
+            return self._fixed
         b = self.stream.batch(step)
         return b["x"].to(self.device, non_blocking=True), b["y"].to(self.device, non_blocking=True)
 
     def log_train(self, m: Member, loss: torch.Tensor, lr_factor_: float) -> None:
-        self.writer.write({"kind": "train", "step": m.step, "tokens": m.step * self.tokens_per_step,
-                           "width": m.width, "seed": m.seed, "loss": float(loss), "lr": self.cfg.optim.lr * lr_factor_})
+        row = {"kind": "train", "step": m.step, "tokens": m.step * self.tokens_per_step,
+               "width": m.width, "seed": m.seed, "loss": float(loss), "lr": m.cfg.optim.lr * lr_factor_}
+        self.writer.write(row if m.base_lr is None else {**row, "base_lr": m.base_lr})
 
     def _due(self, step: int, every: int) -> bool:
         return step % every == 0 or step == self.cfg.train.steps
 
     def run(self) -> Path:
         cfg = self.cfg
-        start = min(m.step for m in self.members)
+        start = min((m.step for m in self.active(self.members)), default=cfg.train.steps)
         self.record_data(start)
+        dynamics.at_start(self, start)
         if start == 0 and cfg.stats.enabled:
             self.evaluator.evaluate(0, 0, self.members)
         bar = tqdm(total=cfg.train.steps * len(self.members), initial=sum(m.step for m in self.members),
@@ -261,28 +322,53 @@ class Trainer:
                    file=sys.stderr, dynamic_ncols=True)
         groups = [self.members] if cfg.sweep.mode == "lockstep" else [[m] for m in self.members]
         t0 = time.time()
+        clock = preempt.CheckpointClock(cfg.train.ckpt_minutes)
         for group in groups:
-            while min(m.step for m in group) < cfg.train.steps:
-                step = min(m.step for m in group)
+            while self.active(group) and min(m.step for m in self.active(group)) < cfg.train.steps:
+                step = min(m.step for m in self.active(group))
                 x, y = self.batch(step)
                 losses = {}
-                for m in group:
+                for m in self.active(group):
                     if m.step == step:
                         losses[m.name] = self.train_step(m, x, y)
                 bar.update(len(losses))
+                if "step" not in self.memory.done:
+                    self.memory.mark("step", [m.table for m in self.members], step + 1, (step + 1) * self.tokens_per_step)
+                    self.memory.flush(self.writer)
                 self.dist.maybe_die(step + 1)
+                self.stop_diverged(group, losses, bar)
+                dynamics.write_batch_sharpness(self, step + 1, self.active(group), x, y)
                 self._after_step(step + 1, group, losses, bar)
+                preempt.between_steps(self, self.stop, clock)
             if cfg.sweep.mode == "sequential" and cfg.stats.enabled:
                 self.evaluator.flush_pending()
         bar.close()
-        self.save(final=True)
+        final = self.save(final=True)
+        if self.stop.raised:  # the signal came during the last step or the final checkpoint
+            preempt.raise_preempted(self, self.stop, final)
         self.writer.write({"kind": "run", "step": cfg.train.steps, "tokens": cfg.train.steps * self.tokens_per_step,
                            "width": 0, "seed": 0, "wall_s": time.time() - t0, "models": len(self.members),
+                           "diverged": sum(m.diverged is not None for m in self.members),
                            "commit": source_commit()})
         self.writer.close()
         if not self.dist.is_main:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         return Path(cfg.train.out_dir) if self.dist.active else self.run_dir
+
+    @staticmethod
+    def active(group: list[Member]) -> list[Member]:
+        """The members still training (not stopped for divergence)."""
+        return [m for m in group if m.diverged is None]
+
+    def stop_diverged(self, group: list[Member], losses: dict, bar) -> None:
+        """Stop every member of `group` whose loss of this step diverged; the others go on."""
+        for m, reason, value in self.guard.check(group, losses):
+            m.diverged = sweep.diverged_row(m, reason, value, self.tokens_per_step)
+            self.log_train(m, losses[m.name], lr_factor(m.step - 1, m.cfg.optim, self.cfg.train.steps))
+            self.writer.write(m.diverged)
+            sweep.drop_member(self.evaluator, m)
+            bar.update(self.cfg.train.steps - m.step)
+            log.warning("%s diverged at step %d (%s): stopped, the others go on", m.name, m.step, reason)
 
     def record_data(self, step: int) -> None:
         """The stream's fingerprint in metrics.jsonl and the probe split beside the run, so a
@@ -300,7 +386,7 @@ class Trainer:
         cfg = self.cfg
         if self._due(step, cfg.train.log_every):
             f = lr_factor(step - 1, cfg.optim, cfg.train.steps)
-            for m in group:
+            for m in self.active(group):   # a stopped member's last row is written when it stops
                 if m.name in losses:
                     self.log_train(m, losses[m.name], f)
             ref = losses.get(group[0].name)
@@ -308,19 +394,19 @@ class Trainer:
                 bar.set_postfix({group[0].name: f"{float(ref):.3f}"}, refresh=False)
         if cfg.stats.enabled and self._due(step, cfg.stats.every):
             par_stats.sync_monitor(self.evaluator, group, self.dist.world_size)  # whole-batch preact stats
-            self.evaluator.evaluate(step, step * self.tokens_per_step, group)
+            self.evaluator.evaluate(step, step * self.tokens_per_step, self.active(group))
         if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < cfg.train.steps:
             self.save(final=False)
 
     def save(self, final: bool) -> Path:
-        step = min(m.step for m in self.members)
+        step = min((m.step for m in self.active(self.members)), default=self.cfg.train.steps)
         par_stats.sync_monitor(self.evaluator, self.members, self.dist.world_size)
         extra = {"config": self.cfg.to_dict(), "data": self.stream.state_dict(), "rng": ckpt.rng_state(),
                  "mup_tables": {m.name: table_rows(m.table) for m in self.members},
-                 "stats": self.evaluator.state_dict(), "final": final}
+                 "stats": self.evaluator.state_dict(), "final": final, "sweep": sweep.state(self)}
         if self.engine is not None:
             return par_ckpt.save(self.engine, self.dist, Path(self.cfg.train.out_dir) / "checkpoints", step,
-                                  self.members, extra, keep=self.cfg.train.keep_checkpoints)
+                                  self.members, extra, keep=self.cfg.train.keep_checkpoints, engine_of=self.placement.of)
         return ckpt.save_checkpoint(self.run_dir / "checkpoints", step, self.members, extra,
                                     keep=self.cfg.train.keep_checkpoints)
 
@@ -341,14 +427,30 @@ def source_commit() -> str | None:
 
 
 def run(cfg: Config) -> Path:
-    """Train the sweep `cfg` describes; returns the run directory."""
+    """Train the sweep `cfg` describes, write its report (unless train.report=false) and print
+    the headline numbers; returns the run directory. Raises preempt.Preempted after a SIGTERM or
+    SIGUSR1 has stopped it at a checkpoint."""
+    with preempt.StopFlag() as stop:
+        run_dir, trainer = _train(cfg, stop)
+    if trainer.dist.is_main and trainer.cfg.train.report:
+        from fastwidth.report.headline import report_at_end
+        report_at_end(run_dir)
+    return run_dir
+
+
+def _train(cfg: Config, stop: preempt.StopFlag) -> tuple[Path, Trainer]:
+    cfg = resolve(cfg)  # fixes out_dir (its default carries the time) before anything checks it
+    rundir.check_creatable(cfg.train.out_dir)
     if cfg.dist.backend == "none":
-        return Trainer(cfg).run()
+        with rundir.undo_on_error(cfg.train.out_dir):  # a mistake found while setting up leaves nothing
+            trainer = Trainer(cfg, stop)
+        return trainer.run(), trainer
     trainer = None
     try:
-        trainer = Trainer(cfg)
+        with rundir.undo_on_error(cfg.train.out_dir):
+            trainer = Trainer(cfg, stop)
         with trainer.dist.guard("training"):
-            return trainer.run()
+            return trainer.run(), trainer
     finally:
         if trainer is not None:
             trainer.dist.close()

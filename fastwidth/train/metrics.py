@@ -1,4 +1,8 @@
-"""metrics.jsonl: one JSON object a line; every row has kind, step, tokens, width, seed."""
+"""metrics.jsonl: one JSON object a line; every row has kind, step, tokens, width, seed.
+
+JSON has no NaN or infinity: a non-finite number is written as null (at any depth of a row), and
+every reader here maps null, and the strings "nan" / "inf" that older runs wrote, to None.
+"""
 from __future__ import annotations
 
 import json
@@ -8,9 +12,30 @@ from pathlib import Path
 REQUIRED = ("kind", "step", "tokens", "width", "seed")
 
 
-def _clean(v):
+NON_FINITE_STRINGS = {"nan", "-nan", "inf", "-inf", "infinity", "-infinity"}
+
+
+def json_safe(v):
+    """`v` with every non-finite float (also inside dicts, lists, tensors' floats) replaced by None."""
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
     if isinstance(v, float) and not math.isfinite(v):
-        return str(v)  # JSON has no NaN/inf; keep them readable instead of invalid
+        return None
+    return v
+
+
+def from_json(v):
+    """A parsed row with the legacy non-finite strings ("nan", "inf") and NaN literals turned to None."""
+    if isinstance(v, dict):
+        return {k: from_json(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [from_json(x) for x in v]
+    if isinstance(v, str) and v.lower() in NON_FINITE_STRINGS:
+        return None
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
     return v
 
 
@@ -25,7 +50,7 @@ class MetricsWriter:
         missing = [k for k in REQUIRED if k not in row]
         if missing:
             raise ValueError(f"metrics row lacks {missing}: {row}")
-        self._f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+        self._f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
         self._f.flush()
 
     def close(self) -> None:
@@ -38,20 +63,24 @@ def read_metrics(path: Path) -> list[dict]:
         for line in f:
             line = line.strip()
             if line:
-                rows.append(json.loads(line))
+                rows.append(from_json(json.loads(line)))
     return rows
 
 
-def truncate_after(path: Path, member_steps: dict[tuple[int, int], int]) -> None:
+def truncate_after(path: Path, member_steps: dict[tuple, int]) -> None:
     """Drop rows written after the checkpoint a resume starts from.
 
-    member_steps maps (width, seed) to that model's checkpointed step; rows of no model (or of
-    a model not listed) are cut at the smallest step.
+    member_steps maps (width, seed, base_lr) to that model's checkpointed step (base_lr None outside
+    a learning-rate sweep); rows of no model (or of a model not listed) are cut at the smallest step.
     """
     from fastwidth.train.checkpoint import atomic_write_text
     if not Path(path).is_file():
         return
     floor = min(member_steps.values())
-    kept = [json.dumps(r) for r in read_metrics(path)
-            if r.get("step", 0) <= member_steps.get((r.get("width"), r.get("seed")), floor)]
+
+    def limit(r: dict) -> int:
+        key = (r.get("width"), r.get("seed"))
+        return member_steps.get((*key, r.get("base_lr")), member_steps.get((*key, None), floor))
+
+    kept = [json.dumps(json_safe(r)) for r in read_metrics(path) if r.get("step", 0) <= limit(r)]
     atomic_write_text(Path(path), "".join(line + "\n" for line in kept))

@@ -101,3 +101,52 @@ def test_errors_are_clear():
         with pytest.raises(UserError, match="flash-attn"):
             A.attention(torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32), scale=1.0,
                         backend="flash")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("T_", [37, 64])
+def test_masks_on_edge_tiles_only(causal, T_):
+    # Every logit -120 (log2 units: exp2 of -lse overflows fp32): a padded key that is not masked
+    # would add exp2(-lse) * 0 = NaN to dq, and an unmasked causal tile would see the future.
+    # T=37 ends in a partial tile, T=64 on a tile edge (interpreter tiles are 32).
+    D = 32
+    q = torch.ones(1, 2, T_, D)
+    k = -torch.ones(1, 2, T_, D) * (120.0 / D / 0.5)
+    v = torch.randn(1, 2, T_, D)
+    do = torch.randn(1, 2, T_, D)
+    compare(_fn(0.5, causal, "triton"), _fn(0.5, causal, "math"), [q, k, v], [do, None], torch.float32,
+            ["attention", "q", "k", "v"], atol=1e-4)
+
+
+def test_delta_preprocess_kernel():
+    o, do = torch.randn(2, 3, 37, 48), torch.randn(2, 3, 37, 48)
+    delta = torch.full((2, 3, 37), float("nan"))
+    A._attn_bwd_delta_kernel[(triton_cdiv(2 * 3 * 37, A._DELTA_ROWS),)](o, do, delta, 2 * 3 * 37, 48,
+                                                                        BLOCK_M=A._DELTA_ROWS, BLOCK_D=64)
+    torch.testing.assert_close(delta, (o.double() * do.double()).sum(-1).float(), rtol=1e-6, atol=1e-6)
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def test_fp32_on_gpu_goes_to_sdpa_unless_asked(monkeypatch):
+    # CPU tensors stand in for CUDA ones: the routing looks only at is_cuda, dtype and autocast
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(A.dispatch, "resolve", lambda backend, x, extra=(): backend or "triton")
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append("sdpa") or a[0])
+    monkeypatch.setattr(A, "_attn_fwd_op", lambda q, k, v, s, c: calls.append("triton") or (q, None, None))
+    q = torch.randn(1, 2, 8, 32)
+    A.attention(q, q, q, scale=0.1)  # process default triton, fp32: SDPA
+    A.attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), scale=0.1)  # bf16: Triton
+    A.attention(q, q, q, scale=0.1, backend="triton")  # asked for: Triton
+    assert calls == ["sdpa", "triton", "triton"]
+
+
+def test_tile_configs_fit_the_causal_mask():
+    for D in (64, 128):
+        for m, n, _, _ in A.tile_configs("_attn_fwd_kernel", D) + A.tile_configs("_attn_bwd_dq_kernel", D):
+            assert m % n == 0, (D, m, n)
+        for m, n, _, _ in A.tile_configs("_attn_bwd_dkdv_kernel", D):
+            assert n % m == 0, (D, m, n)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fastwidth.errors import UserError
-from fastwidth.kernels import act, attention, dispatch, norm, readout_ce, stats
+from fastwidth.kernels import act, attention, dispatch, native, norm, readout_ce, stats
 
 
 def test_set_backend_validates_and_resolves():
@@ -11,7 +11,8 @@ def test_set_backend_validates_and_resolves():
             dispatch.set_backend("cuda")
         x = torch.zeros(2)
         dispatch.set_backend("auto")
-        assert dispatch.get_backend() == "auto" and dispatch.resolve(None, x) == "torch"  # CPU tensor
+        cpu = "native" if native.available() else "torch"  # auto on a CPU tensor
+        assert dispatch.get_backend() == "auto" and dispatch.resolve(None, x) == cpu
         dispatch.set_backend("triton")
         assert dispatch.resolve(None, x) == "triton" and dispatch.resolve("torch", x) == "torch"
         assert dispatch.resolve("math", x, extra=("math",)) == "math"

@@ -55,3 +55,31 @@ def test_public_functions_agree_across_backends():
 def test_too_wide_is_a_user_error():
     with pytest.raises(UserError, match="32768"):
         norm.rms_norm(torch.zeros(1, 40000), torch.ones(40000), backend="triton")
+
+
+@pytest.mark.parametrize("is_rms", [True, False])
+def test_fp64_reference_is_computed_in_fp64(is_rms):
+    # the error bounds of every norm test are measured against this reference: in fp32 it would
+    # carry fp32's own error and the bound would collapse
+    x, w, b = torch.randn(7, 300, dtype=torch.float64), torch.randn(300, dtype=torch.float64), \
+        torch.randn(300, dtype=torch.float64)
+    y, _, _ = norm.norm_ref(x, None, w, None if is_rms else b, 1e-5, is_rms)
+    xc = x if is_rms else x - x.mean(-1, keepdim=True)
+    exact = xc / (xc.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * w + (0 if is_rms else b)
+    assert y.dtype == torch.float64
+    assert (y - exact).abs().max().item() < 1e-12
+
+
+def test_backward_warps_grow_with_width():
+    assert [norm._bwd_warps(n) for n in (1024, 2048, 4096, 8192, 16384, 32768)] == [4, 4, 16, 16, 16, 32]
+    assert norm._warps(32768) == 16  # the forward keeps one row, no partials: 16 suffice
+
+
+@pytest.mark.parametrize("is_rms", [True, False])
+def test_wide_row_backward(is_rms):
+    # 4100 columns: an 8192-wide block (16 warps on a GPU), the width where the warp rule changes
+    N = 4100
+    x, w, b = torch.randn(6, N), torch.randn(N), torch.randn(N)
+    compare(_fn(is_rms, False, True, not is_rms, "triton"), _fn(is_rms, False, True, not is_rms, None),
+            [x, None, w, None if is_rms else b], [torch.randn(6, N), None], torch.float32,
+            ["norm", "x", "weight"] + ([] if is_rms else ["bias"]))

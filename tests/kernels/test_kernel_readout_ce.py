@@ -71,3 +71,75 @@ def test_mean_equals_torch_cross_entropy():
     for backend in ("torch", "triton"):
         got = rc.readout_cross_entropy(h, w, t, multiplier=0.37, bias=b, label_smoothing=0.1, backend=backend)
         torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records (op name, output shape, output dtype) of every aten op run inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, (tuple, list)) and out else out
+        if isinstance(first, torch.Tensor):
+            self.ops.append((str(func.overloadpacket.__name__), tuple(first.shape), first.dtype))
+        return out
+
+
+def _launch(h, w, b, t):
+    return rc._readout_ce_launch(h, w, b, t, 0.5, 0.0, 0.0, -100, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_gradient_accumulates_in_place_and_no_bias_gradient_without_bias(monkeypatch, dtype):
+    monkeypatch.setattr(rc, "CHUNK_ROWS", 8)  # 5 chunks
+    h, w = torch.randn(37, N).to(dtype), (torch.randn(V, N) * 0.5).to(dtype)
+    t = torch.randint(0, V, (37,))
+    for bias in (None, torch.randn(V).to(dtype)):
+        with _Ops() as rec:
+            out = _launch(h, w, bias, t)
+        vn = [op for op in rec.ops if op[1] == (V, N)]
+        # the fp32 accumulator (zeros), its in-place addmm_ once a chunk, the final scale and cast:
+        # no (V, N) product temporary a chunk, no add of one
+        assert [op for op in vn if op[0] in ("mm", "add", "add_")] == [], vn
+        assert sum(op[0] == "addmm_" and op[2] == torch.float32 for op in vn) == 5
+        col_sums = [op for op in rec.ops if op[0] == "sum" and op[1] == (V,)]
+        assert len(col_sums) == (0 if bias is None else 5), "bias gradient computed without a bias"
+        assert out[7].numel() == (0 if bias is None else V)
+        # the fp32 accumulation gives what one fp64 sum of the same dlogits would, rounded once
+        z = rc.readout_logits(h.double(), w.double(), 0.5, None if bias is None else bias.double())
+        ref = _launch(h.double(), w.double(), None if bias is None else bias.double(), t)[6]
+        torch.testing.assert_close(out[6].double(), ref, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5,
+                                   atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+        assert z.shape == (37, V)
+
+
+def test_accumulate_fp32_is_one_fp32_sum():
+    acc = torch.randn(9, 7)
+    a, b = torch.randn(9, 33).bfloat16(), torch.randn(33, 7).bfloat16()
+    want = acc.double() + a.double() @ b.double()
+    rc.accumulate_fp32(acc, a, b)
+    assert acc.dtype == torch.float32
+    torch.testing.assert_close(acc.double(), want, rtol=1e-6, atol=1e-5)  # fp32 accuracy, not bf16's
+
+
+def test_logit_rows_are_padded_to_a_multiple_of_8(monkeypatch):
+    # 50,257 (GPT-2) and 131 here are not multiples of 8: each row of the chunk buffer starts 16-byte aligned
+    buf = rc.logits_buffer(5, 50257, torch.empty(0, dtype=torch.bfloat16))
+    assert buf.shape == (5, 50257) and buf.stride() == (50264, 1)
+    strides = []
+    real = rc._ce_rows_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(z, stride, *a, **kw):
+                strides.append((z.shape[1], stride))
+                return real[grid](z, stride, *a, **kw)
+            return launch
+    monkeypatch.setattr(rc, "_ce_rows_kernel", Spy())
+    h, w, t = torch.randn(11, N), torch.randn(V, N), torch.randint(0, V, (11,))
+    got = rc.readout_cross_entropy(h, w, t, multiplier=0.5, backend="triton")
+    assert strides == [(V, 136)]
+    torch.testing.assert_close(got, rc.readout_cross_entropy(h, w, t, multiplier=0.5, backend="torch"))

@@ -1,5 +1,6 @@
 """Launched like launch/train.py (torchrun / deepspeed): after wrapping, every rank dumps its live
-optimizer groups (names, lr_mult, wd_mult, lr, global shapes) to OUT/groups.rank<r>.json, then trains."""
+optimizer groups (names, lr_mult, wd_mult, lr, global shapes, local element counts) to
+OUT/groups.rank<r>.json, then trains."""
 import json
 import sys
 from pathlib import Path
@@ -9,6 +10,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from fastwidth.cli import build_parser, overrides_of  # noqa: E402
 from fastwidth.config import load_config  # noqa: E402
 from fastwidth.train.loop import Trainer  # noqa: E402
+
+
+def local_numel(p):
+    if hasattr(p, "ds_tensor"):          # ZeRO-3: this rank's flat partition (padded to equal sizes)
+        return p.ds_tensor.numel()
+    if hasattr(p, "to_local"):           # FSDP2 DTensor: this rank's dim-0 shard
+        return p.to_local().numel()
+    return p.numel()
 
 
 def global_shape(p):
@@ -25,7 +34,8 @@ def main():
     for m in trainer.members:
         named = dict(m.model.named_parameters())
         rows[m.name] = [{"names": g["names"], "lr_mult": g["lr_mult"], "wd_mult": g["wd_mult"], "lr": g["lr"],
-                         "weight_decay": g["weight_decay"], "shapes": [global_shape(named[n]) for n in g["names"]]}
+                         "weight_decay": g["weight_decay"], "shapes": [global_shape(named[n]) for n in g["names"]],
+                         "local": [local_numel(named[n]) for n in g["names"]]}
                         for g in m.optimizer.param_groups]
     out = Path(cfg.train.out_dir)
     (out / f"groups.rank{trainer.dist.rank}.json").write_text(json.dumps(rows))

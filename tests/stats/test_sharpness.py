@@ -92,3 +92,18 @@ def test_dominant_negative_eigenvalue_is_shifted_away(hvp):
     lam, info = top_hessian_eig(lambda: 0.5 * theta @ A @ theta, [theta], iters=300,
                                 tol=1e-12, hvp=hvp)
     assert lam == pytest.approx(2.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("hvp", ["double", "fd"])
+def test_lanczos_matches_exact_hessian_and_beats_power_iteration(hvp):
+    from fastwidth.stats.sharpness import lanczos_top_eig
+    model, params, loss_fn, H = _setup()
+    lam, info = lanczos_top_eig(loss_fn, params, iters=40, tol=1e-8, hvp=hvp)
+    assert lam == pytest.approx(_top(H), rel=1e-4 if hvp == "double" else 1e-3) and info["converged"]
+    d = [torch.rand_like(p) + 0.5 for p in params]             # preconditioned: P^1/2 H P^1/2
+    root = torch.cat([x.reshape(-1) for x in d]).sqrt()
+    lam_p, _ = lanczos_top_eig(loss_fn, params, precond=d, iters=40, tol=1e-8, hvp=hvp)
+    assert lam_p == pytest.approx(_top(root[:, None] * H * root[None, :]), rel=1e-3)
+    lam_l, _ = lanczos_top_eig(loss_fn, params, iters=8, tol=0.0, hvp=hvp)
+    lam_pw, _ = top_hessian_eig(loss_fn, params, iters=8, tol=0.0, hvp=hvp)
+    assert abs(lam_l - _top(H)) <= abs(lam_pw - _top(H)) + 1e-9   # Krylov space contains the power iterate

@@ -1,0 +1,1 @@
+"""fastwidth's models outside fastwidth: Hugging Face checkpoints and microsoft/mup base shapes."""

@@ -1,0 +1,69 @@
+"""Placement per width: which engine trains each member of a sweep, and its micro-batching.
+
+    placement = Placement(cfg, env)          # None engines for single-process runs
+    engine = placement.for_width(width)       # ddp below dist.shard_min_width, else dist.backend
+    k = micro_steps(cfg, world_size)          # micro-batches per optimizer step on each rank
+
+Every engine runs over the same process group and every rank draws the same global batch, so
+narrow (replicated) and wide (sharded) members see the same stream and the same statistics.
+"""
+from __future__ import annotations
+
+from fastwidth.errors import ConfigError
+from fastwidth.parallel.engines import DDPEngine, build_engine
+
+SHARDING = ("fsdp2", "deepspeed")
+
+
+def micro_steps(cfg, world_size: int) -> int:
+    """data.batch_size / (ranks × data.micro_batch_size); 1 without micro-batching."""
+    b, m = cfg.data.batch_size, cfg.data.micro_batch_size
+    local = b // max(world_size, 1)
+    if not m or m == local:
+        return 1
+    if local % m:
+        raise ConfigError(f"data.micro_batch_size {m} does not divide the per-rank batch {local} "
+                          f"(data.batch_size {b} over {world_size} ranks); pick a divisor of {local}")
+    return local // m
+
+
+def largest_block(cfg) -> int:
+    """Parameters of the largest shard unit of the widest model (DeepSpeed bucket sizes)."""
+    from fastwidth.parallel.plan import count_params
+    from fastwidth.config import for_width
+    return count_params(for_width(cfg, max(cfg.sweep.widths)))["block"]
+
+
+class Placement:
+    def __init__(self, cfg, env):
+        self.cfg, self.env = cfg, env
+        self.k = micro_steps(cfg, env.world_size)
+        dc = cfg.dist
+        if dc.shard_min_width and dc.backend not in SHARDING:
+            raise ConfigError(f"dist.shard_min_width={dc.shard_min_width} needs a sharded dist.backend "
+                              f"(fsdp2 or deepspeed), got {dc.backend}")
+        if dc.replicate > 1 and (dc.backend != "fsdp2" or env.world_size % dc.replicate):
+            raise ConfigError(f"dist.replicate={dc.replicate} needs dist.backend=fsdp2 and a rank count divisible "
+                              f"by it (got {dc.backend} on {env.world_size} ranks)")
+        kw = {}
+        if dc.backend == "deepspeed":
+            kw = {"block_params": largest_block(cfg), "micro_steps": self.k}
+        self.main = build_engine(cfg, env, **kw) if dc.backend != "none" else None
+        narrow = [w for w in cfg.sweep.widths if w < dc.shard_min_width]
+        self.replicated = DDPEngine(cfg, env) if narrow and self.main is not None else None
+
+    def for_width(self, width: int):
+        if self.replicated is not None and width < self.cfg.dist.shard_min_width:
+            return self.replicated
+        return self.main
+
+    @property
+    def engines(self) -> list:
+        return [e for e in (self.main, self.replicated) if e is not None]
+
+    def of(self, name: str):
+        """The engine that trains member `name`."""
+        for e in self.engines:
+            if name in e.models:
+                return e
+        raise KeyError(name)

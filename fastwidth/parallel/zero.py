@@ -1,0 +1,166 @@
+"""DeepSpeed ZeRO 1-3 behind fastwidth's Engine interface (see engines.py for the order).
+
+ZeRO-3 builds under `deepspeed.zero.Init`: every layer is partitioned as soon as its __init__
+returns (each rank keeps `p.ds_tensor`, its flat slice), so no rank ever holds more than one
+layer whole. Then each rank initializes only its partition with draw_init_flat. DeepSpeed's
+layout (runtime/zero/partition_parameters.py, 0.19.8): a parameter of n elements is padded to a
+multiple of the world size W, partition size s = ceil(n / W), rank r holds flat elements
+[r·s, (r+1)·s) of the padded tensor; elements past n are padding (zeroed here).
+Known cost: zero.Init broadcasts each freshly allocated layer from rank 0 before partitioning it
+(one layer in flight at a time, no drawing: torch.empty values are overwritten by the init).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+
+import torch
+
+from fastwidth.errors import ConfigError
+from fastwidth.param.optim import build_optimizer, param_groups, set_lr
+from fastwidth.param.scaling import ParamInfo, apply_forward_mults, draw_init_flat
+from fastwidth.parallel.engines import Engine, LossForward, StepContext, accumulate
+
+log = logging.getLogger("fastwidth.parallel")
+
+# DeepSpeed's defaults are 5e8 elements for reduce/allgather buckets: 2 GB fp32 each, far above
+# what a small model needs and reserved on the GPU whatever the model. Scaled to the model: twice
+# the largest block's parameters, at least 2**20 and at most DeepSpeed's default.
+BUCKET_MIN, BUCKET_MAX = 1 << 20, 500_000_000
+
+
+def import_deepspeed(cuda: bool):
+    """Import deepspeed for this machine. On the CPU: accelerator 'cpu', and no shared-memory comm op
+    (it only speeds CPU inference all-reduce, and its JIT C++ build took > 3 min on 2 cores)."""
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+        import deepspeed.ops
+    except ImportError:
+        raise ConfigError("dist.backend=deepspeed but deepspeed is not installed (pip install '.[dist]')") from None
+    if not cuda:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def bucket_elements(block_params: int) -> int:
+    return int(min(BUCKET_MAX, max(BUCKET_MIN, 2 * block_params)))
+
+
+def deepspeed_config(cfg, world_size: int, block_params: int = 0, micro_steps: int = 1) -> dict:
+    """The DeepSpeed JSON, generated from the YAML (never a second file): batch, accumulation,
+    clipping, ZeRO stage, offload and buckets from fastwidth's keys, then `dist.deepspeed` over it."""
+    dc, b = cfg.dist, cfg.data.batch_size
+    bucket = bucket_elements(block_params or BUCKET_MAX)
+    zero = {"stage": dc.zero_stage, "overlap_comm": True, "contiguous_gradients": True,
+            "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+    if dc.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=bucket, stage3_param_persistence_threshold=min(bucket // 8, 100_000),
+                    stage3_max_live_parameters=4 * bucket)
+    if dc.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if dc.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    out = {"train_batch_size": b, "train_micro_batch_size_per_gpu": b // world_size // micro_steps,
+           "gradient_accumulation_steps": micro_steps, "gradient_clipping": cfg.optim.grad_clip,
+           "zero_optimization": zero, "bf16": {"enabled": dc.mixed_precision == "bf16"},
+           # reduce gradients in fp32 as FSDP2 does (DeepSpeed's default is the bf16 compute dtype)
+           "communication_data_type": "fp32",
+           **({"data_types": {"grad_accum_dtype": "fp32"}} if dc.mixed_precision == "bf16" else {}),
+           # fastwidth's optimizer (param groups from the µP table) under every stage
+           "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
+           "steps_per_print": 1 << 62, "wall_clock_breakdown": False}
+    return _merge(out, dc.deepspeed)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@torch.no_grad()
+def init_zero_partitions(model, table: dict[str, ParamInfo], seed: int, width: int, rank: int) -> None:
+    """Each rank draws only its ZeRO-3 partition of every parameter (draw_init_flat)."""
+    for name, p in model.named_parameters():
+        part = p.ds_tensor
+        size = part.numel()
+        start, stop = rank * size, min((rank + 1) * size, p.ds_numel)
+        part.zero_()
+        if stop > start:
+            part[:stop - start].copy_(draw_init_flat(table[name], seed, width, start, stop).to(part.dtype))
+
+
+def cpu_adam(model, table, wcfg):
+    """DeepSpeedCPUAdam over the µP groups (it reads each group's lr / weight_decay every step), or
+    None with one warning line when its C++ op cannot be built here."""
+    oc = wcfg.optim
+    if oc.name not in ("adam", "adamw"):
+        return None
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        t0 = time.time()
+        # the first use JIT-builds DeepSpeed's cpu_adam C++ op (cached in TORCH_EXTENSIONS_DIR):
+        # 682 s measured on a loaded 2-core CPU machine, much less on a many-core GPU host
+        log.info("loading DeepSpeedCPUAdam (its C++ op is built on first use: minutes on a small machine)")
+        opt = DeepSpeedCPUAdam(param_groups(model, table), lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps,
+                               weight_decay=oc.weight_decay, adamw_mode=oc.name == "adamw")
+    except Exception as e:  # noqa: BLE001 - a failed JIT build raises many types
+        log.warning("DeepSpeedCPUAdam unavailable (%s); optimizer offload runs torch %s on the CPU",
+                    str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__, oc.name)
+        return None
+    log.info("DeepSpeedCPUAdam ready in %.1f s", time.time() - t0)
+    set_lr(opt, oc, step=0, total_steps=wcfg.train.steps)
+    return opt
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def __init__(self, cfg, env, block_params: int = 0, micro_steps: int = 1):
+        super().__init__(cfg, env)
+        self.ds = import_deepspeed(env.device.type == "cuda")
+        self.sharded = cfg.dist.zero_stage == 3
+        self.micro_steps = micro_steps
+        self.ds_config = deepspeed_config(cfg, env.world_size, block_params, micro_steps)
+
+    def build(self, name, model, table, wcfg, seed, construct=None):
+        if not self.sharded or construct is None:  # ZeRO-1/2 hold whole fp32 parameters
+            return super().build(name, model, table, wcfg, seed)
+        with self.ds.zero.Init(config_dict_or_path=copy.deepcopy(self.ds_config)):
+            model = construct()
+        self._checkpointing(model)
+        init_zero_partitions(model, table, seed, wcfg.model.width, self.env.rank)
+        model.reset_buffers()
+        apply_forward_mults(model, table)
+        self.models[name] = model
+        return model
+
+    def finish(self, name, table, wcfg):
+        model = self.models[name]
+        wrapper = LossForward(model)
+        if self.sharded:  # model.loss reads the readout weight outside the readout's forward
+            for p in model.readout.parameters():
+                self.ds.zero.register_external_parameter(wrapper, p)
+        opt = (cpu_adam(model, table, wcfg) if self.cfg.dist.offload_optimizer else None) \
+            or build_optimizer(model, table, wcfg)
+        engine, ds_opt, _, _ = self.ds.initialize(model=wrapper, optimizer=opt, config=copy.deepcopy(self.ds_config))
+        self.handles[name], self.optimizers[name] = engine, ds_opt
+        return model, ds_opt
+
+    def loss(self, name, x, y):
+        return self.handles[name](x, y)
+
+    def train_step(self, name, x, y, k=1, ctx=StepContext()):
+        """DeepSpeed accumulates itself (gradient_accumulation_steps = k, loss scaled by 1/k in
+        backward; step() applies only at the boundary and clips, steps and zeroes)."""
+        engine = self.handles[name]
+
+        def backward(loss):
+            engine.backward(loss)
+            engine.step()
+        return accumulate(lambda xi, yi: engine(xi, yi), backward, x, y, k, ctx)

@@ -1,0 +1,144 @@
+"""Training dynamics across widths: MSE loss, learning rates in units of 2/λ0, sharpness trajectories.
+
+    loss = member_loss(model, x, y, "mse")                  # or "ce" (the model's fused readout + CE)
+    apply_edge_lrs(trainer)                                 # optim.lr_unit = edge: η = lr × 2/λ0
+    write_batch_sharpness(trainer, step, members, x, y)     # a "batch_sharpness" row per member
+
+Sharpness on the training batch. With full_batch the batch is the fixed one every step trains on
+(gradient descent); online it is the batch the step just trained on ("a recent training batch"),
+not the probe. The quantity is the top eigenvalue λ of P^{1/2} H P^{1/2}, P the optimizer's
+per-parameter step sizes (stats/sharpness.py), by Lanczos. Rows give it in units of the base
+step size η_t (the base lr times the schedule): sharpness = λ / η_t, to be read against
+edge = threshold / η_t, which is 2/η for plain gradient descent. Under SP with SGD, P = η I and
+sharpness is λ_max(H) itself; under µP, P = η D with D the per-group lr multipliers, and
+sharpness is λ_max(D^{1/2} H D^{1/2}), the curvature in µP's own metric. Adam: P = η/(√v̂+ε)
+and the edge is (2+2β1)/(1-β1)/η (Cohen et al. 2022).
+
+λ0 and edge units. λ0 is the same sharpness at initialization, on the first training batch, with
+P = D (no optimizer state yet). With optim.lr_unit = edge the configured lr (optim.lr or an
+entry of sweep.lrs, kept as base_lr) is a multiple c of 2/λ0, and the member trains with
+η = c · 2/λ0 (its own λ0): c < 1 starts stable, 1 < c < 2 is the catapult range for MSE (Lewkowycz
+et al. 2020: the loss spikes, the sharpness falls below 2/η, the loss recovers), larger c diverges.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from fastwidth.param.optim import set_lr
+from fastwidth.stats.sharpness import lanczos_top_eig, optimizer_preconditioner
+
+
+def mse_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """0.5 Σ_c (f_c - onehot(y)_c)², mean over targets; logits (..., C), y (...)."""
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    onehot = F.one_hot(y.reshape(-1), logits.shape[-1]).to(logits.dtype)
+    return 0.5 * (logits - onehot).pow(2).sum(-1).mean()
+
+
+def member_loss(model, x: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    """The training loss: "ce" through the model's fused readout + cross-entropy, or "mse"."""
+    return model.loss(x, y) if kind == "ce" else mse_loss(model(x), y)
+
+
+def plain_loss_fn(model, x, y, kind: str):
+    """A closure for Hessian-vector products (unfused ops, so double backward works)."""
+    def loss_fn():
+        logits = model(x).float()
+        if kind == "mse":
+            return mse_loss(logits, y)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    return loss_fn
+
+
+def _top_eig(m, x, y, kind: str, precond, iters: int, hvp: str) -> tuple[float, dict]:
+    params = [p for p in m.model.parameters() if p.requires_grad]
+    was = m.model.training
+    m.model.eval()
+    try:
+        return lanczos_top_eig(plain_loss_fn(m.model, x, y, kind), params, precond=precond, iters=iters,
+                               hvp=hvp, seed=m.seed)
+    finally:
+        m.model.train(was)
+
+
+def lr_multipliers(optimizer, params: list) -> list[torch.Tensor]:
+    """D: each parameter's lr multiplier (µP's per-group lr over the base lr)."""
+    where = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    return [torch.full_like(p, float(where[id(p)]["lr_mult"])) for p in params]
+
+
+def initial_sharpness(m, x, y, kind: str, iters: int, hvp: str) -> float:
+    """λ0 = λ_max(D^{1/2} H D^{1/2}) at the member's current parameters (before training)."""
+    params = [p for p in m.model.parameters() if p.requires_grad]
+    lam, _ = _top_eig(m, x, y, kind, lr_multipliers(m.optimizer, params), iters, hvp)
+    return lam
+
+
+def apply_edge_lrs(trainer) -> None:
+    """optim.lr_unit = edge: give each member η = (its configured lr) × 2/λ0; keeps λ0 per member."""
+    cfg = trainer.cfg
+    trainer.lambda0 = {}
+    if cfg.optim.lr_unit != "edge":
+        return
+    x, y = trainer.batch(0)
+    for m in trainer.members:
+        lam0 = initial_sharpness(m, x, y, cfg.train.loss, max(cfg.stats.batch_sharpness_iters, 20), cfg.stats.hvp)
+        if not lam0 > 0:
+            raise RuntimeError(f"{m.name}: initial sharpness {lam0} is not positive; optim.lr_unit=edge needs it")
+        trainer.lambda0[m.name] = lam0
+        m.cfg = dataclasses.replace(m.cfg, optim=dataclasses.replace(m.cfg.optim, lr=m.cfg.optim.lr * 2.0 / lam0))
+        set_lr(m.optimizer, m.cfg.optim, m.step, cfg.train.steps)
+
+
+def _base(trainer, m, step: int) -> dict:
+    row = {"step": step, "tokens": step * trainer.tokens_per_step, "width": m.width, "seed": m.seed}
+    return row if m.base_lr is None else {**row, "base_lr": m.base_lr}
+
+
+def write_lambda0(trainer) -> None:
+    for m in trainer.members:
+        if m.name in trainer.lambda0:
+            trainer.writer.write({"kind": "lambda0", **_base(trainer, m, 0), "lambda0": trainer.lambda0[m.name],
+                                  "lr": m.cfg.optim.lr, "lr_unit": trainer.cfg.optim.lr_unit,
+                                  "lr_multiple": m.cfg.optim.lr * trainer.lambda0[m.name] / 2.0})
+
+
+def batch_sharpness(m, x, y, kind: str, iters: int, hvp: str) -> dict:
+    """The row body: preconditioned top eigenvalue on (x, y), in units of the base step size."""
+    params = [p for p in m.model.parameters() if p.requires_grad]
+    precond, threshold, pkind = optimizer_preconditioner(m.optimizer, params)
+    groups = [g for g in m.optimizer.param_groups if g["lr_mult"] > 0]
+    eta = float(groups[0]["lr"]) / float(groups[0]["lr_mult"]) if groups else 0.0
+    lam, info = _top_eig(m, x, y, kind, precond, iters, hvp)
+    with torch.no_grad():
+        loss = float(plain_loss_fn(m.model, x, y, kind)())
+    row = {"precond_sharpness": lam, "threshold": threshold, "precond": pkind, "eta": eta,
+           "lr_sharpness": lam * 2.0 / threshold, "batch_loss": loss, "iters": info["iters"],
+           "converged": info["converged"], "hvp": info["hvp"]}
+    if eta > 0:
+        row.update(sharpness=lam / eta, edge=threshold / eta)
+    return row
+
+
+def write_batch_sharpness(trainer, step: int, members: list, x, y) -> None:
+    """batch_sharpness rows for `members` at `step` when stats.batch_sharpness_every is due."""
+    cfg = trainer.cfg
+    every = cfg.stats.batch_sharpness_every
+    if not every or not (step % every == 0 or step == cfg.train.steps or step == 0):
+        return
+    which = "full" if cfg.train.full_batch else "online"
+    for m in members:
+        body = batch_sharpness(m, x, y, cfg.train.loss, cfg.stats.batch_sharpness_iters, cfg.stats.hvp)
+        trainer.writer.write({"kind": "batch_sharpness", **_base(trainer, m, step), "batch": which, **body})
+
+
+def at_start(trainer, start: int) -> None:
+    """λ0 rows and the sharpness at initialization, on the first training batch."""
+    if start != 0:
+        return
+    write_lambda0(trainer)
+    x, y = trainer.batch(0)
+    write_batch_sharpness(trainer, 0, trainer.active(trainer.members), x, y)

@@ -1,0 +1,113 @@
+"""Preemption and periodic checkpoints: what a cluster job needs to survive being stopped.
+
+A scheduler that preempts a job (SLURM, Kubernetes, most clouds) sends SIGTERM, or SIGUSR1 ahead
+of a time limit (`sbatch --signal=USR1@120`), and SIGKILL after a grace period. `StopFlag` turns
+either signal into a flag the loop reads between steps: the step in flight finishes, a checkpoint
+is written, and the process exits with 143 (128 + SIGTERM), which schedulers read as "stopped by
+a signal" and requeue. Resuming from that checkpoint is bit-equal to a run never stopped.
+
+`CheckpointClock` asks for a checkpoint every `train.ckpt_minutes` of wall time, so a SIGKILL
+without warning (node failure, OOM killer) loses at most that much work.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+log = logging.getLogger("fastwidth.train")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143, whichever of the stop signals arrived
+
+
+class Preempted(Exception):
+    """The run was stopped by a signal after writing a checkpoint; rerun it with train.resume=auto."""
+
+    exit_code = PREEMPTED_EXIT_CODE
+
+    def __init__(self, run_dir, step: int, signal_name: str, checkpoint):
+        self.run_dir, self.step, self.signal_name, self.checkpoint = run_dir, step, signal_name, checkpoint
+        super().__init__(f"{signal_name} received: stopped after step {step}, checkpoint {checkpoint}; "
+                         f"rerun the same command with --set train.resume=auto to continue")
+
+
+class StopFlag:
+    """Context manager: while inside, SIGTERM and SIGUSR1 set `self.signal_name` instead of killing.
+
+    Handlers can be installed only from the main thread; elsewhere (a notebook worker thread) the
+    flag stays unset and the signals keep their previous behaviour.
+    """
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+            log.warning("%s received: finishing this step, then writing a checkpoint", self.signal_name)
+
+    @property
+    def raised(self) -> bool:
+        return self.signal_name is not None
+
+
+class CheckpointClock:
+    """Due every `minutes` of wall time since the last checkpoint; 0 = never."""
+
+    def __init__(self, minutes: float, clock=time.monotonic):
+        self.period_s = minutes * 60.0
+        self._clock = clock
+        self._last = clock()
+
+    def due(self) -> bool:
+        return self.period_s > 0 and self._clock() - self._last >= self.period_s
+
+    def reset(self) -> None:
+        self._last = self._clock()
+
+
+def agree(flags: list[bool], dist) -> list[bool]:
+    """Each flag true on every rank when it is true on any rank: ranks must stop, and checkpoint,
+    at the same step (their signals and wall clocks differ). One small all-reduce a step."""
+    if not dist.active or dist.world_size == 1:
+        return list(flags)
+    import torch
+    t = dist.mean(torch.tensor([float(f) for f in flags], device=dist.device))
+    return [bool(v > 0) for v in t.tolist()]
+
+
+def between_steps(trainer, stop: StopFlag, clock: CheckpointClock) -> None:
+    """After every step: checkpoint when the clock says so; on a stop signal checkpoint and raise
+    Preempted (the caller exits 143)."""
+    stopping, due = agree([stop.raised, clock.due()], trainer.dist)
+    if not (stopping or due):
+        return
+    step = min(m.step for m in trainer.members)
+    path = trainer.save(final=step >= trainer.cfg.train.steps)
+    clock.reset()
+    if stopping:
+        raise_preempted(trainer, stop, path)
+
+
+def raise_preempted(trainer, stop: StopFlag, path) -> None:
+    step = min(m.step for m in trainer.members)
+    name = stop.signal_name or "stop signal"
+    trainer.writer.write({"kind": "preempted", "step": step, "tokens": step * trainer.tokens_per_step,
+                          "width": 0, "seed": 0, "signal": name})
+    trainer.writer.close()
+    log.warning("%s: checkpoint %s written at step %d; resume with train.resume=auto", name, path, step)
+    raise Preempted(trainer.cfg.train.out_dir, step, name, path)

@@ -1,0 +1,85 @@
+"""Loss against learning rate: the sub-grid optimum, its drift across widths, diverged members."""
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from fastwidth.report.cli import make_report
+from fastwidth.report.reader import load_run
+from fastwidth.report.transfer import drift, lr_curves, optimum
+
+WIDTHS, SEEDS = [64, 128, 256, 512], [0, 1, 2]
+LRS = [2.0 ** k for k in range(-16, -5)]
+
+
+def fake_lr_run(path, exponent, noise=0.0, diverge_above=None, steps=50):
+    """Loss = 1 + (log η - log η*_N)² with η*_N = 1e-3 (N/64)^exponent, plus seed noise."""
+    path.mkdir(parents=True)
+    cfg = {"param": {"kind": "mup" if exponent == 0 else "sp"},
+           "sweep": {"widths": WIDTHS, "seeds": SEEDS, "lrs": LRS, "reference_width": 512}}
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rng = np.random.default_rng(0)
+    rows = []
+    for w in WIDTHS:
+        star = 1e-3 * (w / 64) ** exponent
+        for lr in LRS:
+            for s in SEEDS:
+                offset = noise * rng.standard_normal()
+                for step in range(1, steps + 1):
+                    if diverge_above and lr > diverge_above and step == 3:
+                        rows.append({"kind": "diverged", "step": 3, "tokens": 30, "width": w, "seed": s,
+                                     "base_lr": lr, "reason": "loss is nan"})
+                        break
+                    loss = 1 + (math.log(lr) - math.log(star)) ** 2 / (1 + step / 10) + offset
+                    rows.append({"kind": "train", "step": step, "tokens": step * 10, "width": w, "seed": s,
+                                 "base_lr": lr, "loss": loss})
+    (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return load_run(path)
+
+
+def test_parabolic_optimum_is_exact_for_a_parabola_in_log_lr():
+    lrs = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+    star = 7e-4
+    losses = [(math.log(lr) - math.log(star)) ** 2 for lr in lrs]
+    got, edge = optimum(lrs, losses)
+    assert got == pytest.approx(star, rel=1e-9) and not edge
+    got, edge = optimum(lrs, [5, 4, 3, 2, 1])          # minimum at the grid's edge
+    assert got == 1e-2 and edge
+    got, edge = optimum(lrs, [3, 2, 1, math.inf, math.inf])   # next to a diverged lr: the grid point
+    assert got == 1e-3 and edge
+
+
+@pytest.mark.parametrize("exponent", [0.0, -1.0, -0.5])
+def test_drift_recovers_the_planted_slope(tmp_path, exponent):
+    run = fake_lr_run(tmp_path / "r", exponent)
+    fit = drift(run, 500)
+    assert fit["slope"] == pytest.approx(exponent, abs=1e-6)
+    assert fit["ci"][0] == pytest.approx(exponent, abs=1e-6) and fit["ci"][1] == pytest.approx(exponent, abs=1e-6)
+    assert fit["optima"][64] == pytest.approx(1e-3, rel=1e-6)
+
+
+def test_bootstrap_interval_widens_with_seed_noise_and_covers_the_slope(tmp_path):
+    run = fake_lr_run(tmp_path / "r", -1.0, noise=0.3)
+    fit = drift(run, 500)
+    lo, hi = fit["ci"]
+    assert lo < hi and lo <= -1.0 + 0.3 and hi >= -1.0 - 0.3
+
+
+def test_diverged_members_are_never_the_optimum_and_count_as_inf(tmp_path):
+    run = fake_lr_run(tmp_path / "r", -1.0, diverge_above=2.0 ** -8)
+    curves = lr_curves(run, 500)
+    assert all(v == math.inf for v in curves[64][2.0 ** -7].values())
+    fit = drift(run, 500)
+    assert all(lr <= 2.0 ** -8 for lr in fit["optima"].values())
+
+
+def test_report_draws_loss_vs_lr_and_quotes_the_drift(tmp_path):
+    fake_lr_run(tmp_path / "mup", 0.0, diverge_above=2.0 ** -8)
+    fake_lr_run(tmp_path / "sp", -1.0)
+    summary = make_report([tmp_path / "mup", tmp_path / "sp"], tmp_path / "out").read_text()
+    png = tmp_path / "out" / "loss_vs_lr.png"
+    assert png.is_file() and png.stat().st_size > 20_000
+    assert "Learning-rate transfer" in summary and "0.000 [" in summary and "-1.000" in summary
+    assert "diverged and were stopped" in summary
