@@ -119,11 +119,11 @@ class TrainConfig:
     keep_checkpoints: int = _opt(2, min=1, help="checkpoints kept in out_dir/checkpoints")
     progress: bool = _opt(True, help="tqdm progress bar")
     threads: int = _opt(0, min=0, help="torch CPU threads; 0 = torch default")
+    activation_checkpointing: str = _opt("none", choices=["none", "block"], help="recompute each block's forward in backward instead of keeping its activations")
     full_batch: bool = _opt(False, help="every step trains on the same fixed batch: the stream's first data.batch_size examples (gradient descent, for edge-of-stability and catapult studies)")
     loss: str = _opt("ce", choices=["ce", "mse"], help="training loss: cross-entropy, or MSE to one-hot targets 0.5·Σ_c (f_c - y_c)² (mean over targets)")
     diverge_factor: float = _opt(10.0, min=0.0, help="stop a member whose loss exceeds this multiple of its first loss (a non-finite loss always stops it); 0 = only non-finite")
     report: bool = _opt(True, help="write the report (figures, summary.md, summary.json) into out_dir/report at the end")
-    activation_checkpointing: str = _opt("none", choices=["none", "block"], help="recompute each block's forward in backward instead of keeping its activations")
 
 
 @dataclass

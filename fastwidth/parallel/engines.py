@@ -110,8 +110,7 @@ def accumulate(forward, backward, x, y, k: int, ctx: StepContext = StepContext()
 
 
 def local_step(model, optimizer, x, y, k: int, ctx: StepContext, grad_clip: float, loss_fn=None) -> torch.Tensor:
-    """A single-process optimizer step with k-way gradient accumulation; loss_fn(x, y) defaults to
-    the model's fused readout + cross-entropy."""
+    """A single-process optimizer step with k-way gradient accumulation (loss_fn(x, y): default model.loss)."""
     loss = accumulate(loss_fn or model.loss, lambda l: (l / k).backward(), x, y, k, ctx)
     clip_grad(model.parameters(), grad_clip)
     optimizer.step()

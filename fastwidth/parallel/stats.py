@@ -50,23 +50,30 @@ def without(cfg, skips: dict):
 
 
 def zero_optimizer_view(model, ds_optimizer):
-    """A torch AdamW over `model`'s parameters holding DeepSpeed ZeRO-1/2's Adam state per parameter
-    (deepspeed.utils.safe_get_full_optimizer_state gathers each exp_avg_sq from the flat partitions;
-    collective: every rank calls it for every parameter), for the Adam-preconditioned sharpness."""
-    from deepspeed.utils import safe_get_full_optimizer_state
+    """A torch AdamW over `model`'s parameters holding DeepSpeed ZeRO-1/2's Adam state per parameter,
+    for the Adam-preconditioned sharpness. DeepSpeed keeps the state of flat fp32 partitions; each
+    rank copies its fragment of a parameter's exp_avg_sq (the parameter's `_hp_mapping` addresses,
+    as deepspeed.utils.tensor_fragment.get_full_hp_param does) into a zero buffer and an all-reduce
+    over the data-parallel group assembles the whole tensor. Collective."""
     named = dict(model.named_parameters())
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [named[n] for n in g["names"]]}
               for g in ds_optimizer.param_groups]
     view = torch.optim.AdamW(groups, lr=groups[0]["lr"])
     inner = getattr(ds_optimizer, "optimizer", ds_optimizer)
-    steps = [float(st["step"]) for st in inner.state.values() if "step" in st]
+    flats = ds_optimizer.single_partition_of_fp32_groups
+    steps = [float(inner.state[f]["step"]) for f in flats if "step" in inner.state.get(f, {})]
     if not steps:
         return view
-    for g in view.param_groups:
-        for p in g["params"]:
-            v = safe_get_full_optimizer_state(p, "exp_avg_sq")
-            if v is not None:
-                view.state[p] = {"step": torch.tensor(max(steps)), "exp_avg_sq": v.reshape(p.shape).to(p.device)}
+    for lp_group, flat in zip(ds_optimizer.bit16_groups, flats):
+        sq = inner.state[flat]["exp_avg_sq"]
+        for p in lp_group:
+            full = torch.zeros(p.numel(), dtype=torch.float32, device=sq.device)
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is not None:
+                lp, hp = mapping.lp_fragment_address, mapping.get_hp_fragment_address()
+                full.narrow(0, lp.start, lp.numel).copy_(sq.narrow(0, hp.start, hp.numel))
+            dist.all_reduce(full, group=getattr(p, "_dp_group", None))
+            view.state[p] = {"step": torch.tensor(max(steps)), "exp_avg_sq": full.reshape(p.shape).to(p.device)}
     return view
 
 
@@ -77,7 +84,8 @@ def attach_optimizer_views(monitor, placement) -> None:
         if engine is not None and engine.name == "deepspeed" and not engine.sharded:
             return zero_optimizer_view(m.model, m.optimizer)
         return m.optimizer
-    monitor.optimizer_of = optimizer_of
+    for mon in (getattr(monitor, "monitors", None) or {None: monitor}).values():  # sweep.LRMonitors: one per lr
+        mon.optimizer_of = optimizer_of
 
 
 def _gather_objects(obj, world: int) -> list:

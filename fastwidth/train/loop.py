@@ -117,8 +117,7 @@ def make_members(cfg: Config, stream, device: torch.device, placement=None, memo
         if engine is not None:
             meta = build_meta(wcfg, io)
             table = mup_table(meta, wcfg)  # global shapes, before any sharding
-            model = engine.build(name, meta, table, wcfg, s,
-                                 construct=lambda wcfg=wcfg: build_uninitialized(wcfg, io))
+            model = engine.build(name, meta, table, wcfg, s, construct=lambda wcfg=wcfg: build_uninitialized(wcfg, io))
         else:
             model, table = build_model(wcfg, io, device=device, seed=s)
             if cfg.train.activation_checkpointing == "block":
@@ -276,7 +275,7 @@ class Trainer:
     def train_step(self, m: Member, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimizer step of one member on one batch (in data.micro_batch_size pieces); returns
         the loss, the global mean (a tensor, no host sync)."""
-        set_lr(m.optimizer, m.cfg.optim, m.step, self.cfg.train.steps)  # m.cfg: its own lr in an LR sweep
+        set_lr(m.optimizer, m.cfg.optim, m.step, self.cfg.train.steps)
         m.model.train()
         stats = self.cfg.stats.enabled
         hooks = self.evaluator.training(m) if stats else contextlib.nullcontext()
@@ -285,9 +284,8 @@ class Trainer:
         with hooks:
             engine = self.placement.for_width(m.width)
             if engine is None:
-                kind = self.cfg.train.loss
-                loss = local_step(m.model, m.optimizer, x, y, self.placement.k, ctx, self.cfg.optim.grad_clip,
-                                  loss_fn=lambda xi, yi: dynamics.member_loss(m.model, xi, yi, kind))
+                loss = local_step(m.model, m.optimizer, x, y, self.placement.k, ctx, m.cfg.optim.grad_clip,
+                                  loss_fn=lambda xi, yi: dynamics.member_loss(m.model, xi, yi, self.cfg.train.loss))
             else:  # forward/backward per micro-batch, clip, step, zero
                 loss = self.dist.mean(engine.train_step(m.name, x, y, self.placement.k, ctx))
         m.step += 1

@@ -151,6 +151,13 @@ class LRMonitors:
     def training(self, member):
         return self._of[member.name].training(member)
 
+    @contextlib.contextmanager
+    def paused(self):
+        with contextlib.ExitStack() as stack:
+            for mon in self.monitors.values():
+                stack.enter_context(mon.paused())
+            yield
+
     def evaluate(self, step: int, tokens: int, members: list | None = None) -> None:
         for lr, mon in self.monitors.items():
             subset = [m for m in members if m.base_lr == lr] if members is not None else None

@@ -311,3 +311,14 @@ def test_rank_killed_mid_save_keeps_the_previous_checkpoint(work):
     launch("torchrun", ROOT / "launch" / "train.py", cfg_file, [*sets, "train.resume=true"])
     assert not list(root.glob(".tmp-*")), "stale temporary directories must be pruned"
     assert rel_err(losses(single), losses(out)) < 1e-4
+
+
+def test_out_dir_every_rank_cannot_see_is_refused(work):
+    tmp, cfg_file, _ = work
+    out = tmp / "private"
+    res = launch("torchrun", ROOT / "launch" / "train.py", cfg_file, [f"train.out_dir={out}", "dist.backend=ddp"],
+                 env_extra={"FASTWIDTH_TEST_PRIVATE_OUT_DIR": "1"}, check=False)
+    assert res.returncode != 0
+    lines = [l for l in res.stderr.splitlines() if l.startswith("fastwidth: error:")]
+    assert lines and "not on a filesystem every rank sees" in lines[0] and "rank 1" in lines[0], res.stderr[-3000:]
+    assert not out.exists(), "nothing left behind"

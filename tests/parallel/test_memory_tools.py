@@ -97,3 +97,12 @@ def test_plan_command_dry_run(capsys):
     assert main(["plan", "--config", "configs/dist/gpt_16k_8gpu.yaml", "--dry-run", "--ranks", "8"]) == 0
     out = capsys.readouterr().out
     assert "dry run (fake process group" in out and "zero3 +opt-offload" in out
+
+
+def test_slurm_tasks_without_a_launcher_are_refused(tmp_path):
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    res = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/dist/sweep_ddp_cpu.yaml", "--set",
+                          f"train.out_dir={tmp_path / 'x'}"], capture_output=True, text=True,
+                         env={**env, "SLURM_NTASKS": "4"})
+    assert res.returncode == 2 and "SLURM_NTASKS=4" in res.stderr and "torchrun" in res.stderr, res.stderr[-2000:]
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
