@@ -42,6 +42,7 @@ from fastwidth.stats import metrics as M
 from fastwidth.stats.ensemble import EnsembleCurve, SeedEnsembles, lm_ensemble_curve
 from fastwidth.stats.moments import PreactAccumulator
 from fastwidth.stats.preact_range import load_ranges, out_of_range_fraction, reference_ranges, save_ranges, with_overflow
+from fastwidth.param.optim import lr_factor
 from fastwidth.stats.ntk import entk, group_lr_weights, probe_output_fn, spectrum
 from fastwidth.stats.sharpness import optimizer_preconditioner, top_hessian_eig
 from fastwidth.stats.signature import (ProbeSpec, add_preacts, list_signatures, load_signature, preacts_of,
@@ -400,8 +401,27 @@ class Monitor:
                 return precond, "adam"
             kind = "lr"                                   # not Adam (or no state yet): the LR kernel
         if kind == "lr":
-            return group_lr_weights(m.optimizer, params), "lr"
+            return self._lr_weights(m), "lr"
         return None, "raw"
+
+    def _lr_weights(self, m) -> list[float]:
+        """Per-parameter LRs from the optimizer's groups; where a sharding engine's optimizer holds
+        flat partitions instead of the model's parameters, from the µP table: optim.lr × lr_mult ×
+        the schedule factor of the last step (what set_lr gave the groups)."""
+        named = [(n, p) for n, p in m.model.named_parameters() if p.requires_grad]
+        lrs = group_lr_weights(m.optimizer, [p for _, p in named])
+        if all(lr > 0 for lr in lrs) or not m.table:
+            return lrs
+        cfg = getattr(m, "cfg", None) or self.cfg
+        factor = lr_factor(max(m.step - 1, 0), cfg.optim, self.cfg.train.steps)
+        out = []
+        for (name, _), lr in zip(named, lrs):
+            key = name.replace("_orig_mod.", "")
+            while key.startswith("module."):
+                key = key[len("module."):]
+            info = m.table.get(key)
+            out.append(cfg.optim.lr * info.lr_mult * factor if lr <= 0 and info is not None else lr)
+        return out
 
     # ------------------------------------------------------------------ resume
 
