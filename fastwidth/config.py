@@ -151,8 +151,12 @@ class StatsConfig:
     preact_every: int = _opt(1, min=1, help="accumulate preactivations on every k-th training step")
     hist_bins: int = _opt(64, min=2, help="preactivation histogram bins")
     hist_stride: int = _opt(16, min=1, help="torch and native paths: histogram every k-th preactivation element (moments use all; the fused Triton kernel reads all)")
-    hist_range: float = _opt(8.0, min=1e-6, help="preactivation histograms span [-hist_range, hist_range]; outside goes to the edge bins")
+    hist_range: float = _opt(0.0, min=0.0, help="preactivation histograms span [-hist_range, hist_range], outside in the edge bins; 0 = per layer from the reference width's first evaluation (quantiles, saved with the run)")
+    hist_quantile: float = _opt(0.001, min=0.0, help="hist_range 0: a layer's range is its [q, 1-q] quantiles at the first evaluation, widened by hist_margin; outside goes to two overflow bins")
+    hist_margin: float = _opt(1.0, min=0.0, help="hist_range 0: widen each side of the quantile range by this fraction of its span (preactivations grow in training)")
     eval_batch: int = _opt(256, min=1, help="probe examples per forward when evaluating")
+    bootstrap: int = _opt(1000, min=0, help="bootstrap resamples over seeds for the intervals of every fitted slope (needs >= 3 seeds); 0 = off")
+    ensemble_every: int = _opt(0, min=0, help="language models: ensemble probe losses L(E) cadence in steps (at evaluations); 0 = final evaluation only")
     sharpness_iters: int = _opt(10, min=0, help="power iterations for the top Hessian eigenvalue; 0 = off")
     sharpness_every: int = _opt(0, min=0, help="sharpness cadence in steps (at evaluations); 0 = final evaluation only")
     sharpness_points: int = _opt(256, min=1, help="probe points in the sharpness loss (examples, or tokens rounded up to whole sequences)")
@@ -162,6 +166,7 @@ class StatsConfig:
     coord_every: int = _opt(0, min=0, help="refined coordinate check (own-update and input-change parts of each layer's activation change) every k steps; 0 = off")
     ntk_points: int = _opt(16, min=0, help="probe points of the eNTK (scalar output); 0 = off")
     ntk_every: int = _opt(0, min=0, help="eNTK cadence in steps (at evaluations); 0 = final evaluation only")
+    ntk_kernel: str = _opt("lr", choices=["lr", "raw", "adam"], help="eNTK J·D·Jᵀ: D = per-group learning rates (the kernel that drives training), identity (raw JJᵀ), or Adam's preconditioner")
     ntk_max_mb: int = _opt(256, min=0, help="stack per-point gradients (exact eNTK) up to this size, else finite-difference JVPs")
 
 

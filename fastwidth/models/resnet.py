@@ -62,7 +62,8 @@ class ResNet(WidthModel):
         return {f"stage{i}": s for i, s in enumerate(self.stages)}
 
     def preact_points(self):
-        return {"stem": self.stem, **{f"stage{i}.conv1": s[0].conv1 for i, s in enumerate(self.stages)}}
+        # after BatchNorm (what the ReLU sees): the conv outputs' scale is BatchNorm's to set
+        return {"stem": self.stem_bn, **{f"stage{i}.bn1": s[0].bn1 for i, s in enumerate(self.stages)}}
 
 
 def build(cfg, io, device=None) -> ResNet:

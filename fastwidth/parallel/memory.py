@@ -5,7 +5,7 @@
     rec.mark("ready", members); rec.mark("step", members)
     rec.flush(writer)                        # rank 0 writes one row per (rank, phase)
 
-Row (DESIGN §5, extended with the baseline):
+Row (docs/design.md §5, extended with the baseline):
     {"kind": "memory", "phase": "built"|"ready"|"step", "rank", "host_peak_bytes",
      "device_peak_bytes", "model_bytes", "host_baseline_bytes", "step", "tokens", "width": 0, "seed": 0}
 host_peak_bytes is ru_maxrss: the peak resident set of the process over its whole life so far

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from fastwidth.report import consistency_figures
 from fastwidth.report.figures import FIGURES
 from fastwidth.report.reader import load_run
 from fastwidth.report.summary import write_summary
@@ -17,7 +18,7 @@ def make_report(run_dirs: list[str | Path], out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures = {}
-    for name, draw in FIGURES.items():
+    for name, draw in {**FIGURES, **consistency_figures.FIGURES}.items():
         figures[name] = draw(runs, out / name)
         if figures[name] is None:
             log.info("%s: nothing to draw", name)

@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 
 from fastwidth.report.reader import Run, late_mean  # noqa: E402
 from fastwidth.stats.metrics import fit_power_law  # noqa: E402
+from fastwidth.stats.preact_range import with_overflow  # noqa: E402
 
 DPI = 110
 
@@ -39,9 +40,25 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _tokens_axis(ax):
-    ax.set_xlabel("tokens (training targets seen)")
+def _tokens_axis(ax, run: Run | None = None):
+    """Log-scaled training-progress axis: tokens for language models, examples for the rest."""
+    images = run is not None and run.config.get("model", {}).get("arch", "gpt") != "gpt"
+    ax.set_xlabel("examples seen" if images else "tokens (training targets seen)")
+    ax.set_xscale("log")
     ax.grid(True, which="both", alpha=0.3)
+
+
+def seed_band(ax, run: Run, kind: str, key: str, color, **match) -> None:
+    """Shade the min-max over seeds of row[key] per width/tokens (t > 0: the axis is logarithmic)."""
+    by_t: dict[int, list[float]] = {}
+    for r in run.rows(kind, **match):
+        v = r.get(key)
+        if v is not None and math.isfinite(v) and r["tokens"] > 0:
+            by_t.setdefault(r["tokens"], []).append(v)
+    pts = sorted((t, min(v), max(v)) for t, v in by_t.items() if len(v) > 1)
+    if pts:
+        t, lo, hi = zip(*pts)
+        ax.fill_between(t, lo, hi, color=color, alpha=0.18, lw=0)
 
 
 def _ema(values, alpha=0.2):
@@ -60,14 +77,17 @@ def loss_curves(runs: list[Run], path: Path) -> Path | None:
         colors = width_colors(run.widths)
         evals = run.series("eval", "probe_loss")
         for w, pts in evals.items():
-            t, v = zip(*pts)
-            ax.plot(t, v, "-o", ms=2.5, color=colors.get(w), label=f"N={w}")
+            pts = [(t, v) for t, v in pts if t > 0]
+            if pts:
+                t, v = zip(*pts)
+                ax.plot(t, v, "-o", ms=2.5, color=colors.get(w), label=f"N={w}")
+                seed_band(ax, run, "eval", "probe_loss", colors.get(w), width=w)
         for w, pts in run.series("train", "loss").items():
             t, v = zip(*pts)
             ax.plot(t, _ema(v), "-", lw=0.8, alpha=0.35, color=colors.get(w), label=None if evals else f"N={w}")
-        ax.set_title(f"{run.label}\nprobe loss (lines+dots), train loss EMA (faint)", fontsize=9)
+        ax.set_title(f"{run.label}\nprobe loss (lines+dots, seed band), train loss EMA (faint)", fontsize=9)
         ax.set_yscale("log")
-        _tokens_axis(ax)
+        _tokens_axis(ax, run)
     axes[0].set_ylabel("cross-entropy (nats)")
     axes[-1].legend(fontsize=7, title="width", title_fontsize=7)
     return _save(fig, path)
@@ -84,9 +104,11 @@ def rmse_curves(runs: list[Run], path: Path) -> Path | None:
             if pts:
                 t, v = zip(*pts)
                 ax.plot(t, v, "-o", ms=2.5, color=colors.get(w), label=f"N={w}")
+                seed_band(ax, run, "consistency", "true_logit_rmse", colors.get(w), ref="live", width=w)
         ax.set_yscale("log")
-        ax.set_title(f"{run.label}\ntrue-logit RMSE from the N={run.ref_width} model (mean over seeds)", fontsize=9)
-        _tokens_axis(ax)
+        ax.set_title(f"{run.label}\ntrue-logit RMSE from the N={run.ref_width} model (mean, min-max over seeds)",
+                     fontsize=9)
+        _tokens_axis(ax, run)
     axes[0].set_ylabel("true-logit RMSE")
     axes[-1].legend(fontsize=7, title="width", title_fontsize=7)
     return _save(fig, path)
@@ -186,17 +208,24 @@ def cka_vs_width(runs: list[Run], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def final_signatures(run: Run, prefix: str) -> tuple[int | None, dict[int, tuple[dict, dict]]]:
+    """(final eval step, {width: (signature, meta)}) of the first seed, for widths whose signature
+    holds a key starting with `prefix`."""
+    step = run.last_step("eval")
+    seeds = sorted({r["seed"] for r in run.rows("eval")})
+    per_w = {}
+    for w in run.widths:
+        got = run.signature(f"w{w}_s{seeds[0]}", step) if seeds and step is not None else None
+        if got and any(k.startswith(prefix) for k in got[0]):
+            per_w[w] = got
+    return step, per_w
+
+
 def preact_histograms(runs: list[Run], path: Path) -> Path | None:
     """Final-eval training-batch preactivation histograms, one panel per (run, layer), widths overlaid."""
     found = []
     for run in runs:
-        step = run.last_step("eval")
-        seeds = sorted({r["seed"] for r in run.rows("eval")})
-        per_w = {}
-        for w in run.widths:
-            got = run.signature(f"w{w}_s{seeds[0]}", step) if seeds and step is not None else None
-            if got and any(k.startswith("preact_hist/") for k in got[0]):
-                per_w[w] = got
+        step, per_w = final_signatures(run, "preact_hist/")
         if per_w:
             found.append((run, step, per_w))
     if not found:
@@ -210,7 +239,10 @@ def preact_histograms(runs: list[Run], path: Path) -> Path | None:
             layers = sorted(k.split("/", 1)[1] for k in sig if k.startswith("preact_hist/"))
             for j, layer in enumerate(layers):
                 h = sig[f"preact_hist/{layer}"].numpy()
-                lo, hi = meta.get("hist_lo", -1.0), meta.get("hist_hi", 1.0)
+                if (meta.get("hist_ranges") or {}).get(layer):   # per-layer range + two overflow bins
+                    lo, hi, _ = with_overflow(*meta["hist_ranges"][layer], len(h) - 2)
+                else:
+                    lo, hi = meta.get("hist_lo", -1.0), meta.get("hist_hi", 1.0)
                 edges = np.linspace(lo, hi, len(h) + 1)
                 dens = h / max(h.sum(), 1) / (edges[1] - edges[0])
                 ax = axes[row][j]
@@ -239,7 +271,7 @@ def sharpness(runs: list[Run], path: Path) -> Path | None:
         pk = sorted({r.get("precond") for r in rows})
         ax.set_title(f"{run.label}\npreconditioned sharpness x 2/threshold ({'/'.join(map(str, pk))})", fontsize=9)
         ax.set_yscale("log")
-        _tokens_axis(ax)
+        _tokens_axis(ax, run)
     axes[0].set_ylabel("lr-sharpness (stable below 2)")
     axes[-1].legend(fontsize=7)
     return _save(fig, path)

@@ -1,9 +1,19 @@
-"""The numbers behind the figures, per run, and summary.md.
+"""The numbers behind the figures, per run, and summary.md / summary.json.
 
     nums = run_numbers(run)      # late-time RMSE per width, slopes, variance, loss spread, ...
+
+summary.json (one object; its first run's keys at the top level, every run under "runs"):
+    {"run": {"label", "kind", "optimizer", "lr", "data_source", "commit", ...},
+     "widths": [{"width", "final_loss", "true_logit_rmse", "seed_variance", "bias",
+                 "bias_sq_debiased", "bias_sq_debiased_ci", "ensemble_loss", ...}],
+     "fits": {"rmse_slope", "rmse_slope_ci", "variance_slope", ..., "bias_slope", ...},
+     "equal_compute": [{"width", "vs_width", "members", "ensemble_loss", "wide_loss", ...}]}
+The fits are the loop's final `fit` row (stats/ensemble.py: bootstrap intervals over seeds); the
+late-time RMSE per width is the mean over the last 25% of tokens, as in the figures.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -31,6 +41,51 @@ def loss_spread(run: Run) -> tuple[float, float]:
     return sum(g for g, _ in gaps) / len(gaps), sum(r for _, r in gaps) / len(gaps)
 
 
+FIT_KEYS = ("rmse_slope", "variance_slope", "bias_slope", "bias_debiased_slope", "rmse2_a", "rmse2_bias_sq")
+
+
+def final_fit(run: Run) -> dict:
+    """The last fit row's fitted numbers and their intervals (None where the loop had none)."""
+    rows = _last_rows(run, "fit")
+    if not rows:
+        return {}
+    row = rows[0]
+    out = {}
+    for k in FIT_KEYS:
+        out[k], out[f"{k}_ci"] = row.get(k), row.get(f"{k}_ci")
+    out.update({k: row.get(k) for k in ("n_boot", "ci_level", "step", "tokens") if k in row})
+    return out
+
+
+def _last_rows(run: Run, kind: str, **match) -> list[dict]:
+    step = max((r["step"] for r in run.rows(kind, **match)), default=None)
+    return [] if step is None else run.rows(kind, step=step, **match)
+
+
+def equal_compute(ensembles: dict[int, dict]) -> list[dict]:
+    """E narrow models against one wider model of about E times the parameters (FLOPs per example
+    scale with parameters): L_N(E) measured when E <= S, else from the fit L∞ + c/E (marked)."""
+    out = []
+    widths = sorted(w for w, r in ensembles.items() if r.get("params") and r.get("ensemble_loss"))
+    for i, w in enumerate(widths):
+        for v in widths[i + 1:]:
+            e = max(1, round(ensembles[v]["params"] / ensembles[w]["params"]))
+            curve = ensembles[w]["ensemble_loss"]
+            if e <= len(curve):
+                loss, how = curve[e - 1], "measured"
+            elif ensembles[w].get("ensemble_loss_inf") is not None and ensembles[w].get("ensemble_loss_c") is not None:
+                loss, how = ensembles[w]["ensemble_loss_inf"] + ensembles[w]["ensemble_loss_c"] / e, "fit"
+            else:
+                continue
+            out.append({"width": w, "vs_width": v, "members": e, "ensemble_loss": loss, "how": how,
+                        "wide_loss": ensembles[v]["ensemble_loss"][0]})
+    return out
+
+
+def _late(run: Run, key: str) -> dict[int, float]:
+    return {w: late_mean(p) for w, p in run.series("consistency", key, ref="live").items()}
+
+
 def run_numbers(run: Run) -> dict:
     rmse = {w: late_mean(p) for w, p in run.series("consistency", "true_logit_rmse", ref="live").items()}
     rmse_mean = {w: late_mean(p) for w, p in run.series("consistency", "true_logit_rmse_vs_mean", ref="live").items()}
@@ -45,10 +100,19 @@ def run_numbers(run: Run) -> dict:
         if vals:
             cka.setdefault(r["width"], []).append(sum(vals) / len(vals))
     spread, rel = loss_spread(run)
+    ensembles = {r["width"]: r for r in ens}
+    run_row = (run.rows("run") or [{}])[-1]
+    cfg = run.config
     return {
+        "optimizer": cfg.get("optim", {}).get("name"), "lr": cfg.get("optim", {}).get("lr"),
+        "data_source": cfg.get("data", {}).get("source"), "commit": run_row.get("commit"),
+        "arch": cfg.get("model", {}).get("arch"), "wall_s": run_row.get("wall_s"),
+        "fit": final_fit(run), "ensembles": ensembles, "equal_compute": equal_compute(ensembles),
+        "bias_sq_debiased": {w: r.get("bias_sq_debiased") for w, r in ensembles.items() if w != run.ref_width},
+        "loss_gap": _late(run, "loss_gap"), "top1_agreement": _late(run, "top1_agreement"),
         "label": run.label, "kind": run.kind, "widths": run.widths, "ref_width": run.ref_width,
         "seeds": sorted({r["seed"] for r in run.rows("eval")}),
-        "tokens": max((r["tokens"] for r in run.all_rows if "tokens" in r), default=0),
+        "tokens": max((r["tokens"] for r in run.all_rows if r.get("kind") in ("train", "eval")), default=0),
         "probe_loss": _final(run, "eval", "probe_loss"), "probe_acc": _final(run, "eval", "probe_acc"),
         "rmse": rmse, "rmse_slope": fit_power_law(list(rmse), list(rmse.values()))[0],
         "rmse_vs_mean": rmse_mean,
@@ -65,10 +129,21 @@ def _f(v, fmt=".4g") -> str:
     return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
 
+def _fci(fit: dict, key: str, fmt="+.3f") -> str:
+    """A fitted number with its interval: -0.512 [-0.60, -0.43]."""
+    ci = fit.get(f"{key}_ci")
+    text = _f(fit.get(key), fmt)
+    return text if not ci else f"{text} [{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
+
+
 def _table(nums: dict) -> list[str]:
     cols = [("probe loss", nums["probe_loss"]), ("probe acc", nums["probe_acc"]),
             ("late RMSE (same seed)", nums["rmse"]), ("late RMSE (vs ref mean)", nums["rmse_vs_mean"]),
-            ("seed variance V_N", nums["seed_variance"]), ("ensemble bias", nums["bias"]),
+            ("seed variance V_N", nums["seed_variance"]), ("ensemble bias (raw)", nums["bias"]),
+            ("debiased bias²", nums["bias_sq_debiased"]),
+            ("L(E = S)", {w: r["ensemble_loss"][-1] for w, r in nums["ensembles"].items() if r.get("ensemble_loss")}),
+            ("L∞ (fit)", {w: r.get("ensemble_loss_inf") for w, r in nums["ensembles"].items() if r.get("ensemble_loss")}),
+            ("loss gap", nums["loss_gap"]), ("top-1 agreement", nums["top1_agreement"]),
             ("mean CKA", nums["cka"]), ("lr-sharpness", nums["lr_sharpness"])]
     cols = [(name, d) for name, d in cols if d]
     out = ["| width | " + " | ".join(n for n, _ in cols) + " |", "|---:|" + "---:|" * len(cols)]
@@ -78,27 +153,83 @@ def _table(nums: dict) -> list[str]:
     return out
 
 
+def _fits_table(numbers: list[dict]) -> list[str]:
+    out = ["| run | step | RMSE slope | V_N slope | bias slope (raw) | debiased-bias slope | RMSE² = a(1/N+1/N_ref)+b²: a | b² |",
+           "|---|---:|---|---|---|---|---|---|"]
+    for n in numbers:
+        f = n["fit"]
+        out.append(f"| {n['label']} | {f.get('step', '–')} | " + " | ".join(
+            _fci(f, k, ".4g" if k.startswith("rmse2") else "+.3f") for k in FIT_KEYS) + " |")
+    return out
+
+
+def _equal_compute_table(n: dict) -> list[str]:
+    if not n["equal_compute"]:
+        return []
+    out = ["E narrow models against one wide model of about E times the parameters (averaged logits):", "",
+           "| narrow N | E | ensemble loss | wide N | wide loss (one model) |", "|---:|---:|---:|---:|---:|"]
+    for r in n["equal_compute"]:
+        mark = "" if r["how"] == "measured" else " (fit L∞ + c/E)"
+        out.append(f"| {r['width']} | {r['members']} | {_f(r['ensemble_loss'])}{mark} | {r['vs_width']} | {_f(r['wide_loss'])} |")
+    return out + [""]
+
+
 def write_summary(runs: list[Run], figures: dict[str, Path | None], out: Path) -> Path:
     numbers = [run_numbers(run) for run in runs]
     lines = ["# fastwidth report", ""]
-    lines += ["| run | kind | widths | seeds | tokens | RMSE slope | V_N slope | bias slope | loss spread (rel.) |",
-              "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    lines += ["| run | kind | optimizer, LR | data | widths | seeds | tokens | late RMSE slope | loss spread (rel.) |",
+              "|---|---|---|---|---|---|---:|---:|---:|"]
     for n in numbers:
-        lines.append(f"| {n['label']} | {n['kind']} | {n['widths']} | {n['seeds']} | {n['tokens']} | "
-                     f"{_f(n['rmse_slope'], '+.3f')} | {_f(n['variance_slope'], '+.3f')} | "
-                     f"{_f(n['bias_slope'], '+.3f')} | {_f(n['loss_spread'], '.4f')} ({_f(n['loss_spread_rel'], '.2%')}) |")
-    lines += ["", "Slopes are least-squares fits of log(value) on log(width): late-time true-logit RMSE against "
-              "the reference-width model of the same seed (mean over seeds and over the last 25% of tokens; "
-              "the paper's is about -0.5), seed variance V_N of the true logit at the final eval (1/N gives -1) "
-              "and the ensemble bias ||f̄_N - f̄_ref||. Loss spread: mean over evals of the max-min across widths "
-              "of the probe loss (seed means).", ""]
+        lines.append(f"| {n['label']} | {n['kind']} | {n['optimizer']}, {n['lr']} | {n['data_source']} | {n['widths']} | "
+                     f"{n['seeds']} | {n['tokens']} | {_f(n['rmse_slope'], '+.3f')} | "
+                     f"{_f(n['loss_spread'], '.4f')} ({_f(n['loss_spread_rel'], '.2%')}) |")
+    lines += ["", "Fits at the final evaluation, with 95% bootstrap intervals over seeds (none with fewer "
+              "than 3 seeds per width):", ""] + _fits_table(numbers)
+    lines += ["", "Slopes are least-squares fits of log(value) on log(width): true-logit RMSE against the "
+              "reference-width model (the paper's is about -0.5 late in training), seed variance V_N of the "
+              "true logit (1/N gives -1), the raw ensemble bias ||f̄_N - f̄_ref|| (which holds V_N/S_N + "
+              "V_ref/S_ref of seed noise) and the debiased bias sqrt(b̂² - V_N/S_N - V_ref/S_ref) over the "
+              "widths where that is positive. Late RMSE slope: of the mean over the last 25% of tokens. Loss "
+              "spread: mean over evals of the max-min across widths of the probe loss (seed means).", ""]
     lines += transfer_lines(runs)
     for n in numbers:
-        lines += [f"## {n['label']}", ""] + _table(n) + [""]
+        lines += [f"## {n['label']}", "", f"commit {n['commit'] or 'unknown'}", ""] + _table(n) + [""]
+        lines += _equal_compute_table(n)
     lines += ["## Figures", ""]
     for name, path in figures.items():
         lines.append(f"![{name}]({name})" if path else f"- {name}: not drawn (the runs hold no rows for it)")
     lines.append("")
     path = out / "summary.md"
     path.write_text("\n".join(lines))
+    write_summary_json(numbers, out / "summary.json")
+    return path
+
+
+def _json_run(n: dict) -> dict:
+    ens = n["ensembles"]
+    widths = []
+    for w in n["widths"]:
+        e = ens.get(w, {})
+        widths.append({"width": w, "reference": w == n["ref_width"], "final_loss": n["probe_loss"].get(w),
+                       "probe_acc": n["probe_acc"].get(w), "true_logit_rmse": n["rmse"].get(w),
+                       "seed_variance": e.get("seed_variance"), "bias": e.get("bias"),
+                       "bias_sq_debiased": e.get("bias_sq_debiased"), "bias_sq_debiased_ci": e.get("bias_sq_debiased_ci"),
+                       "ensemble_loss": e.get("ensemble_loss"), "ensemble_acc": e.get("ensemble_acc"),
+                       "ensemble_loss_inf": e.get("ensemble_loss_inf"), "ensemble_loss_c": e.get("ensemble_loss_c"),
+                       "params": e.get("params"), "loss_gap": n["loss_gap"].get(w),
+                       "top1_agreement": n["top1_agreement"].get(w), "cka": n["cka"].get(w)})
+    run = {k: n[k] for k in ("label", "kind", "arch", "optimizer", "lr", "data_source", "commit", "ref_width",
+                             "seeds", "tokens", "wall_s")}
+    fits = dict(n["fit"], late_rmse_slope=n["rmse_slope"], loss_spread=n["loss_spread"],
+                loss_spread_rel=n["loss_spread_rel"])
+    return {"run": run, "widths": widths, "fits": fits, "equal_compute": n["equal_compute"]}
+
+
+def write_summary_json(numbers: list[dict], path: Path) -> Path:
+    """summary.json: every fitted number with its interval and the run's settings (module docstring)."""
+    from fastwidth.stats.monitor import clean
+
+    runs = [_json_run(n) for n in numbers]
+    doc = {**(runs[0] if runs else {"run": {}, "widths": [], "fits": {}}), "runs": runs}
+    path.write_text(json.dumps(clean(doc), indent=1, allow_nan=False) + "\n")
     return path

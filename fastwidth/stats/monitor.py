@@ -9,14 +9,19 @@
 
 Rows written (docs/design.md §5; every row has kind, step, tokens, width, seed; seed -1 means "over
 seeds", width 0 "across widths"):
-- eval:        per member: probe_loss, probe_acc, preact {layer: moments of the training batches}
+- eval:        per member: probe_loss, probe_acc, preact {layer: moments of the training batches,
+               and out_of_range, the share outside the layer's saved range (stats/preact_range.py)}
 - consistency: per member vs the reference width (ref "live"; same seed, else the first) and vs a
                stored run (ref "run"): ref_width, ref_seed, true_logit_rmse, true_logit_rmse_vs_mean
                (vs the mean over the reference seeds), sketch_distance, top1_agreement, loss_gap,
                cka / kernel_alignment / preact_w1 {layer}
-- ensemble:    per width with >= 2 seeds: seed_variance V_N, seed_std, logit_variance (sketch),
-               bias ||f̄_N - f̄_ref||
-- fit:         per eval step: slopes of log rmse and log V_N against log N
+- ensemble:    per width: n_seeds, params, bias ||f̄_N - f̄_ref|| (raw), and with >= 2 seeds
+               seed_variance V_N, seed_std, logit_variance (sketch), bias_sq_debiased
+               (b̂² - V_N/S_N - V_ref/S_ref) with its bootstrap interval, and the averaged-logit
+               ensembles of E = 1..S members: ensemble_loss, ensemble_acc, ensemble_loss_inf/_c
+               (L(E) = L∞ + c/E; LMs at stats.ensemble_every, computed in the loop)
+- fit:         per eval step: rmse_slope, variance_slope, bias_slope (raw), bias_debiased_slope,
+               rmse2_a / rmse2_bias_sq (RMSE² = a (1/N + 1/N_ref) + b²), each with `<name>_ci`
 - sharpness:   per member at stats.sharpness_every; ntk: per member at stats.ntk_every
 Every metric is computed from signatures (the live one and a stored one are the same numbers),
 so a reference-run comparison equals the live one when the models match.
@@ -34,8 +39,11 @@ import yaml
 
 from fastwidth.errors import UserError
 from fastwidth.stats import metrics as M
+from fastwidth.stats.ensemble import EnsembleCurve, SeedEnsembles, lm_ensemble_curve
 from fastwidth.stats.moments import PreactAccumulator
-from fastwidth.stats.ntk import entk, probe_output_fn, spectrum
+from fastwidth.stats.preact_range import load_ranges, out_of_range_fraction, reference_ranges, save_ranges, with_overflow
+from fastwidth.param.optim import lr_factor
+from fastwidth.stats.ntk import entk, group_lr_weights, probe_output_fn, spectrum
 from fastwidth.stats.sharpness import optimizer_preconditioner, top_hessian_eig
 from fastwidth.stats.signature import (ProbeSpec, add_preacts, list_signatures, load_signature, probe_signature, save_signature, signature_path)
 
@@ -55,8 +63,16 @@ def clean(x):
     return x
 
 
-def compare(sig: dict, ref: dict, ref_mean_true: torch.Tensor | None, lo: float, hi: float) -> dict:
-    """Every pairwise consistency metric of signature `sig` against signature `ref`."""
+def param_count(member) -> int:
+    """Parameters of one model (global shapes from its µP table when it has one: sharded models)."""
+    if member.table:
+        return int(sum(math.prod(info.shape) for info in member.table.values()))
+    return int(sum(p.numel() for p in member.model.parameters()))
+
+
+def compare(sig: dict, ref: dict, ref_mean_true: torch.Tensor | None, bounds) -> dict:
+    """Every pairwise consistency metric of signature `sig` against signature `ref`;
+    bounds(layer) -> (lo, hi, bins) of that layer's histogram (the same for both)."""
     row = {"true_logit_rmse": M.true_logit_rmse(sig["true_logit"], ref["true_logit"]),
            "sketch_distance": M.sketch_distance(sig["sketch"], ref["sketch"]),
            "top1_agreement": M.top1_agreement(sig["argmax"], ref["argmax"]),
@@ -69,7 +85,7 @@ def compare(sig: dict, ref: dict, ref_mean_true: torch.Tensor | None, lo: float,
         row["kernel_alignment"] = {l: M.kernel_alignment(sig[f"kernel/{l}"], ref[f"kernel/{l}"]) for l in layers}
     hists = [k.split("/", 1)[1] for k in sig if k.startswith("preact_hist/") and k in ref]
     if hists:
-        row["preact_w1"] = {l: M.wasserstein1_hist(sig[f"preact_hist/{l}"], ref[f"preact_hist/{l}"], lo, hi)
+        row["preact_w1"] = {l: M.wasserstein1_hist(sig[f"preact_hist/{l}"], ref[f"preact_hist/{l}"], *bounds(l)[:2])
                             for l in hists}
     return row
 
@@ -115,10 +131,19 @@ class Monitor:
                                     sketch_dim=sc.sketch_dim, sketch_seed=sc.sketch_seed, eval_batch=sc.eval_batch)
         self.probe = probe
         self.ref_width = cfg.sweep.reference_width or max(m.width for m in members)
-        self.lo, self.hi = -sc.hist_range, sc.hist_range
         self.by_name = {m.name: m for m in members}
-        self.acc = {m.name: {layer: PreactAccumulator(sc.hist_bins, self.lo, self.hi, sc.hist_stride)
-                             for layer in (m.model.preact_points() if sc.preact else {})} for m in members}
+        # histogram bins per layer: ±hist_range, or (hist_range 0) the reference width's quantile
+        # ranges from this run's (resume) or the reference run's file, else set at the first eval
+        self.ranges = None if sc.hist_range > 0 else (
+            load_ranges(self.run_dir) or (load_ranges(Path(sc.reference_run)) if sc.reference_run else None))
+        if sc.hist_range <= 0 and sc.reference_run and self.ranges is None and sc.preact:
+            raise UserError(f"stats.reference_run {sc.reference_run} has no preactivation ranges (it used a fixed "
+                            f"stats.hist_range); set stats.hist_range to the value it used")
+        if self.ranges is not None and load_ranges(self.run_dir) is None:
+            save_ranges(self.run_dir, self.ranges)           # the reference run's bins, kept with this run
+        self.acc: dict[str, dict[str, PreactAccumulator]] = {m.name: {} for m in members}
+        if sc.hist_range > 0 or self.ranges is not None:
+            self._make_accumulators()
         self.calls = {m.name: 0 for m in members}
         self._active: str | None = None
         self._hooks = [mod.register_forward_hook(self._hook(m.name, layer))
@@ -126,6 +151,7 @@ class Monitor:
         self.pending: list[tuple[str, int, int]] = []   # (member, step, tokens) awaiting the reference
         self._cache: dict[tuple[str, int], dict] = {}
         self._ensembled: set[int] = set()
+        self._lm_curves: dict[tuple[int, int], dict] = {}   # (width, step) -> LM ensemble curve
         self.reference = ReferenceRun(sc.reference_run, self._meta_keys()) if sc.reference_run else None
         # (model, spec, device, feature_modules) -> (signature, summary); a distributed run swaps in
         # fastwidth.parallel.stats.probe_signature_sharded, which splits the probe over the ranks
@@ -135,16 +161,43 @@ class Monitor:
         self.optimizer_of = lambda m: m.optimizer
 
     def _meta_keys(self) -> dict:
-        return {**self.spec.meta(), "hist_lo": self.lo, "hist_hi": self.hi, "hist_bins": self.sc.hist_bins}
+        if self.sc.hist_range > 0:
+            return {**self.spec.meta(), "hist_lo": -self.sc.hist_range, "hist_hi": self.sc.hist_range,
+                    "hist_bins": self.sc.hist_bins}
+        return {**self.spec.meta(), "hist_bins": self.sc.hist_bins, "hist_ranges": self.ranges}
+
+    def _make_accumulators(self) -> None:
+        sc = self.sc
+        for m in self.members:
+            for layer in (m.model.preact_points() if sc.preact else {}):
+                lo, hi, bins = self.hist_bounds(layer)
+                self.acc[m.name][layer] = PreactAccumulator(bins, lo, hi, sc.hist_stride)
+
+    def hist_bounds(self, layer: str) -> tuple[float, float, int]:
+        """(lo, hi, bins) of `layer`'s histogram as stored (with the overflow bins in auto mode)."""
+        r = self.sc.hist_range
+        if r > 0:
+            return -r, r, self.sc.hist_bins
+        return with_overflow(*self.ranges[layer], self.sc.hist_bins)
+
+    def _set_ranges(self, members: list) -> None:
+        """First evaluation, hist_range 0: quantile ranges of the reference width's seeds (preact_range.py)."""
+        refs = [m for m in members if m.width == self.ref_width] or \
+            [m for m in members if m.width == max(x.width for x in members)]
+        sc = self.sc
+        self.ranges = reference_ranges([m.model for m in refs], self.probe["x"], sc.eval_batch, self.device,
+                                       sc.hist_quantile, sc.hist_margin) if sc.preact else {}
+        save_ranges(self.run_dir, self.ranges)
+        self._make_accumulators()
 
     # ------------------------------------------------------------------ training hooks
 
     def _hook(self, name: str, layer: str):
-        acc = self.acc[name][layer]
+        accs = self.acc[name]
 
         def hook(_mod, _inp, out):
-            if self._active == name:
-                acc.update(out[0] if isinstance(out, (tuple, list)) else out)
+            if self._active == name and layer in accs:
+                accs[layer].update(out[0] if isinstance(out, (tuple, list)) else out)
         return hook
 
     @contextlib.contextmanager
@@ -179,6 +232,8 @@ class Monitor:
 
     def evaluate(self, step: int, tokens: int, members: list | None = None) -> None:
         """Signatures and eval rows for `members` (default: all), then every comparison now possible."""
+        if self.ranges is None and self.sc.hist_range <= 0:
+            self._set_ranges(members if members is not None else self.members)
         for m in members if members is not None else self.members:
             feats = m.model.feature_points() if self.sc.kernel_points else {}
             sig, summary = self.probe_fn(m.model, self.spec, self.device, feats)
@@ -191,7 +246,8 @@ class Monitor:
             save_signature(signature_path(self.run_dir, m.name, step), sig, meta)
             self._cache[(m.name, step)] = sig
             base = {"step": step, "tokens": tokens, "width": m.width, "seed": m.seed}
-            moments = {l: {k: r[k] for k in ("mean", "var", "skew", "kurt", "min", "max")}
+            moments = {l: {**{k: r[k] for k in ("mean", "var", "skew", "kurt", "min", "max")},
+                           **({"out_of_range": out_of_range_fraction(r["hist"])} if self.sc.hist_range <= 0 else {})}
                        for l, r in pre.items() if r["count"] > 0}
             self.write({"kind": "eval", **base, "probe_loss": summary["loss"], "probe_acc": summary["accuracy"],
                         **({"preact": moments} if moments else {})})
@@ -202,6 +258,7 @@ class Monitor:
             if self.reference is not None:
                 self._against_run(m, sig, base)
             self.pending.append((m.name, step, tokens))
+        self._lm_ensembles(step, members if members is not None else self.members)
         self.flush_pending()
 
     def write(self, row: dict) -> None:
@@ -238,7 +295,7 @@ class Monitor:
         mean_true = torch.stack([r["true_logit"].double() for r in refs.values()]).mean(0)
         row = {"kind": "consistency", "step": step, "tokens": tokens, "width": m.width, "seed": m.seed,
                "ref": kind, "ref_width": ref_width, "ref_seed": ref_seed, **(extra or {}),
-               **compare(sig, refs[ref_seed], mean_true, self.lo, self.hi)}
+               **compare(sig, refs[ref_seed], mean_true, self.hist_bounds)}
         self.write(row)
 
     def _against_run(self, m, sig: dict, base: dict) -> None:
@@ -250,43 +307,46 @@ class Monitor:
                           {"ref_run": str(self.reference.path)})
 
     def _ensemble(self, step: int, tokens: int) -> None:
-        """Ensemble and fit rows once every member has a signature at `step`."""
+        """Ensemble and fit rows once every member has a signature at `step` (stats/ensemble.py)."""
         if step in self._ensembled:
             return
         sigs = {m.name: self._sig(m.name, step) for m in self.members}
         if any(s is None for s in sigs.values()):
             return
         self._ensembled.add(step)
-        widths = sorted({m.width for m in self.members})
-        true = {w: torch.stack([sigs[m.name]["true_logit"].double() for m in self.members if m.width == w])
-                for w in widths}
-        sketch = {w: torch.stack([sigs[m.name]["sketch"].double() for m in self.members if m.width == w])
-                  for w in widths}
-        ref_mean = true[self.ref_width].mean(0)
-        var = {}
-        for w in widths:
-            n_seeds = true[w].shape[0]
-            row = {"kind": "ensemble", "step": step, "tokens": tokens, "width": w, "seed": -1, "n_seeds": n_seeds,
-                   "ref_width": self.ref_width, "bias": M.ensemble_bias(true[w].mean(0), ref_mean)}
-            if n_seeds >= 2:
-                var[w] = M.seed_variance(true[w])
-                row.update(seed_variance=var[w], seed_std=math.sqrt(var[w]),
-                           logit_variance=float(sketch[w].var(0, correction=1).sum(-1).mean()))
+        by_width = {w: [m for m in self.members if m.width == w] for w in sorted({m.width for m in self.members})}
+        if self.ref_width not in by_width:
+            return
+        true = {w: torch.stack([sigs[m.name]["true_logit"] for m in ms]) for w, ms in by_width.items()}
+        est = SeedEnsembles(true, {w: [m.seed for m in ms] for w, ms in by_width.items()}, self.ref_width)
+        per_width = est.width_rows(self.sc.bootstrap)
+        for w, ms in by_width.items():
+            row = {"kind": "ensemble", "step": step, "tokens": tokens, "width": w, "seed": -1,
+                   "ref_width": self.ref_width, "params": param_count(ms[0]), **per_width[w]}
+            if len(ms) >= 2:
+                sketch = torch.stack([sigs[m.name]["sketch"].double() for m in ms])
+                row["logit_variance"] = float(sketch.var(0, correction=1).sum(-1).mean())
+                row.update(self._ensemble_curve(w, step, [sigs[m.name] for m in ms]))
             self.write(row)
-        refs = {m.seed: sigs[m.name]["true_logit"] for m in self.members if m.width == self.ref_width}
-        rmse = {}
-        for w in widths:
-            if w != self.ref_width:
-                pair = [M.true_logit_rmse(sigs[m.name]["true_logit"], refs.get(m.seed, refs[min(refs)]))
-                        for m in self.members if m.width == w]
-                rmse[w] = sum(pair) / len(pair)
-        fit = {"kind": "fit", "step": step, "tokens": tokens, "width": 0, "seed": -1, "ref_width": self.ref_width}
-        fit["rmse_slope"], _ = M.fit_power_law(list(rmse), list(rmse.values()))
-        fit["variance_slope"], _ = M.fit_power_law(list(var), list(var.values()))
-        fit["bias_slope"], _ = M.fit_power_law(
-            [w for w in widths if w != self.ref_width],
-            [M.ensemble_bias(true[w].mean(0), ref_mean) for w in widths if w != self.ref_width])
-        self.write(fit)
+        self.write({"kind": "fit", "step": step, "tokens": tokens, "width": 0, "seed": -1,
+                    "ref_width": self.ref_width, **est.fit_row(self.sc.bootstrap)})
+
+    def _ensemble_curve(self, width: int, step: int, sigs: list[dict]) -> dict:
+        """L(E), acc(E) of width's averaged-logit ensembles: from stored logits, or the loop's LM curve."""
+        if all("logits" in s for s in sigs):
+            curve = EnsembleCurve(len(sigs))
+            curve.add(torch.stack([s["logits"] for s in sigs]), self.spec.y.reshape(-1)[self.spec.sig_index])
+            return curve.result()
+        return self._lm_curves.pop((width, step), {})
+
+    def _lm_ensembles(self, step: int, members: list) -> None:
+        """Language models: ensemble probe losses of every width whose seeds are all evaluated now."""
+        if self.spec.per_example == 1 or not self._due(step, self.sc.ensemble_every):
+            return
+        for w in sorted({m.width for m in members}):
+            group = [m for m in members if m.width == w]
+            if len(group) >= 2 and len(group) == sum(m.width == w for m in self.members):
+                self._lm_curves[(w, step)] = lm_ensemble_curve([m.model for m in group], self.spec, self.device)
 
     # ------------------------------------------------------------------ sharpness and NTK
 
@@ -320,15 +380,47 @@ class Monitor:
         model = m.model
         out = probe_output_fn(model, self.probe, self.sc.ntk_points, self.device)
         params = [p for p in model.parameters() if p.requires_grad]
+        weights, kernel = self._ntk_weights(m, params)
         was = model.training
         model.eval()
         try:
-            K, method = entk(out.fn, out.n, params, max_bytes=self.sc.ntk_max_mb << 20)
+            K, method = entk(out.fn, out.n, params, max_bytes=self.sc.ntk_max_mb << 20, weights=weights)
         finally:
             model.train(was)
         evals, c = spectrum(K, out.target)
         return {"eigenvalues": evals.tolist(), "task_power": c.tolist(), "trace": float(K.trace()),
-                "ntk_class": out.cls, "method": method}
+                "ntk_class": out.cls, "method": method, "kernel": kernel}
+
+    def _ntk_weights(self, m, params: list) -> tuple[list | None, str]:
+        """D of K = J D Jᵀ for stats.ntk_kernel: per-group LRs ("lr"), none ("raw"), Adam's preconditioner."""
+        kind = self.sc.ntk_kernel
+        if kind == "adam":
+            precond, _, pkind = optimizer_preconditioner(m.optimizer, params)
+            if pkind == "adam":
+                return precond, "adam"
+            kind = "lr"                                   # not Adam (or no state yet): the LR kernel
+        if kind == "lr":
+            return self._lr_weights(m), "lr"
+        return None, "raw"
+
+    def _lr_weights(self, m) -> list[float]:
+        """Per-parameter LRs from the optimizer's groups; where a sharding engine's optimizer holds
+        flat partitions instead of the model's parameters, from the µP table: optim.lr × lr_mult ×
+        the schedule factor of the last step (what set_lr gave the groups)."""
+        named = [(n, p) for n, p in m.model.named_parameters() if p.requires_grad]
+        lrs = group_lr_weights(m.optimizer, [p for _, p in named])
+        if all(lr > 0 for lr in lrs) or not m.table:
+            return lrs
+        cfg = getattr(m, "cfg", None) or self.cfg
+        factor = lr_factor(max(m.step - 1, 0), cfg.optim, self.cfg.train.steps)
+        out = []
+        for (name, _), lr in zip(named, lrs):
+            key = name.replace("_orig_mod.", "")
+            while key.startswith("module."):
+                key = key[len("module."):]
+            info = m.table.get(key)
+            out.append(cfg.optim.lr * info.lr_mult * factor if lr <= 0 and info is not None else lr)
+        return out
 
     # ------------------------------------------------------------------ resume
 

@@ -4,7 +4,12 @@
     K, method = entk(out.fn, out.n, list(model.parameters()), max_bytes=256 << 20)
     eig, c = spectrum(K, out.target)
 
-K_ij = ∇θ f(x_i) · ∇θ f(x_j). Gradients come from one backward per point. When the P gradients
+K_ij = ∇θ f(x_i)ᵀ D ∇θ f(x_j) with D = diag(weights): the identity gives the raw JJᵀ; the
+per-group learning rates give the kernel that drives training, J·diag(η_group)·Jᵀ (under µP every
+group has its own LR, so the raw kernel's composition changes with width by construction: on a
+trained µP MLP its hidden-layer share grows from 9% to 65% between widths 64 and 1024 while the
+LR-weighted share stays near 10%); Adam's preconditioner lr/(√v̂+ε) per element gives the
+preconditioned one. Gradients come from one backward per point. When the P gradients
 fit in `max_bytes` they are stacked and K = G Gᵀ exactly; otherwise each column is a directional
 derivative J g_j computed by a central difference of the batched forward (2 forwards per column),
 so memory stays at one gradient whatever the width, and any fused kernel works.
@@ -54,8 +59,23 @@ def _flat_grad(out: torch.Tensor, params: list) -> torch.Tensor:
     return torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1) for gi, p in zip(g, params)])
 
 
-def entk(fn: Callable, n: int, params: list, *, max_bytes: int = 256 << 20, method: str = "auto") -> tuple[torch.Tensor, str]:
-    """The (n, n) float64 eNTK of fn over its n points; method "auto" | "exact" | "fd"."""
+def group_lr_weights(optimizer: torch.optim.Optimizer, params: list) -> list[float]:
+    """Each parameter's learning rate from its optimizer param group (the diagonal of J·diag(η)·Jᵀ)."""
+    lr = {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+    return [lr.get(id(p), 0.0) for p in params]
+
+
+def _weighted(g: list, weights) -> list:
+    return g if weights is None else [gi * w for gi, w in zip(g, weights)]
+
+
+def entk(fn: Callable, n: int, params: list, *, max_bytes: int = 256 << 20, method: str = "auto",
+         weights: list | None = None) -> tuple[torch.Tensor, str]:
+    """The (n, n) float64 eNTK of fn over its n points; method "auto" | "exact" | "fd".
+
+    weights: one float or one tensor shaped like its parameter per parameter (D's diagonal);
+    None = the raw kernel JJᵀ.
+    """
     numel = sum(p.numel() for p in params)
     if method == "auto":
         method = "exact" if n * numel * 4 <= max_bytes else "fd"
@@ -64,12 +84,16 @@ def entk(fn: Callable, n: int, params: list, *, max_bytes: int = 256 << 20, meth
         with torch.enable_grad():
             G = torch.stack([_flat_grad(fn(idx_all[i:i + 1]).sum(), params) for i in range(n)])  # (n, numel)
         G = G.double()
-        return G @ G.T, method
+        if weights is None:
+            return G @ G.T, method
+        d = torch.cat([torch.as_tensor(w, dtype=torch.float64).expand(p.shape).reshape(-1)
+                       for w, p in zip(weights, params)])
+        return (G * d) @ G.T, method
     K = torch.zeros(n, n, dtype=torch.float64)
     for j in range(n):
         with torch.enable_grad():
             g = torch.autograd.grad(fn(idx_all[j:j + 1]).sum(), params, allow_unused=True)
-        g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)]
+        g = _weighted([torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)], weights)
         gnorm = float(torch.sqrt(sum((gi.double() ** 2).sum() for gi in g)))
         if gnorm == 0:
             continue
@@ -85,7 +109,7 @@ def entk(fn: Callable, n: int, params: list, *, max_bytes: int = 256 << 20, meth
             finally:
                 for p, p0 in zip(params, saved):
                     p.copy_(p0)
-        K[:, j] = (outs[0] - outs[1]) / (2 * FD_STEP) * gnorm   # J (g_j/|g_j|) |g_j| = J g_j
+        K[:, j] = (outs[0] - outs[1]) / (2 * FD_STEP) * gnorm   # J (D g_j/|D g_j|) |D g_j| = J D g_j
     return (K + K.T) / 2, method
 
 

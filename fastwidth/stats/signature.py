@@ -8,8 +8,9 @@
 Points are probe examples (classifiers) or probe tokens (GPT: every (sequence, position)). The
 stored subsets are fixed strided index sets that depend only on the probe and the config, so
 they are the same for every width, seed and run. Per point: true-class logit, loss, entropy,
-argmax, and a k-dim sketch R^T (z - mean(z)) with R ~ N(0, 1/k) drawn from `sketch_seed`, so
-full-logit distances survive without storing logits. Per feature layer: the kernel
+argmax, a k-dim sketch R^T (z - mean(z)) with R ~ N(0, 1/k) drawn from `sketch_seed`, so
+full-logit distances survive without storing logits, and for classifiers (up to
+MAX_STORED_CLASSES classes) the full logits themselves, for ensemble losses. Per feature layer: the kernel
 Phi = phi phi^T / N on `kernel_points` points. Signatures are created directly in their storage
 dtypes, so metrics from a live signature and from its file are bit-identical.
 """
@@ -30,7 +31,11 @@ from fastwidth.stats.metrics import feature_kernel
 # true logits and losses keep fp32 (RMSEs of ~1e-2 on logits of ~5 need it); the sketch, the
 # entropy and the kernels are only ever averaged, so fp16 halves their bytes at no visible cost.
 STORE_DTYPES = {"true_logit": torch.float32, "loss": torch.float32, "entropy": torch.float16,
-                "argmax": torch.int32, "sketch": torch.float16, "kernel": torch.float16}
+                "argmax": torch.int32, "sketch": torch.float16, "kernel": torch.float16, "logits": torch.float32}
+# classifiers also keep their full logits (points x classes, fp32: ensemble losses need them) up
+# to this many classes; language models' vocabularies would make signatures megabytes, so their
+# ensemble losses are computed in the loop instead (stats/ensemble.py, lm_ensemble_curve)
+MAX_STORED_CLASSES = 1024
 
 
 def strided_index(n: int, k: int) -> torch.Tensor:
@@ -127,7 +132,7 @@ def probe_signature(model: torch.nn.Module, spec: ProbeSpec, device,
              for k, m in feature_modules.items()]
     was_training = model.training
     model.eval()
-    parts: dict[str, list] = {k: [] for k in ("true_logit", "loss", "entropy", "argmax", "sketch")}
+    parts: dict[str, list] = {k: [] for k in ("true_logit", "loss", "entropy", "argmax", "sketch", "logits")}
     feats: dict[str, list] = {k: [] for k in feature_modules}
     pe = spec.per_example
     loss_acc = torch.zeros((), dtype=torch.float64, device=device)
@@ -144,8 +149,10 @@ def probe_signature(model: torch.nn.Module, spec: ProbeSpec, device,
             sel = _select(spec.sig_index, s * pe, e * pe).to(device)
             zs = z[sel]
             sketch = (zs - zs.mean(-1, keepdim=True)) @ spec.projection(z.shape[-1], device)
-            for key, v in zip(parts, (true[sel], loss[sel], ent[sel], amax[sel], sketch)):
-                parts[key].append(v.to(STORE_DTYPES[key]).cpu())
+            keep = pe == 1 and z.shape[-1] <= MAX_STORED_CLASSES
+            for key, v in zip(parts, (true[sel], loss[sel], ent[sel], amax[sel], sketch, zs if keep else None)):
+                if v is not None:
+                    parts[key].append(v.to(STORE_DTYPES[key]).cpu())
             ksel = _select(spec.kernel_index, s * pe, e * pe).to(device)
             for k in feature_modules:
                 out = captured.pop(k)
@@ -155,7 +162,7 @@ def probe_signature(model: torch.nn.Module, spec: ProbeSpec, device,
         for h in hooks:
             h.remove()
         model.train(was_training)
-    sig = {k: torch.cat(v) for k, v in parts.items()}
+    sig = {k: torch.cat(v) for k, v in parts.items() if v}
     for k, v in feats.items():
         sig[f"kernel/{k}"] = _kernel(torch.cat(v)).to(STORE_DTYPES["kernel"]).cpu()
     n = spec.y.numel()

@@ -52,7 +52,7 @@ RESUMABLE_CHANGES = {"data.micro_batch_size", "train.activation_checkpointing", 
                      "train.steps", "train.out_dir", "train.resume", "train.overwrite", "train.progress", "train.log_every",
                      "train.compile",
                      "train.ckpt_every", "train.ckpt_minutes", "train.report", "train.tensorboard", "train.csv", "train.keep_checkpoints", "train.threads", "train.device",
-                     "stats.every", "stats.enabled", "stats.reference_run", "stats.eval_batch",
+                     "stats.every", "stats.enabled", "stats.reference_run", "stats.eval_batch", "stats.bootstrap", "stats.ensemble_every",
                      "stats.sharpness_iters", "stats.sharpness_every", "stats.sharpness_points", "stats.hvp",
                      "stats.ntk_points", "stats.ntk_every", "stats.ntk_max_mb",
                      "stats.batch_sharpness_every", "stats.batch_sharpness_iters", "stats.coord_every"}
@@ -371,7 +371,8 @@ class Trainer:
             preempt.raise_preempted(self, self.stop, final)
         self.writer.write({"kind": "run", "step": cfg.train.steps, "tokens": cfg.train.steps * self.tokens_per_step,
                            "width": 0, "seed": 0, "wall_s": time.time() - t0, "models": len(self.members),
-                           "diverged": sum(m.diverged is not None for m in self.members)})
+                           "diverged": sum(m.diverged is not None for m in self.members),
+                           "commit": source_commit()})
         self.writer.close()
         if not self.dist.is_main:
             shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -432,6 +433,21 @@ class Trainer:
                                   self.members, extra, keep=self.cfg.train.keep_checkpoints, engine_of=self.placement.of)
         return ckpt.save_checkpoint(self.run_dir / "checkpoints", step, self.members, extra,
                                     keep=self.cfg.train.keep_checkpoints)
+
+
+def source_commit() -> str | None:
+    """The git commit of the fastwidth source that ran (with "-dirty" for uncommitted changes), or None."""
+    import subprocess
+    src = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def run(cfg: Config) -> Path:

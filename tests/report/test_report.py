@@ -32,7 +32,8 @@ def fake_run(path, kind="mup", rmse_exp=-0.5, var_exp=-1.0, spread=0.0):
                 if w != 256:
                     rows.append({"kind": "consistency", **base, "ref": "live", "ref_width": 256, "ref_seed": s,
                                  "true_logit_rmse": 2.0 * w ** rmse_exp, "true_logit_rmse_vs_mean": w ** rmse_exp,
-                                 "cka": {"layer0": 1 - 1 / w, "layer1": 1 - 2 / w}})
+                                 "cka": {"layer0": 1 - 1 / w, "layer1": 1 - 2 / w}, "loss_gap": 0.1 / w + 0.01 * s,
+                                 "top1_agreement": 1 - 1 / w, "preact_w1": {"layer0": 1 / w, "layer1": None}})
                 if step == STEPS[-1]:
                     rows.append({"kind": "sharpness", **base, "lr_sharpness": 1.5, "precond": "adam"})
                     ev = sorted(np.random.default_rng(w).random(6) * 10, reverse=True)
@@ -40,10 +41,21 @@ def fake_run(path, kind="mup", rmse_exp=-0.5, var_exp=-1.0, spread=0.0):
                     h = torch.tensor(np.bincount(np.random.default_rng(w).integers(0, 16, 200), minlength=16),
                                      dtype=torch.float64)
                     save_signature(signature_path(path, f"w{w}_s{s}", step), {"preact_hist/layer0": h,
-                                   "preact/layer0": torch.zeros(7, dtype=torch.float64)},
+                                   "preact/layer0": torch.zeros(7, dtype=torch.float64),
+                                   "kernel/layer0": torch.eye(8) + 1 / w},
                                    {"hist_lo": -4.0, "hist_hi": 4.0})
-            rows.append({"kind": "ensemble", "step": step, "tokens": tok, "width": w, "seed": -1,
-                         "seed_variance": 3.0 * w ** var_exp, "bias": 0.1 * w ** -0.3 if w != 256 else 0.0})
+            rows.append({"kind": "ensemble", "step": step, "tokens": tok, "width": w, "seed": -1, "n_seeds": 2,
+                         "seed_variance": 3.0 * w ** var_exp, "bias": 0.1 * w ** -0.3 if w != 256 else 0.0,
+                         "params": w * w, "ensemble_loss": [2.0 + 1 / w, 2.0 + 0.5 / w], "ensemble_acc": [0.5, 0.6],
+                         "ensemble_loss_inf": 2.0, "ensemble_loss_c": 1 / w,
+                         **({"bias_sq_debiased": 0.01 * w ** -0.6 - 0.0002, "bias_sq_debiased_ci": [-0.001, 0.01]}
+                            if w != 256 else {})})
+        rows.append({"kind": "fit", "step": step, "tokens": tok, "width": 0, "seed": -1, "ref_width": 256,
+                     "rmse_slope": rmse_exp, "rmse_slope_ci": [rmse_exp - 0.1, rmse_exp + 0.1],
+                     "variance_slope": var_exp, "variance_slope_ci": None, "bias_slope": -0.3,
+                     "bias_slope_ci": [-0.5, -0.1], "n_boot": 1000})
+    rows.append({"kind": "run", "step": STEPS[-1], "tokens": STEPS[-1] * 100, "width": 0, "seed": 0,
+                 "wall_s": 1.0, "commit": "abc123"})
     with open(path / "metrics.jsonl", "w") as f:
         f.write("\n".join(json.dumps(r) for r in rows) + '\n{"kind": "tra')   # a run still writing
     return path
@@ -55,7 +67,7 @@ def test_report_recovers_known_slopes_and_draws_everything(tmp_path):
     summary = make_report([mup, sp], tmp_path / "out")
     text = summary.read_text()
     for name in ("loss", "rmse_vs_tokens", "rmse_vs_width", "cka", "preact_hist", "sharpness",
-                 "ensemble_variance", "ntk"):
+                 "ensemble_variance", "ntk", "width_agreement", "decomposition", "ensemble_curves", "kernels"):
         png = tmp_path / "out" / f"{name}.png"
         assert png.is_file() and png.stat().st_size > 10_000, name
         assert f"![{name}.png]" in text
@@ -66,6 +78,18 @@ def test_report_recovers_known_slopes_and_draws_everything(tmp_path):
     assert n["loss_spread"] == pytest.approx(0.0, abs=1e-12)
     assert run_numbers(load_run(sp))["loss_spread"] == pytest.approx(0.05 * 3)
     assert "| mup | mup |" in text and "-0.500" in text and "+0.100" in text
+    assert "-0.500 [-0.600, -0.400]" in text                          # the loop's fit with its interval
+    doc = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert doc["run"]["commit"] == "abc123" and doc["run"]["data_source"] is None
+    assert doc["fits"]["rmse_slope_ci"] == pytest.approx([-0.6, -0.4]) and doc["fits"]["variance_slope_ci"] is None
+    w32 = next(r for r in doc["widths"] if r["width"] == 32)
+    assert w32["true_logit_rmse"] == pytest.approx(2.0 * 32 ** -0.5) and w32["final_loss"] == pytest.approx(2.2)
+    assert w32["bias_sq_debiased"] == pytest.approx(0.01 * 32 ** -0.6 - 0.0002)
+    assert w32["loss_gap"] == pytest.approx(0.1 / 32 + 0.005)        # late mean over seeds
+    # equal compute: 64² / 32² = 4 members, past the 2 measured -> from the fit 2 + (1/32)/4
+    ec = next(r for r in doc["equal_compute"] if r["width"] == 32 and r["vs_width"] == 64)
+    assert ec["members"] == 4 and ec["how"] == "fit" and ec["ensemble_loss"] == pytest.approx(2 + 1 / 128)
+    assert [r["run"]["kind"] for r in doc["runs"]] == ["mup", "sp"]
 
 
 def test_report_on_a_run_with_only_train_rows(tmp_path):

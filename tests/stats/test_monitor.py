@@ -67,7 +67,9 @@ def test_rows_and_signatures(tmp_path):
     for r in cons:
         assert r["ref_width"] == 32 and r["ref"] == "live" and r["ref_seed"] == r["seed"]
         assert r["true_logit_rmse"] > 0 and set(r["cka"]) == {"layer0", "layer1"}
-        assert 0 <= r["top1_agreement"] <= 1 and set(r["preact_w1"]) <= {"layer0", "layer1"}
+        assert 0 <= r["top1_agreement"] <= 1 and set(r["preact_w1"]) == {"layer0", "layer1"}
+        if r["step"] > 0:  # step 0 has seen no training batch: no histogram, W1 null
+            assert all(v is not None and v > 0 for v in r["preact_w1"].values()), r["preact_w1"]
     ens = _rows(rows, "ensemble", step=STEPS)
     assert [r["width"] for r in ens] == [8, 16, 32] and all(r["seed_variance"] > 0 for r in ens)
     fit = _rows(rows, "fit", step=STEPS)[0]
@@ -137,6 +139,12 @@ def test_reference_run_equals_live_comparison(tmp_path):
         want = _rows(live, "consistency", ref="live", step=r["step"], width=r["width"], seed=r["seed"])[0]
         strip = lambda d: {k: v for k, v in d.items() if k not in ("ref", "ref_run")}
         assert strip(r) == strip(want)
+        # and both equal the metric recomputed offline from the two runs' signature files
+        a, _ = load_signature(tmp_path / f"solo/signatures/w8_s{r['seed']}/step_{r['step']:08d}.safetensors")
+        b, _ = load_signature(tmp_path / f"ref/signatures/w32_s{r['seed']}/step_{r['step']:08d}.safetensors")
+        ta, tb = a["true_logit"].double().numpy(), b["true_logit"].double().numpy()
+        assert r["true_logit_rmse"] == pytest.approx(np.sqrt(((ta - tb) ** 2).mean()), rel=1e-12)
+        assert r["top1_agreement"] == pytest.approx((a["argmax"] == b["argmax"]).double().mean().item())
     assert not _rows(stored, "consistency", ref="live")  # its own reference width is 8: nothing to compare
 
 
@@ -172,3 +180,29 @@ def test_preact_every_and_disabled_parts(tmp_path):
     assert not any(k.startswith("kernel/") for k in sig)
     assert not _rows(rows, "sharpness") and not _rows(rows, "ntk")
     assert "cka" not in _rows(rows, "consistency")[0]
+
+
+def test_histogram_ranges_come_from_the_reference_widths_first_eval(tmp_path):
+    rows, mon, members = drive(tmp_path / "a", [8, 16], [0, 1], hist_range=0.0, hist_quantile=0.01, hist_margin=0.5)
+    ranges = json.loads((tmp_path / "a" / "preact_ranges.json").read_text())
+    # offline: the [1%, 99%] quantiles of the width-16 models' first-layer outputs on the probe, at init
+    px, _ = teacher_data(40, seed=99)
+    init = [ToyMLP(6, 16, 4, seed=s).layers[0](px).detach().reshape(-1) for s in (0, 1)]
+    q_lo, q_hi = np.quantile(torch.cat(init).double().numpy(), [0.01, 0.99])
+    span = q_hi - q_lo
+    assert ranges["layer0"] == pytest.approx([q_lo - 0.5 * span, q_hi + 0.5 * span], rel=1e-6)
+    sig, meta = load_signature(tmp_path / "a/signatures/w8_s0/step_00000006.safetensors")
+    assert meta["hist_ranges"] == ranges and sig["preact_hist/layer0"].numel() == 64 + 2
+    ev = [r for r in _rows(rows, "eval", step=6)]
+    frac = [r["preact"]["layer0"]["out_of_range"] for r in ev]
+    assert all(0 <= f < 0.5 for f in frac)
+    h = sig["preact_hist/layer0"].numpy()
+    assert ev[0]["preact"]["layer0"]["out_of_range"] == pytest.approx((h[0] + h[-1]) / h.sum())
+    # a comparison run against this one reuses its bins; a fixed-range reference is refused
+    again, _, _ = drive(tmp_path / "b", [8], [0], hist_range=0.0, reference_run=str(tmp_path / "a"))
+    assert json.loads((tmp_path / "b" / "preact_ranges.json").read_text()) == ranges
+    assert {r["width"] for r in _rows(again, "consistency", ref="run")} == {8}
+    from fastwidth.errors import UserError
+    drive(tmp_path / "fixed", [8, 16], [0])
+    with pytest.raises(UserError, match="no preactivation ranges"):
+        drive(tmp_path / "c", [8], [0], hist_range=0.0, reference_run=str(tmp_path / "fixed"))

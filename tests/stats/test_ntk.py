@@ -57,3 +57,31 @@ def test_spectrum_and_task_power():
     assert torch.all(c[1:] >= c[:-1] - 1e-12) and c[-1] == pytest.approx(1.0)
     u = torch.linalg.eigh(K)[1][:, -1]                       # top eigenvector
     assert float(c[0]) == pytest.approx(float((u @ y) ** 2 / (y @ y)))
+
+
+@pytest.mark.parametrize("method", ["exact", "fd"])
+def test_lr_weighted_entk_of_a_linear_model_is_x_diag_eta_xt(method):
+    """f(x) = w1·x1 + w2·x2 (two parameter groups): K = X diag(η) Xᵀ, η per group or per element."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 5, generator=g)
+    w1 = torch.randn(3, generator=g, requires_grad=True)
+    w2 = torch.randn(2, generator=g, requires_grad=True)
+
+    def fn(idx):
+        return x[idx, :3] @ w1 + x[idx, 3:] @ w2
+
+    opt = torch.optim.SGD([{"params": [w1], "lr": 0.5}, {"params": [w2], "lr": 0.02}])
+    from fastwidth.stats.ntk import group_lr_weights
+    eta = group_lr_weights(opt, [w1, w2])
+    assert eta == [0.5, 0.02]
+    X = x.double()
+    want = X @ torch.diag(torch.tensor([0.5] * 3 + [0.02] * 2, dtype=torch.float64)) @ X.T
+    K, _ = entk(fn, 9, [w1, w2], method=method, weights=eta)
+    tol = 1e-9 if method == "exact" else 2e-3
+    torch.testing.assert_close(K, want, rtol=tol, atol=tol * float(want.abs().max()))
+    d = [torch.rand(3, generator=g), torch.rand(2, generator=g)]      # per element (Adam-like)
+    K, _ = entk(fn, 9, [w1, w2], method=method, weights=d)
+    want = X @ torch.diag(torch.cat(d).double()) @ X.T
+    torch.testing.assert_close(K, want, rtol=tol, atol=tol * float(want.abs().max()))
+    raw, _ = entk(fn, 9, [w1, w2], method=method)
+    torch.testing.assert_close(raw, X @ X.T, rtol=tol, atol=tol * float((X @ X.T).abs().max()))

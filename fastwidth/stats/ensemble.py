@@ -1,0 +1,350 @@
+"""Seed ensembles: V_N, raw and debiased bias, the width fits and their bootstrap intervals.
+
+    est = SeedEnsembles({w: (S_w, P) true logits}, {w: [seeds]}, ref_width)
+    per_width = est.width_rows()          # seed_variance, bias, bias_sq_debiased (+ _ci) per width
+    fit = est.fit_row(n_boot=1000)        # rmse/variance/bias slopes with [lo, hi] intervals
+
+Notation: f_{N,s} is the true-class logit vector (P probe points) of the width-N model of seed s;
+S_N seeds per width; f̄_N their mean; the reference width is N_ref.
+
+- seed variance  V_N = mean_i Var_s f_{N,s,i} (unbiased over seeds, averaged over points).
+- raw bias       b̂ = ||f̄_N - f̄_ref||_rms. Its square estimates b² + V_N/S_N + V_ref/S_ref, not
+                 b²: each ensemble mean still carries 1/S of its width's seed variance (models of
+                 one seed at two widths are independent draws, param/scaling.py).
+- debiased bias² b̂² - V_N/S_N - V_ref/S_ref: unbiased for b² (E[V̂] = V), so it may be negative
+                 when no bias is detectable. Same per-point normalization as V_N (mean over points).
+- true-logit RMSE per width: the mean over seeds of RMSE(f_{N,s}, f_{ref,s}) (same seed where the
+                 reference has it, else its first seed), as in the consistency rows. Its square
+                 estimates b² + V_N + V_ref; with V_N = a/N this is the fit
+                 RMSE² = a (1/N + 1/N_ref) + b², which the reference's own noise flattens near N_ref.
+
+Every statistic is a function of the Gram matrix G = F Fᵀ / P of all members' logit vectors
+(||f̄_A - f̄_B||² and V_N are means of its entries), so a bootstrap resample of seeds costs O(S²),
+not O(S P). Intervals (95%): basic bootstrap over seeds (basic_ci), resampled with replacement
+independently per width (the widths are independent draws); a resample in which a width keeps a
+single distinct seed is redrawn (its V_N would be 0). A resample's repeated seeds are weights:
+its variances and debiasing use the weighted unbiased forms (_variance, _stats), so a replicate
+does not shrink with the number of repeats (plain resampling makes every replicate's V_N depend
+on how many seeds repeat, a variation shared by all points that widened intervals 2-3x on
+synthetic data). The pivot T* - T_pop uses each statistic's bootstrap-world value (_population).
+The raw bias's interval is one for its own target sqrt(b² + V_N/S_N + V_ref/S_ref), which depends
+on S: it is not an interval for b; bias_sq_debiased's is. Intervals need
+>= MIN_SEEDS_CI seeds at every width (with 2 seeds every valid resample is the original pair);
+otherwise they are None. Measured on synthetic sweeps (S = 6, tests/stats/test_ensemble.py): the
+V_N slope's interval covers at about its level (91%, width matching the sampling spread); the
+debiased b²'s is conservative near b² = 0 (about 1.8x the sampling spread: the replicates add
+the observed noise's cross term 2<f̄_N - f̄_ref, noise*>, which the truth b = 0 does not have).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import torch
+
+MIN_SEEDS_CI = 3
+CI_LEVEL = 0.95
+MAX_SUBSETS = 32   # ensembles of E members: all C(S, E) subsets up to this many, else a fixed sample
+
+
+# --------------------------------------------------------------------------- fits, vectorized
+
+def masked_slopes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least-squares slopes of log y on log x for each row of y (B, W); non-positive y dropped.
+
+    A row keeps nan unless at least two distinct x survive. Equals stats.metrics.fit_power_law
+    row by row.
+    """
+    y = np.atleast_2d(np.asarray(y, dtype=np.float64))
+    if y.shape[1] < 2:
+        return np.full(y.shape[0], np.nan)
+    lx = np.log(np.asarray(x, dtype=np.float64))[None, :]
+    ok = np.isfinite(y) & (y > 0)
+    ly = np.where(ok, np.log(np.where(ok, y, 1.0)), 0.0)
+    n = ok.sum(1)
+    mx = (ok * lx).sum(1) / np.maximum(n, 1)
+    my = ly.sum(1) / np.maximum(n, 1)
+    dx = np.where(ok, lx - mx[:, None], 0.0)
+    sxx = (dx * dx).sum(1)
+    sxy = (dx * (ly - my[:, None])).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n >= 2) & (sxx > 1e-12), sxy / sxx, np.nan)
+
+
+def linear_fits(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Slope and intercept of y = a x + c for each row of y (B, W) (ordinary least squares)."""
+    y = np.atleast_2d(np.asarray(y, dtype=np.float64))
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) < 2 or y.shape[1] != len(x) or np.ptp(x) <= 0:
+        nan = np.full(y.shape[0], np.nan)
+        return nan, nan
+    dx = x - x.mean()
+    sxx = (dx * dx).sum()
+    a = (y - y.mean(1, keepdims=True)) @ dx / sxx
+    return a, y.mean(1) - a * x.mean()
+
+
+def basic_ci(observed, samples, truth, level: float = CI_LEVEL, min_finite: float = 0.9) -> list | None:
+    """Basic (pivotal) bootstrap interval [T - q_hi(T* - T_pop), T - q_lo(T* - T_pop)].
+
+    T_pop is the statistic's target in the bootstrap world (the empirical distribution resampled).
+    Unlike the percentile interval this stays centered where an estimator's bootstrap replicates
+    are not: the debiased b̂²'s replicates center on the raw b̂² (its bootstrap-world truth), not on
+    itself. None when T is not finite or under `min_finite` of the replicates are.
+    """
+    t, t_pop = float(np.ravel(observed)[0]), float(np.ravel(truth)[0])
+    err = np.asarray(samples, dtype=np.float64) - t_pop
+    ok = err[np.isfinite(err)]
+    if not (math.isfinite(t) and math.isfinite(t_pop)) or err.size == 0 or ok.size < min_finite * err.size:
+        return None
+    q = (1 - level) / 2
+    return [t - float(np.quantile(ok, 1 - q)), t - float(np.quantile(ok, q))]
+
+
+# --------------------------------------------------------------------------- the estimator
+
+def _f(x) -> float:
+    return float(x) if x is not None and math.isfinite(float(x)) else math.nan
+
+
+class SeedEnsembles:
+    """Per-width ensemble statistics of one eval step and their bootstrap over seeds."""
+
+    def __init__(self, true: dict[int, torch.Tensor], seeds: dict[int, list[int]], ref_width: int):
+        self.widths = sorted(true)
+        self.ref = ref_width
+        if ref_width not in true:
+            raise ValueError(f"reference width {ref_width} has no members among {self.widths}")
+        blocks = [torch.as_tensor(true[w]).double() for w in self.widths]
+        F = torch.cat(blocks).numpy()                                    # (M, P)
+        self.G = F @ F.T / F.shape[1]                                    # (M, M)
+        start = np.cumsum([0] + [b.shape[0] for b in blocks])
+        self.index = {w: np.arange(start[i], start[i + 1]) for i, w in enumerate(self.widths)}
+        ref_seeds = list(seeds[ref_width])
+        # the reference member each width's j-th member is compared with (same seed, else the first)
+        self.pair = {w: np.array([ref_seeds.index(s) if s in ref_seeds else 0 for s in seeds[w]])
+                     for w in self.widths}
+
+    # ---- statistics for index sets (B, S) of members (rows of G), vectorized over B
+
+    def _block_mean(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self.G[a[:, :, None], b[:, None, :]].mean((1, 2))
+
+    @staticmethod
+    def _dup(a: np.ndarray) -> np.ndarray:
+        """Σ_j w_j² of the resample's member weights w_j = multiplicity / S: 1/S without repeats."""
+        return (a[:, :, None] == a[:, None, :]).mean((1, 2))
+
+    def _variance(self, a: np.ndarray) -> np.ndarray:
+        """Unbiased seed variance of weighted members: Σ w (f - f̄_w)² / (1 - Σ w²), mean over points.
+
+        With distinct seeds this is the usual S/(S-1) estimator; for a bootstrap resample it is
+        conditionally unbiased for the observed V_N whatever the repeats (the distinct seeds are a
+        draw without replacement), so the replicates do not vary with how many seeds repeat.
+        """
+        if a.shape[1] < 2:
+            return np.full(a.shape[0], np.nan)
+        return (self.G[a, a].mean(1) - self._block_mean(a, a)) / (1 - self._dup(a))
+
+    def _stats(self, idx: dict[int, np.ndarray]) -> dict[str, dict[int, np.ndarray]]:
+        """{stat: {width: (B,)}} for member index sets idx[w] of shape (B, S_w).
+
+        The debiasing subtracts Var(f̄) = V Σ w² (V/S without repeats), and the raw bias is
+        rebuilt as sqrt(b̂²_debiased + V_N/S_N + V_ref/S_ref): on the observed seeds both are the
+        plain formulas, on a resample their expectations are the observed values.
+        """
+        r = idx[self.ref]
+        var = {w: self._variance(a) for w, a in idx.items()}
+        rr = self._block_mean(r, r)
+        out = {"seed_variance": var, "bias": {}, "bias_sq_debiased": {}, "rmse": {}, "rmse_sq": {}}
+        for w, a in idx.items():
+            if w == self.ref:
+                continue
+            b2 = self._block_mean(a, a) - 2 * self._block_mean(a, r) + rr
+            deb = b2 - var[w] * self._dup(a) - var[self.ref] * self._dup(r)
+            out["bias_sq_debiased"][w] = deb
+            out["bias"][w] = np.sqrt(np.maximum(deb + var[w] / a.shape[1] + var[self.ref] / r.shape[1], 0.0))
+            partner = r[:, self.pair[w] % r.shape[1]]                    # (B, S_w)
+            d2 = np.maximum(self.G[a, a] - 2 * self.G[a, partner] + self.G[partner, partner], 0.0)
+            out["rmse"][w] = np.sqrt(d2).mean(1)
+            out["rmse_sq"][w] = d2.mean(1)
+        return out
+
+    def _point(self) -> dict[str, dict[int, np.ndarray]]:
+        return self._stats({w: i[None, :] for w, i in self.index.items()})
+
+    def _population(self) -> dict[str, dict[int, np.ndarray]]:
+        """What each statistic's replicates center on in the bootstrap world: the observed V_N and
+        biases (see _stats), and for RMSEs the mean over every (member, reference member) pair,
+        since a resample pairs members at random."""
+        out = dict(self._point())
+        r = self.index[self.ref]
+        out["rmse"], out["rmse_sq"] = {}, {}
+        for w, a in self.index.items():
+            if w == self.ref:
+                continue
+            d2 = np.maximum(np.diag(self.G)[a][:, None] - 2 * self.G[np.ix_(a, r)] + np.diag(self.G)[r][None, :], 0.0)
+            out["rmse"][w] = np.array([np.sqrt(d2).mean()])
+            out["rmse_sq"][w] = np.array([d2.mean()])
+        return out
+
+    def _resamples(self, n_boot: int, rng: np.random.Generator) -> dict[int, np.ndarray]:
+        idx = {}
+        for w, members in self.index.items():
+            s = len(members)
+            pos = rng.integers(0, s, (n_boot, s))
+            bad = (pos == pos[:, :1]).all(1)
+            while bad.any():                                             # a single distinct seed: redraw
+                pos[bad] = rng.integers(0, s, (int(bad.sum()), s))
+                bad = (pos == pos[:, :1]).all(1)
+            idx[w] = members[pos]
+        return idx
+
+    def can_bootstrap(self) -> bool:
+        return min(len(i) for i in self.index.values()) >= MIN_SEEDS_CI
+
+    def _bootstrap(self, n_boot: int, seed: int, fits: bool):
+        """(observed, bootstrap (B,), bootstrap-world truth) per statistic, or None without a bootstrap."""
+        if not n_boot or not self.can_bootstrap():
+            return None
+        boot = self._stats(self._resamples(n_boot, np.random.default_rng(seed)))
+        if fits:
+            return self._fits(self._point()), self._fits(boot), self._fits(self._population())
+        flat = lambda d: {f"{k}/{w}": v for k, by_w in d.items() for w, v in by_w.items()}  # noqa: E731
+        return flat(self._point()), flat(boot), flat(self._population())
+
+    # ---- rows
+
+    def width_rows(self, n_boot: int = 1000, seed: int = 0) -> dict[int, dict]:
+        """{width: {n_seeds, seed_variance, seed_std, bias, bias_sq_debiased, bias_sq_debiased_ci}}."""
+        p = self._point()
+        boot = self._bootstrap(n_boot, seed, fits=False)
+        rows = {}
+        for w in self.widths:
+            v = float(p["seed_variance"][w][0])
+            row = {"n_seeds": len(self.index[w]), "bias": 0.0 if w == self.ref else float(p["bias"][w][0])}
+            if math.isfinite(v):
+                row.update(seed_variance=v, seed_std=math.sqrt(max(v, 0.0)))
+            if w != self.ref:
+                row["bias_sq_debiased"] = float(p["bias_sq_debiased"][w][0])
+                row["bias_sq_debiased_ci"] = basic_ci(*(d[f"bias_sq_debiased/{w}"] for d in boot)) if boot else None
+            rows[w] = row
+        return rows
+
+    def fit_row(self, n_boot: int = 1000, seed: int = 0) -> dict:
+        """Slopes and the RMSE² fit at this step, each with its `<name>_ci` (None without a bootstrap)."""
+        p = self._point()
+        fits = self._fits(p)
+        out = {k: _f(v[0]) for k, v in fits.items()}
+        boot = self._bootstrap(n_boot, seed + 1, fits=True)
+        for k in fits:
+            out[f"{k}_ci"] = basic_ci(boot[0][k], boot[1][k], boot[2][k]) if boot else None
+        out.update(n_boot=n_boot if boot else 0, ci_level=CI_LEVEL,
+                   rmse_widths=[w for w in self.widths if w != self.ref],
+                   bias_debiased_widths=[w for w, v in p["bias_sq_debiased"].items() if v[0] > 0])
+        return out
+
+    def _fits(self, s: dict[str, dict[int, np.ndarray]]) -> dict[str, np.ndarray]:
+        n_boot = len(next(iter(s["seed_variance"].values())))
+
+        def stack(d):
+            ws = sorted(d)
+            return ws, np.stack([d[w] for w in ws], 1) if ws else np.full((n_boot, 0), np.nan)  # (B, W)
+
+        ws, rmse = stack(s["rmse"])
+        out = {"rmse_slope": masked_slopes(ws, rmse)}
+        vw, var = stack(s["seed_variance"])
+        out["variance_slope"] = masked_slopes(vw, var)
+        out["bias_slope"] = masked_slopes(ws, stack(s["bias"])[1])
+        # slope of the debiased bias itself (half that of b²), over the widths where b² > 0
+        out["bias_debiased_slope"] = masked_slopes(ws, stack(s["bias_sq_debiased"])[1]) / 2
+        x = 1.0 / np.asarray(ws, dtype=np.float64) + 1.0 / self.ref
+        out["rmse2_a"], out["rmse2_bias_sq"] = linear_fits(x, stack(s["rmse_sq"])[1])
+        return out
+
+
+# --------------------------------------------------------------------------- ensembles of E members
+
+def member_subsets(n_members: int, e: int, limit: int = MAX_SUBSETS, seed: int = 0) -> list[tuple[int, ...]]:
+    """All size-e subsets of range(n_members), or `limit` of them drawn without repeats (fixed seed)."""
+    n_all = math.comb(n_members, e)
+    if n_all <= limit:
+        return list(itertools.combinations(range(n_members), e))
+    rng = np.random.default_rng(seed + 1000 * e)
+    picked: set[tuple[int, ...]] = set()
+    while len(picked) < limit:
+        picked.add(tuple(sorted(rng.choice(n_members, e, replace=False).tolist())))
+    return sorted(picked)
+
+
+class EnsembleCurve:
+    """Loss and accuracy of the averaged-logit ensemble of E = 1..S members, streamed over points.
+
+    For each E the value is the mean over size-E subsets of members (all of them, or MAX_SUBSETS
+    drawn with a fixed seed), so L(1) is the mean single-model loss and L(S) the full ensemble's.
+    """
+
+    def __init__(self, n_members: int):
+        self.n = n_members
+        self.subsets = {e: member_subsets(n_members, e) for e in range(1, n_members + 1)}
+        self.loss = {e: 0.0 for e in self.subsets}
+        self.correct = {e: 0.0 for e in self.subsets}
+        self.points = 0
+
+    @torch.no_grad()
+    def add(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """logits (S, M, C) of the S members on M points, targets y (M,)."""
+        logits, y = logits.double(), y.reshape(-1)
+        for e, subsets in self.subsets.items():
+            for sub in subsets:
+                z = logits[list(sub)].mean(0)                            # (M, C)
+                self.loss[e] += float(torch.nn.functional.cross_entropy(z, y, reduction="sum")) / len(subsets)
+                self.correct[e] += float((z.argmax(-1) == y).sum()) / len(subsets)
+        self.points += y.numel()
+
+    def result(self) -> dict:
+        """{ensemble_loss: [L(1..S)], ensemble_acc: [...], ensemble_loss_inf, ensemble_loss_c}."""
+        n = max(self.points, 1)
+        loss = [self.loss[e] / n for e in sorted(self.loss)]
+        acc = [self.correct[e] / n for e in sorted(self.correct)]
+        inf, c = fit_inverse_e(loss)
+        return {"ensemble_loss": loss, "ensemble_acc": acc, "ensemble_loss_inf": inf, "ensemble_loss_c": c}
+
+
+def fit_inverse_e(loss: list[float]) -> tuple[float, float]:
+    """L(E) = L∞ + c/E by least squares over E = 1..len(loss); nan with fewer than 2 points."""
+    if len(loss) < 2:
+        return math.nan, math.nan
+    e = np.arange(1, len(loss) + 1, dtype=np.float64)
+    c, inf = linear_fits(1.0 / e, np.asarray(loss)[None, :])
+    return _f(inf[0]), _f(c[0])
+
+
+@torch.no_grad()
+def lm_ensemble_curve(models: list[torch.nn.Module], spec, device) -> dict:
+    """EnsembleCurve of `models` (one width's seeds) over every probe token, computed in the loop.
+
+    Language models do not store full logits in their signatures (a vocabulary per token), so the
+    averaged-logit ensembles are formed here, chunk by chunk: S forwards per chunk, eval_batch/S
+    sequences a chunk so the S logit blocks together stay at one eval batch's size.
+    """
+    curve = EnsembleCurve(len(models))
+    chunk = max(1, spec.eval_batch // len(models))
+    was = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        for s in range(0, spec.n_examples, chunk):
+            x = spec.x[s:s + chunk].to(device)
+            z = torch.stack([_flat_logits(m, x) for m in models])     # (S, b*T, V)
+            curve.add(z, spec.y[s:s + chunk].reshape(-1).to(device))
+    finally:
+        for m, w in zip(models, was):
+            m.train(w)
+    return curve.result()
+
+
+def _flat_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    z = model(x).float()
+    return z.reshape(-1, z.shape[-1])                                    # (b*T, V)
