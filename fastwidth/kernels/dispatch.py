@@ -10,6 +10,8 @@ native kernel (attention, activations) run torch where "native" is asked for.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from fastwidth.errors import UserError
@@ -30,6 +32,18 @@ def set_backend(name: str) -> None:
     if name == "native":
         native.load()
     _default = name
+
+
+@contextlib.contextmanager
+def using(name: str):
+    """The process-wide default backend set to `name` inside the block (restored after)."""
+    global _default
+    old = _default
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _default = old
 
 
 def get_backend() -> str:

@@ -33,8 +33,11 @@ def _grads(loss_fn, params, create_graph=False):
 
 
 def hvp_double(loss_fn: Callable, params: list, v: list) -> list:
-    """H v by double backward."""
-    with torch.enable_grad():
+    """H v by double backward, through the torch reference ops: the fused kernels (Triton, native)
+    have a first backward only, and a second backward through them drops their terms without an
+    error, so the loss is recomputed with kernels=torch here."""
+    from fastwidth.kernels import dispatch
+    with torch.enable_grad(), dispatch.using("torch"):
         g = _grads(loss_fn, params, create_graph=True)
         g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)]
         dot = sum((gi * vi).sum() for gi, vi in zip(g, v))

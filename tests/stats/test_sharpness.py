@@ -107,3 +107,32 @@ def test_lanczos_matches_exact_hessian_and_beats_power_iteration(hvp):
     lam_l, _ = lanczos_top_eig(loss_fn, params, iters=8, tol=0.0, hvp=hvp)
     lam_pw, _ = top_hessian_eig(loss_fn, params, iters=8, tol=0.0, hvp=hvp)
     assert abs(lam_l - _top(H)) <= abs(lam_pw - _top(H)) + 1e-9   # Krylov space contains the power iterate
+
+
+def test_hvp_double_is_exact_when_the_fused_kernels_are_the_default():
+    """A second backward through a fused op (here the native RMSNorm) silently drops its terms;
+    hvp_double computes through the torch reference, so it equals the torch-backend HVP."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+    from native_skip import native_or_skip
+    from fastwidth.kernels import dispatch
+    from fastwidth.kernels.norm import rms_norm
+    native_or_skip()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 5, generator=g)
+    w = torch.randn(5, 13, generator=g).requires_grad_()
+    gain = (1 + 0.1 * torch.randn(13, generator=g)).requires_grad_()
+    params = [w, gain]
+    v = [torch.randn(p.shape, generator=g) for p in params]
+
+    def loss_fn():
+        return (rms_norm(x @ w, gain) ** 3).sum()
+
+    with dispatch.using("torch"):
+        ref = hvp_double(loss_fn, params, v)
+    with dispatch.using("native"):
+        got = hvp_double(loss_fn, params, v)
+        assert dispatch.get_backend() == "native"
+    err = max((a - b).abs().max().item() / (a.abs().max().item() + 1e-12) for a, b in zip(got, ref))
+    assert err < 1e-5, err
