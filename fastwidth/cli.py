@@ -188,7 +188,7 @@ COMMANDS = [
     Command("report", "fastwidth.report.cli:add_parser", "PNG figures and summary.md from run directories",
             "fastwidth report runs/demo-20261128-120000 -o report"),
     Command("export", "fastwidth.cli:add_export", "a trained model as safetensors, or as a Hugging Face checkpoint",
-            "fastwidth export runs/demo --format hf --member w128_s0 -o hf/w128"),
+            "fastwidth export runs/demo --format hf --member w128_s0 -o w128_hf"),
     Command("mup-table", "fastwidth.cli:add_mup_table", "the µP table (JSON rows) of the model a config builds; "
             "--bsh writes a microsoft/mup base-shapes file", "fastwidth mup-table --config demo --set model.width=256"),
     Command("coord-check", "fastwidth.cli:add_coord_parser", "per-layer activation change across widths over the "

@@ -83,7 +83,7 @@ def test_out_dir_expands_the_home_directory(tmp_path, monkeypatch, capsys):
     (["export", "nowhere", "-o", "x.safetensors"], "export: nowhere does not exist"),
     (["mup-table", "--config", "demo", "--bsh", "/nonexistent-dir/x.bsh"], "does not exist"),
     (["report", "nowhere", "-o", "r"], "nowhere is not a run directory"),
-    (["coord-check", "--config", "demo", "--widths", "16,3o"], "'16,3o' is not a comma-separated list of widths"),
+    (["coord-check", "--config", "demo", "--widths", "16,3o"], "'3o' is not a positive integer"),
 ], ids=["command", "no-config", "config-name", "resume", "ckpt-minutes", "export-run", "bsh-dir", "report-run",
         "coord-widths"])
 def test_usage_mistakes_are_one_line(argv, needle, capsys, tmp_path, monkeypatch):

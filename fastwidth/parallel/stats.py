@@ -98,14 +98,14 @@ def sync_preacts(accumulators: dict, world: int) -> None:
     """Merge every accumulator's summary over ranks into rank 0's; the other ranks start empty (their
     rows now live in rank 0's summary, which is the one evaluated and checkpointed). accumulators:
     {key: PreactAccumulator} with the same keys on every rank. Collective."""
-    if world <= 1 or not accumulators:
+    if world <= 1:
         return
     import numpy as np
     rank = dist.get_rank()
     mine = {k: a.state_dict()["carry"] for k, a in sorted(accumulators.items())}
     every = _gather_objects(mine, world)
     for k, a in accumulators.items():
-        carries = [c[k] for c in every if c[k] is not None]
+        carries = [c[k] for c in every if c.get(k) is not None]
         if rank != 0 or not carries:
             a.reset()
             continue
