@@ -128,6 +128,26 @@ def sync_monitor(monitor, members: list, world: int) -> None:
     sync_preacts(flat, world)
 
 
+def sync_ranges(monitor, world: int) -> None:
+    """Every rank takes rank 0's preactivation histogram ranges (stats.hist_range 0), so all ranks
+    hold the same accumulators and run the same collectives: a resumed rank that had not loaded
+    the ranges would otherwise set them at the next evaluation with a forward of its own (under
+    fsdp2 and ZeRO-3 a collective the other ranks never join). Collective."""
+    if world <= 1:
+        return
+    for mon in getattr(monitor, "monitors", {None: monitor}).values():
+        if not hasattr(mon, "ranges"):
+            continue
+        box = [mon.ranges]
+        dist.broadcast_object_list(box, src=0)
+        if mon.ranges != box[0]:
+            mon.ranges = box[0]
+            if box[0] is None:  # rank 0 sets them at its first evaluation: so will this rank
+                mon.acc = {name: {} for name in mon.acc}
+            else:
+                mon._make_accumulators()
+
+
 def keep_on_main(monitor, rank: int) -> None:
     """After a resume every rank loaded rank 0's (global) summary: only rank 0 keeps it."""
     if rank != 0:

@@ -284,6 +284,7 @@ class Trainer:
         if self.resume_meta is not None and "stats" in self.resume_meta:
             self.evaluator.load_state_dict(self.resume_meta["stats"])
             par_stats.keep_on_main(self.evaluator, self.dist.rank)  # the saved summary is rank 0's, global
+        par_stats.sync_ranges(self.evaluator, self.dist.world_size)  # one set of histogram bins on every rank
 
     def _monitor(self, cfg: Config):
         probe = self.stream.probe()
