@@ -81,3 +81,24 @@ def compare(fn_kernel, fn_ref, raw_inputs, upstream, dtype, names, atol=None, fa
     for n, k, t, r in zip(names[1:], k_grad, t_grad, r_grad):
         assert k.dtype == t.dtype, f"grad {n}: dtype {k.dtype} != {t.dtype}"
         check_bound(f"grad {n}", k, r, t, atol, factor)
+
+
+def norm_fn(is_rms: bool, residual: bool, backend):
+    """(x, r, w, b) -> the norm's outputs through `backend` (None: norm_ref), for compare()."""
+    from fastwidth.kernels import norm
+
+    def f(x, r, w, b):
+        y, s, rms = norm._norm(x, r, w, b, 1e-5, is_rms, backend) if backend else \
+            norm.norm_ref(x, r, w, b, 1e-5, is_rms)
+        return (y, s) if residual else (y,)
+    return f
+
+
+def readout_ce_fn(t, mult: float, kw: dict, backend):
+    """(h, w, b) -> readout_ce_stats' loss, token_loss, lse, true_logit through `backend`."""
+    from fastwidth.kernels import readout_ce as rc
+
+    def f(h, w, b):
+        r = rc.readout_ce_stats(h, w, t, multiplier=mult, bias=b, backend=backend, **kw)
+        return r.loss, r.token_loss, r.lse, r.true_logit
+    return f

@@ -3,15 +3,7 @@ import torch
 
 from fastwidth.errors import UserError
 from fastwidth.kernels import norm
-from tests.kernels.helpers import compare, poisoned
-
-
-def _fn(is_rms, residual, has_w, has_b, backend):
-    def f(x, r, w, b):
-        y, s, rms = norm._norm(x, r, w, b, 1e-5, is_rms, backend) if backend else \
-            norm.norm_ref(x, r, w, b, 1e-5, is_rms)
-        return (y, s) if residual else (y,)
-    return f
+from tests.kernels.helpers import compare, norm_fn, poisoned
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -26,8 +18,8 @@ def test_norm_matches_reference(dtype, is_rms, residual, has_w, has_b):
     inputs = [x, r if residual else None, w if has_w else None, b if has_b else None]
     up = [torch.randn(3, 13, N), torch.randn(3, 13, N) if residual else None]
     names = ["norm", "x"] + (["residual"] if residual else []) + (["weight"] if has_w else []) + (["bias"] if has_b else [])
-    compare(lambda *a: _fn(is_rms, residual, has_w, has_b, "triton")(*a),
-            lambda *a: _fn(is_rms, residual, has_w, has_b, None)(*a), inputs, up, dtype, names)
+    compare(lambda *a: norm_fn(is_rms, residual, "triton")(*a),
+            lambda *a: norm_fn(is_rms, residual, None)(*a), inputs, up, dtype, names)
 
 
 @pytest.mark.parametrize("is_rms", [True, False])
@@ -80,6 +72,6 @@ def test_wide_row_backward(is_rms):
     # 4100 columns: an 8192-wide block (16 warps on a GPU), the width where the warp rule changes
     N = 4100
     x, w, b = torch.randn(6, N), torch.randn(N), torch.randn(N)
-    compare(_fn(is_rms, False, True, not is_rms, "triton"), _fn(is_rms, False, True, not is_rms, None),
+    compare(norm_fn(is_rms, False, "triton"), norm_fn(is_rms, False, None),
             [x, None, w, None if is_rms else b], [torch.randn(6, N), None], torch.float32,
             ["norm", "x", "weight"] + ([] if is_rms else ["bias"]))

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fastwidth.kernels import readout_ce as rc
-from tests.kernels.helpers import check_bound, compare, poisoned
+from tests.kernels.helpers import check_bound, compare, poisoned, readout_ce_fn
 
 M_SHAPE, N, V = (3, 13), 33, 131
 
@@ -12,13 +12,6 @@ def _target(ignore: bool):
     if ignore:
         t[0, :3] = -100
     return t
-
-
-def _fn(t, mult, kw, backend):
-    def f(h, w, b):
-        r = rc.readout_ce_stats(h, w, t, multiplier=mult, bias=b, backend=backend, **kw)
-        return r.loss, r.token_loss, r.lse, r.true_logit
-    return f
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -32,7 +25,7 @@ def test_readout_ce_matches_reference(monkeypatch, dtype, has_bias, z_loss, smoo
     h, w, b = torch.randn(*M_SHAPE, N), torch.randn(V, N) * 0.5, torch.randn(V)
     kw = dict(z_loss=z_loss, label_smoothing=smooth)
     up = [torch.tensor(1.7), None, None, None]  # one shared upstream gradient for the loss
-    compare(_fn(t, 0.37, kw, "triton"), _fn(t, 0.37, kw, "torch"), [h, w, b if has_bias else None], up, dtype,
+    compare(readout_ce_fn(t, 0.37, kw, "triton"), readout_ce_fn(t, 0.37, kw, "torch"), [h, w, b if has_bias else None], up, dtype,
             ["readout_ce", "h", "weight"] + (["bias"] if has_bias else []))
     hh, ww = h.to(dtype), w.to(dtype)
     got = rc.readout_ce_stats(hh, ww, t, multiplier=0.37, backend="triton", **kw).argmax

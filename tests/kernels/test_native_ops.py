@@ -5,19 +5,12 @@ import torch
 
 from fastwidth.kernels import norm, readout_ce as rc, rope
 from fastwidth.nn.attention import rope_tables
-from tests.kernels.helpers import check_bound, compare
+from tests.kernels.helpers import check_bound, compare, norm_fn, readout_ce_fn
 from tests.kernels.native_skip import native_or_skip
 
 native_or_skip()
 
 M_SHAPE, N, V = (3, 13), 33, 131
-
-
-def _ce(t, mult, kw, backend):
-    def f(h, w, b):
-        r = rc.readout_ce_stats(h, w, t, multiplier=mult, bias=b, backend=backend, **kw)
-        return r.loss, r.token_loss, r.lse, r.true_logit
-    return f
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -32,7 +25,7 @@ def test_readout_ce_matches_reference(monkeypatch, dtype, has_bias, z_loss, smoo
     h, w, b = torch.randn(*M_SHAPE, N), torch.randn(V, N) * 0.5, torch.randn(V)
     kw = dict(z_loss=z_loss, label_smoothing=smooth)
     up = [torch.tensor(1.7), None, None, None]
-    compare(_ce(t, 0.37, kw, "native"), _ce(t, 0.37, kw, "torch"), [h, w, b if has_bias else None], up, dtype,
+    compare(readout_ce_fn(t, 0.37, kw, "native"), readout_ce_fn(t, 0.37, kw, "torch"), [h, w, b if has_bias else None], up, dtype,
             ["readout_ce", "h", "weight"] + (["bias"] if has_bias else []))
     hh, ww = h.to(dtype), w.to(dtype)
     got = rc.readout_ce_stats(hh, ww, t, multiplier=0.37, backend="native", **kw).argmax
@@ -86,14 +79,6 @@ def test_readout_ce_no_grad_and_bad_target():
         rc.readout_cross_entropy(h, w, t, backend="native")
 
 
-def _norm(is_rms, residual, backend):
-    def f(x, r, w, b):
-        y, s, rms = norm._norm(x, r, w, b, 1e-5, is_rms, backend) if backend else \
-            norm.norm_ref(x, r, w, b, 1e-5, is_rms)
-        return (y, s) if residual else (y,)
-    return f
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("is_rms,residual,has_w,has_b", [
     (True, False, True, False), (True, True, True, False), (True, False, False, False),
@@ -106,7 +91,7 @@ def test_norm_matches_reference(dtype, is_rms, residual, has_w, has_b):
     inputs = [x, r if residual else None, w if has_w else None, b if has_b else None]
     up = [torch.randn(41, n), torch.randn(41, n) if residual else None]
     names = ["norm", "x"] + (["residual"] if residual else []) + (["weight"] if has_w else []) + (["bias"] if has_b else [])
-    compare(_norm(is_rms, residual, "native"), _norm(is_rms, residual, None), inputs, up, dtype, names)
+    compare(norm_fn(is_rms, residual, "native"), norm_fn(is_rms, residual, None), inputs, up, dtype, names)
 
 
 def test_norm_rms_output_and_nan_row():
