@@ -154,7 +154,7 @@ class StatsConfig:
     hist_range: float = _opt(0.0, min=0.0, help="preactivation histograms span [-hist_range, hist_range], outside in the edge bins; 0 = per layer from the reference width's first evaluation (quantiles, saved with the run)")
     hist_quantile: float = _opt(0.001, min=0.0, help="hist_range 0: a layer's range is its [q, 1-q] quantiles at the first evaluation, widened by hist_margin; outside goes to two overflow bins")
     hist_margin: float = _opt(1.0, min=0.0, help="hist_range 0: widen each side of the quantile range by this fraction of its span (preactivations grow in training)")
-    eval_batch: int = _opt(256, min=1, help="probe examples per forward when evaluating")
+    eval_batch: int = _opt(256, min=1, help="probe examples per forward when evaluating (the evaluation micro-batch: peak activation memory is one such forward)")
     bootstrap: int = _opt(1000, min=0, help="bootstrap resamples over seeds for the intervals of every fitted slope (needs >= 3 seeds); 0 = off")
     ensemble_every: int = _opt(0, min=0, help="language models: ensemble probe losses L(E) cadence in steps (at evaluations); 0 = final evaluation only")
     sharpness_iters: int = _opt(10, min=0, help="power iterations for the top Hessian eigenvalue; 0 = off")

@@ -8,8 +8,8 @@
   each rank's chunk to per-point values (true logit, loss, entropy, argmax, sketch) and gathers
   those, and gathers the kernel points' feature rows so Phi = phi phi^T / N is assembled exactly
   from the whole probe. The feature hooks keep only the kernel points' rows of each block's
-  output (on the host), not the whole output until the forward ends; forwards run in
-  stats.eval_batch examples. Every rank runs the same number of forwards (FSDP2 / ZeRO-3 forwards are
+  output (on the host: stats.signature.KernelRows), not the whole output until the forward ends;
+  forwards run in micro-batches of stats.eval_batch examples. Every rank runs the same number of forwards (FSDP2 / ZeRO-3 forwards are
   collectives), padding its slice when the probe does not split evenly.
 - Sharpness and the eNTK need whole-model Hessian-vector products / per-point gradients: under a
   sharded backend (fsdp2, ZeRO-3) `sharded_skips` names them and the run goes on without them
@@ -170,31 +170,21 @@ def probe_signature_sharded(model, spec: S.ProbeSpec, device, rank: int, world: 
     n, pe = spec.n_examples, spec.per_example
     lo, hi = _rank_slice(n, rank, world)
     per = -(-n // world)
-    captured: dict = {}
-    keep = {"rows": None}  # the kernel points of the current forward: hooks keep only those rows
-
-    def hook(_m, _i, out, k):
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        rows = keep["rows"]
-        captured[k] = None if rows is None else out.reshape(rows[0], -1)[rows[1]].float().cpu()
-    hooks = [m.register_forward_hook(lambda _m, _i, out, k=k: hook(_m, _i, out, k)) for k, m in feature_modules.items()]
+    rows = S.KernelRows(feature_modules, to_host=True)  # only the kernel points' rows, on the host
     was = model.training
     model.eval()
     keys = ("true_logit", "loss", "entropy", "argmax", "sketch")
     parts = {k: [] for k in keys}
-    feats = {k: [] for k in feature_modules}
     sums = torch.zeros(2, dtype=torch.float64)
     try:
         for off in range(0, per, spec.eval_batch):  # the same number of forwards on every rank
             s, e = lo + off, min(lo + off + spec.eval_batch, hi)
             if s >= e:  # padding forward: the first example, results dropped
-                keep["rows"] = None
+                rows.expect(1, None)
                 model(spec.x[:1].to(device))
-                captured.clear()
                 continue
             yb = spec.y[s:e].reshape(-1).to(device)
-            ksel = S._select(spec.kernel_index, s * pe, e * pe).to(device)
-            keep["rows"] = (len(yb), ksel)
+            rows.expect(len(yb), S._select(spec.kernel_index, s * pe, e * pe).to(device))
             z = model(spec.x[s:e].to(device)).float()
             z = z.reshape(-1, z.shape[-1])
             true, loss, ent, amax = S._point_stats(z, yb)
@@ -204,14 +194,11 @@ def probe_signature_sharded(model, spec: S.ProbeSpec, device, rank: int, world: 
             sketch = (zs - zs.mean(-1, keepdim=True)) @ spec.projection(z.shape[-1], device)
             for key, v in zip(keys, (true[sel], loss[sel], ent[sel], amax[sel], sketch)):
                 parts[key].append(v.to(S.STORE_DTYPES[key]).cpu())
-            for k in feature_modules:
-                feats[k].append(captured.pop(k))
     finally:
-        for h in hooks:
-            h.remove()
+        rows.remove()
         model.train(was)
     local = {k: (torch.cat(v) if v else None) for k, v in parts.items()}
-    local.update({f"phi/{k}": (torch.cat(v) if v else None) for k, v in feats.items()})
+    local.update({f"phi/{k}": rows.phi(k) for k in feature_modules})
     every = _gather_objects({"parts": local, "sums": sums}, world)  # rank order = probe order
     sig = {k: torch.cat([g["parts"][k] for g in every if g["parts"][k] is not None]) for k in keys}
     for k in feature_modules:

@@ -119,30 +119,76 @@ def _kernel(phi: torch.Tensor) -> torch.Tensor:
     return feature_kernel(phi)
 
 
+class KernelRows:
+    """Forward hooks on the feature layers that reduce each block output on the spot to the rows
+    its feature kernel needs: the kernel points of the current forward, (points, N) fp32. No whole
+    (B, T, N) block output outlives its block (a reference to it kept every feature layer's
+    output alive until the forward ended: at width 16384 and 256 probe sequences of 1024 tokens,
+    16 GiB per layer).
+
+        rows = KernelRows(feature_modules, to_host=False)
+        rows.expect(n_points, index)    # before each forward; index None: keep nothing (padding)
+        model(x)
+        phi = rows.phi("block0")        # (kernel points seen so far, N)
+        rows.remove()
+    """
+
+    def __init__(self, feature_modules: dict[str, torch.nn.Module], to_host: bool = False):
+        self.to_host = to_host
+        self.parts: dict[str, list[torch.Tensor]] = {k: [] for k in feature_modules}
+        self._want: tuple[int, torch.Tensor] | None = None
+        self._hooks = [m.register_forward_hook(self._hook(k)) for k, m in feature_modules.items()]
+
+    def expect(self, n_points: int, index: torch.Tensor | None) -> None:
+        """The next forward covers n_points flat points; keep the rows at `index` (None: none)."""
+        self._want = None if index is None else (n_points, index)
+
+    def _hook(self, key: str):
+        def hook(_mod, _inp, out):
+            if self._want is None:
+                return
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            n_points, index = self._want
+            rows = out.detach().reshape(n_points, -1)[index].float()   # a copy: out itself is not kept
+            self.parts[key].append(rows.cpu() if self.to_host else rows)
+        return hook
+
+    def phi(self, key: str) -> torch.Tensor | None:
+        parts = self.parts[key]
+        return torch.cat(parts) if parts else None
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
 @torch.no_grad()
 def probe_signature(model: torch.nn.Module, spec: ProbeSpec, device,
                     feature_modules: dict[str, torch.nn.Module] | None = None) -> tuple[dict, dict]:
-    """Evaluate `model` on the probe in chunks; return (signature tensors, {loss, accuracy}).
+    """Evaluate `model` on the probe in micro-batches of spec.eval_batch examples; return
+    (signature tensors, {loss, accuracy}).
 
-    Logits never leave the device in full: each chunk is reduced to per-point values at once.
+    Peak activation memory is one micro-batch's forward: logits never leave the device in full
+    (each micro-batch is reduced to per-point values at once) and the feature hooks keep only the
+    kernel points' rows of each block output (KernelRows). The result does not depend on
+    eval_batch beyond fp rounding.
     """
     feature_modules = feature_modules or {}
-    captured: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, out, k=k: captured.__setitem__(k, out))
-             for k, m in feature_modules.items()]
+    rows = KernelRows(feature_modules)
     was_training = model.training
     model.eval()
     parts: dict[str, list] = {k: [] for k in ("true_logit", "loss", "entropy", "argmax", "sketch", "logits")}
-    feats: dict[str, list] = {k: [] for k in feature_modules}
     pe = spec.per_example
     loss_acc = torch.zeros((), dtype=torch.float64, device=device)
     corr_acc = torch.zeros((), dtype=torch.int64, device=device)
     try:
         for s in range(0, spec.n_examples, spec.eval_batch):
             e = min(s + spec.eval_batch, spec.n_examples)
+            yb = spec.y[s:e].reshape(-1).to(device)
+            rows.expect(len(yb), _select(spec.kernel_index, s * pe, e * pe).to(device))
             logits = model(spec.x[s:e].to(device)).float()
             z = logits.reshape(-1, logits.shape[-1])                 # (b * pe, C)
-            yb = spec.y[s:e].reshape(-1).to(device)
             true, loss, ent, amax = _point_stats(z, yb)
             loss_acc += loss.double().sum()
             corr_acc += (amax == yb).sum()
@@ -153,18 +199,12 @@ def probe_signature(model: torch.nn.Module, spec: ProbeSpec, device,
             for key, v in zip(parts, (true[sel], loss[sel], ent[sel], amax[sel], sketch, zs if keep else None)):
                 if v is not None:
                     parts[key].append(v.to(STORE_DTYPES[key]).cpu())
-            ksel = _select(spec.kernel_index, s * pe, e * pe).to(device)
-            for k in feature_modules:
-                out = captured.pop(k)
-                out = out[0] if isinstance(out, (tuple, list)) else out
-                feats[k].append(out.reshape(len(yb), -1)[ksel].float())  # (points, N)
     finally:
-        for h in hooks:
-            h.remove()
+        rows.remove()
         model.train(was_training)
     sig = {k: torch.cat(v) for k, v in parts.items() if v}
-    for k, v in feats.items():
-        sig[f"kernel/{k}"] = _kernel(torch.cat(v)).to(STORE_DTYPES["kernel"]).cpu()
+    for k in feature_modules:
+        sig[f"kernel/{k}"] = _kernel(rows.phi(k)).to(STORE_DTYPES["kernel"]).cpu()
     n = spec.y.numel()
     summary = {"loss": float(loss_acc) / n, "accuracy": float(corr_acc) / n}
     return sig, summary
