@@ -8,7 +8,8 @@ Launchers: torchrun and `deepspeed` both export RANK / WORLD_SIZE / LOCAL_RANK /
 MASTER_PORT (deepspeed also passes --local_rank, which the CLI accepts and ignores). Plain
 `python launch/train.py` with an engine runs as a group of one on a private TCP store, so the
 same config (and a checkpoint saved on 2 ranks) also runs on one process. The collective backend
-is NCCL on GPUs and gloo on the CPU.
+is NCCL on GPUs and gloo on the CPU, both under FSDP2 with offloaded parameters
+(collective_backend).
 """
 from __future__ import annotations
 
@@ -123,6 +124,22 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
+def collective_backend(cfg) -> tuple[bool, str]:
+    """(whether ranks compute on CUDA, the process group's backend string) for a config.
+
+    gloo on the CPU, NCCL on GPUs. FSDP2 with dist.offload_params keeps the shards and their
+    gradients in host memory, so the gradient clip's norm all-reduce runs over CPU tensors, which
+    NCCL cannot reduce: there the group is "cpu:gloo,cuda:nccl" (torch routes each collective by
+    its tensors' device). DeepSpeed's ZeRO-3 offload moves data itself and keeps NCCL.
+    """
+    cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    if not cuda:
+        return False, "gloo"
+    if cfg.dist.backend == "fsdp2" and cfg.dist.offload_params:
+        return True, "cpu:gloo,cuda:nccl"
+    return True, "nccl"
+
+
 def init_dist(cfg) -> DistEnv:
     """Join (or create) the process group the launcher set up; a plain DistEnv when backend is none."""
     backend = cfg.dist.backend
@@ -143,10 +160,7 @@ def init_dist(cfg) -> DistEnv:
     if cfg.dist.offload_params and not (backend == "fsdp2" or (backend == "deepspeed" and cfg.dist.zero_stage == 3)):
         raise ConfigError(f"dist.offload_params needs dist.backend=fsdp2 or deepspeed with zero_stage=3, "
                           f"got {backend} with zero_stage={cfg.dist.zero_stage}")
-    cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-    comm = "nccl" if cuda else "gloo"
-    if cuda and backend == "fsdp2" and cfg.dist.offload_params:
-        comm = "cpu:gloo,cuda:nccl"  # offloaded shards: the CPU-side gradient clip reduces over gloo
+    cuda, comm = collective_backend(cfg)
     if "RANK" not in os.environ:  # plain python: a group of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
