@@ -45,8 +45,11 @@ BACKENDS = {"ddp": ["dist.backend=ddp", "data.micro_batch_size=2"],
             "zero1": ["dist.backend=deepspeed", "dist.zero_stage=1"],
             "zero2": ["dist.backend=deepspeed", "dist.zero_stage=2", "data.micro_batch_size=2"],
             "zero3": ["dist.backend=deepspeed", "dist.zero_stage=3", "data.micro_batch_size=2",
-                      "train.activation_checkpointing=block", "dist.shard_min_width=32"]}  # w16 under ddp
-SHARDED = {"fsdp2", "zero3"}
+                      "train.activation_checkpointing=block", "dist.shard_min_width=32"],  # w16 under ddp
+            "fsdp2_mix": ["dist.backend=fsdp2", "dist.shard_min_width=32", "data.micro_batch_size=2"]}  # w16 under ddp
+SHARDED = {"fsdp2", "zero3", "fsdp2_mix"}
+# backend -> the members it shards (the others replicate under ddp); None: every member
+SHARDED_MEMBERS = {"fsdp2": None, "zero3": {"w32_s0"}, "fsdp2_mix": {"w32_s0"}}
 TIMEOUT = 240
 
 
@@ -182,13 +185,14 @@ def expected_local(backend: str, member: str, shape: list, rank: int, world: int
     """What rank `rank` must hold of a parameter: FSDP2 dim-0 rows ceil(d0/W) (the last ranks fewer),
     ZeRO-3 a flat partition of ceil(n/W) (padded), everything else the whole tensor."""
     n = math.prod(shape)
-    if backend == "fsdp2":
+    sharded = SHARDED_MEMBERS.get(backend, set())
+    if sharded is not None and member not in sharded:  # replicated (ddp, ZeRO-1/2, narrow widths)
+        return n
+    if backend.startswith("fsdp2"):
         per = -(-shape[0] // world)
         rows = max(0, min(shape[0], (rank + 1) * per) - rank * per)
         return rows * (n // shape[0])
-    if backend == "zero3" and member == "w32_s0":  # w16 trains under ddp (dist.shard_min_width=32)
-        return -(-n // world)
-    return n
+    return -(-n // world)                               # ZeRO-3
 
 
 def check_local_shards(out: Path, backend: str, table: dict) -> None:
@@ -204,7 +208,8 @@ def check_local_shards(out: Path, backend: str, table: dict) -> None:
     full = {name: sum(math.prod(r["shape"]) for r in rows.values()) for name, rows in table.items()}
     for name in full:
         ratio = held[name] / full[name]  # summed over ranks: 1 when sharded, 2 when replicated
-        sharded = backend == "fsdp2" or (backend == "zero3" and name == "w32_s0")
+        members = SHARDED_MEMBERS.get(backend, set())
+        sharded = members is None or name in members
         assert (ratio < 1.05) if sharded else ratio == world, (backend, name, ratio)
 
 
