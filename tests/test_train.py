@@ -167,3 +167,18 @@ def test_bad_input_exits_2_and_leaves_the_run_untouched(existing_run, case, tmp_
         return
     _assert_one_line_error(res, needle)
     assert tree_digest(run_dir) == before
+
+
+def test_starting_over_drops_the_old_runs_histogram_ranges(tmp_path):
+    """A fresh start in an old run directory sets its own preactivation bins (and a resume keeps
+    them): a stale preact_ranges.json would give the new run the old run's bins on rank 0 only."""
+    from fastwidth.train.loop import prepare_run_dir
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "preact_ranges.json").write_text('{"layer0": [-1.0, 1.0]}\n')
+    (out / "metrics.jsonl").write_text("")
+    prepare_run_dir(load_config(None, [f"train.out_dir={out}", "train.resume=true"]), {"members": []},
+                    {(16, 0, None): 5})
+    assert (out / "preact_ranges.json").is_file()
+    prepare_run_dir(load_config(None, [f"train.out_dir={out}", "train.overwrite=true"]), None)
+    assert not (out / "preact_ranges.json").exists()

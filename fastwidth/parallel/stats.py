@@ -132,7 +132,10 @@ def sync_ranges(monitor, world: int) -> None:
     """Every rank takes rank 0's preactivation histogram ranges (stats.hist_range 0), so all ranks
     hold the same accumulators and run the same collectives: a resumed rank that had not loaded
     the ranges would otherwise set them at the next evaluation with a forward of its own (under
-    fsdp2 and ZeRO-3 a collective the other ranks never join). Collective."""
+    fsdp2 and ZeRO-3 a collective the other ranks never join). The cause, since fixed: those ranks'
+    Monitor read the ranges from their scratch run_dir (out_dir/.rank<r>, emptied at each start),
+    not from the run directory (Monitor ranges_dir); this stays as a guard that all ranks agree,
+    one broadcast at start-up. Collective."""
     if world <= 1:
         return
     for mon in getattr(monitor, "monitors", {None: monitor}).values():

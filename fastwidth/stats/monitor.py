@@ -121,9 +121,12 @@ class ReferenceRun:
 
 
 class Monitor:
-    def __init__(self, cfg, run_dir: Path, members: list, probe: dict, writer, device, autocast=None):
+    def __init__(self, cfg, run_dir: Path, members: list, probe: dict, writer, device, autocast=None,
+                 ranges_dir: Path | None = None):
         # autocast is accepted for the loop's convenience and ignored: the probe runs in fp32
         # because bf16 logits (error ~0.02 at |z|~5) would swamp RMSEs of a few hundredths.
+        # ranges_dir: where this run's preact_ranges.json lives (default run_dir); a distributed
+        # run's other ranks write into a scratch run_dir, emptied at each start, and read the run's.
         self.cfg, self.sc = cfg, cfg.stats
         self.run_dir, self.members, self.writer, self.device = Path(run_dir), members, writer, device
         sc = self.sc
@@ -134,8 +137,9 @@ class Monitor:
         self.by_name = {m.name: m for m in members}
         # histogram bins per layer: ±hist_range, or (hist_range 0) the reference width's quantile
         # ranges from this run's (resume) or the reference run's file, else set at the first eval
+        own = load_ranges(Path(ranges_dir) if ranges_dir is not None else self.run_dir)
         self.ranges = None if sc.hist_range > 0 else (
-            load_ranges(self.run_dir) or (load_ranges(Path(sc.reference_run)) if sc.reference_run else None))
+            own or (load_ranges(Path(sc.reference_run)) if sc.reference_run else None))
         if sc.hist_range <= 0 and sc.reference_run and self.ranges is None and sc.preact:
             raise UserError(f"stats.reference_run {sc.reference_run} has no preactivation ranges (it used a fixed "
                             f"stats.hist_range); set stats.hist_range to the value it used")

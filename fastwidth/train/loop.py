@@ -40,6 +40,7 @@ from fastwidth.models import build_meta, build_model, build_uninitialized
 from fastwidth.param.optim import build_optimizer, lr_factor, set_lr
 from fastwidth.param.scaling import ParamInfo, mup_table, table_rows
 from fastwidth.stats.monitor import Monitor
+from fastwidth.stats.preact_range import RANGES_FILE
 from fastwidth.train import checkpoint as ckpt
 from fastwidth.train import preempt, rundir, tracking
 from fastwidth.train.metrics import truncate_after
@@ -204,6 +205,7 @@ def prepare_run_dir(cfg: Config, meta: dict | None, member_steps: dict | None = 
         for sub in ("checkpoints", "signatures", "report"):
             shutil.rmtree(run_dir / sub, ignore_errors=True)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (run_dir / RANGES_FILE).unlink(missing_ok=True)  # the old run's histogram bins: this run sets its own
     for sub in ("checkpoints", "signatures", "report"):
         (run_dir / sub).mkdir(exist_ok=True)
     if meta is not None:
@@ -288,9 +290,11 @@ class Trainer:
 
     def _monitor(self, cfg: Config):
         probe = self.stream.probe()
+        # histogram ranges from the run directory: other ranks' scratch run_dir is emptied at each start
+        shared = Path(cfg.train.out_dir)
         if not cfg.sweep.lrs:
-            return Monitor(cfg, self.run_dir, self.members, probe, self.writer, self.device)
-        return sweep.LRMonitors(lambda ms, w: Monitor(cfg, self.run_dir, ms, probe, w, self.device),
+            return Monitor(cfg, self.run_dir, self.members, probe, self.writer, self.device, ranges_dir=shared)
+        return sweep.LRMonitors(lambda ms, w: Monitor(cfg, self.run_dir, ms, probe, w, self.device, ranges_dir=shared),
                                 self.members, self.writer)
 
     # one optimizer step of one member on one batch; returns the loss (a tensor, no host sync)

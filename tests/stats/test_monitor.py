@@ -206,3 +206,22 @@ def test_histogram_ranges_come_from_the_reference_widths_first_eval(tmp_path):
     drive(tmp_path / "fixed", [8, 16], [0])
     with pytest.raises(UserError, match="no preactivation ranges"):
         drive(tmp_path / "c", [8], [0], hist_range=0.0, reference_run=str(tmp_path / "fixed"))
+
+
+def test_ranges_come_from_ranges_dir_when_run_dir_is_scratch(tmp_path):
+    """A distributed run's other ranks write into a scratch run_dir emptied at each start: their
+    Monitor reads the run's preact_ranges.json (ranges_dir), so a resumed rank holds the same bins
+    and accumulators as rank 0 before any evaluation (no forward of its own to set them)."""
+    drive(tmp_path / "a", [8, 16], [0], hist_range=0.0)
+    ranges = json.loads((tmp_path / "a" / "preact_ranges.json").read_text())
+    cfg = make_cfg([8, 16], [0], hist_range=0.0)
+    scratch = tmp_path / "a" / ".rank1"
+    scratch.mkdir()
+    members = [Member(w, 0, ToyMLP(6, w, 4)) for w in (8, 16)]
+    px, py = teacher_data(40, seed=99)
+    mon = Monitor(cfg, scratch, members, {"x": px, "y": py}, ListWriter(), "cpu", ranges_dir=tmp_path / "a")
+    assert mon.ranges == ranges
+    assert all(set(mon.acc[m.name]) == {"layer0", "layer1"} for m in members)
+    assert json.loads((scratch / "preact_ranges.json").read_text()) == ranges
+    alone = Monitor(cfg, tmp_path / "empty", members, {"x": px, "y": py}, ListWriter(), "cpu")
+    assert alone.ranges is None and not any(alone.acc.values())  # without it: set at its first evaluation
