@@ -14,7 +14,8 @@ block, R the root unit's parameters, c the compute dtype's bytes; Adam holds 8 B
             sharded), activations, the gathered working set of sharded engines ((R + 2K)·c,
             + one block's unsharded gradient 4K), DeepSpeed's reduce buckets, FSDP2's foreach Adam
             temporaries (8P/W) and ZeRO's flattened fp32 gradient (4P/W)
-    eval    persistent + the probe forward's activations at stats.eval_batch (+ sharpness: 3x
+    eval    persistent + the probe forward's activations at stats.eval_batch, + the kernel rows the
+            feature hooks keep (4·layers·kp·(N + kp), kp = stats.kernel_points) (+ sharpness: 3x
             activations and a gradient 4P/W) for one member at a time
 A sweep is every member built (sum of built), then every member ready (sum), then one member at a
 time steps or evaluates on top of every member's persistent state: the peak per rank is
@@ -59,7 +60,7 @@ def count_params(cfg: Config) -> dict:
     return {"total": total, "root": total - sum(units), "block": max(units, default=0),
             "tensor": max((p.numel() for p in model.parameters()), default=0),
             "heads": (cfg.model.n_heads or cfg.model.width // cfg.model.head_dim) if cfg.model.arch == "gpt" else 0,
-            "vocab": getattr(_io(cfg), "vocab_size", None)}
+            "vocab": getattr(_io(cfg), "vocab_size", None), "feature_layers": len(model.feature_points())}
 
 
 def activation_values(cfg: Config, counts: dict, rows: int) -> float:
@@ -78,6 +79,18 @@ def activation_values(cfg: Config, counts: dict, rows: int) -> float:
     if cfg.train.activation_checkpointing == "block":
         return m.depth * inp + block + head
     return m.depth * block + head
+
+
+def kernel_rows_bytes(cfg: Config, counts: dict) -> float:
+    """What the evaluation hooks keep until the probe's feature kernels are formed (KernelRows in
+    fastwidth/stats/signature.py): per feature layer the kernel points' fp32 rows, kernel_points x N
+    (ResNet: the whole N x 32 x 32 map), and the (kernel_points, kernel_points) kernel.
+    128 points, width 16384, 48 feature layers: 0.4 GB."""
+    kp = min(cfg.stats.kernel_points, cfg.data.probe_size * (cfg.data.seq_len if cfg.model.arch == "gpt" else 1))
+    if not cfg.stats.enabled or kp <= 0:
+        return 0.0
+    row = cfg.model.width * (32 * 32 if cfg.model.arch == "resnet" else 1)
+    return 4.0 * counts.get("feature_layers", cfg.model.depth) * (kp * row + kp * kp)
 
 
 @dataclass(frozen=True)
@@ -160,6 +173,7 @@ def member_plan(cfg: Config, choice: Choice, world: int, counts: dict | None = N
     ev = 4 * activation_values(cfg, c, eval_rows) / max(cfg.model.depth, 1) if eval_rows else 0.0
     if sharded:
         ev += cb * (root + 2 * blk)
+    ev += kernel_rows_bytes(cfg, c)
     if cfg.stats.enabled and cfg.stats.sharpness_iters:
         n = max(1, cfg.stats.sharpness_points // (cfg.data.seq_len if cfg.model.arch == "gpt" else 1))
         ev = max(ev, 3 * 4 * activation_values(cfg, c, n) + 4 * p / (w if sharded else 1))

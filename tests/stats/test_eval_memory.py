@@ -167,3 +167,31 @@ def test_range_hooks_keep_only_the_sample(monkeypatch):
     assert meter.rows <= batch
     # the old hooks kept every preactivation of the probe: >= layers * n * T * width * 4 bytes
     assert meter.peak <= sample + one_output // 4
+
+
+@pytest.mark.parametrize("arch", ["mlp", "gpt"])
+def test_planner_counts_the_kernel_rows_the_hooks_keep(arch):
+    """fastwidth plan's evaluation term includes exactly the rows KernelRows keeps (plus the kernels)."""
+    from fastwidth.parallel.plan import count_params, kernel_rows_bytes
+    from fastwidth.stats.signature import KernelRows
+    width = 96
+    model = _model(arch, width)
+    probe = _probe(arch, 40 if arch == "mlp" else 5)
+    spec = _spec(probe, 40)
+    rows = KernelRows(model.feature_points())
+    n_points = probe["y"].numel()
+    rows.expect(n_points, spec.kernel_index)
+    with torch.no_grad():
+        model(probe["x"])
+    rows.remove()
+    kept = sum(rows.phi(k).numel() * 4 for k in rows.parts)
+    kp = len(spec.kernel_index)
+    sets = [f"model.arch={arch}", "model.depth=3" if arch == "mlp" else "model.depth=2", f"model.width={width}",
+            "param.base_width=32", f"stats.kernel_points={kp}", "data.source=synthetic", "data.in_dim=12",
+            "data.num_classes=5", f"data.probe_size={probe['x'].shape[0]}", "data.seq_len=16"]
+    if arch == "gpt":
+        sets += ["model.head_dim=16", "data.tokenizer=bytes"]
+    cfg = load_config(None, sets)
+    counts = count_params(cfg)
+    assert counts["feature_layers"] == len(model.feature_points())
+    assert kernel_rows_bytes(cfg, counts) == kept + 4 * len(rows.parts) * kp * kp
