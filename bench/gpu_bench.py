@@ -20,7 +20,6 @@ import csv
 import datetime
 import importlib.util
 import json
-import os
 import platform
 import statistics
 import subprocess

@@ -3,8 +3,6 @@ the config's cadence (stats.every) against the same steps without (baseline).
 
 overhead = median(with stats) / median(without) - 1, read from the group's table.
 """
-import tempfile
-from pathlib import Path
 
 import pytest
 
