@@ -1,9 +1,10 @@
 """pytest-benchmark timings of the native CPU ops, each beside its torch baseline.
 
-    pytest bench/test_bench_native.py --benchmark-only [--benchmark-group-by=func]
+    pytest bench/test_bench_native.py --benchmark-only
 
-Each op is one test parametrized by backend, so the native and torch rows of a group sit side by
-side in the table; bench/bench_native.py measures the same ratios alternating in one run.
+Each op is one test parametrized by backend in a group of its own, so the native and torch rows sit
+side by side in the table (the ratio column is against the group's fastest); bench/bench_native.py
+measures the same ratios alternating in one run.
 """
 import sys
 from pathlib import Path
@@ -30,12 +31,14 @@ def _grad_of(fn, inputs):
     return run
 
 
+@pytest.mark.benchmark(group="native: moments + histogram")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_moments_histogram(benchmark, backend):
     x = torch.randn(1024, 2048)
     benchmark(lambda: stats.moments_histogram(x, -8.0, 8.0, 64, backend=backend))
 
 
+@pytest.mark.benchmark(group="native: readout + cross-entropy (fwd+bwd)")
 @pytest.mark.parametrize("backend", ["native", "eager"])
 def test_readout_cross_entropy_vocab_50257(benchmark, backend):
     h, w = torch.randn(256, 128, requires_grad=True), (torch.randn(50257, 128) * 0.1).requires_grad_()
@@ -47,6 +50,7 @@ def test_readout_cross_entropy_vocab_50257(benchmark, backend):
     benchmark(_grad_of(fn, (h, w)))
 
 
+@pytest.mark.benchmark(group="native: RMSNorm + residual (fwd+bwd)")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rms_norm_residual(benchmark, backend):
     x, r = torch.randn(1024, 512, requires_grad=True), torch.randn(1024, 512, requires_grad=True)
@@ -54,6 +58,7 @@ def test_rms_norm_residual(benchmark, backend):
     benchmark(_grad_of(lambda: norm.rms_norm_residual(x, r, w, backend=backend)[:2], (x, r, w)))
 
 
+@pytest.mark.benchmark(group="native: RoPE (fwd+bwd)")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rope(benchmark, backend):
     q = torch.randn(16, 64, 32, 16).transpose(1, 2).requires_grad_()
