@@ -16,7 +16,6 @@ import argparse
 import csv
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from bench_train import git_commit  # noqa: E402
 from fastwidth.config import load_config  # noqa: E402
 from fastwidth.kernels import dispatch  # noqa: E402
 from fastwidth.models import build_model  # noqa: E402
@@ -86,20 +87,16 @@ def main(argv=None) -> int:
               f"{args.points / med[k]:.1f} points/s")
     print(f"speedup batched/loop: {speedup:.2f}x of medians, {speedup_min:.2f}x of minima "
           f"(max relative kernel difference {err:.1e})")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip() or "uncommitted"
-    except OSError:
-        commit = "unknown"
+    row = {"machine": platform.node() or platform.machine(), "commit": git_commit(), "width": args.width,
+           "params": numel, "points": args.points, "method": args.method, "threads": torch.get_num_threads(),
+           "chunk": chunk, "t_loop_s": f"{med['loop']:.3f}", "t_vmap_s": f"{med['vmap']:.3f}",
+           "speedup": f"{speedup:.3f}", "speedup_of_minima": f"{speedup_min:.3f}"}
     new = not Path(args.csv).exists()
     with open(args.csv, "a", newline="") as f:
-        w = csv.writer(f)
+        w = csv.DictWriter(f, fieldnames=list(row))
         if new:
-            w.writerow(["machine", "commit", "width", "params", "points", "method", "threads", "chunk",
-                        "t_loop_s", "t_vmap_s", "speedup", "speedup_of_minima"])
-        w.writerow([platform.node() or platform.machine(), commit, args.width, numel, args.points, args.method,
-                    torch.get_num_threads(), chunk, f"{med['loop']:.3f}", f"{med['vmap']:.3f}", f"{speedup:.3f}",
-                    f"{speedup_min:.3f}"])
+            w.writeheader()
+        w.writerow(row)
     return 0
 
 
