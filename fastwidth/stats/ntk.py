@@ -17,7 +17,8 @@ sharded parameter) they come from one backward per point instead, the same numbe
 computes the eNTK with the torch reference kernels (kernels=torch), so vmap works for the MLP,
 the ResNet (eval-mode BatchNorm) and the GPT. `max_bytes` bounds the stacked gradients, counted in
 the parameters' dtype: when all P of them (G) fit, K = G D Gᵀ exactly ("exact"; the chunks fill G
-and the fp64 product runs on chunk-sized blocks of it, in what G leaves of the budget); otherwise
+in what G leaves of the budget, at least one point, and the fp64 product runs on blocks of G of the
+same bytes); otherwise
 each column is a directional derivative J D g_j computed by a central difference of the batched
 forward (2 forwards per column, "fd"), with the gradients g_j made one budget-sized chunk at a
 time, so memory stays within max_bytes whatever the width.
@@ -195,11 +196,12 @@ def entk(fn: Callable, n: int, params: list, *, max_bytes: int = 256 << 20, meth
             G[s:s + chunk] = grads(torch.arange(s, min(s + chunk, n))).reshape(-1, m * numel).cpu()
         dm = None if d is None else d.repeat(m)
         K = torch.empty(n, n, dtype=torch.float64)
-        for a in range(0, n, chunk):
-            ga = G[a:a + chunk].double()
+        pb = max(1, chunk * G.element_size() // 16)   # two fp64 blocks of pb rows = one chunk's bytes
+        for a in range(0, n, pb):
+            ga = G[a:a + pb].double()
             ga = ga if dm is None else ga * dm
-            for b in range(0, n, chunk):
-                K[a:a + chunk, b:b + chunk] = ga @ G[b:b + chunk].double().T
+            for b in range(0, n, pb):
+                K[a:a + pb, b:b + pb] = ga @ G[b:b + pb].double().T
         K = (K + K.T) / 2
     else:
         chunk = grad_chunk(n, row, max_bytes)
