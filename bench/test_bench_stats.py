@@ -39,3 +39,24 @@ def test_stats_overhead(benchmark, sweep, stats, tmp_path):
     benchmark.pedantic(steps, rounds=3, iterations=1, warmup_rounds=1)
     if mon is not None:
         assert list(tmp_path.rglob("*.safetensors"))  # the evaluations really wrote signatures
+
+
+@pytest.mark.benchmark(group="stats: eNTK per-point gradients")
+@pytest.mark.parametrize("grads", ["vmap", "loop"])
+def test_entk_gradients(benchmark, grads):
+    """The exact eNTK of a µP MLP (width 128, 32 points): torch.func batched against one backward
+    per point (the baseline); bench/bench_ntk.py measures the full size (width 256, 128 points)."""
+    from bench_ntk import setup
+    from fastwidth.kernels import dispatch
+    from fastwidth.stats.ntk import entk
+    model, out = setup(128, 32)
+    params = [p for p in model.parameters() if p.requires_grad]
+    info = {}
+
+    def run():
+        with dispatch.using("torch"):
+            return entk(out.fn, out.n, params, method="exact", batched=out.batched if grads == "vmap" else None,
+                        info=info)[0]
+
+    K = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    assert info["grads"] == grads and K.shape == (32, 32)

@@ -167,7 +167,9 @@ class StatsConfig:
     ntk_points: int = _opt(16, min=0, help="probe points of the eNTK (scalar output); 0 = off")
     ntk_every: int = _opt(0, min=0, help="eNTK cadence in steps (at evaluations); 0 = final evaluation only")
     ntk_kernel: str = _opt("lr", choices=["lr", "raw", "adam"], help="eNTK J·D·Jᵀ: D = per-group learning rates (the kernel that drives training), identity (raw JJᵀ), or Adam's preconditioner")
-    ntk_max_mb: int = _opt(256, min=0, help="stack per-point gradients (exact eNTK) up to this size, else finite-difference JVPs")
+    ntk_max_mb: int = _opt(256, min=0, help="stack per-point gradients (exact eNTK) up to this size, else finite-difference JVPs with gradients made in chunks of this size")
+    ntk_top_k: int = _opt(16, min=1, help="eNTK eigenvectors stored per member and evaluation (signatures/<member>/ntk_step_*.safetensors, with the kernel); principal angles across widths use them")
+    ntk_output: str = _opt("class", choices=["class", "trace"], help="eNTK output: the centered logit of the most frequent class (one kernel), or the trace kernel Σ_c K_c over every class's centered logit (C× the cost; classifiers only)")
 
 
 @dataclass
@@ -391,6 +393,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"dist.zero_stage: {cfg.dist.zero_stage} is not one of 0, 1, 2, 3")
     if not 0.0 <= cfg.data.holdout_fraction < 1.0:
         raise ConfigError(f"data.holdout_fraction: {cfg.data.holdout_fraction} must be in [0, 1)")
+    if cfg.stats.ntk_output == "trace" and m.arch == "gpt":
+        raise ConfigError("stats.ntk_output=trace is for classifiers (mlp, resnet): a gpt's vocabulary makes it "
+                          "V× the cost; use stats.ntk_output=class")
     if cfg.param.attn_mult is not None and not (cfg.param.attn_mult > 0 and math.isfinite(cfg.param.attn_mult)):
         raise ConfigError(f"param.attn_mult: {cfg.param.attn_mult} must be a positive number or null")
 

@@ -35,6 +35,7 @@ def test_yaml_and_overrides_are_typed(tmp_path):
     (["optim.betas=[0.9]"], "optim.betas"),
     (["sweep.widths=3"], "sweep.widths: expected a list"),
     (["optim"], "must look like section.key=value"),
+    (["model.arch=gpt", "stats.ntk_output=trace"], "stats.ntk_output=trace is for classifiers"),
 ])
 def test_bad_values_are_one_clear_line(override, needle):
     with pytest.raises(ConfigError) as e:

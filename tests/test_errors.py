@@ -36,6 +36,12 @@ def listing(d: Path) -> list[str]:
     return sorted(str(p.relative_to(d)) for p in d.rglob("*") if "cache" not in p.parts)
 
 
+def test_trace_entk_of_a_language_model_is_refused(tmp_path, capsys):
+    one_line_error(capsys, train_argv(tmp_path, f"train.out_dir={tmp_path / 'run'}", "stats.ntk_output=trace"),
+                   "stats.ntk_output=trace is for classifiers")
+    assert not (tmp_path / "run").exists()
+
+
 def test_out_dir_under_a_file(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     one_line_error(capsys, train_argv(tmp_path, f"train.out_dir={tmp_path / 'afile' / 'run'}"),

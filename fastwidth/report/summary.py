@@ -6,8 +6,13 @@ summary.json (one object; its first run's keys at the top level, every run under
     {"run": {"label", "kind", "optimizer", "lr", "data_source", "commit", ...},
      "widths": [{"width", "final_loss", "true_logit_rmse", "seed_variance", "bias",
                  "bias_sq_debiased", "bias_sq_debiased_ci", "ensemble_loss", ...}],
-     "fits": {"rmse_slope", "rmse_slope_ci", "variance_slope", ..., "bias_slope", ...},
+     "fits": {"rmse_slope", "rmse_slope_ci", "variance_slope", ..., "bias_slope", ...,
+              "ntk": {"step", "kernel", "output", "k", "points", "ref_width", "widths": [{"width",
+                      "eigenvalues", "task_power", ..., "same_seed": [{"seed", "cosines", "mean_cos2"}],
+                      "same_seed_mean_cos2", "ensemble_cosines", "ensemble_mean_cos2"}]}},
      "equal_compute": [{"width", "vs_width", "members", "ensemble_loss", "wide_loss", ...}]}
+fits.ntk (when the run stored eNTKs) is the seed-averaged eNTK per width and the principal angles
+with the reference width's top eigenspace (report/ntk.py, stats/ntk_across.py).
 The fits are the loop's final `fit` row (stats/ensemble.py: bootstrap intervals over seeds); the
 late-time RMSE per width is the mean over the last 25% of tokens, as in the figures.
 """
@@ -17,6 +22,7 @@ import json
 import math
 from pathlib import Path
 
+from fastwidth.report.ntk import ntk_across_run, ntk_lines
 from fastwidth.report.reader import Run, late_mean
 from fastwidth.report.transfer import transfer_lines
 from fastwidth.stats.metrics import fit_power_law
@@ -107,7 +113,7 @@ def run_numbers(run: Run) -> dict:
         "optimizer": cfg.get("optim", {}).get("name"), "lr": cfg.get("optim", {}).get("lr"),
         "data_source": cfg.get("data", {}).get("source"), "commit": run_row.get("commit"),
         "arch": cfg.get("model", {}).get("arch"), "wall_s": run_row.get("wall_s"),
-        "fit": final_fit(run), "ensembles": ensembles, "equal_compute": equal_compute(ensembles),
+        "fit": final_fit(run), "ntk": ntk_across_run(run), "ensembles": ensembles, "equal_compute": equal_compute(ensembles),
         "bias_sq_debiased": {w: r.get("bias_sq_debiased") for w, r in ensembles.items() if w != run.ref_width},
         "loss_gap": _late(run, "loss_gap"), "top1_agreement": _late(run, "top1_agreement"),
         "label": run.label, "kind": run.kind, "widths": run.widths, "ref_width": run.ref_width,
@@ -192,9 +198,10 @@ def write_summary(runs: list[Run], figures: dict[str, Path | None], out: Path) -
               "widths where that is positive. Late RMSE slope: of the mean over the last 25% of tokens. Loss "
               "spread: mean over evals of the max-min across widths of the probe loss (seed means).", ""]
     lines += transfer_lines(runs)
-    for n in numbers:
+    for run, n in zip(runs, numbers):
         lines += [f"## {n['label']}", "", f"commit {n['commit'] or 'unknown'}", ""] + _table(n) + [""]
         lines += _equal_compute_table(n)
+        lines += ntk_lines(run)
     lines += ["## Figures", ""]
     for name, path in figures.items():
         lines.append(f"![{name}]({name})" if path else f"- {name}: not drawn (the runs hold no rows for it)")
@@ -222,6 +229,8 @@ def _json_run(n: dict) -> dict:
                              "seeds", "tokens", "wall_s")}
     fits = dict(n["fit"], late_rmse_slope=n["rmse_slope"], loss_spread=n["loss_spread"],
                 loss_spread_rel=n["loss_spread_rel"])
+    if n["ntk"]:
+        fits["ntk"] = n["ntk"]
     return {"run": run, "widths": widths, "fits": fits, "equal_compute": n["equal_compute"]}
 
 

@@ -22,7 +22,11 @@ seeds", width 0 "across widths"):
                (L(E) = L∞ + c/E; LMs at stats.ensemble_every, computed in the loop)
 - fit:         per eval step: rmse_slope, variance_slope, bias_slope (raw), bias_debiased_slope,
                rmse2_a / rmse2_bias_sq (RMSE² = a (1/N + 1/N_ref) + b²), each with `<name>_ci`
-- sharpness:   per member at stats.sharpness_every; ntk: per member at stats.ntk_every
+- sharpness:   per member at stats.sharpness_every
+- ntk:         per member at stats.ntk_every: eigenvalues, task_power C(k) of class ntk_class,
+               task_power_by_class {c: C_c(k)} one-vs-rest, trace, method, kernel, output, grads
+               ("vmap" | "loop"); the kernel and its top stats.ntk_top_k eigenvectors go to
+               signatures/<member>/ntk_step_<step>.safetensors (stats/signature.py)
 Every metric is computed from signatures (the live one and a stored one are the same numbers),
 so a reference-run comparison equals the live one when the models match.
 """
@@ -43,9 +47,10 @@ from fastwidth.stats.ensemble import EnsembleCurve, SeedEnsembles, lm_ensemble_c
 from fastwidth.stats.moments import PreactAccumulator
 from fastwidth.stats.preact_range import load_ranges, out_of_range_fraction, reference_ranges, save_ranges, with_overflow
 from fastwidth.param.optim import lr_factor
-from fastwidth.stats.ntk import entk, group_lr_weights, probe_output_fn, spectrum
+from fastwidth.stats.ntk import eigh_desc, entk, group_lr_weights, probe_output_fn, task_power, task_power_by_class
 from fastwidth.stats.sharpness import optimizer_preconditioner, top_hessian_eig
-from fastwidth.stats.signature import (ProbeSpec, add_preacts, list_signatures, load_signature, probe_signature, save_signature, signature_path)
+from fastwidth.stats.signature import (ProbeSpec, add_preacts, list_signatures, load_signature, ntk_path, probe_signature,
+                                       save_signature, signature_path)
 
 log = logging.getLogger("fastwidth.stats")
 
@@ -258,7 +263,7 @@ class Monitor:
             if self.sc.sharpness_iters and self._due(step, self.sc.sharpness_every):
                 self.write({"kind": "sharpness", **base, **self.sharpness(m)})
             if self.sc.ntk_points and self._due(step, self.sc.ntk_every):
-                self.write({"kind": "ntk", **base, **self.ntk(m)})
+                self.write({"kind": "ntk", **base, **self.ntk(m, {**base, "name": m.name})})
             if self.reference is not None:
                 self._against_run(m, sig, base)
             self.pending.append((m.name, step, tokens))
@@ -380,20 +385,39 @@ class Monitor:
             row["sharpness"] = pre / lrs.pop()
         return row
 
-    def ntk(self, m) -> dict:
-        model = m.model
-        out = probe_output_fn(model, self.probe, self.sc.ntk_points, self.device)
+    def ntk(self, m, meta: dict | None = None) -> dict:
+        """The eNTK row of member m; with meta (step, width, seed, name) also its kernel and top
+        eigenvectors in signatures/<member>/ntk_step_<step>.safetensors. Computed with the torch
+        reference kernels, so torch.func can batch the per-point gradients (fused kernels' autograd
+        Functions do not trace; entk falls back to one backward per point where vmap fails)."""
+        from fastwidth.kernels import dispatch
+
+        sc, model = self.sc, m.model
+        out = probe_output_fn(model, self.probe, sc.ntk_points, self.device, output=sc.ntk_output)
         params = [p for p in model.parameters() if p.requires_grad]
         weights, kernel = self._ntk_weights(m, params)
         was = model.training
         model.eval()
+        info: dict = {}
         try:
-            K, method = entk(out.fn, out.n, params, max_bytes=self.sc.ntk_max_mb << 20, weights=weights)
+            with dispatch.using("torch"):
+                K, method = entk(out.fn, out.n, params, max_bytes=sc.ntk_max_mb << 20, weights=weights,
+                                 batched=out.batched, info=info)
         finally:
             model.train(was)
-        evals, c = spectrum(K, out.target)
-        return {"eigenvalues": evals.tolist(), "task_power": c.tolist(), "trace": float(K.trace()),
-                "ntk_class": out.cls, "method": method, "kernel": kernel}
+        evals, evecs = eigh_desc(K)
+        row = {"eigenvalues": evals.tolist(), "task_power": task_power(evecs, out.target).tolist(),
+               "task_power_by_class": task_power_by_class(evecs, out.labels, out.task_classes),
+               "trace": float(K.trace()), "ntk_class": out.cls, "method": method, "kernel": kernel,
+               "output": sc.ntk_output, "grads": info.get("grads")}
+        if meta is not None:
+            k = min(sc.ntk_top_k, out.n)
+            save_signature(ntk_path(self.run_dir, m.name, meta["step"]),
+                           {"kernel": K.float(), "eigenvectors": evecs[:, :k].float().contiguous(),
+                            "eigenvalues": evals, "labels": out.labels.long()},
+                           {**meta, "kernel": kernel, "output": sc.ntk_output, "ntk_class": out.cls,
+                            "method": method, "probe_hash": self.spec.hash, "points": out.n, "top_k": k})
+        return row
 
     def _ntk_weights(self, m, params: list) -> tuple[list | None, str]:
         """D of K = J D Jᵀ for stats.ntk_kernel: per-group LRs ("lr"), none ("raw"), Adam's preconditioner."""

@@ -13,6 +13,11 @@ full-logit distances survive without storing logits, and for classifiers (up to
 MAX_STORED_CLASSES classes) the full logits themselves, for ensemble losses. Per feature layer: the kernel
 Phi = phi phi^T / N on `kernel_points` points. Signatures are created directly in their storage
 dtypes, so metrics from a live signature and from its file are bit-identical.
+
+Beside them, at each eNTK evaluation (stats/monitor.py), ntk_step_<step>.safetensors holds
+"kernel" (n, n) fp32, "eigenvectors" (n, k) fp32 (the top k = stats.ntk_top_k, descending),
+"eigenvalues" (n,) fp64 and "labels" (n,) int64 (the points' targets), with the row's settings
+(kernel, output, class, method, probe_hash) in the metadata; the report averages them over seeds.
 """
 from __future__ import annotations
 
@@ -230,6 +235,20 @@ def preacts_of(sig: dict) -> dict[str, dict]:
             layer = key.split("/", 1)[1]
             out[layer] = dict(zip(MOMENT_NAMES, t.tolist()))
             out[layer]["hist"] = sig[f"preact_hist/{layer}"]
+    return out
+
+
+def ntk_path(run_dir: Path, name: str, step: int) -> Path:
+    """Beside the member's signatures: its eNTK at `step` (the kernel, fp32, and its top eigenvectors)."""
+    return Path(run_dir) / "signatures" / name / f"ntk_step_{step:08d}.safetensors"
+
+
+def list_ntk(run_dir: Path) -> dict[str, dict[int, Path]]:
+    """{member name: {step: path}} for every stored eNTK in a run directory."""
+    out: dict[str, dict[int, Path]] = {}
+    root = Path(run_dir) / "signatures"
+    for p in sorted(root.glob("*/ntk_step_*.safetensors")) if root.is_dir() else []:
+        out.setdefault(p.parent.name, {})[int(p.stem.rsplit("_", 1)[1])] = p
     return out
 
 

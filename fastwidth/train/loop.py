@@ -55,7 +55,7 @@ RESUMABLE_CHANGES = {"data.micro_batch_size", "train.activation_checkpointing", 
                      "train.ckpt_every", "train.ckpt_minutes", "train.report", "train.tensorboard", "train.csv", "train.keep_checkpoints", "train.threads", "train.device",
                      "stats.every", "stats.enabled", "stats.reference_run", "stats.eval_batch", "stats.bootstrap", "stats.ensemble_every",
                      "stats.sharpness_iters", "stats.sharpness_every", "stats.sharpness_points", "stats.hvp",
-                     "stats.ntk_points", "stats.ntk_every", "stats.ntk_max_mb",
+                     "stats.ntk_points", "stats.ntk_every", "stats.ntk_max_mb", "stats.ntk_top_k",
                      "stats.batch_sharpness_every", "stats.batch_sharpness_iters", "stats.coord_every"}
 
 

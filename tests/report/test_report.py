@@ -124,3 +124,43 @@ def test_cli_entry(tmp_path, capsys):
     assert (tmp_path / "o" / "summary.md").is_file()
     assert main(["report", str(tmp_path / "nope"), "-o", str(tmp_path / "o2")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_report_reads_stored_entks_into_principal_angles(tmp_path):
+    """Kernels whose top-3 eigenspace is the reference's with one direction turned by θ_N = 0.1·256/N:
+    summary.json's fits.ntk carries cosines (1, 1, cos θ_N); the alignment figure is drawn."""
+    from fastwidth.stats.ntk import eigh_desc
+    from fastwidth.stats.signature import ntk_path
+    run = fake_run(tmp_path / "mup")
+    n, k = 12, 3
+    Q = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64))[0]
+    lam = torch.tensor([10.0, 8.0, 6.0, 4.0] + [0.5 / (i + 1) for i in range(n - 4)], dtype=torch.float64)
+    labels = torch.arange(n) % 3
+    for w in WIDTHS:
+        t = 0.1 * 256 / w if w != 256 else 0.0
+        R = Q.clone()
+        R[:, 0], R[:, k] = math.cos(t) * Q[:, 0] + math.sin(t) * Q[:, k], -math.sin(t) * Q[:, 0] + math.cos(t) * Q[:, k]
+        for s in SEEDS:
+            K = R @ torch.diag(lam * (1 + 0.01 * s)) @ R.T
+            ev, U = eigh_desc(K)
+            save_signature(ntk_path(run, f"w{w}_s{s}", STEPS[-1]),
+                           {"kernel": K.float(), "eigenvectors": U[:, :k].float().contiguous(), "eigenvalues": ev,
+                            "labels": labels},
+                           {"step": STEPS[-1], "width": w, "seed": s, "name": f"w{w}_s{s}", "kernel": "lr",
+                            "output": "class", "ntk_class": 0, "method": "exact", "points": n, "top_k": k})
+    summary = make_report([run], tmp_path / "out")
+    assert (tmp_path / "out" / "ntk_alignment.png").stat().st_size > 10_000
+    doc = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert doc["fits"]["rmse_slope"] == pytest.approx(-0.5)          # the existing keys stay
+    d = doc["fits"]["ntk"]
+    assert d["step"] == STEPS[-1] and d["k"] == k and d["ref_width"] == 256 and d["kernel"] == "lr"
+    for r in d["widths"]:
+        if r["width"] == 256:
+            assert r["reference"] and "same_seed" not in r
+            continue
+        want = [1.0, 1.0, math.cos(0.1 * 256 / r["width"])]
+        assert r["ensemble_cosines"] == pytest.approx(want, abs=1e-5)
+        assert [p["seed"] for p in r["same_seed"]] == SEEDS
+        assert all(p["cosines"] == pytest.approx(want, abs=1e-5) for p in r["same_seed"])
+        assert r["n_seeds"] == 2 and r["task_power"][-1] == pytest.approx(1.0)
+    assert "eNTK (lr kernel, class output, 12 points" in summary.read_text()

@@ -225,3 +225,34 @@ def test_ranges_come_from_ranges_dir_when_run_dir_is_scratch(tmp_path):
     assert json.loads((scratch / "preact_ranges.json").read_text()) == ranges
     alone = Monitor(cfg, tmp_path / "empty", members, {"x": px, "y": py}, ListWriter(), "cpu")
     assert alone.ranges is None and not any(alone.acc.values())  # without it: set at its first evaluation
+
+
+@pytest.mark.parametrize("output", ["class", "trace"])
+def test_ntk_rows_and_stored_kernels_equal_offline(tmp_path, output):
+    from fastwidth.stats.ntk import entk, probe_output_fn, task_power_by_class
+    from fastwidth.stats.signature import list_ntk
+    rows, mon, members = drive(tmp_path / "a", [8, 16], [0, 1], ntk_points=10, ntk_top_k=4, ntk_output=output)
+    files = list_ntk(tmp_path / "a")
+    assert set(files) == {m.name for m in members} and all(set(v) == {STEPS} for v in files.values())
+    assert set(list_signatures(tmp_path / "a")["w8_s0"]) == {0, 3, 6}     # eNTK files are not signatures
+    px, py = teacher_data(40, seed=99)
+    for m in members:
+        row = _rows(rows, "ntk", width=m.width, seed=m.seed)[0]
+        assert row["grads"] == "vmap" and row["output"] == output and row["kernel"] == "lr"
+        stored, meta = load_signature(files[m.name][STEPS])
+        assert meta["step"] == STEPS and meta["seed"] == m.seed and meta["top_k"] == 4 and meta["points"] == 10
+        assert stored["kernel"].dtype == torch.float32 and stored["eigenvectors"].shape == (10, 4)
+        out = probe_output_fn(m.model, {"x": px, "y": py}, 10, "cpu", output=output)
+        params = list(m.model.parameters())
+        want, _ = entk(out.fn, out.n, params, weights=[0.05] * len(params))     # SGD lr 0.05: D = 0.05 I
+        torch.testing.assert_close(stored["kernel"].double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+        K, U = stored["kernel"].double(), stored["eigenvectors"].double()
+        lam = torch.tensor(row["eigenvalues"][:4], dtype=torch.float64)
+        torch.testing.assert_close(K @ U, U * lam, rtol=0, atol=1e-4 * float(lam[0]))   # top-4 eigenpairs
+        np.testing.assert_array_equal(stored["labels"].numpy(), py[:10].numpy())
+        assert set(row["task_power_by_class"]) == {str(c) for c in set(py[:10].tolist())}
+        _, V = torch.linalg.eigh(want)
+        off = task_power_by_class(V.flip(1), py[:10], sorted(set(py[:10].tolist())))
+        for c, curve in row["task_power_by_class"].items():
+            assert curve[-1] == pytest.approx(1.0)
+            assert curve[:4] == pytest.approx(off[c][:4], abs=1e-3)

@@ -1,0 +1,120 @@
+"""The eNTK across seeds and widths, read from the kernels a run stored (signatures/<member>/
+ntk_step_*.safetensors), and its figure. The math is stats/ntk_across.py.
+
+    numbers = ntk_across_run(run)     # None when the run stored no eNTK; else stats' dict + step, kernel
+    ntk_alignment(runs, out / "ntk_alignment.png")
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fastwidth.report.reader import Run  # noqa: E402
+from fastwidth.stats.ntk_across import NTKMember, ntk_across_widths  # noqa: E402
+from fastwidth.stats.signature import list_ntk, load_signature  # noqa: E402
+from fastwidth.train.sweep import member_name  # noqa: E402
+
+_CACHE: dict[tuple, dict | None] = {}
+
+
+def _members_in_view(run: Run) -> set[str]:
+    """Member names whose rows the report keeps (not diverged; the chosen LR of an LR sweep)."""
+    pairs = {(r["width"], r["seed"]) for r in run.rows("eval")}
+    return {member_name(w, s, run.chosen_lr) for w, s in pairs}
+
+
+def ntk_across_run(run: Run) -> dict | None:
+    """Seed-averaged eNTK spectra and principal angles at the last step every kept member stored."""
+    files = {n: steps for n, steps in list_ntk(run.path).items() if n in _members_in_view(run)}
+    if not files:
+        return None
+    common = set.intersection(*(set(steps) for steps in files.values()))
+    if not common:
+        return None
+    step = max(common)
+    key = (str(run.path), step, tuple(sorted(files)))
+    if key not in _CACHE:
+        members, metas = [], []
+        for name in sorted(files):
+            t, meta = load_signature(files[name][step])
+            metas.append(meta)
+            members.append(NTKMember(int(meta["width"]), int(meta["seed"]), t["kernel"], t["eigenvectors"],
+                                     t["labels"], int(meta["ntk_class"])))
+        ref = run.ref_width if any(m.width == run.ref_width for m in members) else max(m.width for m in members)
+        out = ntk_across_widths(members, ref)
+        out.update(step=step, kernel=metas[0].get("kernel"), output=metas[0].get("output"),
+                   method=sorted({m.get("method") for m in metas}))
+        _CACHE[key] = out
+    return _CACHE[key]
+
+
+def ntk_lines(run: Run) -> list[str]:
+    """summary.md: one table of the alignment with the reference width's eNTK."""
+    d = ntk_across_run(run)
+    if not d:
+        return []
+    k = d["k"]
+    out = [f"eNTK ({d['kernel']} kernel, {d['output']} output, {d['points']} points, step {d['step']}): top-{k} "
+           f"eigenspaces against width {d['ref_width']}; mean cos² of the principal angles (1 = same space), "
+           f"same seed (mean over seeds) and between seed-averaged kernels; task power C({k}) of the averaged "
+           f"kernel (class {d['ntk_class']}, and the mean over classes one-vs-rest):", "",
+           f"| width | seeds | same-seed mean cos² | averaged-kernel mean cos² | C({k}) | mean_c C_c({k}) |",
+           "|---:|---:|---:|---:|---:|---:|"]
+    for r in d["widths"]:
+        f = lambda v: "–" if v is None else f"{v:.4f}"   # noqa: E731
+        out.append(f"| {r['width']}{' (ref)' if r['reference'] else ''} | {r['n_seeds']} | "
+                   f"{f(r.get('same_seed_mean_cos2'))} | {f(r.get('ensemble_mean_cos2'))} | "
+                   f"{f(r['task_power'][k - 1])} | {f(r['task_power_class_mean'][k - 1])} |")
+    return out + [""]
+
+
+def ntk_alignment(runs: list[Run], path: Path) -> Path | None:
+    """Left: mean cos² of the principal angles with the reference width's top-k eNTK eigenspace vs
+    width (same-seed pairs: mean and min-max over seeds; seed-averaged kernels). Right: C(k) of the
+    seed-averaged kernels, one line per width."""
+    from fastwidth.report.figures import _save, _width_ticks, width_colors
+
+    found = [(run, ntk_across_run(run)) for run in runs]
+    found = [(r, d) for r, d in found if d]
+    if not found:
+        return None
+    fig, axes = plt.subplots(len(found), 2, figsize=(10.5, 3.8 * len(found)), squeeze=False)
+    for (run, d), (ax_a, ax_c) in zip(found, axes):
+        rows = [r for r in d["widths"] if not r["reference"]]
+        ws = [r["width"] for r in rows]
+        same = [[p["mean_cos2"] for p in r["same_seed"]] for r in rows]
+        have = [(w, v) for w, v in zip(ws, same) if v]
+        if have:
+            x, v = zip(*have)
+            mean = [sum(s) / len(s) for s in v]
+            err = [[m - min(s) for m, s in zip(mean, v)], [max(s) - m for m, s in zip(mean, v)]]
+            ax_a.errorbar(x, mean, yerr=err, fmt="-o", capsize=3, label="same seed (mean, min-max)")
+        ax_a.plot(ws, [r["ensemble_mean_cos2"] for r in rows], "-s", label="seed-averaged kernels")
+        ax_a.set_xscale("log", base=2)
+        _width_ticks(ax_a, ws + [d["ref_width"]])
+        ax_a.set_ylim(0, 1.02)
+        ax_a.set_xlabel("width N")
+        ax_a.set_ylabel(f"mean cos² of principal angles (top {d['k']})")
+        ax_a.set_title(f"{run.label}: eNTK eigenspace vs N={d['ref_width']} ({d['kernel']}, step {d['step']})",
+                       fontsize=9)
+        ax_a.grid(True, alpha=0.3)
+        ax_a.legend(fontsize=7)
+        colors = width_colors([r["width"] for r in d["widths"]])
+        for r in d["widths"]:
+            c = np.asarray(r["task_power"], float)
+            ax_c.plot(np.arange(1, len(c) + 1), c, "-", color=colors[r["width"]],
+                      label=f"N={r['width']} ({r['n_seeds']} seeds)")
+        ax_c.axvline(d["k"], color="gray", ls=":", lw=1)
+        ax_c.set_xscale("log")
+        ax_c.set_ylim(0, 1.02)
+        ax_c.set_xlabel("k")
+        ax_c.set_ylabel(f"C(k), class {d['ntk_class']}")
+        ax_c.set_title(f"{run.label}: task power of the seed-averaged eNTK", fontsize=9)
+        ax_c.grid(True, which="both", alpha=0.3)
+        ax_c.legend(fontsize=7)
+    return _save(fig, path)

@@ -1,0 +1,106 @@
+"""The eNTK across seeds and widths, from the kernels each evaluation stored (stats/signature.py).
+
+    cos = principal_cosines(U_N, U_ref)                  # (k,) cosines of the principal angles
+    out = ntk_across_widths(members, ref_width=1024)     # members: [NTKMember(width, seed, K, U, labels, cls)]
+
+Ensemble eNTK (the paper's, Vyas et al. 2023 §5): K̄_N = (1/S) Σ_s K_{N,s}, the mean over seeds of
+one width's kernels on the same probe points. It estimates the seed-expected kernel E_s[K_N]; its
+spectrum and task power C(k) are those of that estimate (a plug-in: with S seeds the mean kernel
+still holds Var_s(K)/S of seed noise, which lifts the small eigenvalues; no correction is made, and
+no interval is reported: with S >= 2 the per-seed numbers below show the spread).
+
+Alignment of eigenspaces: for orthonormal U (n, k) and V (n, k) the cosines of the principal
+angles between span(U) and span(V) are the singular values of UᵀV (Björck & Golub 1973), all 1
+when the spaces coincide; mean cos² = ‖UᵀV‖_F² / k is the share of one space's projector that the
+other captures. Reported per same-seed pair (width N seed s against the reference width's seed s,
+each on its own stored top-k eigenvectors) and between the seed-averaged kernels' top-k spaces.
+Near-degenerate eigenvalues at the k-th place make a single space ill-defined; the cosines are then
+low for both pairs alike, which is why the seed-averaged comparison is reported beside them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastwidth.stats.ntk import eigh_desc, one_vs_rest, task_power
+
+
+@dataclass
+class NTKMember:
+    width: int
+    seed: int
+    kernel: torch.Tensor          # (n, n)
+    eigenvectors: torch.Tensor    # (n, k) top-k, descending
+    labels: torch.Tensor          # (n,) targets of the points
+    cls: int                      # the class of the scalar output / task vector
+
+
+def principal_cosines(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """Cosines of the principal angles between span(U) and span(V), descending, in [0, 1].
+    Both are orthonormalized first (stored fp32 eigenvectors are orthonormal to ~1e-7 only)."""
+    qu = torch.linalg.qr(U.double())[0]
+    qv = torch.linalg.qr(V.double())[0]
+    return torch.linalg.svdvals(qu.T @ qv).clamp(0.0, 1.0)
+
+
+def mean_cos2(cosines: torch.Tensor) -> float:
+    return float((cosines ** 2).mean())
+
+
+def ensemble_kernel(kernels: list[torch.Tensor]) -> torch.Tensor:
+    """K̄ = mean over seeds, in fp64."""
+    return torch.stack([K.double() for K in kernels]).mean(0)
+
+
+def _check_points(members: list[NTKMember]) -> None:
+    first = members[0]
+    for m in members[1:]:
+        if m.kernel.shape != first.kernel.shape or not torch.equal(m.labels, first.labels):
+            raise ValueError(f"eNTK of width {m.width} seed {m.seed} is on other probe points than width "
+                             f"{first.width} seed {first.seed}: compare kernels of one probe")
+
+
+def ntk_across_widths(members: list[NTKMember], ref_width: int, k: int | None = None) -> dict:
+    """Seed-averaged kernels per width and their alignment with the reference width.
+
+    Returns {"k", "points", "ref_width", "widths": [{"width", "n_seeds", "eigenvalues",
+    "task_power" (C(k) of class cls, k = 1..n), "task_power_class_mean" (mean over classes of the
+    one-vs-rest C_c(k)), "task_power_by_class_at_k" {c: C_c(k)}, and for widths other than the
+    reference: "same_seed": [{"seed", "cosines", "mean_cos2"}], "same_seed_mean_cos2" (mean over
+    seeds), "ensemble_cosines", "ensemble_mean_cos2"}]}. k defaults to the stored eigenvectors' k.
+    """
+    if not members:
+        return {}
+    _check_points(members)
+    k = min(k or members[0].eigenvectors.shape[1], *(m.eigenvectors.shape[1] for m in members))
+    labels, cls = members[0].labels, members[0].cls
+    classes = sorted(set(labels.tolist()))
+    by_w: dict[int, list[NTKMember]] = {}
+    for m in sorted(members, key=lambda m: (m.width, m.seed)):
+        by_w.setdefault(m.width, []).append(m)
+    if ref_width not in by_w:
+        raise ValueError(f"no stored eNTK at the reference width {ref_width} (widths {sorted(by_w)})")
+    avg = {w: eigh_desc(ensemble_kernel([m.kernel for m in ms])) for w, ms in by_w.items()}
+    ref_space = avg[ref_width][1][:, :k]
+    ref_seeds = {m.seed: m for m in by_w[ref_width]}
+    out = []
+    for w, ms in by_w.items():
+        evals, evecs = avg[w]
+        by_class = {c: task_power(evecs, one_vs_rest(labels, c)) for c in classes}
+        row = {"width": w, "n_seeds": len(ms), "seeds": [m.seed for m in ms], "reference": w == ref_width,
+               "eigenvalues": evals.tolist(), "task_power": task_power(evecs, one_vs_rest(labels, cls)).tolist(),
+               "task_power_class_mean": torch.stack(list(by_class.values())).mean(0).tolist(),
+               "task_power_by_class_at_k": {str(c): float(v[k - 1]) for c, v in by_class.items()}}
+        if w != ref_width:
+            pairs = []
+            for m in ms:
+                if m.seed in ref_seeds:
+                    cos = principal_cosines(m.eigenvectors[:, :k], ref_seeds[m.seed].eigenvectors[:, :k])
+                    pairs.append({"seed": m.seed, "cosines": cos.tolist(), "mean_cos2": mean_cos2(cos)})
+            ens = principal_cosines(evecs[:, :k], ref_space)
+            row.update(same_seed=pairs,
+                       same_seed_mean_cos2=sum(p["mean_cos2"] for p in pairs) / len(pairs) if pairs else None,
+                       ensemble_cosines=ens.tolist(), ensemble_mean_cos2=mean_cos2(ens))
+        out.append(row)
+    return {"k": k, "points": int(labels.numel()), "ref_width": ref_width, "ntk_class": cls, "widths": out}
