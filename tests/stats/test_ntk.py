@@ -135,6 +135,7 @@ def test_batched_gradients_equal_the_per_point_loop(arch, method):
     params = [p for p in model.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(1)
     weights = [float(torch.rand((), generator=g)) + 0.1 for _ in params]     # per-group LRs
+    raw = None
     with dispatch.using("torch"):
         for w in (None, weights):
             info_v, info_l = {}, {}
@@ -144,7 +145,8 @@ def test_batched_gradients_equal_the_per_point_loop(arch, method):
             assert info_v["grads"] == "vmap" and info_l["grads"] == "loop"
             assert float(Kl.abs().max()) > 0
             torch.testing.assert_close(Kv, Kl, rtol=1e-9, atol=1e-9 * float(Kl.abs().max()))
-            raw = Kl if w is None else raw
+            if w is None:
+                raw = Kl
         if method == "exact":   # and the loop itself is the explicit Jacobian
             want = _explicit_ntk(out.fn, out.n, params)
             torch.testing.assert_close(raw, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
