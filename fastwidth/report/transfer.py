@@ -41,6 +41,11 @@ def sweep_label(run: Run) -> str:
     return run.label.rsplit(" lr=", 1)[0]
 
 
+def progress_word(run: Run) -> str:
+    """What a run's "tokens" count: training targets of a language model, examples of the rest."""
+    return "tokens" if run.config.get("model", {}).get("arch", "gpt") == "gpt" else "examples"
+
+
 def max_tokens(run: Run) -> int:
     return max((r["tokens"] for r in run.sweep_rows if r.get("kind") == "train"), default=0)
 
@@ -148,7 +153,7 @@ def _draw_panel(ax, run: Run, tokens: int, colors) -> dict:
     ax.grid(True, which="both", alpha=0.3)
     ax.set_xlabel("base learning rate η")
     lo, hi = fit["ci"]
-    ax.set_title(f"{sweep_label(run)}: tokens {tokens}\nlog η* vs log N slope {fit['slope']:+.2f} "
+    ax.set_title(f"{sweep_label(run)}: {progress_word(run)} {tokens}\nlog η* vs log N slope {fit['slope']:+.2f} "
                  f"[{lo:+.2f}, {hi:+.2f}] (x: diverged, *: optimum)", fontsize=8)
     return fit
 
@@ -213,13 +218,13 @@ def transfer_lines(runs: list[Run]) -> list[str]:
     if not sweeps:
         return lines
     lines += ["## Learning-rate transfer", "",
-              "| run | tokens | η* per width (sub-grid; * = at the grid's edge) | slope of log η* on log N [95% bootstrap] |",
+              "| run | seen | η* per width (sub-grid; * = at the grid's edge) | slope of log η* on log N [95% bootstrap] |",
               "|---|---:|---|---|"]
     for run in sweeps:
         for t in budgets(run):
             fit = drift(run, t)
             opts = ", ".join(f"{w}: {lr:.3g}{'*' if fit['edge'][w] else ''}" for w, lr in fit["optima"].items())
             lo, hi = fit["ci"]
-            lines.append(f"| {sweep_label(run)} | {t} | {opts} | {fit['slope']:+.3f} [{lo:+.3f}, {hi:+.3f}] "
+            lines.append(f"| {sweep_label(run)} | {t} {progress_word(run)} | {opts} | {fit['slope']:+.3f} [{lo:+.3f}, {hi:+.3f}] "
                          f"({fit['seeds']} seeds) |")
     return lines + [""]

@@ -14,10 +14,10 @@ WIDTHS, SEEDS = [64, 128, 256, 512], [0, 1, 2]
 LRS = [2.0 ** k for k in range(-16, -5)]
 
 
-def fake_lr_run(path, exponent, noise=0.0, diverge_above=None, steps=50):
+def fake_lr_run(path, exponent, noise=0.0, diverge_above=None, steps=50, arch="gpt"):
     """Loss = 1 + (log η - log η*_N)² with η*_N = 1e-3 (N/64)^exponent, plus seed noise."""
     path.mkdir(parents=True)
-    cfg = {"param": {"kind": "mup" if exponent == 0 else "sp"},
+    cfg = {"model": {"arch": arch}, "param": {"kind": "mup" if exponent == 0 else "sp"},
            "sweep": {"widths": WIDTHS, "seeds": SEEDS, "lrs": LRS, "reference_width": 512}}
     (path / "config.yaml").write_text(yaml.safe_dump(cfg))
     rng = np.random.default_rng(0)
@@ -77,9 +77,10 @@ def test_diverged_members_are_never_the_optimum_and_count_as_inf(tmp_path):
 
 def test_report_draws_loss_vs_lr_and_quotes_the_drift(tmp_path):
     fake_lr_run(tmp_path / "mup", 0.0, diverge_above=2.0 ** -8)
-    fake_lr_run(tmp_path / "sp", -1.0)
+    fake_lr_run(tmp_path / "sp", -1.0, arch="mlp")
     summary = make_report([tmp_path / "mup", tmp_path / "sp"], tmp_path / "out").read_text()
     png = tmp_path / "out" / "loss_vs_lr.png"
     assert png.is_file() and png.stat().st_size > 20_000
     assert "Learning-rate transfer" in summary and "0.000 [" in summary and "-1.000" in summary
     assert "diverged and were stopped" in summary
+    assert "| 500 tokens |" in summary and "| 500 examples |" in summary     # a classifier counts examples
