@@ -158,13 +158,20 @@ def _view(run: Run) -> list[dict]:
 
 
 def stopped_note(run: Run) -> list[str]:
-    """Markdown lines naming the members the report leaves out because they diverged."""
-    if not run.diverged:
-        return []
-    names = [f"{r.get('name') or member_key(r, True)} (step {r['step']})" for r in run.diverged]
-    more = f" and {len(names) - 8} more" if len(names) > 8 else ""
-    return [f"{run.label}: {len(names)} member(s) diverged and were stopped; the figures and "
-            f"statistics leave them out: {', '.join(names[:8])}{more}.", ""]
+    """Markdown lines naming the members the report leaves out because they diverged, and the
+    statistics the run skipped ("skipped" rows: an engine that cannot compute one, a learning rate
+    whose reference-width members all diverged)."""
+    lines = []
+    if run.diverged:
+        names = [f"{r.get('name') or member_key(r, True)} (step {r['step']})" for r in run.diverged]
+        more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+        lines += [f"{run.label}: {len(names)} member(s) diverged and were stopped; the figures and "
+                  f"statistics leave them out: {', '.join(names[:8])}{more}.", ""]
+    for r in run.sweep_rows:
+        if r.get("kind") == "skipped":
+            lr = f" (lr {r['base_lr']:g})" if isinstance(r.get("base_lr"), (int, float)) else ""
+            lines += [f"{run.label}: {r.get('stat', 'a statistic')} skipped{lr}: {r.get('reason', '')}", ""]
+    return lines
 
 
 def late_mean(points: list[tuple[int, float]], frac: float = 0.25) -> float:

@@ -158,6 +158,7 @@ class Monitor:
         self._hooks = [mod.register_forward_hook(self._hook(m.name, layer))
                        for m in members for layer, mod in (m.model.preact_points() if sc.preact else {}).items()]
         self.pending: list[tuple[str, int, int]] = []   # (member, step, tokens) awaiting the reference
+        self.reference_lost = False                      # every reference-width member stopped (drop)
         self._cache: dict[tuple[str, int], dict] = {}
         self._ensembled: set[int] = set()
         self._lm_curves: dict[tuple[int, int], dict] = {}   # (width, step) -> LM ensemble curve
@@ -266,7 +267,8 @@ class Monitor:
                 self.write({"kind": "ntk", **base, **self.ntk(m, {**base, "name": m.name})})
             if self.reference is not None:
                 self._against_run(m, sig, base)
-            self.pending.append((m.name, step, tokens))
+            if not self.reference_lost:
+                self.pending.append((m.name, step, tokens))
         self._lm_ensembles(step, members if members is not None else self.members)
         self.flush_pending()
 
@@ -278,6 +280,20 @@ class Monitor:
             return self._cache[(name, step)]
         path = signature_path(self.run_dir, name, step)
         return load_signature(path)[0] if path.is_file() else None
+
+    def drop(self, m, announce: bool = True) -> None:
+        """Leave a stopped (diverged) member out of every later comparison. When it was the last
+        member at the reference width, nothing can be compared from then on: the comparisons
+        waiting for its signatures are dropped and one "skipped" row says why (announce)."""
+        self.members = [x for x in self.members if x is not m]
+        if m.width != self.ref_width or any(x.width == self.ref_width for x in self.members):
+            return
+        self.reference_lost = True
+        self.pending = []
+        if announce:
+            self.write({"kind": "skipped", "step": m.step, "tokens": 0, "width": 0, "seed": 0,
+                        "stat": "consistency", "reason": f"every member at the reference width {self.ref_width} "
+                        f"was stopped (diverged by step {m.step}): no consistency, ensemble or fit rows from here on"})
 
     def _ref_sigs(self, step: int) -> dict[int, dict] | None:
         refs = {m.seed: self._sig(m.name, step) for m in self.members if m.width == self.ref_width}

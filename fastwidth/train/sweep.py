@@ -88,11 +88,13 @@ def diverged_row(m, reason: str, loss: float, tokens_per_step: int) -> dict:
             "seed": m.seed, "base_lr": m.cfg.optim.lr, "reason": reason, "loss": loss, "name": m.name}
 
 
-def drop_member(monitor, m) -> None:
-    """Leave a stopped member out of the monitor's later comparisons (ensembles, fits, references)."""
+def drop_member(monitor, m, announce: bool = True) -> None:
+    """Leave a stopped member out of the monitor's later comparisons (ensembles, fits, references);
+    announce: write the row saying so when it was its learning rate's last reference-width member
+    (False on resume: the row was written when it diverged)."""
     for mon in getattr(monitor, "monitors", {}).values() or [monitor]:
         if m in mon.members:
-            mon.members = [x for x in mon.members if x is not m]
+            mon.drop(m, announce)
 
 
 # --------------------------------------------------------------------------- one monitor per LR
@@ -188,4 +190,4 @@ def restore(trainer, saved: dict) -> None:
         row = saved.get("diverged", {}).get(m.name)
         if row is not None:
             m.diverged = row
-            drop_member(trainer.evaluator, m)
+            drop_member(trainer.evaluator, m, announce=False)

@@ -256,3 +256,28 @@ def test_ntk_rows_and_stored_kernels_equal_offline(tmp_path, output):
         for c, curve in row["task_power_by_class"].items():
             assert curve[-1] == pytest.approx(1.0)
             assert curve[:4] == pytest.approx(off[c][:4], abs=1e-3)
+
+
+def test_reference_width_stopped_leaves_nothing_pending(tmp_path):
+    """When every reference-width member is stopped (diverged), the narrower members' evaluations
+    can no longer be compared: nothing waits for a reference forever, and one row says why."""
+    cfg = make_cfg([8, 16], [0, 1], sharpness_iters=0, ntk_points=0)
+    members = [Member(w, s, ToyMLP(6, w, 4, seed=s)) for w in (8, 16) for s in (0, 1)]
+    px, py = teacher_data(40, seed=99)
+    writer = ListWriter()
+    mon = Monitor(cfg, tmp_path, members, {"x": px, "y": py}, writer, "cpu")
+    mon.evaluate(0, 0)
+    assert len(_rows(writer.rows, "consistency")) == 2 and not mon.pending
+    for m in [m for m in members if m.width == 16]:
+        m.step = 3
+        mon.drop(m)
+    skipped = _rows(writer.rows, "skipped")
+    assert len(skipped) == 1 and "reference width 16" in skipped[0]["reason"] and skipped[0]["step"] == 3
+    mon.evaluate(4, 4 * B)
+    assert not mon.pending and len(_rows(writer.rows, "eval", step=4)) == 2
+    assert not _rows(writer.rows, "consistency", step=4) and not _rows(writer.rows, "ensemble", step=4)
+    before = len(writer.rows)
+    other = Monitor(cfg, tmp_path / "b", list(members), {"x": px, "y": py}, ListWriter(), "cpu")
+    other.drop(members[2], announce=False)        # a resume: the row was written when it diverged
+    other.drop(members[3], announce=False)
+    assert other.reference_lost and not _rows(other.writer.rows, "skipped") and len(writer.rows) == before
