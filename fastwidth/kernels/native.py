@@ -70,10 +70,16 @@ def cache_dir() -> Path:
     return Path(base) / "fastwidth" / "native"
 
 
+def _sources_missing() -> str | None:
+    """Why the sources cannot be read (None: every source and header is there); checked before
+    build_key, which reads them."""
+    if not CSRC.is_dir() or not all(p.is_file() for p in _sources() + [CSRC / n for n in HEADERS]):
+        return f"native ops unavailable: C++ sources not found at {CSRC} (install from a source checkout)"
+    return None
+
+
 def _why_not() -> str | None:
     """The reason a build cannot start, checked before spending time on it (None: it can)."""
-    if not CSRC.is_dir() or not all(p.is_file() for p in _sources()):
-        return f"native ops unavailable: C++ sources not found at {CSRC} (install from a source checkout)"
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         return f"native ops unavailable: no C++ compiler ({cxx!r} is not on PATH; install g++ or set CXX)"
@@ -110,6 +116,10 @@ def load():
         return _ops
     if _failure is not None:
         raise UserError(_failure)
+    missing = _sources_missing()
+    if missing is not None:
+        _failure = missing
+        raise UserError(missing)
     out = cache_dir() / build_key()
     done = out / "built.ok"  # written after a build loaded: another process may be mid-link
     try:

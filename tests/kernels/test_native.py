@@ -104,6 +104,16 @@ def test_missing_compiler_is_one_clear_line(monkeypatch, tmp_path):
     assert not native.available()  # remembered: auto falls back to torch without retrying
 
 
+def test_missing_sources_are_one_clear_line(monkeypatch, tmp_path):
+    """A wheel without csrc/: the loader says so before reading any source (build_key hashes them)."""
+    _fresh_loader(monkeypatch, tmp_path)
+    monkeypatch.setattr(native, "CSRC", tmp_path / "no-csrc")
+    with pytest.raises(UserError, match="C\\+\\+ sources not found at .*no-csrc") as e:
+        native.load()
+    assert "\n" not in str(e.value) and not native.available()
+    assert not (tmp_path / "cache").exists()
+
+
 def test_failed_build_is_one_line_naming_the_error(monkeypatch, tmp_path):
     _fresh_loader(monkeypatch, tmp_path)
     fake = tmp_path / "fakecxx"
