@@ -159,3 +159,32 @@ def test_resume_auto_starts_fresh_without_a_checkpoint_and_resumes_with_one(tmp_
     more = run(cfg_of(tmp_path, TINY_MLP, "train.steps=6", "train.resume=auto"))
     assert [r["step"] for r in read_metrics(more / "metrics.jsonl") if r["kind"] == "train" and r["width"] == 16
             and r["seed"] == 0] == [1, 2, 3, 4, 5, 6]
+
+
+def test_replacing_a_checkpoint_of_the_same_name_survives_a_kill_between_renames(tmp_path, monkeypatch):
+    """The final save at a periodic checkpoint's step (and every save of a sequential sweep, named
+    by its slowest member) rewrites one name: the old one is set aside, never deleted first."""
+    from types import SimpleNamespace
+    lin = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    member = SimpleNamespace(name="w3_s0", width=3, seed=0, step=5, model=lin, optimizer=opt)
+    root = tmp_path / "checkpoints"
+    ckpt.save_checkpoint(root, 5, [member], {"marker": "old"})
+    real = os.replace
+
+    def die_on_publish(src, dst):
+        if Path(src).name.startswith(".tmp-"):
+            raise KeyboardInterrupt("killed between the renames")   # the new one never lands
+        return real(src, dst)
+    monkeypatch.setattr(ckpt.os, "replace", die_on_publish)
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(root, 5, [member], {"marker": "new"})
+    monkeypatch.setattr(ckpt.os, "replace", real)
+    assert not (root / "step_000005").exists()                        # the kill's state: only the set-aside copy
+    meta = ckpt.read_checkpoint(ckpt.latest_checkpoint(root))         # recovered, whole, the old one
+    assert meta["marker"] == "old" and not list(root.glob(ckpt.ASIDE + "*"))
+    ckpt.save_checkpoint(root, 5, [member], {"marker": "new"})         # and a normal replacement
+    assert ckpt.read_checkpoint(ckpt.latest_checkpoint(root))["marker"] == "new"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000005"]

@@ -73,6 +73,7 @@ def save(engine, env, ckpt_root: Path, step: int, members: list, extra: dict, ke
     if env.is_main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         prune_stale(ckpt_root)
+        ckpt.recover_set_aside(ckpt_root)
         (tmp / "engine").mkdir(parents=True)
     env.barrier()
     for i, m in enumerate(members):
@@ -86,11 +87,7 @@ def save(engine, env, ckpt_root: Path, step: int, members: list, extra: dict, ke
                 "members": [{"name": m.name, "width": m.width, "seed": m.seed, "step": m.step} for m in members],
                 **extra}
         ckpt.atomic_write_text(tmp / "meta.json", json.dumps(meta))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        ckpt.atomic_write_text(ckpt_root / "latest", final.name + "\n")
-        ckpt._prune(ckpt_root, keep)
+        ckpt.publish(tmp, final, keep)
     env.barrier()
     return final
 

@@ -113,6 +113,7 @@ def save_checkpoint(ckpt_root: Path, step: int, members: list, extra: dict, keep
     final = ckpt_root / f"step_{step:06d}"
     for stale in ckpt_root.glob(".tmp-*"):  # a write killed mid-way (kill -9, node loss) left it
         shutil.rmtree(stale, ignore_errors=True)
+    recover_set_aside(ckpt_root)
     tmp = ckpt_root / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
     files, member_meta = {}, []
@@ -133,13 +134,38 @@ def save_checkpoint(ckpt_root: Path, step: int, members: list, extra: dict, keep
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
+    publish(tmp, final, keep)
+    return final
+
+
+def publish(tmp: Path, final: Path, keep: int) -> None:
+    """Make the complete checkpoint directory `tmp` the checkpoint `final`, point `latest` at it and
+    prune to `keep`. A checkpoint of the same name (the final save at a periodic checkpoint's step;
+    sequential sweeps, named by their slowest member, rewrite one name) is set aside by rename, not
+    deleted first, so a kill between the two renames still leaves it whole (recover_set_aside)."""
+    ckpt_root = final.parent
+    aside = ckpt_root / f"{ASIDE}{final.name}"
     if final.exists():
-        shutil.rmtree(final)
+        os.replace(final, aside)
     os.replace(tmp, final)
     _fsync_dir(ckpt_root)
     atomic_write_text(ckpt_root / "latest", final.name + "\n")
+    shutil.rmtree(aside, ignore_errors=True)
     _prune(ckpt_root, keep)
-    return final
+
+
+ASIDE = ".replaced-"   # a checkpoint being replaced by one of the same name
+
+
+def recover_set_aside(ckpt_root: Path) -> None:
+    """Undo a replacement that a kill interrupted: a set-aside checkpoint whose name is free again
+    goes back (it is the newest whole one); one whose replacement landed is deleted."""
+    for aside in ckpt_root.glob(f"{ASIDE}step_*"):
+        final = ckpt_root / aside.name[len(ASIDE):]
+        if final.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(aside, final)
 
 
 def _prune(ckpt_root: Path, keep: int) -> None:
@@ -150,6 +176,8 @@ def _prune(ckpt_root: Path, keep: int) -> None:
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
     ckpt_root = Path(ckpt_root)
+    if ckpt_root.is_dir():
+        recover_set_aside(ckpt_root)
     pointer = ckpt_root / "latest"
     if pointer.is_file():
         name = pointer.read_text().strip()
