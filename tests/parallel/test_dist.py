@@ -168,7 +168,7 @@ def test_two_ranks_match_one(work, trained, backend):
             for stat in ("mean", "var", "skew", "kurt", "min", "max"):
                 assert eb[k]["preact"][layer][stat] == pytest.approx(mom[stat], rel=1e-4, abs=1e-5), (k, layer, stat)
     # signatures (probe split over the ranks, gathered by rank 0): per-point values and feature kernels
-    for sig_file in sorted((single / "signatures").rglob("*.safetensors")):
+    for sig_file in sorted((single / "signatures").rglob("step_*.safetensors")):
         a = load_file(str(sig_file))
         b = load_file(str(out / sig_file.relative_to(single)))
         assert set(a) == set(b) and any(k.startswith("kernel/") for k in a), sig_file
@@ -177,6 +177,21 @@ def test_two_ranks_match_one(work, trained, backend):
             torch.testing.assert_close(b[key].double(), a[key].double(), rtol=2e-3 if half else 1e-4,
                                        atol=2e-4 if half else 1e-5, equal_nan=True,
                                        msg=lambda m: f"{sig_file.name} {key}: {m}")
+    # stored eNTK kernels (signatures/<member>/ntk_step_*): equal where the engine computes them
+    ntk_files = sorted((single / "signatures").rglob("ntk_step_*.safetensors"))
+    compared = 0
+    for ntk_file in ntk_files:
+        twin = out / ntk_file.relative_to(single)
+        if not twin.is_file():
+            continue
+        a, b = load_file(str(ntk_file)), load_file(str(twin))
+        assert set(a) == set(b), ntk_file
+        scale = float(a["kernel"].abs().max())
+        torch.testing.assert_close(b["kernel"].double(), a["kernel"].double(), rtol=1e-4, atol=1e-5 * scale,
+                                   msg=lambda m: f"{ntk_file.name} kernel: {m}")
+        compared += 1
+    if backend == "ddp":
+        assert ntk_files and compared == len(ntk_files)
     assert not list(out.glob(".rank*")), "scratch directories of other ranks must be removed"
     check_whole_model_stats(single, out, backend)
 
