@@ -114,6 +114,19 @@ def check_shared_dir(env: DistEnv, out_dir) -> None:
                         f"cannot read rank 0's files there); put it on a shared filesystem")
 
 
+def agree_on_out_dir(cfg):
+    """A defaulted train.out_dir carries the time (runs/<name>-<UTC time>), so ranks that resolved
+    their config in different seconds name different directories (and the shared-filesystem check
+    then fails). Joins the process group and returns cfg with rank 0's out_dir. Collective."""
+    import dataclasses
+    env = init_dist(cfg)
+    if not env.active or env.world_size == 1:
+        return cfg
+    box = [cfg.train.out_dir]
+    dist.broadcast_object_list(box, src=0)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=box[0]))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

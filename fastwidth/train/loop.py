@@ -30,7 +30,7 @@ from fastwidth.data import build_stream
 from fastwidth.parallel import checkpoint as par_ckpt
 from fastwidth.parallel import stats as par_stats
 from fastwidth.parallel.engines import StepContext, checkpoint_blocks, local_step
-from fastwidth.parallel.env import check_shared_dir, init_dist
+from fastwidth.parallel.env import agree_on_out_dir, check_shared_dir, init_dist, launched_world
 from fastwidth.parallel.memory import MemoryRecorder
 from fastwidth.parallel.placement import Placement
 from fastwidth.parallel.plan import check_fits
@@ -468,7 +468,10 @@ def run(cfg: Config) -> Path:
 
 
 def _train(cfg: Config, stop: preempt.StopFlag) -> tuple[Path, Trainer]:
+    defaulted = not cfg.train.out_dir
     cfg = resolve(cfg)  # fixes out_dir (its default carries the time) before anything checks it
+    if defaulted and cfg.dist.backend != "none" and launched_world() > 1:
+        cfg = agree_on_out_dir(cfg)  # every rank takes rank 0's time-stamped name
     rundir.check_creatable(cfg.train.out_dir)
     if cfg.dist.backend == "none":
         with rundir.undo_on_error(cfg.train.out_dir):  # a mistake found while setting up leaves nothing

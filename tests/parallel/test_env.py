@@ -23,3 +23,43 @@ def test_collective_backend(monkeypatch, cuda_available, device, backend, offloa
     if backend == "deepspeed":
         sets.append("dist.zero_stage=3")
     assert collective_backend(load_config(None, sets)) == want
+
+
+AGREE = """
+import sys, time
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+from fastwidth.config import load_config, resolve
+from fastwidth.parallel.env import agree_on_out_dir, launched_world
+cfg = load_config(None, ["dist.backend=ddp", "model.arch=mlp"])
+rank = int(__import__("os").environ["RANK"])
+cfg = resolve(cfg, now=time.time() + 3600 * rank)   # as if rank 1 had started an hour later
+before = cfg.train.out_dir
+cfg = agree_on_out_dir(cfg)
+print(f"rank {{rank}} world {{launched_world()}} before {{before}} after {{cfg.train.out_dir}}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.dist
+def test_ranks_agree_on_a_time_stamped_out_dir(tmp_path):
+    """The default out_dir carries the time: two ranks that resolve in different seconds (the
+    README's torchrun example failed so, now and then) must still write into one directory."""
+    import os
+    import subprocess
+    from pathlib import Path
+    from test_dist import BIN, ROOT, free_port
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE.format(root=str(ROOT)))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1")
+    res = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}", str(script)],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = sorted(l for l in res.stdout.splitlines() if l.startswith("rank "))
+    assert len(lines) == 2, res.stdout
+    before = {l.split()[1]: l.split()[5] for l in lines}
+    after = {l.split()[1]: l.split()[7] for l in lines}
+    assert before["0"] != before["1"]                   # the clocks disagreed ...
+    assert after["0"] == after["1"] == before["0"]      # ... and rank 0's name won
+    assert Path(after["0"]).parts[0] == "runs" and not (tmp_path / "runs").exists()   # nothing created yet
