@@ -10,7 +10,9 @@ Layout of one checkpoint (a directory under RUN/checkpoints/):
 
 A checkpoint is written into a hidden temporary directory, each file fsynced, then renamed into
 place and `latest` replaced by rename: a crash leaves either the old or the new checkpoint, never
-a half-written one.
+a half-written one. A checkpoint of the same name that the new one replaces is first renamed to
+`.replaced-<name>` and deleted only once the new one is in place; the next save or load puts a
+set-aside checkpoint back if the kill came in between.
 """
 from __future__ import annotations
 
