@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fastwidth.report.reader import Run, late_mean  # noqa: E402
+from fastwidth.report.reader import Run, late_mean, progress_word  # noqa: E402
 from fastwidth.stats.metrics import fit_power_law  # noqa: E402
 from fastwidth.stats.preact_range import with_overflow  # noqa: E402
 
@@ -42,7 +42,7 @@ def _save(fig, path: Path) -> Path:
 
 def _tokens_axis(ax, run: Run | None = None):
     """Log-scaled training-progress axis: tokens for language models, examples for the rest."""
-    images = run is not None and run.config.get("model", {}).get("arch", "gpt") != "gpt"
+    images = run is not None and progress_word(run) == "examples"
     ax.set_xlabel("examples seen" if images else "tokens (training targets seen)")
     ax.set_xscale("log")
     ax.grid(True, which="both", alpha=0.3)

@@ -157,6 +157,11 @@ def _view(run: Run) -> list[dict]:
     return [r for r in rows if r.get("base_lr", run.chosen_lr) == run.chosen_lr]
 
 
+def progress_word(run: Run) -> str:
+    """What a run's "tokens" count: training targets of a language model, examples of the rest."""
+    return "tokens" if run.config.get("model", {}).get("arch", "gpt") == "gpt" else "examples"
+
+
 def stopped_note(run: Run) -> list[str]:
     """Markdown lines naming the members the report leaves out because they diverged, and the
     statistics the run skipped ("skipped" rows: an engine that cannot compute one, a learning rate

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastwidth.report.reader import Run, stopped_note
+from fastwidth.report.reader import Run, progress_word, stopped_note
 
 WINDOW = 0.1       # fraction of the run's tokens averaged at each budget
 BUDGETS = (0.25, 0.5, 1.0)
@@ -39,11 +39,6 @@ N_BOOT = 400
 def sweep_label(run: Run) -> str:
     """The run's label without the learning rate the per-width figures picked."""
     return run.label.rsplit(" lr=", 1)[0]
-
-
-def progress_word(run: Run) -> str:
-    """What a run's "tokens" count: training targets of a language model, examples of the rest."""
-    return "tokens" if run.config.get("model", {}).get("arch", "gpt") == "gpt" else "examples"
 
 
 def max_tokens(run: Run) -> int:
