@@ -86,8 +86,9 @@ def train(config="demo", *, overrides: list[str] | None = None, **kwargs) -> Pat
     """Train the sweep a config describes (path, shipped name, Config or dict); returns the run
     directory, which holds the report unless train.report=false. A SIGTERM stops it at a
     checkpoint and raises fastwidth.train.preempt.Preempted."""
+    cfg = make_config(config, overrides, **kwargs)  # a config mistake costs no torch import (seconds)
     from fastwidth.train.loop import run
-    return run(make_config(config, overrides, **kwargs))
+    return run(cfg)
 
 
 def load_run(run_dir: str | Path):

@@ -206,10 +206,28 @@ class Config:
 
 # --------------------------------------------------------------------------- parsing
 
+def _similarity(key: str, name: str) -> float:
+    """How alike a mistyped key and a valid one are, in [0, 1]: the larger of their spelling
+    ratio (difflib) and their word-level likeness, where a word matches another that it spells
+    out or abbreviates (learning_rate ~ lr: initials; checkpoint ~ ckpt: in-order letters)."""
+    a, b = key.lower(), name.lower()
+    ratio = difflib.SequenceMatcher(None, a, b).ratio()
+    wa, wb = [w for w in a.split("_") if w], [w for w in b.split("_") if w]
+    if "".join(w[0] for w in wa) == b or "".join(w[0] for w in wb) == a:
+        return max(ratio, 0.95)  # an acronym of the other's words: optim.learning_rate -> optim.lr
+
+    def alike(u: str, v: str) -> bool:  # the same word, or one an in-order abbreviation of the other
+        short, long_ = sorted((u, v), key=len)
+        it = iter(long_)
+        return short == long_ or (len(short) >= 2 and short[0] == long_[0] and all(c in it for c in short))
+    matched = sum(any(alike(u, v) for v in wb) for u in wa) + sum(any(alike(v, u) for u in wa) for v in wb)
+    return max(ratio, 0.9 * matched / (len(wa) + len(wb)) if wa and wb else 0.0)
+
+
 def _nearest(key: str, valid, prefix: str = "") -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    if close:
-        return f" (did you mean '{prefix}{close[0]}'?)"
+    ranked = sorted(valid, key=lambda v: (-_similarity(key, v), v))
+    if ranked and _similarity(key, ranked[0]) >= 0.5:
+        return f" (did you mean '{prefix}{ranked[0]}'?)"
     return f" (valid: {', '.join(prefix + v for v in sorted(valid))})"
 
 
@@ -311,12 +329,39 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _check_unique_keys(node, path: str = "", seen_nodes: set | None = None) -> None:
+    """ConfigError naming a mapping key given twice and both its lines (plain YAML keeps the last
+    one silently); walks the composed node tree, so the key comes with its section."""
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:  # an alias of a node already checked
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may repeat base's keys
+                continue
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            line = key_node.start_mark.line + 1
+            if key is not None and key in lines:
+                raise ConfigError(f"key '{path}{key}' is given twice, at lines {lines[key]} and {line}; keep one")
+            lines[key] = line
+            _check_unique_keys(value_node, f"{path}{key}.", seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_unique_keys(item, path, seen_nodes)
+
+
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text()
+        _check_unique_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+        data = yaml.safe_load(text)
+    except ConfigError as e:
+        raise ConfigError(f"config file {p}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         loc = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
