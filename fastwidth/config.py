@@ -99,6 +99,8 @@ class DataConfig:
     bpe_train_bytes: int = _opt(4_000_000, min=1, help="bpe: text from the head of the training split the tokenizer is trained on")
     image_size: int = _opt(0, min=0, help="imagefolder: resize images to this square size; 0 = keep (all must match)")
     normalize: bool = _opt(True, help="images: per-channel mean/std normalization computed once on the training split")
+    max_undecodable: float = _opt(0.01, min=0.0, help="text: refuse a corpus file whose share of bytes that are not UTF-8 (in its first 256 KB) exceeds this; 1 = accept anything (bytes are decoded with replacement)")
+    allow_missing_classes: bool = _opt(False, help="classifiers: train even when the training labels hold fewer than data.num_classes classes (the readout, probe metrics and eNTK class assume all of them)")
 
 
 @dataclass

@@ -53,6 +53,9 @@ def prepare_source(d, out: Path | None = None, *, workers: int = 0, progress: bo
     from fastwidth.data import shards
 
     corpus = open_corpus(d.source, d.path, d.text_field)
+    if d.source == "text":  # shipped corpora are text; a user's file may not be
+        from fastwidth.data.sanity import check_text
+        check_text(corpus, d.max_undecodable)
     cache = cache_root(d)
     if out is None:
         content = corpus.content_hash(cache)

@@ -119,6 +119,8 @@ def imagefolder_stream(d, rank=0, world_size=1):
     if len(classes) > d.num_classes:
         raise DataError(f"{train}: {len(classes)} class folders but data.num_classes={d.num_classes}; "
                         f"set data.num_classes={len(classes)}")
+    from fastwidth.data.sanity import check_classes
+    check_classes(np.asarray(labels), d.num_classes, train, d.allow_missing_classes, what="images", names=classes)
     cache = cache_root(d)
     tr = _cached_split(files, labels, d.image_size, cache, "train")
     val = None

@@ -278,6 +278,8 @@ def arrays_stream(d, rank=0, world_size=1, *, name="arrays", root=None, val=None
         raise DataError(f"{root}: {len(x)} images but {len(y)} labels")
     layout = _layout(x, root)
     y = check_labels(np.asarray(y), d.num_classes, where)
+    from fastwidth.data.sanity import check_classes
+    check_classes(y, d.num_classes, where, d.allow_missing_classes)
     if val is not None:  # an explicit held-out set (imagefolder val/)
         vx, vy = val
         train_rows, pos = np.arange(len(x)), probe_positions(len(vx), d.probe_size, name, "held-out images")

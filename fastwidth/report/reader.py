@@ -34,6 +34,7 @@ class Run:
     signatures: dict[str, dict[int, Path]] = field(default_factory=dict)
     sweep_rows: list[dict] = field(default_factory=list)
     chosen_lr: float | None = None
+    partial: str | None = None  # one line: what of the run is missing or cut (partial_note)
 
     @property
     def diverged(self) -> list[dict]:
@@ -100,22 +101,46 @@ def load_run(path: str | Path) -> Run:
     metrics = p / "metrics.jsonl"
     if not metrics.is_file():
         raise UserError(f"{p} is not a run directory (no metrics.jsonl)")
-    rows = []
-    lines = metrics.read_text().splitlines()
+    rows, cut = [], 0
+    lines = metrics.read_text(errors="replace").splitlines()
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
             rows.append(from_json(json.loads(line)))  # null, NaN and legacy "nan" -> None
         except json.JSONDecodeError:
-            if i == len(lines) - 1:  # a run still writing may leave a partial last line
+            if i == len(lines) - 1:  # a run still writing, or killed, may leave a partial last line
+                cut = len(line.encode())
                 continue
             raise UserError(f"{metrics}: line {i + 1} is not JSON") from None
     cfg_file = p / "config.yaml"
     config = (yaml.safe_load(cfg_file.read_text()) or {}) if cfg_file.is_file() else {}
     run = Run(p, config, rows, list_signatures(p), sweep_rows=rows)
     run.all_rows = _view(run)
+    run.partial = partial_note(run, cut, cfg_file.is_file())
     return run
+
+
+def partial_note(run: Run, cut_bytes: int = 0, has_config: bool = True) -> str | None:
+    """What a run directory lacks that a finished run has, in one line; None for a finished run."""
+    missing = []
+    if cut_bytes:
+        missing.append(f"metrics.jsonl ends in a cut line ({cut_bytes} bytes, left out)")
+    if not has_config:
+        missing.append("no config.yaml (settings come from the rows)")
+    if not any(r.get("kind") == "run" for r in run.sweep_rows):
+        steps = [r["step"] for r in run.sweep_rows if r.get("kind") == "train" and isinstance(r.get("step"), int)]
+        total = run.config.get("train", {}).get("steps")
+        of = f" of train.steps={total}" if total is not None else ""
+        stop = next((r for r in reversed(run.sweep_rows) if r.get("kind") == "preempted"), None)
+        if stop is not None:
+            missing.append(f"stopped by {stop.get('signal', 'a signal')} at step {stop['step']}{of} "
+                           f"(train.resume=auto continues it)")
+        else:
+            missing.append(f"unfinished: train rows up to step {max(steps)}{of}" if steps else "no train rows yet")
+    if run.config.get("stats", {}).get("enabled", True) and not any(r.get("kind") == "eval" for r in run.sweep_rows):
+        missing.append("no evaluations yet (no probe-loss or consistency rows)")
+    return "; ".join(missing) or None
 
 
 def member_key(row: dict, lr_sweep: bool) -> tuple:

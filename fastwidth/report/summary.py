@@ -183,6 +183,8 @@ def _equal_compute_table(n: dict) -> list[str]:
 def write_summary(runs: list[Run], figures: dict[str, Path | None], out: Path) -> Path:
     numbers = [run_numbers(run) for run in runs]
     lines = ["# fastwidth report", ""]
+    lines += [f"**Partial run** {run.label}: {run.partial}; the figures draw what is there.\n"
+              for run in runs if run.partial]
     lines += ["| run | kind | optimizer, LR | data | widths | seeds | tokens | late RMSE slope | loss spread (rel.) |",
               "|---|---|---|---|---|---|---:|---:|---:|"]
     for n in numbers:

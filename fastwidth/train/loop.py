@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -175,7 +176,11 @@ def check_run_dir(cfg: Config) -> dict | None:
     run_dir = Path(cfg.train.out_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"train.out_dir {run_dir} exists and is not a directory")
-    has_run = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
+    # a run is what can be resumed: a directory whose run stopped before its first checkpoint
+    # (kill -9, a second Ctrl-C) starts over with the same command
+    has_run = ckpt.latest_checkpoint(run_dir / "checkpoints") is not None
+    if not has_run and (run_dir / "metrics.jsonl").exists() and not cfg.train.resume:
+        log.warning("run directory %s holds a run stopped before its first checkpoint: starting it over", run_dir)
     if cfg.train.resume == "auto":  # a requeued job: resume when a checkpoint exists, else start over
         if ckpt.latest_checkpoint(run_dir / "checkpoints") is None:
             return None
@@ -186,7 +191,8 @@ def check_run_dir(cfg: Config) -> dict | None:
         return None
     found = ckpt.latest_checkpoint(run_dir / "checkpoints")
     if found is None:
-        raise CheckpointError(f"train.resume is set but {run_dir / 'checkpoints'} holds no checkpoint")
+        raise CheckpointError(f"train.resume is set but {run_dir / 'checkpoints'} holds no checkpoint; "
+                              f"without train.resume (or with train.resume=auto) the run starts over")
     meta = ckpt.read_checkpoint(found)
     diff = _config_diff(meta.get("config", {}), cfg.to_dict())
     if diff:
@@ -201,7 +207,7 @@ def prepare_run_dir(cfg: Config, meta: dict | None, member_steps: dict | None = 
     step each member resumes from (rows after it are dropped)."""
     run_dir = Path(cfg.train.out_dir)
     rundir.make_dir(run_dir)
-    if meta is None and (cfg.train.overwrite or cfg.train.resume == "auto"):  # auto: no checkpoint, start over
+    if meta is None:  # overwrite, resume=auto without a checkpoint, or nothing resumable: start over
         for sub in ("checkpoints", "signatures", "report"):
             shutil.rmtree(run_dir / sub, ignore_errors=True)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -348,6 +354,7 @@ class Trainer:
                    file=sys.stderr, dynamic_ncols=True)
         groups = [self.members] if cfg.sweep.mode == "lockstep" else [[m] for m in self.members]
         t0 = time.time()
+        self.stop.armed = True  # from here a first Ctrl-C finishes the step and checkpoints
         clock = preempt.CheckpointClock(cfg.train.ckpt_minutes)
         self.throughput = tracking.Throughput(self.tokens_per_step, self.device, start)
         for group in groups:
@@ -459,27 +466,34 @@ def run(cfg: Config) -> Path:
     """Train the sweep `cfg` describes, write its report (unless train.report=false) and print
     the headline numbers; returns the run directory. Raises preempt.Preempted after a SIGTERM or
     SIGUSR1 has stopped it at a checkpoint."""
-    with preempt.StopFlag() as stop:
-        run_dir, trainer = _train(cfg, stop)
-    if trainer.dist.is_main and trainer.cfg.train.report:
-        from fastwidth.report.headline import report_at_end
-        report_at_end(run_dir)
+    with contextlib.ExitStack() as held:  # the run directory's lock, until the report is written
+        with preempt.StopFlag() as stop:
+            run_dir, trainer = _train(cfg, stop, held)
+        if trainer.dist.is_main and trainer.cfg.train.report:
+            from fastwidth.report.headline import report_at_end
+            report_at_end(run_dir)
     return run_dir
 
 
-def _train(cfg: Config, stop: preempt.StopFlag) -> tuple[Path, Trainer]:
+def _train(cfg: Config, stop: preempt.StopFlag, held: contextlib.ExitStack) -> tuple[Path, Trainer]:
     defaulted = not cfg.train.out_dir
     cfg = resolve(cfg)  # fixes out_dir (its default carries the time) before anything checks it
     if defaulted and cfg.dist.backend != "none" and launched_world() > 1:
         cfg = agree_on_out_dir(cfg)  # every rank takes rank 0's time-stamped name
     rundir.check_creatable(cfg.train.out_dir)
+    # rank 0 locks the directory for every rank of its run (the launcher numbers them before any
+    # process group exists); the others clean up only their scratch directory after a failed start
+    rank = int(os.environ.get("RANK", "0") or 0) if cfg.dist.backend != "none" else 0
+    lock = held.enter_context(rundir.RunLock(cfg.train.out_dir)) if rank == 0 else None
+    undo = rundir.undo_on_error(cfg.train.out_dir, made=lock.made) if lock is not None else \
+        rundir.undo_on_error(cfg.train.out_dir, only=[Path(cfg.train.out_dir) / f".rank{rank}"])
     if cfg.dist.backend == "none":
-        with rundir.undo_on_error(cfg.train.out_dir):  # a mistake found while setting up leaves nothing
+        with undo:  # a mistake found while setting up leaves nothing
             trainer = Trainer(cfg, stop)
         return trainer.run(), trainer
     trainer = None
     try:
-        with rundir.undo_on_error(cfg.train.out_dir):
+        with undo:
             trainer = Trainer(cfg, stop)
         with trainer.dist.guard("training"):
             return trainer.run(), trainer

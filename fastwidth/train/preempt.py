@@ -6,6 +6,10 @@ either signal into a flag the loop reads between steps: the step in flight finis
 is written, and the process exits with 143 (128 + SIGTERM), which schedulers read as "stopped by
 a signal" and requeue. Resuming from that checkpoint is bit-equal to a run never stopped.
 
+Ctrl-C (SIGINT) is a preemption too, from the keyboard: the first one stops the run the same way
+and exits 130 (128 + SIGINT, what a shell reports for Ctrl-C); a second one aborts at once
+(KeyboardInterrupt), for a step that takes too long to wait for.
+
 `CheckpointClock` asks for a checkpoint every `train.ckpt_minutes` of wall time, so a SIGKILL
 without warning (node failure, OOM killer) loses at most that much work.
 """
@@ -18,23 +22,24 @@ import time
 
 log = logging.getLogger("fastwidth.train")
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143, whichever of the stop signals arrived
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143 for the scheduler's signals (SIGTERM, SIGUSR1)
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT  # 130 for Ctrl-C
 
 
 class Preempted(Exception):
     """The run was stopped by a signal after writing a checkpoint; rerun it with train.resume=auto."""
 
-    exit_code = PREEMPTED_EXIT_CODE
-
     def __init__(self, run_dir, step: int, signal_name: str, checkpoint):
         self.run_dir, self.step, self.signal_name, self.checkpoint = run_dir, step, signal_name, checkpoint
+        self.exit_code = INTERRUPTED_EXIT_CODE if signal_name == "SIGINT" else PREEMPTED_EXIT_CODE
         super().__init__(f"{signal_name} received: stopped after step {step}, checkpoint {checkpoint}; "
                          f"rerun the same command with --set train.resume=auto to continue")
 
 
 class StopFlag:
-    """Context manager: while inside, SIGTERM and SIGUSR1 set `self.signal_name` instead of killing.
+    """Context manager: while inside, SIGTERM, SIGUSR1 and a first SIGINT set `self.signal_name`
+    instead of killing; a second SIGINT raises KeyboardInterrupt where the process is.
 
     Handlers can be installed only from the main thread; elsewhere (a notebook worker thread) the
     flag stays unset and the signals keep their previous behaviour.
@@ -42,6 +47,7 @@ class StopFlag:
 
     def __init__(self):
         self.signal_name: str | None = None
+        self.armed = False  # set when training starts: a Ctrl-C before that has nothing to save
         self._previous: dict = {}
 
     def __enter__(self) -> "StopFlag":
@@ -56,9 +62,12 @@ class StopFlag:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and (self.signal_name == "SIGINT" or not self.armed):
+            raise KeyboardInterrupt  # a second Ctrl-C, or one while setting up: no waiting
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
-            log.warning("%s received: finishing this step, then writing a checkpoint", self.signal_name)
+            more = "; Ctrl-C again aborts without one" if signum == signal.SIGINT else ""
+            log.warning("%s received: finishing this step, then writing a checkpoint%s", self.signal_name, more)
 
     @property
     def raised(self) -> bool:
