@@ -4,7 +4,8 @@
 
 summary.json (one object; its first run's keys at the top level, every run under "runs"):
     {"run": {"label", "kind", "optimizer", "lr", "data_source", "commit", ...},
-     "widths": [{"width", "final_loss", "true_logit_rmse", "seed_variance", "bias",
+     "widths": [{"width", "final_loss", "true_logit_rmse", "true_logit_rmse_ci", "seed_variance",
+                 "seed_variance_ci", "bias",
                  "bias_sq_debiased", "bias_sq_debiased_ci", "ensemble_loss", ...}],
      "fits": {"rmse_slope", "rmse_slope_ci", "variance_slope", ..., "bias_slope", ...,
               "ntk": {"step", "kernel", "output", "k", "points", "ref_width", "widths": [{"width",
@@ -22,6 +23,7 @@ import json
 import math
 from pathlib import Path
 
+from fastwidth.report.intervals import width_intervals
 from fastwidth.report.ntk import ntk_across_run, ntk_lines
 from fastwidth.report.reader import Run, late_mean
 from fastwidth.report.transfer import transfer_lines
@@ -113,7 +115,8 @@ def run_numbers(run: Run) -> dict:
         "optimizer": cfg.get("optim", {}).get("name"), "lr": cfg.get("optim", {}).get("lr"),
         "data_source": cfg.get("data", {}).get("source"), "commit": run_row.get("commit"),
         "arch": cfg.get("model", {}).get("arch"), "wall_s": run_row.get("wall_s"),
-        "fit": final_fit(run), "ntk": ntk_across_run(run), "ensembles": ensembles, "equal_compute": equal_compute(ensembles),
+        "fit": final_fit(run), "intervals": width_intervals(run),
+        "ntk": ntk_across_run(run), "ensembles": ensembles, "equal_compute": equal_compute(ensembles),
         "bias_sq_debiased": {w: r.get("bias_sq_debiased") for w, r in ensembles.items() if w != run.ref_width},
         "loss_gap": _late(run, "loss_gap"), "top1_agreement": _late(run, "top1_agreement"),
         "label": run.label, "kind": run.kind, "widths": run.widths, "ref_width": run.ref_width,
@@ -216,10 +219,11 @@ def _json_run(n: dict) -> dict:
     ens = n["ensembles"]
     widths = []
     for w in n["widths"]:
-        e = ens.get(w, {})
+        e, iv = ens.get(w, {}), n["intervals"].get(w, {})
         widths.append({"width": w, "reference": w == n["ref_width"], "final_loss": n["probe_loss"].get(w),
                        "probe_acc": n["probe_acc"].get(w), "true_logit_rmse": n["rmse"].get(w),
-                       "seed_variance": e.get("seed_variance"), "bias": e.get("bias"),
+                       "true_logit_rmse_ci": iv.get("true_logit_rmse_ci"),
+                       "seed_variance": e.get("seed_variance"), "seed_variance_ci": iv.get("seed_variance_ci"), "bias": e.get("bias"),
                        "bias_sq_debiased": e.get("bias_sq_debiased"), "bias_sq_debiased_ci": e.get("bias_sq_debiased_ci"),
                        "ensemble_loss": e.get("ensemble_loss"), "ensemble_acc": e.get("ensemble_acc"),
                        "ensemble_loss_inf": e.get("ensemble_loss_inf"), "ensemble_loss_c": e.get("ensemble_loss_c"),
