@@ -356,7 +356,9 @@ FIGURES = {
 from fastwidth.report.coord import coord_in_loop  # noqa: E402
 from fastwidth.report.dynamics import edge_of_stability  # noqa: E402
 from fastwidth.report.ntk import ntk_alignment  # noqa: E402
+from fastwidth.report.slopes import slopes_over_training  # noqa: E402
 from fastwidth.report.transfer import drift_over_training, loss_vs_lr  # noqa: E402
 
-FIGURES.update({"loss_vs_lr.png": loss_vs_lr, "transfer_drift.png": drift_over_training, "edge_of_stability.png": edge_of_stability,
+FIGURES.update({"loss_vs_lr.png": loss_vs_lr, "transfer_drift.png": drift_over_training,
+                "slopes_vs_tokens.png": slopes_over_training, "edge_of_stability.png": edge_of_stability,
                 "coord_in_loop.png": coord_in_loop, "ntk_alignment.png": ntk_alignment})

@@ -26,6 +26,7 @@ from pathlib import Path
 from fastwidth.report.intervals import width_intervals
 from fastwidth.report.ntk import ntk_across_run, ntk_lines
 from fastwidth.report.reader import Run, late_mean
+from fastwidth.report.slopes import one_over_n, slope_lines
 from fastwidth.report.transfer import transfer_lines
 from fastwidth.stats.metrics import fit_power_law
 
@@ -115,7 +116,7 @@ def run_numbers(run: Run) -> dict:
         "optimizer": cfg.get("optim", {}).get("name"), "lr": cfg.get("optim", {}).get("lr"),
         "data_source": cfg.get("data", {}).get("source"), "commit": run_row.get("commit"),
         "arch": cfg.get("model", {}).get("arch"), "wall_s": run_row.get("wall_s"),
-        "fit": final_fit(run), "intervals": width_intervals(run),
+        "fit": final_fit(run), "intervals": width_intervals(run), "one_over_n": one_over_n(run),
         "ntk": ntk_across_run(run), "ensembles": ensembles, "equal_compute": equal_compute(ensembles),
         "bias_sq_debiased": {w: r.get("bias_sq_debiased") for w, r in ensembles.items() if w != run.ref_width},
         "loss_gap": _late(run, "loss_gap"), "top1_agreement": _late(run, "top1_agreement"),
@@ -200,7 +201,7 @@ def write_summary(runs: list[Run], figures: dict[str, Path | None], out: Path) -
               "V_ref/S_ref of seed noise) and the debiased bias sqrt(b̂² - V_N/S_N - V_ref/S_ref) over the "
               "widths where that is positive. Late RMSE slope: of the mean over the last 25% of tokens. Loss "
               "spread: mean over evals of the max-min across widths of the probe loss (seed means).", ""]
-    lines += transfer_lines(runs)
+    lines += transfer_lines(runs) + slope_lines(runs)
     for run, n in zip(runs, numbers):
         lines += [f"## {n['label']}", "", f"commit {n['commit'] or 'unknown'}", ""] + _table(n) + [""]
         lines += _equal_compute_table(n)
@@ -235,6 +236,8 @@ def _json_run(n: dict) -> dict:
                 loss_spread_rel=n["loss_spread_rel"])
     if n["ntk"]:
         fits["ntk"] = n["ntk"]
+    if n["one_over_n"]:
+        fits["variance_one_over_n"] = n["one_over_n"]
     return {"run": run, "widths": widths, "fits": fits, "equal_compute": n["equal_compute"]}
 
 
