@@ -108,10 +108,12 @@ def _array(curves: dict) -> tuple[list[int], list[float], np.ndarray]:
 
 
 def _ranges(run: Run, widths: list[int]) -> dict[str, list[int]]:
-    """Sub-ranges read besides all widths: without the base width (µP's multipliers are 1 there)."""
+    """Sub-ranges read besides all widths: without the base width (µP's multipliers are 1 there),
+    and without the widest (the range a narrower sweep would have)."""
     base = run.config.get("param", {}).get("base_width")
     rest = [w for w in widths if w != base]
-    return {"excl. base": rest} if base in widths and len(rest) >= 2 else {}
+    out = {"excl. base": rest} if base in widths and len(rest) >= 2 else {}
+    return {**out, "excl. widest": widths[:-1]} if len(widths) >= 4 else out
 
 
 def heldout(run: Run) -> bool:
@@ -304,7 +306,7 @@ def transfer_lines(runs: list[Run]) -> list[str]:
         return lines
     lines += ["## Learning-rate transfer", "",
               "| run | seen | η* per width (sub-grid; * = at the grid's edge) | slope of log η* on log N [95% bootstrap] "
-              "| without the base width | local slopes |", "|---|---:|---|---|---|---|"]
+              "| sub-ranges (without the base width; without the widest) | local slopes |", "|---|---:|---|---|---|---|"]
     for run in sweeps:
         for t in budgets(run):
             fit = drift(run, t)
@@ -318,11 +320,12 @@ def transfer_lines(runs: list[Run]) -> list[str]:
         reads = late_drifts(run)
         if len(reads) >= 2:
             lines += [f"{sweep_label(run)}: the drift read at every evaluation of the second half (held-out probe, "
-                      f"{reads[-1]['examples']} examples):", "", "| step | all widths | without the base width |",
-                      "|---:|---|---|"]
+                      f"{reads[-1]['examples']} examples):", "",
+                      "| step | all widths | without the base width | without the widest |", "|---:|---|---|---|"]
             for r in reads:
-                sub = r["ranges"].get("excl. base")
+                subs = [r["ranges"].get(k) for k in ("excl. base", "excl. widest")]
                 lines.append(f"| {r['step']} | {fmt_ci(r['slope'], r['ci'])} | "
-                             f"{fmt_ci(sub['slope'], sub['ci']) if sub else '–'} |")
+                             + " | ".join(f"{range_label(x['widths'])}: {fmt_ci(x['slope'], x['ci'])}" if x else "–"
+                                          for x in subs) + " |")
             lines += [""]
     return lines
