@@ -94,6 +94,7 @@ class DataConfig:
     in_dim: int = _opt(32, min=1, help="synthetic: input dimension")
     num_classes: int = _opt(10, min=2, help="synthetic: classes of the teacher; arrays / imagefolder: label range")
     teacher_width: int = _opt(64, min=1, help="synthetic: teacher MLP width")
+    label_noise: float = _opt(0.0, min=0.0, help="synthetic: probability that a training label is replaced by a uniform random class (the probe keeps the teacher's labels)")
     cache_dir: str = _opt("", help="where tokenized corpora and tokenizers are cached; empty = ~/.cache/fastwidth")
     text_field: str = _opt("text", help="jsonl field / parquet column holding the text")
     bpe_train_bytes: int = _opt(4_000_000, min=1, help="bpe: text from the head of the training split the tokenizer is trained on")
@@ -440,6 +441,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"dist.zero_stage: {cfg.dist.zero_stage} is not one of 0, 1, 2, 3")
     if not 0.0 <= cfg.data.holdout_fraction < 1.0:
         raise ConfigError(f"data.holdout_fraction: {cfg.data.holdout_fraction} must be in [0, 1)")
+    if not 0.0 <= cfg.data.label_noise <= 1.0:
+        raise ConfigError(f"data.label_noise: {cfg.data.label_noise} must be in [0, 1]")
     if cfg.stats.ntk_output == "trace" and m.arch == "gpt":
         raise ConfigError("stats.ntk_output=trace is for classifiers (mlp, resnet): a gpt's vocabulary makes it "
                           "V× the cost; use stats.ntk_output=class")

@@ -37,7 +37,7 @@ def build_stream(cfg_data, *, rank: int = 0, world_size: int = 1) -> BaseStream:
     if d.source == "synthetic":
         return SyntheticStream(seed=d.seed, in_dim=d.in_dim, teacher_width=d.teacher_width,
                                num_classes=d.num_classes, batch_size=d.batch_size, probe_size=d.probe_size,
-                               epochs=d.epochs, rank=rank, world_size=world_size)
+                               epochs=d.epochs, rank=rank, world_size=world_size, label_noise=d.label_noise)
     if d.source in TEXT_SOURCES or d.source == "shards":
         return token_stream(d, rank=rank, world_size=world_size)
     if d.source in IMAGE_SOURCES:

@@ -6,6 +6,9 @@ fixed seeded sample) keeps the classes roughly balanced instead of one class dom
 Computed in float64 numpy so labels are identical on every machine. Every step draws new
 inputs from SeedSequence(seed, tag, step): no input is served twice, and the probe uses its
 own SeedSequence (a different tag), disjoint from every training step's stream.
+Label noise (data.label_noise = q): each training label is replaced, with probability q, by a
+class drawn uniformly (its own SeedSequence per step, so every rank agrees); the probe keeps the
+teacher's labels, so the statistics compare models on the clean task they learn noisily.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import torch
 
 from fastwidth.data.stream import BaseStream, check_ranks, hash_json, seed_sequence
 
-_TEACHER, _INPUTS, _PROBE = 0x7EAC, 0x1A9, 0x9B0BE
+_TEACHER, _INPUTS, _PROBE, _NOISE = 0x7EAC, 0x1A9, 0x9B0BE, 0x4015E
 
 
 class Teacher:
@@ -50,14 +53,16 @@ class SyntheticStream(BaseStream):
     kind = "classes"
 
     def __init__(self, *, seed: int, in_dim: int, teacher_width: int, num_classes: int, batch_size: int,
-                 probe_size: int, epochs: int = 1, rank: int = 0, world_size: int = 1):
-        self.in_shape, self.num_classes = (in_dim,), num_classes
+                 probe_size: int, epochs: int = 1, rank: int = 0, world_size: int = 1, label_noise: float = 0.0):
+        self.in_shape, self.num_classes, self.label_noise = (in_dim,), num_classes, float(label_noise)
         self.teacher = Teacher(seed, in_dim, teacher_width, num_classes)
         sampler = _Unbounded(batch_size, seed, epochs, rank, world_size)
         px, py = self._draw(seed_sequence(seed, _PROBE), probe_size)
         self._probe = (px, py)
         ident = {"source": "synthetic", "seed": seed, "in_dim": in_dim, "teacher_width": teacher_width,
                  "num_classes": num_classes, "probe_size": probe_size}
+        if self.label_noise:                                          # absent at 0: earlier runs keep their fingerprint
+            ident["label_noise"] = self.label_noise
         super().__init__(sampler, name="synthetic", fingerprint=hash_json(ident)[:16], info=dict(ident))
 
     def _draw(self, ss, n: int):
@@ -69,6 +74,10 @@ class SyntheticStream(BaseStream):
         s = self.sampler
         # The whole global batch is drawn and sliced, so the union over ranks is the 1-rank batch.
         x, y = self._draw(seed_sequence(s.seed, _INPUTS, step), s.batch_size)
+        if self.label_noise:
+            rng = np.random.Generator(np.random.PCG64(seed_sequence(s.seed, _NOISE, step)))
+            flip = rng.random(s.batch_size) < self.label_noise
+            y = torch.where(torch.from_numpy(flip), torch.from_numpy(rng.integers(0, self.num_classes, s.batch_size)), y)
         lo = s.rank * s.local
         self.cursor = step + 1
         return {"x": x[lo:lo + s.local].contiguous(), "y": y[lo:lo + s.local].contiguous()}

@@ -15,7 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fastwidth.report.reader import Run, late_mean, progress_word  # noqa: E402
+from fastwidth.report.intervals import late_rmse_with_ci, width_intervals  # noqa: E402
+from fastwidth.report.reader import Run, progress_word  # noqa: E402
 from fastwidth.stats.metrics import fit_power_law  # noqa: E402
 from fastwidth.stats.preact_range import with_overflow  # noqa: E402
 
@@ -125,6 +126,15 @@ def _loglog_fit(ax, x, y, color, label, marker="o"):
     return slope
 
 
+def _error_bars(ax, values: dict[int, float], cis: dict[int, list | None], color) -> None:
+    """95% bootstrap intervals over seeds (report/intervals.py) as vertical bars at each width."""
+    pts = [(w, v, cis.get(w)) for w, v in sorted(values.items()) if cis.get(w) and v and v > 0]
+    if pts:
+        w, v, ci = zip(*pts)
+        lo = [max(x - c[0], 0.0) if c[0] > 0 else x * (1 - 1e-3) for x, c in zip(v, ci)]  # log axis: no bar to <= 0
+        ax.errorbar(w, v, yerr=[lo, [c[1] - x for x, c in zip(v, ci)]], fmt="none", ecolor=color, capsize=3, lw=1)
+
+
 def _guide(ax, x, y, slope, text):
     """A dashed reference power law through the geometric middle of the data."""
     x = np.asarray(x, float)
@@ -152,24 +162,22 @@ def _loglog_axes(ax, widths=(), xlabel="width N"):
     _width_ticks(ax, widths)
 
 
-def late_rmse(run: Run) -> dict[int, float]:
-    return {w: late_mean(pts) for w, pts in run.series("consistency", "true_logit_rmse", ref="live").items()}
-
-
 def rmse_vs_width(runs: list[Run], path: Path) -> Path | None:
-    data = [(run, late_rmse(run)) for run in runs]
+    data = [(run, late_rmse_with_ci(run)) for run in runs]
     if not any(d for _, d in data):
         return None
     fig, ax = plt.subplots(figsize=(5.6, 4.2))
     colors = plt.get_cmap("tab10")
     for i, (run, d) in enumerate(data):
         if d:
-            _loglog_fit(ax, list(d), list(d.values()), colors(i), run.label)
+            _loglog_fit(ax, list(d), [v for v, _ in d.values()], colors(i), run.label)
+            _error_bars(ax, {w: v for w, (v, _) in d.items()}, {w: ci for w, (_, ci) in d.items()}, colors(i))
+    data = [(run, {w: v for w, (v, _) in d.items()}) for run, d in data]
     first = next(d for _, d in data if d)
     _guide(ax, list(first), list(first.values()), -0.5, "N^-0.5 (paper)")
     _loglog_axes(ax, [w for _, d in data for w in d])
     ax.set_ylabel("late-time true-logit RMSE")
-    ax.set_title("true-logit RMSE vs width (last 25% of tokens)", fontsize=9)
+    ax.set_title("true-logit RMSE vs width (last 25% of tokens; bars: 95% CI over seeds)", fontsize=9)
     ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -278,12 +286,13 @@ def sharpness(runs: list[Run], path: Path) -> Path | None:
 
 
 def ensemble_variance(runs: list[Run], path: Path) -> Path | None:
-    data = []
+    data, cis = [], []
     for run in runs:
         rows = _last(run, "ensemble")
         d = {r["width"]: r["seed_variance"] for r in rows if r.get("seed_variance")}
         b = {r["width"]: r["bias"] for r in rows if r.get("bias") and r["width"] != run.ref_width}
         data.append((run, d, b))
+        cis.append({w: iv.get("seed_variance_ci") for w, iv in width_intervals(run).items()} if d else {})
     if not any(d for _, d, _ in data):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -291,11 +300,12 @@ def ensemble_variance(runs: list[Run], path: Path) -> Path | None:
     for i, (run, d, b) in enumerate(data):
         if d:
             _loglog_fit(axes[0], list(d), list(d.values()), colors(i), run.label)
+            _error_bars(axes[0], d, cis[i], colors(i))
         if b:
             _loglog_fit(axes[1], list(b), list(b.values()), colors(i), run.label, marker="s")
     first = next(d for _, d, _ in data if d)
     _guide(axes[0], list(first), list(first.values()), -1.0, "1/N")
-    for ax, title, ylabel in ((axes[0], "seed variance of the true logit V_N (final eval)", "V_N"),
+    for ax, title, ylabel in ((axes[0], "seed variance of the true logit V_N (final eval; bars: 95% CI)", "V_N"),
                               (axes[1], "ensemble bias ||f̄_N - f̄_ref|| (RMS, final eval)", "bias")):
         _loglog_axes(ax, [w for _, d, b in data for w in list(d) + list(b)])
         ax.set_title(title, fontsize=9)
@@ -346,7 +356,9 @@ FIGURES = {
 from fastwidth.report.coord import coord_in_loop  # noqa: E402
 from fastwidth.report.dynamics import edge_of_stability  # noqa: E402
 from fastwidth.report.ntk import ntk_alignment  # noqa: E402
-from fastwidth.report.transfer import loss_vs_lr  # noqa: E402
+from fastwidth.report.slopes import slopes_over_training  # noqa: E402
+from fastwidth.report.transfer import drift_over_training, loss_vs_lr  # noqa: E402
 
-FIGURES.update({"loss_vs_lr.png": loss_vs_lr, "edge_of_stability.png": edge_of_stability,
+FIGURES.update({"loss_vs_lr.png": loss_vs_lr, "transfer_drift.png": drift_over_training,
+                "slopes_vs_tokens.png": slopes_over_training, "edge_of_stability.png": edge_of_stability,
                 "coord_in_loop.png": coord_in_loop, "ntk_alignment.png": ntk_alignment})

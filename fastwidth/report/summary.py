@@ -4,7 +4,8 @@
 
 summary.json (one object; its first run's keys at the top level, every run under "runs"):
     {"run": {"label", "kind", "optimizer", "lr", "data_source", "commit", ...},
-     "widths": [{"width", "final_loss", "true_logit_rmse", "seed_variance", "bias",
+     "widths": [{"width", "final_loss", "true_logit_rmse", "true_logit_rmse_ci", "seed_variance",
+                 "seed_variance_ci", "bias",
                  "bias_sq_debiased", "bias_sq_debiased_ci", "ensemble_loss", ...}],
      "fits": {"rmse_slope", "rmse_slope_ci", "variance_slope", ..., "bias_slope", ...,
               "ntk": {"step", "kernel", "output", "k", "points", "ref_width", "widths": [{"width",
@@ -22,8 +23,10 @@ import json
 import math
 from pathlib import Path
 
+from fastwidth.report.intervals import width_intervals
 from fastwidth.report.ntk import ntk_across_run, ntk_lines
 from fastwidth.report.reader import Run, late_mean
+from fastwidth.report.slopes import one_over_n, slope_lines
 from fastwidth.report.transfer import transfer_lines
 from fastwidth.stats.metrics import fit_power_law
 
@@ -113,7 +116,8 @@ def run_numbers(run: Run) -> dict:
         "optimizer": cfg.get("optim", {}).get("name"), "lr": cfg.get("optim", {}).get("lr"),
         "data_source": cfg.get("data", {}).get("source"), "commit": run_row.get("commit"),
         "arch": cfg.get("model", {}).get("arch"), "wall_s": run_row.get("wall_s"),
-        "fit": final_fit(run), "ntk": ntk_across_run(run), "ensembles": ensembles, "equal_compute": equal_compute(ensembles),
+        "fit": final_fit(run), "intervals": width_intervals(run), "one_over_n": one_over_n(run),
+        "ntk": ntk_across_run(run), "ensembles": ensembles, "equal_compute": equal_compute(ensembles),
         "bias_sq_debiased": {w: r.get("bias_sq_debiased") for w, r in ensembles.items() if w != run.ref_width},
         "loss_gap": _late(run, "loss_gap"), "top1_agreement": _late(run, "top1_agreement"),
         "label": run.label, "kind": run.kind, "widths": run.widths, "ref_width": run.ref_width,
@@ -199,7 +203,7 @@ def write_summary(runs: list[Run], figures: dict[str, Path | None], out: Path) -
               "V_ref/S_ref of seed noise) and the debiased bias sqrt(b̂² - V_N/S_N - V_ref/S_ref) over the "
               "widths where that is positive. Late RMSE slope: of the mean over the last 25% of tokens. Loss "
               "spread: mean over evals of the max-min across widths of the probe loss (seed means).", ""]
-    lines += transfer_lines(runs)
+    lines += transfer_lines(runs) + slope_lines(runs)
     for run, n in zip(runs, numbers):
         lines += [f"## {n['label']}", "", f"commit {n['commit'] or 'unknown'}", ""] + _table(n) + [""]
         lines += _equal_compute_table(n)
@@ -218,10 +222,11 @@ def _json_run(n: dict) -> dict:
     ens = n["ensembles"]
     widths = []
     for w in n["widths"]:
-        e = ens.get(w, {})
+        e, iv = ens.get(w, {}), n["intervals"].get(w, {})
         widths.append({"width": w, "reference": w == n["ref_width"], "final_loss": n["probe_loss"].get(w),
                        "probe_acc": n["probe_acc"].get(w), "true_logit_rmse": n["rmse"].get(w),
-                       "seed_variance": e.get("seed_variance"), "bias": e.get("bias"),
+                       "true_logit_rmse_ci": iv.get("true_logit_rmse_ci"),
+                       "seed_variance": e.get("seed_variance"), "seed_variance_ci": iv.get("seed_variance_ci"), "bias": e.get("bias"),
                        "bias_sq_debiased": e.get("bias_sq_debiased"), "bias_sq_debiased_ci": e.get("bias_sq_debiased_ci"),
                        "ensemble_loss": e.get("ensemble_loss"), "ensemble_acc": e.get("ensemble_acc"),
                        "ensemble_loss_inf": e.get("ensemble_loss_inf"), "ensemble_loss_c": e.get("ensemble_loss_c"),
@@ -233,6 +238,8 @@ def _json_run(n: dict) -> dict:
                 loss_spread_rel=n["loss_spread_rel"])
     if n["ntk"]:
         fits["ntk"] = n["ntk"]
+    if n["one_over_n"]:
+        fits["variance_one_over_n"] = n["one_over_n"]
     return {"run": run, "widths": widths, "fits": fits, "equal_compute": n["equal_compute"]}
 
 

@@ -1,25 +1,22 @@
 """µTransfer: loss against learning rate per width, each width's optimum, and the optimum's drift.
 
-    curves = lr_curves(run, tokens)              # {width: {lr: [loss per seed], inf = diverged}}
-    fit = drift(run, tokens)                     # slope of log η* on log N, bootstrap interval over seeds
-    loss_vs_lr([run_mup, run_sp], "loss_vs_lr.png")
+    fit = drift(run, tokens)        # optima, slope of log η* on log N with its interval, sub-ranges, local slopes
+    reads = late_drifts(run)        # the same at every evaluation of the run's second half
+    loss_vs_lr([run_mup, run_sp], "loss_vs_lr.png"); drift_over_training(runs, "transfer_drift.png")
 
-The loss of a member at a token budget T is the mean training loss over the rows with tokens in
-(T - W, T], W = 10% of the run's tokens. Each training batch is new data (online), so the loss a
-step reports, computed before the step, is a held-out estimate; the window averages batch noise.
+The loss of a member at a budget. Held out, where the run evaluated (stats on, eval rows with
+base_lr): the probe loss at the evaluation nearest the budget, from the per-example losses in the
+signatures, so the interval can resample the evaluation examples (stats/transfer.py: a bootstrap
+over seeds × probe examples). Otherwise (a run with stats off) the mean online training loss over
+the rows with tokens in (T - W, T], W = 10% of the run's tokens; each batch is new data, so it is a
+held-out estimate too, but only the seeds are resampled and the window's batch noise is not in
+the interval.
 
-Optimum. For width N the seed-mean loss L_N(η) is known on the grid of sweep.lrs. η*_N is the
-vertex of the parabola through the grid minimum and its two neighbours in log η (a sub-grid
-estimate; clipped to the neighbours' span). At the edge of the grid, or next to a diverged
-learning rate, the parabola is one-sided and η*_N is the grid point (flagged "edge").
-
-Drift. slope = least-squares slope of log η*_N on log N: ≈ 0 when the optimum transfers (µP),
-negative when it falls with width (SP with Adam: ≈ -1 for hidden layers). Interval: percentile
-bootstrap (2.5%, 97.5%) over seeds, resampling each width's seeds with replacement (one draw of
-seed indices shared by all learning rates of that width, as a seed fixes the init). With S seeds
-a width has only S^S distinct resamples, so with 2 seeds the interval is coarse and says more
-about init noise than about the grid. A member that diverged counts as loss +inf at its learning
-rate (worse than any finite loss), so a diverged lr is never the optimum.
+Optimum and drift: stats/transfer.py (a parabola in log η through the grid minimum and its
+neighbours; the least-squares slope of log η* on log N; a member that diverged counts as loss
++inf at its learning rate). The drift is read over every width, without the base width
+(param.base_width, where µP's multipliers are 1: the narrowest widths move most), and as local
+slopes between neighbouring widths.
 """
 from __future__ import annotations
 
@@ -30,9 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from fastwidth.report.reader import Run, progress_word, stopped_note
+from fastwidth.stats.transfer import fmt_ci, optimum, range_label, transfer_fit
+from fastwidth.train.sweep import member_name
 
-WINDOW = 0.1       # fraction of the run's tokens averaged at each budget
+__all__ = ["budgets", "drift", "late_drifts", "loss_vs_lr", "lr_curves", "optimum", "transfer_lines"]
+
+WINDOW = 0.1       # fraction of the run's tokens averaged at each budget (training-loss source)
 BUDGETS = (0.25, 0.5, 1.0)
+LATE = 0.5         # late reads: every evaluation in the last half of the run
 N_BOOT = 400
 
 
@@ -42,11 +44,17 @@ def sweep_label(run: Run) -> str:
 
 
 def max_tokens(run: Run) -> int:
-    return max((r["tokens"] for r in run.sweep_rows if r.get("kind") == "train"), default=0)
+    return max((r["tokens"] for r in run.sweep_rows if r.get("kind") in ("train", "eval")), default=0)
+
+
+def _evals(run: Run) -> dict[int, int]:
+    """{tokens: step} of the evaluations of a learning-rate sweep (after step 0)."""
+    return {r["tokens"]: r["step"] for r in run.sweep_rows
+            if r.get("kind") == "eval" and r.get("base_lr") is not None and r["step"] > 0}
 
 
 def lr_curves(run: Run, tokens: int) -> dict[int, dict[float, dict[int, float]]]:
-    """{width: {lr: {seed: loss at `tokens`}}}; a member stopped before `tokens` has loss inf."""
+    """{width: {lr: {seed: training-window loss at `tokens`}}}; a member stopped by then has inf."""
     window = WINDOW * max_tokens(run)
     acc: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in run.sweep_rows:
@@ -55,89 +63,113 @@ def lr_curves(run: Run, tokens: int) -> dict[int, dict[float, dict[int, float]]]
                 acc[r["width"]][r["base_lr"]][r["seed"]].append(r["loss"])
     out = {w: {lr: {s: sum(v) / len(v) for s, v in seeds.items()} for lr, seeds in by_lr.items()}
            for w, by_lr in acc.items()}
-    for r in run.diverged:
-        if r["tokens"] <= tokens:  # stopped by then: it has no loss at this budget or any later one
-            out.setdefault(r["width"], {}).setdefault(r["base_lr"], {})[r["seed"]] = math.inf
+    _mark_diverged(run, out, tokens)
     return {w: dict(sorted(d.items())) for w, d in sorted(out.items())}
 
 
-def optimum(lrs: list[float], losses: list[float]) -> tuple[float, bool]:
-    """(η*, at_edge): the parabolic vertex in log η through the grid minimum and its neighbours."""
-    y = np.asarray(losses, float)
-    if not np.isfinite(y).any():
-        return math.nan, True
-    x = np.log(np.asarray(lrs, float))
-    i = int(np.nanargmin(np.where(np.isfinite(y), y, np.inf)))
-    if i == 0 or i == len(x) - 1 or not (np.isfinite(y[i - 1]) and np.isfinite(y[i + 1])):
-        return float(lrs[i]), True
-    (x0, x1, x2), (y0, y1, y2) = x[i - 1:i + 2], y[i - 1:i + 2]
-    den = (x1 - x0) * (y1 - y2) - (x1 - x2) * (y1 - y0)
-    if den == 0:
-        return float(lrs[i]), False
-    xv = x1 - 0.5 * ((x1 - x0) ** 2 * (y1 - y2) - (x1 - x2) ** 2 * (y1 - y0)) / den
-    return float(math.exp(min(max(xv, x0), x2))), False
+def _mark_diverged(run: Run, out: dict, tokens: int) -> None:
+    for r in run.diverged:
+        if r["tokens"] <= tokens:  # stopped by then: it has no loss at this budget or any later one
+            out.setdefault(r["width"], {}).setdefault(r["base_lr"], {})[r["seed"]] = math.inf
 
 
-def _optima(curves: dict, pick=None) -> dict[int, tuple[float, bool]]:
-    """{width: (η*, at_edge)} from seed means; `pick` maps width -> seed list (a bootstrap draw)."""
-    out = {}
-    for w, by_lr in curves.items():
-        lrs = sorted(by_lr)
-        seeds = sorted({s for d in by_lr.values() for s in d})
-        use = pick[w] if pick else seeds
-        means = []
-        for lr in lrs:
-            vals = [by_lr[lr].get(s, math.nan) for s in use]
-            means.append(math.inf if any(v == math.inf for v in vals) else float(np.nanmean(vals)))
-        if len(lrs) >= 2:
-            out[w] = optimum(lrs, means)
-    return out
+def heldout_curves(run: Run, tokens: int) -> dict[int, dict[float, dict[int, np.ndarray]]]:
+    """{width: {lr: {seed: per-example probe losses (P,)}}} at the evaluation at `tokens`; inf arrays
+    for members stopped by then. A member without a stored signature keeps its probe_loss (P = 1)."""
+    step = _evals(run).get(tokens)
+    out: dict = defaultdict(lambda: defaultdict(dict))
+    for r in run.sweep_rows:
+        if r.get("kind") == "eval" and r.get("step") == step and r.get("base_lr") is not None:
+            sig = run.signature(member_name(r["width"], r["seed"], r["base_lr"]), step)
+            loss = sig[0].get("loss") if sig else None
+            v = np.asarray(loss, dtype=np.float64) if loss is not None else np.array([r.get("probe_loss", math.nan)], float)
+            out[r["width"]][r["base_lr"]][r["seed"]] = v
+    flat: dict = {w: {lr: dict(s) for lr, s in d.items()} for w, d in out.items()}
+    _mark_diverged(run, flat, tokens)
+    return {w: dict(sorted(d.items())) for w, d in sorted(flat.items())}
 
 
-def _slope(opt: dict[int, tuple[float, bool]]) -> float:
-    pts = [(w, lr) for w, (lr, _) in opt.items() if math.isfinite(lr) and lr > 0]
-    if len(pts) < 2:
-        return math.nan
-    x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
-    return float(np.polyfit(x, y, 1)[0])
+def _array(curves: dict) -> tuple[list[int], list[float], np.ndarray]:
+    """(widths, lrs, losses (W, R, S, P)) from nested curves; P = 1 where members disagree on it."""
+    widths = sorted(curves)
+    lrs = sorted({lr for d in curves.values() for lr in d})
+    seeds = sorted({s for d in curves.values() for by_s in d.values() for s in by_s})
+    sizes = {np.size(v) for d in curves.values() for by_s in d.values() for v in by_s.values() if np.all(np.isfinite(v))}
+    p = sizes.pop() if len(sizes) == 1 else 1
+    out = np.full((len(widths), len(lrs), len(seeds), p), np.nan)
+    for i, w in enumerate(widths):
+        for j, lr in enumerate(lrs):
+            for k, s in enumerate(seeds):
+                v = curves[w].get(lr, {}).get(s)
+                if v is not None:
+                    v = np.atleast_1d(np.asarray(v, dtype=np.float64))
+                    out[i, j, k] = v if v.size == p else np.mean(v)
+    return widths, lrs, out
+
+
+def _ranges(run: Run, widths: list[int]) -> dict[str, list[int]]:
+    """Sub-ranges read besides all widths: without the base width (µP's multipliers are 1 there),
+    and without the widest (the range a narrower sweep would have)."""
+    base = run.config.get("param", {}).get("base_width")
+    rest = [w for w in widths if w != base]
+    out = {"excl. base": rest} if base in widths and len(rest) >= 2 else {}
+    return {**out, "excl. widest": widths[:-1]} if len(widths) >= 4 else out
+
+
+def heldout(run: Run) -> bool:
+    return bool(_evals(run))
 
 
 def drift(run: Run, tokens: int, n_boot: int = N_BOOT, seed: int = 0) -> dict:
-    """{"optima": {w: η*}, "edge": {w: bool}, "slope", "ci": [lo, hi], "tokens"} at the budget `tokens`."""
-    curves = lr_curves(run, tokens)
-    opt = _optima(curves)
-    seeds = {w: sorted({s for d in by_lr.values() for s in d}) for w, by_lr in curves.items()}
-    rng = np.random.default_rng(seed)
-    boot = []
-    for _ in range(n_boot):
-        pick = {w: list(rng.choice(s, size=len(s), replace=True)) for w, s in seeds.items()}
-        boot.append(_slope(_optima(curves, pick)))
-    boot = [b for b in boot if math.isfinite(b)]
-    ci = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))] if boot else [math.nan, math.nan]
-    return {"tokens": tokens, "optima": {w: v[0] for w, v in opt.items()}, "edge": {w: v[1] for w, v in opt.items()},
-            "slope": _slope(opt), "ci": ci, "seeds": max((len(s) for s in seeds.values()), default=0)}
+    """stats.transfer.transfer_fit at the budget `tokens`, with "tokens", "source" and "step".
+    Cached on the run: the figures and the summary read the same fits."""
+    cache = run.__dict__.setdefault("_drift_cache", {})
+    if (tokens, n_boot, seed) not in cache:
+        cache[(tokens, n_boot, seed)] = _drift(run, tokens, n_boot, seed)
+    return cache[(tokens, n_boot, seed)]
+
+
+def _drift(run: Run, tokens: int, n_boot: int, seed: int) -> dict:
+    if heldout(run):
+        t = min(_evals(run), key=lambda e: abs(e - tokens))
+        curves, source, step = heldout_curves(run, t), "held-out probe", _evals(run)[t]
+    else:
+        t, curves, source, step = tokens, lr_curves(run, tokens), "training window", None
+    widths, lrs, losses = _array(curves)
+    fit = transfer_fit(lrs, widths, losses, _ranges(run, widths), n_boot=n_boot, seed=seed)
+    return {**fit, "tokens": t, "source": source, "step": step, "curves": curves}
 
 
 def budgets(run: Run) -> list[int]:
-    """Token budgets drawn: fractions BUDGETS of the run, snapped to logged train rows."""
-    logged = sorted({r["tokens"] for r in run.sweep_rows if r.get("kind") == "train"})
+    """Token budgets drawn: fractions BUDGETS of the run, snapped to evaluations (else train rows)."""
+    logged = sorted(_evals(run)) or sorted({r["tokens"] for r in run.sweep_rows if r.get("kind") == "train"})
     if not logged:
         return []
     return sorted({min(logged, key=lambda t: abs(t - f * logged[-1])) for f in BUDGETS})
 
 
+def late_drifts(run: Run, n_boot: int = N_BOOT) -> list[dict]:
+    """The drift at every evaluation in the last LATE of the run (held-out runs only)."""
+    evals = sorted(_evals(run))
+    return [drift(run, t, n_boot) for t in evals if t >= (1 - LATE) * evals[-1]] if evals else []
+
+
+def _seed_mean(v) -> float:
+    vals = [float(np.mean(x)) for x in v.values()]
+    return math.inf if any(x == math.inf for x in vals) else float(np.nanmean(vals))
+
+
 def _draw_panel(ax, run: Run, tokens: int, colors) -> dict:
-    curves, fit = lr_curves(run, tokens), drift(run, tokens)
-    finite = [np.mean([v for v in d.values() if math.isfinite(v)]) for by_lr in curves.values()
-              for d in by_lr.values() if any(math.isfinite(v) for v in d.values())]
+    fit = drift(run, tokens)
+    curves = fit["curves"]
+    means = {w: {lr: _seed_mean(d) for lr, d in by_lr.items()} for w, by_lr in curves.items()}
+    finite = [m for d in means.values() for m in d.values() if math.isfinite(m)]
     top = max(finite) * 1.05 if finite else 1.0
-    for w, by_lr in curves.items():
-        lrs = sorted(by_lr)
-        means = [np.mean(list(by_lr[lr].values())) for lr in lrs]
-        ok = [(lr, m) for lr, m in zip(lrs, means) if math.isfinite(m)]
+    for w, d in means.items():
+        ok = [(lr, m) for lr, m in d.items() if math.isfinite(m)]
         if ok:
             ax.plot(*zip(*ok), "-o", ms=3, color=colors.get(w), label=f"N={w}")
-        bad = [lr for lr, m in zip(lrs, means) if not math.isfinite(m)]
+        bad = [lr for lr, m in d.items() if not math.isfinite(m)]
         if bad:
             ax.plot(bad, [top] * len(bad), "x", ms=7, color=colors.get(w))
         lr_star = fit["optima"].get(w)
@@ -147,9 +179,8 @@ def _draw_panel(ax, run: Run, tokens: int, colors) -> dict:
     ax.set_xscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.set_xlabel("base learning rate η")
-    lo, hi = fit["ci"]
-    ax.set_title(f"{sweep_label(run)}: {progress_word(run)} {tokens}\nlog η* vs log N slope {fit['slope']:+.2f} "
-                 f"[{lo:+.2f}, {hi:+.2f}] (x: diverged, *: optimum)", fontsize=8)
+    ax.set_title(f"{sweep_label(run)}: {progress_word(run)} {fit['tokens']}\nlog η* vs log N slope "
+                 f"{fmt_ci(fit['slope'], fit['ci'])} (x: diverged, *: optimum)", fontsize=8)
     return fit
 
 
@@ -169,9 +200,8 @@ def _draw_drift(ax, runs: list[Run], fits: list[dict]) -> None:
         if math.isfinite(fit["slope"]):
             b = np.polyfit(np.log(ws), np.log(lrs), 1)
             xs = np.array([min(ws), max(ws)], float)
-            lo, hi = fit["ci"]
             ax.plot(xs, np.exp(b[1]) * xs ** b[0], "-", color=cmap(i),
-                    label=f"{sweep_label(run)}: {fit['slope']:+.2f} [{lo:+.2f}, {hi:+.2f}]")
+                    label=f"{sweep_label(run)}: {fmt_ci(fit['slope'], fit['ci'])}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     _width_ticks(ax, [w for f in fits for w in f["optima"]])
@@ -182,44 +212,120 @@ def _draw_drift(ax, runs: list[Run], fits: list[dict]) -> None:
     ax.legend(fontsize=6)
 
 
+def _draw_local(ax, runs: list[Run], fits: list[dict]) -> None:
+    """Local slopes between neighbouring widths (95% CI), at the geometric middle of each pair."""
+    import matplotlib.pyplot as plt
+    from fastwidth.report.figures import _width_ticks
+    cmap = plt.get_cmap("tab10")
+    for i, (run, fit) in enumerate(zip(runs, fits)):
+        pts = [(math.sqrt(a * b) * (1 + 0.04 * i), loc) for loc in fit["local"] for a, b in [loc["widths"]]
+               if math.isfinite(loc["slope"])]
+        if not pts:
+            continue
+        x = [p[0] for p in pts]
+        y = [p[1]["slope"] for p in pts]
+        err = [[max(v - p[1]["ci"][0], 0) if p[1]["ci"] else 0 for v, p in zip(y, pts)],
+               [max(p[1]["ci"][1] - v, 0) if p[1]["ci"] else 0 for v, p in zip(y, pts)]]
+        ax.errorbar(x, y, yerr=err, fmt="-o", ms=4, capsize=3, color=cmap(i), label=sweep_label(run))
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    _width_ticks(ax, [w for f in fits for w in f["optima"]])
+    ax.set_xlabel("width N (between the neighbours)")
+    ax.set_ylabel("local slope of log η*")
+    ax.set_title("where transfer holds: log(η*_b/η*_a)/log(b/a)\n(95% bootstrap over seeds × examples)", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6)
+
+
 def loss_vs_lr(runs: list[Run], path: Path) -> Path | None:
-    """Rows: runs with sweep.lrs; columns: token budgets, and the optimum's drift at the end."""
+    """Rows: runs with sweep.lrs; columns: token budgets, the optimum's drift and its local slopes."""
     import matplotlib.pyplot as plt
     from fastwidth.report.figures import _save, width_colors
     runs = [r for r in runs if r.lrs and budgets(r)]
     if not runs:
         return None
-    n_cols = max(len(budgets(r)) for r in runs) + 1
+    n_cols = max(len(budgets(r)) for r in runs) + 2
     fig, axes = plt.subplots(len(runs), n_cols, figsize=(4.2 * n_cols, 3.6 * len(runs)), squeeze=False)
     end_fits = []
     for row, run in enumerate(runs):
         colors = width_colors(run.widths)
         fits = [_draw_panel(axes[row][j], run, t, colors) for j, t in enumerate(budgets(run))]
         end_fits.append(fits[-1])
-        axes[row][0].set_ylabel("training loss (online, window mean)")
+        axes[row][0].set_ylabel("probe loss (held out)" if heldout(run) else "training loss (online, window mean)")
         axes[row][0].legend(fontsize=6, title="width", title_fontsize=6)
-        for j in range(len(fits), n_cols - 1):
+        for j in range(len(fits), n_cols - 2):
             axes[row][j].axis("off")
         if row:
             axes[row][-1].axis("off")
-    _draw_drift(axes[0][-1], runs, end_fits)
+            axes[row][-2].axis("off")
+    _draw_drift(axes[0][-2], runs, end_fits)
+    _draw_local(axes[0][-1], runs, end_fits)
     return _save(fig, path)
 
 
+def drift_over_training(runs: list[Run], path: Path) -> Path | None:
+    """The drift (95% band) at every evaluation of the second half, over all widths and without the base."""
+    import matplotlib.pyplot as plt
+    from fastwidth.report.figures import _save
+    found = [(run, late_drifts(run)) for run in runs if run.lrs]
+    found = [(run, reads) for run, reads in found if len(reads) >= 2]
+    if not found:
+        return None
+    fig, axes = plt.subplots(1, len(found), figsize=(5.2 * len(found) + 0.6, 3.8), squeeze=False, sharey=True)
+    for ax, (run, reads) in zip(axes[0], found):
+        t = [r["tokens"] for r in reads]
+        for (name, color) in (("all", "tab:blue"), ("excl. base", "tab:orange")):
+            got = [r["ranges"].get(name) for r in reads]
+            if not all(got):
+                continue
+            ax.plot(t, [g["slope"] for g in got], "-o", ms=3, color=color,
+                    label=f"{range_label(got[0]['widths'])}" + (" (without the base width)" if name != "all" else ""))
+            if all(g["ci"] for g in got):
+                ax.fill_between(t, [g["ci"][0] for g in got], [g["ci"][1] for g in got], color=color, alpha=0.18, lw=0)
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set_xlabel(f"{progress_word(run)} seen")
+        ax.set_title(f"{sweep_label(run)}: drift of η* read at each evaluation\n(band: 95% bootstrap, "
+                     f"{reads[-1]['resampled']})", fontsize=8)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("slope of log η* on log N")
+    return _save(fig, path)
+
+
+def _fit_cells(fit: dict) -> str:
+    sub = [f"{range_label(r['widths'])}: {fmt_ci(r['slope'], r['ci'])}" for k, r in fit["ranges"].items() if k != "all"]
+    loc = ", ".join(f"{a}→{b}: {fmt_ci(loc['slope'], loc['ci'])}" for loc in fit["local"] for a, b in [loc["widths"]])
+    return f"{'; '.join(sub) or '–'} | {loc}"
+
+
 def transfer_lines(runs: list[Run]) -> list[str]:
-    """summary.md lines: members left out for divergence, and each sweep's optimum and drift."""
+    """summary.md lines: members left out for divergence, each sweep's optimum and drift, late reads."""
     lines = [line for run in runs for line in stopped_note(run)]
     sweeps = [r for r in runs if r.lrs and budgets(r)]
     if not sweeps:
         return lines
     lines += ["## Learning-rate transfer", "",
-              "| run | seen | η* per width (sub-grid; * = at the grid's edge) | slope of log η* on log N [95% bootstrap] |",
-              "|---|---:|---|---|"]
+              "| run | seen | η* per width (sub-grid; * = at the grid's edge) | slope of log η* on log N [95% bootstrap] "
+              "| sub-ranges (without the base width; without the widest) | local slopes |", "|---|---:|---|---|---|---|"]
     for run in sweeps:
         for t in budgets(run):
             fit = drift(run, t)
             opts = ", ".join(f"{w}: {lr:.3g}{'*' if fit['edge'][w] else ''}" for w, lr in fit["optima"].items())
-            lo, hi = fit["ci"]
-            lines.append(f"| {sweep_label(run)} | {t} {progress_word(run)} | {opts} | {fit['slope']:+.3f} [{lo:+.3f}, {hi:+.3f}] "
-                         f"({fit['seeds']} seeds) |")
-    return lines + [""]
+            ci = fit["ci"] or [math.nan, math.nan]
+            lines.append(f"| {sweep_label(run)} | {fit['tokens']} {progress_word(run)} | {opts} | {fit['slope']:+.3f} "
+                         f"[{ci[0]:+.3f}, {ci[1]:+.3f}] ({fit['seeds']} seeds, {fit['source']}, resampling "
+                         f"{fit['resampled']}) | {_fit_cells(fit)} |")
+    lines += [""]
+    for run in sweeps:
+        reads = late_drifts(run)
+        if len(reads) >= 2:
+            lines += [f"{sweep_label(run)}: the drift read at every evaluation of the second half (held-out probe, "
+                      f"{reads[-1]['examples']} examples):", "",
+                      "| step | all widths | without the base width | without the widest |", "|---:|---|---|---|"]
+            for r in reads:
+                subs = [r["ranges"].get(k) for k in ("excl. base", "excl. widest")]
+                lines.append(f"| {r['step']} | {fmt_ci(r['slope'], r['ci'])} | "
+                             + " | ".join(f"{range_label(x['widths'])}: {fmt_ci(x['slope'], x['ci'])}" if x else "–"
+                                          for x in subs) + " |")
+            lines += [""]
+    return lines

@@ -1,7 +1,8 @@
 """Seed ensembles: V_N, raw and debiased bias, the width fits and their bootstrap intervals.
 
     est = SeedEnsembles({w: (S_w, P) true logits}, {w: [seeds]}, ref_width)
-    per_width = est.width_rows()          # seed_variance, bias, bias_sq_debiased (+ _ci) per width
+    per_width = est.width_rows()          # seed_variance, bias, bias_sq_debiased, RMSE (+ _ci) per width
+    value, ci = tail_mean_ci(per_seed_values)   # a seed mean averaged over evaluations, with its interval
     fit = est.fit_row(n_boot=1000)        # rmse/variance/bias slopes with [lo, hi] intervals
 
 Notation: f_{N,s} is the true-class logit vector (P probe points) of the width-N model of seed s;
@@ -100,6 +101,41 @@ def basic_ci(observed, samples, truth, level: float = CI_LEVEL, min_finite: floa
         return None
     q = (1 - level) / 2
     return [t - float(np.quantile(ok, 1 - q)), t - float(np.quantile(ok, q))]
+
+
+def covering(ci: list | None, value: float) -> list | None:
+    """`ci` extended to contain `value` where it does not (summary.json's contract: an interval holds
+    its point). A basic interval misses its point only when the replicates' 2.5-97.5% range misses
+    the bootstrap-world value, which needs a strongly skewed statistic with 3-4 seeds; then the
+    interval's far end is kept and the near end moved to the point, never narrowed."""
+    if ci is None or not math.isfinite(value):
+        return ci
+    return [min(ci[0], value), max(ci[1], value)]
+
+
+def tail_mean_ci(values, n_boot: int = 1000, seed: int = 0, level: float = CI_LEVEL) -> tuple[float, list | None]:
+    """(value, [lo, hi]) of the mean over columns of the per-column seed means of `values` (S, T).
+
+    Rows are seeds, columns the evaluations averaged (the report's last 25% of tokens); nan marks a
+    seed without that evaluation. The value is then exactly the report's late mean of the
+    seed-mean series. Interval: basic bootstrap over seeds (rows resampled with replacement, as
+    weights), covering the value; None with fewer than MIN_SEEDS_CI seeds.
+    """
+    m = np.atleast_2d(np.asarray(values, dtype=np.float64))
+    have = np.isfinite(m)
+    z = np.where(have, m, 0.0)
+
+    def stat(weights: np.ndarray) -> np.ndarray:                      # weights (B, S) -> (B,)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_t = (weights @ z) / (weights @ have)                  # (B, T) seed means per column
+        return np.nanmean(np.where(np.isfinite(per_t), per_t, np.nan), axis=1)
+
+    value = float(stat(np.ones((1, m.shape[0])))[0])
+    if m.shape[0] < MIN_SEEDS_CI or not n_boot or not math.isfinite(value):
+        return value, None
+    pos = np.random.default_rng(seed).integers(0, m.shape[0], (n_boot, m.shape[0]))
+    weights = (pos[:, :, None] == np.arange(m.shape[0])).sum(1).astype(np.float64)   # (B, S) multiplicities
+    return value, covering(basic_ci(value, stat(weights), value, level), value)
 
 
 # --------------------------------------------------------------------------- the estimator
@@ -217,7 +253,11 @@ class SeedEnsembles:
     # ---- rows
 
     def width_rows(self, n_boot: int = 1000, seed: int = 0) -> dict[int, dict]:
-        """{width: {n_seeds, seed_variance, seed_std, bias, bias_sq_debiased, bias_sq_debiased_ci}}."""
+        """{width: {n_seeds, seed_variance(_ci), seed_std, bias, bias_sq_debiased(_ci), true_logit_rmse(_ci)}}.
+
+        true_logit_rmse is this step's mean same-seed RMSE to the reference (the fit's points); the
+        reference width has no bias or RMSE entries. Every `_ci` is None without a bootstrap.
+        """
         p = self._point()
         boot = self._bootstrap(n_boot, seed, fits=False)
         rows = {}
@@ -225,10 +265,14 @@ class SeedEnsembles:
             v = float(p["seed_variance"][w][0])
             row = {"n_seeds": len(self.index[w]), "bias": 0.0 if w == self.ref else float(p["bias"][w][0])}
             if math.isfinite(v):
-                row.update(seed_variance=v, seed_std=math.sqrt(max(v, 0.0)))
+                row.update(seed_variance=v, seed_std=math.sqrt(max(v, 0.0)),
+                           seed_variance_ci=covering(basic_ci(*(d[f"seed_variance/{w}"] for d in boot)), v) if boot else None)
             if w != self.ref:
                 row["bias_sq_debiased"] = float(p["bias_sq_debiased"][w][0])
                 row["bias_sq_debiased_ci"] = basic_ci(*(d[f"bias_sq_debiased/{w}"] for d in boot)) if boot else None
+                rmse = float(p["rmse"][w][0])
+                row["true_logit_rmse"] = rmse
+                row["true_logit_rmse_ci"] = covering(basic_ci(*(d[f"rmse/{w}"] for d in boot)), rmse) if boot else None
             rows[w] = row
         return rows
 

@@ -42,3 +42,20 @@ def test_rank_union(dcfg):
     assert torch.equal(torch.cat([p["y"] for p in parts]), single["y"])
     with pytest.raises(DataError, match="data.batch_size 6 is not divisible"):
         build_stream(cfg, rank=0, world_size=4)
+
+
+def test_label_noise_flips_training_labels_only(dcfg):
+    clean = build_stream(dcfg(source="synthetic", batch_size=4000, probe_size=64, num_classes=5))
+    noisy = build_stream(dcfg(source="synthetic", batch_size=4000, probe_size=64, num_classes=5, label_noise=0.4))
+    a, b = clean.batch(2), noisy.batch(2)
+    assert torch.equal(a["x"], b["x"]) and torch.equal(clean.probe()["y"], noisy.probe()["y"])
+    # a flipped label is a uniform class: it differs from the teacher's with probability 0.4 × 4/5
+    assert (a["y"] != b["y"]).float().mean().item() == pytest.approx(0.32, abs=0.03)
+    assert torch.equal(b["y"], build_stream(dcfg(source="synthetic", batch_size=4000, probe_size=64, num_classes=5,
+                                                 label_noise=0.4)).batch(2)["y"])
+    parts = [build_stream(dcfg(source="synthetic", batch_size=4000, num_classes=5, label_noise=0.4), rank=r,
+                          world_size=2).batch(2)["y"] for r in range(2)]
+    assert torch.equal(torch.cat(parts), b["y"])                      # every rank draws the same flips
+    assert noisy.fingerprint != clean.fingerprint
+    assert clean.fingerprint == build_stream(dcfg(source="synthetic", batch_size=4000, probe_size=64,
+                                                  num_classes=5, label_noise=0.0)).fingerprint

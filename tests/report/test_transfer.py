@@ -8,7 +8,7 @@ import yaml
 
 from fastwidth.report.cli import make_report
 from fastwidth.report.reader import load_run
-from fastwidth.report.transfer import drift, lr_curves, optimum
+from fastwidth.report.transfer import drift, lr_curves, optimum, transfer_lines
 
 WIDTHS, SEEDS = [64, 128, 256, 512], [0, 1, 2]
 LRS = [2.0 ** k for k in range(-16, -5)]
@@ -84,3 +84,52 @@ def test_report_draws_loss_vs_lr_and_quotes_the_drift(tmp_path):
     assert "Learning-rate transfer" in summary and "0.000 [" in summary and "-1.000" in summary
     assert "diverged and were stopped" in summary
     assert "| 500 tokens |" in summary and "| 500 examples |" in summary     # a classifier counts examples
+
+
+def heldout_lr_run(path, steps=(10, 20, 30, 40), n_examples=64):
+    """Eval rows and per-example probe losses in signatures: η*_N = 1e-3 at N = 64 (the base width)
+    and 2e-3 above it, so all of the drift is the step 64 → 128."""
+    from fastwidth.stats.signature import save_signature, signature_path
+    from fastwidth.train.sweep import member_name
+    import torch
+    path.mkdir(parents=True)
+    cfg = {"model": {"arch": "mlp"}, "param": {"kind": "mup", "base_width": 64},
+           "sweep": {"widths": WIDTHS, "seeds": SEEDS, "lrs": LRS, "reference_width": 512}}
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    difficulty = np.random.default_rng(1).standard_normal(n_examples)  # shared by members: cancels
+    rows = []
+    for w in WIDTHS:
+        star = 1e-3 if w == 64 else 2e-3
+        for lr in LRS:
+            for s in SEEDS:
+                for step in steps:
+                    per = 1 + (math.log(lr) - math.log(star)) ** 2 + difficulty
+                    rows.append({"kind": "eval", "step": step, "tokens": step * 10, "width": w, "seed": s,
+                                 "base_lr": lr, "probe_loss": float(per.mean())})
+                    save_signature(signature_path(path, member_name(w, s, lr), step),
+                                   {"loss": torch.tensor(per, dtype=torch.float32)}, {})
+    (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_heldout_drift_reads_every_range_and_late_step(tmp_path):
+    from fastwidth.report.transfer import late_drifts
+    run = load_run(heldout_lr_run(tmp_path / "r"))
+    fit = drift(run, 400)
+    assert fit["source"] == "held-out probe" and fit["examples"] == 64 and fit["resampled"] == "seeds x examples"
+    assert fit["optima"][64] == pytest.approx(1e-3, rel=1e-5) and fit["optima"][512] == pytest.approx(2e-3, rel=1e-5)
+    assert fit["ranges"]["excl. base"]["widths"] == [128, 256, 512]
+    assert fit["ranges"]["excl. base"]["slope"] == pytest.approx(0.0, abs=1e-5)
+    assert [loc["slope"] for loc in fit["local"]] == pytest.approx([1.0, 0.0, 0.0], abs=1e-5)
+    reads = late_drifts(run)
+    assert [r["step"] for r in reads] == [20, 30, 40]                # the second half of the run
+    summary = "\n".join(transfer_lines([run]))
+    assert "without the base width" in summary and "64→128: +1.00" in summary and "| 40 |" in summary
+
+
+@pytest.mark.slow
+def test_report_draws_the_heldout_drift(tmp_path):
+    summary = make_report([heldout_lr_run(tmp_path / "r")], tmp_path / "out").read_text()
+    assert "without the base width" in summary and "64→128: +1.00" in summary and "| 40 |" in summary
+    for name in ("loss_vs_lr.png", "transfer_drift.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 20_000

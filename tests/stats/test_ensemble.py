@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fastwidth.stats import metrics as M
-from fastwidth.stats.ensemble import (EnsembleCurve, SeedEnsembles, fit_inverse_e, masked_slopes, member_subsets,
-                                      basic_ci)
+from fastwidth.stats.ensemble import (EnsembleCurve, SeedEnsembles, basic_ci, covering, fit_inverse_e, masked_slopes,
+                                      member_subsets, tail_mean_ci)
 
 
 def synthetic(widths, n_seeds, points=400, bias=0.0, var_scale=4.0, ref=None, seed=0):
@@ -150,3 +150,40 @@ def test_fit_inverse_e_and_subsets():
     assert math.isnan(fit_inverse_e([1.0])[0])
     assert len(member_subsets(4, 2)) == 6 and len(member_subsets(12, 6, limit=32)) == 32
     assert len(set(member_subsets(12, 6, limit=32))) == 32
+
+
+def test_tail_mean_ci_is_the_late_mean_and_covers_the_mean_at_about_its_level():
+    m = np.array([[1.0, 2.0], [3.0, np.nan], [5.0, 6.0]])          # seed 1 lacks the second evaluation
+    value, ci = tail_mean_ci(m, n_boot=200)
+    assert value == pytest.approx((3.0 + 4.0) / 2)                    # mean over columns of column seed means
+    assert ci[0] <= value <= ci[1] and ci[1] - ci[0] > 1.0
+    assert tail_mean_ci(np.full((4, 3), 2.5), n_boot=50)[1] == pytest.approx([2.5, 2.5])
+    assert tail_mean_ci(m[:2], n_boot=50)[1] is None                  # 2 seeds: no interval
+    rng, hits, reps = np.random.default_rng(0), 0, 300
+    for r in range(reps):                                             # seeds ~ N(1, 1): the truth is 1
+        lo, hi = tail_mean_ci(1.0 + rng.standard_normal((8, 1)) + np.zeros((8, 3)), n_boot=300, seed=r)[1]
+        hits += lo <= 1.0 <= hi
+    # the basic bootstrap of a mean of 8 normal seeds covers P(|t_7| < 1.96 sqrt(7/8)) = 0.89
+    assert 0.8 < hits / reps < 0.96, hits
+
+
+def test_width_rows_carry_intervals_that_hold_their_points_and_the_truth():
+    cover, reps = {"v": 0, "r": 0}, 60
+    for r in range(reps):
+        true, seeds = synthetic([16, 32, 64], 6, var_scale=4.0, seed=r)
+        rows = SeedEnsembles(true, seeds, 64).width_rows(n_boot=300, seed=r)
+        for w in (16, 32, 64):
+            lo, hi = rows[w]["seed_variance_ci"]
+            assert lo <= rows[w]["seed_variance"] <= hi
+            cover["v"] += w == 32 and lo <= 4.0 / 32 <= hi
+        lo, hi = rows[32]["true_logit_rmse_ci"]
+        assert lo <= rows[32]["true_logit_rmse"] <= hi and "true_logit_rmse" not in rows[64]
+        cover["r"] += lo <= math.sqrt(4.0 / 32 + 4.0 / 64) <= hi     # E[RMSE²] = V_N + V_ref, b = 0
+    assert cover["v"] / reps > 0.8 and cover["r"] / reps > 0.8, cover
+    two = SeedEnsembles(*synthetic([16, 32], 2), 32).width_rows(n_boot=100)
+    assert two[16]["seed_variance_ci"] is None and two[16]["true_logit_rmse_ci"] is None
+
+
+def test_covering():
+    assert covering([1.0, 2.0], 0.5) == [0.5, 2.0] and covering([1.0, 2.0], 1.5) == [1.0, 2.0]
+    assert covering(None, 1.0) is None

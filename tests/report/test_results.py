@@ -1,0 +1,41 @@
+"""docs/results.md regeneration (report/results.py): the blocks it rewrites and its command line."""
+import pytest
+
+from fastwidth.report.results import SECTIONS, main, write_block
+
+
+def test_write_block_replaces_its_markers_and_keeps_the_prose(tmp_path):
+    doc = tmp_path / "results.md"
+    sec = next(s for s in SECTIONS if s.name == "complexity")
+    doc.write_text("# Results\n\nhand-written prose\n")
+    write_block(doc, sec, ["first"])
+    assert "## Bias against the task's complexity" in doc.read_text()
+    doc.write_text(doc.read_text() + "\nmore prose after\n")
+    write_block(doc, sec, ["second", "block"])
+    text = doc.read_text()
+    assert "first" not in text and "second\nblock" in text and text.count("results:complexity:start") == 1
+    assert "hand-written prose" in text and "more prose after" in text
+
+
+def test_every_section_names_existing_configs_and_bad_names_exit_2(capsys):
+    from pathlib import Path
+    for s in SECTIONS:
+        for _, cfg, _ in s.runs:
+            assert Path(cfg).is_file(), cfg
+    assert main(["--list"]) == 0 and "complexity:" in capsys.readouterr().out
+    assert main(["--only", "nosuch"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown section" in err
+
+
+@pytest.mark.slow
+def test_a_section_regenerates_from_finished_runs(tmp_path):
+    import json
+    from fastwidth.report.results import Section, run_section
+    sec = Section("tiny", "tiny", (("mlp", "configs/complexity/teacher_student.yaml",
+                                    ("train.threads=1", "train.steps=4", "stats.every=2", "sweep.widths=[32,64]",
+                                     "sweep.seeds=[0,1,2]", "sweep.reference_width=64")),))
+    block = run_section(sec, tmp_path / "runs", tmp_path / "docs", reuse=True)
+    assert any("# " in line and " s" in line for line in block) and "| mlp (mup) | 32 |" in "\n".join(block)
+    doc = json.loads((tmp_path / "docs" / "results" / "tiny" / "summary.json").read_text())
+    assert doc["widths"][0]["true_logit_rmse_ci"] is not None
