@@ -1,6 +1,8 @@
 # make demo: the µP GPT width sweep on the stdlib corpus (prints its run directory)
 # make test: the whole test suite (kernels interpreted by Triton on the CPU, 2-rank distributed tests)
 # make bench: the CPU benchmarks under pytest-benchmark (bench/test_bench_*.py)
+# make aot: compile every Triton kernel config for sm_90 (no GPU needed), write bench/aot_sm90.csv,
+#   fail on a spill, a bf16 dot off wgmma or a shared-memory overflow
 # make build-ext: compile the native C++ ops of csrc/ into the user cache (else built on first use)
 # Both create .venv when missing and install with the pinned versions in constraints.txt.
 PYTHON ?= python3
@@ -8,7 +10,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastwidth-installed
 
-.PHONY: demo test bench build-ext clean-venv
+.PHONY: demo test bench aot build-ext clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +20,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(PY) launch/train.py --config configs/demo.yaml
+
+aot: $(STAMP)
+	$(PY) -m fastwidth.kernels.aot --arch sm_90 --csv bench/aot_sm90.csv
 
 build-ext: $(STAMP)
 	$(PY) -m fastwidth.cli build-ext
