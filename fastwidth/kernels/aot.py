@@ -41,7 +41,7 @@ CSV_FIELDS = ("family", "kernel", "config", "dtype", "registers", "spills", "sha
               "dot", "compiled")
 FLOAT_ARGS = {"eps", "qk_scale", "scale", "z_coef", "lo", "bin_scale"}
 TL_DTYPE = {"bf16": "bf16", "fp32": "fp32"}
-NORM_WIDTHS = (1024, 4096, 16384, 32768)  # next_pow2 of the model widths, up to norm.MAX_N
+NORM_WIDTHS = (1024, 4096, 8192, 16384, 32768)  # model widths up to norm.MAX_N (block_plan chunks > 8k)
 HEAD_DIMS = (64, 128)
 
 
@@ -114,17 +114,21 @@ def _readout_specs() -> list[Spec]:
 def _norm_specs() -> list[Spec]:
     from fastwidth.kernels import norm
     mod = "fastwidth.kernels.norm"
-    bwd_warps = getattr(norm, "_bwd_warps", norm._warps)
-    stats = {"mean_ptr": "fp32", "rstd_ptr": "fp32", "rms_ptr": "fp32", "dw_ptr": "fp32", "db_ptr": "fp32"}
+    stats = {"mean_ptr": "fp32", "rstd_ptr": "fp32", "rms_ptr": "fp32", "dw_ptr": "fp32", "db_ptr": "fp32",
+             "c_ptr": "fp32"}
     out = []
     for dtype in ("bf16", "fp32"):
-        for bn in NORM_WIDTHS:
-            for is_rms in (True, False):
-                flags = dict(IS_RMS=is_rms, HAS_W=True, HAS_B=not is_rms)
-                out.append(Spec("norm", mod, "_norm_fwd_kernel", dtype, dict(flags, HAS_RES=True, BLOCK_N=bn),
-                                norm._warps(bn), 3, stats))
-                out.append(Spec("norm", mod, "_norm_bwd_kernel", dtype, dict(flags, HAS_DS=True, BLOCK_N=bn),
-                                bwd_warps(bn), 3, stats))
+        for is_rms in (True, False):
+            flags = dict(IS_RMS=is_rms, HAS_W=True, HAS_B=not is_rms)
+            for bn, chunked in dict.fromkeys(norm.block_plan(n) for n in NORM_WIDTHS):  # the launchers' blocks
+                out.append(Spec("norm", mod, "_norm_fwd_kernel", dtype,
+                                dict(flags, HAS_RES=True, CHUNKED=chunked, BLOCK_N=bn), norm._warps(bn), 3, stats))
+            for bn, chunked in dict.fromkeys(norm.block_plan(n, backward=True) for n in NORM_WIDTHS):
+                out.append(Spec("norm", mod, "_norm_bwd_kernel", dtype,
+                                dict(flags, HAS_DS=True, ROW_SUMS=chunked, BLOCK_N=bn), norm._bwd_warps(bn), 3, stats))
+        for bn in {norm.block_plan(n, backward=True)[0] for n in NORM_WIDTHS if norm.block_plan(n, True)[1]}:
+            out.append(Spec("norm", mod, "_norm_bwd_rowsum_kernel", dtype, dict(HAS_W=True, BLOCK_N=bn),
+                            norm._warps(bn), 3, stats))
     return out
 
 
