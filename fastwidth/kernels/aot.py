@@ -296,15 +296,16 @@ def markdown(rows: list[dict]) -> str:
     head = ("| family | kernel | dtype | config | shared B | regs | spills | wgmma | CTAs/SM |\n"
             "|---|---|---|---|---:|---:|---:|---|---:|")
     body = [f"| {r['family']} | {r['kernel']} | {r['dtype']} | {r['config']} | {r['shared_bytes']} | "
-            f"{r['registers']} | {r['spills']} | {'yes' if r['wgmma'] else 'no'} | {r.get('occupancy')} |" for r in rows]
+            f"{r['registers']} | {r['spills']} | {'yes' if r['wgmma'] else 'no'} | {r.get('occupancy')} |"
+            for r in rows]
     return "\n".join([head, *body])
 
 
 def write_csv(rows: list[dict], path: str) -> None:
     """The table as CSV (CSV_FIELDS), sorted by family, kernel, dtype, config: a stable diff."""
     import csv
-    key = lambda r: (FAMILIES.index(r["family"]) if r["family"] in FAMILIES else 99, r["kernel"], r["dtype"],  # noqa: E731
-                     r["config"])
+    def key(r):
+        return FAMILIES.index(r["family"]) if r["family"] in FAMILIES else 99, r["kernel"], r["dtype"], r["config"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
