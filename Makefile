@@ -3,6 +3,8 @@
 # make bench: the CPU benchmarks under pytest-benchmark (bench/test_bench_*.py)
 # make results: rerun the science configs and rewrite docs/results.md's generated blocks (hours on 2 cores;
 #   ARGS="--only complexity" for one section, ARGS=--reuse to report finished runs again)
+# make aot: compile every Triton kernel config for sm_90 (no GPU needed), write bench/aot_sm90.csv,
+#   fail on a spill, a bf16 dot off wgmma or a shared-memory overflow
 # make build-ext: compile the native C++ ops of csrc/ into the user cache (else built on first use)
 # Both create .venv when missing and install with the pinned versions in constraints.txt.
 PYTHON ?= python3
@@ -10,7 +12,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastwidth-installed
 
-.PHONY: demo test bench build-ext clean-venv results
+.PHONY: demo test bench aot build-ext clean-venv results
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +25,9 @@ demo: $(STAMP)
 
 results: $(STAMP)
 	$(PY) -m fastwidth.report.results $(ARGS)
+
+aot: $(STAMP)
+	$(PY) -m fastwidth.kernels.aot --arch sm_90 --csv bench/aot_sm90.csv
 
 build-ext: $(STAMP)
 	$(PY) -m fastwidth.cli build-ext

@@ -143,32 +143,29 @@ def act_cases(device, M=16384, N=8192, dtype=torch.bfloat16) -> list[Case]:
 # ---------------------------------------------------------------- the GPT training step
 
 
-def gpt_flops(model, B, T, depth, width):
-    n_params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
-    # 6 N a token (matmuls fwd + bwd) + 12 L T d (attention scores and values, PaLM appendix B)
-    return B * T * (6 * n_params + 12 * depth * T * width)
-
-
-def gpt_step_case(device, width=1024, depth=12, B=8, T=1024, V=50304, head_dim=128, compile_impls=True) -> Case:
+def gpt_step_case(device, width=2048, depth=12, B=8, T=1024, V=50304, head_dim=128, compile_impls=True) -> Case:
     """One training step (bf16 autocast forward, backward, AdamW) of a µP GPT, per implementation:
-    eager torch ops, torch.compile, the Triton kernels, kernels + compile."""
+    eager torch ops, the Triton kernels, torch.compile, kernels + compile (the compiled ones last:
+    their compile is what a deadline may cut). Work: the loop's model FLOPs a token
+    (fastwidth.train.flops: 6 x matmul parameters + 12 L T d), so rate / peak is its MFU."""
     from fastwidth.config import Config
-    from fastwidth.models import build_meta, build_model
+    from fastwidth.models import build_model
+    from fastwidth.train.flops import flops_per_token
     cfg = Config()
     cfg.model.arch, cfg.model.width, cfg.model.depth, cfg.model.head_dim = "gpt", width, depth, head_dim
-    io = SimpleNamespace(kind="tokens", vocab_size=V, seq_len=T)
+    io = SimpleNamespace(kind="tokens", vocab_size=V, seq_len=T, in_shape=None, num_classes=None)
     x = torch.randint(0, V, (B, T + 1), device=device)
-    state = {}
+    states: dict = {}  # one model and optimizer per impl, built on its first call (its warmup)
 
     def impl(backend, compiled):
         def run():
-            if state.get("key") != (backend, compiled):  # build once per impl, outside the timed calls' warmup
-                state.clear()
+            state = states.get((backend, compiled))
+            if state is None:
                 dispatch.set_backend(backend)
                 model, _ = build_model(cfg, io, device=device, seed=0)
-                state.update(key=(backend, compiled), model=model,
-                             opt=torch.optim.AdamW(model.parameters(), lr=1e-4),
-                             loss=torch.compile(model.loss) if compiled else model.loss)
+                state = states[(backend, compiled)] = dict(
+                    model=model, opt=torch.optim.AdamW(model.parameters(), lr=1e-4),
+                    loss=torch.compile(model.loss) if compiled else model.loss)
             dispatch.set_backend(backend)
             with torch.autocast(device, dtype=torch.bfloat16):
                 loss = state["loss"](x[:, :-1], x[:, 1:])
@@ -180,6 +177,6 @@ def gpt_step_case(device, width=1024, depth=12, B=8, T=1024, V=50304, head_dim=1
     if compile_impls:
         impls["torch.compile"] = impl("torch", True)
         impls["triton+compile"] = impl("triton", True)
-    work = gpt_flops(build_meta(cfg, io), B, T, depth, width)
+    work = B * T * flops_per_token(cfg, io)
     return Case("gpt_step", f"gpt w{width} L{depth} B{B} T{T} V{V} bf16-autocast", "TFLOP/s", work, impls, "eager",
                 targets=[("speed", "eager", ">", 1.0)] + ([("speed", "torch.compile", ">", 1.0)] if compile_impls else []))

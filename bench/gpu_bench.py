@@ -5,12 +5,14 @@
 
 Prints its budget and the time each part took. The GPU tests run first (pytest without -x, so
 one failure hides nothing), then each timing family in its own subprocess, so that a CUDA fault
-in one cannot poison the others, each with a deadline from what is left of the budget. Uses only
+in one cannot poison the others, each with a deadline from what is left of the budget: the child
+skips what it cannot start before its deadline and writes its rows after every case, so a part
+cut short still reports what it measured. Uses only
 torch, triton and the repository (transformers and deepspeed are not needed; pyyaml and pytest
 are checked and their absence reported). Writes DIR/gpu_results.csv (bench/results.csv's
 columns) and DIR/gpu_results.md (every row, the issue's targets as ratios measured in the same
-run, alternating each fast path with its baselines, and the notes). The cases live in
-bench/cases.py.
+run, alternating each fast path with its baselines, each row beside its baseline, MFU for the
+GPT step, and the notes); DIR defaults to bench/. The cases live in bench/cases.py.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ PLAN = {"tests": 150, "attention": 110, "readout_ce": 35, "norm": 30, "act": 25,
 SPARE_S = 20
 DRY_RUN_SCALE = 4.0  # --dry-run: the Triton interpreter on a shared CPU, every deadline 4x
 CSV_FIELDS = ["time", "bench", "machine", "commit", "shape", "metric", "value", "baseline", "ratio"]
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense bf16, NVIDIA datasheets
+CHILD_RESERVE = 0.15  # a child stops starting impls when less than this share of its deadline is left
 
 
 # ---------------------------------------------------------------- the child: one family of cases
@@ -51,7 +53,8 @@ def _build(family: str, device: str, dry: bool) -> list:
     if family == "readout_ce":
         return [C.readout_ce_case(device, M=8, N=32, V=131) if dry else C.readout_ce_case(device)]
     if family == "norm":
-        return C.norm_cases(device, M=8, N=64) if dry else C.norm_cases(device)
+        # 4096 columns: one block; 16384: the chunked kernels (norm.CHUNK)
+        return C.norm_cases(device, M=8, N=64) if dry else C.norm_cases(device) + C.norm_cases(device, M=4096, N=16384)
     if family == "act":
         return C.act_cases(device, M=8, N=128) if dry else C.act_cases(device)
     if family == "gpt_step":
@@ -96,31 +99,44 @@ def _peak_mib(fn, cuda: bool) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
-def run_child(family: str, out: Path, dry: bool) -> int:
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+
+
+def run_child(family: str, out: Path, dry: bool, deadline_s: float = float("inf")) -> int:
+    """Time every case of `family`, writing out/rows_<family>.json after each case; an impl not
+    started while CHILD_RESERVE of the deadline is left, or a case past it, is a note row."""
     import torch
+    t0 = time.monotonic()
+    left = lambda: deadline_s - (time.monotonic() - t0)  # noqa: E731
     cuda = not dry
     device = "cuda" if cuda else "cpu"
-    rows = []
+    rows: list[dict] = []
+    path = out / f"rows_{family}.json"
     for case in _build(family, device, dry):
         ok = {}
         for name, fn in case.impls.items():  # an impl that cannot run this shape is a note, not fatal
+            if left() < CHILD_RESERVE * deadline_s:
+                rows.append(dict(case=case.case, shape=case.shape, impl=name, error="skipped: part deadline"))
+                continue
             try:
                 fn()
                 ok[name] = fn
             except Exception as e:
-                rows.append(dict(case=case.case, shape=case.shape, impl=name, error=f"{type(e).__name__}: "
-                                 f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"))
-        ms = _time_interleaved(ok, reps=2 if dry else 10, warmup=0 if dry else 2, cuda=cuda)
+                rows.append(dict(case=case.case, shape=case.shape, impl=name, error=_error(e)))
+        reps = 2 if dry else (10 if left() > CHILD_RESERVE * deadline_s else 3)
+        ms = _time_interleaved(ok, reps=reps, warmup=0 if dry else 2, cuda=cuda)
         for name, fn in ok.items():
             rate = case.work / (ms[name] * 1e-3) / (1e12 if case.unit == "TFLOP/s" else 1e9)
             rows.append(dict(case=case.case, shape=case.shape, impl=name, ms=ms[name], rate=rate, unit=case.unit,
                              peak_mib=_peak_mib(fn, cuda), baseline=case.baseline, fast=case.fast,
                              targets=case.targets, note=case.note))
         print(f"  {case.case} {case.shape}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()), flush=True)
+        path.write_text(json.dumps(rows))
         del case
         if cuda:
             torch.cuda.empty_cache()
-    (out / f"rows_{family}.json").write_text(json.dumps(rows))
+    path.write_text(json.dumps(rows))
     return 0
 
 
@@ -214,10 +230,15 @@ def target_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _peak(env: dict) -> float | None:
+    from fastwidth.train.flops import GPU_PEAK_BF16  # the training loop's MFU uses the same table
+    return next((v for k, v in GPU_PEAK_BF16 if k in env["gpu"]), None)
+
+
 def csv_rows(rows: list[dict], env: dict, when: str, commit: str) -> list[dict]:
     """bench/results.csv's columns: one row per (impl, metric), ratio = value / the baseline's value."""
     idx = _by_impl(rows)
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in env["gpu"]), None)
+    peak = _peak(env)
     machine = f"{env['gpu']} torch {env['torch']} triton {env['triton']}"
     out = []
     for r in rows:
@@ -234,6 +255,24 @@ def csv_rows(rows: list[dict], env: dict, when: str, commit: str) -> list[dict]:
     return out
 
 
+def table_lines(rows: list[dict], peak: float | None) -> list[str]:
+    """The one table: every impl beside its case's baseline from the same run (speed-up = the
+    baseline's ms / this ms), and MFU (rate over the bf16 peak) for the model-FLOP cases."""
+    idx = _by_impl(rows)
+    out = ["| case | shape | impl | ms | rate | peak MiB | baseline | baseline ms | speed-up | MFU |",
+           "|---|---|---|---:|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        if "ms" not in r:
+            continue
+        b = idx.get((r["case"], r["shape"], r["baseline"]))
+        mfu = f"{r['rate'] * 1e12 / peak:.1%}" if peak and r["case"] == "gpt_step" else ""
+        out.append(f"| {r['case']} | {r['shape']} | {r['impl']} | {r['ms']:.3f} | {r['rate']:.1f} {r['unit']} | "
+                   f"{r['peak_mib']:.0f} | {r['baseline']} | {b['ms']:.3f} | {b['ms'] / r['ms']:.2f}x | {mfu} |"
+                   if b else f"| {r['case']} | {r['shape']} | {r['impl']} | {r['ms']:.3f} | {r['rate']:.1f} "
+                   f"{r['unit']} | {r['peak_mib']:.0f} | {r['baseline']} | not measured | | {mfu} |")
+    return out
+
+
 def write_report(out: Path, rows: list[dict], env: dict, notes: list[str], budget: Budget) -> None:
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     with (out / "gpu_results.csv").open("w", newline="") as f:
@@ -243,13 +282,8 @@ def write_report(out: Path, rows: list[dict], env: dict, notes: list[str], budge
     md = [f"# GPU bench {when}: {env['gpu']}, torch {env['torch']}, triton {env['triton']}", "",
           "| part | seconds | status |", "|---|---:|---|"]
     md += [f"| {p} | {s:.0f} | {st} |" for p, s, st in budget.parts]
-    md += ["", "| case | shape | impl | ms | rate | peak MiB |", "|---|---|---|---:|---:|---:|"]
-    for r in rows:
-        if "ms" in r:
-            md.append(f"| {r['case']} | {r['shape']} | {r['impl']} | {r['ms']:.3f} | {r['rate']:.1f} {r['unit']} | "
-                      f"{r['peak_mib']:.0f} |")
-        else:
-            notes.append(f"{r['case']} {r['shape']} {r['impl']}: {r['error']}")
+    md += ["", *table_lines(rows, _peak(env))]
+    notes += [f"{r['case']} {r['shape']} {r['impl']}: {r['error']}" for r in rows if "ms" not in r]
     md += ["", "| target | shape | measured | verdict |", "|---|---|---:|---|", *target_lines(rows), ""]
     md += [f"- {n}" for n in notes + sorted({r['note'] for r in rows if r.get('note')})]
     (out / "gpu_results.md").write_text("\n".join(md) + "\n")
@@ -258,11 +292,12 @@ def write_report(out: Path, rows: list[dict], env: dict, notes: list[str], budge
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="folder for gpu_results.csv / .md (created)")
+    ap.add_argument("--out", default=str(ROOT / "bench"), help="folder for gpu_results.csv / .md (default bench/)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: checks the orchestration only")
     ap.add_argument("--only", default=",".join(p for p in PLAN if p != "tests"), help="comma list of timing families")
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     out = Path(a.out)
     families = [f for f in a.only.split(",") if f]
@@ -272,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     if a.child:
-        return run_child(a.child, out, a.dry_run)
+        return run_child(a.child, out, a.dry_run, a.deadline)
     import torch
     if not a.dry_run and not torch.cuda.is_available():
         print("gpu_bench: no CUDA device; use --dry-run to check the orchestration on the CPU", file=sys.stderr)
@@ -296,15 +331,22 @@ def main(argv: list[str] | None = None) -> int:
         if limit < 5:
             budget.record(fam, 0, "skipped: budget spent")
             continue
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", fam, "--out", str(out)]
+        # the child's own deadline a little inside the parent's kill: it writes what it has first
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", fam, "--out", str(out),
+               "--deadline", f"{0.9 * limit:.0f}"]
         code, secs, last = run_part(cmd + (["--dry-run"] if a.dry_run else []), limit)
         f = out / f"rows_{fam}.json"
-        if code == 0 and f.exists():
-            rows += json.loads(f.read_text())
-            f.unlink()
+        got = json.loads(f.read_text()) if f.exists() else []
+        f.unlink(missing_ok=True)
+        rows += got
+        skipped = sum(1 for r in got if r.get("error") == "skipped: part deadline")
+        if code == 0 and not skipped:
             budget.record(fam, secs, "ok")
+        elif code == 0:
+            budget.record(fam, secs, f"partial ({skipped} impls skipped at the deadline)")
         else:
-            budget.record(fam, secs, f"failed ({'timeout' if code is None else f'exit {code}'}: {last[:120]})")
+            budget.record(fam, secs, f"failed ({'timeout' if code is None else f'exit {code}'}: {last[:120]}); "
+                                     f"{sum('ms' in r for r in got)} rows kept")
             rc = 1
     write_report(out, rows, env, notes, budget)
     return rc

@@ -19,7 +19,7 @@ from fastwidth.train.preempt import CheckpointClock, Preempted
 from test_train import ROOT, TINY_GPT, TINY_MLP, cfg_of, train_losses
 
 
-PROCESS_MEASURES = {"wall_s", "tokens_per_s", "peak_mem_bytes"}  # of the process, not of the training
+PROCESS_MEASURES = {"wall_s", "tokens_per_s", "peak_mem_bytes", "mfu"}  # of the process, not of the training
 
 
 def rows_without_wall_time(run_dir):

@@ -1,15 +1,19 @@
 """Ahead-of-time compilation of every Triton kernel for a GPU this machine does not have.
 
-    python -m fastwidth.kernels.aot --arch sm_90 [--json FILE] [--family attention,norm] [--jobs N]
+    python -m fastwidth.kernels.aot --arch sm_90 [--json FILE] [--csv FILE] [--family attention,norm] [--jobs N]
 
 Compiles each kernel, for every config its autotuner or launcher can pick at the shapes the
-models use (head_dim 64 and 128; bf16 and fp32; causal and not; norm widths up to the 32k limit),
-with triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32)): no GPU and no driver are
-needed. Triton's bundled ptxas -v then reports registers and spills of the PTX. One row per
-compilation: {"family", "kernel", "config", "dtype", "compiled", "shared_bytes", "registers",
-"spills", "wgmma", "error"}; spills are ptxas's spill-store bytes, wgmma says whether a dot
-lowered to Hopper's warp-group MMA. Exit code 1 (with one line per failure) when a config does
-not compile, needs more shared memory than a block may have, or a bf16 attention config spills.
+models use (head_dim 64 and 128; bf16, and fp32 where a GPU launch can take fp32; causal and not;
+norm widths up to the 32k limit), with triton.compile(ASTSource(...), target=GPUTarget("cuda",
+90, 32)): no GPU and no driver are needed. Triton's bundled ptxas -v then reports registers and
+spills of the PTX. One row per compilation: {"family", "kernel", "config", "dtype", "compiled",
+"shared_bytes", "registers", "spills", "wgmma", "occupancy", "dot", "error"}; spills are ptxas's
+spill-store bytes, wgmma says whether a dot lowered to Hopper's warp-group MMA, dot whether the
+kernel has a tl.dot at all, occupancy the CTAs an SM can hold (`occupancy`). Exit code 1 (with
+one line per failure) when a config does not compile, needs more shared memory than a block may
+have, spills a register, does not fit an SM, or (sm_90) has a bf16 dot off wgmma. `make aot`
+writes the sm_90 table to bench/aot_sm90.csv; tests/kernels/test_kernel_aot.py gates on it.
+A family is a function returning its Specs, registered with @family("name").
 """
 
 from __future__ import annotations
@@ -28,10 +32,16 @@ from dataclasses import dataclass, field
 
 # Shared memory a block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin): H100/H200, A100.
 SHARED_LIMIT = {90: 232_448, 80: 166_912}
-FAMILIES = ("attention", "readout_ce", "norm", "act", "stats")
+# Per SM (CUDA C Programming Guide, "Technical Specifications per Compute Capability"): shared
+# memory (228 KB on sm_90, 164 KB on sm_80), of which 1 KB is reserved per resident block.
+SM = {90: dict(shared=233_472, regs=65_536, warps=64, ctas=32),
+      80: dict(shared=167_936, regs=65_536, warps=64, ctas=32)}
+SHARED_RESERVED = 1024
+CSV_FIELDS = ("family", "kernel", "config", "dtype", "registers", "spills", "shared_bytes", "wgmma", "occupancy",
+              "dot", "compiled")
 FLOAT_ARGS = {"eps", "qk_scale", "scale", "z_coef", "lo", "bin_scale"}
 TL_DTYPE = {"bf16": "bf16", "fp32": "fp32"}
-NORM_WIDTHS = (1024, 4096, 16384, 32768)  # next_pow2 of the model widths, up to norm.MAX_N
+NORM_WIDTHS = (1024, 4096, 8192, 16384, 32768)  # model widths up to norm.MAX_N (block_plan chunks > 8k)
 HEAD_DIMS = (64, 128)
 
 
@@ -60,28 +70,39 @@ class Spec:
 
 # ---------------------------------------------------------------- the configs each launcher can pick
 
+SPECS: dict = {}  # family -> () -> list[Spec], in registration order
 
+
+def family(name: str):
+    """Register a function returning a family's Specs: `@family("linear")` above it is all a new
+    family needs."""
+    def register(fn):
+        SPECS[name] = fn
+        return fn
+    return register
+
+
+@family("attention")
 def _attention_specs() -> list[Spec]:
     from fastwidth.kernels import attention as A
     mod = "fastwidth.kernels.attention"
     stats = {"lse_ptr": "fp32", "mx_ptr": "fp32", "delta_ptr": "fp32"}
     out = []
+    # bf16 only: fp32 on a GPU runs SDPA (attention._kernel_for refuses it), fp16 shares bf16's tiles
     for attr in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
-        for dtype in ("bf16", "fp32"):
-            for D in HEAD_DIMS:
-                # bf16: every tile the autotuner may pick at this head dim; fp32: the launcher's one tile
-                cfgs = A.tile_configs(attr, D) if dtype == "bf16" else [A._FP32_CONFIGS[attr]]
-                for m, n, warps, stages in cfgs:
-                    for causal in (True, False):
-                        cx = dict(CAUSAL=causal, IEEE=dtype == "fp32", UPCAST=False, BLOCK_M=m, BLOCK_N=n, BLOCK_D=D)
-                        out.append(Spec("attention", mod, attr, dtype, cx, warps, stages, stats))
-    for dtype in ("bf16", "fp32"):
+        for D in HEAD_DIMS:
+            for m, n, warps, stages in A.tile_configs(attr, D):  # every tile the autotuner may pick
+                for causal in (True, False):
+                    cx = dict(CAUSAL=causal, IEEE=False, UPCAST=False, BLOCK_M=m, BLOCK_N=n, BLOCK_D=D)
+                    out.append(Spec("attention", mod, attr, "bf16", cx, warps, stages, stats))
+    for dtype in ("bf16",):
         for D in HEAD_DIMS:
             out.append(Spec("attention", mod, "_attn_bwd_delta_kernel", dtype, dict(BLOCK_M=A._DELTA_ROWS, BLOCK_D=D),
                             4, 1, stats))
     return out
 
 
+@family("readout_ce")
 def _readout_specs() -> list[Spec]:
     types = {"t_ptr": "i64", "am_ptr": "i64", "loss_ptr": "fp32", "lse_ptr": "fp32", "zy_ptr": "fp32"}
     return [Spec("readout_ce", "fastwidth.kernels.readout_ce", "_ce_rows_kernel", dtype,
@@ -89,23 +110,29 @@ def _readout_specs() -> list[Spec]:
             for dtype in ("bf16", "fp32") for grad in (True, False)]
 
 
+@family("norm")
 def _norm_specs() -> list[Spec]:
     from fastwidth.kernels import norm
     mod = "fastwidth.kernels.norm"
-    bwd_warps = getattr(norm, "_bwd_warps", norm._warps)
-    stats = {"mean_ptr": "fp32", "rstd_ptr": "fp32", "rms_ptr": "fp32", "dw_ptr": "fp32", "db_ptr": "fp32"}
+    stats = {"mean_ptr": "fp32", "rstd_ptr": "fp32", "rms_ptr": "fp32", "dw_ptr": "fp32", "db_ptr": "fp32",
+             "c_ptr": "fp32"}
     out = []
     for dtype in ("bf16", "fp32"):
-        for bn in NORM_WIDTHS:
-            for is_rms in (True, False):
-                flags = dict(IS_RMS=is_rms, HAS_W=True, HAS_B=not is_rms)
-                out.append(Spec("norm", mod, "_norm_fwd_kernel", dtype, dict(flags, HAS_RES=True, BLOCK_N=bn),
-                                norm._warps(bn), 3, stats))
-                out.append(Spec("norm", mod, "_norm_bwd_kernel", dtype, dict(flags, HAS_DS=True, BLOCK_N=bn),
-                                bwd_warps(bn), 3, stats))
+        for is_rms in (True, False):
+            flags = dict(IS_RMS=is_rms, HAS_W=True, HAS_B=not is_rms)
+            for bn, chunked in dict.fromkeys(norm.block_plan(n) for n in NORM_WIDTHS):  # the launchers' blocks
+                out.append(Spec("norm", mod, "_norm_fwd_kernel", dtype,
+                                dict(flags, HAS_RES=True, CHUNKED=chunked, BLOCK_N=bn), norm._warps(bn), 3, stats))
+            for bn, chunked in dict.fromkeys(norm.block_plan(n, backward=True) for n in NORM_WIDTHS):
+                out.append(Spec("norm", mod, "_norm_bwd_kernel", dtype,
+                                dict(flags, HAS_DS=True, ROW_SUMS=chunked, BLOCK_N=bn), norm._bwd_warps(bn), 3, stats))
+        for bn in {norm.block_plan(n, backward=True)[0] for n in NORM_WIDTHS if norm.block_plan(n, True)[1]}:
+            out.append(Spec("norm", mod, "_norm_bwd_rowsum_kernel", dtype, dict(HAS_W=True, BLOCK_N=bn),
+                            norm._warps(bn), 3, stats))
     return out
 
 
+@family("act")
 def _act_specs() -> list[Spec]:
     from fastwidth.kernels import act
     return [Spec("act", "fastwidth.kernels.act", attr, dtype, dict(BLOCK=act._BLOCK), 4, 3, {}, ("n",))
@@ -113,6 +140,7 @@ def _act_specs() -> list[Spec]:
             for dtype in ("bf16", "fp32")]
 
 
+@family("stats")
 def _stats_specs() -> list[Spec]:
     mod = "fastwidth.kernels.stats"
     out = []
@@ -125,8 +153,7 @@ def _stats_specs() -> list[Spec]:
     return out
 
 
-SPECS = dict(attention=_attention_specs, readout_ce=_readout_specs, norm=_norm_specs, act=_act_specs,
-             stats=_stats_specs)
+FAMILIES = tuple(SPECS)  # every family registered above this line
 
 
 # ---------------------------------------------------------------- one compilation
@@ -191,16 +218,29 @@ def compile_kernel(spec: Spec, capability: int):
                           options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
 
 
+def occupancy(registers: int, shared_bytes: int, num_warps: int, capability: int) -> int:
+    """CTAs one SM can hold at once, the least of four limits (the CUDA occupancy calculator's rules):
+    registers, allocated per warp in units of 256 (so ceil(regs * 32 / 256) * 256 a warp) out of
+    65536; shared memory, the block's bytes rounded up to 128 plus 1 KB reserved per block, out
+    of 228 KB (sm_90) / 164 KB (sm_80); 64 warps; 32 CTAs. 0: the block does not fit at all."""
+    sm = SM[capability]
+    warp_regs = -(-max(registers, 1) * 32 // 256) * 256
+    by_regs = (sm["regs"] // warp_regs) // num_warps
+    by_shared = sm["shared"] // (-(-shared_bytes // 128) * 128 + SHARED_RESERVED)
+    return int(min(by_regs, by_shared, sm["warps"] // num_warps, sm["ctas"]))
+
+
 def compile_one(spec: Spec, capability: int) -> dict:
     """Compile `spec` for sm_<capability>; the row for the table (compiled False with the error)."""
     row = dict(family=spec.family, kernel=spec.kernel, config=spec.label(), dtype=spec.dtype, compiled=False,
-               shared_bytes=None, registers=None, spills=None, wgmma=False, error="")
+               shared_bytes=None, registers=None, spills=None, wgmma=False, occupancy=None, dot=False, error="")
     try:
         k = compile_kernel(spec, capability)
         ptx = k.asm["ptx"]
         regs, spills = ptxas_usage(ptx, capability)
-        row.update(compiled=True, shared_bytes=int(k.metadata.shared), registers=regs, spills=spills,
-                   wgmma="wgmma" in ptx)
+        shared = int(k.metadata.shared)
+        row.update(compiled=True, shared_bytes=shared, registers=regs, spills=spills, wgmma="wgmma" in ptx,
+                   occupancy=occupancy(regs, shared, spec.num_warps, capability), dot="tt.dot" in k.asm["ttir"])
     except Exception as e:  # a config that does not compile is a row of the table, and a failure
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
     return row
@@ -210,18 +250,24 @@ def compile_one(spec: Spec, capability: int) -> dict:
 
 
 def failures(rows: list[dict], capability: int) -> list[str]:
-    """One line per row that breaks a rule: not compiled, over the shared-memory limit, a bf16
-    attention config that spills registers."""
+    """One line per rule a row breaks: not compiled, over the shared-memory limit of a block, any
+    register spill, no CTA fits an SM, and on sm_90 a bf16 kernel with a dot off wgmma."""
     limit = SHARED_LIMIT.get(capability)
     bad = []
     for r in rows:
         name = f"{r['family']}/{r['kernel']} {r['dtype']} [{r['config']}]"
         if not r["compiled"]:
             bad.append(f"{name}: does not compile ({r['error']})")
-        elif limit is not None and r["shared_bytes"] > limit:
+            continue
+        if limit is not None and r["shared_bytes"] > limit:
             bad.append(f"{name}: {r['shared_bytes']} bytes of shared memory > {limit}")
-        elif r["family"] == "attention" and r["dtype"] == "bf16" and r["spills"] > 0:
+        if r["spills"] > 0:
             bad.append(f"{name}: spills {r['spills']} bytes of registers")
+        if r.get("occupancy") == 0:
+            bad.append(f"{name}: {r['registers']} registers and {r['shared_bytes']} bytes of shared memory "
+                       "do not fit one SM")
+        if capability >= 90 and r["dtype"] == "bf16" and r.get("dot") and not r["wgmma"]:
+            bad.append(f"{name}: a bf16 dot lowered off wgmma (mma.sync)")
     return bad
 
 
@@ -247,16 +293,41 @@ def parse_arch(arch: str) -> int:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = "| family | kernel | dtype | config | shared B | regs | spills | wgmma |\n|---|---|---|---|---:|---:|---:|---|"
+    head = ("| family | kernel | dtype | config | shared B | regs | spills | wgmma | CTAs/SM |\n"
+            "|---|---|---|---|---:|---:|---:|---|---:|")
     body = [f"| {r['family']} | {r['kernel']} | {r['dtype']} | {r['config']} | {r['shared_bytes']} | "
-            f"{r['registers']} | {r['spills']} | {'yes' if r['wgmma'] else 'no'} |" for r in rows]
+            f"{r['registers']} | {r['spills']} | {'yes' if r['wgmma'] else 'no'} | {r.get('occupancy')} |"
+            for r in rows]
     return "\n".join([head, *body])
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    """The table as CSV (CSV_FIELDS), sorted by family, kernel, dtype, config: a stable diff."""
+    import csv
+    def key(r):
+        return FAMILIES.index(r["family"]) if r["family"] in FAMILIES else 99, r["kernel"], r["dtype"], r["config"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(sorted(rows, key=key))
+
+
+def totals(rows: list[dict], capability: int) -> str:
+    """One line per family and the whole: configs, spilling, bf16 dot configs off wgmma."""
+    def line(name, rs):
+        off = sum(1 for r in rs if r["dtype"] == "bf16" and r.get("dot") and not r["wgmma"]) if capability >= 90 else 0
+        return (f"{name}: {len(rs)} configs, {sum(1 for r in rs if r['compiled'])} compiled, "
+                f"{sum(1 for r in rs if (r['spills'] or 0) > 0)} spilling, {off} bf16 dot off wgmma")
+    fams = [f for f in FAMILIES if any(r["family"] == f for r in rows)]
+    return "\n".join([line(f"aot sm_{capability}", rows)] + [line(f"  {f}", [r for r in rows if r["family"] == f])
+                                                              for f in fams])
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastwidth.kernels.aot", description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="sm_90", help="sm_90 (H100/H200) or sm_80 (A100)")
     ap.add_argument("--json", default="", help="write the rows to this file")
+    ap.add_argument("--csv", default="", help="write the table to this CSV file (e.g. bench/aot_sm90.csv)")
     ap.add_argument("--family", default=",".join(FAMILIES), help=f"comma list of {', '.join(FAMILIES)}")
     ap.add_argument("--dtype", default="bf16,fp32", help="comma list of bf16, fp32")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
@@ -282,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
-    print(markdown(rows) if a.markdown else f"aot {a.arch}: {sum(r['compiled'] for r in rows)}/{len(rows)} compiled")
+    if a.csv:
+        write_csv(rows, a.csv)
+    print(markdown(rows) if a.markdown else totals(rows, capability))
     bad = failures(rows, capability)
     for line in bad:
         print(f"aot FAIL: {line}")

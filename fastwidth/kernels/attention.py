@@ -10,7 +10,8 @@ changes its output with it):
 Shapes: q (B, H, T, D), k and v (B, Hkv, T, D) with H % Hkv == 0 (grouped-query heads: query
 head h reads kv head h // (H / Hkv)). Optional max logit, (B, H) fp32: the largest
 scale * q.k over all visible (query, key) pairs of each head, an attention-instability signal.
-Triton limits: 16 <= D <= 128; q, k, v one dtype (fp32, fp16, bf16); equal query/key lengths.
+Triton limits: 16 <= D <= 128; q, k, v one dtype (bf16 or fp16 on a GPU, fp32 too interpreted on
+the CPU; fp32 on a GPU runs SDPA); equal query/key lengths.
 """
 
 from __future__ import annotations
@@ -311,26 +312,28 @@ if HAS_TRITON:
 
 # ---------------------------------------------------------------- launchers
 
-# Interpreter: one fixed tile (32 is the smallest that still crosses tile edges at T=37 and
-# keeps tl.dot >= 16 on every side). GPU bf16/fp16: autotuned over (BLOCK_M, BLOCK_N, warps,
-# stages), per head dim, from the Triton FlashAttention tutorial's H100 tiles, trimmed to those
-# that compile for sm_90 without register spills (python -m fastwidth.kernels.aot). At head_dim
-# 128 a dK/dV block keeps k, v and two fp32 (BLOCK_N, 128) accumulators live: every 64- and
-# 128-key tile spills there, so 32 keys at 4 warps (mma.sync; warp-group MMA needs 64 rows);
-# dQ likewise (a 64-query tile spills under triton 3.6, the H200 machine's), fwd 128x128 too;
-# at head_dim 64 the dK/dV tiles of 4 warps (or 128 keys) spill under 3.6, those of 8 do not.
+# Interpreter: one fixed tile per kernel (32 is the smallest that still crosses tile edges at
+# T=37 and keeps tl.dot >= 16 on every side); a test may set another. GPU bf16/fp16: autotuned
+# over (BLOCK_M, BLOCK_N, warps, stages), per head dim, every config one that compiles for sm_90
+# without a register spill, with every dot on Hopper's warp-group MMA (wgmma), within the shared
+# memory of a block: `python -m fastwidth.kernels.aot` proves it, bench/aot_sm90.csv is its table.
+# wgmma needs 64 accumulator rows a warp group, so every tile puts >= 64 rows on the dots' M side:
+# fwd and dQ 64 or 128 queries, dK/dV 64 keys (FlashAttention-2's split: dK/dV a key block over
+# all queries, dQ a separate pass over keys, no atomics). At head_dim 128 a dK/dV block keeps k,
+# v and two fp32 (64, 128) accumulators live: 4 warps spill (255 registers a thread), 8 warps
+# (two warp groups, each half the columns) hold them, with 16-query tiles (32 spill 8 B causal);
+# 128 keys spill at any width. dQ at head_dim 128: 8 warps (4 spill 16-120 B).
 # Causal masking needs fwd/dq BLOCK_M % BLOCK_N == 0 and dk/dv BLOCK_N % BLOCK_M == 0.
-# GPU fp32 (the IEEE path, ~10x slower than bf16; the default backend sends fp32 to SDPA):
-# one fixed small tile, no autotuning.
-_INTERP_TILE = dict(BLOCK_M=32, BLOCK_N=32)
+# fp32 on a GPU runs SDPA (the IEEE Triton path has no tensor cores: ~10x slower, and its tiles
+# spill); the interpreter keeps fp32 for the CPU tests.
+_INTERP_TILES = {k: dict(BLOCK_M=32, BLOCK_N=32) for k in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel",
+                                                            "_attn_bwd_dq_kernel")}
 _FWD_CONFIGS = {64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
                 128: [(128, 64, 8, 3), (64, 64, 4, 3)]}
-_DKDV_CONFIGS = {64: [(32, 64, 8, 3), (64, 64, 8, 3), (32, 32, 4, 3)],
-                 128: [(32, 32, 4, 2), (16, 32, 4, 2)]}
+_DKDV_CONFIGS = {64: [(32, 64, 8, 3), (64, 64, 8, 3), (16, 64, 8, 3)],
+                 128: [(16, 64, 8, 2), (16, 64, 8, 3)]}
 _DQ_CONFIGS = {64: [(128, 64, 8, 3), (64, 64, 4, 4), (64, 32, 4, 3)],
-               128: [(32, 32, 4, 2)]}
-_FP32_CONFIGS = {"_attn_fwd_kernel": (64, 32, 4, 2), "_attn_bwd_dkdv_kernel": (32, 64, 4, 2),
-                 "_attn_bwd_dq_kernel": (64, 32, 4, 2)}
+               128: [(64, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 3)]}
 _DELTA_ROWS = 64
 _tuned: dict = {}
 
@@ -344,12 +347,12 @@ def tile_configs(kernel_name: str, head_dim: int) -> list[tuple[int, int, int, i
 
 def _kernel_for(kernel, x: Tensor, head_dim: int):
     """The kernel to launch and the tile kwargs to pass (none when autotuned)."""
-    if interpreting(x):
-        return kernel, dict(_INTERP_TILE, num_warps=4)
     name = kernel.fn.__name__
+    if interpreting(x):
+        return kernel, dict(_INTERP_TILES[name], num_warps=4)
     if x.dtype == torch.float32:
-        m, n, w, st = _FP32_CONFIGS[name]
-        return kernel, dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
+        raise UserError("attention backend='triton' on a GPU takes bf16 or fp16 (or fp32 under autocast); "
+                        "fp32 runs on backend='torch' (SDPA), the default for fp32")
     key = (name, 64 if head_dim <= 64 else 128)
     if key not in _tuned:
         cfgs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
@@ -495,8 +498,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = T
     _check(q, k, v)
     name = dispatch.resolve(backend, q, extra=("math", "flash"))
     if name == "triton" and backend is None and q.is_cuda and autocast_dtype(q) is None and q.dtype == torch.float32:
-        # fp32 on a GPU: the IEEE Triton path runs without tensor cores, ~10x slower than SDPA;
-        # an explicit backend="triton" still gets it
+        # fp32 on a GPU: SDPA (the Triton kernels have no fp32 GPU tiles; an explicit
+        # backend="triton" is refused with one line by the launcher)
         name = "torch"
     scale = float(scale)
     mx = None

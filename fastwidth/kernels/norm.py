@@ -5,7 +5,7 @@ The per-row RMS, sqrt(mean(s^2)) in fp32 without eps, is what the coordinate sta
 the kernel has it for free. Statistics and the normalization are computed in fp32; y and s
 are stored in the input dtype, and s is rounded to that dtype before it is normalized, as an
 unfused `x + residual` would be, so both backends see the same residual stream.
-Limits: the normalized dim N <= 32768 (one row in one Triton block).
+Limits: the normalized dim N <= 32768 (wider rows than one block holds are read in chunks: CHUNK, BWD_CHUNK).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fastwidth.errors import UserError
 from fastwidth.kernels import dispatch, native
-from fastwidth.kernels._triton import HAS_TRITON, interpreting, jit, next_pow2, tl
+from fastwidth.kernels._triton import HAS_TRITON, interpreting, jit, next_pow2, tl, triton
 
 MAX_N = 32768
 
@@ -51,50 +51,121 @@ def norm_ref(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bi
 if HAS_TRITON:
 
     @jit
-    def _norm_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, s_ptr, mean_ptr, rstd_ptr, rms_ptr,
-                         N, eps, IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
-                         HAS_B: tl.constexpr, BLOCK_N: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK_N)
-        mask = cols < N
-        x = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0)
+    def _load_s(x_ptr, r_ptr, s_ptr, off, mask, HAS_RES: tl.constexpr, STORE: tl.constexpr):
+        # the norm input in fp32: x, or x + residual rounded to the storage dtype first (the
+        # unfused reference rounds it), stored to s_ptr when STORE
+        x = tl.load(x_ptr + off, mask=mask, other=0.0)
         if HAS_RES:
-            r = tl.load(r_ptr + row * N + cols, mask=mask, other=0.0)
-            # round the sum to the storage dtype first: the unfused reference does.
+            r = tl.load(r_ptr + off, mask=mask, other=0.0)
             s = (x.to(tl.float32) + r.to(tl.float32)).to(s_ptr.dtype.element_ty)
-            tl.store(s_ptr + row * N + cols, s, mask=mask)
+            if STORE:
+                tl.store(s_ptr + off, s, mask=mask)
             s = s.to(tl.float32)
         else:
             s = x.to(tl.float32)
-        ms = tl.sum(s * s, axis=0) / N
-        tl.store(rms_ptr + row, tl.sqrt(ms))
+        return s
+
+    @jit
+    def _norm_store(s, off, cols, mask, mean, rstd, w_ptr, b_ptr, y_ptr, IS_RMS: tl.constexpr, HAS_W: tl.constexpr,
+                    HAS_B: tl.constexpr):
         if IS_RMS:
-            mean = 0.0
-            rstd = 1.0 / tl.sqrt(ms + eps)
-            xhat = s * rstd
+            y = s * rstd
         else:
-            mean = tl.sum(s, axis=0) / N
-            d = tl.where(mask, s - mean, 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
-            xhat = d * rstd
-        tl.store(mean_ptr + row, mean)
-        tl.store(rstd_ptr + row, rstd)
-        y = xhat
+            y = tl.where(mask, s - mean, 0.0) * rstd
         if HAS_W:
             y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_B:
             y = y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * N + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @jit
-    def _norm_bwd_kernel(dy_ptr, ds_ptr, s_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr,
+    def _norm_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, s_ptr, mean_ptr, rstd_ptr, rms_ptr,
+                         N, eps, IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
+                         HAS_B: tl.constexpr, CHUNKED: tl.constexpr, BLOCK_N: tl.constexpr):
+        # One program a row. CHUNKED (rows wider than one block): two passes over BLOCK_N-column
+        # chunks, the statistics first (LayerNorm's variance by Chan et al.'s pairwise update of
+        # chunk means and M2, no E[s^2] - mean^2 cancellation), then y from a second read.
+        row = tl.program_id(0).to(tl.int64)
+        base = row * N
+        cols = tl.arange(0, BLOCK_N)
+        if CHUNKED:
+            ss = 0.0
+            mean = 0.0
+            m2 = 0.0
+            for c0 in range(0, N, BLOCK_N):
+                mask = c0 + cols < N
+                s = _load_s(x_ptr, r_ptr, s_ptr, base + c0 + cols, mask, HAS_RES, True)
+                ss += tl.sum(s * s, axis=0)
+                if not IS_RMS:
+                    cnt = tl.minimum(N - c0, BLOCK_N).to(tl.float32)
+                    mc = tl.sum(s, axis=0) / cnt
+                    dc = tl.where(mask, s - mc, 0.0)
+                    tot = c0 + cnt
+                    delta = mc - mean
+                    mean += delta * (cnt / tot)
+                    m2 += tl.sum(dc * dc, axis=0) + delta * delta * (c0 * (cnt / tot))
+            var = m2 / N
+        else:
+            mask = cols < N
+            s = _load_s(x_ptr, r_ptr, s_ptr, base + cols, mask, HAS_RES, True)
+            ss = tl.sum(s * s, axis=0)
+            mean = 0.0
+            var = 0.0
+            if not IS_RMS:
+                mean = tl.sum(s, axis=0) / N
+                d = tl.where(mask, s - mean, 0.0)
+                var = tl.sum(d * d, axis=0) / N
+        ms = ss / N
+        tl.store(rms_ptr + row, tl.sqrt(ms))
+        if IS_RMS:
+            mean = 0.0
+            rstd = 1.0 / tl.sqrt(ms + eps)
+        else:
+            rstd = 1.0 / tl.sqrt(var + eps)
+        tl.store(mean_ptr + row, mean)
+        tl.store(rstd_ptr + row, rstd)
+        if CHUNKED:
+            for c0 in range(0, N, BLOCK_N):
+                mask = c0 + cols < N
+                s = _load_s(x_ptr, r_ptr, s_ptr, base + c0 + cols, mask, HAS_RES, False)
+                _norm_store(s, base + c0 + cols, c0 + cols, mask, mean, rstd, w_ptr, b_ptr, y_ptr, IS_RMS, HAS_W,
+                            HAS_B)
+        else:
+            _norm_store(s, base + cols, cols, mask, mean, rstd, w_ptr, b_ptr, y_ptr, IS_RMS, HAS_W, HAS_B)
+
+    @jit
+    def _norm_bwd_rowsum_kernel(dy_ptr, s_ptr, w_ptr, mean_ptr, rstd_ptr, c_ptr, M, N, HAS_W: tl.constexpr,
+                                BLOCK_N: tl.constexpr):
+        # Rows wider than one block: c1 = mean(xhat * w dy) and c2 = mean(w dy) per row, over
+        # BLOCK_N-column chunks, into c_ptr[0, row] and c_ptr[1, row] for _norm_bwd_kernel.
+        row = tl.program_id(0).to(tl.int64)
+        mean = tl.load(mean_ptr + row)
+        rstd = tl.load(rstd_ptr + row)
+        acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for c0 in range(0, N, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            s = tl.load(s_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+            wdy = tl.load(dy_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_W:
+                wdy = wdy * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            acc1 += tl.where(mask, (s - mean) * rstd, 0.0) * wdy
+            acc2 += wdy
+        tl.store(c_ptr + row, tl.sum(acc1, axis=0) / N)
+        tl.store(c_ptr + M + row, tl.sum(acc2, axis=0) / N)
+
+    @jit
+    def _norm_bwd_kernel(dy_ptr, ds_ptr, s_ptr, w_ptr, mean_ptr, rstd_ptr, c_ptr, dx_ptr, dw_ptr, db_ptr,
                          M, N, IS_RMS: tl.constexpr, HAS_DS: tl.constexpr, HAS_W: tl.constexpr,
-                         HAS_B: tl.constexpr, BLOCK_N: tl.constexpr):
-        # Each program walks rows pid, pid+G, ... and keeps its share of dw/db in registers;
-        # the G partial rows are summed by the launcher (no atomics, deterministic).
+                         HAS_B: tl.constexpr, ROW_SUMS: tl.constexpr, BLOCK_N: tl.constexpr):
+        # Program (pid, j) walks rows pid, pid+G, ... over column block j and keeps its share of
+        # dw/db there in registers; the G partial rows are summed by the launcher (no atomics,
+        # deterministic). ROW_SUMS: the row is wider than one block, its c1/c2 come from
+        # _norm_bwd_rowsum_kernel; else the block holds the row and sums it itself.
         pid = tl.program_id(0)
         G = tl.num_programs(0)
-        cols = tl.arange(0, BLOCK_N)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = cols < N
         if HAS_W:
             w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -110,11 +181,17 @@ if HAS_TRITON:
             wdy = dy
             if HAS_W:
                 wdy = dy * w
-            c1 = tl.sum(xhat * wdy, axis=0) / N
+            if ROW_SUMS:
+                c1 = tl.load(c_ptr + row)
+            else:
+                c1 = tl.sum(xhat * wdy, axis=0) / N
             if IS_RMS:
                 dx = (wdy - xhat * c1) * rstd
             else:
-                c2 = tl.sum(wdy, axis=0) / N
+                if ROW_SUMS:
+                    c2 = tl.load(c_ptr + M + row)
+                else:
+                    c2 = tl.sum(wdy, axis=0) / N
                 dx = (wdy - xhat * c1 - c2) * rstd
             if HAS_DS:
                 dx = dx + tl.load(ds_ptr + off, mask=mask, other=0.0).to(tl.float32)
@@ -130,18 +207,30 @@ if HAS_TRITON:
 # ---------------------------------------------------------------- launchers
 
 
+# The widest row one block holds in registers without a spill (AOT sm_90): whole-row blocks of
+# 16k and 32k columns spilled 324-1624 B, the backward's 8k block 4-120 B (it keeps s, dy, ds,
+# the gains and two fp32 partial rows live: 16 fp32 a thread each at 16 warps). Wider rows loop
+# over chunks (fwd: two passes in one program; bwd: a row-sum kernel, then a (row group, column
+# block) grid); narrower ones keep the one-pass, one-read kernels.
+CHUNK = 8192
+BWD_CHUNK = 4096
+
+
+def block_plan(n: int, backward: bool = False) -> tuple[int, bool]:
+    """(BLOCK_N, chunked) the forward (or backward) launcher uses for a row of n columns."""
+    bn, limit = next_pow2(n), (BWD_CHUNK if backward else CHUNK)
+    return (bn, False) if bn <= limit else (limit, True)
+
+
 def _warps(block_n: int) -> int:
-    # 4 warps up to 2k columns, 8 up to 8k, 16 beyond: keeps ~16 fp32 values a thread
+    # 4 warps up to 2k columns, 8 up to the 8k block limit: <= 32 fp32 values a thread
     # (the Triton layer-norm tutorial's rule, measured there on A100).
-    return 4 if block_n <= 2048 else (8 if block_n <= 8192 else 16)
+    return 4 if block_n <= 2048 else 8
 
 
 def _bwd_warps(block_n: int) -> int:
     # the backward keeps s, dy, the gains and two fp32 partial rows (dw, db) live per thread:
-    # 16 warps from 4k columns, 32 (a whole 1024-thread block) above 16k, so a 32k row is 32
-    # fp32 values a thread per tensor instead of 128
-    if block_n > 16384:
-        return 32
+    # 16 warps from 4k columns (its BWD_CHUNK limit), 8 fp32 values a thread per tensor
     return 16 if block_n >= 4096 else _warps(block_n)
 
 
@@ -157,11 +246,11 @@ def _norm_fwd_launch(x, residual, weight, bias, eps, is_rms):
     s = x2.new_empty(x2.shape, dtype=torch.result_type(x2, r2)) if residual is not None else x2.new_empty(0)
     mean, rstd, rms = (torch.empty(M, device=x.device, dtype=torch.float32) for _ in range(3))
     if M > 0:
-        bn = next_pow2(N)
+        bn, chunked = block_plan(N)
         _norm_fwd_kernel[(M,)](x2, r2, weight if weight is not None else x2, bias if bias is not None else x2,
                                y, s if residual is not None else y, mean, rstd, rms, N, float(eps),
                                IS_RMS=is_rms, HAS_RES=residual is not None, HAS_W=weight is not None,
-                               HAS_B=bias is not None, BLOCK_N=bn, num_warps=_warps(bn))
+                               HAS_B=bias is not None, CHUNKED=chunked, BLOCK_N=bn, num_warps=_warps(bn))
     lead = x.shape[:-1]
     s_out = s.view(x.shape) if residual is not None else s
     return y.view(x.shape), s_out, mean.view(lead), rstd.view(lead), rms.view(lead)
@@ -178,11 +267,17 @@ def _norm_bwd_launch(dy, ds, s, weight, mean, rstd, is_rms, has_bias):
     G = max(1, min(M, 4 if interpreting(s) else 4 * torch.cuda.get_device_properties(s.device).multi_processor_count))
     part = torch.zeros(2, G, N, device=s.device, dtype=torch.float32)
     if M > 0:
-        bn = next_pow2(N)
-        _norm_bwd_kernel[(G,)](dy2, ds2, s2, weight if weight is not None else s2, mean.reshape(-1).contiguous(),
-                               rstd.reshape(-1).contiguous(), dx, part[0], part[1], M, N, IS_RMS=is_rms,
-                               HAS_DS=ds is not None, HAS_W=weight is not None, HAS_B=has_bias,
-                               BLOCK_N=bn, num_warps=_bwd_warps(bn))
+        bn, chunked = block_plan(N, backward=True)
+        w = weight if weight is not None else s2
+        mean, rstd = mean.reshape(-1).contiguous(), rstd.reshape(-1).contiguous()
+        c = torch.empty(2, M, device=s.device, dtype=torch.float32) if chunked else mean
+        if chunked:
+            _norm_bwd_rowsum_kernel[(M,)](dy2, s2, w, mean, rstd, c, M, N, HAS_W=weight is not None, BLOCK_N=bn,
+                                          num_warps=_warps(bn))
+        _norm_bwd_kernel[(G, triton.cdiv(N, bn))](dy2, ds2, s2, w, mean, rstd, c, dx, part[0], part[1], M, N,
+                                                  IS_RMS=is_rms, HAS_DS=ds is not None, HAS_W=weight is not None,
+                                                  HAS_B=has_bias, ROW_SUMS=chunked, BLOCK_N=bn,
+                                                  num_warps=_bwd_warps(bn))
     dw = part[0].sum(0).to(weight.dtype) if weight is not None else s.new_empty(0)
     db = part[1].sum(0).to(weight.dtype if weight is not None else s.dtype) if has_bias else s.new_empty(0)
     return dx.view(s.shape), dw, db

@@ -131,8 +131,16 @@ def run_numbers(run: Run) -> dict:
         "bias": bias, "bias_slope": fit_power_law(list(bias), list(bias.values()))[0],
         "cka": {w: sum(v) / len(v) for w, v in cka.items()},
         "lr_sharpness": _final(run, "sharpness", "lr_sharpness"),
-        "loss_spread": spread, "loss_spread_rel": rel,
+        "loss_spread": spread, "loss_spread_rel": rel, **_compute_numbers(run),
     }
+
+
+def _compute_numbers(run: Run) -> dict:
+    """Model FLOPs per token by width and the median MFU over the logged steps (train rows)."""
+    rows = run.rows("train")
+    fpt = {r["width"]: r["flops_per_token"] for r in rows if r.get("flops_per_token")}
+    mfu = sorted(r["mfu"] for r in rows if isinstance(r.get("mfu"), (int, float)))
+    return {"flops_per_token": fpt, "mfu": mfu[len(mfu) // 2] if mfu else None}
 
 
 def _f(v, fmt=".4g") -> str:
@@ -154,7 +162,8 @@ def _table(nums: dict) -> list[str]:
             ("L(E = S)", {w: r["ensemble_loss"][-1] for w, r in nums["ensembles"].items() if r.get("ensemble_loss")}),
             ("L∞ (fit)", {w: r.get("ensemble_loss_inf") for w, r in nums["ensembles"].items() if r.get("ensemble_loss")}),
             ("loss gap", nums["loss_gap"]), ("top-1 agreement", nums["top1_agreement"]),
-            ("mean CKA", nums["cka"]), ("lr-sharpness", nums["lr_sharpness"])]
+            ("mean CKA", nums["cka"]), ("lr-sharpness", nums["lr_sharpness"]),
+            ("model FLOPs/token", nums.get("flops_per_token") or {})]
     cols = [(name, d) for name, d in cols if d]
     out = ["| width | " + " | ".join(n for n, _ in cols) + " |", "|---:|" + "---:|" * len(cols)]
     for w in nums["widths"]:
@@ -205,7 +214,11 @@ def write_summary(runs: list[Run], figures: dict[str, Path | None], out: Path) -
               "spread: mean over evals of the max-min across widths of the probe loss (seed means).", ""]
     lines += transfer_lines(runs) + slope_lines(runs)
     for run, n in zip(runs, numbers):
-        lines += [f"## {n['label']}", "", f"commit {n['commit'] or 'unknown'}", ""] + _table(n) + [""]
+        lines += [f"## {n['label']}", "", f"commit {n['commit'] or 'unknown'}", ""]
+        if n.get("mfu") is not None:
+            lines += [f"MFU {n['mfu']:.2%} (median over the logged steps: every member's model FLOPs per "
+                      "token times tokens/s, over the devices' peak; fastwidth/train/flops.py)", ""]
+        lines += _table(n) + [""]
         lines += _equal_compute_table(n)
         lines += ntk_lines(run)
     lines += ["## Figures", ""]
@@ -231,9 +244,11 @@ def _json_run(n: dict) -> dict:
                        "ensemble_loss": e.get("ensemble_loss"), "ensemble_acc": e.get("ensemble_acc"),
                        "ensemble_loss_inf": e.get("ensemble_loss_inf"), "ensemble_loss_c": e.get("ensemble_loss_c"),
                        "params": e.get("params"), "loss_gap": n["loss_gap"].get(w),
-                       "top1_agreement": n["top1_agreement"].get(w), "cka": n["cka"].get(w)})
+                       "top1_agreement": n["top1_agreement"].get(w), "cka": n["cka"].get(w),
+                       "flops_per_token": (n.get("flops_per_token") or {}).get(w)})
     run = {k: n[k] for k in ("label", "kind", "arch", "optimizer", "lr", "data_source", "commit", "ref_width",
                              "seeds", "tokens", "wall_s")}
+    run["mfu"] = n.get("mfu")
     fits = dict(n["fit"], late_rmse_slope=n["rmse_slope"], loss_spread=n["loss_spread"],
                 loss_spread_rel=n["loss_spread_rel"])
     if n["ntk"]:

@@ -43,7 +43,7 @@ from fastwidth.param.scaling import ParamInfo, mup_table, table_rows
 from fastwidth.stats.monitor import Monitor
 from fastwidth.stats.preact_range import RANGES_FILE
 from fastwidth.train import checkpoint as ckpt
-from fastwidth.train import preempt, rundir, tracking
+from fastwidth.train import flops, preempt, rundir, tracking
 from fastwidth.train.metrics import truncate_after
 from fastwidth.train import dynamics, sweep
 
@@ -336,7 +336,7 @@ class Trainer:
     def log_train(self, m: Member, loss: torch.Tensor, lr_factor_: float, extras: dict | None = None) -> None:
         row = {"kind": "train", "step": m.step, "tokens": m.step * self.tokens_per_step,
                "width": m.width, "seed": m.seed, "loss": float(loss), "lr": m.cfg.optim.lr * lr_factor_,
-               **tracking.grad_fields(m.grad_norm, self.cfg.optim.grad_clip), **(extras or {})}
+               **tracking.grad_fields(m.grad_norm, self.cfg.optim.grad_clip), **self.flops.fields(m), **(extras or {})}
         self.writer.write(row if m.base_lr is None else {**row, "base_lr": m.base_lr})
 
     def _due(self, step: int, every: int) -> bool:
@@ -357,6 +357,7 @@ class Trainer:
         self.stop.armed = True  # from here a first Ctrl-C finishes the step and checkpoints
         clock = preempt.CheckpointClock(cfg.train.ckpt_minutes)
         self.throughput = tracking.Throughput(self.tokens_per_step, self.device, start)
+        self.flops = flops.MFU(self.members, data_io(self.stream, cfg), self.device, self.dist.world_size)
         for group in groups:
             while self.active(group) and min(m.step for m in self.active(group)) < cfg.train.steps:
                 step = min(m.step for m in self.active(group))
@@ -422,12 +423,14 @@ class Trainer:
         if self._due(step, cfg.train.log_every):
             f = lr_factor(step - 1, cfg.optim, cfg.train.steps)
             extras = self.throughput.extras(step)  # tokens/s since the last log, peak memory
+            extras.update(self.flops.step_fields(self.active(group), extras))  # mfu of the step
             for m in self.active(group):   # a stopped member's last row is written when it stops
                 if m.name in losses:
                     self.log_train(m, losses[m.name], f, extras)
             ref = losses.get(group[0].name)
             if ref is not None:
-                bar.set_postfix({group[0].name: f"{float(ref):.3f}"}, refresh=False)
+                mfu = {"mfu": f"{extras['mfu']:.1%}"} if "mfu" in extras else {}
+                bar.set_postfix({group[0].name: f"{float(ref):.3f}", **mfu}, refresh=False)
         if cfg.stats.enabled and self._due(step, cfg.stats.every):
             par_stats.sync_monitor(self.evaluator, group, self.dist.world_size)  # whole-batch preact stats
             self.evaluator.evaluate(step, step * self.tokens_per_step, self.active(group))

@@ -63,6 +63,23 @@ def test_csv_rows_have_results_csv_columns(tmp_path):
         assert next(csv.reader(f)) == G.CSV_FIELDS
     md = (tmp_path / "gpu_results.md").read_text()
     assert "| attention | 12 | ok |" in md and "liger: ImportError" in md
+    # each row beside its baseline of the same run: sdpa_flash 1.6 ms / triton 2.0 ms
+    assert "| attention | T2048 | triton | 2.000 | 300.0 TFLOP/s | 10 | sdpa_flash | 1.600 | 0.80x |  |" in md
+
+
+def test_gpt_step_rows_show_mfu():
+    r = dict(case="gpt_step", shape="w2048", impl="triton", ms=100.0, rate=494.5, unit="TFLOP/s", peak_mib=0.0,
+             baseline="eager", fast="triton", targets=[], note="")
+    lines = G.table_lines([r, dict(r, impl="eager", ms=200.0, rate=247.25)], 989e12)
+    assert lines[2].endswith("| eager | 200.000 | 2.00x | 50.0% |")
+
+
+def test_child_past_its_deadline_writes_what_it_has(tmp_path):
+    # a deadline already spent: every impl is a note row, and the rows file is still written
+    assert G.run_child("act", tmp_path, dry=True, deadline_s=0.0) == 0
+    import json
+    rows = json.loads((tmp_path / "rows_act.json").read_text())
+    assert rows and all(r["error"] == "skipped: part deadline" for r in rows)
 
 
 def test_bad_family_exits_2():
@@ -71,10 +88,19 @@ def test_bad_family_exits_2():
 
 @pytest.mark.slow
 def test_dry_run_end_to_end(tmp_path):
-    p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_bench.py"), "--out", str(tmp_path), "--dry-run",
-                        "--skip-tests", "--only", "act"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    assert "budget" in p.stdout and "[act] ok" in p.stdout
+    # every part (the GPU tests, which skip without CUDA, and each timing family) on the CPU,
+    # interpreted at tiny shapes: the real run's orchestration, minus the GPU
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_bench.py"), "--out", str(tmp_path), "--dry-run"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "budget" in p.stdout
+    for part in G.PLAN:
+        assert f"[{part}] " in p.stdout
+        if part != "tests":
+            assert f"[{part}] ok" in p.stdout, p.stdout[-3000:]
     rows = list(csv.DictReader((tmp_path / "gpu_results.csv").open()))
-    assert {r["bench"] for r in rows} == {"gpu_gelu", "gpu_swiglu"}
+    assert {r["bench"] for r in rows} == {"gpu_attention", "gpu_readout_ce", "gpu_rms_norm", "gpu_layer_norm",
+                                          "gpu_gelu", "gpu_swiglu", "gpu_gpt_step"}
     assert any(r["metric"].startswith("GB/s triton") for r in rows)
+    md = (tmp_path / "gpu_results.md").read_text()
+    assert "| baseline | baseline ms | speed-up | MFU |" in md and "| gpt_step |" in md

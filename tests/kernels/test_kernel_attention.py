@@ -150,3 +150,36 @@ def test_tile_configs_fit_the_causal_mask():
             assert m % n == 0, (D, m, n)
         for m, n, _, _ in A.tile_configs("_attn_bwd_dkdv_kernel", D):
             assert n % m == 0, (D, m, n)
+
+
+def test_fp32_triton_on_a_gpu_is_refused(monkeypatch):
+    # the GPU tables hold bf16/fp16 tiles only (fp32 goes to SDPA); a launch that asks for fp32
+    # is one clear line, not a compile of a tile nobody checked
+    monkeypatch.setattr(A, "interpreting", lambda t: False)
+    with pytest.raises(UserError, match="bf16 or fp16"):
+        A._kernel_for(A._attn_fwd_kernel, torch.randn(2), 64)
+
+
+def _gpu_tiles(name):
+    seen = []
+    for D in (64, 128):
+        for m, n, _, _ in A.tile_configs(name, D):
+            if (m, n) not in seen:
+                seen.append((m, n))
+    return seen
+
+
+_TILE_SETS = list(zip(*(_gpu_tiles(k) for k in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"))))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("tiles", _TILE_SETS)
+def test_every_gpu_tile_shape_interpreted(monkeypatch, tiles, causal):
+    # the (BLOCK_M, BLOCK_N) of each GPU config, run interpreted at T=150 (a partial last tile of
+    # every size in the tables) with grouped heads: outputs and gradients against the reference
+    for name, (m, n) in zip(("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"), tiles):
+        monkeypatch.setitem(A._INTERP_TILES, name, dict(BLOCK_M=m, BLOCK_N=n))
+    T_, D = 150, 32
+    q, k, v, do = torch.randn(1, 2, T_, D), torch.randn(1, 1, T_, D), torch.randn(1, 1, T_, D), torch.randn(1, 2, T_, D)
+    compare(_fn(1 / D, causal, "triton"), _fn(1 / D, causal, "math"), [q, k, v], [do, None], torch.float32,
+            ["attention", "q", "k", "v"], atol=1e-4)

@@ -62,14 +62,51 @@ def test_fp64_reference_is_computed_in_fp64(is_rms):
     assert (y - exact).abs().max().item() < 1e-12
 
 
-def test_backward_warps_grow_with_width():
-    assert [norm._bwd_warps(n) for n in (1024, 2048, 4096, 8192, 16384, 32768)] == [4, 4, 16, 16, 16, 32]
-    assert norm._warps(32768) == 16  # the forward keeps one row, no partials: 16 suffice
+def test_block_plan_chunks_rows_wider_than_8k():
+    assert [norm.block_plan(n) for n in (97, 4100, 8192, 8193, 32768)] == [
+        (128, False), (8192, False), (8192, False), (8192, True), (8192, True)]
+    assert [norm.block_plan(n, backward=True) for n in (97, 4096, 4100, 32768)] == [
+        (128, False), (4096, False), (4096, True), (4096, True)]
+    assert [norm._bwd_warps(n) for n in (1024, 2048, 4096)] == [4, 4, 16] and norm._warps(norm.CHUNK) == 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("is_rms,residual,has_w,has_b", [
+    (True, True, True, False), (True, False, False, False), (False, True, True, True), (False, False, True, False)])
+def test_chunked_rows_match_reference(monkeypatch, dtype, is_rms, residual, has_w, has_b):
+    # 64-column chunks stand in for 8k ones: 203 columns are three full chunks and a partial one;
+    # the mean far from 0 is where a one-pass E[s^2] - mean^2 variance would cancel
+    monkeypatch.setattr(norm, "CHUNK", 64)
+    monkeypatch.setattr(norm, "BWD_CHUNK", 32)
+    assert norm.block_plan(203) == (64, True) and norm.block_plan(203, backward=True) == (32, True)
+    N = 203
+    x, r = torch.randn(3, 5, N) * 2 + 30.0, torch.randn(3, 5, N)
+    w, b = torch.randn(N), torch.randn(N)
+    inputs = [x, r if residual else None, w if has_w else None, b if has_b else None]
+    up = [torch.randn(3, 5, N), torch.randn(3, 5, N) if residual else None]
+    names = ["norm", "x"] + (["residual"] if residual else []) + (["weight"] if has_w else []) + (["bias"] if has_b else [])
+    compare(lambda *a: norm_fn(is_rms, residual, "triton")(*a),
+            lambda *a: norm_fn(is_rms, residual, None)(*a), inputs, up, dtype, names)
+    with poisoned():  # every row's statistics and outputs written
+        y, s, rms = norm._norm(x, r if residual else None, w, b if has_b else None, 1e-5, is_rms, "triton")
+    assert torch.isfinite(y).all() and torch.isfinite(rms).all()
+    torch.testing.assert_close(rms.double(), (x + r if residual else x).double().pow(2).mean(-1).sqrt(),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("is_rms", [True, False])
+def test_rows_above_one_real_chunk(is_rms):
+    # 16411 columns: two full 8192-column chunks and 27 more (four 4096-column ones backward)
+    N = 16411
+    x, w, b = torch.randn(3, N) + 1.0, torch.randn(N), torch.randn(N)
+    compare(norm_fn(is_rms, False, "triton"), norm_fn(is_rms, False, None),
+            [x, None, w, None if is_rms else b], [torch.randn(3, N), None], torch.float32,
+            ["norm", "x", "weight"] + ([] if is_rms else ["bias"]))
 
 
 @pytest.mark.parametrize("is_rms", [True, False])
 def test_wide_row_backward(is_rms):
-    # 4100 columns: an 8192-wide block (16 warps on a GPU), the width where the warp rule changes
+    # 4100 columns: one 8192-wide block forward, two 4096-column chunks backward
     N = 4100
     x, w, b = torch.randn(6, N), torch.randn(N), torch.randn(N)
     compare(norm_fn(is_rms, False, "triton"), norm_fn(is_rms, False, None),
