@@ -302,6 +302,7 @@ class FSDP2Engine(Engine):
               "offload_policy": CPUOffloadPolicy(pin_memory=cuda) if dc.offload_params else OffloadPolicy()}
         if dc.mixed_precision == "bf16":
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        self.specs[name] = (table, wcfg, construct)
         self._checkpointing(model)
         # order: every block its own unit (all-gathered one at a time), then the root (embedding,
         # final norm and readout); loss/features are forward methods so the root unit gathers for them

@@ -127,6 +127,31 @@ def adam_step(ds_optimizer) -> float | None:
     return max(steps) if steps else None
 
 
+def zero12_states(ds_optimizer, key: str = "exp_avg_sq") -> dict[int, torch.Tensor]:
+    """{id(parameter): its whole `key` state} under ZeRO-1/2. DeepSpeed keeps the state of flat fp32
+    partitions; each rank copies its fragment of each parameter (the parameter's `_hp_mapping`
+    addresses, as deepspeed.utils.tensor_fragment.get_full_hp_param does) into a zero buffer and
+    an all-reduce over the data-parallel group assembles the tensor. (safe_get_full_optimizer_state
+    finds no state here: the fragments are linked before torch's Adam makes it at step 1.)
+    Collective; empty before the first step."""
+    import torch.distributed as dist
+    inner = getattr(ds_optimizer, "optimizer", ds_optimizer)
+    out = {}
+    for lp_group, flat in zip(ds_optimizer.bit16_groups, ds_optimizer.single_partition_of_fp32_groups):
+        if key not in inner.state.get(flat, {}):
+            continue
+        st = inner.state[flat][key]
+        for p in lp_group:
+            full = torch.zeros(p.numel(), dtype=torch.float32, device=st.device)
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is not None:
+                lp, hp = mapping.lp_fragment_address, mapping.get_hp_fragment_address()
+                full.narrow(0, lp.start, lp.numel).copy_(st.narrow(0, hp.start, hp.numel))
+            dist.all_reduce(full, group=getattr(p, "_dp_group", None))
+            out[id(p)] = full.reshape(p.shape)
+    return out
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
     measures_grad_norm = runs_loss_fn = False
@@ -180,10 +205,12 @@ class DeepSpeedEngine(Engine):
         opt, named = self.optimizers[name], dict(self.models[name].named_parameters())
         step = adam_step(opt)
 
+        whole = zero12_states(opt) if not self.sharded and step is not None else {}
+
         def state_of(n):
             if step is None:
                 return None
-            sq = safe_get_full_optimizer_state(named[n], "exp_avg_sq")
+            sq = safe_get_full_optimizer_state(named[n], "exp_avg_sq") if self.sharded else whole.get(id(named[n]))
             return None if sq is None else (step, sq.detach())
         if not self.sharded:
             table, wcfg, _ = self.specs[name]

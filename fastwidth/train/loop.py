@@ -224,6 +224,7 @@ class Trainer:
             self.device = self.dist.device
         else:
             self.dist.device = self.device  # the single-process Engine materializes there
+        par_ckpt.check_resumable(cfg, self.dist.world_size)  # one line from meta.json, before any engine
         self.placement = Placement(cfg, self.dist)
         self.engine = self.placement.main
         check_fits(cfg, self.dist, self.placement.k)  # one line and exit 2 when the planner says no
