@@ -101,6 +101,29 @@ def prune_stale(ckpt_root: Path) -> list[str]:
     return gone
 
 
+def check_resumable(cfg, world_size: int) -> None:
+    """Refuse, from the latest checkpoint's meta.json and before any engine or model is built, a
+    resume that DeepSpeed cannot load: its shards on another rank count or ZeRO stage (restore
+    checks the same again once the checkpoint is verified). Read-only: the `latest` pointer and
+    one JSON file."""
+    if not cfg.train.resume or cfg.dist.backend != "deepspeed":
+        return
+    root = Path(cfg.train.out_dir) / "checkpoints"
+    pointer = root / "latest"
+    meta_file = root / pointer.read_text().strip() / "meta.json" if pointer.is_file() else None
+    if meta_file is None or not meta_file.is_file():
+        return                                   # check_run_dir reports a missing checkpoint
+    try:
+        info = json.loads(meta_file.read_text()).get("engine") or {}
+    except (OSError, ValueError):
+        return                                   # read_checkpoint reports a corrupt one
+    if info.get("backend") == "deepspeed" and (info["world_size"] != world_size
+                                               or info["zero_stage"] != cfg.dist.zero_stage):
+        raise CheckpointError(f"checkpoint {meta_file.parent} holds ZeRO-{info['zero_stage']} shards of "
+                              f"{info['world_size']} ranks; resume on {info['world_size']} ranks with that stage "
+                              f"(fsdp2 checkpoints reshard; `fastwidth export` reads any of them)")
+
+
 def restore(engine, env, members: list, meta: dict, path: Path, engine_of=None) -> None:
     """Load every member from checkpoint `path` (meta from ckpt.read_checkpoint)."""
     engine_of = engine_of or (lambda _name: engine)

@@ -4,6 +4,18 @@
     model = engine.build(name, meta_model, table, width_cfg, seed, construct)   # every member first
     model, optimizer = engine.finish(name, table, width_cfg)                      # then engines/optimizers
     loss = engine.train_step(name, x, y, micro_steps, StepContext(autocast, pause))  # every optimizer step
+    with engine.gathered(name) as whole:                                          # statistics of one member
+        top_eig(..., whole.model, whole.optimizer, reduce=engine.batch_mean)
+
+One interface for every backend: `Engine` itself is the single-process one (dist.backend none),
+so the loop never asks which engine it drives. `gathered(name)` is the statistics' view of one
+member: a model with whole (unsharded) parameters and a torch optimizer over them holding the
+live LRs and Adam's whole v̂. ddp and ZeRO-1/2 hold the model whole and give it as it is;
+FSDP2 and ZeRO-3 build a replica of that one member, gathering one tensor at a time, so the
+view costs 4P bytes of parameters + 4P of v̂ (P: the member's parameters, fp32) + the largest
+tensor in flight, while it is open (the planner's "gathered" term). `batch_mean(tensors)`
+averages over the data-parallel ranks what each computed on its share of a batch (equal
+shares: the mean is the global batch's value), so batch statistics see the global batch.
 
 `build` is the one parallelize step, in a fixed order (torchtitan's):
   1. placement: this engine was chosen for the member's width (placement.engine_for_width);
@@ -82,6 +94,34 @@ def clip_grad(params, max_norm: float, measure: bool = False):
     return None
 
 
+@dataclass(frozen=True)
+class Whole:
+    """One member as a single process holds it: `model` with plain whole parameters, `optimizer`
+    a torch optimizer over exactly those parameters (groups with lr, lr_mult, betas; per-parameter
+    state with Adam's step and exp_avg_sq when it has any). Read-only: statistics never step it."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+def optimizer_view(model: nn.Module, table: dict[str, ParamInfo], wcfg, live, state_of) -> torch.optim.Optimizer:
+    """A torch optimizer of the member's class over `model` (groups from the µP table, the live
+    optimizer's LRs by (lr_mult, wd_mult)); state_of(name) -> (step, whole exp_avg_sq) or None.
+    Called on every rank (state_of may be a collective)."""
+    view = build_optimizer(model, table, wcfg)
+    lrs = {(g["lr_mult"], g["wd_mult"]): g["lr"] for g in live.param_groups if "lr_mult" in g}
+    for g in view.param_groups:
+        g["lr"] = lrs.get((g["lr_mult"], g["wd_mult"]), g["lr"])
+    if not isinstance(view, (torch.optim.Adam, torch.optim.AdamW)):
+        return view                                      # SGD: P = lr, no state needed
+    for name, p in model.named_parameters():
+        got = state_of(name)
+        if got is not None:
+            step, sq = got
+            view.state[p] = {"step": torch.tensor(float(step)), "exp_avg_sq": sq.reshape(p.shape).to(p)}
+    return view
+
+
 def micro_batches(x: torch.Tensor, y: torch.Tensor, k: int):
     """k equal row slices of this rank's batch (k divides it: checked in parallel.placement)."""
     return list(zip(x.chunk(k), y.chunk(k))) if k > 1 else [(x, y)]
@@ -114,31 +154,57 @@ def accumulate(forward, backward, x, y, k: int, ctx: StepContext = StepContext()
     return total / len(parts)
 
 
-def local_step(model, optimizer, x, y, k: int, ctx: StepContext, grad_clip: float, loss_fn=None,
-               on_grad_norm=None) -> torch.Tensor:
-    """A single-process optimizer step with k-way gradient accumulation; loss_fn(x, y) defaults to
-    the model's fused readout + cross-entropy; on_grad_norm(norm) receives the gradient norm
-    before clipping (train rows log it)."""
-    loss = accumulate(loss_fn or model.loss, lambda l: (l / k).backward(), x, y, k, ctx)
-    norm = clip_grad(list(model.parameters()), grad_clip, measure=on_grad_norm is not None)
-    if on_grad_norm is not None:
-        on_grad_norm(norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss
-
-
 class Engine:
-    """Base: plain single-process training (used for backend none only by tests)."""
+    """Single-process training (dist.backend none), and the base of the distributed engines."""
 
     name = "none"
     sharded = False        # parameters split across ranks (fsdp2, ZeRO-3)
+    measures_grad_norm = True  # the norm before clipping, for train rows (the others clip inside)
+    runs_loss_fn = True        # trains on the loop's loss_fn (the others on their wrapped model.loss)
 
     def __init__(self, cfg, env):
         self.cfg, self.env = cfg, env
         self.handles: dict[str, object] = {}
         self.models: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.specs: dict[str, tuple] = {}           # name -> (table, wcfg, construct): replicas
+        self.grad_norms: dict[str, torch.Tensor | None] = {}
+
+    @contextlib.contextmanager
+    def gathered(self, name: str):
+        """The member with whole parameters (module doc); collective under sharded engines."""
+        yield Whole(self.models[name], self.optimizers[name])
+
+    def batch_mean(self, tensors: list) -> list:
+        """Each tensor averaged in place over the ranks (each computed on its equal share of the
+        global batch); unchanged in one process. Collective."""
+        import torch.distributed as dist
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world > 1:
+            for t in tensors:
+                dist.all_reduce(t)
+                t.div_(world)
+        return tensors
+
+    def replica(self, name: str, full_param, state_of) -> Whole:
+        """A whole copy of member `name` on this rank: full_param(live parameter) -> its whole
+        tensor (one at a time, collective), state_of(name) as optimizer_view's."""
+        table, wcfg, construct = self.specs[name]
+        live = self.models[name]
+        with torch.device(self.env.device):
+            model = construct()                          # torch.empty: every value is copied below
+        with torch.no_grad():
+            mine = dict(model.named_parameters())
+            for n, q in live.named_parameters():
+                mine[n].copy_(full_param(q).reshape(mine[n].shape))
+            model.reset_buffers()
+            theirs = dict(live.named_buffers())
+            for n, b in model.named_buffers():
+                if n in theirs and theirs[n].shape == b.shape:
+                    b.copy_(theirs[n])
+        apply_forward_mults(model, table)
+        model.train(live.training)
+        return Whole(model, optimizer_view(model, table, wcfg, self.optimizers[name], state_of))
 
     def _materialize(self, model, table, seed, width):
         model.to_empty(device=self.env.device)
@@ -153,6 +219,7 @@ class Engine:
 
     def build(self, name: str, model: nn.Module, table: dict[str, ParamInfo], wcfg, seed: int, construct=None):
         """The member's model sharded and initialized; no optimizer or engine state yet."""
+        self.specs[name] = (table, wcfg, construct)
         self._checkpointing(model)
         self.models[name] = self._materialize(model, table, seed, wcfg.model.width)
         return self.models[name]
@@ -173,21 +240,26 @@ class Engine:
         """Context of one micro-batch's forward and backward: gradient reduction only on the last."""
         return contextlib.nullcontext()
 
-    def train_step(self, name: str, x, y, k: int = 1, ctx: StepContext = StepContext()) -> torch.Tensor:
-        """Forward and backward over k micro-batches, then clip, step and zero; the mean loss."""
-        loss = accumulate(lambda xi, yi: self.loss(name, xi, yi), lambda l: (l / k).backward(), x, y, k,
-                          ctx, lambda last: self.sync(name, last))
+    def train_step(self, name: str, x, y, k: int = 1, ctx: StepContext = StepContext(), loss_fn=None) -> torch.Tensor:
+        """Forward and backward over k micro-batches, then clip, step and zero; the mean loss.
+        loss_fn(x, y): the training loss in one process (train.loss, train.compile); the
+        distributed engines run their wrapped model.loss (the config refuses train.loss=mse there)."""
+        forward = loss_fn if loss_fn is not None and self.runs_loss_fn else (lambda xi, yi: self.loss(name, xi, yi))
+        loss = accumulate(forward, lambda l: (l / k).backward(), x, y, k, ctx, lambda last: self.sync(name, last))
         self.apply_step(name)
         return loss
 
     def apply_step(self, name: str) -> None:
-        clip_grad(self.models[name].parameters(), self.cfg.optim.grad_clip)
+        norm = clip_grad(list(self.models[name].parameters()), self.cfg.optim.grad_clip,
+                         measure=self.measures_grad_norm)
+        self.grad_norms[name] = norm if self.measures_grad_norm else None
         self.optimizers[name].step()
         self.optimizers[name].zero_grad(set_to_none=True)
 
 
 class DDPEngine(Engine):
     name = "ddp"
+    measures_grad_norm = runs_loss_fn = False
 
     def finish(self, name, table, wcfg):
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -207,6 +279,7 @@ class DDPEngine(Engine):
 class FSDP2Engine(Engine):
     name = "fsdp2"
     sharded = True
+    measures_grad_norm = runs_loss_fn = False
 
     def __init__(self, cfg, env):
         super().__init__(cfg, env)
@@ -229,6 +302,7 @@ class FSDP2Engine(Engine):
               "offload_policy": CPUOffloadPolicy(pin_memory=cuda) if dc.offload_params else OffloadPolicy()}
         if dc.mixed_precision == "bf16":
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        self.specs[name] = (table, wcfg, construct)
         self._checkpointing(model)
         # order: every block its own unit (all-gathered one at a time), then the root (embedding,
         # final norm and readout); loss/features are forward methods so the root unit gathers for them
@@ -243,6 +317,20 @@ class FSDP2Engine(Engine):
         apply_forward_mults(model, table)
         self.models[name] = model
         return model
+
+    @contextlib.contextmanager
+    def gathered(self, name):
+        """A replica of the member: each DTensor's full_tensor() (an all-gather), one at a time;
+        Adam's v̂ likewise from the optimizer's DTensor state."""
+        opt, named = self.optimizers[name], dict(self.models[name].named_parameters())
+
+        def full(t):
+            return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+        def state_of(n):
+            st = opt.state.get(named[n], {})
+            return (float(st["step"]), full(st["exp_avg_sq"]).detach()) if "exp_avg_sq" in st else None
+        yield self.replica(name, lambda q: full(q.detach()), state_of)
 
     def sync(self, name, last):
         model = self.models[name]

@@ -1,7 +1,8 @@
 """Placement per width: which engine trains each member of a sweep, and its micro-batching.
 
-    placement = Placement(cfg, env)          # None engines for single-process runs
+    placement = Placement(cfg, env)
     engine = placement.for_width(width)       # ddp below dist.shard_min_width, else dist.backend
+                                              # (single-process runs: the plain Engine)
     k = micro_steps(cfg, world_size)          # micro-batches per optimizer step on each rank
 
 Every engine runs over the same process group and every rank draws the same global batch, so
@@ -10,7 +11,7 @@ narrow (replicated) and wide (sharded) members see the same stream and the same 
 from __future__ import annotations
 
 from fastwidth.errors import ConfigError
-from fastwidth.parallel.engines import DDPEngine, build_engine
+from fastwidth.parallel.engines import DDPEngine, Engine, build_engine
 
 SHARDING = ("fsdp2", "deepspeed")
 
@@ -51,15 +52,16 @@ class Placement:
         self.main = build_engine(cfg, env, **kw) if dc.backend != "none" else None
         narrow = [w for w in cfg.sweep.widths if w < dc.shard_min_width]
         self.replicated = DDPEngine(cfg, env) if narrow and self.main is not None else None
+        self.local = Engine(cfg, env) if self.main is None else None   # dist.backend none
 
     def for_width(self, width: int):
         if self.replicated is not None and width < self.cfg.dist.shard_min_width:
             return self.replicated
-        return self.main
+        return self.main or self.local
 
     @property
     def engines(self) -> list:
-        return [e for e in (self.main, self.replicated) if e is not None]
+        return [e for e in (self.main, self.replicated, self.local) if e is not None]
 
     def of(self, name: str):
         """The engine that trains member `name`."""

@@ -15,8 +15,9 @@ block, R the root unit's parameters, c the compute dtype's bytes; Adam holds 8 B
             + one block's unsharded gradient 4K), DeepSpeed's reduce buckets, FSDP2's foreach Adam
             temporaries (8P/W) and ZeRO's flattened fp32 gradient (4P/W)
     eval    persistent + the probe forward's activations at stats.eval_batch, + the kernel rows the
-            feature hooks keep (4·layers·kp·(N + kp), kp = stats.kernel_points) (+ sharpness: 3x
-            activations and a gradient 4P/W) for one member at a time
+            feature hooks keep (4·layers·kp·(N + kp), kp = stats.kernel_points), or the statistics
+            of one whole member (sharpness, eNTK, coord: whole_member_bytes, the gathered view of
+            Engine.gathered + the eigensolver's vectors), one member at a time
 A sweep is every member built (sum of built), then every member ready (sum), then one member at a
 time steps or evaluates on top of every member's persistent state: the peak per rank is
     max(sum built, sum ready, sum persistent + max transient(step), sum persistent + max eval).
@@ -174,11 +175,42 @@ def member_plan(cfg: Config, choice: Choice, world: int, counts: dict | None = N
     if sharded:
         ev += cb * (root + 2 * blk)
     ev += kernel_rows_bytes(cfg, c)
-    if cfg.stats.enabled and cfg.stats.sharpness_iters:
-        n = max(1, cfg.stats.sharpness_points // (cfg.data.seq_len if cfg.model.arch == "gpt" else 1))
-        ev = max(ev, 3 * 4 * activation_values(cfg, c, n) + 4 * p / (w if sharded else 1))
+    whole, kept = whole_member_bytes(cfg, choice, p, c, rows)
+    ev = max(ev, whole)
+    persistent += kept
     return {"built": built, "ready": ready, "persistent": persistent, "step": transient, "eval": ev, "host": host,
             "params": held, "grads": grads, "optimizer": opt_state + master, "activations": act}
+
+
+def whole_member_bytes(cfg: Config, choice: Choice, p: int, counts: dict, rows: int) -> tuple[float, float]:
+    """(transient, persistent) bytes per rank of the statistics that need one member whole, which
+    run on Engine.gathered (parallel/engines.py), one member at a time:
+      gathered view   4P parameters where the engine shards them (FSDP2 / ZeRO-3 build a replica, one
+                      tensor in flight) + 4P of Adam's v̂ where the live state is not a whole torch
+                      tensor already (FSDP2, DeepSpeed: gathered)
+      probe sharpness power iteration: 8 vectors of P fp32 (P, its root, v, P^½v, Hv, w, double
+                      backward's gradient and HVP) + 3x the activations of stats.sharpness_points
+      batch sharpness Lanczos: 6 vectors + a basis of stats.batch_sharpness_iters, + 3x the
+                      activations of this rank's share of the batch
+      eNTK            stats.ntk_max_mb of stacked gradients + one gradient 4P
+      coord           W_0 of every layer, 4P per member, kept from init (persistent)"""
+    sc = cfg.stats
+    if not sc.enabled:
+        return 0.0, 0.0
+    sharded, adam = choice.sharded, cfg.optim.name in ("adam", "adamw")
+    gathered = 4 * p * sharded + 4 * p * (adam and choice.backend in ("fsdp2", "deepspeed"))
+    per_seq = cfg.data.seq_len if cfg.model.arch == "gpt" else 1
+    out = 0.0
+    if sc.sharpness_iters:
+        n = max(1, sc.sharpness_points // per_seq)
+        out = max(out, 8 * 4 * p + 3 * 4 * activation_values(cfg, counts, n))
+    if sc.batch_sharpness_every:
+        out = max(out, (6 + sc.batch_sharpness_iters) * 4 * p + 3 * 4 * activation_values(cfg, counts, max(rows, 1)))
+    if sc.ntk_points:
+        out = max(out, (sc.ntk_max_mb << 20) + 4 * p)
+    if sc.coord_every:
+        out = max(out, 4 * p * sharded)       # the replica each measurement reads
+    return (gathered + out if out else 0.0), (4 * p if sc.coord_every else 0.0)
 
 
 def sweep_members(cfg: Config) -> list[tuple[int, int]]:

@@ -11,12 +11,16 @@
   output (on the host: stats.signature.KernelRows), not the whole output until the forward ends;
   forwards run in micro-batches of stats.eval_batch examples. Every rank runs the same number of forwards (FSDP2 / ZeRO-3 forwards are
   collectives), padding its slice when the probe does not split evenly.
-- Sharpness and the eNTK need whole-model Hessian-vector products / per-point gradients: under a
-  sharded backend (fsdp2, ZeRO-3) `sharded_skips` names them and the run goes on without them
-  (one warning line and a `skipped` row each); under ddp and ZeRO 1-2 every rank holds the whole
-  model and they run, ZeRO-1/2 preconditioned by DeepSpeed's own Adam state (zero_optimizer_view).
+- Sharpness, the eNTK and coord rows need whole-model Hessian-vector products / per-point
+  gradients / layer forwards: they run on `whole_member(m)`, the engine's `gathered` view of one
+  member at a time (a replica under FSDP2 / ZeRO-3, Adam's v̂ gathered whole under every engine),
+  so each equals the single-process value; batch sharpness averages each rank's HVP on its share
+  of the batch (Engine.batch_mean), the global batch's.
 """
 from __future__ import annotations
+
+import contextlib
+import dataclasses
 
 import torch
 import torch.distributed as dist
@@ -25,67 +29,14 @@ from fastwidth.stats import signature as S
 from fastwidth.stats.moments import merge
 
 
-def sharded_skips(cfg, engines) -> dict[str, str]:
-    """{stats key: why} for the whole-model statistics a sharded engine cannot run here (they need
-    every parameter on one rank: Hessian-vector products, per-point gradients). The run goes on
-    without them (one warning line and a `skipped` metrics row each); ddp and ZeRO-1/2 run them."""
-    sharded = [e for e in engines if e is not None and e.sharded]
-    if not sharded or not cfg.stats.enabled:
-        return {}
-    what = "fsdp2" if sharded[0].name == "fsdp2" else "deepspeed zero_stage=3"
-    out = {}
-    if cfg.stats.sharpness_iters:
-        out["sharpness_iters"] = f"sharpness needs Hessian-vector products through the whole model and {what} shards it"
-    if cfg.stats.ntk_points:
-        out["ntk_points"] = f"the eNTK needs per-point gradients of the whole model and {what} shards it"
-    return out
-
-
-def without(cfg, skips: dict):
-    """cfg with the skipped statistics turned off (for the Monitor only; the run records the user's)."""
-    import dataclasses
-    if not skips:
-        return cfg
-    return dataclasses.replace(cfg, stats=dataclasses.replace(cfg.stats, **{k: 0 for k in skips}))
-
-
-def zero_optimizer_view(model, ds_optimizer):
-    """A torch AdamW over `model`'s parameters holding DeepSpeed ZeRO-1/2's Adam state per parameter,
-    for the Adam-preconditioned sharpness. DeepSpeed keeps the state of flat fp32 partitions; each
-    rank copies its fragment of a parameter's exp_avg_sq (the parameter's `_hp_mapping` addresses,
-    as deepspeed.utils.tensor_fragment.get_full_hp_param does) into a zero buffer and an all-reduce
-    over the data-parallel group assembles the whole tensor. Collective."""
-    named = dict(model.named_parameters())
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [named[n] for n in g["names"]]}
-              for g in ds_optimizer.param_groups]
-    view = torch.optim.AdamW(groups, lr=groups[0]["lr"])
-    inner = getattr(ds_optimizer, "optimizer", ds_optimizer)
-    flats = ds_optimizer.single_partition_of_fp32_groups
-    steps = [float(inner.state[f]["step"]) for f in flats if "step" in inner.state.get(f, {})]
-    if not steps:
-        return view
-    for lp_group, flat in zip(ds_optimizer.bit16_groups, flats):
-        sq = inner.state[flat]["exp_avg_sq"]
-        for p in lp_group:
-            full = torch.zeros(p.numel(), dtype=torch.float32, device=sq.device)
-            mapping = getattr(p, "_hp_mapping", None)
-            if mapping is not None:
-                lp, hp = mapping.lp_fragment_address, mapping.get_hp_fragment_address()
-                full.narrow(0, lp.start, lp.numel).copy_(sq.narrow(0, hp.start, hp.numel))
-            dist.all_reduce(full, group=getattr(p, "_dp_group", None))
-            view.state[p] = {"step": torch.tensor(max(steps)), "exp_avg_sq": full.reshape(p.shape).to(p.device)}
-    return view
-
-
-def attach_optimizer_views(monitor, placement) -> None:
-    """Sharpness under DeepSpeed ZeRO-1/2 reads DeepSpeed's Adam state through zero_optimizer_view."""
-    def optimizer_of(m):
-        engine = placement.for_width(m.width)
-        if engine is not None and engine.name == "deepspeed" and not engine.sharded:
-            return zero_optimizer_view(m.model, m.optimizer)
-        return m.optimizer
-    for mon in (getattr(monitor, "monitors", None) or {None: monitor}).values():  # sweep.LRMonitors: one per lr
-        mon.optimizer_of = optimizer_of
+@contextlib.contextmanager
+def whole_member(m):
+    """Member m as one process holds it, for the statistics that need whole parameters (sharpness,
+    the eNTK, coord): a copy of m whose model and optimizer are its engine's `gathered` view
+    (engines.py: the member itself under ddp / ZeRO-1/2 / one process, a replica under FSDP2 /
+    ZeRO-3, freed when the block ends). Collective under sharded engines."""
+    with m.engine.gathered(m.name) as whole:
+        yield dataclasses.replace(m, model=whole.model, optimizer=whole.optimizer)
 
 
 def _gather_objects(obj, world: int) -> list:

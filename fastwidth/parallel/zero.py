@@ -11,6 +11,7 @@ Known cost: zero.Init broadcasts each freshly allocated layer from rank 0 before
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -21,7 +22,7 @@ import torch
 from fastwidth.errors import ConfigError
 from fastwidth.param.optim import build_optimizer, param_groups, set_lr
 from fastwidth.param.scaling import ParamInfo, apply_forward_mults, draw_init_flat
-from fastwidth.parallel.engines import Engine, LossForward, StepContext, accumulate
+from fastwidth.parallel.engines import Engine, LossForward, StepContext, Whole, accumulate, optimizer_view, shard_units
 
 log = logging.getLogger("fastwidth.parallel")
 
@@ -118,8 +119,42 @@ def cpu_adam(model, table, wcfg):
     return opt
 
 
+def adam_step(ds_optimizer) -> float | None:
+    """The step count of DeepSpeed's inner optimizer (its state holds flat partitions), or None
+    before its first step."""
+    inner = getattr(ds_optimizer, "optimizer", ds_optimizer)
+    steps = [float(st["step"]) for st in inner.state.values() if isinstance(st, dict) and "step" in st]
+    return max(steps) if steps else None
+
+
+def zero12_states(ds_optimizer, key: str = "exp_avg_sq") -> dict[int, torch.Tensor]:
+    """{id(parameter): its whole `key` state} under ZeRO-1/2. DeepSpeed keeps the state of flat fp32
+    partitions; each rank copies its fragment of each parameter (the parameter's `_hp_mapping`
+    addresses, as deepspeed.utils.tensor_fragment.get_full_hp_param does) into a zero buffer and
+    an all-reduce over the data-parallel group assembles the tensor. (safe_get_full_optimizer_state
+    finds no state here: the fragments are linked before torch's Adam makes it at step 1.)
+    Collective; empty before the first step."""
+    import torch.distributed as dist
+    inner = getattr(ds_optimizer, "optimizer", ds_optimizer)
+    out = {}
+    for lp_group, flat in zip(ds_optimizer.bit16_groups, ds_optimizer.single_partition_of_fp32_groups):
+        if key not in inner.state.get(flat, {}):
+            continue
+        st = inner.state[flat][key]
+        for p in lp_group:
+            full = torch.zeros(p.numel(), dtype=torch.float32, device=st.device)
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is not None:
+                lp, hp = mapping.lp_fragment_address, mapping.get_hp_fragment_address()
+                full.narrow(0, lp.start, lp.numel).copy_(st.narrow(0, hp.start, hp.numel))
+            dist.all_reduce(full, group=getattr(p, "_dp_group", None))
+            out[id(p)] = full.reshape(p.shape)
+    return out
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
+    measures_grad_norm = runs_loss_fn = False
 
     def __init__(self, cfg, env, block_params: int = 0, micro_steps: int = 1):
         super().__init__(cfg, env)
@@ -130,9 +165,16 @@ class DeepSpeedEngine(Engine):
 
     def build(self, name, model, table, wcfg, seed, construct=None):
         if not self.sharded or construct is None:  # ZeRO-1/2 hold whole fp32 parameters
-            return super().build(name, model, table, wcfg, seed)
+            return super().build(name, model, table, wcfg, seed, construct)
+        self.specs[name] = (table, wcfg, construct)
         with self.ds.zero.Init(config_dict_or_path=copy.deepcopy(self.ds_config)):
             model = construct()
+        # each block gathers as one unit, as under FSDP2: a block calls its norms' with_residual,
+        # a method rather than their forward, which ZeRO-3's per-module hooks would not gather
+        # for (size-0 weights in an evaluation forward of a single process, seen with depth 1)
+        from deepspeed.utils import set_z3_leaf_module
+        for unit in shard_units(model):
+            set_z3_leaf_module(unit, True)
         self._checkpointing(model)
         init_zero_partitions(model, table, seed, wcfg.model.width, self.env.rank)
         model.reset_buffers()
@@ -155,7 +197,28 @@ class DeepSpeedEngine(Engine):
     def loss(self, name, x, y):
         return self.handles[name](x, y)
 
-    def train_step(self, name, x, y, k=1, ctx=StepContext()):
+    def gathered(self, name):
+        """ZeRO-1/2: the member's own (whole) model; ZeRO-3: a replica, each parameter's fp32
+        master gathered one at a time (safe_get_full_fp32_param). Either way Adam's v̂ comes
+        whole from DeepSpeed's flat partitions (safe_get_full_optimizer_state). Collective."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+        opt, named = self.optimizers[name], dict(self.models[name].named_parameters())
+        step = adam_step(opt)
+
+        whole = zero12_states(opt) if not self.sharded and step is not None else {}
+
+        def state_of(n):
+            if step is None:
+                return None
+            sq = safe_get_full_optimizer_state(named[n], "exp_avg_sq") if self.sharded else whole.get(id(named[n]))
+            return None if sq is None else (step, sq.detach())
+        if not self.sharded:
+            table, wcfg, _ = self.specs[name]
+            model = self.models[name]
+            return contextlib.nullcontext(Whole(model, optimizer_view(model, table, wcfg, opt, state_of)))
+        return contextlib.nullcontext(self.replica(name, lambda q: safe_get_full_fp32_param(q).detach(), state_of))
+
+    def train_step(self, name, x, y, k=1, ctx=StepContext(), loss_fn=None):
         """DeepSpeed accumulates itself (gradient_accumulation_steps = k, loss scaled by 1/k in
         backward; step() applies only at the boundary and clips, steps and zeroes)."""
         engine = self.handles[name]

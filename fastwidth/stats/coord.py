@@ -67,8 +67,11 @@ class CoordTracker:
         self.cap0 = capture(model, x)
 
     @torch.no_grad()
-    def measure(self) -> dict[str, dict[str, float]]:
-        """{layer: {act_rms, delta_rms, own_rms, input_rms}} now (act_rms: RMS of h_t)."""
+    def measure(self, model: nn.Module | None = None) -> dict[str, dict[str, float]]:
+        """{layer: {act_rms, delta_rms, own_rms, input_rms}} now (act_rms: RMS of h_t); `model`:
+        the same member now, when it is not the object given at init (a fresh whole replica of a
+        sharded member)."""
+        self.model = model if model is not None else self.model
         cap = capture(self.model, self.x)
         out = {}
         for n, mod in coord_layers(self.model).items():

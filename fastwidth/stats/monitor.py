@@ -166,9 +166,10 @@ class Monitor:
         # (model, spec, device, feature_modules) -> (signature, summary); a distributed run swaps in
         # fastwidth.parallel.stats.probe_signature_sharded, which splits the probe over the ranks
         self.probe_fn = probe_signature
-        # member -> the torch optimizer whose state preconditions sharpness; a DeepSpeed ZeRO-1/2 run
-        # swaps in fastwidth.parallel.stats.zero_optimizer_view (its state lives in flat partitions)
-        self.optimizer_of = lambda m: m.optimizer
+        # member -> a context giving the member with whole parameters and a torch optimizer over
+        # them (sharpness, eNTK); the loop swaps in fastwidth.parallel.stats.whole_member, its
+        # engine's gathered view (a replica of one member under FSDP2 / ZeRO-3)
+        self.whole_of = contextlib.nullcontext
 
     def _meta_keys(self) -> dict:
         if self.sc.hist_range > 0:
@@ -262,9 +263,11 @@ class Monitor:
             self.write({"kind": "eval", **base, "probe_loss": summary["loss"], "probe_acc": summary["accuracy"],
                         **({"preact": moments} if moments else {})})
             if self.sc.sharpness_iters and self._due(step, self.sc.sharpness_every):
-                self.write({"kind": "sharpness", **base, **self.sharpness(m)})
+                with self.whole_of(m) as whole:
+                    self.write({"kind": "sharpness", **base, **self.sharpness(whole)})
             if self.sc.ntk_points and self._due(step, self.sc.ntk_every):
-                self.write({"kind": "ntk", **base, **self.ntk(m, {**base, "name": m.name})})
+                with self.whole_of(m) as whole:
+                    self.write({"kind": "ntk", **base, **self.ntk(whole, {**base, "name": m.name})})
             if self.reference is not None:
                 self._against_run(m, sig, base)
             if not self.reference_lost:
@@ -385,7 +388,7 @@ class Monitor:
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
         params = [p for p in model.parameters() if p.requires_grad]
-        precond, threshold, pkind = optimizer_preconditioner(self.optimizer_of(m), params)
+        precond, threshold, pkind = optimizer_preconditioner(m.optimizer, params)
         was = model.training
         model.eval()
         try:

@@ -155,15 +155,18 @@ def optimizer_preconditioner(optimizer: torch.optim.Optimizer, params: list) -> 
 
 
 def lanczos_top_eig(loss_fn: Callable, params: list, *, precond: list | None = None, iters: int = 20,
-                    tol: float = 1e-3, hvp: str = "auto", seed: int = 0) -> tuple[float, dict]:
+                    tol: float = 1e-3, hvp: str = "auto", seed: int = 0, reduce: Callable | None = None) -> tuple[float, dict]:
     """Largest eigenvalue of A = P^{1/2} H P^{1/2} by Lanczos with full reorthogonalization.
 
     After k Hessian-vector products the top Ritz value (largest eigenvalue of the k×k tridiagonal
     T_k) approximates λ_max(A) from below and converges much faster than power iteration when the
     top of the spectrum is not well separated. It is exact once k reaches the rank of A. Stops when
     the top Ritz value changes by less than tol (relative) between iterations, or after `iters`.
-    Inputs as `top_hessian_eig`. Outputs: (eigenvalue, {"iters", "hvp", "converged"}); the
-    eigenvalue is the largest algebraic one (a negative top eigenvalue is returned as such).
+    Inputs as `top_hessian_eig`, and reduce(list of tensors) -> list: applied to every HVP (data
+    parallelism: each rank's HVP on its share of the batch averaged over the ranks, the global
+    batch's HVP; every rank then takes the same Lanczos steps). Outputs: (eigenvalue, {"iters",
+    "hvp", "converged"}); the eigenvalue is the largest algebraic one (a negative top eigenvalue
+    is returned as such).
     """
     params = list(params)
     root = ([torch.ones_like(p) for p in params] if precond is None else
@@ -177,6 +180,8 @@ def lanczos_top_eig(loss_fn: Callable, params: list, *, precond: list | None = N
     for k in range(1, iters + 1):
         u = [r * x for r, x in zip(root, v)]
         hu, mode = _hvp(loss_fn, params, u, mode)
+        if reduce is not None:
+            hu = reduce(hu)
         w = [r * x for r, x in zip(root, hu)]                       # A v
         alphas.append(float(_dot(v, w)))
         for q in basis:                                            # full reorthogonalization

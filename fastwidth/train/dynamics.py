@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from fastwidth.param.optim import set_lr
+from fastwidth.parallel.stats import whole_member
 from fastwidth.stats.sharpness import lanczos_top_eig, optimizer_preconditioner
 
 
@@ -53,13 +54,13 @@ def plain_loss_fn(model, x, y, kind: str):
     return loss_fn
 
 
-def _top_eig(m, x, y, kind: str, precond, iters: int, hvp: str) -> tuple[float, dict]:
+def _top_eig(m, x, y, kind: str, precond, iters: int, hvp: str, reduce=None) -> tuple[float, dict]:
     params = [p for p in m.model.parameters() if p.requires_grad]
     was = m.model.training
     m.model.eval()
     try:
         return lanczos_top_eig(plain_loss_fn(m.model, x, y, kind), params, precond=precond, iters=iters,
-                               hvp=hvp, seed=m.seed)
+                               hvp=hvp, seed=m.seed, reduce=reduce)
     finally:
         m.model.train(was)
 
@@ -106,15 +107,18 @@ def write_lambda0(trainer) -> None:
                                   "lr_multiple": m.cfg.optim.lr * trainer.lambda0[m.name] / 2.0})
 
 
-def batch_sharpness(m, x, y, kind: str, iters: int, hvp: str) -> dict:
-    """The row body: preconditioned top eigenvalue on (x, y), in units of the base step size."""
+def batch_sharpness(m, x, y, kind: str, iters: int, hvp: str, reduce=None) -> dict:
+    """The row body: preconditioned top eigenvalue on (x, y), in units of the base step size. m
+    holds whole parameters (parallel.stats.whole_member); (x, y) is this rank's share of the batch
+    and reduce(tensors) averages over the ranks (Engine.batch_mean): the global batch's values."""
+    reduce = reduce or (lambda ts: ts)
     params = [p for p in m.model.parameters() if p.requires_grad]
     precond, threshold, pkind = optimizer_preconditioner(m.optimizer, params)
     groups = [g for g in m.optimizer.param_groups if g["lr_mult"] > 0]
     eta = float(groups[0]["lr"]) / float(groups[0]["lr_mult"]) if groups else 0.0
-    lam, info = _top_eig(m, x, y, kind, precond, iters, hvp)
+    lam, info = _top_eig(m, x, y, kind, precond, iters, hvp, reduce)
     with torch.no_grad():
-        loss = float(plain_loss_fn(m.model, x, y, kind)())
+        loss = float(reduce([plain_loss_fn(m.model, x, y, kind)().detach().reshape(1)])[0])
     row = {"precond_sharpness": lam, "threshold": threshold, "precond": pkind, "eta": eta,
            "lr_sharpness": lam * 2.0 / threshold, "batch_loss": loss, "iters": info["iters"],
            "converged": info["converged"], "hvp": info["hvp"]}
@@ -131,7 +135,9 @@ def write_batch_sharpness(trainer, step: int, members: list, x, y) -> None:
         return
     which = "full" if cfg.train.full_batch else "online"
     for m in members:
-        body = batch_sharpness(m, x, y, cfg.train.loss, cfg.stats.batch_sharpness_iters, cfg.stats.hvp)
+        with whole_member(m) as whole:
+            body = batch_sharpness(whole, x, y, cfg.train.loss, cfg.stats.batch_sharpness_iters, cfg.stats.hvp,
+                                   m.engine.batch_mean)
         trainer.writer.write({"kind": "batch_sharpness", **_base(trainer, m, step), "batch": which, **body})
 
 
@@ -153,7 +159,10 @@ def init_coord(trainer) -> None:
     if not trainer.cfg.stats.coord_every:
         return
     x = trainer.stream.probe()["x"][:64].to(trainer.device)
-    trainer.coord = {m.name: CoordTracker(m.model, x) for m in trainer.members if trainer.engine is None}
+    for m in trainer.members:  # W_0 whole: 4P bytes per member kept (coord is for small widths)
+        with whole_member(m) as whole:
+            trainer.coord[m.name] = CoordTracker(whole.model, x)
+        trainer.coord[m.name].model = None  # measured on the member's whole view of that step
 
 
 def write_coord(trainer, step: int, members: list) -> None:
@@ -163,4 +172,6 @@ def write_coord(trainer, step: int, members: list) -> None:
         return
     for m in members:
         if m.name in trainer.coord:
-            trainer.writer.write({"kind": "coord", **_base(trainer, m, step), "layers": trainer.coord[m.name].measure()})
+            with whole_member(m) as whole:
+                layers = trainer.coord[m.name].measure(whole.model)
+            trainer.writer.write({"kind": "coord", **_base(trainer, m, step), "layers": layers})

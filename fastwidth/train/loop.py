@@ -30,15 +30,15 @@ from fastwidth.config import Config, dump_yaml, resolve
 from fastwidth.data import build_stream
 from fastwidth.parallel import checkpoint as par_ckpt
 from fastwidth.parallel import stats as par_stats
-from fastwidth.parallel.engines import StepContext, checkpoint_blocks, local_step
-from fastwidth.parallel.env import agree_on_out_dir, check_shared_dir, init_dist, launched_world
+from fastwidth.parallel.engines import Engine, StepContext
+from fastwidth.parallel.env import DistEnv, agree_on_out_dir, check_shared_dir, init_dist, launched_world
 from fastwidth.parallel.memory import MemoryRecorder
 from fastwidth.parallel.placement import Placement
 from fastwidth.parallel.plan import check_fits
 from fastwidth.errors import CheckpointError, DataError, UserError
 from fastwidth.kernels import dispatch
-from fastwidth.models import build_meta, build_model, build_uninitialized
-from fastwidth.param.optim import build_optimizer, lr_factor, set_lr
+from fastwidth.models import build_meta, build_uninitialized
+from fastwidth.param.optim import lr_factor, set_lr
 from fastwidth.param.scaling import ParamInfo, mup_table, table_rows
 from fastwidth.stats.monitor import Monitor
 from fastwidth.stats.preact_range import RANGES_FILE
@@ -74,6 +74,7 @@ class Member:
     base_lr: float | None = None    # set in a learning-rate sweep (sweep.lrs)
     diverged: dict | None = None    # the "diverged" row once the member is stopped
     grad_norm: torch.Tensor | None = None  # before clipping, of the last step
+    engine: object = None           # what trains it (fastwidth.parallel.engines.Engine interface)
 
     @property
     def name(self) -> str:
@@ -125,33 +126,26 @@ def tokens_per_step(stream, cfg: Config) -> int:
 
 def make_members(cfg: Config, stream, device: torch.device, placement=None, memory=None) -> list[Member]:
     """Models of every (width, seed), the reference width first (sequential mode needs it).
-    Under a distributed engine each member is built on meta and handed to its engine (placement
-    per width). Every model is built first ("built" memory row), then engines and optimizers
-    ("ready")."""
+    Each member is built on meta and handed to its engine (placement per width; one process: the
+    plain Engine, which materializes it whole on `device`). Every model is built first ("built"
+    memory row), then engines and optimizers ("ready")."""
     io = data_io(stream, cfg)
+    local = Engine(cfg, DistEnv(device=device)) if placement is None else None
     built = []
     for w, lr, s in sweep.member_specs(cfg):
         wcfg = sweep.for_member(cfg, w, lr)
         name = sweep.member_name(w, s, lr)
-        engine = placement.for_width(w) if placement is not None else None
-        if engine is not None:
-            meta = build_meta(wcfg, io)
-            table = mup_table(meta, wcfg)  # global shapes, before any sharding
-            model = engine.build(name, meta, table, wcfg, s, construct=lambda wcfg=wcfg: build_uninitialized(wcfg, io))
-        else:
-            model, table = build_model(wcfg, io, device=device, seed=s)
-            if cfg.train.activation_checkpointing == "block":
-                checkpoint_blocks(model)
+        engine = local or placement.for_width(w)
+        meta = build_meta(wcfg, io)
+        table = mup_table(meta, wcfg)  # global shapes, before any sharding
+        model = engine.build(name, meta, table, wcfg, s, construct=lambda wcfg=wcfg: build_uninitialized(wcfg, io))
         built.append((w, lr, s, name, wcfg, model, table, engine))
     if memory is not None:
         memory.mark("built", [b[6] for b in built])
     members = []
     for w, lr, s, name, wcfg, model, table, engine in built:
-        if engine is not None:
-            model, opt = engine.finish(name, table, wcfg)
-        else:
-            opt = build_optimizer(model, table, wcfg)
-        members.append(Member(w, s, wcfg, model, opt, table, base_lr=lr))
+        model, opt = engine.finish(name, table, wcfg)
+        members.append(Member(w, s, wcfg, model, opt, table, base_lr=lr, engine=engine))
     if memory is not None:
         memory.mark("ready", [m.table for m in members])
     return members
@@ -231,15 +225,15 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.device = pick_device(cfg.train.device)
         dispatch.set_backend(cfg.train.kernels)
-        self.dist = init_dist(cfg)  # rank 0 of 1 without an engine
+        self.dist = init_dist(cfg)  # rank 0 of 1 without a process group
         if self.dist.active:
             self.device = self.dist.device
+        else:
+            self.dist.device = self.device  # the single-process Engine materializes there
+        par_ckpt.check_resumable(cfg, self.dist.world_size)  # one line from meta.json, before any engine
         self.placement = Placement(cfg, self.dist)
         self.engine = self.placement.main
         check_fits(cfg, self.dist, self.placement.k)  # one line and exit 2 when the planner says no
-        self.skipped = par_stats.sharded_skips(cfg, self.placement.engines)
-        for why in self.skipped.values():
-            log.warning("statistic skipped: %s", why)
         self.stream = build_stream(cfg.data, rank=self.dist.rank, world_size=self.dist.world_size)
         if self.stream.steps_available < cfg.train.steps and not cfg.train.full_batch:
             raise DataError(f"data: {cfg.data.source} holds {self.stream.steps_available} steps of "
@@ -250,8 +244,7 @@ class Trainer:
         check_shared_dir(self.dist, cfg.train.out_dir)
         self.memory = MemoryRecorder(self.dist, self.device)  # baseline: before any model exists
         self.members = make_members(cfg, self.stream, self.device, self.placement, self.memory)
-        self.loss_fns = {m.name: compiled_loss(m.model, cfg, self.placement.for_width(m.width) is not None)
-                         for m in self.members}
+        self.loss_fns = {m.name: compiled_loss(m.model, cfg, self.dist.active) for m in self.members}
         self._fixed = None
         dynamics.apply_edge_lrs(self)  # optim.lr_unit = edge: η = lr × 2/λ0, at init (before any restore)
         dynamics.init_coord(self)      # stats.coord_every: W_0 and the layers' inputs at init
@@ -275,15 +268,11 @@ class Trainer:
         self.dist.barrier()
         self.writer = tracking.open_writer(self.run_dir, cfg.train)  # metrics.jsonl (+ TensorBoard, CSV)
         self.memory.flush(self.writer)
-        if self.dist.is_main:
-            for key, why in self.skipped.items():
-                self.writer.write({"kind": "skipped", "step": 0, "tokens": 0, "width": 0, "seed": 0,
-                                   "stat": key.split("_")[0], "reason": why})
         self.tokens_per_step = tokens_per_step(self.stream, cfg)
-        self.evaluator = self._monitor(par_stats.without(cfg, self.skipped))
-        par_stats.attach_optimizer_views(self.evaluator, self.placement)
+        self.evaluator = self._monitor(cfg)
+        self.evaluator.whole_of = par_stats.whole_member  # sharpness, eNTK: the member with whole parameters
         self.guard = sweep.DivergenceGuard(cfg.train.diverge_factor)
-        if self.dist.world_size > 1:  # each rank evaluates its slice of the probe; all get the whole signature
+        if self.dist.active:  # each rank evaluates its slice of the probe (sharded forwards gather); all get it whole
             rank, world = self.dist.rank, self.dist.world_size
             self.evaluator.probe_fn = lambda model, spec, device, feats: par_stats.probe_signature_sharded(
                 model, spec, device, rank, world, feats)
@@ -313,14 +302,9 @@ class Trainer:
         hooks = self.evaluator.training(m) if stats else contextlib.nullcontext()
         ctx = StepContext(lambda: autocast_for(self.cfg, self.device),
                           self.evaluator.paused if stats else contextlib.nullcontext)
-        with hooks:
-            engine = self.placement.for_width(m.width)
-            if engine is None:
-                loss = local_step(m.model, m.optimizer, x, y, self.placement.k, ctx, m.cfg.optim.grad_clip,
-                                  loss_fn=self.loss_fns[m.name],
-                                  on_grad_norm=lambda norm: setattr(m, "grad_norm", norm))
-            else:  # forward/backward per micro-batch, clip, step, zero
-                loss = self.dist.mean(engine.train_step(m.name, x, y, self.placement.k, ctx))
+        with hooks:  # forward/backward per micro-batch, clip, step, zero
+            loss = self.dist.mean(m.engine.train_step(m.name, x, y, self.placement.k, ctx, self.loss_fns[m.name]))
+        m.grad_norm = m.engine.grad_norms.get(m.name)
         m.step += 1
         return loss
 

@@ -135,13 +135,13 @@ class LRMonitors:
             mon.probe_fn = fn
 
     @property
-    def optimizer_of(self):
-        return next(iter(self.monitors.values())).optimizer_of
+    def whole_of(self):
+        return next(iter(self.monitors.values())).whole_of
 
-    @optimizer_of.setter
-    def optimizer_of(self, fn) -> None:
+    @whole_of.setter
+    def whole_of(self, fn) -> None:
         for mon in self.monitors.values():
-            mon.optimizer_of = fn
+            mon.whole_of = fn
 
     @contextlib.contextmanager
     def paused(self):

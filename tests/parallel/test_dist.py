@@ -47,7 +47,6 @@ BACKENDS = {"ddp": ["dist.backend=ddp", "data.micro_batch_size=2"],
             "zero3": ["dist.backend=deepspeed", "dist.zero_stage=3", "data.micro_batch_size=2",
                       "train.activation_checkpointing=block", "dist.shard_min_width=32"],  # w16 under ddp
             "fsdp2_mix": ["dist.backend=fsdp2", "dist.shard_min_width=32", "data.micro_batch_size=2"]}  # w16 under ddp
-SHARDED = {"fsdp2", "zero3", "fsdp2_mix"}
 # backend -> the members it shards (the others replicate under ddp); None: every member
 SHARDED_MEMBERS = {"fsdp2": None, "zero3": {"w32_s0"}, "fsdp2_mix": {"w32_s0"}}
 TIMEOUT = 240
@@ -190,8 +189,7 @@ def test_two_ranks_match_one(work, trained, backend):
         torch.testing.assert_close(b["kernel"].double(), a["kernel"].double(), rtol=1e-4, atol=1e-5 * scale,
                                    msg=lambda m: f"{ntk_file.name} kernel: {m}")
         compared += 1
-    if backend == "ddp":
-        assert ntk_files and compared == len(ntk_files)
+    assert ntk_files and compared == len(ntk_files)
     assert not list(out.glob(".rank*")), "scratch directories of other ranks must be removed"
     check_whole_model_stats(single, out, backend)
 
@@ -233,13 +231,9 @@ def rows_of(run_dir: Path, kind: str) -> list:
 
 
 def check_whole_model_stats(single: Path, out: Path, backend: str) -> None:
-    """Sharpness (Adam-preconditioned: ZeRO-1/2 read DeepSpeed's optimizer state) and the eNTK equal
-    one process under ddp and ZeRO-1/2; under fsdp2 / ZeRO-3 each is skipped with a row saying why."""
-    if backend in SHARDED:
-        skipped = {r["stat"]: r["reason"] for r in rows_of(out, "skipped")}
-        assert set(skipped) == {"sharpness", "ntk"} and all("shards it" in v for v in skipped.values()), skipped
-        assert not rows_of(out, "sharpness") and not rows_of(out, "ntk")
-        return
+    """Sharpness (Adam-preconditioned: DeepSpeed's and FSDP2's optimizer state gathered whole) and
+    the eNTK equal one process under every engine (sharded ones on a gathered replica of the member)."""
+    assert not rows_of(out, "skipped"), rows_of(out, "skipped")
     for kind, keys in (("sharpness", ("precond_sharpness", "lr_sharpness")), ("ntk", ("trace",))):
         a = {(r["width"], r["step"]): r for r in rows_of(single, kind)}
         b = {(r["width"], r["step"]): r for r in rows_of(out, kind)}
