@@ -55,6 +55,23 @@ def test_batch_moments_row():
     np.testing.assert_array_equal(hist.numpy(), histogram_ref(x, 8, -3.0, 3.0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("stride", [1, 3])
+def test_chunked_moments_equal_unchunked_in_a_bounded_workspace(dtype, stride):
+    """Pieces of 64 elements (a 1001-element tensor: 16 pieces, the last one short) give the
+    unchunked row and histogram, and the workspace never exceeds two pieces."""
+    from fastwidth.stats import moments
+    g = torch.Generator().manual_seed(7)
+    x = (0.5 + 2.0 * torch.randn(7, 143, generator=g)).to(dtype)
+    row, hist = batch_moments_torch(x, 13, -3.0, 4.0, hist_stride=stride, chunk=1 << 20)
+    moments._WORKSPACE.clear()
+    row_c, hist_c = batch_moments_torch(x, 13, -3.0, 4.0, hist_stride=stride, chunk=64)
+    assert max(b.shape[1] for b in moments._WORKSPACE.values()) <= 64
+    torch.testing.assert_close(row_c, row, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(hist_c.numpy(), hist.numpy())
+    np.testing.assert_array_equal(hist_c.numpy(), histogram_ref(x.float().reshape(-1)[::stride], 13, -3.0, 4.0))
+
+
 def test_flush_and_state_dict_round_trip():
     g = torch.Generator().manual_seed(3)
     xs = [torch.randn(3, 5, generator=g) for _ in range(300)]  # crosses the 256-batch flush
