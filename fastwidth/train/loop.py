@@ -320,7 +320,8 @@ class Trainer:
     def log_train(self, m: Member, loss: torch.Tensor, lr_factor_: float, extras: dict | None = None) -> None:
         row = {"kind": "train", "step": m.step, "tokens": m.step * self.tokens_per_step,
                "width": m.width, "seed": m.seed, "loss": float(loss), "lr": m.cfg.optim.lr * lr_factor_,
-               **tracking.grad_fields(m.grad_norm, self.cfg.optim.grad_clip), **self.flops.fields(m), **(extras or {})}
+               **tracking.grad_fields(m.grad_norm, self.cfg.optim.grad_clip), **self.flops.fields(m),
+               **(extras or {})}
         self.writer.write(row if m.base_lr is None else {**row, "base_lr": m.base_lr})
 
     def _due(self, step: int, every: int) -> bool:
