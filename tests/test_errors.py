@@ -83,7 +83,7 @@ def test_out_dir_expands_the_home_directory(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("argv,needle", [
     (["nosuch"], "invalid choice: 'nosuch'"),
     (["train"], "the following arguments are required: --config"),
-    (["train", "--config", "nosuch"], "neither a file nor a shipped config (demo"),
+    (["train", "--config", "nosuch"], "neither a file nor a shipped config (complexity/teacher_student, demo,"),
     (["train", "--config", "demo", "--set", "train.resume=maybe"], "train.resume: 'maybe' is not one of False, True, auto"),
     (["train", "--config", "demo", "--set", "train.ckpt_minutes=-1"], "train.ckpt_minutes: -1.0 is below the minimum"),
     (["export", "nowhere", "-o", "x.safetensors"], "export: nowhere does not exist"),
