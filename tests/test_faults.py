@@ -260,7 +260,7 @@ def test_partial_note_says_what_is_missing(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"train": {"steps": 10}, "stats": {"enabled": False}}))
     text = "".join(json.dumps(r) + "\n" for r in rows)
     (tmp_path / "metrics.jsonl").write_text(text + '{"kind": "train", "st')
-    assert load_run(tmp_path).partial == ("metrics.jsonl ends in a cut line (18 bytes, left out); "
+    assert load_run(tmp_path).partial == ("metrics.jsonl ends in a cut line (21 bytes, left out); "
                                           "unfinished: train rows up to step 3 of train.steps=10")
     stop = {"kind": "preempted", "step": 3, "tokens": 24, "width": 0, "seed": 0, "signal": "SIGINT"}
     (tmp_path / "metrics.jsonl").write_text(text + json.dumps(stop) + "\n")
