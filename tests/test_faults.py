@@ -115,8 +115,12 @@ def test_two_processes_started_together_one_wins_every_time(tmp_path):
         assert list(out.iterdir()) == []  # the winner removed its lock file on leaving
 
 
-def launch_train(sets, cfg=None, **kw):
-    cfg = cfg or ROOT / "configs" / "demo.yaml"
+def empty_config(where: Path) -> Path:
+    (where / "empty.yaml").write_text("{}\n")  # built-in defaults and the --set keys
+    return where / "empty.yaml"
+
+
+def launch_train(sets, cfg, **kw):
     return subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(cfg), "--set", *sets],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
@@ -128,7 +132,7 @@ def test_two_real_launches_into_one_directory(tmp_path):
     for k in range(3):
         out = tmp_path / f"run{k}"
         sets = [*TINY_MLP, f"train.out_dir={out}", f"data.cache_dir={tmp_path / 'cache'}", "train.steps=12"]
-        procs = [launch_train(sets), launch_train(sets)]
+        procs = [launch_train(sets, empty_config(tmp_path)), launch_train(sets, empty_config(tmp_path))]
         results = [(p.wait(timeout=300), p.communicate()[1]) for p in procs]
         assert sorted(rc for rc, _ in results) == [0, 2], [(rc, e[-1500:]) for rc, e in results]
         err = next(e for rc, e in results if rc == 2)
@@ -184,7 +188,7 @@ def test_a_second_ctrl_c_aborts_and_the_same_command_starts_over(tmp_path, monke
 def test_ctrl_c_from_outside(tmp_path):
     out = tmp_path / "run"
     sets = [*TINY_MLP, f"train.out_dir={out}", f"data.cache_dir={tmp_path / 'cache'}", "train.steps=100000"]
-    proc = launch_train(sets)
+    proc = launch_train(sets, empty_config(tmp_path))
     deadline = time.time() + 120
     while time.time() < deadline and not ((out / "metrics.jsonl").is_file()
                                           and '"kind": "train"' in (out / "metrics.jsonl").read_text()):
@@ -339,10 +343,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(sets, env_extra=None):
+def torchrun(sets, cfg, env_extra=None):
     env = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"), "--set", *sets]
+           str(ROOT / "launch" / "train.py"), "--config", str(cfg), "--set", *sets]
     return subprocess.run(cmd, env={**env, **(env_extra or {})}, capture_output=True, text=True, timeout=400)
 
 
@@ -355,13 +359,13 @@ def test_rank_killed_while_a_ddp_checkpoint_is_written(tmp_path):
     out = tmp_path / "run"
     sets = [*TINY_MLP, "stats.every=3", f"train.out_dir={out}", f"data.cache_dir={tmp_path / 'cache'}",
             "train.steps=9", "train.ckpt_every=3", "dist.backend=ddp"]
-    res = torchrun(sets, {"FASTWIDTH_TEST_KILL": "1:save6"})
+    res = torchrun(sets, empty_config(tmp_path), {"FASTWIDTH_TEST_KILL": "1:save6"})
     assert res.returncode != 0
     root = out / "checkpoints"
     latest = ckpt.latest_checkpoint(root)
     assert latest.name == "step_000003" and ckpt.read_checkpoint(latest)["step"] == 3
     assert (root / ".tmp-step_000006").is_dir(), sorted(p.name for p in root.iterdir())
-    res = torchrun([*sets, "train.resume=true"])
+    res = torchrun([*sets, "train.resume=true"], empty_config(tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
     assert not list(root.glob(".tmp-*")) and ckpt.latest_checkpoint(root).name == "step_000009"
     assert not (out / ".lock").exists()
