@@ -352,13 +352,14 @@ def torchrun(sets, cfg, env_extra=None):
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_rank_killed_while_a_ddp_checkpoint_is_written(tmp_path):
-    """Rank 1 is SIGKILLed in the middle of the step-6 save on 2 ranks: step 3 stays the latest and
+def test_rank_killed_while_a_sharded_checkpoint_is_written(tmp_path):
+    """Rank 1 is SIGKILLed in the middle of the step-6 save on 2 ranks (fsdp2: each rank writes its
+    shards; under ddp rank 0 writes alone): step 3 stays the latest and
     loads; both ranks of the resume share the directory (rank 0's lock, the other not refused), the
     temporary directory is cleaned and the run finishes."""
     out = tmp_path / "run"
     sets = [*TINY_MLP, "stats.every=3", f"train.out_dir={out}", f"data.cache_dir={tmp_path / 'cache'}",
-            "train.steps=9", "train.ckpt_every=3", "dist.backend=ddp"]
+            "train.steps=9", "train.ckpt_every=3", "dist.backend=fsdp2"]
     res = torchrun(sets, empty_config(tmp_path), {"FASTWIDTH_TEST_KILL": "1:save6"})
     assert res.returncode != 0
     root = out / "checkpoints"
