@@ -5,7 +5,8 @@
                                   stats state, config, and "engine": {backend, world_size, zero_stage}
         engine/<member>/          fsdp2: torch.distributed.checkpoint (model + optimizer, DTensor
                                   metadata, so it loads on any number of ranks);
-                                  deepspeed: save_checkpoint(tag=<member>) (same number of ranks)
+                                  deepspeed: save_checkpoint(tag=<member>) (same number of ranks;
+                                  ZeRO-3 on another: load_universal converts it)
 
 ddp holds whole replicas, so rank 0 writes the single-process format (it resumes anywhere).
 Atomicity as in train/checkpoint.py: every rank writes into one hidden directory, a barrier, then
@@ -103,7 +104,8 @@ def prune_stale(ckpt_root: Path) -> list[str]:
 
 def check_resumable(cfg, world_size: int) -> None:
     """Refuse, from the latest checkpoint's meta.json and before any engine or model is built, a
-    resume that DeepSpeed cannot load: its shards on another rank count or ZeRO stage (restore
+    resume that DeepSpeed cannot load: another ZeRO stage, or ZeRO-1/2 shards on another rank
+    count (ZeRO-3 reshards through the universal checkpoint: load_universal). (restore
     checks the same again once the checkpoint is verified). Read-only: the `latest` pointer and
     one JSON file."""
     if not cfg.train.resume or cfg.dist.backend != "deepspeed":
@@ -117,8 +119,8 @@ def check_resumable(cfg, world_size: int) -> None:
         info = json.loads(meta_file.read_text()).get("engine") or {}
     except (OSError, ValueError):
         return                                   # read_checkpoint reports a corrupt one
-    if info.get("backend") == "deepspeed" and (info["world_size"] != world_size
-                                               or info["zero_stage"] != cfg.dist.zero_stage):
+    other_world = info.get("world_size") != world_size and info.get("zero_stage") != 3  # ZeRO-3 reshards
+    if info.get("backend") == "deepspeed" and (other_world or info["zero_stage"] != cfg.dist.zero_stage):
         raise CheckpointError(f"checkpoint {meta_file.parent} holds ZeRO-{info['zero_stage']} shards of "
                               f"{info['world_size']} ranks; resume on {info['world_size']} ranks with that stage "
                               f"(fsdp2 checkpoints reshard; `fastwidth export` reads any of them)")
@@ -138,15 +140,60 @@ def restore(engine, env, members: list, meta: dict, path: Path, engine_of=None) 
     if info is None or info["backend"] != engine.name:
         got = info["backend"] if info else "none/ddp"
         raise CheckpointError(f"checkpoint {path} was saved by dist.backend={got}, this run uses {engine.name}")
-    if engine.name == "deepspeed" and (info["world_size"] != env.world_size or info["zero_stage"] != engine.cfg.dist.zero_stage):
+    reshard = engine.name == "deepspeed" and info["world_size"] != env.world_size and info["zero_stage"] == 3
+    if engine.name == "deepspeed" and not reshard and (info["world_size"] != env.world_size
+                                                       or info["zero_stage"] != engine.cfg.dist.zero_stage):
         raise CheckpointError(f"checkpoint {path} holds ZeRO-{info['zero_stage']} shards of {info['world_size']} "
                               f"ranks; resume on {info['world_size']} ranks with that stage (fsdp2 checkpoints reshard)")
     for m in members:
         entry = next((e for e in meta["members"] if e["name"] == m.name), None)
         if entry is None:
             raise CheckpointError(f"checkpoint {path} has no model {m.name}")
-        load_member(engine_of(m.name), m.name, _engine_dir(path, m.name))
+        if reshard and engine_of(m.name) is engine:
+            load_universal(engine, env, path, m.name)
+        else:
+            load_member(engine_of(m.name), m.name, _engine_dir(path, m.name))
         m.step = int(entry["step"])
+    if reshard:
+        env.barrier()
+        if env.is_main:
+            shutil.rmtree(path.parent / f".universal-{path.name}", ignore_errors=True)
+
+
+def load_universal(engine, env, path: Path, name: str) -> None:
+    """ZeRO-3 shards of another rank count: rank 0 converts step_N/engine/<name> into DeepSpeed's
+    universal checkpoint (deepspeed.checkpoint.ds_to_universal: every parameter's fp32 master and
+    Adam state whole, under a hidden <checkpoints>/.universal-step_N, removed after loading), the
+    other ranks wait, then every rank loads its new partition of it. Collective."""
+    from types import SimpleNamespace
+    out = path.parent / f".universal-{path.name}" / name
+    if env.is_main:
+        from deepspeed.checkpoint.ds_to_universal import main as to_universal
+        shutil.rmtree(out, ignore_errors=True)
+        to_universal(SimpleNamespace(input_folder=str(_engine_dir(path, name)), output_folder=str(out),
+                                     num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                     strict=True, inject_missing_state=False))
+    env.barrier()
+    handle, opt = engine.handles[name], engine.optimizers[name]
+    # the universal loader gives every param group the hyperparameters of the checkpoint's first
+    # group (stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3): µP's groups differ
+    # in lr_mult / wd_mult, so each keeps its own (the optimizer state itself is per parameter)
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    handle._config.load_universal_checkpoint = True
+    try:
+        loaded, _ = handle.load_checkpoint(str(out.parent), tag=name, load_optimizer_states=True,
+                                           load_lr_scheduler_states=False)
+    finally:
+        handle._config.load_universal_checkpoint = False
+    for g, own in zip(opt.param_groups, groups):
+        g.update(own)
+    # ... and one step tensor serves every group's state there: torch's Adam increments it in
+    # place once per group, so each state gets its own copy (else t runs 2x fast after a resume)
+    for st in getattr(opt, "optimizer", opt).state.values():
+        if torch.is_tensor(st.get("step")):
+            st["step"] = st["step"].clone()
+    if loaded is None:
+        raise CheckpointError(f"deepspeed could not load the universal conversion of {_engine_dir(path, name)}")
 
 
 # --------------------------------------------------------------------------- export
