@@ -224,13 +224,12 @@ if HAS_TRITON:
 #            or go through cp.async, every element is a scalar load in registers; 64x64x32 at
 #            4 warps is the largest tile that holds 0 spills for every activation then.
 #   "fp32"   the explicit fp32 path (IEEE dots, no tensor cores: the default sends fp32 on a GPU
-#            to cuBLAS): 64x64x32 at 4 warps, 2 stages.
+#            to cuBLAS): 64x64x16 at 4 warps, 2 stages (BLOCK_K 32 spilled 16-336 B in the dx GEMMs).
 # Not TMA: a tensor descriptor needs 16-byte aligned strides (an odd K such as 781 in bf16 is not)
 # and triton 3.6's device-side descriptors need a global scratch allocator (triton.set_allocator);
 # plain pointers run everywhere and the pipeliner still overlaps loads (cp.async) with wgmma.
 _TILES = {"large": (128, 128, 64, 8, 3), "small": (64, 128, 64, 4, 4), "glu": (128, 64, 64, 8, 3),
-          "unaligned": (64, 64, 32, 4, 3),
-          "fp32": (64, 64, 32, 4, 2)}
+          "unaligned": (64, 64, 32, 4, 3), "fp32": (64, 64, 16, 4, 2)}
 # Interpreter: one fixed tile (no autotune there); 32 keeps tl.dot >= 16 on every side and crosses
 # tile edges at the tests' odd shapes.
 _INTERP_TILE = (32, 32, 32, 4, 1)
