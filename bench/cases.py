@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fastwidth.kernels import act, attention, dispatch, norm, readout_ce
+from fastwidth.kernels import act, attention, dispatch, linear, norm, readout_ce
 
 
 @dataclass
@@ -138,6 +138,27 @@ def act_cases(device, M=16384, N=8192, dtype=torch.bfloat16) -> list[Case]:
                    "triton": fwd_bwd(lambda: act.swiglu(x, u, backend="triton"), [x, u], dy)}, "eager",
                   targets=[("speed", "eager", ">=", 1.5)])
     return [gelu, swiglu]
+
+
+# ---------------------------------------------------------------- the fused µP linear
+
+
+def linear_cases(device, dims=(2048, 4096, 8192), M=8192, dtype=torch.bfloat16) -> list[Case]:
+    """The MLP's first layer, d -> 4d with GELU: the fused µP linear vs torch's addmm + gelu."""
+    out = []
+    for d in dims:
+        x, w, b = leaf(M, d, device=device, dtype=dtype), leaf(4 * d, d, device=device, dtype=dtype,
+                                                               scale=d ** -0.5), leaf(4 * d, device=device, dtype=dtype)
+        dy = torch.randn(M, 4 * d, device=device, dtype=dtype)
+        mult = 0.5  # a µP multiplier != 1, so neither path may skip it
+        impls = {"torch": fwd_bwd(lambda: F.gelu(torch.addmm(b, x, w.t(), alpha=mult), approximate="tanh"),
+                                  [x, w, b], dy),
+                 "triton": fwd_bwd(lambda: linear.linear(x, w, b, alpha=mult, act="gelu", backend="triton"),
+                                   [x, w, b], dy)}
+        out.append(Case("linear_gelu", f"M{M} d{d} -> {4 * d} {str(dtype)[6:]}", "TFLOP/s", 6 * M * d * 4 * d,
+                        impls, "torch", targets=[("speed", "torch", ">=", 1.0)],
+                        note="linear_gelu: 6 M d 4d FLOPs (forward GEMM, dx and dW GEMMs)"))
+    return out
 
 
 # ---------------------------------------------------------------- the GPT training step

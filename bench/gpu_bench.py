@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 BUDGET_S = 480
 # planned seconds per part (sum 460, 20 s spare); a part gets min(plan, what is left - spare)
 PLAN = {"tests": 150, "attention": 110, "readout_ce": 35, "norm": 30, "act": 25, "gpt_step": 110}
+PLAN.update(tests=PLAN["tests"] - 25, linear=25)  # fused µP linear + GELU at d 2048-8192: three shapes, ~1 s each
 SPARE_S = 20
 DRY_RUN_SCALE = 4.0  # --dry-run: the Triton interpreter on a shared CPU, every deadline 4x
 CSV_FIELDS = ["time", "bench", "machine", "commit", "shape", "metric", "value", "baseline", "ratio"]
@@ -57,6 +58,8 @@ def _build(family: str, device: str, dry: bool) -> list:
         return C.norm_cases(device, M=8, N=64) if dry else C.norm_cases(device) + C.norm_cases(device, M=4096, N=16384)
     if family == "act":
         return C.act_cases(device, M=8, N=128) if dry else C.act_cases(device)
+    if family == "linear":
+        return C.linear_cases(device, dims=(32,), M=8) if dry else C.linear_cases(device)
     if family == "gpt_step":
         if dry:
             return [C.gpt_step_case(device, width=32, depth=1, B=1, T=16, V=64, head_dim=16, compile_impls=False)]

@@ -75,10 +75,24 @@ if HAS_TRITON:
     def jit(fn):
         return _DualJIT(fn)
 
+    # Device math shared by the kernels: libdevice tanh/erf do not run in the interpreter.
+
+    @jit
+    def tanh_from_exp(u):
+        # exp(2u) overflows to inf for u > 44 and gives exactly 1, as it should.
+        return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+    @jit
+    def gelu_tanh_inner(x):
+        # the tanh of GELU's tanh approximation (GPT-2): tanh(√(2/π) (x + 0.044715 x³))
+        return tanh_from_exp(0.7978845608028654 * (x + 0.044715 * x * x * x))
+
 else:  # pragma: no cover
 
     def jit(fn):
         return fn
+
+    gelu_tanh_inner = None
 
 
 def next_pow2(n: int) -> int:

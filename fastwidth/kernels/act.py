@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastwidth.kernels import dispatch
-from fastwidth.kernels._triton import HAS_TRITON, jit, tl, triton
+from fastwidth.kernels._triton import HAS_TRITON, gelu_tanh_inner, jit, tl, triton
 
 # ---------------------------------------------------------------- torch reference
 
@@ -30,16 +30,6 @@ def swiglu_ref(gate: Tensor, up: Tensor) -> Tensor:
 if HAS_TRITON:
 
     @jit
-    def _tanh(u):
-        # tanh from exp: exp(2u) overflows to inf for u > 44 and gives exactly 1, as it should.
-        return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
-
-    @jit
-    def _gelu_tanh(x):
-        # the tanh of GELU's tanh approximation: tanh(√(2/π) (x + 0.044715 x³))
-        return _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
-
-    @jit
     def _offsets(BLOCK: tl.constexpr):
         # 64-bit: program_id * BLOCK is int32 and wraps at 2^31 elements (an FFN of 65,536 at
         # 32k tokens a micro-batch), which would read and write far outside the tensor
@@ -50,7 +40,7 @@ if HAS_TRITON:
         offs = _offsets(BLOCK)
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        t = _gelu_tanh(x)
+        t = gelu_tanh_inner(x)
         y = 0.5 * x * (1.0 + t)
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -60,7 +50,7 @@ if HAS_TRITON:
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        t = _gelu_tanh(x)
+        t = gelu_tanh_inner(x)
         du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
         dx = dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)

@@ -153,6 +153,41 @@ def _stats_specs() -> list[Spec]:
     return out
 
 
+@family("linear")
+def _linear_specs() -> list[Spec]:
+    """Every launch of the fused µP linear on each tile linear.tile_for can pick, with strides
+    and extents multiples of 8 (ALIGNED, the model widths) and not: the forward per activation
+    (bias and a saved pre-activation: training, the most registers), the backward's dx GEMM (W
+    column-major; swiglu's halves summed in one launch) and dW GEMM (both operands
+    column-major), and the dz pass."""
+    from fastwidth.kernels import linear as L
+    mod = "fastwidth.kernels.linear"
+    out = []
+    for dtype in ("bf16", "fp32"):
+        tiles = ["large", "small"] if dtype == "bf16" else ["fp32"]
+        glu = "glu" if dtype == "bf16" else "fp32"
+        # (act, tile, A K-contiguous, B K-contiguous, bias and saved z)
+        gemms = [(act, t, True, True, True) for act in ("none", "gelu", "relu") for t in tiles]
+        gemms += [("swiglu", glu, True, True, True), ("sum", glu, True, False, False)]
+        gemms += [("none", t, a_kc, False, False) for t in tiles for a_kc in (True, False)]
+        # unaligned (odd) shapes: bf16 on its own tile, whatever the activation
+        for (act, t, a_kc, b_kc, train), aligned in [(g, al) for g in gemms for al in (True, False)]:
+            if not aligned and dtype == "bf16":
+                if t not in ("large", "glu"):
+                    continue
+                t = "unaligned"
+            m, n, k, warps, stages = L._TILES[t]
+            cx = dict(ACT=L._ACT_CODE[act], HAS_BIAS=train, SAVE_Z=train and act != "none", A_K_CONTIG=a_kc,
+                      B_K_CONTIG=b_kc, ALIGNED=aligned, IEEE=dtype == "fp32", UPCAST=False, BLOCK_M=m, BLOCK_N=n,
+                      BLOCK_K=k, GROUP_M=L._GROUP_M)
+            out.append(Spec("linear", mod, "_linear_kernel", dtype, cx, warps, stages))
+        for act in ("gelu", "relu", "swiglu"):
+            out.append(Spec("linear", mod, "_linear_bwd_act_kernel", dtype,
+                            dict(ACT=L._ACT_CODE[act], UPCAST=False, BLOCK=L._ELEM_BLOCK), 4, 3, {}, ("n",)))
+    return out
+
+
+FLOAT_ARGS |= {"alpha", "alpha2"}  # the fused linear's multipliers
 FAMILIES = tuple(SPECS)  # every family registered above this line
 
 

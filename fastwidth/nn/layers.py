@@ -8,12 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastwidth.kernels.linear import linear
 from fastwidth.kernels.norm import layer_norm, layer_norm_residual, rms_norm, rms_norm_residual
 from fastwidth.param.roles import Init, Role
 
 
 class MuLinear(nn.Module):
-    """y = mult · (x Wᵀ) + b on the vendor GEMM (addmm with alpha = mult; the bias is not scaled)."""
+    """y = mult · (x Wᵀ) + b (the bias is not scaled): fastwidth.kernels.linear, the vendor GEMM
+    (addmm with alpha = mult) on the torch path, the fused Triton GEMM on the triton path."""
 
     def __init__(self, in_features: int, out_features: int, *, role: Role = Role.HIDDEN,
                  bias: bool = True, query: bool = False, device=None):
@@ -29,16 +31,12 @@ class MuLinear(nn.Module):
         return {"weight": (self.role, self._winit), "bias": (bias_role, Init.ZEROS)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])  # (rows, in)
-        w = self.weight.t()
-        if self.bias is not None:
-            y = torch.addmm(self.bias.to(x2.dtype), x2, w.to(x2.dtype), alpha=self.mult)
-        else:
-            y = torch.mm(x2, w.to(x2.dtype))
-            if self.mult != 1.0:
-                y = y * self.mult
-        return y.reshape(*shape[:-1], self.out_features)
+        return linear(x, self.weight, self.bias, alpha=self.mult)
+
+    def observed(self) -> bool:
+        """True when a hook runs around this layer (statistics read its output as the
+        pre-activation, ZeRO-3 gathers its weight): then it must be called, not fused past."""
+        return bool(self._forward_hooks or self._forward_pre_hooks)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}->{self.out_features}, role={self.role.value}, mult={self.mult:.4g}"
@@ -49,6 +47,12 @@ class MuReadout(MuLinear):
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True, device=None):
         super().__init__(in_features, out_features, role=Role.OUTPUT, bias=bias, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the vendor GEMM on every backend: a vocabulary such as GPT-2's 50,257 is not a multiple
+        # of 8, which puts the Triton GEMM on its scalar-load tile; training goes through
+        # readout_ce (the logits never leave that op), this is for evaluation's logits
+        return linear(x, self.weight, self.bias, alpha=self.mult, backend="torch")
 
 
 class MuEmbedding(nn.Module):
