@@ -181,3 +181,20 @@ def test_stacked_resume_is_bit_equal(tmp_path):
     assert a.keys() == b.keys() and all(a[k]["loss"] == b[k]["loss"] for k in a)
     pa, pb = _final_params(straight), _final_params(resumed)
     assert all(torch.equal(pa[f][n], pb[f][n]) for f in pa for n in pa[f])
+
+
+def test_planner_counts_a_stacked_widths_members_at_once():
+    """sweep.stack in one process: a width's members step together, so the planner's step
+    transient is the sum over the widest width's members (2 lrs x 3 seeds), not one member's."""
+    from fastwidth.parallel.plan import Choice, count_params, member_plan, plan_sweep
+    from fastwidth.config import for_width
+    sets = [*TINY_MLP, "sweep.seeds=[0,1,2]", "sweep.lrs=[1e-3,3e-2]"]
+    on, off = (resolve(load_config(None, [*sets, f"sweep.stack={v}"])) for v in ("true", "false"))
+    p_on, p_off = plan_sweep(on, 1, Choice("none")), plan_sweep(off, 1, Choice("none"))
+    assert p_on["members"] == p_off["members"] == 12
+    one = member_plan(for_width(on, 32), Choice("none"), 1, count_params(for_width(on, 32)))
+    assert p_off["step"] - p_off["persistent"] == pytest.approx(one["step"])
+    assert p_on["step"] - p_on["persistent"] == pytest.approx(6 * one["step"])
+    assert p_on["activations"] == pytest.approx(6 * one["activations"])
+    ddp = resolve(load_config(None, [*sets, "sweep.stack=true", "dist.backend=ddp"]))
+    assert plan_sweep(ddp, 2, Choice("ddp"))["activations"] < p_on["activations"]  # no stacking there
