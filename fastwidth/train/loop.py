@@ -44,7 +44,7 @@ from fastwidth.stats.preact_range import RANGES_FILE
 from fastwidth.train import checkpoint as ckpt
 from fastwidth.train import preempt, rundir, tracking
 from fastwidth.train.metrics import truncate_after
-from fastwidth.train import dynamics, stacked, sweep
+from fastwidth.train import dynamics, stacked, sweep, threads
 
 log = logging.getLogger("fastwidth.train")
 
@@ -221,8 +221,7 @@ class Trainer:
     def __init__(self, cfg: Config, stop: preempt.StopFlag | None = None):
         self.cfg = cfg = resolve(cfg)
         self.stop = stop or preempt.StopFlag()  # entered by run(): SIGTERM/SIGUSR1 set it
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        threads.set_threads(cfg.train.threads)  # auto: from the usable cores and the load
         self.device = pick_device(cfg.train.device)
         dispatch.set_backend(cfg.train.kernels)
         self.dist = init_dist(cfg)  # rank 0 of 1 without an engine
