@@ -122,7 +122,7 @@ class TrainConfig:
     ckpt_minutes: float = _opt(30.0, min=0.0, help="also checkpoint every this many minutes of wall time; 0 = off")
     keep_checkpoints: int = _opt(2, min=1, help="checkpoints kept in out_dir/checkpoints")
     progress: bool = _opt(True, help="tqdm progress bar")
-    threads: int = _opt(0, min=0, help="torch CPU threads; 0 = torch default")
+    threads: Union[int, str] = _opt(0, help="torch CPU threads; 0 = torch default; auto = the cores this process may use (sched_getaffinity, shared by the node's local ranks) less the 1-minute load average of the others, at least 1 (busy-waiting OpenMP workers on a loaded machine cost up to 50x)")
     activation_checkpointing: str = _opt("none", choices=["none", "block"], help="recompute each block's forward in backward instead of keeping its activations")
     full_batch: bool = _opt(False, help="every step trains on the same fixed batch: the stream's first data.batch_size examples (gradient descent, for edge-of-stability and catapult studies)")
     loss: str = _opt("ce", choices=["ce", "mse"], help="training loss: cross-entropy, or MSE to one-hot targets 0.5·Σ_c (f_c - y_c)² (mean over targets)")
@@ -139,6 +139,7 @@ class SweepConfig:
     reference_width: int = _opt(0, min=0, help="width the others are compared with; 0 = the largest")
     mode: str = _opt("lockstep", choices=["lockstep", "sequential"], help="all models per batch, or one after another")
     lrs: list = _opt([], help="base learning rates: every (width, lr, seed) is a member on the same batches; empty = [optim.lr]")
+    stack: Union[bool, str] = _opt("auto", choices=[True, False, "auto"], help="lockstep, one process: train the members of one width (seeds, lrs) as one batched model; true (on) = every width that can, false (off) = none, auto = the widths where a timing probe at start finds it faster")
 
 
 @dataclass
@@ -398,6 +399,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def validate(cfg: Config) -> None:
     """Cross-field rules. Raises ConfigError naming the offending key."""
     m = cfg.model
+    t = cfg.train.threads
+    if isinstance(t, bool) or (isinstance(t, str) and t != "auto") or (isinstance(t, int) and t < 0):
+        raise ConfigError(f"train.threads: {t!r} is not a thread count >= 0 or auto")
     for key, values in (("sweep.widths", cfg.sweep.widths), ("sweep.seeds", cfg.sweep.seeds)):
         for v in values:
             if isinstance(v, bool) or not isinstance(v, int):

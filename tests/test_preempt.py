@@ -45,7 +45,8 @@ def assert_bit_equal(a_dir, b_dir):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_signal_finishes_the_step_checkpoints_and_resumes_bit_equal(tmp_path, monkeypatch, sig):
-    straight = run(cfg_of(tmp_path, TINY_GPT, "train.steps=12", out="straight"))
+    # one model at a time (sweep.stack=false): the signal is sent from inside Trainer.train_step
+    straight = run(cfg_of(tmp_path, TINY_GPT, "train.steps=12", "sweep.stack=false", out="straight"))
     step_of = loop.Trainer.train_step
 
     def train_step_then_signal(self, m, x, y):  # the signal arrives in the middle of step 7
@@ -55,7 +56,7 @@ def test_signal_finishes_the_step_checkpoints_and_resumes_bit_equal(tmp_path, mo
 
     monkeypatch.setattr(loop.Trainer, "train_step", train_step_then_signal)
     with pytest.raises(Preempted) as info:
-        run(cfg_of(tmp_path, TINY_GPT, "train.steps=12", out="stopped"))
+        run(cfg_of(tmp_path, TINY_GPT, "train.steps=12", "sweep.stack=false", out="stopped"))
     monkeypatch.setattr(loop.Trainer, "train_step", step_of)
     stopped = tmp_path / "stopped"
     assert info.value.step == 7 and info.value.signal_name == sig.name and info.value.exit_code == 143
@@ -63,7 +64,7 @@ def test_signal_finishes_the_step_checkpoints_and_resumes_bit_equal(tmp_path, mo
     meta = ckpt.read_checkpoint(stopped / "checkpoints" / "step_000007")
     assert all(e["step"] == 7 for e in meta["members"])  # every model finished step 7
     assert signal.getsignal(sig) is signal.SIG_DFL  # handlers are restored after the run
-    resumed = run(cfg_of(tmp_path, TINY_GPT, "train.steps=12", "train.resume=auto", out="stopped"))
+    resumed = run(cfg_of(tmp_path, TINY_GPT, "train.steps=12", "sweep.stack=false", "train.resume=auto", out="stopped"))
     assert_bit_equal(straight, resumed)
 
 

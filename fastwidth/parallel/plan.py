@@ -19,7 +19,8 @@ block, R the root unit's parameters, c the compute dtype's bytes; Adam holds 8 B
             of one whole member (sharpness, eNTK, coord: whole_member_bytes, the gathered view of
             Engine.gathered + the eigensolver's vectors), one member at a time
 A sweep is every member built (sum of built), then every member ready (sum), then one member at a
-time steps or evaluates on top of every member's persistent state: the peak per rank is
+time steps or evaluates on top of every member's persistent state (with sweep.stack in one process,
+all members of a width step together: their step transients add up); the peak per rank is
     max(sum built, sum ready, sum persistent + max transient(step), sum persistent + max eval).
 Checked against the memory rows of 2-rank CPU runs (tests/parallel/test_memory.py) for ddp,
 fsdp2 and ZeRO 1-3; the note quotes the error. Offloaded state moves to "host".
@@ -214,8 +215,9 @@ def whole_member_bytes(cfg: Config, choice: Choice, p: int, counts: dict, rows: 
 
 
 def sweep_members(cfg: Config) -> list[tuple[int, int]]:
+    """(width, seed) of every member: one per learning rate of sweep.lrs too."""
     widths = cfg.sweep.widths or [cfg.model.width]
-    return [(w, s) for w in widths for s in (cfg.sweep.seeds or [cfg.train.seed])]
+    return [(w, s) for w in widths for _ in (cfg.sweep.lrs or [None]) for s in (cfg.sweep.seeds or [cfg.train.seed])]
 
 
 def plan_sweep(cfg: Config, world: int, choice: Choice | None = None, k: int = 1) -> dict:
@@ -232,9 +234,17 @@ def plan_sweep(cfg: Config, world: int, choice: Choice | None = None, k: int = 1
         plans.append(counted[(w, ch)])
     total = {key: sum(pl[key] for pl in plans) for key in ("built", "ready", "persistent", "host", "params",
                                                            "grads", "optimizer")}
-    total["step"] = total["persistent"] + max(pl["step"] for pl in plans)
+    # sweep.stack: a width's members step together (models/stacked.py), so their gradients and
+    # activations are live at once: the transient is the largest width's sum, not one member's
+    from fastwidth.models.stacked import refusal as stack_refusal
+    steps, acts = {}, {}
+    for (w, _), pl in zip(sweep_members(cfg), plans):
+        key = w if choice.backend == "none" and stack_refusal(cfg) is None else (w, len(steps))
+        steps[key] = steps.get(key, 0.0) + pl["step"]
+        acts[key] = acts.get(key, 0.0) + pl["activations"]
+    total["step"] = total["persistent"] + max(steps.values())
     total["eval"] = total["persistent"] + max(pl["eval"] for pl in plans)
-    total["activations"] = max(pl["activations"] for pl in plans)
+    total["activations"] = max(acts.values())
     total["peak"] = max(total["built"], total["ready"], total["step"], total["eval"])
     total["members"] = len(plans)
     return total

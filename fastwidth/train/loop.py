@@ -45,14 +45,14 @@ from fastwidth.stats.preact_range import RANGES_FILE
 from fastwidth.train import checkpoint as ckpt
 from fastwidth.train import flops, preempt, rundir, tracking
 from fastwidth.train.metrics import truncate_after
-from fastwidth.train import dynamics, sweep
+from fastwidth.train import dynamics, stacked, sweep, threads
 
 log = logging.getLogger("fastwidth.train")
 
 # Keys that may change between a checkpoint and the command that resumes it.
 RESUMABLE_CHANGES = {"data.micro_batch_size", "train.activation_checkpointing",  # memory tools: same trajectory
                      "train.steps", "train.out_dir", "train.resume", "train.overwrite", "train.progress", "train.log_every",
-                     "train.compile",
+                     "train.compile", "sweep.stack",
                      "train.ckpt_every", "train.ckpt_minutes", "train.report", "train.tensorboard", "train.csv", "train.keep_checkpoints", "train.threads", "train.device",
                      "stats.every", "stats.enabled", "stats.reference_run", "stats.eval_batch", "stats.bootstrap", "stats.ensemble_every",
                      "stats.sharpness_iters", "stats.sharpness_every", "stats.sharpness_points", "stats.hvp",
@@ -221,8 +221,7 @@ class Trainer:
     def __init__(self, cfg: Config, stop: preempt.StopFlag | None = None):
         self.cfg = cfg = resolve(cfg)
         self.stop = stop or preempt.StopFlag()  # entered by run(): SIGTERM/SIGUSR1 set it
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        threads.set_threads(cfg.train.threads)  # auto: from the usable cores and the load
         self.device = pick_device(cfg.train.device)
         dispatch.set_backend(cfg.train.kernels)
         self.dist = init_dist(cfg)  # rank 0 of 1 without a process group
@@ -339,6 +338,7 @@ class Trainer:
                    file=sys.stderr, dynamic_ncols=True)
         groups = [self.members] if cfg.sweep.mode == "lockstep" else [[m] for m in self.members]
         t0 = time.time()
+        self.stacker = stacker = stacked.plan(self, lambda: autocast_for(cfg, self.device))  # sweep.stack: one batched model per width
         self.stop.armed = True  # from here a first Ctrl-C finishes the step and checkpoints
         clock = preempt.CheckpointClock(cfg.train.ckpt_minutes)
         self.throughput = tracking.Throughput(self.tokens_per_step, self.device, start)
@@ -347,10 +347,8 @@ class Trainer:
             while self.active(group) and min(m.step for m in self.active(group)) < cfg.train.steps:
                 step = min(m.step for m in self.active(group))
                 x, y = self.batch(step)
-                losses = {}
-                for m in self.active(group):
-                    if m.step == step:
-                        losses[m.name] = self.train_step(m, x, y)
+                due = [m for m in self.active(group) if m.step == step]
+                losses = stacker.train(due, x, y) if stacker else {m.name: self.train_step(m, x, y) for m in due}
                 bar.update(len(losses))
                 if "step" not in self.memory.done:
                     self.memory.mark("step", [m.table for m in self.members], step + 1, (step + 1) * self.tokens_per_step)
@@ -364,6 +362,8 @@ class Trainer:
             if cfg.sweep.mode == "sequential" and cfg.stats.enabled:
                 self.evaluator.flush_pending()
         bar.close()
+        if stacker:
+            stacker.close()  # members own their parameters' storage again
         final = self.save(final=True)
         if self.stop.raised:  # the signal came during the last step or the final checkpoint
             preempt.raise_preempted(self, self.stop, final)

@@ -180,8 +180,10 @@ class LRMonitors:
 
 def state(trainer) -> dict:
     """What a resume needs to go on stopping the same members: first losses and diverged rows."""
+    stacker = getattr(trainer, "stacker", None)
     return {"guard": trainer.guard.state_dict(),
-            "diverged": {m.name: m.diverged for m in trainer.members if m.diverged is not None}}
+            "diverged": {m.name: m.diverged for m in trainer.members if m.diverged is not None},
+            "stacked": sorted(stacker.widths) if stacker else []}  # a resume stacks the same widths
 
 
 def restore(trainer, saved: dict) -> None:

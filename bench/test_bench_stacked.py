@@ -1,0 +1,106 @@
+"""Seeds stacked (sweep.stack) vs one model at a time: the same optimizer steps of every member.
+
+stacked: each width's members (its seeds) take their step as one batched model
+(fastwidth/train/stacked.py); sequential (baseline): each model takes its steps alone, as
+sweep.mode=sequential does. Two sweeps: 3 widths x 4 seeds of a µP MLP at widths 64-256, and
+the demo GPT (configs/demo.yaml: 5 widths x 3 seeds). tokens/s = steps x examples (tokens for the
+GPT) per step x models / wall seconds (extra_info). test_stacked_ratio alternates the two modes
+round by round (A B A B, so the load of a shared machine hits both alike) and records the ratio
+of the medians; the pytest-benchmark pairs give the table.
+"""
+import statistics
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+STEPS = 3
+MLP = ["model.arch=mlp", "model.depth=2", "param.base_width=64", "data.source=synthetic", "data.in_dim=32",
+       "data.num_classes=10", "data.batch_size=64", "data.probe_size=64", "sweep.widths=[64,128,256]",
+       "sweep.seeds=[0,1,2,3]", "train.steps=100000", "stats.enabled=false", "train.out_dir=/tmp/fastwidth-bench-unused"]
+DEMO = ["train.steps=100000", "stats.enabled=false", "train.out_dir=/tmp/fastwidth-bench-unused"]
+
+
+def build(which: str):
+    """A trainer-shaped object with the sweep's members, a Stacker over every width, and the stream."""
+    from fastwidth.config import load_config, resolve
+    from fastwidth.data import build_stream
+    from fastwidth.train.loop import compiled_loss, make_members
+    from fastwidth.train.stacked import Stacker
+    cfg = resolve(load_config(str(ROOT / "configs/demo.yaml") if which == "gpt" else None, DEMO if which == "gpt" else MLP))
+    stream = build_stream(cfg.data)
+    members = make_members(cfg, stream, torch.device("cpu"))
+    t = SimpleNamespace(cfg=cfg, members=members, placement=SimpleNamespace(k=1), evaluator=None,
+                        loss_fns={m.name: compiled_loss(m.model, cfg) for m in members})
+    stacker = Stacker(t, lambda: torch.autocast("cpu", enabled=False))
+    stacker.widths = {m.width for m in members}
+    return cfg, stream, members, stacker
+
+
+def one_step(m, x, y, cfg, loss_fn):
+    """One member's optimizer step as Trainer.train_step takes it without statistics."""
+    from fastwidth.parallel.engines import StepContext, local_step
+    from fastwidth.param.optim import set_lr
+    set_lr(m.optimizer, m.cfg.optim, m.step, cfg.train.steps)
+    local_step(m.model, m.optimizer, x, y, 1, StepContext(), m.cfg.optim.grad_clip, loss_fn=loss_fn,
+               on_grad_norm=lambda norm: setattr(m, "grad_norm", norm))
+    m.step += 1
+
+
+def run_stacked(setup, start):
+    cfg, stream, members, stacker = setup
+    for s in range(start, start + STEPS):
+        b = stream.batch(s)
+        stacker.train(members, b["x"], b["y"])
+
+
+def run_sequential(setup, start):
+    cfg, stream, members, stacker = setup
+    for m in members:
+        for s in range(start, start + STEPS):
+            b = stream.batch(s)
+            one_step(m, b["x"], b["y"], cfg, stacker.trainer.loss_fns[m.name])
+
+
+def tokens(cfg, models: int) -> int:
+    return STEPS * cfg.data.batch_size * (cfg.data.seq_len if cfg.model.arch == "gpt" else 1) * models
+
+
+@pytest.fixture(scope="module", params=["mlp", "gpt"])
+def setup(request):
+    s = build(request.param)
+    yield s
+    s[3].close()
+
+
+@pytest.mark.benchmark(group="train: stacked vs sequential")
+@pytest.mark.parametrize("mode", ["stacked", "sequential"])
+def test_stacked_steps(benchmark, setup, mode):
+    cfg, _, members, _ = setup
+    fn = run_stacked if mode == "stacked" else run_sequential
+    rounds = iter(range(0, 100_000, STEPS))
+    benchmark.pedantic(lambda: fn(setup, next(rounds)), rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["sweep"] = cfg.model.arch
+    benchmark.extra_info["tokens_per_s"] = tokens(cfg, len(members)) / benchmark.stats.stats.median
+
+
+def test_stacked_ratio(setup, record_property):
+    """Stacked over sequential throughput, modes alternating over 5 rounds (after a warm-up of each)."""
+    cfg, _, members, _ = setup
+    start, times = 0, {"stacked": [], "sequential": []}
+    before = [m.step for m in members]
+    for r in range(6):
+        for mode, fn in (("stacked", run_stacked), ("sequential", run_sequential)):
+            t0 = time.perf_counter()
+            fn(setup, start)
+            if r:
+                times[mode].append(time.perf_counter() - t0)
+        start += STEPS
+    ratio = statistics.median(times["sequential"]) / statistics.median(times["stacked"])
+    record_property("stacked_over_sequential", ratio)
+    print(f"\n{cfg.model.arch} {len(members)} models: stacked {statistics.median(times['stacked']):.3f} s, "
+          f"sequential {statistics.median(times['sequential']):.3f} s per {STEPS} steps: {ratio:.2f}x")
+    assert [m.step - b for m, b in zip(members, before)] == [12 * STEPS] * len(members)
