@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastwidth.kernels.norm import layer_norm, layer_norm_residual, rms_norm, rms_norm_residual
-from fastwidth.param.roles import Init, Role
+from fastwidth.nn.roles import Init, Role
 
 
 class MuLinear(nn.Module):

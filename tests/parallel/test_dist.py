@@ -22,7 +22,7 @@ import yaml
 from safetensors.torch import load_file
 
 from fastwidth.config import load_config
-from fastwidth.parallel.checkpoint import export_checkpoint
+from fastwidth.train.engine_checkpoint import export_checkpoint
 from fastwidth.train import checkpoint as ckpt
 from fastwidth.train.loop import run
 from fastwidth.train.metrics import read_metrics
