@@ -44,6 +44,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 def test_ranks_agree_on_a_time_stamped_out_dir(tmp_path):
     """The default out_dir carries the time: two ranks that resolve in different seconds (the
