@@ -1,18 +1,20 @@
 # make demo: the µP GPT width sweep on the stdlib corpus (prints its run directory)
-# make test: the whole test suite (kernels interpreted by Triton on the CPU, 2-rank distributed tests)
+# make test: the fast tier, pytest -m "not slow" (< 5 min on 2 cores): every module, kernels interpreted
+#   by Triton on the CPU at the smallest shapes, one 2-rank launch per engine (ddp, fsdp2, ZeRO-3)
+# make test-all: the heavy tier, pytest -m slow (the other launches, resumes, AOT, longer runs); CI runs both
 # make bench: the CPU benchmarks under pytest-benchmark (bench/test_bench_*.py)
 # make results: rerun the science configs and rewrite docs/results.md's generated blocks (hours on 2 cores;
 #   ARGS="--only complexity" for one section, ARGS=--reuse to report finished runs again)
 # make aot: compile every Triton kernel config for sm_90 (no GPU needed), write bench/aot_sm90.csv,
 #   fail on a spill, a bf16 dot off wgmma or a shared-memory overflow
 # make build-ext: compile the native C++ ops of csrc/ into the user cache (else built on first use)
-# Both create .venv when missing and install with the pinned versions in constraints.txt.
+# All create .venv when missing and install with the pinned versions in constraints.txt.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastwidth-installed
 
-.PHONY: demo test bench aot build-ext clean-venv results
+.PHONY: demo test test-all bench aot build-ext clean-venv results
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,7 +35,10 @@ build-ext: $(STAMP)
 	$(PY) -m fastwidth.cli build-ext
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m slow
 
 # pytest-benchmark: each benchmark beside its baseline; saves .benchmarks/ JSON and compares
 # against the last saved run (a regression shows as a ratio)

@@ -12,36 +12,11 @@ per section (`optim={"lr": 3e-3}`), or `overrides=["optim.lr=3e-3"]` as on the c
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
-from fastwidth.errors import CheckpointError, ConfigError
-
-
-def shipped_configs_dir() -> Path | None:
-    """configs/ as installed (fastwidth/configs in a wheel) or beside the package (a checkout)."""
-    here = Path(__file__).resolve().parent
-    for d in (here / "configs", here.parent / "configs"):
-        if d.is_dir():
-            return d
-    return None
-
-
-def shipped_configs() -> list[str]:
-    d = shipped_configs_dir()
-    return sorted(str(p.relative_to(d).with_suffix("")) for p in d.rglob("*.yaml")) if d else []
-
-
-def config_path(spec: str | Path) -> Path:
-    """A config file path, or the name of a shipped config ("demo", "dist/sweep_ddp_cpu")."""
-    p = Path(spec).expanduser()
-    if p.is_file():
-        return p
-    d = shipped_configs_dir()
-    if d is not None and not p.is_absolute():
-        for cand in (d / p, d / f"{p}.yaml"):
-            if cand.is_file():
-                return cand
-    raise ConfigError(f"config {spec} is neither a file nor a shipped config ({', '.join(shipped_configs())})")
+from fastwidth.config_args import config_path, shipped_configs, shipped_configs_dir  # noqa: F401 (public here)
+from fastwidth.errors import CheckpointError, ConfigError  # noqa: F401 (CheckpointError: api.CheckpointError)
+# a trained model back from its run directory: in train/, where hf export (interop/) reaches it too
+from fastwidth.train.load import _latest, load_model, member_state, model_io  # noqa: F401 (public here)
 
 
 def _override_items(kwargs: dict) -> dict[str, object]:
@@ -87,8 +62,9 @@ def train(config="demo", *, overrides: list[str] | None = None, **kwargs) -> Pat
     directory, which holds the report unless train.report=false. A SIGTERM stops it at a
     checkpoint and raises fastwidth.train.preempt.Preempted."""
     cfg = make_config(config, overrides, **kwargs)  # a config mistake costs no torch import (seconds)
+    from fastwidth.report.headline import report_at_end
     from fastwidth.train.loop import run
-    return run(cfg)
+    return run(cfg, report=report_at_end)
 
 
 def load_run(run_dir: str | Path):
@@ -96,65 +72,3 @@ def load_run(run_dir: str | Path):
     .series(kind, key), .widths, .ref_width, .signatures (see fastwidth.report.reader.Run)."""
     from fastwidth.report.reader import load_run as read
     return read(run_dir)
-
-
-def _latest(run_dir: Path) -> Path:
-    from fastwidth.train.checkpoint import latest_checkpoint
-    found = latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else None
-    if found is None:
-        raise CheckpointError(f"{run_dir} holds no checkpoint (train.out_dir of a finished or stopped run?)")
-    return found
-
-
-def member_state(checkpoint: Path, name: str | None) -> tuple[str, dict, dict]:
-    """(member name, full fp32 state dict, checkpoint meta) of one member; the only member when
-    `name` is None. Works for single-process and sharded (ddp, fsdp2, deepspeed) checkpoints."""
-    from fastwidth.parallel.checkpoint import _member_state
-    from fastwidth.train.checkpoint import read_checkpoint
-    meta = read_checkpoint(checkpoint)
-    names = [e["name"] for e in meta["members"]]
-    if name is None and len(names) == 1:
-        name = names[0]
-    if name not in names:
-        raise CheckpointError(f"checkpoint {checkpoint} has no model {name} (it holds {', '.join(names)}); "
-                              f"name one with member=")
-    return name, _member_state(checkpoint, meta, name), meta
-
-
-def model_io(cfg, run_dir: Path, state: dict) -> SimpleNamespace:
-    """What building the model needs to know about the data, from the run itself (the data need
-    not be present): classes and vocabulary from the readout, input shape from probe.safetensors."""
-    from fastwidth.models import KIND_OF_ARCH
-    kind = KIND_OF_ARCH[cfg.model.arch]
-    outputs = int(state["readout.weight"].shape[0])
-    in_shape = None
-    if kind == "classes":
-        probe = run_dir / "probe.safetensors"
-        if probe.is_file():
-            from safetensors import safe_open
-            with safe_open(str(probe), "pt") as f:
-                in_shape = tuple(f.get_slice("x").get_shape()[1:])
-        else:  # an MLP's first layer says its flat input size
-            first = next(k for k in state if k.endswith("weight"))
-            in_shape = (int(state[first].shape[1]),)
-    return SimpleNamespace(kind=kind, vocab_size=outputs if kind == "tokens" else None, seq_len=cfg.data.seq_len,
-                           in_shape=in_shape, num_classes=outputs if kind == "classes" else None)
-
-
-def load_model(run_dir: str | Path, member: str | None = None, device="cpu"):
-    """The trained model `member` (e.g. "w64_s0"; may be omitted when the run has one) from the
-    latest checkpoint of `run_dir`, in eval mode on `device`. Its forward gives logits; its µP
-    table is `model.mup_table`."""
-    import torch
-    from fastwidth.config import for_width, from_dict, read_yaml
-    from fastwidth.models import build_model
-    run_dir = Path(run_dir).expanduser()
-    if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
-    name, state, meta = member_state(_latest(run_dir), member)
-    cfg = from_dict(read_yaml(run_dir / "config.yaml"))
-    wcfg = for_width(cfg, int(next(e["width"] for e in meta["members"] if e["name"] == name)))
-    model, table = build_model(wcfg, model_io(wcfg, run_dir, state), device="cpu", seed=0)
-    model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
-    model.mup_table, model.config = table, wcfg
-    return model.to(device).eval()

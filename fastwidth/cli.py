@@ -12,42 +12,9 @@ import logging
 import sys
 from dataclasses import dataclass
 
+# the shared helpers (--config, --set, widths) live below every room that adds a command
+from fastwidth.config_args import add_config_args, find_config, overrides_of, width_list  # noqa: F401
 from fastwidth.errors import UserError
-
-# ------------------------------------------------------------------------------ shared helpers
-
-
-def find_config(spec: str) -> str:
-    """A --config value: a YAML path, or the name of a config shipped with fastwidth ("demo")."""
-    from fastwidth.api import config_path
-    try:
-        return str(config_path(spec))
-    except UserError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--config", required=required, type=find_config,
-                   help="YAML config file, or the name of a shipped one (demo, fmnist_mlp, gpt_shakespeare, ...)"
-                        + ("" if required else "; default: built-in defaults"))
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", nargs="+",
-                   help="override a config key, e.g. --set optim.lr=3e-3 sweep.widths=[64,128]")
-
-
-def width_list(text: str) -> list[int]:
-    """argparse type of a comma-separated list of positive widths, e.g. --widths 32,64,128."""
-    try:
-        widths = [int(w) for w in text.split(",") if w.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of widths, e.g. 32,64,128") from None
-    if not widths or min(widths) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: widths must be positive integers, e.g. 32,64,128")
-    return widths
-
-
-def overrides_of(args) -> list[str]:
-    return [item for group in args.overrides for item in group]
-
 
 # ------------------------------------------------------------------------------ commands of this module
 
@@ -194,7 +161,7 @@ COMMANDS = [
     Command("coord-check", "fastwidth.cli:add_coord_parser", "per-layer activation change across widths over the "
             "first steps, split into own-update and input-change parts; µP against SP",
             "fastwidth coord-check --config demo --widths 32,64,128,256 --kinds mup,sp -o coord"),
-    Command("plan", "fastwidth.parallel.plan:add_parser", "per-rank memory for every backend, ZeRO stage and "
+    Command("plan", "fastwidth.parallel.plan_cli:add_parser", "per-rank memory for every backend, ZeRO stage and "
             "offload, and the widest GPT that fits", "fastwidth plan --config configs/dist/gpt_16k_8gpu.yaml"),
     Command("build-ext", "fastwidth.kernels.native:add_parser", "build the native C++ ops (csrc/) now instead "
             "of on first use; prints the build time", "fastwidth build-ext"),

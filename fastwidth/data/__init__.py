@@ -17,18 +17,15 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 from fastwidth.data.corpus import TEXT_SOURCES, open_corpus
-from fastwidth.data.stream import BaseStream, ClassStream, TokenStream, hash_json
+from fastwidth.data.stream import BaseStream, ClassStream, TokenStream, cache_root, hash_json
 from fastwidth.data.synthetic import SyntheticStream
 from fastwidth.errors import DataError
 
 IMAGE_SOURCES = ("fmnist", "cifar5m", "imagefolder", "arrays")
 SOURCES = ("synthetic", *TEXT_SOURCES, "shards", *IMAGE_SOURCES)
-
-
-def cache_root(cfg_data) -> Path:
-    return Path(cfg_data.cache_dir).expanduser() if cfg_data.cache_dir else Path.home() / ".cache" / "fastwidth"
 
 
 def build_stream(cfg_data, *, rank: int = 0, world_size: int = 1) -> BaseStream:
@@ -45,6 +42,13 @@ def build_stream(cfg_data, *, rank: int = 0, world_size: int = 1) -> BaseStream:
 
         return image_stream(d, rank=rank, world_size=world_size)
     raise DataError(f"data.source {d.source!r} is not one of {', '.join(SOURCES)}")
+
+
+def data_io(stream, cfg) -> SimpleNamespace:
+    """What a model needs to know about the data (cfg: the whole Config, for data.seq_len)."""
+    return SimpleNamespace(kind=stream.kind, vocab_size=getattr(stream, "vocab_size", None),
+                           seq_len=cfg.data.seq_len, in_shape=getattr(stream, "in_shape", None),
+                           num_classes=getattr(stream, "num_classes", None))
 
 
 def prepare_source(d, out: Path | None = None, *, workers: int = 0, progress: bool | None = None,
@@ -93,5 +97,5 @@ def token_stream(d, *, rank: int = 0, world_size: int = 1) -> TokenStream:
     return stream
 
 
-__all__ = ["build_stream", "prepare_source", "token_stream", "BaseStream", "TokenStream", "ClassStream",
+__all__ = ["build_stream", "data_io", "prepare_source", "token_stream", "BaseStream", "TokenStream", "ClassStream",
            "SyntheticStream", "SOURCES", "IMAGE_SOURCES", "TEXT_SOURCES", "cache_root"]

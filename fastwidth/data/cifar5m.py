@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastwidth.data.images import _build, _hold_count, check_labels, file_id, npz_member, npz_shape
+from fastwidth.data._images_base import _build, _hold_count, check_labels, file_id, npz_member, npz_shape
 from fastwidth.data.stream import hash_json, probe_positions
 from fastwidth.errors import DataError
 

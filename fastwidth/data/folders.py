@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from fastwidth.data.corpus import hash_files
-from fastwidth.data.images import IMAGE_SUFFIXES, arrays_stream
+from fastwidth.data._images_base import IMAGE_SUFFIXES, arrays_stream
 from fastwidth.data.shards import _locked
-from fastwidth.data.stream import hash_json
+from fastwidth.data.stream import cache_root, hash_json
 from fastwidth.errors import DataError
 
 
@@ -109,8 +109,6 @@ def _cached_split(files, labels, size, cache: Path, tag: str) -> Path:
 
 
 def imagefolder_stream(d, rank=0, world_size=1):
-    from fastwidth.data import cache_root
-
     root = Path(d.path).expanduser() if d.path else None
     if root is None or not root.is_dir():
         raise DataError(f"data.path {root or '(empty)'}: imagefolder wants a directory of class folders")

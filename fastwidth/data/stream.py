@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -37,6 +38,11 @@ def seed_sequence(seed: int, *words: int) -> np.random.SeedSequence:
 
 def hash_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cache_root(cfg_data) -> Path:
+    """data.cache_dir, or ~/.cache/fastwidth (tokens, image statistics, decoded folders)."""
+    return Path(cfg_data.cache_dir).expanduser() if cfg_data.cache_dir else Path.home() / ".cache" / "fastwidth"
 
 
 def check_ranks(batch_size: int, rank: int, world_size: int) -> int:

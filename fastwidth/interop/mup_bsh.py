@@ -20,9 +20,8 @@ BSH_HEADER = ("\n# This is a base shape file encoded in yaml\n# - `null` indicat
 
 def _meta_model(cfg, width: int | None = None):
     from fastwidth.config import for_width
-    from fastwidth.data import build_stream
+    from fastwidth.data import build_stream, data_io
     from fastwidth.models import build_meta
-    from fastwidth.train.loop import data_io
     wcfg = cfg if width is None else for_width(cfg, width)
     return wcfg, build_meta(wcfg, data_io(build_stream(cfg.data), cfg))
 

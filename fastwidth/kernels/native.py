@@ -159,62 +159,24 @@ def available() -> bool:
         return False
 
 
-# ---------------------------------------------------------------- fakes and autograd
-# The fakes call the Triton ops of the same family with the fake tensors they are given: those
-# ops' own fakes then give the output shapes, so each family states its shapes once.
+# ---------------------------------------------------------------- the Python side, registered
+# Each kernel family with a native op (norm, readout_ce, rope, stats) registers, when it is
+# imported, the function that gives its op a fake (the shapes torch.compile traces with) and an
+# autograd formula; load() runs them once the library is in. This module imports no kernel file:
+# the arrows point from the families to here, not back.
+_python_sides: list = []
+
+
+def register_python_side(fn) -> None:
+    """Run fn() once the native library is loaded: at load(), or now if it is loaded already."""
+    _python_sides.append(fn)
+    if _ops is not None:
+        fn()
 
 
 def _register_python_side() -> None:
-    from fastwidth.kernels import norm, readout_ce
-    lib = "fastwidth_native::"
-
-    @torch.library.register_fake(lib + "moments_histogram")
-    def _(x, lo, hi, bins, shift=0.0, hist_stride=1):
-        return x.new_empty(6, dtype=torch.float64), x.new_empty(bins, dtype=torch.int64)
-
-    @torch.library.register_fake(lib + "readout_ce")
-    def _(h2, weight, bias, target, multiplier, z_loss, label_smoothing, ignore_index, compute_grad, chunk_rows):
-        return readout_ce._readout_ce_op(h2, weight, bias, target, multiplier, z_loss, label_smoothing,
-                                         ignore_index, compute_grad)
-
-    @torch.library.register_fake(lib + "norm_fwd")
-    def _(x, residual, weight, bias, eps, is_rms):
-        return norm._norm_fwd_op(x, residual, weight, bias, eps, is_rms)
-
-    @torch.library.register_fake(lib + "norm_bwd")
-    def _(dy, ds, s, weight, mean, rstd, is_rms, has_bias):
-        return norm._norm_bwd_op(dy, ds, s, weight, mean, rstd, is_rms, has_bias)
-
-    @torch.library.register_fake(lib + "rope")
-    def _(x, cos, sin, inverse):
-        return x.new_empty(x.shape)
-
-    def ce_backward(ctx, dtotal, *unused):
-        return readout_ce._ce_backward(ctx, dtotal, *unused) + (None,)
-
-    torch.library.register_autograd(lib + "readout_ce", ce_backward, setup_context=readout_ce._ce_setup)
-    torch.library.register_autograd(lib + "norm_fwd", _norm_backward, setup_context=norm._norm_setup)
-    torch.library.register_autograd(lib + "rope", _rope_backward, setup_context=_rope_setup)
-
-
-def _norm_backward(ctx, dy, ds, _dmean, _drstd, _drms):
-    s, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = torch.ops.fastwidth_native.norm_bwd(dy, ds if ctx.has_res else None, s, weight, mean, rstd,
-                                                     ctx.is_rms, ctx.has_bias)
-    return (dx, dx if ctx.has_res else None, dw if weight is not None else None,
-            db if ctx.has_bias else None, None, None)
-
-
-def _rope_setup(ctx, inputs, output):
-    _, cos, sin, inverse = inputs
-    ctx.inverse = inverse
-    ctx.save_for_backward(cos, sin)
-
-
-def _rope_backward(ctx, dy):
-    # the rotation is orthogonal: its transpose is the rotation by the opposite angle
-    cos, sin = ctx.saved_tensors
-    return torch.ops.fastwidth_native.rope(dy, cos, sin, not ctx.inverse), None, None, None
+    for fn in _python_sides:
+        fn()
 
 
 # ---------------------------------------------------------------- calls the functionals make

@@ -332,6 +332,32 @@ def _norm_backward(ctx, dy, ds, _dmean, _drstd, _drms):
 _norm_fwd_op.register_autograd(_norm_backward, setup_context=_norm_setup)
 
 
+def _native_backward(ctx, dy, ds, _dmean, _drstd, _drms):
+    s, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = torch.ops.fastwidth_native.norm_bwd(dy, ds if ctx.has_res else None, s, weight, mean, rstd,
+                                                     ctx.is_rms, ctx.has_bias)
+    return (dx, dx if ctx.has_res else None, dw if weight is not None else None,
+            db if ctx.has_bias else None, None, None)
+
+
+def _register_native() -> None:
+    """The native norm ops' fakes (those of the Triton ops above: one statement of the shapes) and autograd."""
+    lib = "fastwidth_native::"
+
+    @torch.library.register_fake(lib + "norm_fwd")
+    def _(x, residual, weight, bias, eps, is_rms):
+        return _norm_fwd_op(x, residual, weight, bias, eps, is_rms)
+
+    @torch.library.register_fake(lib + "norm_bwd")
+    def _(dy, ds, s, weight, mean, rstd, is_rms, has_bias):
+        return _norm_bwd_op(dy, ds, s, weight, mean, rstd, is_rms, has_bias)
+
+    torch.library.register_autograd(lib + "norm_fwd", _native_backward, setup_context=_norm_setup)
+
+
+native.register_python_side(_register_native)
+
+
 # ---------------------------------------------------------------- functional
 
 

@@ -237,6 +237,24 @@ def _ce_backward(ctx, dtotal, *_unused):
 _readout_ce_op.register_autograd(_ce_backward, setup_context=_ce_setup)
 
 
+def _register_native() -> None:
+    """The native readout + CE's fake (the Triton op's: one statement of the shapes) and autograd."""
+    lib = "fastwidth_native::"
+
+    @torch.library.register_fake(lib + "readout_ce")
+    def _(h2, weight, bias, target, multiplier, z_loss, label_smoothing, ignore_index, compute_grad, chunk_rows):
+        return _readout_ce_op(h2, weight, bias, target, multiplier, z_loss, label_smoothing, ignore_index,
+                              compute_grad)
+
+    def backward(ctx, dtotal, *unused):
+        return _ce_backward(ctx, dtotal, *unused) + (None,)  # chunk_rows
+
+    torch.library.register_autograd(lib + "readout_ce", backward, setup_context=_ce_setup)
+
+
+native.register_python_side(_register_native)
+
+
 # ---------------------------------------------------------------- functional
 
 

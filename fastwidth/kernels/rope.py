@@ -24,6 +24,34 @@ def rope_ref(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
 
 
+# ---------------------------------------------------------------- the native op's fake + autograd
+
+
+def _native_setup(ctx, inputs, output):
+    _, cos, sin, inverse = inputs
+    ctx.inverse = inverse
+    ctx.save_for_backward(cos, sin)
+
+
+def _native_backward(ctx, dy):
+    # the rotation is orthogonal: its transpose is the rotation by the opposite angle
+    cos, sin = ctx.saved_tensors
+    return torch.ops.fastwidth_native.rope(dy, cos, sin, not ctx.inverse), None, None, None
+
+
+def _register_native() -> None:
+    lib = "fastwidth_native::"
+
+    @torch.library.register_fake(lib + "rope")
+    def _(x, cos, sin, inverse):
+        return x.new_empty(x.shape)
+
+    torch.library.register_autograd(lib + "rope", _native_backward, setup_context=_native_setup)
+
+
+native.register_python_side(_register_native)
+
+
 # ---------------------------------------------------------------- functional
 
 

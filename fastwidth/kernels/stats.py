@@ -192,6 +192,15 @@ def _(feats, acc):
     return feats.new_empty(feats.shape[0], feats.shape[0], dtype=torch.float32)
 
 
+def _register_native() -> None:
+    @torch.library.register_fake("fastwidth_native::moments_histogram")
+    def _(x, lo, hi, bins, shift=0.0, hist_stride=1):
+        return x.new_empty(6, dtype=torch.float64), x.new_empty(bins, dtype=torch.int64)
+
+
+native.register_python_side(_register_native)
+
+
 # ---------------------------------------------------------------- functional
 
 

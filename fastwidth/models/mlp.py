@@ -8,7 +8,7 @@ from torch import nn
 
 from fastwidth.models.base import WidthModel
 from fastwidth.nn import MuLinear, MuReadout
-from fastwidth.param.roles import Role
+from fastwidth.nn.roles import Role
 
 
 class MLP(WidthModel):

@@ -9,7 +9,7 @@ from torch import nn
 
 from fastwidth.models.base import WidthModel
 from fastwidth.nn import BatchNorm2d, MuConv2d, MuReadout
-from fastwidth.param.roles import Role
+from fastwidth.nn.roles import Role
 
 STAGE_MULTS = (1, 2, 4, 8)
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from fastwidth.kernels.linear import linear
 from fastwidth.kernels.norm import layer_norm, layer_norm_residual, rms_norm, rms_norm_residual
-from fastwidth.param.roles import Init, Role
+from fastwidth.nn.roles import Init, Role
 
 
 class MuLinear(nn.Module):

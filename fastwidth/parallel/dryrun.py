@@ -49,9 +49,8 @@ def local_numels(cfg: Config, world: int, rank: int) -> dict:
 def dry_run(cfg: Config, world: int) -> list[dict]:
     """Per-rank memory of the widest member under the configured choice, fsdp2 and ZeRO-3 (+
     optimizer offload), at `world` ranks, for rank 0 and the last rank."""
-    from fastwidth.parallel.placement import micro_steps
     import dataclasses
-    from fastwidth.parallel.plan import Choice, choice_of, count_params, member_plan
+    from fastwidth.parallel.plan import Choice, choice_of, count_params, member_plan, micro_steps
     wide = for_width(cfg, max(cfg.sweep.widths or [cfg.model.width]))
     per_rank = max(1, cfg.data.batch_size // max(cfg.dist.world_size or 1, 1))  # the config's rows per rank
     wide = dataclasses.replace(wide, data=dataclasses.replace(wide.data, batch_size=per_rank * world))

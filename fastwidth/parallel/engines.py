@@ -1,6 +1,6 @@
 """ddp | fsdp2 | deepspeed behind one interface; models stay single-device code.
 
-    engine = build_engine(cfg, env)
+    engine = build_engine(cfg, env)          # fastwidth/parallel/placement.py (it knows every engine)
     model = engine.build(name, meta_model, table, width_cfg, seed, construct)   # every member first
     model, optimizer = engine.finish(name, table, width_cfg)                      # then engines/optimizers
     loss = engine.train_step(name, x, y, micro_steps, StepContext(autocast, pause))  # every optimizer step
@@ -358,11 +358,3 @@ def init_sharded(model: nn.Module, table: dict[str, ParamInfo], seed: int, width
         if local.numel():
             rows = draw_init(info, seed, width, (offset[0], offset[0] + shape[0]))
             local.copy_(rows.to(local.dtype))
-
-
-def build_engine(cfg, env, **kw) -> Engine | None:
-    """The engine of cfg.dist.backend, or None for single-process training (kw: DeepSpeed's)."""
-    from fastwidth.parallel.zero import DeepSpeedEngine
-    if cfg.dist.backend == "none":
-        return None
-    return {"ddp": DDPEngine, "fsdp2": FSDP2Engine, "deepspeed": DeepSpeedEngine}[cfg.dist.backend](cfg, env, **kw)

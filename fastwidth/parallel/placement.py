@@ -11,28 +11,24 @@ narrow (replicated) and wide (sharded) members see the same stream and the same 
 from __future__ import annotations
 
 from fastwidth.errors import ConfigError
-from fastwidth.parallel.engines import DDPEngine, Engine, build_engine
+from fastwidth.parallel.engines import DDPEngine, Engine, FSDP2Engine
+from fastwidth.parallel.plan import count_params, micro_steps  # noqa: F401 (micro_steps: public here too)
 
 SHARDING = ("fsdp2", "deepspeed")
 
 
-def micro_steps(cfg, world_size: int) -> int:
-    """data.batch_size / (ranks × data.micro_batch_size); 1 without micro-batching."""
-    b, m = cfg.data.batch_size, cfg.data.micro_batch_size
-    local = b // max(world_size, 1)
-    if not m or m == local:
-        return 1
-    if local % m:
-        raise ConfigError(f"data.micro_batch_size {m} does not divide the per-rank batch {local} "
-                          f"(data.batch_size {b} over {world_size} ranks); pick a divisor of {local}")
-    return local // m
-
-
 def largest_block(cfg) -> int:
     """Parameters of the largest shard unit of the widest model (DeepSpeed bucket sizes)."""
-    from fastwidth.parallel.plan import count_params
     from fastwidth.config import for_width
     return count_params(for_width(cfg, max(cfg.sweep.widths)))["block"]
+
+
+def build_engine(cfg, env, **kw) -> Engine | None:
+    """The engine of cfg.dist.backend, or None for single-process training (kw: DeepSpeed's)."""
+    from fastwidth.parallel.zero import DeepSpeedEngine
+    if cfg.dist.backend == "none":
+        return None
+    return {"ddp": DDPEngine, "fsdp2": FSDP2Engine, "deepspeed": DeepSpeedEngine}[cfg.dist.backend](cfg, env, **kw)
 
 
 class Placement:

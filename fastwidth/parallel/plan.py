@@ -39,6 +39,18 @@ GIB = 1 << 30
 FSDP2_CPU_RUNTIME = 64 * (1 << 20)
 
 
+def micro_steps(cfg, world_size: int) -> int:
+    """data.batch_size / (ranks × data.micro_batch_size); 1 without micro-batching."""
+    b, m = cfg.data.batch_size, cfg.data.micro_batch_size
+    local = b // max(world_size, 1)
+    if not m or m == local:
+        return 1
+    if local % m:
+        raise ConfigError(f"data.micro_batch_size {m} does not divide the per-rank batch {local} "
+                          f"(data.batch_size {b} over {world_size} ranks); pick a divisor of {local}")
+    return local // m
+
+
 def _io(cfg: Config):
     d = cfg.data
     if cfg.model.arch == "gpt":
@@ -47,8 +59,7 @@ def _io(cfg: Config):
     if d.source == "synthetic":
         return SimpleNamespace(kind="classes", vocab_size=None, seq_len=d.seq_len, in_shape=(d.in_dim,),
                                num_classes=d.num_classes)
-    from fastwidth.data import build_stream
-    from fastwidth.train.loop import data_io
+    from fastwidth.data import build_stream, data_io
     return data_io(build_stream(d), cfg)
 
 
@@ -302,42 +313,3 @@ def check_fits(cfg: Config, env, k: int = 1) -> None:
         raise ConfigError(f"the planner puts this sweep's peak at {plan['peak'] / GIB:.1f} GiB per rank, more than "
                           f"the {budget / GIB:.1f} GiB of the {where} ({choice_of(cfg).label}, {env.world_size} ranks); "
                           f"see `fastwidth plan`, or set dist.ignore_plan=true to start anyway")
-
-
-def cmd_plan(args) -> int:
-    from fastwidth.cli import overrides_of
-    from fastwidth.config import load_config, resolve
-    cfg = resolve(load_config(args.config, overrides_of(args)))
-    world = cfg.dist.world_size or 1
-    if cfg.data.batch_size % world:
-        raise ConfigError(f"data.batch_size {cfg.data.batch_size} is not divisible by dist.world_size={world}")
-    from fastwidth.parallel.placement import micro_steps
-    k = micro_steps(cfg, world)
-    counts = count_params(cfg)
-    budget = cfg.dist.gpu_memory_gb * 1e9
-    print(f"{cfg.model.arch} widths {cfg.sweep.widths} x seeds {cfg.sweep.seeds} depth {cfg.model.depth}: widest "
-          f"{counts['total'] / 1e6:.1f} M parameters; {world} ranks, global batch {cfg.data.batch_size} "
-          f"({k} micro-batches), checkpointing {cfg.train.activation_checkpointing}, "
-          f"{cfg.dist.gpu_memory_gb:g} GB per GPU; GiB per rank, summed over the sweep:")
-    cols = ("params", "grads", "optimizer", "activations", "built", "ready", "step", "eval", "peak", "host")
-    print(f"{'backend':34s}" + "".join(f"{c:>10s}" for c in cols) + f"{'fits':>6s}{'widest GPT':>12s}")
-    for choice in CHOICES:
-        w = 1 if choice.backend == "none" else world
-        mem = plan_sweep(cfg, w, choice, k)
-        widest = widest_gpt(cfg, choice, w, budget) if cfg.model.arch == "gpt" else 0
-        print(f"{choice.label:34s}" + "".join(f"{mem[c] / GIB:10.2f}" for c in cols)
-              + f"{'yes' if mem['peak'] <= budget else 'no':>6s}{widest:>12d}")
-    if getattr(args, "dry_run", False):
-        from fastwidth.parallel.dryrun import print_dry_run
-        print_dry_run(cfg, args.ranks or [world])
-    return 0
-
-
-def add_parser(sub) -> None:
-    from fastwidth.cli import add_config_args
-    p = sub.add_parser("plan", help="per-rank memory for every backend / ZeRO stage / offload, and the widest GPT that fits")
-    add_config_args(p)
-    p.add_argument("--dry-run", action="store_true", help="shard the widest model for real on torch's fake process "
-                   "group (meta tensors, one process) and report per-rank memory")
-    p.add_argument("--ranks", type=int, nargs="+", default=None, help="rank counts of the dry run (default: dist.world_size)")
-    p.set_defaults(func=cmd_plan)

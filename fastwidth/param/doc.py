@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from fastwidth.config import load_config, reference_rows
-from fastwidth.param.roles import Init, Role
+from fastwidth.nn.roles import Init, Role
 from fastwidth.param.scaling import fan_in, param_info
 
 KINDS = ("mup", "mean_field", "sp", "ntk")

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from fastwidth.config import Config
-from fastwidth.param.roles import Init, Role
+from fastwidth.nn.roles import Init, Role
 
 MUP_KINDS = ("mup", "mean_field")
 MATRIX_INITS = (Init.FAN_IN, Init.QUERY)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fastwidth.report.figures import DPI, _last, final_signatures, _loglog_axes, _panels, _save, _width_ticks, plt, width_colors
+from fastwidth.report._plotbase import DPI, _loglog_axes, _panels, _save, _width_ticks, plt, width_colors
+from fastwidth.report.figures import _last, final_signatures
 from fastwidth.report.reader import Run, get
 
 

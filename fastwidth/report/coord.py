@@ -25,7 +25,7 @@ def _layer_colors(names):
 
 
 def _panel(ax, widths, series: dict[str, list[float]], colors, title: str) -> None:
-    from fastwidth.report.figures import _width_ticks
+    from fastwidth.report._plotbase import _width_ticks
     for name, ys in series.items():
         pts = [(w, y) for w, y in zip(widths, ys) if y is not None and y > 0]
         if pts:
@@ -41,7 +41,7 @@ def _panel(ax, widths, series: dict[str, list[float]], colors, title: str) -> No
 def plot_coord_check(results: list[dict], path: Path) -> Path:
     """Rows: (result, quantity); columns: steps 1..T."""
     import matplotlib.pyplot as plt
-    from fastwidth.report.figures import _save
+    from fastwidth.report._plotbase import _save
     steps = max(r["steps"] for r in results)
     names = list(dict.fromkeys(n for r in results for n in r["layers"]))
     colors = _layer_colors(names)
@@ -61,7 +61,7 @@ def plot_coord_check(results: list[dict], path: Path) -> Path:
 def coord_in_loop(runs: list[Run], path: Path) -> Path | None:
     """The refined check the loop ran at stats.coord_every: last measured step, per run and quantity."""
     import matplotlib.pyplot as plt
-    from fastwidth.report.figures import _save
+    from fastwidth.report._plotbase import _save
     found = [(run, [r for r in run.rows("coord")]) for run in runs]
     found = [(run, rows) for run, rows in found if rows]
     if not found:

@@ -37,7 +37,7 @@ def _lr_title(run: Run, lr) -> str:
 
 def edge_of_stability(runs: list[Run], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
-    from fastwidth.report.figures import _save, width_colors
+    from fastwidth.report._plotbase import _save, width_colors
     runs = [r for r in runs if any(x.get("kind") == "batch_sharpness" for x in r.sweep_rows)]
     if not runs:
         return None

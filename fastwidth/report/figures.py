@@ -9,36 +9,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from fastwidth.report.intervals import late_rmse_with_ci, width_intervals  # noqa: E402
-from fastwidth.report.reader import Run, progress_word  # noqa: E402
-from fastwidth.stats.metrics import fit_power_law  # noqa: E402
-from fastwidth.stats.preact_range import with_overflow  # noqa: E402
-
-DPI = 110
-
-
-def width_colors(widths: list[int]) -> dict[int, tuple]:
-    cmap = plt.get_cmap("viridis")
-    n = max(len(widths) - 1, 1)
-    return {w: cmap(0.9 * i / n) for i, w in enumerate(sorted(widths))}
-
-
-def _panels(runs: list[Run], height=3.8, sharey=True):
-    fig, axes = plt.subplots(1, len(runs), figsize=(5.2 * len(runs) + 0.6, height), sharey=sharey, squeeze=False)
-    return fig, axes[0]
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+# the drawing helpers every figure module shares (Agg backend, widths' colors, saving)
+from fastwidth.report._plotbase import (DPI, _loglog_axes, _panels, _save, _width_ticks, matplotlib,  # noqa: F401
+                                        plt, width_colors)
+from fastwidth.report.intervals import late_rmse_with_ci, width_intervals
+from fastwidth.report.reader import Run, progress_word
+from fastwidth.stats.metrics import fit_power_law
+from fastwidth.stats.preact_range import with_overflow
 
 
 def _tokens_axis(ax, run: Run | None = None):
@@ -146,20 +125,6 @@ def _guide(ax, x, y, slope, text):
     ax.plot(xs, ym * (xs / xm) ** slope, "--", color="gray", lw=1, label=text)
 
 
-def _width_ticks(ax, widths):
-    """Label a log2 width axis with the widths themselves (64, 128, ...) rather than 2^6, 2^7."""
-    ws = sorted(set(widths))
-    if ws:
-        ax.set_xticks(ws, [str(w) for w in ws])
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-
-
-def _loglog_axes(ax, widths=(), xlabel="width N"):
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.grid(True, which="both", alpha=0.3)
-    _width_ticks(ax, widths)
 
 
 def rmse_vs_width(runs: list[Run], path: Path) -> Path | None:

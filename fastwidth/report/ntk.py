@@ -77,7 +77,7 @@ def ntk_alignment(runs: list[Run], path: Path) -> Path | None:
     """Left: mean cos² of the principal angles with the reference width's top-k eNTK eigenspace vs
     width (same-seed pairs: mean and min-max over seeds; seed-averaged kernels). Right: C(k) of the
     seed-averaged kernels, one line per width."""
-    from fastwidth.report.figures import _save, _width_ticks, width_colors
+    from fastwidth.report._plotbase import _save, _width_ticks, width_colors
 
     found = [(run, ntk_across_run(run)) for run in runs]
     found = [(r, d) for r, d in found if d]

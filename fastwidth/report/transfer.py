@@ -186,7 +186,7 @@ def _draw_panel(ax, run: Run, tokens: int, colors) -> dict:
 
 def _draw_drift(ax, runs: list[Run], fits: list[dict]) -> None:
     import matplotlib.pyplot as plt
-    from fastwidth.report.figures import _width_ticks
+    from fastwidth.report._plotbase import _width_ticks
     cmap = plt.get_cmap("tab10")
     for i, (run, fit) in enumerate(zip(runs, fits)):
         pts = sorted((w, lr) for w, lr in fit["optima"].items() if math.isfinite(lr))
@@ -240,7 +240,7 @@ def _draw_local(ax, runs: list[Run], fits: list[dict]) -> None:
 def loss_vs_lr(runs: list[Run], path: Path) -> Path | None:
     """Rows: runs with sweep.lrs; columns: token budgets, the optimum's drift and its local slopes."""
     import matplotlib.pyplot as plt
-    from fastwidth.report.figures import _save, width_colors
+    from fastwidth.report._plotbase import _save, width_colors
     runs = [r for r in runs if r.lrs and budgets(r)]
     if not runs:
         return None

@@ -111,8 +111,7 @@ def coord_check(cfg: Config, widths: list[int], steps: int = 3, seeds: tuple[int
     "update_rms": [per width, RMS of h_T - h_0], "update_rms_by_step": [[per step] per width],
     "by_step": {q: [[per step] per width] for q in act_rms, delta_rms, own_rms, input_rms}}}}.
     """
-    from fastwidth.data import build_stream
-    from fastwidth.train.loop import data_io
+    from fastwidth.data import build_stream, data_io
 
     cfg = resolve(cfg)
     stream = stream or build_stream(cfg.data)

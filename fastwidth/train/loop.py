@@ -20,15 +20,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from fastwidth.config import Config, dump_yaml, resolve
-from fastwidth.data import build_stream
-from fastwidth.parallel import checkpoint as par_ckpt
+from fastwidth.data import build_stream, data_io  # noqa: F401 (data_io: public here too)
+from fastwidth.train import engine_checkpoint as par_ckpt
 from fastwidth.parallel import stats as par_stats
 from fastwidth.parallel.engines import Engine, StepContext
 from fastwidth.parallel.env import DistEnv, agree_on_out_dir, check_shared_dir, init_dist, launched_world
@@ -110,13 +109,6 @@ def compiled_loss(model: nn.Module, cfg: Config, distributed: bool = False):
         raise UserError(f"train.compile=true is for single-process runs; dist.backend={cfg.dist.backend} wraps "
                         "the model itself (set train.compile=false)")
     return torch.compile(loss)
-
-
-def data_io(stream, cfg: Config) -> SimpleNamespace:
-    """What a model needs to know about the data."""
-    return SimpleNamespace(kind=stream.kind, vocab_size=getattr(stream, "vocab_size", None),
-                           seq_len=cfg.data.seq_len, in_shape=getattr(stream, "in_shape", None),
-                           num_classes=getattr(stream, "num_classes", None))
 
 
 def tokens_per_step(stream, cfg: Config) -> int:
@@ -450,16 +442,17 @@ def source_commit() -> str | None:
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def run(cfg: Config) -> Path:
-    """Train the sweep `cfg` describes, write its report (unless train.report=false) and print
-    the headline numbers; returns the run directory. Raises preempt.Preempted after a SIGTERM or
-    SIGUSR1 has stopped it at a checkpoint."""
+def run(cfg: Config, report=None) -> Path:
+    """Train the sweep `cfg` describes; returns the run directory. report: called with the run
+    directory on the main rank unless train.report=false (fastwidth.api.train passes the report
+    room's report_at_end, which writes the report and prints the headline numbers: the report
+    sits above train/). Raises preempt.Preempted after a SIGTERM or SIGUSR1 has stopped it at a
+    checkpoint."""
     with contextlib.ExitStack() as held:  # the run directory's lock, until the report is written
         with preempt.StopFlag() as stop:
             run_dir, trainer = _train(cfg, stop, held)
-        if trainer.dist.is_main and trainer.cfg.train.report:
-            from fastwidth.report.headline import report_at_end
-            report_at_end(run_dir)
+        if report is not None and trainer.dist.is_main and trainer.cfg.train.report:
+            report(run_dir)
     return run_dir
 
 

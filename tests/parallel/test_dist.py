@@ -22,12 +22,15 @@ import yaml
 from safetensors.torch import load_file
 
 from fastwidth.config import load_config
-from fastwidth.parallel.checkpoint import export_checkpoint
+from fastwidth.train.engine_checkpoint import export_checkpoint
 from fastwidth.train import checkpoint as ckpt
 from fastwidth.train.loop import run
 from fastwidth.train.metrics import read_metrics
 
-pytestmark = [pytest.mark.dist, pytest.mark.slow]
+# the fast tier (`make test`) keeps one launch per engine family: ddp, fsdp2 and ZeRO-3 (DeepSpeed)
+# in test_two_ranks_match_one; every other launch here is the heavy tier (`make test-all`)
+pytestmark = [pytest.mark.dist]
+FAST_LAUNCHES = ("ddp", "fsdp2", "zero3")
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -132,7 +135,8 @@ def trained(work):
     return get
 
 
-@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("backend", [b if b in FAST_LAUNCHES else pytest.param(b, marks=pytest.mark.slow)
+                                     for b in BACKENDS])
 def test_two_ranks_match_one(work, trained, backend):
     tmp, _, single = work
     out = trained(backend)
@@ -253,6 +257,7 @@ def check_whole_model_stats(single: Path, out: Path, backend: str) -> None:
                 assert b[k]["eigenvalues"] == pytest.approx(a[k]["eigenvalues"], rel=1e-3, abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_resume_on_two_ranks_is_exact(work, trained, backend):
     tmp, cfg_file, single = work
@@ -273,6 +278,7 @@ def test_resume_on_two_ranks_is_exact(work, trained, backend):
         torch.testing.assert_close(got[k], ref[k], rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fsdp2_saved_on_two_ranks_resumes_on_one(work, trained):
     """Also resumes without the micro-batching and checkpointing of the 2-rank run (resumable keys)."""
     tmp, cfg_file, single = work
@@ -284,6 +290,7 @@ def test_fsdp2_saved_on_two_ranks_resumes_on_one(work, trained):
     assert err < 1e-4
 
 
+@pytest.mark.slow
 def test_zero_checkpoint_on_other_rank_count_is_refused(work, trained):
     tmp, cfg_file, _ = work
     again = rewind(trained("zero2"), tmp / "zero2-one", 10)
@@ -293,6 +300,7 @@ def test_zero_checkpoint_on_other_rank_count_is_refused(work, trained):
     assert "resume on 2 ranks" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_dead_rank_fails_the_launch_and_keeps_the_checkpoint(work):
     tmp, cfg_file, _ = work
     out = tmp / "dead"
@@ -309,6 +317,7 @@ def test_dead_rank_fails_the_launch_and_keeps_the_checkpoint(work):
     assert export_checkpoint(out, tmp / "dead.safetensors") == ["w32_s0", "w16_s0"]
 
 
+@pytest.mark.slow
 def test_rank_killed_mid_save_keeps_the_previous_checkpoint(work):
     """Rank 1 dies inside the step-10 save of a sharded (fsdp2) checkpoint: step 5 stays the latest
     complete checkpoint and loads; the resume prunes the stale hidden directory and continues
@@ -328,6 +337,7 @@ def test_rank_killed_mid_save_keeps_the_previous_checkpoint(work):
     assert rel_err(losses(single), losses(out)) < 1e-4
 
 
+@pytest.mark.slow
 def test_out_dir_every_rank_cannot_see_is_refused(work):
     tmp, cfg_file, _ = work
     out = tmp / "private"

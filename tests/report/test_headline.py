@@ -37,8 +37,8 @@ def test_headline_tolerates_missing_keys(tmp_path, capsys):
 
 
 def test_a_run_ends_with_its_report_and_headline(tmp_path, capsys):
+    from fastwidth.api import train as run  # the entry that adds the report (loop.run leaves it to api)
     from fastwidth.config import load_config
-    from fastwidth.train.loop import run
     run_dir = run(load_config(None, [
         "model.arch=mlp", "model.depth=2", "param.base_width=16", "data.source=synthetic", "data.batch_size=8",
         "data.in_dim=6", "data.num_classes=3", "data.probe_size=16", "sweep.widths=[16,32]", "sweep.seeds=[0,1]",

@@ -1,4 +1,6 @@
-"""Sharded checkpoints in each engine's own format, inside fastwidth's checkpoint directory.
+"""Checkpoints through the engine: sharded ones in each engine's own format, inside fastwidth's
+checkpoint directory (the single-process format is train/checkpoint.py; this module sits beside it
+in train/, above parallel/, whose engines it drives).
 
     step_000020/
         meta.json                 written by rank 0: step, members, µP tables, data cursor, RNG,
@@ -9,7 +11,7 @@
                                   ZeRO-3 on another: load_universal converts it)
 
 ddp holds whole replicas, so rank 0 writes the single-process format (it resumes anywhere).
-Atomicity as in train/checkpoint.py: every rank writes into one hidden directory, a barrier, then
+Atomicity as in checkpoint.py: every rank writes into one hidden directory, a barrier, then
 rank 0 writes meta.json, renames the directory into place and replaces `latest`; a rank that dies
 mid-save leaves the previous checkpoint as the latest complete one.
 `export_checkpoint` turns any of them into one safetensors file (no process group needed).
