@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fastwidth.report.reader import Run, progress_word  # noqa: E402
+
 DPI = 110
 
 
@@ -48,3 +50,11 @@ def _loglog_axes(ax, widths=(), xlabel="width N"):
     ax.set_xlabel(xlabel)
     ax.grid(True, which="both", alpha=0.3)
     _width_ticks(ax, widths)
+
+
+def _tokens_axis(ax, run: Run | None = None):
+    """Log-scaled training-progress axis: tokens for language models, examples for the rest."""
+    images = run is not None and progress_word(run) == "examples"
+    ax.set_xlabel("examples seen" if images else "tokens (training targets seen)")
+    ax.set_xscale("log")
+    ax.grid(True, which="both", alpha=0.3)

@@ -12,20 +12,13 @@ from pathlib import Path
 import numpy as np
 
 # the drawing helpers every figure module shares (Agg backend, widths' colors, saving)
-from fastwidth.report._plotbase import (DPI, _loglog_axes, _panels, _save, _width_ticks, matplotlib,  # noqa: F401
+from fastwidth.report._plotbase import (DPI, _loglog_axes, _panels, _save, _tokens_axis, _width_ticks,  # noqa: F401
+                                        matplotlib,
                                         plt, width_colors)
 from fastwidth.report.intervals import late_rmse_with_ci, width_intervals
-from fastwidth.report.reader import Run, progress_word
+from fastwidth.report.reader import Run
 from fastwidth.stats.metrics import fit_power_law
 from fastwidth.stats.preact_range import with_overflow
-
-
-def _tokens_axis(ax, run: Run | None = None):
-    """Log-scaled training-progress axis: tokens for language models, examples for the rest."""
-    images = run is not None and progress_word(run) == "examples"
-    ax.set_xlabel("examples seen" if images else "tokens (training targets seen)")
-    ax.set_xscale("log")
-    ax.grid(True, which="both", alpha=0.3)
 
 
 def seed_band(ax, run: Run, kind: str, key: str, color, **match) -> None:

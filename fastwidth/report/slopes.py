@@ -72,7 +72,7 @@ def slope_lines(runs: list[Run]) -> list[str]:
 def slopes_over_training(runs: list[Run], path: Path) -> Path | None:
     """Three panels (RMSE, V_N, debiased bias slopes) against tokens, one line and 95% band per run."""
     import matplotlib.pyplot as plt
-    from fastwidth.report.figures import _save, _tokens_axis
+    from fastwidth.report._plotbase import _save, _tokens_axis
     if not any(len(fit_series(run, k)) >= 2 for run in runs for k, *_ in PANELS):
         return None
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5.0 * len(PANELS), 3.9), squeeze=False)

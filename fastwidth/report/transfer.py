@@ -215,7 +215,7 @@ def _draw_drift(ax, runs: list[Run], fits: list[dict]) -> None:
 def _draw_local(ax, runs: list[Run], fits: list[dict]) -> None:
     """Local slopes between neighbouring widths (95% CI), at the geometric middle of each pair."""
     import matplotlib.pyplot as plt
-    from fastwidth.report.figures import _width_ticks
+    from fastwidth.report._plotbase import _width_ticks
     cmap = plt.get_cmap("tab10")
     for i, (run, fit) in enumerate(zip(runs, fits)):
         pts = [(math.sqrt(a * b) * (1 + 0.04 * i), loc) for loc in fit["local"] for a, b in [loc["widths"]]
@@ -266,7 +266,7 @@ def loss_vs_lr(runs: list[Run], path: Path) -> Path | None:
 def drift_over_training(runs: list[Run], path: Path) -> Path | None:
     """The drift (95% band) at every evaluation of the second half, over all widths and without the base."""
     import matplotlib.pyplot as plt
-    from fastwidth.report.figures import _save
+    from fastwidth.report._plotbase import _save
     found = [(run, late_drifts(run)) for run in runs if run.lrs]
     found = [(run, reads) for run, reads in found if len(reads) >= 2]
     if not found:

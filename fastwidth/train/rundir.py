@@ -145,13 +145,16 @@ class RunLock:
         self.path = self.dir / LOCK_FILE
         self.made: Path | None = None  # what entering made: a failed start removes it (undo_on_error)
         self._fd: int | None = None
+        self._taken_by_other = False  # the directory we made is another run's now: leave it
 
     def __enter__(self) -> "RunLock":
         self.made = _made_dirs(self.dir)
         try:
             self._take()
         except BaseException:
-            if self.made is not None:
+            # two runs started together: the one that made out_dir may lose the lock to the
+            # other, whose lock file then lives in it (removing it would delete the winner's run)
+            if self.made is not None and not self._taken_by_other:
                 shutil.rmtree(self.made, ignore_errors=True)
             raise
         return self
@@ -163,7 +166,13 @@ class RunLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 owner = _read_owner(fd)
+                for _ in range(200):  # the winner writes its pid just after its flock: 2 s at most
+                    if owner:
+                        break
+                    time.sleep(0.01)
+                    owner = _read_owner(fd)
                 os.close(fd)
+                self._taken_by_other = True
                 raise UserError(f"train.out_dir {self.dir} is in use by another run ({_describe(owner)}); "
                                 f"wait for it to end or choose another train.out_dir") from None
             try:
