@@ -5,9 +5,11 @@ stacked: each width's members (its seeds) take their step as one batched model
 sweep.mode=sequential does. Two sweeps: 3 widths x 4 seeds of a µP MLP at widths 64-256, and
 the demo GPT (configs/demo.yaml: 5 widths x 3 seeds). tokens/s = steps x examples (tokens for the
 GPT) per step x models / wall seconds (extra_info). test_stacked_ratio alternates the two modes
-round by round (A B A B, so the load of a shared machine hits both alike) and records the ratio
-of the medians; the pytest-benchmark pairs give the table.
+round by round (A B C A B C, so the load of a shared machine hits all alike), with a third mode:
+the widths sweep.stack=auto stacks; it records the ratios of the medians. The
+pytest-benchmark pairs give the table.
 """
+import os
 import statistics
 import time
 from types import SimpleNamespace
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from fastwidth.train.stacked import AUTO_MAX_ROWS_X_WIDTH
 
 STEPS = 3
 MLP = ["model.arch=mlp", "model.depth=2", "param.base_width=64", "data.source=synthetic", "data.in_dim=32",
@@ -35,6 +38,7 @@ def build(which: str):
     members = make_members(cfg, stream, torch.device("cpu"))
     t = SimpleNamespace(cfg=cfg, members=members, placement=SimpleNamespace(k=1), evaluator=None,
                         loss_fns={m.name: compiled_loss(m.model, cfg) for m in members})
+    t.train_step = lambda m, x, y: one_step(m, x, y, cfg, t.loss_fns[m.name])  # widths that do not stack
     stacker = Stacker(t, lambda: torch.autocast("cpu", enabled=False))
     stacker.widths = {m.width for m in members}
     return cfg, stream, members, stacker
@@ -88,19 +92,33 @@ def test_stacked_steps(benchmark, setup, mode):
 
 
 def test_stacked_ratio(setup, record_property):
-    """Stacked over sequential throughput, modes alternating over 5 rounds (after a warm-up of each)."""
-    cfg, _, members, _ = setup
-    start, times = 0, {"stacked": [], "sequential": []}
+    """Stacked (every width, then the widths sweep.stack=auto's rule picks) over sequential
+    throughput, the three modes alternating over 3 rounds after a warm-up round of each."""
+    cfg, _, members, stacker = setup
+    every = set(stacker.widths)
+    rows = cfg.data.batch_size * (cfg.data.seq_len if cfg.model.arch == "gpt" else 1)
+    auto = {w for w in every if rows * w <= AUTO_MAX_ROWS_X_WIDTH}  # sweep.stack=auto's rule
+
+    def with_widths(widths):
+        def fn(s, start):
+            stacker.widths = widths
+            run_stacked(s, start)
+        return fn
+    modes = (("stacked", with_widths(every)), ("auto", with_widths(auto)), ("sequential", run_sequential))
+    start, times = 0, {name: [] for name, _ in modes}
     before = [m.step for m in members]
-    for r in range(6):
-        for mode, fn in (("stacked", run_stacked), ("sequential", run_sequential)):
+    for r in range(4):
+        for mode, fn in modes:
             t0 = time.perf_counter()
             fn(setup, start)
             if r:
                 times[mode].append(time.perf_counter() - t0)
         start += STEPS
-    ratio = statistics.median(times["sequential"]) / statistics.median(times["stacked"])
-    record_property("stacked_over_sequential", ratio)
-    print(f"\n{cfg.model.arch} {len(members)} models: stacked {statistics.median(times['stacked']):.3f} s, "
-          f"sequential {statistics.median(times['sequential']):.3f} s per {STEPS} steps: {ratio:.2f}x")
+    stacker.widths = every
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for mode in ("stacked", "auto"):
+        record_property(f"{mode}_over_sequential", med["sequential"] / med[mode])
+    print(f"\n{cfg.model.arch} {len(members)} models, s per {STEPS} steps: " + ", ".join(
+        f"{k} {v:.3f}" for k, v in med.items()) + f"; stacked {med['sequential'] / med['stacked']:.2f}x, "
+        f"auto (widths {sorted(auto)}) {med['sequential'] / med['auto']:.2f}x sequential; load {os.getloadavg()[0]:.1f}")
     assert [m.step - b for m, b in zip(members, before)] == [12 * STEPS] * len(members)

@@ -9,21 +9,16 @@ per member: the optimizer and its learning rate schedule, gradient clipping (the
 member's own gradient), the gradient norm in train rows, checkpoints, signatures and every
 statistic (the member modules' parameters are views of the stacked ones).
 
-sweep.stack: off (false) trains members one by one; on (true) stacks every width that can; auto times one
-forward and backward of the first batch both ways at start and stacks a width where it is faster
-(stacking loses at large widths, where one GEMM already fills the cores: 0.83x at width 1024 in
-the issue's measurement). A resume stacks the widths the checkpoint's run stacked (sweep state),
-so resumed numbers equal uninterrupted ones; two fresh auto runs may choose differently and then
-agree within 1e-6 rather than bit for bit (sweep.stack=true or false for bit-equal reruns). A
-member that diverges leaves its width's stack: the others restack.
+sweep.stack: off (false) trains members one by one; on (true) stacks every width that can; auto
+stacks a width where one member's rows x width is at most AUTO_MAX_ROWS_X_WIDTH (stacking loses
+at large widths, where one GEMM already fills the cores: 0.83x at width 1024 in the issue's
+measurement). A resume stacks the widths the checkpoint's run stacked (sweep state). Stacked
+members agree with members trained alone within 1e-6, not bit for bit (bmm rounds differently
+from mm). A member that diverges leaves its width's stack: the others restack.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
-
-import torch
 
 from fastwidth.models.stacked import Stack, refusal, why_not
 from fastwidth.parallel.engines import StepContext, accumulate, clip_grad
@@ -31,9 +26,14 @@ from fastwidth.param.optim import set_lr
 
 log = logging.getLogger("fastwidth.train")
 
-# auto stacks a width when its stacked step takes under this share of the one-by-one steps:
-# below it the difference is within the probe's noise on a loaded machine (±5% between repeats)
-AUTO_MARGIN = 0.95
+# auto stacks a width when one member's micro-batch rows (tokens for the GPT) x width is at most
+# this: where each GEMM is small, stacking saves launches and per-op overhead; where it is large
+# the step is bound by arithmetic that stacking cannot reduce, and bmm (and elementwise ops on S
+# times the bytes) run slower than the members' own ops. Measured on 2 CPU cores (timing probe,
+# forward+backward, demo GPT, 1024 rows): width 16 stacked 4.0x faster, 32 1.4x, 64 0.97x, 128
+# 0.92x, 256 0.88x; µP MLP at 64 rows, widths 64-256: 2.2x. A fixed rule rather than a probe at
+# start, so two runs of one config compute the same bits.
+AUTO_MAX_ROWS_X_WIDTH = 1 << 15
 
 
 def by_width(members: list) -> dict[int, list]:
@@ -60,7 +60,7 @@ def plan(trainer, autocast) -> "Stacker | None":
     stacker = Stacker(trainer, autocast)
     meta = trainer.resume_meta or {}
     saved = set(meta["sweep"]["stacked"]) if "stacked" in meta.get("sweep", {}) else None
-    x, y = trainer.batch(min(m.step for m in trainer.members))
+    rows = cfg.data.batch_size // trainer.placement.k * (cfg.data.seq_len if cfg.model.arch == "gpt" else 1)
     for width, ms in by_width(trainer.active(trainer.members)).items():
         if len(ms) < 2:
             continue
@@ -72,13 +72,12 @@ def plan(trainer, autocast) -> "Stacker | None":
             if width not in saved:
                 continue
         elif mode == "auto":
-            t_stack, t_each = stacker.probe(ms, x, y)
-            stacked = t_stack < AUTO_MARGIN * t_each
-            log.info("sweep.stack=auto: width %d %s (forward+backward of %d members: stacked %.1f ms, "
-                     "one by one %.1f ms)", width, "stacked" if stacked else "one by one", len(ms),
-                     1e3 * t_stack, 1e3 * t_each)
+            size = rows * width
+            stacked = size <= AUTO_MAX_ROWS_X_WIDTH
+            log.info("sweep.stack=auto: width %d %s (%d members; rows x width = %d %s %d, the break-even "
+                     "measured on CPU)", width, "stacked" if stacked else "one by one", len(ms), size,
+                     "<=" if stacked else ">", AUTO_MAX_ROWS_X_WIDTH)
             if not stacked:
-                stacker.release(width)
                 continue
         stacker.widths.add(width)
     if not stacker.widths:
@@ -114,34 +113,6 @@ class Stacker:
     def close(self) -> None:
         for width in list(self.stacks):
             self.release(width)
-
-    def probe(self, ms: list, x, y, repeats: int = 2) -> tuple[float, float]:
-        """Seconds of one forward+backward of `ms` stacked and one by one (best of `repeats`
-        after a warm-up); gradients are discarded, parameters untouched, hooks see nothing."""
-        t = self.trainer
-        x, y = x.chunk(t.placement.k)[0], y.chunk(t.placement.k)[0]  # one micro-batch, as trained
-        stack = self._stack(ms)
-        fwd = self.autocast
-        paused = t.evaluator.paused if t.cfg.stats.enabled else contextlib.nullcontext
-        best = [float("inf"), float("inf")]
-        with paused():
-            for r in range(repeats + 1):
-                t0 = time.perf_counter()
-                with fwd():
-                    loss = stack.losses(x, y).sum()
-                loss.backward()
-                stack.grads_to_members()
-                _clear(ms)
-                t1 = time.perf_counter()
-                for m in ms:
-                    with fwd():
-                        loss = t.loss_fns[m.name](x, y)
-                    loss.backward()
-                _clear(ms)
-                t2 = time.perf_counter()
-                if r:
-                    best = [min(best[0], t1 - t0), min(best[1], t2 - t1)]
-        return best[0], best[1]
 
     def train(self, due: list, x, y) -> dict:
         """One optimizer step of every member in `due` on (x, y); {name: loss tensor}."""
@@ -179,9 +150,3 @@ class Stacker:
             m.optimizer.zero_grad(set_to_none=True)
             m.step += 1
         return {m.name: losses[i] for i, m in enumerate(ms)}
-
-
-def _clear(ms: list) -> None:
-    for m in ms:
-        for p in m.model.parameters():
-            p.grad = None
