@@ -301,6 +301,9 @@ def _gemm(a: Tensor, b: Tensor, alpha: float, *, out_dtype: torch.dtype, act: st
 def _linear_fwd_launch(x2, w, b, w2, b2, alpha, alpha2, act, save):
     if act not in ACTS:
         raise UserError(f"linear: act {act!r} is not one of {', '.join(ACTS)}")
+    if act == "swiglu" and (b is None) != (b2 is None):  # the kernel adds both biases or neither
+        zero = torch.zeros(w.shape[0], device=w.device, dtype=w.dtype)
+        b, b2 = (zero if b is None else b), (zero if b2 is None else b2)
     return _gemm(x2, w, alpha, out_dtype=x2.dtype, act=act, bias=b, b2=w2, bias2=b2, alpha2=alpha2,
                  save_z=save and act != "none")
 

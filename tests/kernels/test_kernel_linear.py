@@ -64,6 +64,13 @@ def test_no_bias_aligned_shape(act):
     _check(act, (64, 48, 40), has_bias=False, alpha=1.7, amp=True)
 
 
+def test_swiglu_bias_on_one_half_only():
+    x, w, w2, b2 = torch.randn(11, 24), torch.randn(8, 24), torch.randn(8, 24), torch.randn(8)
+    fn, ref = _fns("swiglu", 0.8)
+    compare(fn, ref, [x, w, None, w2, b2], [torch.randn(11, 8)], torch.float32, ["linear", "x", "weight", "weight2",
+                                                                             "bias2"], factor=2.0)
+
+
 def test_relu_no_bias_alpha_one_fp32():
     _check("relu", (33, 40, 17), has_bias=False, alpha=1.0, amp=False)
 
@@ -140,3 +147,11 @@ def test_gpt_mlp_takes_the_fused_kernel_unless_hooked(monkeypatch, act):
     assert calls == ["none"] * (3 if act == "swiglu" else 2) and len(seen) == 1  # the hook saw fc's output
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(hooked, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("act", ["none", "swiglu"])
+def test_registered_op_fake_and_autograd(act):
+    # schema, fake (meta) shapes and autograd registration as torch.compile needs them
+    x, w, b = (torch.randn(*s, requires_grad=True) for s in ((9, 16), (8, 16), (8,)))
+    w2 = torch.randn(8, 16, requires_grad=True) if act == "swiglu" else None
+    torch.library.opcheck(L._linear_fwd_op, (x, w, b, w2, None, 0.5, 1.5, act, True))
