@@ -100,7 +100,7 @@ def test_dry_run_end_to_end(tmp_path):
             assert f"[{part}] ok" in p.stdout, p.stdout[-3000:]
     rows = list(csv.DictReader((tmp_path / "gpu_results.csv").open()))
     assert {r["bench"] for r in rows} == {"gpu_attention", "gpu_readout_ce", "gpu_rms_norm", "gpu_layer_norm",
-                                          "gpu_gelu", "gpu_swiglu", "gpu_gpt_step"}
+                                          "gpu_gelu", "gpu_swiglu", "gpu_gpt_step", "gpu_linear_gelu"}
     assert any(r["metric"].startswith("GB/s triton") for r in rows)
     md = (tmp_path / "gpu_results.md").read_text()
     assert "| baseline | baseline ms | speed-up | MFU |" in md and "| gpt_step |" in md
