@@ -174,7 +174,8 @@ class DeepSpeedEngine(Engine):
         # for (size-0 weights in an evaluation forward of a single process, seen with depth 1)
         from deepspeed.utils import set_z3_leaf_module
         for unit in shard_units(model):
-            set_z3_leaf_module(unit, True)
+            if any(True for _ in unit.children()):  # a lone layer (an MLP's) has its own hooks already;
+                set_z3_leaf_module(unit, True)      # as a leaf its backward saw size-0 weights (depth 24)
         self._checkpointing(model)
         init_zero_partitions(model, table, seed, wcfg.model.width, self.env.rank)
         model.reset_buffers()
