@@ -37,6 +37,7 @@ class Section:
 
 T1 = ("train.threads=1",)
 FM = ("sweep.widths=[64,128,256,512]", "sweep.seeds=[0,1,2,3]") + T1
+FM_WIDE = ("sweep.widths=[64,128,256,512,1024,2048,4096,8192]", "sweep.seeds=[0,1,2,3]")  # two threads: 8192-wide GEMMs
 CX_KNOBS = ("", "data.teacher_width=16", "data.teacher_width=256", "data.num_classes=2", "data.num_classes=40",
             "data.in_dim=8", "data.in_dim=128", "data.label_noise=0.2", "data.label_noise=0.5")
 SECTIONS = (
@@ -46,6 +47,12 @@ SECTIONS = (
         ("demo_mup", "configs/demo.yaml", T1 + ("stats.every=25",)),
         ("demo_sp", "configs/demo.yaml", T1 + ("stats.every=25", "param.kind=sp"))),
         tables=("Width slopes over training (slopes_vs_tokens.png)",)),
+    Section("demo_heads", "The demo GPT: a fixed head count beside a fixed head_dim", (
+        ("demo_mup_head_dim16", "configs/demo.yaml", T1 + ("stats.every=25",)),
+        ("demo_mup_heads4", "configs/demo.yaml", T1 + ("stats.every=25", "model.n_heads=4"))),
+        tables=("Width slopes over training (slopes_vs_tokens.png)",)),
+    Section("fmnist_wide", "µP MLP on Fashion-MNIST to width 4096, an 8192 reference", (
+        ("fmnist_mup_8192", "configs/fmnist_mlp.yaml", FM_WIDE),)),
     Section("transfer_wide", "µTransfer on a held-out evaluation, widths 64-1024", (
         ("tr_mup_wide", "configs/transfer/fmnist_mlp_mup_wide.yaml", T1),), tables=("Learning-rate transfer",)),
     Section("transfer", "µTransfer, µP and SP, Fashion-MNIST and the demo GPT", (
