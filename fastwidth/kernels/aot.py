@@ -85,7 +85,7 @@ def family(name: str):
 @family("attention")
 def _attention_specs() -> list[Spec]:
     from fastwidth.kernels import attention as A
-    mod = "fastwidth.kernels.attention"
+    mod = "fastwidth.kernels.attention_triton"  # the kernels; their tile tables are attention.py's
     stats = {"lse_ptr": "fp32", "mx_ptr": "fp32", "delta_ptr": "fp32"}
     out = []
     # bf16 only: fp32 on a GPU runs SDPA (attention._kernel_for refuses it), fp16 shares bf16's tiles
