@@ -161,7 +161,7 @@ def _linear_specs() -> list[Spec]:
     column-major; swiglu's halves summed in one launch) and dW GEMM (both operands
     column-major), and the dz pass."""
     from fastwidth.kernels import linear as L
-    mod = "fastwidth.kernels.linear"
+    mod = "fastwidth.kernels.linear_triton"  # the kernels; their tiles are linear.py's
     out = []
     for dtype in ("bf16", "fp32"):
         tiles = ["large", "small"] if dtype == "bf16" else ["fp32"]
