@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fastwidth"
 
 # bottom to top; one entry per room: the module-name prefixes (below fastwidth.) it holds
 ROOMS: list[tuple[str, tuple[str, ...]]] = [
-    ("errors/config", ("errors", "config", "config_args")),
+    ("errors/config", ("errors", "config", "config_schema", "config_args")),
     ("kernels", ("kernels",)),
     ("nn", ("nn",)),
     ("param/models", ("param", "models")),
@@ -218,7 +218,9 @@ class _StringFile:
         return self.name
 
 
-@pytest.mark.parametrize("module,room", [("fastwidth.config", "errors/config"), ("fastwidth.kernels.norm", "kernels"),
+@pytest.mark.parametrize("module,room", [("fastwidth.config", "errors/config"),
+                                         ("fastwidth.config_schema", "errors/config"),
+                                         ("fastwidth.kernels.norm", "kernels"),
                                          ("fastwidth.cli", "cli"), ("fastwidth.data.cli", "data"),
                                          ("fastwidth", "api")])
 def test_rooms(module, room):

@@ -85,7 +85,7 @@ def family(name: str):
 @family("attention")
 def _attention_specs() -> list[Spec]:
     from fastwidth.kernels import attention as A
-    mod = "fastwidth.kernels.attention"
+    mod = "fastwidth.kernels.attention_triton"  # the kernels; their tile tables are attention.py's
     stats = {"lse_ptr": "fp32", "mx_ptr": "fp32", "delta_ptr": "fp32"}
     out = []
     # bf16 only: fp32 on a GPU runs SDPA (attention._kernel_for refuses it), fp16 shares bf16's tiles
@@ -161,7 +161,7 @@ def _linear_specs() -> list[Spec]:
     column-major; swiglu's halves summed in one launch) and dW GEMM (both operands
     column-major), and the dz pass."""
     from fastwidth.kernels import linear as L
-    mod = "fastwidth.kernels.linear"
+    mod = "fastwidth.kernels.linear_triton"  # the kernels; their tiles are linear.py's
     out = []
     for dtype in ("bf16", "fp32"):
         tiles = ["large", "small"] if dtype == "bf16" else ["fp32"]

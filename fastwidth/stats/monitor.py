@@ -38,18 +38,15 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 from fastwidth.errors import UserError
 from fastwidth.stats import metrics as M
 from fastwidth.stats.ensemble import EnsembleCurve, SeedEnsembles, lm_ensemble_curve
 from fastwidth.stats.moments import PreactAccumulator
+from fastwidth.stats.monitor_curvature import CurvatureRows
 from fastwidth.stats.preact_range import load_ranges, out_of_range_fraction, reference_ranges, save_ranges, with_overflow
-from fastwidth.param.optim import lr_factor
-from fastwidth.stats.ntk import eigh_desc, entk, group_lr_weights, probe_output_fn, task_power, task_power_by_class
-from fastwidth.stats.sharpness import optimizer_preconditioner, top_hessian_eig
-from fastwidth.stats.signature import (ProbeSpec, add_preacts, list_signatures, load_signature, ntk_path, probe_signature,
+from fastwidth.stats.signature import (ProbeSpec, add_preacts, list_signatures, load_signature, probe_signature,
                                        save_signature, signature_path)
 
 log = logging.getLogger("fastwidth.stats")
@@ -125,7 +122,7 @@ class ReferenceRun:
         return out
 
 
-class Monitor:
+class Monitor(CurvatureRows):  # sharpness() and ntk(): stats/monitor_curvature.py
     def __init__(self, cfg, run_dir: Path, members: list, probe: dict, writer, device, autocast=None,
                  ranges_dir: Path | None = None):
         # autocast is accepted for the loop's convenience and ignored: the probe runs in fp32
@@ -375,99 +372,6 @@ class Monitor:
             group = [m for m in members if m.width == w]
             if len(group) >= 2 and len(group) == sum(m.width == w for m in self.members):
                 self._lm_curves[(w, step)] = lm_ensemble_curve([m.model for m in group], self.spec, self.device)
-
-    # ------------------------------------------------------------------ sharpness and NTK
-
-    def sharpness(self, m) -> dict:
-        sc, model = self.sc, m.model
-        n = -(-sc.sharpness_points // self.spec.per_example)    # whole sequences for token probes
-        x, y = self.probe["x"][:n].to(self.device), self.probe["y"][:n].to(self.device)
-
-        def loss_fn():
-            logits = model(x).float()
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-
-        params = [p for p in model.parameters() if p.requires_grad]
-        precond, threshold, pkind = optimizer_preconditioner(m.optimizer, params)
-        was = model.training
-        model.eval()
-        try:
-            pre, info = top_hessian_eig(loss_fn, params, precond=precond, iters=sc.sharpness_iters,
-                                        hvp=sc.hvp, seed=m.seed)
-        finally:
-            model.train(was)
-        row = {"precond_sharpness": pre, "threshold": threshold, "precond": pkind,
-               "lr_sharpness": pre * 2.0 / threshold, "hvp": info["hvp"], "iters": info["iters"],
-               "converged": info["converged"]}
-        lrs = {float(g["lr"]) for g in m.optimizer.param_groups}
-        if pkind == "lr" and len(lrs) == 1 and min(lrs) > 0:  # one LR: P = lr·I, so λ(H) = λ(P H) / lr
-            row["sharpness"] = pre / lrs.pop()
-        return row
-
-    def ntk(self, m, meta: dict | None = None) -> dict:
-        """The eNTK row of member m; with meta (step, width, seed, name) also its kernel and top
-        eigenvectors in signatures/<member>/ntk_step_<step>.safetensors. Computed with the torch
-        reference kernels, so torch.func can batch the per-point gradients (fused kernels' autograd
-        Functions do not trace; entk falls back to one backward per point where vmap fails)."""
-        from fastwidth.kernels import dispatch
-
-        sc, model = self.sc, m.model
-        out = probe_output_fn(model, self.probe, sc.ntk_points, self.device, output=sc.ntk_output)
-        params = [p for p in model.parameters() if p.requires_grad]
-        weights, kernel = self._ntk_weights(m, params)
-        was = model.training
-        model.eval()
-        info: dict = {}
-        try:
-            with dispatch.using("torch"):
-                K, method = entk(out.fn, out.n, params, max_bytes=sc.ntk_max_mb << 20, weights=weights,
-                                 batched=out.batched, info=info)
-        finally:
-            model.train(was)
-        evals, evecs = eigh_desc(K)
-        row = {"eigenvalues": evals.tolist(), "task_power": task_power(evecs, out.target).tolist(),
-               "task_power_by_class": task_power_by_class(evecs, out.labels, out.task_classes),
-               "trace": float(K.trace()), "ntk_class": out.cls, "method": method, "kernel": kernel,
-               "output": sc.ntk_output, "grads": info.get("grads")}
-        if meta is not None:
-            k = min(sc.ntk_top_k, out.n)
-            save_signature(ntk_path(self.run_dir, m.name, meta["step"]),
-                           {"kernel": K.float(), "eigenvectors": evecs[:, :k].float().contiguous(),
-                            "eigenvalues": evals, "labels": out.labels.long()},
-                           {**meta, "kernel": kernel, "output": sc.ntk_output, "ntk_class": out.cls,
-                            "method": method, "probe_hash": self.spec.hash, "points": out.n, "top_k": k})
-        return row
-
-    def _ntk_weights(self, m, params: list) -> tuple[list | None, str]:
-        """D of K = J D Jᵀ for stats.ntk_kernel: per-group LRs ("lr"), none ("raw"), Adam's preconditioner."""
-        kind = self.sc.ntk_kernel
-        if kind == "adam":
-            precond, _, pkind = optimizer_preconditioner(m.optimizer, params)
-            if pkind == "adam":
-                return precond, "adam"
-            kind = "lr"                                   # not Adam (or no state yet): the LR kernel
-        if kind == "lr":
-            return self._lr_weights(m), "lr"
-        return None, "raw"
-
-    def _lr_weights(self, m) -> list[float]:
-        """Per-parameter LRs from the optimizer's groups; where a sharding engine's optimizer holds
-        flat partitions instead of the model's parameters, from the µP table: optim.lr × lr_mult ×
-        the schedule factor of the last step (what set_lr gave the groups)."""
-        named = [(n, p) for n, p in m.model.named_parameters() if p.requires_grad]
-        lrs = group_lr_weights(m.optimizer, [p for _, p in named])
-        if all(lr > 0 for lr in lrs) or not m.table:
-            return lrs
-        cfg = getattr(m, "cfg", None) or self.cfg
-        factor = lr_factor(max(m.step - 1, 0), cfg.optim, self.cfg.train.steps)
-        out = []
-        for (name, _), lr in zip(named, lrs):
-            key = name.replace("_orig_mod.", "")
-            while key.startswith("module."):
-                key = key[len("module."):]
-            info = m.table.get(key)
-            out.append(cfg.optim.lr * info.lr_mult * factor if lr <= 0 and info is not None else lr)
-        return out
 
     # ------------------------------------------------------------------ resume
 

@@ -18,33 +18,32 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from fastwidth.config import Config, dump_yaml, resolve
 from fastwidth.data import build_stream, data_io  # noqa: F401 (data_io: public here too)
 from fastwidth.train import engine_checkpoint as par_ckpt
 from fastwidth.parallel import stats as par_stats
-from fastwidth.parallel.engines import Engine, StepContext
-from fastwidth.parallel.env import DistEnv, agree_on_out_dir, check_shared_dir, init_dist, launched_world
+from fastwidth.parallel.engines import StepContext
+from fastwidth.parallel.env import agree_on_out_dir, check_shared_dir, init_dist, launched_world
 from fastwidth.parallel.memory import MemoryRecorder
 from fastwidth.parallel.placement import Placement
 from fastwidth.parallel.plan import check_fits
 from fastwidth.errors import CheckpointError, DataError, UserError
 from fastwidth.kernels import dispatch
-from fastwidth.models import build_meta, build_uninitialized
 from fastwidth.param.optim import lr_factor, set_lr
-from fastwidth.param.scaling import ParamInfo, mup_table, table_rows
+from fastwidth.param.scaling import table_rows
 from fastwidth.stats.monitor import Monitor
 from fastwidth.stats.preact_range import RANGES_FILE
 from fastwidth.train import checkpoint as ckpt
 from fastwidth.train import flops, preempt, rundir, tracking
 from fastwidth.train.metrics import truncate_after
 from fastwidth.train import dynamics, stacked, sweep, threads
+from fastwidth.train.members import (Member, autocast_for, compiled_loss,  # noqa: F401 (re-exported: bench/, tests)
+                                     make_members, pick_device, tokens_per_step)
 
 log = logging.getLogger("fastwidth.train")
 
@@ -57,90 +56,6 @@ RESUMABLE_CHANGES = {"data.micro_batch_size", "train.activation_checkpointing", 
                      "stats.sharpness_iters", "stats.sharpness_every", "stats.sharpness_points", "stats.hvp",
                      "stats.ntk_points", "stats.ntk_every", "stats.ntk_max_mb", "stats.ntk_top_k",
                      "stats.batch_sharpness_every", "stats.batch_sharpness_iters", "stats.coord_every"}
-
-
-@dataclass
-class Member:
-    """One model of the sweep and everything that trains it."""
-
-    width: int
-    seed: int
-    cfg: Config
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    table: dict[str, ParamInfo]
-    step: int = 0
-    base_lr: float | None = None    # set in a learning-rate sweep (sweep.lrs)
-    diverged: dict | None = None    # the "diverged" row once the member is stopped
-    grad_norm: torch.Tensor | None = None  # before clipping, of the last step
-    engine: object = None           # what trains it (fastwidth.parallel.engines.Engine interface)
-
-    @property
-    def name(self) -> str:
-        return sweep.member_name(self.width, self.seed, self.base_lr)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device is cuda but no CUDA device is visible; use auto or cpu")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def autocast_for(cfg: Config, device: torch.device):
-    """bf16 autocast on GPU (precision auto or bf16), fp32 on CPU unless bf16 is asked for."""
-    p = cfg.train.precision
-    if p == "bf16" or (p == "auto" and device.type == "cuda"):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def compiled_loss(model: nn.Module, cfg: Config, distributed: bool = False):
-    """The member's training loss (x, y) -> scalar; under train.compile its torch.compile (the
-    kernels' custom ops trace whole; AOTAutograd compiles the backward with the forward)."""
-    kind = cfg.train.loss
-
-    def loss(x, y):
-        return dynamics.member_loss(model, x, y, kind)
-    if not cfg.train.compile:
-        return loss
-    if distributed:
-        raise UserError(f"train.compile=true is for single-process runs; dist.backend={cfg.dist.backend} wraps "
-                        "the model itself (set train.compile=false)")
-    return torch.compile(loss)
-
-
-def tokens_per_step(stream, cfg: Config) -> int:
-    """Targets per optimizer step: tokens for text, examples for classification."""
-    return cfg.data.batch_size * (cfg.data.seq_len if stream.kind == "tokens" else 1)
-
-
-def make_members(cfg: Config, stream, device: torch.device, placement=None, memory=None) -> list[Member]:
-    """Models of every (width, seed), the reference width first (sequential mode needs it).
-    Each member is built on meta and handed to its engine (placement per width; one process: the
-    plain Engine, which materializes it whole on `device`). Every model is built first ("built"
-    memory row), then engines and optimizers ("ready")."""
-    io = data_io(stream, cfg)
-    local = Engine(cfg, DistEnv(device=device)) if placement is None else None
-    built = []
-    for w, lr, s in sweep.member_specs(cfg):
-        wcfg = sweep.for_member(cfg, w, lr)
-        name = sweep.member_name(w, s, lr)
-        engine = local or placement.for_width(w)
-        meta = build_meta(wcfg, io)
-        table = mup_table(meta, wcfg)  # global shapes, before any sharding
-        model = engine.build(name, meta, table, wcfg, s, construct=lambda wcfg=wcfg: build_uninitialized(wcfg, io))
-        built.append((w, lr, s, name, wcfg, model, table, engine))
-    if memory is not None:
-        memory.mark("built", [b[6] for b in built])
-    members = []
-    for w, lr, s, name, wcfg, model, table, engine in built:
-        model, opt = engine.finish(name, table, wcfg)
-        members.append(Member(w, s, wcfg, model, opt, table, base_lr=lr, engine=engine))
-    if memory is not None:
-        memory.mark("ready", [m.table for m in members])
-    return members
 
 
 # --------------------------------------------------------------------------- run directory
