@@ -175,7 +175,7 @@ class DistConfig:
     world_size: int = _opt(0, min=0, help="`fastwidth plan` only: ranks to plan for; 0 = 1 (training takes it from the launcher)")
     gpu_memory_gb: float = _opt(141.0, min=0.0, help="`fastwidth plan` only: memory of one accelerator (H200: 141)")
     shard_min_width: int = _opt(0, min=0, help="widths below this train under ddp, the rest under dist.backend (fsdp2 / deepspeed); 0 = all under dist.backend")
-    replicate: int = _opt(0, min=0, help="fsdp2: HSDP with this many replica groups (a 2-D mesh: sharded within a group, replicated across); 0 = plain FSDP")
+    replicate: int = _opt(0, min=-1, help="fsdp2: HSDP with this many replica groups (a 2-D mesh: sharded within a group, replicated across); -1 = one per node (shard within a node); 0 = plain FSDP")
     ignore_plan: bool = _opt(False, help="train even when the planner says the sweep does not fit the device")
 
 

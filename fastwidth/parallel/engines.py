@@ -286,13 +286,17 @@ class FSDP2Engine(Engine):
         self.mesh = self.make_mesh()  # with the process group (before the memory baseline): ~70 MB of gloo state
 
     def make_mesh(self):
-        """1-D over every rank, or (replicate, shard) for HSDP (dist.replicate groups)."""
-        from torch.distributed.device_mesh import init_device_mesh
-        r, world = self.cfg.dist.replicate, self.env.world_size
-        kind = self.env.device.type
-        if r > 1:
-            return init_device_mesh(kind, (r, world // r), mesh_dim_names=("replicate", "shard"))
-        return init_device_mesh(kind, (world,), mesh_dim_names=("shard",))
+        """1-D over every rank, or (replicate, shard) for HSDP: dist.replicate groups, or one per
+        node (-1), each shard group within a node when it fits in one (nodes.hsdp_layout)."""
+        from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+        from fastwidth.parallel import nodes
+        world, kind = self.env.world_size, self.env.device.type
+        rows = nodes.hsdp_layout(nodes.node_keys(self.env), self.cfg.dist.replicate) if self.cfg.dist.replicate else [[0]]
+        if len(rows) < 2:
+            return init_device_mesh(kind, (world,), mesh_dim_names=("shard",))
+        if rows == torch.arange(world).view(len(rows), -1).tolist():  # the launchers' numbering
+            return init_device_mesh(kind, (len(rows), world // len(rows)), mesh_dim_names=("replicate", "shard"))
+        return DeviceMesh(kind, torch.tensor(rows), mesh_dim_names=("replicate", "shard"))
 
     def build(self, name, model, table, wcfg, seed, construct=None):
         from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,

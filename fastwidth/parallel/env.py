@@ -28,6 +28,8 @@ from fastwidth.errors import ConfigError, UserError
 # Test hook: "RANK:STEP" makes that rank SIGKILL itself after finishing optimizer step STEP, as
 # a crashed host would (tests/parallel/test_dist.py checks the launch fails loudly, the checkpoint survives).
 KILL_ENV = "FASTWIDTH_TEST_KILL"
+# The multi-node recipe the SLURM_NTASKS refusal points to (docs/distributed.md, "Past one machine")
+SBATCH_EXAMPLE = "launch/slurm/train.sbatch"
 # Test hook: that rank behaves as if train.out_dir were on a filesystem only it mounts.
 BLIND_ENV = "FASTWIDTH_TEST_PRIVATE_OUT_DIR"
 
@@ -160,7 +162,8 @@ def init_dist(cfg) -> DistEnv:
     tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
     if tasks > 1 and "WORLD_SIZE" not in os.environ:
         raise ConfigError(f"SLURM_NTASKS={tasks} but no WORLD_SIZE: this would start {tasks} independent runs into "
-                          f"one directory; launch with torchrun or deepspeed (e.g. srun torchrun --nnodes ...)")
+                          f"one directory; start one torchrun per node under srun, as {SBATCH_EXAMPLE} does "
+                          f"(docs/distributed.md, 'Past one machine')")
     if backend == "none":
         if world > 1:
             raise ConfigError(f"launched on {world} ranks but dist.backend is none; set dist.backend to "

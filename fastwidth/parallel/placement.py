@@ -39,6 +39,8 @@ class Placement:
         if dc.shard_min_width and dc.backend not in SHARDING:
             raise ConfigError(f"dist.shard_min_width={dc.shard_min_width} needs a sharded dist.backend "
                               f"(fsdp2 or deepspeed), got {dc.backend}")
+        if dc.replicate == -1 and dc.backend != "fsdp2":
+            raise ConfigError(f"dist.replicate=-1 (one replica group per node) needs dist.backend=fsdp2, got {dc.backend}")
         if dc.replicate > 1 and (dc.backend != "fsdp2" or env.world_size % dc.replicate):
             raise ConfigError(f"dist.replicate={dc.replicate} needs dist.backend=fsdp2 and a rank count divisible "
                               f"by it (got {dc.backend} on {env.world_size} ranks)")

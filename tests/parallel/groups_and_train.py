@@ -1,6 +1,7 @@
 """Launched like launch/train.py (torchrun / deepspeed): after wrapping, every rank dumps its live
 optimizer groups (names, lr_mult, wd_mult, lr, global shapes, local element counts) to
-OUT/groups.rank<r>.json, then trains."""
+OUT/groups.rank<r>.json and its node and device mesh (FSDP2: the ranks of each mesh dimension's
+group) to OUT/layout.rank<r>.json, then trains."""
 import json
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from fastwidth.cli import build_parser, overrides_of  # noqa: E402
 from fastwidth.config import load_config  # noqa: E402
+from fastwidth.parallel.nodes import node_key  # noqa: E402
 from fastwidth.train.loop import Trainer  # noqa: E402
 
 
@@ -39,6 +41,13 @@ def main():
                         for g in m.optimizer.param_groups]
     out = Path(cfg.train.out_dir)
     (out / f"groups.rank{trainer.dist.rank}.json").write_text(json.dumps(rows))
+    layout = {"node": node_key()}
+    mesh = getattr(trainer.engine, "mesh", None)
+    if mesh is not None:
+        import torch.distributed as dist
+        layout["mesh"] = mesh.mesh.tolist()
+        layout.update({d: dist.get_process_group_ranks(mesh.get_group(d)) for d in mesh.mesh_dim_names})
+    (out / f"layout.rank{trainer.dist.rank}.json").write_text(json.dumps(layout))
     try:
         with trainer.dist.guard("training"):
             trainer.run()

@@ -67,3 +67,67 @@ def test_ranks_agree_on_a_time_stamped_out_dir(tmp_path):
     assert before["0"] != before["1"]                   # the clocks disagreed ...
     assert after["0"] == after["1"] == before["0"]      # ... and rank 0's name won
     assert Path(after["0"]).parts[0] == "runs" and not (tmp_path / "runs").exists()   # nothing created yet
+
+
+@pytest.mark.parametrize("keys,replicate,want", [
+    (["a", "a", "b", "b"], -1, [[0, 1], [2, 3]]),      # one replica group per node, shards within it
+    (["a", "b"], -1, [[0], [1]]),                       # 2 nodes x 1 rank: replicas across the nodes
+    (["a", "a", "a", "a"], -1, [[0, 1, 2, 3]]),         # one node: plain FSDP over it
+    (["a", "b", "a", "b"], -1, [[0, 2], [1, 3]]),       # ranks numbered across nodes: still by node
+    (["a", "b", "a", "b"], 2, [[0, 2], [1, 3]]),
+    (["a"] * 4 + ["b"] * 4, 4, [[0, 1], [2, 3], [4, 5], [6, 7]]),  # pairs within each node
+    (["a"] * 2 + ["b"] * 2 + ["c"] * 2 + ["d"] * 2, 2, [[0, 1, 2, 3], [4, 5, 6, 7]]),  # asked to span nodes
+])
+def test_hsdp_layout(keys, replicate, want):
+    from fastwidth.parallel.nodes import hsdp_layout
+    assert hsdp_layout(keys, replicate) == want
+
+
+def test_hsdp_per_node_needs_equal_nodes():
+    from fastwidth.errors import ConfigError
+    from fastwidth.parallel.nodes import hsdp_layout
+    with pytest.raises(ConfigError, match=r"same rank count on every node, got \[1, 2\]"):
+        hsdp_layout(["a", "a", "b"], -1)
+
+
+def test_hsdp_mesh_follows_the_nodes(monkeypatch):
+    """FSDP2's mesh under dist.replicate=-1 when the launcher numbered ranks across nodes (rank 1
+    on node b): torch's fake process group, 4 ranks, seen from rank 1."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from fastwidth.parallel import nodes
+    from fastwidth.parallel.env import DistEnv
+    from fastwidth.parallel.engines import FSDP2Engine
+    monkeypatch.setattr(nodes, "node_keys", lambda env: ["a", "b", "a", "b"])
+    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=4)
+    try:
+        cfg = load_config(None, ["dist.backend=fsdp2", "dist.replicate=-1"])
+        mesh = FSDP2Engine(cfg, DistEnv(rank=1, world_size=4, backend="fsdp2", comm="gloo")).mesh
+        assert mesh.mesh.tolist() == [[0, 2], [1, 3]]
+        assert dist.get_process_group_ranks(mesh.get_group("shard")) == [1, 3]       # node b's ranks
+        assert dist.get_process_group_ranks(mesh.get_group("replicate")) == [0, 1]   # one per node
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bare_slurm_tasks_point_to_the_sbatch_example(monkeypatch):
+    from fastwidth.errors import ConfigError
+    from fastwidth.parallel.env import SBATCH_EXAMPLE, init_dist
+    from pathlib import Path
+    for var in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    with pytest.raises(ConfigError) as e:
+        init_dist(load_config(None, ["dist.backend=fsdp2"]))
+    text = str(e.value)
+    assert "\n" not in text and "SLURM_NTASKS=8" in text and SBATCH_EXAMPLE in text and "Past one machine" in text
+    root = Path(__file__).resolve().parents[2]
+    assert (root / SBATCH_EXAMPLE).is_file() and "\n## Past one machine\n" in (root / "docs/distributed.md").read_text()
+
+
+def test_replicate_per_node_needs_fsdp2():
+    from fastwidth.errors import ConfigError
+    from fastwidth.parallel.env import DistEnv
+    from fastwidth.parallel.placement import Placement
+    with pytest.raises(ConfigError, match="dist.replicate=-1 .* needs dist.backend=fsdp2, got ddp"):
+        Placement(load_config(None, ["dist.backend=ddp", "dist.replicate=-1"]), DistEnv(world_size=2, backend="ddp"))
