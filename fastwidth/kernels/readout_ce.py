@@ -138,8 +138,14 @@ def triton_cdiv(a: int, b: int) -> int:
 def logits_buffer(rows: int, V: int, like: Tensor) -> Tensor:
     """An uninitialized (rows, V) view of a (rows, V rounded up to 8) buffer in like's dtype: with a
     vocabulary that is not a multiple of 8 (GPT-2's 50,257) every row still starts 16-byte aligned,
-    which cuBLAS's fast GEMM paths and the kernel's vector loads need."""
-    return torch.empty(rows, -(-V // 8) * 8, device=like.device, dtype=like.dtype)[:, :V]
+    which cuBLAS's fast GEMM paths and the kernel's vector loads need. The padding columns are
+    zeroed: the CPU's bf16 GEMM (oneDNN on AMX, torch 2.13) reads a strided operand's row past its
+    last column, so a NaN left there by the allocator poisons whole rows of z @ W (the backward's dh)."""
+    padded = -(-V // 8) * 8
+    buf = torch.empty(rows, padded, device=like.device, dtype=like.dtype)
+    if padded > V:
+        buf[:, V:].zero_()
+    return buf[:, :V]
 
 
 def accumulate_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:

@@ -136,3 +136,20 @@ def test_logit_rows_are_padded_to_a_multiple_of_8(monkeypatch):
     got = rc.readout_cross_entropy(h, w, t, multiplier=0.5, backend="triton")
     assert strides == [(V, 136)]
     torch.testing.assert_close(got, rc.readout_cross_entropy(h, w, t, multiplier=0.5, backend="torch"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padding_of_the_logit_rows_never_reaches_the_gradient(dtype):
+    # Allocations filled with NaN (helpers.poisoned): the rows' padding columns (131 -> 136) must not
+    # leak into dh = dz @ W. The CPU's bf16 GEMM (oneDNN on AMX) reads a strided operand past its
+    # last column, so with unzeroed padding whole blocks of dh rows came out NaN.
+    h, w = torch.randn(37, N).to(dtype), (torch.randn(V, N) * 0.5).to(dtype)
+    t = torch.randint(0, V, (37,))
+    with poisoned():
+        buf = rc.logits_buffer(4, V, h)
+        got = _launch(h, w, None, t)
+    assert torch.equal(buf.as_strided((4, 136), (136, 1))[:, V:], torch.zeros(4, 136 - V, dtype=dtype))
+    want = _launch(h, w, None, t)
+    for name, g, r in zip(("loss", "dh", "dw"), (got[0], got[5], got[6]), (want[0], want[5], want[6])):
+        assert torch.isfinite(g.float()).all(), f"{name} not finite"
+        torch.testing.assert_close(g, r, rtol=0, atol=0, msg=f"{name} differs with poisoned memory")
