@@ -46,11 +46,12 @@ def build(which: str):
 
 def one_step(m, x, y, cfg, loss_fn):
     """One member's optimizer step as Trainer.train_step takes it without statistics."""
-    from fastwidth.parallel.engines import StepContext, local_step
+    from fastwidth.parallel.engines import StepContext
     from fastwidth.param.optim import set_lr
     set_lr(m.optimizer, m.cfg.optim, m.step, cfg.train.steps)
-    local_step(m.model, m.optimizer, x, y, 1, StepContext(), m.cfg.optim.grad_clip, loss_fn=loss_fn,
-               on_grad_norm=lambda norm: setattr(m, "grad_norm", norm))
+    m.model.train()
+    m.engine.train_step(m.name, x, y, 1, StepContext(), loss_fn)
+    m.grad_norm = m.engine.grad_norms.get(m.name)
     m.step += 1
 
 
@@ -91,34 +92,89 @@ def test_stacked_steps(benchmark, setup, mode):
     benchmark.extra_info["tokens_per_s"] = tokens(cfg, len(members)) / benchmark.stats.stats.median
 
 
+def _alternate(modes, rounds=4):
+    """{mode: median seconds} over rounds 2.. of running every (name, prepare, fn) in turn;
+    prepare() (restacking) runs outside the timing."""
+    times = {name: [] for name, _, _ in modes}
+    for r in range(rounds):
+        for name, prepare, fn in modes:
+            prepare()
+            t0 = time.perf_counter()
+            fn()
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _rounds(cfg) -> int:
+    """The MLP's 3 steps take ~20 ms: more rounds, so the medians hold through a loaded machine."""
+    return 4 if cfg.model.arch == "gpt" else 16
+
+
+def _stacked(setup, widths, batched, start):
+    """(prepare, fn): stacked steps of `widths`' members, with the batched optimizer step or the
+    members' own (the state before the batched step existed)."""
+    stacker = setup[3]
+
+    def prepare():
+        if stacker.batched_step != batched:
+            stacker.close()  # restack: the members' optimizer state is owned or stacked anew
+            stacker.batched_step = batched
+        stacker.widths = widths
+
+    def fn():
+        run_stacked(setup, start[0])
+        start[0] += STEPS
+    return prepare, fn
+
+
 def test_stacked_ratio(setup, record_property):
-    """Stacked (every width, then the widths sweep.stack=auto's rule picks) over sequential
-    throughput, the three modes alternating over 3 rounds after a warm-up round of each."""
+    """Stacked (every width, with the members' own optimizer steps and with the batched step; then
+    the widths sweep.stack=auto's rule picks) over sequential throughput, the modes alternating
+    over _rounds(cfg) - 1 rounds after a warm-up round of each."""
     cfg, _, members, stacker = setup
     every = set(stacker.widths)
     rows = cfg.data.batch_size * (cfg.data.seq_len if cfg.model.arch == "gpt" else 1)
     auto = {w for w in every if rows * w <= AUTO_MAX_ROWS_X_WIDTH}  # sweep.stack=auto's rule
-
-    def with_widths(widths):
-        def fn(s, start):
-            stacker.widths = widths
-            run_stacked(s, start)
-        return fn
-    modes = (("stacked", with_widths(every)), ("auto", with_widths(auto)), ("sequential", run_sequential))
-    start, times = 0, {name: [] for name, _ in modes}
+    start = [0]
     before = [m.step for m in members]
-    for r in range(4):
-        for mode, fn in modes:
-            t0 = time.perf_counter()
-            fn(setup, start)
-            if r:
-                times[mode].append(time.perf_counter() - t0)
-        start += STEPS
+
+    def sequential():
+        run_sequential(setup, start[0])
+        start[0] += STEPS
+    med = _alternate([("stacked_own_step", *_stacked(setup, every, False, start)),
+                      ("stacked", *_stacked(setup, every, True, start)),
+                      ("auto", *_stacked(setup, auto, True, start)),
+                      ("sequential", lambda: None, sequential)], rounds=_rounds(cfg))
     stacker.widths = every
-    med = {k: statistics.median(v) for k, v in times.items()}
-    for mode in ("stacked", "auto"):
+    for mode in ("stacked_own_step", "stacked", "auto"):
         record_property(f"{mode}_over_sequential", med["sequential"] / med[mode])
     print(f"\n{cfg.model.arch} {len(members)} models, s per {STEPS} steps: " + ", ".join(
-        f"{k} {v:.3f}" for k, v in med.items()) + f"; stacked {med['sequential'] / med['stacked']:.2f}x, "
-        f"auto (widths {sorted(auto)}) {med['sequential'] / med['auto']:.2f}x sequential; load {os.getloadavg()[0]:.1f}")
-    assert [m.step - b for m, b in zip(members, before)] == [12 * STEPS] * len(members)
+        f"{k} {v:.3f}" for k, v in med.items()) + "; over sequential: " + ", ".join(
+        f"{k} {med['sequential'] / med[k]:.2f}x" for k in ("stacked_own_step", "stacked", "auto"))
+        + f" (auto stacks widths {sorted(auto)}); load {os.getloadavg()[0]:.1f}")
+    assert [m.step - b for m, b in zip(members, before)] == [4 * _rounds(cfg) * STEPS] * len(members)
+
+
+def test_stacked_ratio_per_width(setup, record_property):
+    """Each width alone: its members stacked (batched step) over the same members one by one, the
+    two alternating; the measurement behind AUTO_MAX_ROWS_X_WIDTH."""
+    cfg, stream, members, stacker = setup
+    rows = cfg.data.batch_size * (cfg.data.seq_len if cfg.model.arch == "gpt" else 1)
+    widths = sorted({m.width for m in members})
+    start, line = [0], []
+    for w in widths:
+        ms = [m for m in members if m.width == w]
+        sub = (cfg, stream, ms, stacker)
+
+        def sequential(sub=sub):
+            run_sequential(sub, start[0])
+            start[0] += STEPS
+        med = _alternate([("stacked", *_stacked(sub, {w}, True, start)), ("sequential", lambda: None, sequential)],
+                         rounds=_rounds(cfg))
+        record_property(f"width_{w}_stacked_over_sequential", med["sequential"] / med["stacked"])
+        line.append(f"{w} (rows x width {rows * w}): {med['sequential'] / med['stacked']:.2f}x "
+                    f"({med['stacked']:.3f} vs {med['sequential']:.3f} s)")
+    stacker.widths = {m.width for m in members}
+    print(f"\n{cfg.model.arch} per width, stacked over sequential: " + "; ".join(line)
+          + f"; load {os.getloadavg()[0]:.1f}")

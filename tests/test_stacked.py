@@ -132,8 +132,10 @@ def _assert_runs_match(a, b, tol, param_tol):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("base,lrs,param_tol", [(TINY_MLP, "[1e-3,3e-2]", 1e-6), (TINY_GPT, "[1e-3,2e-3]", 2e-6)])
-def test_stacked_run_equals_members_alone_over_50_steps(tmp_path, base, lrs, param_tol, caplog):
+@pytest.mark.parametrize("base,lrs,param_tol,extra", [
+    (TINY_MLP, "[1e-3,3e-2]", 1e-6, []), (TINY_GPT, "[1e-3,2e-3]", 2e-6, []),
+    (TINY_MLP, "[3e-3]", 1e-6, ["optim.name=adam", "optim.weight_decay=0.1"])])  # seeds only: one fused call a group
+def test_stacked_run_equals_members_alone_over_50_steps(tmp_path, base, lrs, param_tol, extra, caplog):
     """Losses, gradient norms (clipped per member at 0.5), final parameters and the preactivation
     moments of a stacked run equal the one-by-one run's within 1e-6 after 50 Adam steps, each
     member at its own learning rate; parameters within 1e-6 (the MLP) and 2e-6 (the GPT: 1.03e-6
@@ -141,7 +143,7 @@ def test_stacked_run_equals_members_alone_over_50_steps(tmp_path, base, lrs, par
     tensor's largest entry where that is above 1. (Larger learning rates amplify rounding: a 2e-7 relative
     perturbation of the GPT's init moves its lr 3e-2 members' parameters by 1e-4 to 4e-3 in 50
     steps without any stacking, so 1e-6 is a bound only where training is stable.)"""
-    common = ["train.steps=50", f"sweep.lrs={lrs}", "optim.grad_clip=0.5"]
+    common = ["train.steps=50", f"sweep.lrs={lrs}", "optim.grad_clip=0.5", *extra]
     off = run(cfg_of(tmp_path, base, *common, "sweep.stack=false", out="off"))
     with caplog.at_level(logging.INFO, logger="fastwidth.train"):
         on = run(cfg_of(tmp_path, base, *common, "sweep.stack=true", out="on"))
@@ -198,3 +200,69 @@ def test_planner_counts_a_stacked_widths_members_at_once():
     assert p_on["activations"] == pytest.approx(6 * one["activations"])
     ddp = resolve(load_config(None, [*sets, "sweep.stack=true", "dist.backend=ddp"]))
     assert plan_sweep(ddp, 2, Choice("ddp"))["activations"] < p_on["activations"]  # no stacking there
+
+
+# --------------------------------------------------------------------------- the batched optimizer step
+
+def _stacker(cfg, ms, batched):
+    from types import SimpleNamespace
+    from fastwidth.train.stacked import Stacker
+    t = SimpleNamespace(cfg=cfg, members=ms, placement=SimpleNamespace(k=1), evaluator=None)
+    s = Stacker(t, lambda: torch.autocast("cpu", enabled=False))
+    s.widths, s.batched_step = {ms[0].width}, batched
+    return s
+
+
+@pytest.mark.parametrize("base,extra", [
+    (TINY_MLP, ["optim.name=adam", "optim.weight_decay=0.1"]),
+    (TINY_MLP, ["optim.name=adamw", "optim.weight_decay=0.1", "sweep.lrs=[1e-3,3e-2]"]),
+    (TINY_GPT, ["optim.name=adamw", "optim.weight_decay=0.1", "optim.grad_clip=0.05"])])
+def test_batched_optimizer_step_equals_each_members_own(shared, base, extra, caplog):
+    """The stacked (S, ...) Adam(W) step (param/stacked_optim.py) against each member's own
+    Optimizer.step on the same stack over 8 steps: parameters, gradient norms and the optimizer
+    state (what a checkpoint saves) within 1e-6; the seeds' shared-lr call and the per-member
+    calls of an lr sweep both run; after release the state owns its storage."""
+    cfg, stream, ms = members_of(shared, base, "stats.enabled=false", *extra)
+    _, _, twins = members_of(shared, base, "stats.enabled=false", *extra)
+    batched, own = _stacker(cfg, ms, True), _stacker(cfg, twins, False)
+    for s in range(8):
+        b = stream.batch(s)
+        batched.train(ms, b["x"], b["y"])
+        own.train(twins, b["x"], b["y"])
+        for m, t in zip(ms, twins):
+            assert abs(float(m.grad_norm) - float(t.grad_norm)) <= 1e-6 * max(1.0, float(t.grad_norm))
+    assert batched.stacks[ms[0].width][2] is not None and own.stacks[ms[0].width][2] is None
+    for m, t in zip(ms, twins):
+        for p, q in zip(m.model.parameters(), t.model.parameters()):
+            assert (p - q).abs().max() <= 1e-6 * max(1.0, q.abs().max().item())
+        sa, sb = m.optimizer.state_dict(), t.optimizer.state_dict()
+        assert sa["param_groups"] == sb["param_groups"] and sa["state"].keys() == sb["state"].keys()
+        for i in sa["state"]:
+            assert sa["state"][i].keys() == sb["state"][i].keys()
+            assert float(sa["state"][i]["step"]) == float(sb["state"][i]["step"]) == 8
+            for k in ("exp_avg", "exp_avg_sq"):
+                a, e = sa["state"][i][k], sb["state"][i][k]
+                assert a.shape == e.shape and (a - e).abs().max() <= 1e-6 * max(1.0, e.abs().max().item()), (i, k)
+    batched.close()
+    st = next(iter(ms[0].optimizer.state.values()))
+    assert st["exp_avg"]._base is None  # its own storage again, not a view of the stack's
+
+
+def test_sgd_falls_back_to_each_members_step_and_says_so(shared, caplog):
+    cfg, stream, ms = members_of(shared, TINY_MLP, "stats.enabled=false", "optim.name=sgd", "optim.momentum=0.9")
+    s = _stacker(cfg, ms, True)
+    with caplog.at_level(logging.INFO, logger="fastwidth.train"):
+        b = stream.batch(0)
+        s.train(ms, b["x"], b["y"])
+        s.train(ms, b["x"], b["y"])
+    assert caplog.text.count("each member takes its own optimizer step (SGD has no stacked step") == 1
+    assert s.stacks[ms[0].width][2] is None and all(m.step == 2 for m in ms)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_stack_losses_through_each_members_fused_readout(shared, precision, monkeypatch):
+    """Above FUSED_READOUT_MIN_LOGITS (the demo GPT's 1024 x 256 logits) each member's loss is its
+    own fused readout call: the same losses and gradients, here forced at the tiny GPT's size."""
+    import fastwidth.models.stacked as stacked
+    monkeypatch.setattr(stacked, "FUSED_READOUT_MIN_LOGITS", 0)
+    test_stack_losses_and_gradients_equal_each_member(shared, TINY_GPT, [], precision)

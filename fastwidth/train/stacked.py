@@ -5,9 +5,13 @@
 
 The S members of one width (its seeds and learning rates) share every batch, so their forward
 and backward run as one batched model: one GEMM per layer instead of S small ones. What stays
-per member: the optimizer and its learning rate schedule, gradient clipping (the norm of the
-member's own gradient), the gradient norm in train rows, checkpoints, signatures and every
-statistic (the member modules' parameters are views of the stacked ones).
+per member: the optimizer (its state entries, learning rate schedule and state_dict), gradient
+clipping (the norm of the member's own gradient), the gradient norm in train rows, checkpoints,
+signatures and every statistic (the member modules' parameters, and their Adam moments, are views
+of the stacked ones). The clip and the Adam(W) update run once over the stacked tensors
+(param/stacked_optim.py: one fused call per parameter group, or per member and group where the
+members' learning rates differ); an optimizer it does not cover (SGD) steps per member, said once
+in the log.
 
 sweep.stack: off (false) trains members one by one; on (true) stacks every width that can; auto
 stacks a width where one member's rows x width is at most AUTO_MAX_ROWS_X_WIDTH (stacking loses
@@ -23,6 +27,7 @@ import logging
 from fastwidth.models.stacked import Stack, refusal, why_not
 from fastwidth.parallel.engines import StepContext, accumulate, clip_grad
 from fastwidth.param.optim import set_lr
+from fastwidth.param.stacked_optim import StackedStep, why_not as no_stacked_step
 
 log = logging.getLogger("fastwidth.train")
 
@@ -31,8 +36,13 @@ log = logging.getLogger("fastwidth.train")
 # the step is bound by arithmetic that stacking cannot reduce, and bmm (and elementwise ops on S
 # times the bytes) run slower than the members' own ops. Measured on 2 CPU cores (timing probe,
 # forward+backward, demo GPT, 1024 rows): width 16 stacked 4.0x faster, 32 1.4x, 64 0.97x, 128
-# 0.92x, 256 0.88x; µP MLP at 64 rows, widths 64-256: 2.2x. A fixed rule rather than a probe at
-# start, so two runs of one config compute the same bits.
+# 0.92x, 256 0.88x; µP MLP at 64 rows, widths 64-256: 2.2x. Re-measured with the batched optimizer
+# step and the per-member fused readout (whole optimizer steps, stacked vs one by one alternating,
+# 2 loaded CPU cores, 3-4 seeds): demo GPT width 32 (rows x width 32768) 1.12-1.19x, 64 (65536)
+# 0.87-1.04x, 128 0.86-0.89x, 256 0.84-0.89x; µP MLP at 64 rows width 256 (16384) 1.84-2.10x,
+# 512 (32768) 1.13x, 1024 (65536) 0.36x, 2048 0.31x: the break-even lies between 2^15 and 2^16 in
+# both, so the rule stays. A fixed rule rather than a probe at start, so two runs of one config
+# compute the same bits.
 AUTO_MAX_ROWS_X_WIDTH = 1 << 15
 
 
@@ -92,22 +102,34 @@ class Stacker:
     def __init__(self, trainer, autocast):
         self.trainer, self.autocast = trainer, autocast
         self.widths: set[int] = set()
-        self.stacks: dict[int, tuple[tuple[str, ...], Stack]] = {}
+        self.stacks: dict[int, tuple[tuple[str, ...], Stack, StackedStep | None]] = {}
+        self.said = False  # the per-member optimizer fallback is logged once
+        self.batched_step = True  # False: every member its own clip and Optimizer.step (the benchmark's before)
 
-    def _stack(self, ms: list) -> Stack:
+    def _stack(self, ms: list) -> tuple[Stack, StackedStep | None]:
         names = tuple(m.name for m in ms)
         held = self.stacks.get(ms[0].width)
         if held is not None and held[0] == names:
-            return held[1]
+            return held[1], held[2]
         if held is not None:  # a member stopped (diverged): the others restack without it
-            held[1].unstack()
+            self.release(ms[0].width)
         stack = Stack([m.model for m in ms])
-        self.stacks[ms[0].width] = (names, stack)
-        return stack
+        optimizers = [m.optimizer for m in ms]
+        why = no_stacked_step(optimizers) if self.batched_step else "the batched step is off"
+        if why is None and len({m.cfg.optim.grad_clip for m in ms}) > 1:
+            why = "the members' optim.grad_clip differ"
+        if why is not None and not self.said:
+            log.info("sweep.stack: each member takes its own optimizer step (%s)", why)
+            self.said = True
+        step = StackedStep(stack.params, stack.member_params, optimizers) if why is None else None
+        self.stacks[ms[0].width] = (names, stack, step)
+        return stack, step
 
     def release(self, width: int) -> None:
         held = self.stacks.pop(width, None)
         if held is not None:
+            if held[2] is not None:
+                held[2].release()
             held[1].unstack()
 
     def close(self) -> None:
@@ -132,21 +154,28 @@ class Stacker:
         for m in ms:
             set_lr(m.optimizer, m.cfg.optim, m.step, cfg.train.steps)
             m.model.train()
-        stack = self._stack(ms)
+        stack, step = self._stack(ms)
         stats = cfg.stats.enabled
         stack.tapping = stats and cfg.stats.preact
         ctx = StepContext(self.autocast)
         k = t.placement.k
         losses = accumulate(stack.losses, lambda l: (l.sum() / k).backward(), x, y, k, ctx)  # (S,)
-        stack.grads_to_members()
+        if step is None:
+            stack.grads_to_members()
         if stats:  # the preactivation hooks of each member, on its slices (every micro-batch)
             for i, m in enumerate(ms):
                 with t.evaluator.training(m):
                     stack.replay_hooks(i)
             stack.clear_taps()
-        for m in ms:
-            m.grad_norm = clip_grad(list(m.model.parameters()), m.cfg.optim.grad_clip, measure=True)
-            m.optimizer.step()
-            m.optimizer.zero_grad(set_to_none=True)
+        if step is not None:  # one clip and one fused Adam(W) call per group for all members
+            norms = step.clip(ms[0].cfg.optim.grad_clip)
+            step.step()
+        for i, m in enumerate(ms):
+            if step is not None:
+                m.grad_norm = norms[i]
+            else:
+                m.grad_norm = clip_grad(list(m.model.parameters()), m.cfg.optim.grad_clip, measure=True)
+                m.optimizer.step()
+                m.optimizer.zero_grad(set_to_none=True)
             m.step += 1
         return {m.name: losses[i] for i, m in enumerate(ms)}
