@@ -41,9 +41,10 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 # pytest-benchmark: each benchmark beside its baseline; saves .benchmarks/ JSON and compares
-# against the last saved run (a regression shows as a ratio)
+# against the last saved run (a regression shows as a ratio); the ratio tests (stacked over
+# sequential, alternating in one process) run beside them and print their ratios (-s)
 bench: $(STAMP)
-	$(PY) -m pytest bench/ --benchmark-only --benchmark-autosave --benchmark-compare --benchmark-columns=median,iqr,ops,rounds
+	$(PY) -m pytest bench/ -s --benchmark-autosave --benchmark-compare --benchmark-columns=median,iqr,ops,rounds
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,4 +1,4 @@
-"""pytest-benchmark suite of the CPU benchmarks: `pytest bench/ --benchmark-only` (make bench).
+"""pytest-benchmark suite of the CPU benchmarks: `make bench` (pytest bench/ -s; --benchmark-only leaves out the ratio tests).
 
 Each benchmark shares a group with the baseline it is judged against, so the table of one run
 shows them side by side and `--benchmark-compare` shows a regression as a ratio against a run
