@@ -3,7 +3,10 @@
     fastwidth plan --config configs/dist/gpt_16k_8gpu.yaml --set dist.world_size=8
 
 Per member and phase, bytes per rank (P parameters, W ranks, L the largest tensor, K the largest
-block, R the root unit's parameters, c the compute dtype's bytes; Adam holds 8 B/param of state):
+block, R the root unit's parameters, c the compute dtype's bytes; Adam holds 8 B/param of state).
+Under HSDP (fsdp2 with dist.replicate) every /W below is /S, S the ranks of one shard group:
+W / dist.replicate, or the ranks of one node for dist.replicate=-1 (shard_group); the batch is
+still split over all W ranks, so the activations keep W.
     built   params 4P (ddp, ZeRO-1/2) or 4P/W (fsdp2, ZeRO-3), plus the init temporaries: 8L
             (ZeRO-3: the layer being built is allocated whole and broadcast before partitioning)
     ready   + DDP's gradient buckets 4P; DeepSpeed: fp32 master partition 4P/W and the Adam state
@@ -23,7 +26,8 @@ time steps or evaluates on top of every member's persistent state (with sweep.st
 all members of a width step together: their step transients add up); the peak per rank is
     max(sum built, sum ready, sum persistent + max transient(step), sum persistent + max eval).
 Checked against the memory rows of 2-rank CPU runs (tests/parallel/test_memory.py) for ddp,
-fsdp2 and ZeRO 1-3; the note quotes the error. Offloaded state moves to "host".
+fsdp2 and ZeRO 1-3, and of a 4-rank HSDP run (2 replica groups of 2); the note quotes the error.
+Offloaded state moves to "host".
 """
 from __future__ import annotations
 
@@ -135,27 +139,47 @@ def choice_of(cfg: Config) -> Choice:
     return Choice(d.backend, d.zero_stage if d.backend == "deepspeed" else 0, d.offload_optimizer, d.offload_params)
 
 
+def shard_group(cfg: Config, world: int, node_size: int | None = None) -> int:
+    """Ranks one fsdp2 shard group spans at `world` ranks: every rank, or under HSDP
+    world / dist.replicate, or for dist.replicate=-1 the ranks of one node (node_size; None: one
+    node holds every rank, as hsdp_layout in nodes.py makes it on one host)."""
+    r = cfg.dist.replicate
+    if r > 1:
+        if world % r:
+            raise ConfigError(f"dist.replicate={r} needs a rank count divisible by it, got {world} ranks")
+        return world // r
+    if r == -1 and node_size is not None:
+        if node_size < 1 or node_size > world or world % node_size:
+            raise ConfigError(f"dist.replicate=-1 needs the ranks per node ({node_size}) to divide the "
+                              f"{world} ranks; pick a divisor of {world}")
+        return node_size
+    return world
+
+
 def member_plan(cfg: Config, choice: Choice, world: int, counts: dict | None = None, k: int = 1,
-                cpu: bool = False) -> dict:
+                cpu: bool = False, shard: int | None = None) -> dict:
     """One member's bytes per rank: built, ready, persistent, step (transient), eval (transient), host.
-    cpu: the "device" is host memory (adds the runtime state that lives in host memory)."""
+    cpu: the "device" is host memory (adds the runtime state that lives in host memory).
+    shard: ranks of one fsdp2 shard group under HSDP (shard_group); None: every rank. Sharded
+    parameters, gradients, optimizer state and init temporaries divide by it; the batch by world."""
     from fastwidth.parallel.zero import bucket_elements
     c = counts or count_params(cfg)
     p, big, blk, root = c["total"], c["tensor"], c["block"], c["root"]
     w = world if choice.backend != "none" else 1
+    s = shard if shard and choice.backend == "fsdp2" else w   # what the sharded terms divide by
     cb = 2 if cfg.dist.mixed_precision == "bf16" or cfg.train.precision == "bf16" else 4
     opt_b = {"sgd": 4 if cfg.optim.momentum else 0}.get(cfg.optim.name, 8)
     ds, sharded = choice.backend == "deepspeed", choice.sharded
     # DeepSpeed keeps its partitions in the compute dtype (bf16) beside an fp32 master; the others fp32
-    held = (cb if ds and cfg.dist.mixed_precision == "bf16" else 4) * p / (w if sharded else 1)
+    held = (cb if ds and cfg.dist.mixed_precision == "bf16" else 4) * p / (s if sharded else 1)
     host = 0.0
     if choice.offload_params and sharded:
         host, held = host + held, 0.0
-    built = held + 12 * big / (w if choice.backend == "fsdp2" else 1)   # init: blocks, cat, scaled copy
+    built = held + 12 * big / (s if choice.backend == "fsdp2" else 1)   # init: blocks, cat, scaled copy
     persistent, ready_extra = held, 0.0
     if choice.backend == "ddp":
         persistent += 4 * p                                   # gradient buckets
-    opt_state = opt_b * p / (w if (sharded or (ds and choice.stage >= 1)) else 1)
+    opt_state = opt_b * p / (s if (sharded or (ds and choice.stage >= 1)) else 1)
     master = 4 * p / w if ds else 0.0                         # fp32 master partition (DeepSpeed, every stage)
     if ds and choice.offload_opt:
         host, opt_state, master = host + opt_state + master + 4 * p / w, 0.0, 0.0
@@ -166,7 +190,7 @@ def member_plan(cfg: Config, choice: Choice, world: int, counts: dict | None = N
         ready_extra = 4 * p                                   # flattening the parameters into one buffer
     ready = persistent + ready_extra + (FSDP2_CPU_RUNTIME if choice.backend == "fsdp2" and cpu else 0.0)
     # ZeRO-1 keeps only its partition of the averaged gradients, as ZeRO-2 (equal peaks measured, 0.19.8)
-    grads = 4 * p / (w if (sharded or (ds and choice.stage >= 1)) else 1)
+    grads = 4 * p / (s if (sharded or (ds and choice.stage >= 1)) else 1)
     rows = cfg.data.batch_size // max(w, 1) // max(k, 1)
     act = cb * activation_values(cfg, c, rows)
     transient = grads + act
@@ -231,9 +255,12 @@ def sweep_members(cfg: Config) -> list[tuple[int, int]]:
     return [(w, s) for w in widths for _ in (cfg.sweep.lrs or [None]) for s in (cfg.sweep.seeds or [cfg.train.seed])]
 
 
-def plan_sweep(cfg: Config, world: int, choice: Choice | None = None, k: int = 1) -> dict:
-    """Peak bytes per rank of the whole sweep (placement per width: dist.shard_min_width)."""
+def plan_sweep(cfg: Config, world: int, choice: Choice | None = None, k: int = 1,
+               node_size: int | None = None) -> dict:
+    """Peak bytes per rank of the whole sweep (placement per width: dist.shard_min_width; fsdp2
+    members shard over shard_group(cfg, world, node_size) ranks)."""
     choice = choice or choice_of(cfg)
+    shard = shard_group(cfg, world, node_size) if choice.backend == "fsdp2" else None
     plans, counted = [], {}
     for w, _ in sweep_members(cfg):
         ch = choice
@@ -241,7 +268,7 @@ def plan_sweep(cfg: Config, world: int, choice: Choice | None = None, k: int = 1
             ch = Choice("ddp")
         if (w, ch) not in counted:
             wc = for_width(cfg, w)
-            counted[(w, ch)] = member_plan(wc, ch, world, count_params(wc), k)
+            counted[(w, ch)] = member_plan(wc, ch, world, count_params(wc), k, shard=shard)
         plans.append(counted[(w, ch)])
     total = {key: sum(pl[key] for pl in plans) for key in ("built", "ready", "persistent", "host", "params",
                                                            "grads", "optimizer")}
@@ -262,9 +289,10 @@ def plan_sweep(cfg: Config, world: int, choice: Choice | None = None, k: int = 1
 
 
 def plan_memory(cfg: Config, backend: str, world: int, stage: int = 0, offload_opt: bool = False,
-                offload_params: bool = False, counts: dict | None = None) -> dict:
+                offload_params: bool = False, counts: dict | None = None, node_size: int | None = None) -> dict:
     """One model's plan (cfg.model.width) under one choice; "total" is its peak per rank."""
-    m = member_plan(cfg, Choice(backend, stage, offload_opt, offload_params), world, counts)
+    shard = shard_group(cfg, world, node_size) if backend == "fsdp2" else None
+    m = member_plan(cfg, Choice(backend, stage, offload_opt, offload_params), world, counts, shard=shard)
     return {**m, "total": max(m["built"], m["ready"], m["persistent"] + m["step"], m["persistent"] + m["eval"])}
 
 
@@ -273,13 +301,14 @@ CHOICES = [Choice("none"), Choice("ddp"), Choice("fsdp2"), Choice("fsdp2", offlo
            Choice("deepspeed", 3), Choice("deepspeed", 3, True), Choice("deepspeed", 3, True, True)]
 
 
-def widest_gpt(cfg: Config, choice: Choice, world: int, budget: float, step: int = 0) -> int:
+def widest_gpt(cfg: Config, choice: Choice, world: int, budget: float, step: int = 0,
+               node_size: int | None = None) -> int:
     """The widest GPT (multiple of the head size, doubling then bisecting) whose plan fits `budget` bytes."""
     step = step or (cfg.model.n_heads * 2 if cfg.model.n_heads else cfg.model.head_dim)
 
     def fits(width):
         return plan_memory(for_width(cfg, width), choice.backend, world, choice.stage, choice.offload_opt,
-                           choice.offload_params)["total"] <= budget
+                           choice.offload_params, node_size=node_size)["total"] <= budget
 
     lo, hi = 0, step
     while fits(hi):
@@ -307,9 +336,19 @@ def check_fits(cfg: Config, env, k: int = 1) -> None:
     """Refuse, in one line, a sweep the planner says will not fit (dist.ignore_plan=true overrides)."""
     if cfg.dist.ignore_plan:
         return
-    plan = plan_sweep(cfg, env.world_size, k=k)
+    node = ranks_per_node(env) if cfg.dist.backend == "fsdp2" and cfg.dist.replicate == -1 else None
+    plan = plan_sweep(cfg, env.world_size, k=k, node_size=node)
     budget, where = device_budget(cfg, env)
     if plan["peak"] > budget:
+        shard = shard_group(cfg, env.world_size, node) if cfg.dist.backend == "fsdp2" else env.world_size
+        groups = f", shard groups of {shard}" if shard != env.world_size else ""
         raise ConfigError(f"the planner puts this sweep's peak at {plan['peak'] / GIB:.1f} GiB per rank, more than "
-                          f"the {budget / GIB:.1f} GiB of the {where} ({choice_of(cfg).label}, {env.world_size} ranks); "
-                          f"see `fastwidth plan`, or set dist.ignore_plan=true to start anyway")
+                          f"the {budget / GIB:.1f} GiB of the {where} ({choice_of(cfg).label}, {env.world_size} ranks"
+                          f"{groups}); see `fastwidth plan`, or set dist.ignore_plan=true to start anyway")
+
+
+def ranks_per_node(env) -> int:
+    """Ranks on each node, as the HSDP mesh counts them (nodes.hsdp_layout: one row per node for
+    dist.replicate=-1; it refuses nodes of unequal size). Collective under a process group."""
+    from fastwidth.parallel.nodes import hsdp_layout, node_keys
+    return len(hsdp_layout(node_keys(env), -1)[0])

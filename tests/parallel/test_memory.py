@@ -1,7 +1,9 @@
 """Partitioned construction and the planner, from the memory rows of 2-rank CPU runs.
 
-One launch per engine (ddp, fsdp2, ZeRO 1-3) trains one step of a ~390 MB fp32 MLP (24 layers of
-2048x2048) and writes {"kind": "memory", "phase", "rank", ...} rows; the checks share them:
+One launch per engine (ddp, fsdp2, ZeRO 1-3 on 2 ranks; HSDP, fsdp2 with dist.replicate=2, on 4
+ranks: a 2x2 mesh, so each rank holds half of the model as under fsdp2 on 2 ranks, not a quarter)
+trains one step of a ~390 MB fp32 MLP (24 layers of 2048x2048) and writes {"kind": "memory",
+"phase", "rank", ...} rows; the checks share them:
 - under ZeRO-3 and FSDP2 each rank holds well under the whole model once it is built (a shard
   plus one layer in flight), while ddp holds all of it;
 - the planner's running peak at built / ready / step is within 20% of every rank's measured growth.
@@ -16,7 +18,7 @@ import pytest
 import yaml
 
 from fastwidth.config import load_config, resolve
-from fastwidth.parallel.plan import Choice, count_params, member_plan, phase_peaks
+from fastwidth.parallel.plan import Choice, count_params, member_plan, phase_peaks, shard_group
 from test_dist import ROOT, launch  # tests/parallel is on sys.path (rootdir import mode)
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -26,7 +28,9 @@ CFG = {"model": {"arch": "mlp", "depth": 24, "width": 2048}, "param": {"base_wid
 ENGINES = {"ddp": (["dist.backend=ddp"], Choice("ddp")), "fsdp2": (["dist.backend=fsdp2"], Choice("fsdp2")),
            "zero1": (["dist.backend=deepspeed", "dist.zero_stage=1"], Choice("deepspeed", 1)),
            "zero2": (["dist.backend=deepspeed", "dist.zero_stage=2"], Choice("deepspeed", 2)),
-           "zero3": (["dist.backend=deepspeed", "dist.zero_stage=3"], Choice("deepspeed", 3))}
+           "zero3": (["dist.backend=deepspeed", "dist.zero_stage=3"], Choice("deepspeed", 3)),
+           "hsdp": (["dist.backend=fsdp2", "dist.replicate=2"], Choice("fsdp2"))}
+RANKS = {"hsdp": 4}          # ranks launched; the others run on 2
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
@@ -42,7 +46,7 @@ def rows(tmp_path_factory):
         if engine not in done:
             out = tmp / engine
             launch("deepspeed" if engine.startswith("zero") else "torchrun", ROOT / "launch" / "train.py", cfg_file,
-                   [f"train.out_dir={out}", *ENGINES[engine][0]], env_extra=MALLOC)
+                   [f"train.out_dir={out}", *ENGINES[engine][0]], nproc=RANKS.get(engine, 2), env_extra=MALLOC)
             done[engine] = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()
                             if json.loads(l)["kind"] == "memory"]
         return done[engine]
@@ -89,9 +93,11 @@ def test_memory_rows_and_partitioned_construction(rows, engine):
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_planner_matches_memory_rows(rows, engine):
     cfg = resolve(load_config(None, [f"{k}={v}" for k, v in flat(CFG)] + ENGINES[engine][0]))
-    plan = member_plan(cfg, ENGINES[engine][1], 2, cpu=True)
+    world = RANKS.get(engine, 2)
+    plan = member_plan(cfg, ENGINES[engine][1], world, cpu=True, shard=shard_group(cfg, world))
     want = phase_peaks({"built": plan["built"], "ready": plan["ready"], "step": plan["persistent"] + plan["step"]})
     rs = by_phase(rows(engine))
+    assert {rank for _, rank in rs} == set(range(world))
     worst = 0.0
     for (phase, rank), r in sorted(rs.items()):
         err = (want[phase] - growth(r)) / growth(r)
