@@ -38,7 +38,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow --durations=20
 
 # pytest-benchmark: each benchmark beside its baseline; saves .benchmarks/ JSON and compares
 # against the last saved run (a regression shows as a ratio); the ratio tests (stacked over
