@@ -35,6 +35,7 @@ class Section:
     tables: tuple[str, ...] = field(default=())            # summary.md headings copied into the block
 
 
+FITS = "Fits at the final evaluation"                     # summary.md's fitted slopes (not a heading)
 T1 = ("train.threads=1",)
 FM = ("sweep.widths=[64,128,256,512]", "sweep.seeds=[0,1,2,3]") + T1
 FM_WIDE = ("sweep.widths=[64,128,256,512,1024,2048,4096,8192]", "sweep.seeds=[0,1,2,3]")  # two threads: 8192-wide GEMMs
@@ -52,7 +53,8 @@ SECTIONS = (
         ("demo_mup_heads4", "configs/demo.yaml", T1 + ("stats.every=25", "model.n_heads=4"))),
         tables=("Width slopes over training (slopes_vs_tokens.png)",)),
     Section("fmnist_wide", "µP MLP on Fashion-MNIST to width 4096, an 8192 reference", (
-        ("fmnist_mup_8192", "configs/fmnist_mlp.yaml", FM_WIDE),)),
+        ("fmnist_mup_8192", "configs/fmnist_mlp.yaml", FM_WIDE),),
+        tables=(FITS, "Width slopes over training (slopes_vs_tokens.png)")),
     Section("transfer_wide", "µTransfer on a held-out evaluation, widths 64-1024", (
         ("tr_mup_wide", "configs/transfer/fmnist_mlp_mup_wide.yaml", T1),), tables=("Learning-rate transfer",)),
     Section("transfer", "µTransfer, µP and SP, Fashion-MNIST and the demo GPT", (
@@ -91,6 +93,11 @@ def _summary_sections(summary: Path, headings: tuple[str, ...]) -> list[str]:
     text = summary.read_text() if summary.is_file() else ""
     out = []
     for h in headings:
+        if h == FITS:  # the fits table under the report's header: its lead line and the table
+            m = re.search(rf"^({re.escape(FITS)}.*?\n\n(?:\|.*\n)+)", text, re.M)
+            if m:
+                out += [m.group(1).strip(), ""]
+            continue
         m = re.search(rf"^## {re.escape(h)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
         if m:
             out += [m.group(1).strip(), ""]
