@@ -244,32 +244,60 @@ def sharpness(runs: list[Run], path: Path) -> Path | None:
 
 
 def ensemble_variance(runs: list[Run], path: Path) -> Path | None:
+    """Left: V_N with its interval and a log-log fit. Right: the debiased bias² per width with its
+    interval (negatives kept: symlog axis) and the bias model β²(1/N - 1/N_ref)² of the final fit row."""
     data, cis = [], []
     for run in runs:
         rows = _last(run, "ensemble")
         d = {r["width"]: r["seed_variance"] for r in rows if r.get("seed_variance")}
-        b = {r["width"]: r["bias"] for r in rows if r.get("bias") and r["width"] != run.ref_width}
-        data.append((run, d, b))
+        b = {r["width"]: (r["bias_sq_debiased"], r.get("bias_sq_debiased_ci")) for r in rows
+             if r.get("bias_sq_debiased") is not None and r["width"] != run.ref_width}
+        fit = (_last(run, "fit") or [{}])[0]
+        data.append((run, d, b, fit))
         cis.append({w: iv.get("seed_variance_ci") for w, iv in width_intervals(run).items()} if d else {})
-    if not any(d for _, d, _ in data):
+    if not any(d for _, d, _, _ in data):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = plt.get_cmap("tab10")
-    for i, (run, d, b) in enumerate(data):
+    for i, (run, d, b, fit) in enumerate(data):
         if d:
             _loglog_fit(axes[0], list(d), list(d.values()), colors(i), run.label)
             _error_bars(axes[0], d, cis[i], colors(i))
         if b:
-            _loglog_fit(axes[1], list(b), list(b.values()), colors(i), run.label, marker="s")
-    first = next(d for _, d, _ in data if d)
+            _bias_panel(axes[1], run, b, fit, colors(i))
+    first = next(d for _, d, _, _ in data if d)
     _guide(axes[0], list(first), list(first.values()), -1.0, "1/N")
-    for ax, title, ylabel in ((axes[0], "seed variance of the true logit V_N (final eval; bars: 95% CI)", "V_N"),
-                              (axes[1], "ensemble bias ||f̄_N - f̄_ref|| (RMS, final eval)", "bias")):
-        _loglog_axes(ax, [w for _, d, b in data for w in list(d) + list(b)])
-        ax.set_title(title, fontsize=9)
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=7)
+    _loglog_axes(axes[0], [w for _, d, _, _ in data for w in d])
+    axes[0].set_title("seed variance of the true logit V_N (final eval; bars: 95% CI)", fontsize=9)
+    axes[0].set_ylabel("V_N")
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_yscale("symlog", linthresh=max([abs(v) for _, _, b, _ in data for v, _ in b.values()] + [1e-6]) / 50)
+    axes[1].axhline(0, color="black", lw=0.6)
+    axes[1].set_title("debiased bias² b̂² - V_N/S_N - V_ref/S_ref (final eval; bars: 95% CI)\n"
+                      "line: bias model β²(1/N - 1/N_ref)²", fontsize=9)
+    axes[1].set_xlabel("width N")
+    axes[1].set_ylabel("b² (logit²)")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def _bias_panel(ax, run: Run, b: dict[int, tuple], fit: dict, color) -> None:
+    ws = sorted(b)
+    vals = [b[w][0] for w in ws]
+    lo = [b[w][0] - b[w][1][0] if b[w][1] else 0.0 for w in ws]
+    hi = [b[w][1][1] - b[w][0] if b[w][1] else 0.0 for w in ws]
+    ax.errorbar(ws, vals, yerr=[lo, hi], fmt="D", ms=4, color=color, capsize=3, label=f"{run.label} b̂²")
+    beta_sq = fit.get("bias_beta_sq")
+    if isinstance(beta_sq, (int, float)) and math.isfinite(beta_sq):
+        grid = np.geomspace(min(ws), run.ref_width, 100)
+        x2 = (1 / grid - 1 / run.ref_width) ** 2
+        ci = fit.get("bias_beta_sq_ci")
+        text = f"β² {beta_sq:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
+        ax.plot(grid, beta_sq * x2, "-", color=color, lw=1, label=f"{run.label} bias model, {text}")
+        if ci:
+            ax.fill_between(grid, ci[0] * x2, ci[1] * x2, color=color, alpha=0.15, lw=0)
 
 
 def ntk_spectra(runs: list[Run], path: Path) -> Path | None:

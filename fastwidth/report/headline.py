@@ -50,6 +50,15 @@ def headline_lines(summary: dict, run_dir: str | Path | None = None) -> list[str
         if key in fits:
             lines.append(f"  {what} slope {_num(fits.get(key), '.3f')}{_interval(fits.get(key + '_ci'))}"
                          + (f"  ({note})" if note else ""))
+    if "bias_beta_sq" in fits:
+        ci = fits.get("bias_beta_sq_ci")
+        warn = "  (interval below 0: debiasing overshoots)" if isinstance(ci, list) and ci[1] < 0 else ""
+        lines.append(f"  bias of narrower width β² {_num(fits.get('bias_beta_sq'), '.4g')}{_interval(ci)}{warn}")
+        if fits.get("bias_exponent") is not None:
+            lines.append(f"  bias exponent p {_num(fits['bias_exponent'], '.2f')}"
+                         f"{_interval(fits.get('bias_exponent_ci'))}  (theory: 2)")
+        elif fits.get("bias_exponent_reason"):
+            lines.append(f"  bias exponent: {fits['bias_exponent_reason']}")
     return lines
 
 

@@ -6,7 +6,8 @@
 
 Each fit row (stats/ensemble.py) holds the slopes of log(value) on log(width) at one evaluation
 and their 95% bootstrap intervals over seeds: true-logit RMSE (the paper's -0.5 late in
-training), seed variance V_N (1/N gives -1) and the debiased bias (over the widths where b̂² > 0).
+training) and seed variance V_N (1/N gives -1), and the bias model's β² (stats/bias_model.py),
+fitted on the debiased ensemble bias of every width, negatives kept.
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from pathlib import Path
 
 from fastwidth.report.reader import Run
 
-PANELS = (("rmse_slope", "true-logit RMSE", -0.5, "N^-0.5 (paper)"),
-          ("variance_slope", "seed variance V_N", -1.0, "1/N"),
-          ("bias_debiased_slope", "debiased bias sqrt(b̂²)", None, None))
+PANELS = (("rmse_slope", "slope of log true-logit RMSE on log N", -0.5, "N^-0.5 (paper)"),
+          ("variance_slope", "slope of log seed variance V_N on log N", -1.0, "1/N"),
+          ("bias_beta_sq", "bias model β² (bias of width N: β|1/N - 1/N_ref|)", 0.0, "no bias"))
 
 
 def fit_series(run: Run, key: str) -> list[tuple[int, int, float, list | None]]:
@@ -70,7 +71,7 @@ def slope_lines(runs: list[Run]) -> list[str]:
 
 
 def slopes_over_training(runs: list[Run], path: Path) -> Path | None:
-    """Three panels (RMSE, V_N, debiased bias slopes) against tokens, one line and 95% band per run."""
+    """Three panels (RMSE and V_N slopes, the bias model's β²) against tokens, one line and 95% band per run."""
     import matplotlib.pyplot as plt
     from fastwidth.report._plotbase import _save, _tokens_axis
     if not any(len(fit_series(run, k)) >= 2 for run in runs for k, *_ in PANELS):
@@ -91,9 +92,10 @@ def slopes_over_training(runs: list[Run], path: Path) -> Path | None:
         if guide is not None:
             ax.axhline(guide, color="gray", ls="--", lw=1, label=guide_label)
         ax.axhline(0, color="black", lw=0.6)
-        ax.set_title(f"slope of log {name} on log N\n(band: 95% bootstrap over seeds)", fontsize=9)
+        ax.set_title(f"{name}\n(band: 95% bootstrap over seeds)", fontsize=9)
         _tokens_axis(ax, runs[0])
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     axes[0][0].set_ylabel("width slope")
+    axes[0][2].set_ylabel("β² (logit² width²)")
     return _save(fig, path)

@@ -23,6 +23,7 @@ import json
 import math
 from pathlib import Path
 
+from fastwidth.report.data_orders import data_order_json, data_order_lines
 from fastwidth.report.intervals import width_intervals
 from fastwidth.report.ntk import ntk_across_run, ntk_lines
 from fastwidth.report.reader import Run, late_mean
@@ -50,7 +51,7 @@ def loss_spread(run: Run) -> tuple[float, float]:
     return sum(g for g, _ in gaps) / len(gaps), sum(r for _, r in gaps) / len(gaps)
 
 
-FIT_KEYS = ("rmse_slope", "variance_slope", "bias_slope", "bias_debiased_slope", "rmse2_a", "rmse2_bias_sq")
+FIT_KEYS = ("rmse_slope", "variance_slope", "bias_slope", "rmse2_a", "bias_beta_sq", "bias_exponent")
 
 
 def final_fit(run: Run) -> dict:
@@ -62,7 +63,8 @@ def final_fit(run: Run) -> dict:
     out = {}
     for k in FIT_KEYS:
         out[k], out[f"{k}_ci"] = row.get(k), row.get(f"{k}_ci")
-    out.update({k: row.get(k) for k in ("n_boot", "ci_level", "step", "tokens") if k in row})
+    out.update({k: row.get(k) for k in ("n_boot", "ci_level", "ci_expansion", "bias_exponent_reason", "step", "tokens")
+                if k in row})
     return out
 
 
@@ -144,6 +146,8 @@ def _compute_numbers(run: Run) -> dict:
 
 
 def _f(v, fmt=".4g") -> str:
+    if isinstance(v, str):
+        return v
     return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
 
@@ -158,7 +162,8 @@ def _table(nums: dict) -> list[str]:
     cols = [("probe loss", nums["probe_loss"]), ("probe acc", nums["probe_acc"]),
             ("late RMSE (same seed)", nums["rmse"]), ("late RMSE (vs ref mean)", nums["rmse_vs_mean"]),
             ("seed variance V_N", nums["seed_variance"]), ("ensemble bias (raw)", nums["bias"]),
-            ("debiased bias²", nums["bias_sq_debiased"]),
+            ("debiased bias² [95%]", {w: _square(v, (nums["ensembles"].get(w) or {}).get("bias_sq_debiased_ci"))
+                                      for w, v in nums["bias_sq_debiased"].items()}),
             ("L(E = S)", {w: r["ensemble_loss"][-1] for w, r in nums["ensembles"].items() if r.get("ensemble_loss")}),
             ("L∞ (fit)", {w: r.get("ensemble_loss_inf") for w, r in nums["ensembles"].items() if r.get("ensemble_loss")}),
             ("loss gap", nums["loss_gap"]), ("top-1 agreement", nums["top1_agreement"]),
@@ -172,14 +177,42 @@ def _table(nums: dict) -> list[str]:
     return out
 
 
+NEGATIVE_SQUARE = ("⚠ interval below 0: a square cannot be negative; the seed-variance debiasing "
+                   "overshoots here (too few seeds, or V_N mis-estimated)")
+
+
+def _square(value, ci, fmt=".4g") -> str:
+    """A squared quantity with its interval, flagged where the whole interval lies below 0."""
+    text = _f(value, fmt) + (f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci else "")
+    return text + (" ⚠" if ci and ci[1] < 0 else "")
+
+
 def _fits_table(numbers: list[dict]) -> list[str]:
-    out = ["| run | step | RMSE slope | V_N slope | bias slope (raw) | debiased-bias slope | RMSE² = a(1/N+1/N_ref)+b²: a | b² |",
+    out = ["| run | step | RMSE slope | V_N slope | bias slope (raw) | a | β² (bias model) | bias exponent p |",
            "|---|---:|---|---|---|---|---|---|"]
+    warn = []
     for n in numbers:
         f = n["fit"]
+        p = _fci(f, "bias_exponent", "+.2f") if f.get("bias_exponent") is not None else \
+            (f.get("bias_exponent_reason") or "–").replace("not identified: ", "n/a: ")
         out.append(f"| {n['label']} | {f.get('step', '–')} | " + " | ".join(
-            _fci(f, k, ".4g" if k.startswith("rmse2") else "+.3f") for k in FIT_KEYS) + " |")
-    return out
+            [_fci(f, k) for k in ("rmse_slope", "variance_slope", "bias_slope")]
+            + [_fci(f, "rmse2_a", ".4g"), _square(f.get("bias_beta_sq"), f.get("bias_beta_sq_ci")), p]) + " |")
+        if (f.get("bias_beta_sq_ci") or [0, 0])[1] < 0:
+            warn.append(f"- {n['label']}: β² {NEGATIVE_SQUARE}.")
+    return out + ([""] + warn if warn else [])
+
+
+FITS_TEXT = ("Slopes are least-squares fits of log(value) on log(width): true-logit RMSE against the "
+             "reference-width model (the paper's is about -0.5 late in training), seed variance V_N of the "
+             "true logit (1/N gives -1) and the raw ensemble bias ||f̄_N - f̄_ref|| (which holds V_N/S_N + "
+             "V_ref/S_ref of seed noise, so its slope follows V_N's). The bias model RMSE² = a(1/N + 1/N_ref) + "
+             "β²(1/N - 1/N_ref)² (fastwidth/stats/bias_model.py): a is the variance term; β² is fitted on the "
+             "debiased b̂²(N) (the variance measured per width, not modelled), so the bias of width N is "
+             "β|1/N - 1/N_ref|; p is the exponent of b̂² ∝ (1/N - 1/N_ref)^p (theory: 2), reported only where "
+             "β²'s interval excludes 0. Intervals: basic bootstrap over seeds, widened for few seeds "
+             "(docs/calibration.md gives their measured coverage). Late RMSE slope: of the mean over the last 25% "
+             "of tokens. Loss spread: mean over evals of the max-min across widths of the probe loss (seed means).")
 
 
 def _equal_compute_table(n: dict) -> list[str]:
@@ -206,13 +239,8 @@ def write_summary(runs: list[Run], figures: dict[str, Path | None], out: Path) -
                      f"{_f(n['loss_spread'], '.4f')} ({_f(n['loss_spread_rel'], '.2%')}) |")
     lines += ["", "Fits at the final evaluation, with 95% bootstrap intervals over seeds (none with fewer "
               "than 3 seeds per width):", ""] + _fits_table(numbers)
-    lines += ["", "Slopes are least-squares fits of log(value) on log(width): true-logit RMSE against the "
-              "reference-width model (the paper's is about -0.5 late in training), seed variance V_N of the "
-              "true logit (1/N gives -1), the raw ensemble bias ||f̄_N - f̄_ref|| (which holds V_N/S_N + "
-              "V_ref/S_ref of seed noise) and the debiased bias sqrt(b̂² - V_N/S_N - V_ref/S_ref) over the "
-              "widths where that is positive. Late RMSE slope: of the mean over the last 25% of tokens. Loss "
-              "spread: mean over evals of the max-min across widths of the probe loss (seed means).", ""]
-    lines += transfer_lines(runs) + slope_lines(runs)
+    lines += ["", FITS_TEXT, ""]
+    lines += transfer_lines(runs) + slope_lines(runs) + data_order_lines(runs)
     for run, n in zip(runs, numbers):
         lines += [f"## {n['label']}", "", f"commit {n['commit'] or 'unknown'}", ""]
         if n.get("mfu") is not None:
@@ -227,7 +255,7 @@ def write_summary(runs: list[Run], figures: dict[str, Path | None], out: Path) -
     lines.append("")
     path = out / "summary.md"
     path.write_text("\n".join(lines))
-    write_summary_json(numbers, out / "summary.json")
+    write_summary_json(numbers, out / "summary.json", data_order_json(runs))
     return path
 
 
@@ -258,11 +286,14 @@ def _json_run(n: dict) -> dict:
     return {"run": run, "widths": widths, "fits": fits, "equal_compute": n["equal_compute"]}
 
 
-def write_summary_json(numbers: list[dict], path: Path) -> Path:
-    """summary.json: every fitted number with its interval and the run's settings (module docstring)."""
+def write_summary_json(numbers: list[dict], path: Path, data_orders: list[dict] | None = None) -> Path:
+    """summary.json: every fitted number with its interval and the run's settings (module docstring);
+    `data_orders` (report/data_orders.py) where the report was given runs differing only in data.seed."""
     from fastwidth.stats.monitor import clean
 
     runs = [_json_run(n) for n in numbers]
     doc = {**(runs[0] if runs else {"run": {}, "widths": [], "fits": {}}), "runs": runs}
+    if data_orders:
+        doc["data_orders"] = data_orders
     path.write_text(json.dumps(clean(doc), indent=1, allow_nan=False) + "\n")
     return path

@@ -38,11 +38,14 @@ the observed noise's cross term 2<f̄_N - f̄_ref, noise*>, which the truth b = 
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
 import numpy as np
 import torch
+
+from fastwidth.stats.bias_model import bias_x, exponent_reason, fit_beta_sq, fit_exponent
 
 MIN_SEEDS_CI = 3
 CI_LEVEL = 0.95
@@ -86,8 +89,50 @@ def linear_fits(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return a, y.mean(1) - a * x.mean()
 
 
-def basic_ci(observed, samples, truth, level: float = CI_LEVEL, min_finite: float = 0.9) -> list | None:
-    """Basic (pivotal) bootstrap interval [T - q_hi(T* - T_pop), T - q_lo(T* - T_pop)].
+@functools.lru_cache(maxsize=None)
+def t_quantile(q: float, df: float) -> float:
+    """Student-t quantile (0.5 < q < 1) by bisection on its CDF, integrated by Simpson's rule: the
+    project does not depend on scipy, and the intervals need it only for a few degrees of freedom."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(x: float) -> float:
+        t = np.linspace(0.0, x, 2001)
+        f = c * (1 + t * t / df) ** (-(df + 1) / 2)
+        return 0.5 + (t[1] - t[0]) / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < q:
+        lo, hi = hi, 2 * hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def expansion(seeds: list[int], level: float = CI_LEVEL) -> float:
+    """Factor that widens a bootstrap interval over few seeds to its nominal coverage.
+
+    The bootstrap spread of a mean of n seeds is sqrt((n-1)/n) s/sqrt(n), and the exact interval of
+    a mean of normal draws uses t_{n-1} rather than z: the "expanded" interval (Hesterberg 2015,
+    "What teachers should know about the bootstrap") scales the bootstrap deviations by
+    sqrt(n/(n-1)) t_{df}/z. Here n is the fewest seeds of the widths a statistic uses and df the
+    sum of their n_w - 1 (the pooled degrees of freedom of a statistic built from several widths'
+    seeds). Uncorrected, 3 seeds gave the V_N slope 80-86% coverage and the per-width intervals
+    less (docs/calibration.md has the before and after tables).
+    """
+    n = min(seeds)
+    if n < 2:
+        return math.nan
+    df = float(sum(s - 1 for s in seeds))
+    z = t_quantile(1 - (1 - level) / 2, 1e7)
+    return math.sqrt(n / (n - 1)) * t_quantile(1 - (1 - level) / 2, df) / z
+
+
+def basic_ci(observed, samples, truth, level: float = CI_LEVEL, min_finite: float = 0.9,
+             expand: float = 1.0) -> list | None:
+    """Basic (pivotal) bootstrap interval [T - k q_hi(T* - T_pop), T - k q_lo(T* - T_pop)].
+
+    k = `expand` (see expansion(); 1 is the plain basic interval).
 
     T_pop is the statistic's target in the bootstrap world (the empirical distribution resampled).
     Unlike the percentile interval this stays centered where an estimator's bootstrap replicates
@@ -100,7 +145,7 @@ def basic_ci(observed, samples, truth, level: float = CI_LEVEL, min_finite: floa
     if not (math.isfinite(t) and math.isfinite(t_pop)) or err.size == 0 or ok.size < min_finite * err.size:
         return None
     q = (1 - level) / 2
-    return [t - float(np.quantile(ok, 1 - q)), t - float(np.quantile(ok, q))]
+    return [t - expand * float(np.quantile(ok, 1 - q)), t - expand * float(np.quantile(ok, q))]
 
 
 def covering(ci: list | None, value: float) -> list | None:
@@ -135,7 +180,7 @@ def tail_mean_ci(values, n_boot: int = 1000, seed: int = 0, level: float = CI_LE
         return value, None
     pos = np.random.default_rng(seed).integers(0, m.shape[0], (n_boot, m.shape[0]))
     weights = (pos[:, :, None] == np.arange(m.shape[0])).sum(1).astype(np.float64)   # (B, S) multiplicities
-    return value, covering(basic_ci(value, stat(weights), value, level), value)
+    return value, covering(basic_ci(value, stat(weights), value, level, expand=expansion([m.shape[0]], level)), value)
 
 
 # --------------------------------------------------------------------------- the estimator
@@ -193,13 +238,15 @@ class SeedEnsembles:
         r = idx[self.ref]
         var = {w: self._variance(a) for w, a in idx.items()}
         rr = self._block_mean(r, r)
-        out = {"seed_variance": var, "bias": {}, "bias_sq_debiased": {}, "rmse": {}, "rmse_sq": {}}
+        out = {"seed_variance": var, "bias": {}, "bias_sq_debiased": {}, "bias_noise": {}, "rmse": {}, "rmse_sq": {}}
         for w, a in idx.items():
             if w == self.ref:
                 continue
             b2 = self._block_mean(a, a) - 2 * self._block_mean(a, r) + rr
-            deb = b2 - var[w] * self._dup(a) - var[self.ref] * self._dup(r)
+            noise = var[w] * self._dup(a) + var[self.ref] * self._dup(r)
+            deb = b2 - noise
             out["bias_sq_debiased"][w] = deb
+            out["bias_noise"][w] = noise
             out["bias"][w] = np.sqrt(np.maximum(deb + var[w] / a.shape[1] + var[self.ref] / r.shape[1], 0.0))
             partner = r[:, self.pair[w] % r.shape[1]]                    # (B, S_w)
             d2 = np.maximum(self.G[a, a] - 2 * self.G[a, partner] + self.G[partner, partner], 0.0)
@@ -246,7 +293,9 @@ class SeedEnsembles:
             return None
         boot = self._stats(self._resamples(n_boot, np.random.default_rng(seed)))
         if fits:
-            return self._fits(self._point()), self._fits(boot), self._fits(self._population())
+            point = self._point()
+            w = self._bias_weights(point)
+            return self._fits(point, w), self._fits(boot, w), self._fits(self._population(), w)
         flat = lambda d: {f"{k}/{w}": v for k, by_w in d.items() for w, v in by_w.items()}  # noqa: E731
         return flat(self._point()), flat(boot), flat(self._population())
 
@@ -260,36 +309,61 @@ class SeedEnsembles:
         """
         p = self._point()
         boot = self._bootstrap(n_boot, seed, fits=False)
+        n_ref = len(self.index[self.ref])
+
+        def ci(key: str, w: int, seeds: list[int]) -> list | None:
+            return basic_ci(*(d[f"{key}/{w}"] for d in boot), expand=expansion(seeds)) if boot else None
+
         rows = {}
         for w in self.widths:
-            v = float(p["seed_variance"][w][0])
-            row = {"n_seeds": len(self.index[w]), "bias": 0.0 if w == self.ref else float(p["bias"][w][0])}
+            v, n = float(p["seed_variance"][w][0]), len(self.index[w])
+            row = {"n_seeds": n, "bias": 0.0 if w == self.ref else float(p["bias"][w][0])}
             if math.isfinite(v):
                 row.update(seed_variance=v, seed_std=math.sqrt(max(v, 0.0)),
-                           seed_variance_ci=covering(basic_ci(*(d[f"seed_variance/{w}"] for d in boot)), v) if boot else None)
+                           seed_variance_ci=covering(ci("seed_variance", w, [n]), v))
             if w != self.ref:
                 row["bias_sq_debiased"] = float(p["bias_sq_debiased"][w][0])
-                row["bias_sq_debiased_ci"] = basic_ci(*(d[f"bias_sq_debiased/{w}"] for d in boot)) if boot else None
+                row["bias_sq_debiased_ci"] = ci("bias_sq_debiased", w, [n, n_ref])
                 rmse = float(p["rmse"][w][0])
                 row["true_logit_rmse"] = rmse
-                row["true_logit_rmse_ci"] = covering(basic_ci(*(d[f"rmse/{w}"] for d in boot)), rmse) if boot else None
+                row["true_logit_rmse_ci"] = covering(ci("rmse", w, [n, n_ref]), rmse)
             rows[w] = row
         return rows
 
     def fit_row(self, n_boot: int = 1000, seed: int = 0) -> dict:
-        """Slopes and the RMSE² fit at this step, each with its `<name>_ci` (None without a bootstrap)."""
+        """The width fits at this step, each with its `<name>_ci` (None without a bootstrap).
+
+        rmse_slope, variance_slope, bias_slope (raw bias): slopes of log value on log N.
+        rmse2_a: a of RMSE² = a(1/N + 1/N_ref) + β²(1/N - 1/N_ref)² (least squares, both terms).
+        bias_beta_sq, bias_exponent: the bias model (stats/bias_model.py); the exponent and its
+        interval are None unless a bias is identified, with `bias_exponent_reason` saying why.
+        Intervals: basic bootstrap over seeds, expanded for the seeds of all widths (expansion).
+        """
         p = self._point()
-        fits = self._fits(p)
+        weights = self._bias_weights(p)
+        fits = self._fits(p, weights)
         out = {k: _f(v[0]) for k, v in fits.items()}
         boot = self._bootstrap(n_boot, seed + 1, fits=True)
-        for k in fits:
-            out[f"{k}_ci"] = basic_ci(boot[0][k], boot[1][k], boot[2][k]) if boot else None
-        out.update(n_boot=n_boot if boot else 0, ci_level=CI_LEVEL,
-                   rmse_widths=[w for w in self.widths if w != self.ref],
-                   bias_debiased_widths=[w for w, v in p["bias_sq_debiased"].items() if v[0] > 0])
+        k = expansion([len(i) for i in self.index.values()])
+        for name in fits:
+            out[f"{name}_ci"] = basic_ci(boot[0][name], boot[1][name], boot[2][name], expand=k) if boot else None
+        compared = [w for w in self.widths if w != self.ref]
+        why = exponent_reason(out["bias_beta_sq_ci"], len(compared))
+        if why is not None:
+            out.update(bias_exponent=None, bias_exponent_ci=None)
+        out.update(bias_exponent_reason=why, n_boot=n_boot if boot else 0, ci_level=CI_LEVEL, ci_expansion=k if boot else None,
+                   rmse_widths=compared)
         return out
 
-    def _fits(self, s: dict[str, dict[int, np.ndarray]]) -> dict[str, np.ndarray]:
+    def _bias_weights(self, p: dict) -> np.ndarray:
+        """1/σ_N² per compared width, σ_N = V_N/S_N + V_ref/S_ref of the observed seeds (bias_model)."""
+        ws = sorted(p["bias_noise"])
+        noise = np.array([float(p["bias_noise"][w][0]) for w in ws])
+        good = np.isfinite(noise) & (noise > 0)
+        fill = noise[good].min() if good.any() else 1.0
+        return 1.0 / np.where(good, noise, fill) ** 2
+
+    def _fits(self, s: dict[str, dict[int, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:
         n_boot = len(next(iter(s["seed_variance"].values())))
 
         def stack(d):
@@ -301,11 +375,21 @@ class SeedEnsembles:
         vw, var = stack(s["seed_variance"])
         out["variance_slope"] = masked_slopes(vw, var)
         out["bias_slope"] = masked_slopes(ws, stack(s["bias"])[1])
-        # slope of the debiased bias itself (half that of b²), over the widths where b² > 0
-        out["bias_debiased_slope"] = masked_slopes(ws, stack(s["bias_sq_debiased"])[1]) / 2
-        x = 1.0 / np.asarray(ws, dtype=np.float64) + 1.0 / self.ref
-        out["rmse2_a"], out["rmse2_bias_sq"] = linear_fits(x, stack(s["rmse_sq"])[1])
+        deb = stack(s["bias_sq_debiased"])[1]
+        out["bias_beta_sq"] = fit_beta_sq(ws, self.ref, deb, weights)
+        out["bias_exponent"] = fit_exponent(ws, self.ref, deb, weights)
+        x1, x2 = 1.0 / np.asarray(ws, dtype=np.float64) + 1.0 / self.ref, bias_x(ws, self.ref) ** 2
+        out["rmse2_a"] = _two_term_fit(x1, x2, stack(s["rmse_sq"])[1])
         return out
+
+
+def _two_term_fit(x1: np.ndarray, x2: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """a of y = a x1 + c x2 (no intercept) by least squares, for each row of y (B, W)."""
+    if len(x1) < 2:
+        return np.full(y.shape[0], np.nan)
+    X = np.stack([x1, x2], 1)                                            # (W, 2)
+    coef, *_ = np.linalg.lstsq(X, y.T, rcond=None)                       # (2, B)
+    return coef[0]
 
 
 # --------------------------------------------------------------------------- ensembles of E members

@@ -20,8 +20,9 @@ seeds", width 0 "across widths"):
                (b̂² - V_N/S_N - V_ref/S_ref) with its bootstrap interval, and the averaged-logit
                ensembles of E = 1..S members: ensemble_loss, ensemble_acc, ensemble_loss_inf/_c
                (L(E) = L∞ + c/E; LMs at stats.ensemble_every, computed in the loop)
-- fit:         per eval step: rmse_slope, variance_slope, bias_slope (raw), bias_debiased_slope,
-               rmse2_a / rmse2_bias_sq (RMSE² = a (1/N + 1/N_ref) + b²), each with `<name>_ci`
+- fit:         per eval step: rmse_slope, variance_slope, bias_slope (raw), rmse2_a, the bias model's
+               bias_beta_sq and bias_exponent (RMSE² = a(1/N + 1/N_ref) + β²(1/N - 1/N_ref)²; the
+               exponent null with bias_exponent_reason unless a bias is identified), each with `<name>_ci`
 - sharpness:   per member at stats.sharpness_every
 - ntk:         per member at stats.ntk_every: eigenvalues, task_power C(k) of class ntk_class,
                task_power_by_class {c: C_c(k)} one-vs-rest, trace, method, kernel, output, grads

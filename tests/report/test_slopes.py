@@ -17,7 +17,7 @@ def fit_run(path, var_cis, kind="mup"):
         mid = None if ci is None else (ci[0] + ci[1]) / 2
         rows.append({"kind": "fit", "step": step, "tokens": step * 100, "width": 0, "seed": -1,
                      "variance_slope": mid, "variance_slope_ci": ci, "rmse_slope": -0.5, "rmse_slope_ci": [-0.6, -0.4],
-                     "bias_debiased_slope": None, "bias_debiased_slope_ci": None})
+                     "bias_beta_sq": 0.5, "bias_beta_sq_ci": [-1.0, 2.0]})
     (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return load_run(path)
 

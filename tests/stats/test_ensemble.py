@@ -74,9 +74,13 @@ def test_bootstrap_interval_covers_the_true_variance_slope():
     lo, hi = fit["variance_slope_ci"]
     assert lo < -1.0 < hi and lo < fit["variance_slope"] < hi and hi - lo > 0.02
     assert fit["n_boot"] == 500 and fit["ci_level"] == 0.95
-    # RMSE² = a (1/N + 1/N_ref) + b² with V_N = 4/N and no bias: a = 4, b² = 0
+    # RMSE² = a (1/N + 1/N_ref) + β²(1/N - 1/N_ref)² with V_N = 4/N and no bias: a = 4, β² = 0,
+    # and no exponent (nothing to take one of), with the reason
     assert fit["rmse2_a"] == pytest.approx(4.0, rel=0.15)
-    assert fit["rmse2_bias_sq_ci"][0] < 0 < fit["rmse2_bias_sq_ci"][1]
+    assert fit["bias_beta_sq_ci"][0] < 0 < fit["bias_beta_sq_ci"][1]
+    assert fit["bias_exponent"] is None and fit["bias_exponent_ci"] is None
+    assert "no bias detected" in fit["bias_exponent_reason"]
+    assert "rmse2_bias_sq" not in fit and "bias_debiased_slope" not in fit
     assert fit["rmse_slope_ci"][0] < fit["rmse_slope"] < fit["rmse_slope_ci"][1]
     # two seeds: every valid resample is the original pair, so no interval is claimed
     true2 = {w: t[:2] for w, t in true.items()}
