@@ -77,6 +77,37 @@ def test_zero_init_options_and_other_kinds():
     assert one == mu
 
 
+def test_torch_init_is_pytorchs_default_through_the_table():
+    """param.init=torch, from the rules: nn.Linear draws U(±1/√fan_in) for weight and bias; mup's
+    set_base_shapes keeps hidden weights at their own fan_in and puts input/output weights and
+    every bias at base width (bias ×√m, MuReadout ×√m); a zero readout zeroes its bias too."""
+    m, r3 = 4.0, math.sqrt(3.0)   # a uniform on ±b has std b/√3
+    t = table_for(mlp_cfg("model.width=128", "param.init=torch", "param.zero_readout=false"))
+    expect = {"layers.0.weight": 1 / math.sqrt(12), "layers.0.bias": 1 / math.sqrt(12),
+              "layers.1.weight": 1 / math.sqrt(128), "layers.1.bias": 1 / math.sqrt(128 / m),
+              "readout.weight": 1 / math.sqrt(128 / m), "readout.bias": 1 / math.sqrt(128 / m)}
+    for name, bound in expect.items():
+        assert (t[name].init, t[name].init_std) == ("uniform", pytest.approx(bound / r3)), name
+    zero = table_for(mlp_cfg("model.width=128", "param.init=torch"))
+    assert zero["readout.weight"].init == zero["readout.bias"].init == "zeros"
+    sp = table_for(mlp_cfg("model.width=128", "param.init=torch", "param.kind=sp"))
+    assert sp["layers.1.bias"].init_std == pytest.approx(1 / math.sqrt(128) / r3)     # own fan_in
+    assert sp["readout.weight"].init_std == pytest.approx(1 / math.sqrt(128) / r3)
+    ntk = table_for(mlp_cfg("model.width=128", "param.init=torch", "param.kind=ntk", "param.init_std=2.0"))
+    assert ntk["layers.1.weight"].init_std == pytest.approx(2.0 / r3)   # ×1/√fan_in in the forward
+    normal = table_for(mlp_cfg("model.width=128"))
+    assert normal["layers.1.bias"].init == "zeros" and normal["layers.1.weight"].init == "normal"
+    g = table_for(gpt_cfg("model.width=64", "param.init=torch"), GPT_IO)
+    assert (g["embed.weight"].init, g["embed.weight"].init_std) == ("normal", 1.0)   # nn.Embedding
+    assert g["blocks.0.norm1.weight"].init == "ones"
+    assert g["blocks.0.mlp.proj.weight"].init_std == pytest.approx(1 / math.sqrt(256) / r3)
+    io = SimpleNamespace(kind="classes", in_shape=(3, 8, 8), num_classes=5)
+    rn = table_for(load_config(None, ["model.arch=resnet", "model.depth=1", "model.width=16",
+                                      "param.base_width=8", "param.init=torch"]), io)
+    assert rn["stem.weight"].init_std == pytest.approx(1 / math.sqrt(27) / r3)     # conv: fan_in = cin·k·k
+    assert rn["stages.0.0.conv1.weight"].init_std == pytest.approx(1 / math.sqrt(16 * 9) / r3)
+
+
 def test_attention_scale_is_attn_mult_over_head_dim():
     assert attention_scale(gpt_cfg("model.width=64")) == pytest.approx(1 / 4)  # sqrt(16) / 16
     assert attention_scale(gpt_cfg("model.width=64", "param.attn_mult=2.0")) == pytest.approx(2 / 16)
@@ -100,8 +131,9 @@ def _train(cfg, io, batches):
     return model, losses
 
 
-@pytest.mark.parametrize("arch,opt", [("mlp", "adamw"), ("mlp", "sgd"), ("gpt", "adamw")])
-def test_mup_equals_sp_bit_for_bit_at_base_width(arch, opt):
+@pytest.mark.parametrize("arch,opt,init", [("mlp", "adamw", "normal"), ("mlp", "sgd", "normal"),
+                                           ("gpt", "adamw", "normal"), ("mlp", "adamw", "torch")])
+def test_mup_equals_sp_bit_for_bit_at_base_width(arch, opt, init):
     g = torch.Generator().manual_seed(0)
     if arch == "mlp":
         io, make = MLP_IO, mlp_cfg
@@ -111,7 +143,7 @@ def test_mup_equals_sp_bit_for_bit_at_base_width(arch, opt):
         batches = [(torch.randint(0, 61, (3, 16), generator=g), torch.randint(0, 61, (3, 16), generator=g))
                    for _ in range(4)]
     common = ["model.width=32", f"optim.name={opt}", "optim.lr=0.01", "optim.weight_decay=0.1",
-              "param.zero_readout=false"]
+              "param.zero_readout=false", f"param.init={init}"]
     mup_model, mup_losses = _train(make(*common, "param.kind=mup"), io, batches)
     sp_model, sp_losses = _train(make(*common, "param.kind=sp"), io, batches)
     assert torch.equal(torch.stack(mup_losses), torch.stack(sp_losses))
@@ -179,15 +211,21 @@ def test_readme_tables_are_generated_from_the_code():
     assert "| mup | hidden (q/k/v/o, MLP, conv) | 1 | 1 | η/m | η | wd·m | wd |" in readme
 
 
-def test_same_seed_models_at_two_widths_are_independent_draws():
+@pytest.mark.parametrize("init", ["normal", "torch"])
+def test_same_seed_models_at_two_widths_are_independent_draws(init):
     """The narrow model must not be a slice of the wide one: a width in the seed makes the first
     layer's overlapping block uncorrelated (|r| within 5 standard errors of 0) while two draws at
     one width and seed are identical."""
-    narrow = dict(build_model(for_width(mlp_cfg(), 64), MLP_IO, seed=0)[0].named_parameters())
-    wide = dict(build_model(for_width(mlp_cfg(), 128), MLP_IO, seed=0)[0].named_parameters())
-    again = dict(build_model(for_width(mlp_cfg(), 128), MLP_IO, seed=0)[0].named_parameters())
+    cfg = mlp_cfg(f"param.init={init}")
+    narrow = dict(build_model(for_width(cfg, 64), MLP_IO, seed=0)[0].named_parameters())
+    wide = dict(build_model(for_width(cfg, 128), MLP_IO, seed=0)[0].named_parameters())
+    again = dict(build_model(for_width(cfg, 128), MLP_IO, seed=0)[0].named_parameters())
     for name, p in narrow.items():
-        if p.dim() < 2 or p.abs().sum() == 0:
+        if p.abs().sum() == 0:
+            continue
+        if p.dim() < 2:  # biases (init=torch): the overlapping entries
+            r = torch.corrcoef(torch.stack([p.detach(), wide[name][: p.shape[0]].detach()]))[0, 1].item()
+            assert abs(r) < 5 / math.sqrt(p.numel()), (name, r)
             continue
         w = wide[name][: p.shape[0], : p.shape[1]].reshape(-1)
         a = p.detach().reshape(-1)
@@ -196,15 +234,18 @@ def test_same_seed_models_at_two_widths_are_independent_draws():
         assert torch.equal(wide[name], again[name])
 
 
+@pytest.mark.parametrize("how", ["normal", "uniform"])
 @pytest.mark.parametrize("shape", [(1823, 7), (130,), (64, 3, 3, 3), (5, 781)])
-def test_init_rows_and_flat_slices_equal_the_full_draw(shape):
+def test_init_rows_and_flat_slices_equal_the_full_draw(shape, how):
     """A shard drawn alone (dim-0 rows for FSDP2, a flat range for ZeRO-3) equals the same slice of
     the whole tensor, for ranges that cut row blocks anywhere."""
     from fastwidth.param.scaling import ParamInfo, draw_init, draw_init_flat
-    info = ParamInfo(name="blocks.0.w", shape=shape, role="hidden", init="normal", init_std=0.5,
+    info = ParamInfo(name="blocks.0.w", shape=shape, role="hidden", init=how, init_std=0.5,
                      lr_mult=1.0, wd_mult=1.0, forward_mult=1.0)
     full = draw_init(info, seed=3, width=256)
     assert full.shape == shape and abs(full.std().item() - 0.5) < 0.1
+    if how == "uniform":  # U(±√3·std)
+        assert full.abs().max().item() <= 0.5 * math.sqrt(3) * (1 + 1e-6)
     g = torch.Generator().manual_seed(0)
     n_rows, numel = shape[0], full.numel()
     for _ in range(20):

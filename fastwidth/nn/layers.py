@@ -28,7 +28,7 @@ class MuLinear(nn.Module):
 
     def mup_roles(self):
         bias_role = Role.FIXED if self.role is Role.OUTPUT else Role.VECTOR
-        return {"weight": (self.role, self._winit), "bias": (bias_role, Init.ZEROS)}
+        return {"weight": (self.role, self._winit), "bias": (bias_role, Init.BIAS)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, alpha=self.mult)

@@ -26,6 +26,7 @@ class Init(str, Enum):
     FAN_IN = "fan_in"    # N(0, σ² / fan_in) in sp; the table rescales per role and kind
     EMBED = "embed"      # N(0, embed_std²): one-hot inputs, no fan_in
     QUERY = "query"      # like FAN_IN, zeroed under µP kinds when param.zero_query
+    BIAS = "bias"        # a layer's bias: 0 under param.init=normal, U(±1/√fan_in of its layer) under torch
     ZEROS = "zeros"
     ONES = "ones"
 

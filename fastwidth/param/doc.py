@@ -78,7 +78,10 @@ def mup_markdown() -> str:
     lines.append("")
     lines.append("m = width / base_width, α = param.output_mult, σ = param.init_std; mean_field rows are at "
                  "γ0 = 2 (output ÷γ0, LR ×γ0 Adam, ×γ0² SGD). The readout is zero-initialized under µP kinds "
-                 "unless param.zero_readout=false (the row shows the non-zero std); gains start at 1, biases at 0.")
+                 "unless param.zero_readout=false (the row shows the non-zero std); gains start at 1, biases at 0. "
+                 "The init column is the std s of N(0, s²) under param.init=normal (the default); param.init=torch "
+                 "draws U(±s) instead (std s/√3: PyTorch's nn.Linear/Conv default as mup's set_base_shapes "
+                 "leaves it) and biases U(±1/√fan_in), their layer's fan_in taken at base width where it grows.")
     return "\n".join(lines)
 
 

@@ -16,6 +16,17 @@ their weight decay by m; MuReadout multiplies the readout by output_mult / m.
     sp          σ/√fan_in everywhere, forward α on the readout, one LR
     ntk         N(0, σ²), forward 1/√fan_in on every matrix, one LR
 
+param.init picks the distribution behind "init std" (the rows give its std and its name):
+    normal  N(0, std²) for matrices, biases 0: σ/√fan_in is √3 times PyTorch's default std
+    torch   PyTorch's default layer init put through the same table, which is what mup gives
+            after set_base_shapes(model, base) on a model built with torch's defaults:
+            matrices U(±b), b = the normal std above (nn.Linear/Conv kaiming_uniform(a=√5) has
+            b = 1/√fan_in), so hidden matrices use their own fan_in and input/output ones the
+            base width's; a layer's bias U(±1/√fan_in) with the layer's fan_in at base width
+            under µP kinds (mup's rescale_linear_bias and MuReadout._rescale_parameters multiply
+            by √m); the readout bias is 0 with a zero readout (MuReadout(readout_zero_init));
+            embeddings N(0, embed_std²) (nn.Embedding: N(0, 1)); norm gains 1, shifts 0
+
 The metadata lives in this side table keyed by parameter name and computed from global shapes,
 never as attributes on Parameters (lost under FSDP2, ZeRO-3, torch.compile and torch.save).
 """
@@ -41,8 +52,8 @@ class ParamInfo:
     name: str
     shape: tuple
     role: str
-    init: str           # normal | zeros | ones
-    init_std: float
+    init: str           # normal | uniform | zeros | ones
+    init_std: float     # the standard deviation of that distribution (a uniform's bound is √3 × it)
     lr_mult: float      # multiplies optim.lr
     wd_mult: float      # multiplies optim.weight_decay
     forward_mult: float # multiplies the layer's matmul output (bias excluded)
@@ -61,7 +72,8 @@ def fan_in(shape: tuple) -> int:
     return int(math.prod(shape[1:])) if len(shape) > 1 else 1
 
 
-def _init(kind: str, role: Role, init: Init, shape: tuple, m: float, cfg: Config) -> tuple[str, float]:
+def _init(kind: str, role: Role, init: Init, shape: tuple, m: float, cfg: Config,
+          layer: tuple[Role, tuple] | None = None) -> tuple[str, float]:
     p = cfg.param
     if init is Init.ZEROS:
         return "zeros", 0.0
@@ -69,16 +81,39 @@ def _init(kind: str, role: Role, init: Init, shape: tuple, m: float, cfg: Config
         return "ones", 0.0
     if init is Init.EMBED:
         return "normal", p.embed_std
+    if init is Init.BIAS:
+        return _bias_init(kind, role, m, cfg, layer)
     if kind == "ntk":
-        return "normal", p.init_std
-    std = p.init_std / math.sqrt(fan_in(shape))
-    if kind in MUP_KINDS:
-        if role is Role.OUTPUT:
+        std = p.init_std
+    else:
+        std = p.init_std / math.sqrt(fan_in(shape))
+        if kind in MUP_KINDS and role is Role.OUTPUT:
             # MuReadout: zero by default, else the base-width std (σ/√(fan_in/m) = σ·√m/√fan_in)
-            return ("zeros", 0.0) if p.zero_readout else ("normal", std * math.sqrt(m))
-        if init is Init.QUERY and p.zero_query:
+            if p.zero_readout:
+                return "zeros", 0.0
+            std = std * math.sqrt(m)
+        if kind in MUP_KINDS and init is Init.QUERY and p.zero_query:
             return "zeros", 0.0
+    if p.init == "torch":  # U(±b) with b the normal std: std b/√3 (kaiming_uniform(a=√5))
+        return "uniform", std / math.sqrt(3.0)
     return "normal", std
+
+
+def _bias_init(kind: str, role: Role, m: float, cfg: Config, layer: tuple[Role, tuple] | None) -> tuple[str, float]:
+    """A layer's bias: 0 under init=normal; under torch nn.Linear's U(±1/√fan_in), its layer's
+    fan_in taken at base width under µP kinds where that fan_in grows (hidden, output layers)."""
+    if cfg.param.init != "torch":
+        return "zeros", 0.0
+    if layer is None:
+        raise ValueError("a bias under param.init=torch needs its layer's (role, weight shape)")
+    w_role, w_shape = layer
+    fan = fan_in(w_shape)
+    if kind in MUP_KINDS:
+        if role is Role.FIXED and cfg.param.zero_readout:
+            return "zeros", 0.0  # MuReadout(readout_zero_init=True) zeroes weight and bias
+        if w_role in (Role.HIDDEN, Role.OUTPUT):
+            fan = fan / m
+    return "uniform", 1.0 / math.sqrt(fan) / math.sqrt(3.0)
 
 
 def _forward_mult(kind: str, role: Role, init: Init, shape: tuple, m: float, cfg: Config) -> float:
@@ -113,9 +148,11 @@ def _lr_wd_mult(kind: str, role: Role, m: float, cfg: Config) -> tuple[float, fl
     return lr, wd
 
 
-def param_info(name: str, shape: tuple, role: Role, init: Init, cfg: Config) -> ParamInfo:
+def param_info(name: str, shape: tuple, role: Role, init: Init, cfg: Config,
+               layer: tuple[Role, tuple] | None = None) -> ParamInfo:
+    """One row of the table. `layer` = (role, weight shape) of the layer a bias belongs to."""
     kind, m = cfg.param.kind, width_mult(cfg)
-    how, std = _init(kind, role, init, shape, m, cfg)
+    how, std = _init(kind, role, init, shape, m, cfg, layer)
     lr, wd = _lr_wd_mult(kind, role, m, cfg)
     return ParamInfo(name=name, shape=tuple(shape), role=role.value, init=how, init_std=std,
                      lr_mult=lr, wd_mult=wd, forward_mult=_forward_mult(kind, role, init, shape, m, cfg))
@@ -127,12 +164,14 @@ def mup_table(model: nn.Module, cfg: Config) -> dict[str, ParamInfo]:
     for mod_name, mod in model.named_modules():
         if not hasattr(mod, "mup_roles"):
             continue
-        for local, (role, init) in mod.mup_roles().items():
+        roles = mod.mup_roles()
+        for local, (role, init) in roles.items():
             p = getattr(mod, local)
             if p is None:
                 continue
             name = f"{mod_name}.{local}" if mod_name else local
-            table[name] = param_info(name, tuple(p.shape), role, init, cfg)
+            layer = (roles["weight"][0], tuple(mod.weight.shape)) if init is Init.BIAS else None
+            table[name] = param_info(name, tuple(p.shape), role, init, cfg, layer)
     missing = [n for n, _ in model.named_parameters() if n not in table]
     if missing:
         raise TypeError(f"parameters without a µP role (build them with fastwidth.nn layers): {missing}")
@@ -184,11 +223,20 @@ def draw_init(info: ParamInfo, seed: int, width: int, rows: tuple[int, int] | No
     for b in range(first, last + 1):
         b0, b1 = b * INIT_BLOCK_ROWS, min((b + 1) * INIT_BLOCK_ROWS, n_rows)
         g = torch.Generator().manual_seed(init_seed(seed, width, info.name, b))
-        block = torch.randn((b1 - b0, *row_shape), generator=g, dtype=torch.float32)
+        block = _unit_draw(info.init, (b1 - b0, *row_shape), g)
         parts.append(block[max(start, b0) - b0: min(stop, b1) - b0])
     out = torch.cat(parts) if parts else torch.empty((0, *row_shape))
     out = out * info.init_std
     return out.reshape(shape) if not shape else out
+
+
+def _unit_draw(how: str, shape: tuple, g: torch.Generator) -> torch.Tensor:
+    """A unit-variance draw: N(0, 1), or U(-√3, √3) for "uniform"."""
+    if how == "normal":
+        return torch.randn(shape, generator=g, dtype=torch.float32)
+    if how == "uniform":
+        return (torch.rand(shape, generator=g, dtype=torch.float32) * 2.0 - 1.0) * math.sqrt(3.0)
+    raise ValueError(f"unknown init distribution {how!r} (normal, uniform, zeros, ones)")
 
 
 def draw_init_flat(info: ParamInfo, seed: int, width: int, start: int, stop: int) -> torch.Tensor:
