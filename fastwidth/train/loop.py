@@ -172,7 +172,7 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir = prepare_run_dir(cfg, self.resume_meta,
                                            {(m.width, m.seed, m.base_lr): m.step for m in self.members},
-                                           sweep.pass_floors(self.members))
+                                           sweep.pass_floors(self.members, self.resume_meta))
         else:  # other ranks evaluate too (collective forwards) but write into a scratch copy
             self.run_dir = Path(cfg.train.out_dir) / f".rank{self.dist.rank}"
             shutil.rmtree(self.run_dir, ignore_errors=True)

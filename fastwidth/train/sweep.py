@@ -269,15 +269,18 @@ def state(trainer) -> dict:
             "refine": [[m.width, m.base_lr, m.seed] for m in trainer.members if pass_tag(m)]}
 
 
-def pass_floors(members: list) -> dict:
-    """{row "pass": the smallest step of its members} (None: the first pass), where a resume cuts
-    the rows of no member (ensembles, fits) of each pass. Refinement rows without refined members
-    in the checkpoint are from an attempt that did not reach one: all go (floor -1)."""
-    out: dict = {REFINE: -1}
-    for m in members:
+def pass_floors(members: list, meta: dict | None) -> dict:
+    """{row "pass": the smallest step of its members still training} (None: the first pass), where a
+    resume cuts the rows of no member (ensembles, fits) of each pass: a member stopped for divergence
+    at step 2 must not cut the others' ensemble rows there. Refinement rows without refined members
+    in the checkpoint are from an attempt that did not reach one: all go (floor -1). meta: the
+    checkpoint resumed from (its sweep state names the stopped members)."""
+    stopped = set((meta or {}).get("sweep", {}).get("diverged") or {})
+    out: dict = {}
+    for m in [m for m in members if m.name not in stopped] or members:
         key = pass_tag(m).get("pass")
         out[key] = min(out.get(key, m.step), m.step)
-    return out
+    return {REFINE: -1, **out}
 
 
 def saved_refine_specs(meta: dict | None) -> list[tuple[int, float, int]]:
