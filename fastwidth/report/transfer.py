@@ -198,7 +198,7 @@ def _draw_panel(ax, run: Run, tokens: int, colors) -> dict:
     ax.grid(True, which="both", alpha=0.3)
     ax.set_xlabel("base learning rate η")
     coarse = drift(run, tokens, grid="coarse")
-    slope = (f"{fmt_ci(coarse['slope'], coarse['ci'])} coarse, {fmt_ci(fit['slope'], fit['ci'])} refined"
+    slope = (f"{fmt_ci(coarse['slope'], coarse['ci'])} coarse,\n{fmt_ci(fit['slope'], fit['ci'])} refined"
              if refined(run) else fmt_ci(fit['slope'], fit['ci']))
     ax.set_title(f"{sweep_label(run)}: {progress_word(run)} {fit['tokens']}\nlog η* vs log N slope "
                  f"{slope} (x: diverged, *: optimum)", fontsize=8)
