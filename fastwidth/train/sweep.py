@@ -19,7 +19,9 @@ same initial weights as the coarse members of their width and seed) and carry `p
 "refine": their rows say `pass: "refine"`, and their statistics are kept per (lr, width) (a
 refined lr exists at one width only, so there is no other width to compare it with). A
 checkpoint after the first pass and every later one (which lists the refined specs) make
-train.resume work across the two passes.
+train.resume work across the two passes; one checkpoint holds both passes' members (load_model
+reaches a refined one by its name). A resume with a larger train.steps keeps the refined learning
+rates picked at the first end and trains both passes on.
 
 A member whose loss is not finite, or exceeds `diverge_factor` times its first loss, is stopped:
 the loop spends no more compute on it, the monitor leaves it out of every later comparison, and a
