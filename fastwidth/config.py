@@ -231,6 +231,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"sweep.lrs: every entry must be a positive number, got {lr!r}")
     if len(set(cfg.sweep.lrs)) != len(cfg.sweep.lrs):
         raise ConfigError(f"sweep.lrs has duplicates: {cfg.sweep.lrs}")
+    if cfg.sweep.lr_refine and (len(cfg.sweep.lrs) < 2 or cfg.optim.lr_unit != "absolute"):
+        raise ConfigError(f"sweep.lr_refine={cfg.sweep.lr_refine} refines a grid of absolute learning rates: it needs "
+                          f"sweep.lrs with at least 2 entries (got {len(cfg.sweep.lrs)}) and optim.lr_unit=absolute")
     for w in cfg.sweep.widths:
         if w < 1:
             raise ConfigError(f"sweep.widths: width {w} must be positive")

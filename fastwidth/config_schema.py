@@ -127,6 +127,7 @@ class SweepConfig:
     reference_width: int = _opt(0, min=0, help="width the others are compared with; 0 = the largest")
     mode: str = _opt("lockstep", choices=["lockstep", "sequential"], help="all models per batch, or one after another")
     lrs: list = _opt([], help="base learning rates: every (width, lr, seed) is a member on the same batches; empty = [optim.lr]")
+    lr_refine: int = _opt(0, min=0, help="after the sweep.lrs pass, train this many more learning rates around each width's best (its grid argmin, each neighbouring grid step cut into parts of at most x2^0.5) on the same stream and seeds, and fit the optima on the union grid; rows carry pass: refine; 0 = off")
     stack: Union[bool, str] = _opt("auto", choices=[True, False, "auto"], help="lockstep, one process: train the members of one width (seeds, lrs) as one batched model; true (on) = every width that can, false (off) = none, auto = the widths where one member's micro-batch rows (tokens) x width <= 32768, the break-even measured on CPU")
 
 

@@ -9,7 +9,8 @@ Two views of the rows. `sweep_rows` holds every row. `all_rows`, which the per-w
 read, leaves out every row of a member that was stopped for divergence (its "diverged" row stays,
 and `stopped_note` says so), and in a learning-rate sweep (sweep.lrs) keeps one learning rate:
 the one with the lowest final loss at the reference width (`chosen_lr`), so seed means never mix
-learning rates. Figures of the whole sweep (report/transfer.py) read `sweep_rows`.
+learning rates; the rows of a refinement pass (`pass: "refine"`, sweep.lr_refine) are left out of
+it (each refined learning rate was trained at one width). Figures of the whole sweep (report/transfer.py) read `sweep_rows`.
 """
 from __future__ import annotations
 
@@ -165,7 +166,8 @@ def end_loss(rows: list[dict], frac: float = 0.1) -> float:
 def _view(run: Run) -> list[dict]:
     lr_sweep = bool(run.lrs)
     stopped = {member_key(r, lr_sweep) for r in run.diverged}
-    rows = [r for r in run.sweep_rows if r.get("kind") == "diverged" or r.get("seed", -1) < 0
+    rows = [r for r in run.sweep_rows if r.get("pass") != "refine"]  # sweep.lr_refine: one width per lr
+    rows = [r for r in rows if r.get("kind") == "diverged" or r.get("seed", -1) < 0
             or member_key(r, lr_sweep) not in stopped]
     if not lr_sweep:
         return rows

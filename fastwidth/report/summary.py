@@ -11,7 +11,9 @@ summary.json (one object; its first run's keys at the top level, every run under
               "ntk": {"step", "kernel", "output", "k", "points", "ref_width", "widths": [{"width",
                       "eigenvalues", "task_power", ..., "same_seed": [{"seed", "cosines", "mean_cos2"}],
                       "same_seed_mean_cos2", "ensemble_cosines", "ensemble_mean_cos2"}]}},
-     "equal_compute": [{"width", "vs_width", "members", "ensemble_loss", "wide_loss", ...}]}
+     "equal_compute": [{"width", "vs_width", "members", "ensemble_loss", "wide_loss", ...}],
+     "transfer": {"coarse": {"slope", "ci", "resolution", "below_grid_resolution", "optima", ...},
+                  "refined": {...} or null}}   (runs with sweep.lrs; report/transfer.py)
 fits.ntk (when the run stored eNTKs) is the seed-averaged eNTK per width and the principal angles
 with the reference width's top eigenspace (report/ntk.py, stats/ntk_across.py).
 The fits are the loop's final `fit` row (stats/ensemble.py: bootstrap intervals over seeds); the
@@ -28,7 +30,7 @@ from fastwidth.report.intervals import width_intervals
 from fastwidth.report.ntk import ntk_across_run, ntk_lines
 from fastwidth.report.reader import Run, late_mean
 from fastwidth.report.slopes import one_over_n, slope_lines
-from fastwidth.report.transfer import transfer_lines
+from fastwidth.report.transfer import transfer_lines, transfer_summary
 from fastwidth.stats.metrics import fit_power_law
 
 
@@ -134,6 +136,7 @@ def run_numbers(run: Run) -> dict:
         "cka": {w: sum(v) / len(v) for w, v in cka.items()},
         "lr_sharpness": _final(run, "sharpness", "lr_sharpness"),
         "loss_spread": spread, "loss_spread_rel": rel, **_compute_numbers(run),
+        "transfer": transfer_summary(run),
     }
 
 
@@ -283,7 +286,10 @@ def _json_run(n: dict) -> dict:
         fits["ntk"] = n["ntk"]
     if n["one_over_n"]:
         fits["variance_one_over_n"] = n["one_over_n"]
-    return {"run": run, "widths": widths, "fits": fits, "equal_compute": n["equal_compute"]}
+    out = {"run": run, "widths": widths, "fits": fits, "equal_compute": n["equal_compute"]}
+    if n["transfer"]:  # sweep.lrs: the drift on the coarse and (sweep.lr_refine) the refined grid
+        out["transfer"] = n["transfer"]
+    return out
 
 
 def write_summary_json(numbers: list[dict], path: Path, data_orders: list[dict] | None = None) -> Path:

@@ -14,7 +14,11 @@ the interval.
 
 Optimum and drift: stats/transfer.py (a parabola in log η through the grid minimum and its
 neighbours; the least-squares slope of log η* on log N; a member that diverged counts as loss
-+inf at its learning rate). The drift is read over every width, without the base width
++inf at its learning rate; `below_grid_resolution` when the drift is smaller than half a grid step
+of η* across the widths would make). A run with sweep.lr_refine is read twice: on the coarse grid
+(the rows without `pass: "refine"`, grid="coarse") and on the union of the coarse grid and each
+width's refined learning rates (grid="union", the default, which the figures draw); the table
+and summary.json's `transfer` give both side by side. The drift is read over every width, without the base width
 (param.base_width, where µP's multipliers are 1: the narrowest widths move most), and as local
 slopes between neighbouring widths.
 """
@@ -28,9 +32,10 @@ import numpy as np
 
 from fastwidth.report.reader import Run, progress_word, stopped_note
 from fastwidth.stats.transfer import fmt_ci, optimum, range_label, transfer_fit
-from fastwidth.train.sweep import member_name
+from fastwidth.train.sweep import REFINE, member_name
 
-__all__ = ["budgets", "drift", "late_drifts", "loss_vs_lr", "lr_curves", "optimum", "transfer_lines"]
+__all__ = ["budgets", "drift", "late_drifts", "loss_vs_lr", "lr_curves", "optimum", "refined", "transfer_lines",
+           "transfer_summary"]
 
 WINDOW = 0.1       # fraction of the run's tokens averaged at each budget (training-loss source)
 BUDGETS = (0.25, 0.5, 1.0)
@@ -47,45 +52,55 @@ def max_tokens(run: Run) -> int:
     return max((r["tokens"] for r in run.sweep_rows if r.get("kind") in ("train", "eval")), default=0)
 
 
+def refined(run: Run) -> bool:
+    """Whether the run has a refinement pass (sweep.lr_refine) with rows."""
+    return any(r.get("pass") == REFINE for r in run.sweep_rows)
+
+
+def _rows(run: Run, grid: str = "union") -> list[dict]:
+    """The sweep's rows read on `grid`: "union" every row, "coarse" those of the first pass."""
+    return run.sweep_rows if grid == "union" else [r for r in run.sweep_rows if r.get("pass") != REFINE]
+
+
 def _evals(run: Run) -> dict[int, int]:
     """{tokens: step} of the evaluations of a learning-rate sweep (after step 0)."""
     return {r["tokens"]: r["step"] for r in run.sweep_rows
             if r.get("kind") == "eval" and r.get("base_lr") is not None and r["step"] > 0}
 
 
-def lr_curves(run: Run, tokens: int) -> dict[int, dict[float, dict[int, float]]]:
+def lr_curves(run: Run, tokens: int, grid: str = "union") -> dict[int, dict[float, dict[int, float]]]:
     """{width: {lr: {seed: training-window loss at `tokens`}}}; a member stopped by then has inf."""
     window = WINDOW * max_tokens(run)
     acc: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    for r in run.sweep_rows:
+    for r in _rows(run, grid):
         if r.get("kind") == "train" and r.get("base_lr") is not None and isinstance(r.get("loss"), (int, float)):
             if tokens - window < r["tokens"] <= tokens:
                 acc[r["width"]][r["base_lr"]][r["seed"]].append(r["loss"])
     out = {w: {lr: {s: sum(v) / len(v) for s, v in seeds.items()} for lr, seeds in by_lr.items()}
            for w, by_lr in acc.items()}
-    _mark_diverged(run, out, tokens)
+    _mark_diverged(run, out, tokens, grid)
     return {w: dict(sorted(d.items())) for w, d in sorted(out.items())}
 
 
-def _mark_diverged(run: Run, out: dict, tokens: int) -> None:
-    for r in run.diverged:
-        if r["tokens"] <= tokens:  # stopped by then: it has no loss at this budget or any later one
+def _mark_diverged(run: Run, out: dict, tokens: int, grid: str) -> None:
+    for r in _rows(run, grid):
+        if r.get("kind") == "diverged" and r["tokens"] <= tokens:  # stopped by then: no loss at this budget or later
             out.setdefault(r["width"], {}).setdefault(r["base_lr"], {})[r["seed"]] = math.inf
 
 
-def heldout_curves(run: Run, tokens: int) -> dict[int, dict[float, dict[int, np.ndarray]]]:
+def heldout_curves(run: Run, tokens: int, grid: str = "union") -> dict[int, dict[float, dict[int, np.ndarray]]]:
     """{width: {lr: {seed: per-example probe losses (P,)}}} at the evaluation at `tokens`; inf arrays
     for members stopped by then. A member without a stored signature keeps its probe_loss (P = 1)."""
     step = _evals(run).get(tokens)
     out: dict = defaultdict(lambda: defaultdict(dict))
-    for r in run.sweep_rows:
+    for r in _rows(run, grid):
         if r.get("kind") == "eval" and r.get("step") == step and r.get("base_lr") is not None:
             sig = run.signature(member_name(r["width"], r["seed"], r["base_lr"]), step)
             loss = sig[0].get("loss") if sig else None
             v = np.asarray(loss, dtype=np.float64) if loss is not None else np.array([r.get("probe_loss", math.nan)], float)
             out[r["width"]][r["base_lr"]][r["seed"]] = v
     flat: dict = {w: {lr: dict(s) for lr, s in d.items()} for w, d in out.items()}
-    _mark_diverged(run, flat, tokens)
+    _mark_diverged(run, flat, tokens, grid)
     return {w: dict(sorted(d.items())) for w, d in sorted(flat.items())}
 
 
@@ -120,24 +135,27 @@ def heldout(run: Run) -> bool:
     return bool(_evals(run))
 
 
-def drift(run: Run, tokens: int, n_boot: int = N_BOOT, seed: int = 0) -> dict:
-    """stats.transfer.transfer_fit at the budget `tokens`, with "tokens", "source" and "step".
+def drift(run: Run, tokens: int, n_boot: int = N_BOOT, seed: int = 0, grid: str = "union") -> dict:
+    """stats.transfer.transfer_fit at the budget `tokens` on `grid` ("union": every learning rate
+    trained; "coarse": sweep.lrs alone), with "tokens", "source", "step", "grid" and "lrs".
     Cached on the run: the figures and the summary read the same fits."""
     cache = run.__dict__.setdefault("_drift_cache", {})
-    if (tokens, n_boot, seed) not in cache:
-        cache[(tokens, n_boot, seed)] = _drift(run, tokens, n_boot, seed)
-    return cache[(tokens, n_boot, seed)]
+    grid = grid if refined(run) else "union"  # one grid: the same fit
+    key = (tokens, n_boot, seed, grid)
+    if key not in cache:
+        cache[key] = _drift(run, tokens, n_boot, seed, grid)
+    return cache[key]
 
 
-def _drift(run: Run, tokens: int, n_boot: int, seed: int) -> dict:
+def _drift(run: Run, tokens: int, n_boot: int, seed: int, grid: str) -> dict:
     if heldout(run):
         t = min(_evals(run), key=lambda e: abs(e - tokens))
-        curves, source, step = heldout_curves(run, t), "held-out probe", _evals(run)[t]
+        curves, source, step = heldout_curves(run, t, grid), "held-out probe", _evals(run)[t]
     else:
-        t, curves, source, step = tokens, lr_curves(run, tokens), "training window", None
+        t, curves, source, step = tokens, lr_curves(run, tokens, grid), "training window", None
     widths, lrs, losses = _array(curves)
     fit = transfer_fit(lrs, widths, losses, _ranges(run, widths), n_boot=n_boot, seed=seed)
-    return {**fit, "tokens": t, "source": source, "step": step, "curves": curves}
+    return {**fit, "tokens": t, "source": source, "step": step, "curves": curves, "grid": grid, "lrs": lrs}
 
 
 def budgets(run: Run) -> list[int]:
@@ -179,8 +197,11 @@ def _draw_panel(ax, run: Run, tokens: int, colors) -> dict:
     ax.set_xscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.set_xlabel("base learning rate η")
+    coarse = drift(run, tokens, grid="coarse")
+    slope = (f"{fmt_ci(coarse['slope'], coarse['ci'])} coarse,\n{fmt_ci(fit['slope'], fit['ci'])} refined"
+             if refined(run) else fmt_ci(fit['slope'], fit['ci']))
     ax.set_title(f"{sweep_label(run)}: {progress_word(run)} {fit['tokens']}\nlog η* vs log N slope "
-                 f"{fmt_ci(fit['slope'], fit['ci'])} (x: diverged, *: optimum)", fontsize=8)
+                 f"{slope} (x: diverged, *: optimum)", fontsize=8)
     return fit
 
 
@@ -298,24 +319,62 @@ def _fit_cells(fit: dict) -> str:
     return f"{'; '.join(sub) or '–'} | {loc}"
 
 
+def _optima_cell(fit: dict) -> str:
+    return ", ".join(f"{w}: {lr:.3g}{'*' if fit['edge'][w] else ''}" for w, lr in fit["optima"].items())
+
+
+def _resolution_note(fit: dict) -> str:
+    """"resolves 0.28: below it" — the grid's resolution of the drift (stats/transfer.py) and the verdict."""
+    res = fit.get("resolution")
+    if res is None or not math.isfinite(res):
+        return "resolution –"
+    return f"resolves ±{res:.3f}" + (": below it" if fit.get("below_grid_resolution") else "")
+
+
+def _refined_cell(run: Run, t: int) -> str:
+    """The union grid's optima and drift beside the coarse grid's (– without sweep.lr_refine)."""
+    if not refined(run):
+        return "–"
+    fit = drift(run, t, grid="union")
+    ci = fit["ci"] or [math.nan, math.nan]
+    return f"{_optima_cell(fit)}; {fit['slope']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] ({_resolution_note(fit)})"
+
+
+def transfer_summary(run: Run) -> dict | None:
+    """summary.json `transfer`: the drift at the end of the run on the coarse grid and (sweep.lr_refine)
+    on the union grid, each {tokens, source, lrs, optima, edge, slope, ci, resolution,
+    below_grid_resolution, ranges, local, seeds, examples}; None without a learning-rate sweep."""
+    if not (run.lrs and budgets(run)):
+        return None
+    keys = ("tokens", "source", "lrs", "optima", "edge", "slope", "ci", "resolution", "below_grid_resolution",
+            "ranges", "local", "seeds", "examples", "resampled")
+    t = budgets(run)[-1]
+    row = lambda fit: {k: fit[k] for k in keys}  # noqa: E731
+    return {"coarse": row(drift(run, t, grid="coarse")), "refined": row(drift(run, t, grid="union")) if refined(run) else None}
+
+
 def transfer_lines(runs: list[Run]) -> list[str]:
-    """summary.md lines: members left out for divergence, each sweep's optimum and drift, late reads."""
+    """summary.md lines: members left out for divergence, each sweep's optimum and drift (on the coarse
+    grid, and beside it on the refined union grid), late reads."""
     lines = [line for run in runs for line in stopped_note(run)]
     sweeps = [r for r in runs if r.lrs and budgets(r)]
     if not sweeps:
         return lines
     lines += ["## Learning-rate transfer", "",
               "| run | seen | η* per width (sub-grid; * = at the grid's edge) | slope of log η* on log N [95% bootstrap] "
-              "| sub-ranges (without the base width; without the widest) | local slopes |", "|---|---:|---|---|---|---|"]
+              "| sub-ranges (without the base width; without the widest) | local slopes "
+              "| refined grid (sweep.lr_refine): η* per width; slope [95% bootstrap] |", "|---|---:|---|---|---|---|---|"]
     for run in sweeps:
         for t in budgets(run):
-            fit = drift(run, t)
-            opts = ", ".join(f"{w}: {lr:.3g}{'*' if fit['edge'][w] else ''}" for w, lr in fit["optima"].items())
+            fit = drift(run, t, grid="coarse")
             ci = fit["ci"] or [math.nan, math.nan]
-            lines.append(f"| {sweep_label(run)} | {fit['tokens']} {progress_word(run)} | {opts} | {fit['slope']:+.3f} "
-                         f"[{ci[0]:+.3f}, {ci[1]:+.3f}] ({fit['seeds']} seeds, {fit['source']}, resampling "
-                         f"{fit['resampled']}) | {_fit_cells(fit)} |")
-    lines += [""]
+            lines.append(f"| {sweep_label(run)} | {fit['tokens']} {progress_word(run)} | {_optima_cell(fit)} | "
+                         f"{fit['slope']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] ({fit['seeds']} seeds, {fit['source']}, "
+                         f"resampling {fit['resampled']}; {_resolution_note(fit)}) | {_fit_cells(fit)} | "
+                         f"{_refined_cell(run, t)} |")
+    lines += ["", "Resolution: the drift that half a grid step of η* across the widths makes, "
+              "(½ · widest local step in log η) / log(N_max/N_min); a drift below it is within what the grid "
+              "alone can move it (stats/transfer.py).", ""]
     for run in sweeps:
         reads = late_drifts(run)
         if len(reads) >= 2:

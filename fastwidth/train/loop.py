@@ -40,7 +40,7 @@ from fastwidth.stats.monitor import Monitor
 from fastwidth.stats.preact_range import RANGES_FILE
 from fastwidth.train import checkpoint as ckpt
 from fastwidth.train import flops, preempt, rundir, tracking
-from fastwidth.train.metrics import truncate_after
+from fastwidth.train.metrics import read_metrics, truncate_after
 from fastwidth.train import dynamics, stacked, sweep, threads
 from fastwidth.train.members import (Member, autocast_for, compiled_loss,  # noqa: F401 (re-exported: bench/, tests)
                                      make_members, pick_device, tokens_per_step)
@@ -103,9 +103,11 @@ def check_run_dir(cfg: Config) -> dict | None:
     return meta
 
 
-def prepare_run_dir(cfg: Config, meta: dict | None, member_steps: dict | None = None) -> Path:
+def prepare_run_dir(cfg: Config, meta: dict | None, member_steps: dict | None = None,
+                    floors: dict | None = None) -> Path:
     """Create (or, resuming, trim) the run directory; member_steps maps (width, seed, base_lr) to the
-    step each member resumes from (rows after it are dropped)."""
+    step each member resumes from (rows after it are dropped); floors: the step at which the rows of
+    no member are cut, per `pass` (metrics.truncate_after)."""
     run_dir = Path(cfg.train.out_dir)
     rundir.make_dir(run_dir)
     if meta is None:  # overwrite, resume=auto without a checkpoint, or nothing resumable: start over
@@ -117,7 +119,7 @@ def prepare_run_dir(cfg: Config, meta: dict | None, member_steps: dict | None = 
         (run_dir / sub).mkdir(exist_ok=True)
     if meta is not None:
         truncate_after(run_dir / "metrics.jsonl", member_steps
-                       or {(e["width"], e["seed"], None): e["step"] for e in meta["members"]})
+                       or {(e["width"], e["seed"], None): e["step"] for e in meta["members"]}, floors)
     ckpt.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
     return run_dir
 
@@ -150,6 +152,10 @@ class Trainer:
         check_shared_dir(self.dist, cfg.train.out_dir)
         self.memory = MemoryRecorder(self.dist, self.device)  # baseline: before any model exists
         self.members = make_members(cfg, self.stream, self.device, self.placement, self.memory)
+        refined = sweep.saved_refine_specs(self.resume_meta)  # resuming inside the refinement pass
+        if refined:
+            self.members += make_members(cfg, self.stream, self.device, self.placement, specs=refined,
+                                         pass_name=sweep.REFINE)
         self.loss_fns = {m.name: compiled_loss(m.model, cfg, self.dist.active) for m in self.members}
         self._fixed = None
         dynamics.apply_edge_lrs(self)  # optim.lr_unit = edge: η = lr × 2/λ0, at init (before any restore)
@@ -165,7 +171,8 @@ class Trainer:
             ckpt.set_rng_state(self.resume_meta["rng"])
         if self.dist.is_main:
             self.run_dir = prepare_run_dir(cfg, self.resume_meta,
-                                           {(m.width, m.seed, m.base_lr): m.step for m in self.members})
+                                           {(m.width, m.seed, m.base_lr): m.step for m in self.members},
+                                           sweep.pass_floors(self.members, self.resume_meta))
         else:  # other ranks evaluate too (collective forwards) but write into a scratch copy
             self.run_dir = Path(cfg.train.out_dir) / f".rank{self.dist.rank}"
             shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -195,8 +202,8 @@ class Trainer:
         shared = Path(cfg.train.out_dir)
         if not cfg.sweep.lrs:
             return Monitor(cfg, self.run_dir, self.members, probe, self.writer, self.device, ranges_dir=shared)
-        return sweep.LRMonitors(lambda ms, w: Monitor(cfg, self.run_dir, ms, probe, w, self.device, ranges_dir=shared),
-                                self.members, self.writer)
+        return sweep.LRMonitors(lambda ms, w: Monitor(sweep.monitor_config(cfg, ms), self.run_dir, ms, probe, w,
+                                                      self.device, ranges_dir=shared), self.members, self.writer)
 
     # one optimizer step of one member on one batch; returns the loss (a tensor, no host sync)
     def train_step(self, m: Member, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -228,7 +235,7 @@ class Trainer:
                "width": m.width, "seed": m.seed, "loss": float(loss), "lr": m.cfg.optim.lr * lr_factor_,
                **tracking.grad_fields(m.grad_norm, self.cfg.optim.grad_clip), **self.flops.fields(m),
                **(extras or {})}
-        self.writer.write(row if m.base_lr is None else {**row, "base_lr": m.base_lr})
+        self.writer.write(row if m.base_lr is None else {**row, "base_lr": m.base_lr, **sweep.pass_tag(m)})
 
     def _due(self, step: int, every: int) -> bool:
         return step % every == 0 or step == self.cfg.train.steps
@@ -243,19 +250,40 @@ class Trainer:
         bar = tqdm(total=cfg.train.steps * len(self.members), initial=sum(m.step for m in self.members),
                    desc=f"{cfg.name} {len(self.members)} models", unit="step", disable=not cfg.train.progress,
                    file=sys.stderr, dynamic_ncols=True)
-        groups = [self.members] if cfg.sweep.mode == "lockstep" else [[m] for m in self.members]
         t0 = time.time()
-        self.stacker = stacker = stacked.plan(self, lambda: autocast_for(cfg, self.device))  # sweep.stack: one batched model per width
+        self.stacker = stacked.plan(self, lambda: autocast_for(cfg, self.device))  # sweep.stack: one batched model per width
         self.stop.armed = True  # from here a first Ctrl-C finishes the step and checkpoints
         clock = preempt.CheckpointClock(cfg.train.ckpt_minutes)
         self.throughput = tracking.Throughput(self.tokens_per_step, self.device, start)
         self.flops = flops.MFU(self.members, data_io(self.stream, cfg), self.device, self.dist.world_size)
-        for group in groups:
+        refined = [m for m in self.members if sweep.pass_tag(m)]  # a resume inside the refinement pass has them
+        self._train_groups([m for m in self.members if m not in refined], bar, clock)
+        if cfg.sweep.lr_refine and not self.stop.raised:  # the second pass: train/sweep.py
+            self._train_groups(refined or self._start_refinement(bar), bar, clock)
+        bar.close()
+        if self.stacker:
+            self.stacker.close()  # members own their parameters' storage again
+        final = self.save(final=True)
+        if self.stop.raised:  # the signal came during the last step or the final checkpoint
+            preempt.raise_preempted(self, self.stop, final)
+        self.writer.write({"kind": "run", "step": cfg.train.steps, "tokens": cfg.train.steps * self.tokens_per_step,
+                           "width": 0, "seed": 0, "wall_s": time.time() - t0, "models": len(self.members),
+                           "diverged": sum(m.diverged is not None for m in self.members),
+                           "commit": source_commit()})
+        self.writer.close()
+        if not self.dist.is_main:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        return Path(cfg.train.out_dir) if self.dist.active else self.run_dir
+
+    def _train_groups(self, members: list[Member], bar, clock) -> None:
+        """Train `members` to train.steps: all together per batch (lockstep) or one after another."""
+        cfg = self.cfg
+        for group in [members] if cfg.sweep.mode == "lockstep" else [[m] for m in members]:
             while self.active(group) and min(m.step for m in self.active(group)) < cfg.train.steps:
                 step = min(m.step for m in self.active(group))
                 x, y = self.batch(step)
                 due = [m for m in self.active(group) if m.step == step]
-                losses = stacker.train(due, x, y) if stacker else {m.name: self.train_step(m, x, y) for m in due}
+                losses = self.stacker.train(due, x, y) if self.stacker else {m.name: self.train_step(m, x, y) for m in due}
                 bar.update(len(losses))
                 if "step" not in self.memory.done:
                     self.memory.mark("step", [m.table for m in self.members], step + 1, (step + 1) * self.tokens_per_step)
@@ -268,20 +296,29 @@ class Trainer:
                 preempt.between_steps(self, self.stop, clock)
             if cfg.sweep.mode == "sequential" and cfg.stats.enabled:
                 self.evaluator.flush_pending()
-        bar.close()
-        if stacker:
-            stacker.close()  # members own their parameters' storage again
-        final = self.save(final=True)
-        if self.stop.raised:  # the signal came during the last step or the final checkpoint
-            preempt.raise_preempted(self, self.stop, final)
-        self.writer.write({"kind": "run", "step": cfg.train.steps, "tokens": cfg.train.steps * self.tokens_per_step,
-                           "width": 0, "seed": 0, "wall_s": time.time() - t0, "models": len(self.members),
-                           "diverged": sum(m.diverged is not None for m in self.members),
-                           "commit": source_commit()})
-        self.writer.close()
-        if not self.dist.is_main:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-        return Path(cfg.train.out_dir) if self.dist.active else self.run_dir
+
+    def _start_refinement(self, bar) -> list[Member]:
+        """sweep.lr_refine: checkpoint the finished first pass, then build the refined members from
+        its final losses (train/sweep.py) and give them monitors; returns them, at step 0."""
+        cfg = self.cfg
+        if self.stacker:
+            self.stacker.close()
+        self.save(final=False)  # a resume from here recomputes the same refined specs from the same rows
+        self.dist.barrier()     # rank 0 has written every row of the first pass
+        specs = sweep.refine_specs(cfg, read_metrics(Path(cfg.train.out_dir) / "metrics.jsonl"))
+        new = make_members(cfg, self.stream, self.device, self.placement, specs=specs, pass_name=sweep.REFINE)
+        log.info("sweep.lr_refine=%d: %d more members, learning rates %s", cfg.sweep.lr_refine, len(new),
+                 {w: sorted({lr for w2, lr, _ in specs if w2 == w}) for w in dict.fromkeys(w for w, _, _ in specs)})
+        self.members += new
+        self.loss_fns.update({m.name: compiled_loss(m.model, cfg, self.dist.active) for m in new})
+        dynamics.init_coord(self)  # stats.coord_every: W_0 of the new members (the finished ones are not read again)
+        self.evaluator.add(new)
+        self.stacker = stacked.plan(self, lambda: autocast_for(cfg, self.device))
+        self.flops = flops.MFU(self.members, data_io(self.stream, cfg), self.device, self.dist.world_size)
+        bar.total += cfg.train.steps * len(new)
+        if cfg.stats.enabled:
+            self.evaluator.evaluate(0, 0, new)
+        return new
 
     @staticmethod
     def active(group: list[Member]) -> list[Member]:

@@ -39,6 +39,7 @@ class Member:
     diverged: dict | None = None    # the "diverged" row once the member is stopped
     grad_norm: torch.Tensor | None = None  # before clipping, of the last step
     engine: object = None           # what trains it (fastwidth.parallel.engines.Engine interface)
+    pass_name: str | None = None    # "refine": trained in the sweep.lr_refine pass (train/sweep.py)
 
     @property
     def name(self) -> str:
@@ -81,15 +82,17 @@ def tokens_per_step(stream, cfg: Config) -> int:
     return cfg.data.batch_size * (cfg.data.seq_len if stream.kind == "tokens" else 1)
 
 
-def make_members(cfg: Config, stream, device: torch.device, placement=None, memory=None) -> list[Member]:
-    """Models of every (width, seed), the reference width first (sequential mode needs it).
+def make_members(cfg: Config, stream, device: torch.device, placement=None, memory=None,
+                 specs: list | None = None, pass_name: str | None = None) -> list[Member]:
+    """Models of every (width, seed), the reference width first (sequential mode needs it), or of
+    the (width, base_lr, seed) `specs` of a refinement pass (pass_name "refine").
     Each member is built on meta and handed to its engine (placement per width; one process: the
     plain Engine, which materializes it whole on `device`). Every model is built first ("built"
     memory row), then engines and optimizers ("ready")."""
     io = data_io(stream, cfg)
     local = Engine(cfg, DistEnv(device=device)) if placement is None else None
     built = []
-    for w, lr, s in sweep.member_specs(cfg):
+    for w, lr, s in sweep.member_specs(cfg) if specs is None else specs:
         wcfg = sweep.for_member(cfg, w, lr)
         name = sweep.member_name(w, s, lr)
         engine = local or placement.for_width(w)
@@ -102,7 +105,7 @@ def make_members(cfg: Config, stream, device: torch.device, placement=None, memo
     members = []
     for w, lr, s, name, wcfg, model, table, engine in built:
         model, opt = engine.finish(name, table, wcfg)
-        members.append(Member(w, s, wcfg, model, opt, table, base_lr=lr, engine=engine))
+        members.append(Member(w, s, wcfg, model, opt, table, base_lr=lr, engine=engine, pass_name=pass_name))
     if memory is not None:
         memory.mark("ready", [m.table for m in members])
     return members

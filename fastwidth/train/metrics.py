@@ -67,11 +67,13 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def truncate_after(path: Path, member_steps: dict[tuple, int]) -> None:
+def truncate_after(path: Path, member_steps: dict[tuple, int], floors: dict | None = None) -> None:
     """Drop rows written after the checkpoint a resume starts from.
 
     member_steps maps (width, seed, base_lr) to that model's checkpointed step (base_lr None outside
-    a learning-rate sweep); rows of no model (or of a model not listed) are cut at the smallest step.
+    a learning-rate sweep); rows of no model (or of a model not listed) are cut at the smallest step,
+    or at floors[row's "pass"] (sweep.lr_refine: a finished first pass keeps its rows while the
+    refinement pass resumes from an earlier step).
     """
     from fastwidth.train.checkpoint import atomic_write_text
     if not Path(path).is_file():
@@ -80,7 +82,8 @@ def truncate_after(path: Path, member_steps: dict[tuple, int]) -> None:
 
     def limit(r: dict) -> int:
         key = (r.get("width"), r.get("seed"))
-        return member_steps.get((*key, r.get("base_lr")), member_steps.get((*key, None), floor))
+        cut = (floors or {}).get(r.get("pass"), floor)
+        return member_steps.get((*key, r.get("base_lr")), member_steps.get((*key, None), cut))
 
     kept = [json.dumps(json_safe(r)) for r in read_metrics(path) if r.get("step", 0) <= limit(r)]
     atomic_write_text(Path(path), "".join(line + "\n" for line in kept))

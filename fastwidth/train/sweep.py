@@ -9,6 +9,20 @@ not depend on the member), each has its own optimizer with optim.lr = lr, and it
 `w{width}_lr{lr:g}_s{seed}` stays unique. The statistics compare widths at one learning rate:
 `LRMonitors` keeps one Monitor per learning rate, and every row it writes carries `base_lr`.
 
+With `sweep.lr_refine: K` a second pass follows: once every member has reached train.steps, the
+coarse pass's final losses (`final_losses`: the probe loss of the last evaluation, else the mean
+training loss of the last 10% of steps) give each width's grid argmin, stats/transfer.refine_lrs
+gives K learning rates around it, and `refine_specs` makes them members at every seed. They are
+built and trained like the first (the loop's own machinery, from step 0 on the same stream: the
+same batches and, since a member's init depends on (seed, width) and not its learning rate, the
+same initial weights as the coarse members of their width and seed) and carry `pass_name`
+"refine": their rows say `pass: "refine"`, and their statistics are kept per (lr, width) (a
+refined lr exists at one width only, so there is no other width to compare it with). A
+checkpoint after the first pass and every later one (which lists the refined specs) make
+train.resume work across the two passes; one checkpoint holds both passes' members (load_model
+reaches a refined one by its name). A resume with a larger train.steps keeps the refined learning
+rates picked at the first end and trains both passes on.
+
 A member whose loss is not finite, or exceeds `diverge_factor` times its first loss, is stopped:
 the loop spends no more compute on it, the monitor leaves it out of every later comparison, and a
 row {"kind": "diverged", "step", "tokens", "width", "seed", "base_lr", "reason"} records why.
@@ -19,9 +33,14 @@ import contextlib
 import dataclasses
 import math
 
+import numpy as np
 import torch
 
 from fastwidth.config import Config, for_width
+from fastwidth.stats.transfer import refine_lrs
+
+REFINE = "refine"    # pass_name of the refinement's members, "pass" of their rows
+FINAL_WINDOW = 0.1   # stats off: a member's final loss is its mean training loss over the last 10% of steps
 
 
 def member_specs(cfg: Config) -> list[tuple[int, float | None, int]]:
@@ -43,6 +62,42 @@ def for_member(cfg: Config, width: int, base_lr: float | None) -> Config:
     if base_lr is None:
         return wcfg
     return dataclasses.replace(wcfg, optim=dataclasses.replace(wcfg.optim, lr=float(base_lr)))
+
+
+def final_losses(rows: list[dict], steps: int) -> dict[tuple[int, float, int], float]:
+    """{(width, base_lr, seed): loss} of the first pass's members at its end, the number the report's
+    last budget reads (report/transfer.py): the probe loss of the evaluation at `steps`, or without
+    evaluations the mean training loss over the last FINAL_WINDOW of steps; +inf when it diverged."""
+    first = [r for r in rows if r.get("pass") != REFINE and r.get("base_lr") is not None]
+    out = {(r["width"], r["base_lr"], r["seed"]): r["probe_loss"] for r in first
+           if r.get("kind") == "eval" and r.get("step") == steps and isinstance(r.get("probe_loss"), (int, float))}
+    if not out:
+        acc: dict[tuple, list[float]] = {}
+        for r in first:
+            if r.get("kind") == "train" and r["step"] > (1 - FINAL_WINDOW) * steps and isinstance(r.get("loss"), (int, float)):
+                acc.setdefault((r["width"], r["base_lr"], r["seed"]), []).append(r["loss"])
+        out = {k: sum(v) / len(v) for k, v in acc.items()}
+    out.update({(r["width"], r["base_lr"], r["seed"]): math.inf for r in first if r.get("kind") == "diverged"})
+    return out
+
+
+def _seed_mean(values: list[float]) -> float:
+    """Mean over seeds; inf when one diverged (as stats/transfer.py counts it), nan when none has a loss."""
+    if any(v == math.inf for v in values):
+        return math.inf
+    ok = [v for v in values if math.isfinite(v)]
+    return sum(ok) / len(ok) if ok else math.nan
+
+
+def refine_specs(cfg: Config, rows: list[dict]) -> list[tuple[int, float, int]]:
+    """(width, base_lr, seed) of the refinement pass: sweep.lr_refine learning rates around each
+    width's argmin of the first pass's seed-mean final loss, at every seed, in member_specs' order."""
+    lrs = sorted(float(lr) for lr in cfg.sweep.lrs)
+    widths = list(dict.fromkeys(w for w, _, _ in member_specs(cfg)))
+    got = final_losses(rows, cfg.train.steps)
+    y = np.array([[_seed_mean([got.get((w, lr, s), math.nan) for s in cfg.sweep.seeds]) for lr in lrs] for w in widths])
+    picks = refine_lrs(lrs, y, cfg.sweep.lr_refine)
+    return [(w, lr, s) for w, add in zip(widths, picks) for lr in add if lr not in lrs for s in cfg.sweep.seeds]
 
 
 def divergence_reason(loss: float, first: float | None, factor: float) -> str | None:
@@ -85,7 +140,13 @@ class DivergenceGuard:
 
 def diverged_row(m, reason: str, loss: float, tokens_per_step: int) -> dict:
     return {"kind": "diverged", "step": m.step, "tokens": m.step * tokens_per_step, "width": m.width,
-            "seed": m.seed, "base_lr": m.cfg.optim.lr, "reason": reason, "loss": loss, "name": m.name}
+            "seed": m.seed, "base_lr": m.cfg.optim.lr, "reason": reason, "loss": loss, "name": m.name,
+            **pass_tag(m)}
+
+
+def pass_tag(m) -> dict:
+    """{"pass": "refine"} for a member of the refinement pass, {} for the first pass (rows as before)."""
+    return {"pass": REFINE} if getattr(m, "pass_name", None) == REFINE else {}
 
 
 def drop_member(monitor, m, announce: bool = True) -> None:
@@ -112,14 +173,37 @@ class TaggedWriter:
         self.writer.close()
 
 
+def monitor_key(m):
+    """Which Monitor a member reports to: its learning rate (widths compared at equal lr), or for a
+    refined member (lr, width): a refined lr exists at one width, so it is compared with nothing."""
+    return (m.base_lr, m.width) if pass_tag(m) else m.base_lr
+
+
+def monitor_config(cfg: Config, members: list) -> Config:
+    """The config a Monitor of `members` runs with: a refined (lr, width) group is its own reference."""
+    if not pass_tag(members[0]):
+        return cfg
+    return dataclasses.replace(cfg, sweep=dataclasses.replace(cfg.sweep, reference_width=members[0].width))
+
+
 class LRMonitors:
-    """The Monitor interface over one Monitor per learning rate (widths compared at equal lr)."""
+    """The Monitor interface over one Monitor per learning rate (widths compared at equal lr), and
+    one per refined (lr, width) (monitor_key); `add` gives the refinement pass's members theirs."""
 
     def __init__(self, make_monitor, members: list, writer):
-        lrs = sorted({m.base_lr for m in members})
-        self.monitors = {lr: make_monitor([m for m in members if m.base_lr == lr], TaggedWriter(writer, base_lr=lr))
-                         for lr in lrs}
-        self._of = {m.name: self.monitors[m.base_lr] for m in members}
+        self.make_monitor, self.writer = make_monitor, writer
+        self.monitors: dict = {}
+        self._of: dict = {}
+        self.add(members)
+
+    def add(self, members: list) -> None:
+        groups: dict = {}
+        for m in members:
+            groups.setdefault(monitor_key(m), []).append(m)
+        for key in sorted(groups, key=lambda k: (isinstance(k, tuple), k)):
+            ms = groups[key]
+            self.monitors[key] = self.make_monitor(ms, TaggedWriter(self.writer, base_lr=ms[0].base_lr, **pass_tag(ms[0])))
+        self._of.update({m.name: self.monitors[monitor_key(m)] for m in members})
 
     @property
     def acc(self) -> dict:
@@ -154,8 +238,8 @@ class LRMonitors:
         return self._of[member.name].training(member)
 
     def evaluate(self, step: int, tokens: int, members: list | None = None) -> None:
-        for lr, mon in self.monitors.items():
-            subset = [m for m in members if m.base_lr == lr] if members is not None else None
+        for key, mon in self.monitors.items():
+            subset = [m for m in members if monitor_key(m) == key] if members is not None else None
             if subset is None or subset:
                 mon.evaluate(step, tokens, subset)
 
@@ -168,12 +252,12 @@ class LRMonitors:
             mon.close()
 
     def state_dict(self) -> dict:
-        return {repr(lr): mon.state_dict() for lr, mon in self.monitors.items()}
+        return {repr(key): mon.state_dict() for key, mon in self.monitors.items()}
 
     def load_state_dict(self, d: dict) -> None:
-        for lr, mon in self.monitors.items():
-            if repr(lr) in d:
-                mon.load_state_dict(d[repr(lr)])
+        for key, mon in self.monitors.items():
+            if repr(key) in d:
+                mon.load_state_dict(d[repr(key)])
 
 
 # --------------------------------------------------------------------------- checkpoint state
@@ -183,7 +267,27 @@ def state(trainer) -> dict:
     stacker = getattr(trainer, "stacker", None)
     return {"guard": trainer.guard.state_dict(),
             "diverged": {m.name: m.diverged for m in trainer.members if m.diverged is not None},
-            "stacked": sorted(stacker.widths) if stacker else []}  # a resume stacks the same widths
+            "stacked": sorted(stacker.widths) if stacker else [],  # a resume stacks the same widths
+            "refine": [[m.width, m.base_lr, m.seed] for m in trainer.members if pass_tag(m)]}
+
+
+def pass_floors(members: list, meta: dict | None) -> dict:
+    """{row "pass": the smallest step of its members still training} (None: the first pass), where a
+    resume cuts the rows of no member (ensembles, fits) of each pass: a member stopped for divergence
+    at step 2 must not cut the others' ensemble rows there. Refinement rows without refined members
+    in the checkpoint are from an attempt that did not reach one: all go (floor -1). meta: the
+    checkpoint resumed from (its sweep state names the stopped members)."""
+    stopped = set((meta or {}).get("sweep", {}).get("diverged") or {})
+    out: dict = {}
+    for m in [m for m in members if m.name not in stopped] or members:
+        key = pass_tag(m).get("pass")
+        out[key] = min(out.get(key, m.step), m.step)
+    return {REFINE: -1, **out}
+
+
+def saved_refine_specs(meta: dict | None) -> list[tuple[int, float, int]]:
+    """The refinement pass's (width, base_lr, seed) a checkpoint holds (none before that pass began)."""
+    return [(int(w), float(lr), int(s)) for w, lr, s in ((meta or {}).get("sweep", {}).get("refine") or [])]
 
 
 def restore(trainer, saved: dict) -> None:

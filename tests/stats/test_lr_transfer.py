@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from fastwidth.stats.transfer import optima, optimum, transfer_fit
+from fastwidth.stats.transfer import optima, optimum, refine_lrs, transfer_fit
 
 WIDTHS = [64, 128, 256, 512]
 LRS = list(10 ** np.linspace(-4, -1, 7))
@@ -75,3 +75,85 @@ def test_seed_noise_widens_the_interval_and_diverged_members_never_win():
     assert fit["edge"][64] and fit["optima"][64] != pytest.approx(LRS[best])
     with pytest.raises(ValueError):
         transfer_fit(LRS[:3], WIDTHS, L)
+
+
+# --------------------------------------------------------------------------- refinement (sweep.lr_refine)
+
+SHIPPED = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]   # configs/transfer: steps of x3 and x3.33
+
+
+def test_refine_lrs_cut_the_steps_beside_the_argmin_into_parts_of_at_most_root_two():
+    x = np.log(SHIPPED)
+    y = (x - math.log(1.2e-3)) ** 2                    # argmin 1e-3, its vertex side (the lower neighbour) above
+    assert refine_lrs(SHIPPED, y, 1) == [[0.00132]]     # 1e-3 * 3^(1/4)
+    assert refine_lrs(SHIPPED, y, 2) == [[0.00074, 0.00132]]   # 1e-3 * (3e-4/1e-3)^(1/4), 1e-3 * 3^(1/4)
+    assert refine_lrs(SHIPPED, y, 3) == [[0.00074, 0.00132, 0.00173]]
+    for k in (2, 4, 6, 8):
+        got = refine_lrs(SHIPPED, y, k)[0]
+        assert len(got) == k and all(3e-4 < v < 3e-3 and v != 1e-3 for v in got)   # inside the bracket
+        assert np.diff(np.log(sorted(got + [1e-3]))).max() <= math.log(2 ** 0.5) + 0.01  # 3 digits' rounding
+    bracket = np.log(sorted(refine_lrs(SHIPPED, y, 6)[0] + [3e-4, 1e-3, 3e-3]))     # 6: the bracket cut in 4 + 4
+    assert len(bracket) == 9 and np.diff(bracket).max() <= math.log(2 ** 0.5) + 0.01
+    # the grid's top edge: the first point goes outward, with the step of the side it has
+    top = refine_lrs(SHIPPED, -x, 1)[0]
+    assert top == [pytest.approx(0.1 * (0.1 / 0.03) ** 0.25, rel=5e-3)] and top[0] > 0.1
+    # beside a diverged lr the refinement still goes toward it; a width with nothing finite gets none
+    wall = y.copy()
+    wall[3:] = np.inf
+    assert refine_lrs(SHIPPED, np.stack([wall, np.full(7, np.nan)]), 2) == [[0.00074, 0.00132], []]
+
+
+def test_union_grid_optima_skip_learning_rates_a_width_did_not_train():
+    lrs = sorted(SHIPPED + [7.4e-4, 1.32e-3, 2.2e-3, 4.1e-3])
+    x = np.log(lrs)
+    y = 0.5 * (x - math.log(1.5e-3)) ** 2
+    only = np.array([lr in SHIPPED or lr in (1.32e-3, 2.2e-3) for lr in lrs])  # this width's own refined lrs
+    partial = np.where(only, y, np.nan)
+    eta, edge = optima(lrs, np.stack([y, partial]))
+    assert eta == pytest.approx([1.5e-3, 1.5e-3], rel=1e-9) and not edge.any()
+    # a nan beside the minimum is skipped, not taken for a diverged lr (inf: the edge, as before)
+    gap = partial.copy()
+    gap[lrs.index(1e-3)] = np.nan
+    assert optimum(lrs, gap) == (pytest.approx(1.5e-3, rel=1e-9), False)
+    gap[lrs.index(1e-3)] = np.inf
+    assert optimum(lrs, gap)[1] is True
+
+
+def toy_losses(lrs, widths=WIDTHS, alpha=0.135):
+    """A fixed bowl 0.08 (log η - log 3e-2)² plus a wall 0.05 exp((log η - log η_w(N)) / 0.5) of
+    divergence at η_w(N) = 1e-2 (N/64)^alpha, receding with width: the optimum drifts by +0.084
+    over 64-512 (and no loss curve is a parabola in log η)."""
+    u = np.log(np.asarray(lrs, dtype=np.float64))[None, :]
+    wall = np.log(1e-2) + alpha * np.log(np.asarray(widths, dtype=np.float64) / 64)[:, None]
+    return 0.08 * (u - np.log(3e-2)) ** 2 + 0.05 * np.exp((u - wall) / 0.5)
+
+
+def _toy_drift(lrs, y):
+    return transfer_fit(lrs, WIDTHS, y[:, :, None, None], n_boot=0)
+
+
+def test_refinement_reads_the_toy_drift_the_coarse_grid_misses():
+    fine = np.exp(np.linspace(np.log(1e-3), np.log(1e-1), 40001))
+    truth = np.polyfit(np.log(WIDTHS), np.log(fine[np.argmin(toy_losses(fine), axis=1)]), 1)[0]
+    assert truth == pytest.approx(0.084, abs=0.001)
+    coarse = _toy_drift(SHIPPED, toy_losses(SHIPPED))
+    assert abs(coarse["slope"] - truth) > 0.03 and coarse["below_grid_resolution"] is True
+    # resolution: half the widest local step (log 10^½ around 1e-2) across log(512/64)
+    assert coarse["resolution"] == pytest.approx(0.5 * 0.5 * math.log(10) / math.log(8), rel=0.01)
+    root2 = list(2.0 ** np.arange(-14, -3.4, 0.5))
+    assert _toy_drift(root2, toy_losses(root2))["slope"] == pytest.approx(truth, abs=0.005)
+    add = refine_lrs(SHIPPED, toy_losses(SHIPPED), 4)
+    union = sorted(set(SHIPPED).union(*add))
+    y = np.where([[lr in SHIPPED or lr in mine for lr in union] for mine in add], toy_losses(union), np.nan)
+    fit = _toy_drift(union, y)
+    assert fit["slope"] == pytest.approx(truth, abs=0.005) and fit["resolution"] < coarse["resolution"] / 3
+    assert fit["below_grid_resolution"] is False
+
+
+def test_a_drift_beyond_the_grid_step_is_resolved():
+    eta = 4e-3 * (np.array(WIDTHS) / 64.0) ** 0.35                     # resolutions 0.28 (64-512), 0.42 (128-512)
+    fit = transfer_fit(LRS, WIDTHS, losses(eta), ranges={"128-512": WIDTHS[1:]}, n_boot=0)
+    step = math.log(LRS[1] / LRS[0])                                 # a regular grid: one step everywhere
+    assert fit["resolution"] == pytest.approx(0.5 * step / math.log(8))
+    assert fit["below_grid_resolution"] is False and fit["ranges"]["128-512"]["below_grid_resolution"] is True
+    assert fit["ranges"]["128-512"]["resolution"] == pytest.approx(0.5 * step / math.log(4))
