@@ -142,7 +142,7 @@ class StatsConfig:
     preact_every: int = _opt(1, min=1, help="accumulate preactivations on every k-th training step")
     hist_bins: int = _opt(64, min=2, help="preactivation histogram bins")
     hist_stride: int = _opt(16, min=1, help="torch and native paths: histogram every k-th preactivation element (moments use all; the fused Triton kernel reads all)")
-    hist_range: float = _opt(0.0, min=0.0, help="preactivation histograms span [-hist_range, hist_range], outside in the edge bins; 0 = per layer from the reference width's first evaluation (quantiles, saved with the run)")
+    hist_range: float = _opt(0.0, min=0.0, help="preactivation histograms span [-hist_range, hist_range], outside in the edge bins; 0 = per layer from the reference width's first evaluation (hist_units: asinh or quantile bins, saved with the run)")
     hist_units: str = _opt("asinh", choices=["asinh", "raw"], help="hist_range 0: bin u = asinh((x - c) / s), c, s the reference width's probe mean and std at the first evaluation (covers the preactivations' growth in training; stats/preact_range.py), or raw x on quantile ranges")
     hist_reach: float = _opt(1000.0, min=1.0, help="hist_units asinh: the bins reach this many first-evaluation stds from the centre; beyond goes to two overflow bins")
     hist_quantile: float = _opt(0.001, min=0.0, help="hist_range 0, hist_units raw: a layer's range is its [q, 1-q] quantiles at the first evaluation, widened by hist_margin; outside goes to two overflow bins")

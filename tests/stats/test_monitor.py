@@ -268,8 +268,9 @@ def test_ranges_come_from_ranges_dir_when_run_dir_is_scratch(tmp_path):
     members = [Member(w, 0, ToyMLP(6, w, 4)) for w in (8, 16)]
     px, py = teacher_data(40, seed=99)
     mon = Monitor(cfg, scratch, members, {"x": px, "y": py}, ListWriter(), "cpu", ranges_dir=tmp_path / "a")
-    assert mon.ranges == ranges
+    assert mon.ranges == ranges and ranges["layer0"]["units"] == "asinh"
     assert all(set(mon.acc[m.name]) == {"layer0", "layer1"} for m in members)
+    assert mon.acc["w8_s0"]["layer1"].asinh == (ranges["layer1"]["center"], ranges["layer1"]["scale"])
     assert json.loads((scratch / "preact_ranges.json").read_text()) == ranges
     alone = Monitor(cfg, tmp_path / "empty", members, {"x": px, "y": py}, ListWriter(), "cpu")
     assert alone.ranges is None and not any(alone.acc.values())  # without it: set at its first evaluation
