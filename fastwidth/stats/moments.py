@@ -150,7 +150,11 @@ def batch_moments_fused(x: torch.Tensor, bins: int, lo: float, hi: float, backen
     # 1e4; Triton on a GPU: about 0 (no host sync; see above)
     first = float(x.reshape(-1)[0]) if backend == "native" else 0.0
     shift = first if math.isfinite(first) else 0.0
-    m = moments_histogram(x, lo, hi, 1 if asinh else bins, backend=backend, shift=shift,
+    # asinh units: the kernel's linear histogram goes unused; the native op then bins into one
+    # bin (no wasted work); the Triton kernel keeps the bin count it is compiled and checked for
+    # (one bin was run in the interpreter only, never on a GPU)
+    nb = 1 if asinh and backend == "native" else bins
+    m = moments_histogram(x, lo, hi, nb, backend=backend, shift=shift,
                           hist_stride=hist_stride if backend == "native" else 1)
     n = float(m.count)
     # moments about the mean as the row stores it (fp32), as the torch path's are: merge() takes
