@@ -120,7 +120,7 @@ def preact_lines(runs: list[Run]) -> list[str]:
                 "|---|---:|---:|---|"]
         for l in d["layers"]:
             o = d["out_of_range"][l]
-            out.append(f"| {l} | {o['final']:.2e} | {o['worst']:.2e} | {o['worst_at']} |")
+            out.append(f"| {l} | {o['final']:.2e} | {o['worst']:.2e} | {o['worst_at'] if o['worst'] > 0 else '–'} |")
         out += ["", f"W1 to the same seed's width-{run.ref_width} histogram over that member's std (floor: between "
                 "two reference seeds), and excess kurtosis, at the final eval: mean over seeds [95% bootstrap "
                 "interval over seeds]:", "", "| width | " + " | ".join(f"W1/σ {l}" for l in d["layers"]) + " | "
