@@ -3,7 +3,9 @@
 - Preactivation moments and histograms: each rank accumulates its rows of every training batch;
   `sync_preacts` merges the per-rank summaries exactly (Pébay's pairwise formulas, float64, in
   rank order; histograms and counts summed; min / max reduced) so every rank then holds the
-  summary of the whole global batch, as one process would.
+  summary of the whole global batch, as one process would. Summing histograms is exact because
+  every rank bins on the run's one set of bins (stats/preact_range.py: asinh units of the
+  reference width's first evaluation, fixed for the run; sync_ranges checks every rank holds them).
 - Probe signatures: `probe_signature_sharded` splits the probe's examples across ranks, reduces
   each rank's chunk to per-point values (true logit, loss, entropy, argmax, sketch) and gathers
   those, and gathers the kernel points' feature rows so Phi = phi phi^T / N is assembled exactly

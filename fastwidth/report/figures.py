@@ -18,7 +18,7 @@ from fastwidth.report._plotbase import (DPI, _loglog_axes, _panels, _save, _toke
 from fastwidth.report.intervals import late_rmse_with_ci, width_intervals
 from fastwidth.report.reader import Run
 from fastwidth.stats.metrics import fit_power_law
-from fastwidth.stats.preact_range import with_overflow
+from fastwidth.stats.preact_range import Bins
 
 
 def seed_band(ax, run: Run, kind: str, key: str, color, **match) -> None:
@@ -205,13 +205,15 @@ def preact_histograms(runs: list[Run], path: Path) -> Path | None:
             layers = sorted(k.split("/", 1)[1] for k in sig if k.startswith("preact_hist/"))
             for j, layer in enumerate(layers):
                 h = sig[f"preact_hist/{layer}"].numpy()
-                if (meta.get("hist_ranges") or {}).get(layer):   # per-layer range + two overflow bins
-                    lo, hi, _ = with_overflow(*meta["hist_ranges"][layer], len(h) - 2)
-                else:
-                    lo, hi = meta.get("hist_lo", -1.0), meta.get("hist_hi", 1.0)
-                edges = np.linspace(lo, hi, len(h) + 1)
-                dens = h / max(h.sum(), 1) / (edges[1] - edges[0])
                 ax = axes[row][j]
+                if (meta.get("hist_ranges") or {}).get(layer):   # per-layer bins + two overflow bins
+                    bins = Bins.of(meta["hist_ranges"][layer])
+                    edges = bins.edges(len(h))
+                    if bins.units == "asinh":  # the axis the bins are uniform on
+                        ax.set_xscale("asinh", linear_width=bins.scale)
+                else:
+                    edges = np.linspace(meta.get("hist_lo", -1.0), meta.get("hist_hi", 1.0), len(h) + 1)
+                dens = h / max(h.sum(), 1) / np.diff(edges)
                 ax.stairs(dens, edges, color=colors.get(w), lw=1.1, label=f"N={w}")
                 ax.set_title(f"{run.label}: {layer} (step {step})", fontsize=8)
                 ax.set_yscale("log")
@@ -219,7 +221,7 @@ def preact_histograms(runs: list[Run], path: Path) -> Path | None:
         axes[row][0].set_ylabel("density")
         axes[row][-1].legend(fontsize=6)
     for ax in axes[-1]:
-        ax.set_xlabel("preactivation (edge bins: out of range)")
+        ax.set_xlabel("preactivation (asinh bins on an asinh axis; edge bins: out of range)")
     return _save(fig, path)
 
 
@@ -338,6 +340,7 @@ FIGURES = {
     "ensemble_variance.png": ensemble_variance,
     "ntk.png": ntk_spectra,
 }
+from fastwidth.report.preact import preact_vs_width  # noqa: E402
 # figures of whole sweeps and of training dynamics live in their own modules
 from fastwidth.report.coord import coord_in_loop  # noqa: E402
 from fastwidth.report.dynamics import edge_of_stability  # noqa: E402
@@ -347,4 +350,5 @@ from fastwidth.report.transfer import drift_over_training, loss_vs_lr  # noqa: E
 
 FIGURES.update({"loss_vs_lr.png": loss_vs_lr, "transfer_drift.png": drift_over_training,
                 "slopes_vs_tokens.png": slopes_over_training, "edge_of_stability.png": edge_of_stability,
-                "coord_in_loop.png": coord_in_loop, "ntk_alignment.png": ntk_alignment})
+                "coord_in_loop.png": coord_in_loop, "ntk_alignment.png": ntk_alignment,
+                "preact_vs_width.png": preact_vs_width})

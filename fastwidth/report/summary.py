@@ -28,6 +28,7 @@ from pathlib import Path
 from fastwidth.report.data_orders import data_order_json, data_order_lines
 from fastwidth.report.intervals import width_intervals
 from fastwidth.report.ntk import ntk_across_run, ntk_lines
+from fastwidth.report.preact import preact_lines
 from fastwidth.report.reader import Run, late_mean
 from fastwidth.report.slopes import one_over_n, slope_lines
 from fastwidth.report.transfer import transfer_lines, transfer_summary
@@ -252,6 +253,7 @@ def write_summary(runs: list[Run], figures: dict[str, Path | None], out: Path) -
         lines += _table(n) + [""]
         lines += _equal_compute_table(n)
         lines += ntk_lines(run)
+        lines += preact_lines([run])
     lines += ["## Figures", ""]
     for name, path in figures.items():
         lines.append(f"![{name}]({name})" if path else f"- {name}: not drawn (the runs hold no rows for it)")

@@ -11,6 +11,8 @@ Chan/Pébay's pairwise formulas in float64, so a long stretch of batches keeps f
 (batch-centered sums, never raw power sums, which cancel catastrophically when |mean| >> std).
 Values outside [lo, hi] are counted in the edge bins, so the histogram sums to `count` (to the
 number of sampled elements with hist_stride > 1: histograms are normalized before any use).
+With `asinh=(c, s)` the histogram bins u = asinh((x - c) / s) on [lo, hi] instead of x (the
+asinh units of stats/preact_range.py); the moments are always those of x.
 """
 from __future__ import annotations
 
@@ -36,9 +38,12 @@ def moments_ref(x: np.ndarray | torch.Tensor) -> dict[str, float]:
             "kurt": float(kurt), "min": float(a.min()), "max": float(a.max())}
 
 
-def histogram_ref(x, bins: int, lo: float, hi: float) -> np.ndarray:
-    """Offline histogram with out-of-range values clipped into the edge bins."""
+def histogram_ref(x, bins: int, lo: float, hi: float, asinh: tuple[float, float] | None = None) -> np.ndarray:
+    """Offline histogram (float64) with out-of-range values clipped into the edge bins; with
+    asinh=(c, s), of asinh((x - c) / s)."""
     a = np.asarray(torch.as_tensor(x).detach().double().cpu()).reshape(-1)
+    if asinh is not None:
+        a = np.arcsinh((a - asinh[0]) / asinh[1])
     return np.histogram(np.clip(a, lo, hi), bins=bins, range=(lo, hi))[0].astype(np.float64)
 
 
@@ -65,8 +70,30 @@ def _workspace(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return buf[0, :x.numel()], buf[1, :x.numel()]
 
 
+def binned_values(xs: torch.Tensor, asinh: tuple[float, float] | None) -> torch.Tensor:
+    """What the histogram bins: xs itself, or asinh((xs - c) / s) (fp32, one temporary of xs's size)."""
+    if asinh is None:
+        return xs
+    c, s = asinh
+    return torch.asinh((xs - c) / s)
+
+
+def histogram_torch(x: torch.Tensor, bins: int, lo: float, hi: float, hist_stride: int = 1,
+                    asinh: tuple[float, float] | None = None, chunk: int = CHUNK) -> torch.Tensor:
+    """The (bins,) fp32 histogram of every hist_stride-th element of flat x (binned_values), clamped
+    into the edge bins, in chunks of x (temporaries of chunk / hist_stride elements)."""
+    x = x.reshape(-1)
+    step = max(hist_stride, chunk - chunk % hist_stride)
+    hist = torch.zeros(bins, dtype=torch.float32, device=x.device)
+    for start in range(0, x.numel(), step):
+        xs = binned_values(x[start:start + step][::hist_stride].float(), asinh)
+        hist += torch.histc(xs.clamp(lo, hi), bins=bins, min=lo, max=hi)
+    return hist
+
+
 def batch_moments_torch(x: torch.Tensor, bins: int, lo: float, hi: float,
-                        hist_stride: int = 1, chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+                        hist_stride: int = 1, chunk: int = CHUNK,
+                        asinh: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, M2, M3, M4, min, max) as one fp32 row and the (bins,) histogram of a flat tensor.
 
     Every op stays on x's device; histc with an explicit range does not read the tensor's
@@ -95,7 +122,7 @@ def batch_moments_torch(x: torch.Tensor, bins: int, lo: float, hi: float,
         mn, mx = torch.aminmax(xc)
         lows.append(mn)
         highs.append(mx)
-        xs = xc[::hist_stride] if hist_stride > 1 else xc
+        xs = binned_values(xc[::hist_stride] if hist_stride > 1 else xc, asinh)
         # histc drops out-of-range values; clamping first puts them in the edge bins
         hists.append(torch.histc(xs.clamp(lo, hi), bins=bins, min=lo, max=hi))
     if len(sums) == 1:
@@ -107,9 +134,11 @@ def batch_moments_torch(x: torch.Tensor, bins: int, lo: float, hi: float,
 
 
 def batch_moments_fused(x: torch.Tensor, bins: int, lo: float, hi: float, backend: str = "triton",
-                        hist_stride: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                        hist_stride: int = 1, asinh: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The same row from kernels/stats.py's one-pass kernel, Triton or native (raw fp64 power
-    sums, one read of x).
+    sums, one read of x). In asinh units the kernel's histogram (linear in x) is not used: the
+    histogram is histogram_torch's of every hist_stride-th element under both backends (on a GPU
+    one more read of x, against a statistics cost measured at +0.2% of a step).
 
     Centering raw sums loses digits when |mean| >> std (relative error ~ eps64 * (mean/std)^4 in
     M4); preactivations have |mean| of the order of their std, so fp64 keeps every digit we use.
@@ -121,7 +150,11 @@ def batch_moments_fused(x: torch.Tensor, bins: int, lo: float, hi: float, backen
     # 1e4; Triton on a GPU: about 0 (no host sync; see above)
     first = float(x.reshape(-1)[0]) if backend == "native" else 0.0
     shift = first if math.isfinite(first) else 0.0
-    m = moments_histogram(x, lo, hi, bins, backend=backend, shift=shift,
+    # asinh units: the kernel's linear histogram goes unused; the native op then bins into one
+    # bin (no wasted work); the Triton kernel keeps the bin count it is compiled and checked for
+    # (one bin was run in the interpreter only, never on a GPU)
+    nb = 1 if asinh and backend == "native" else bins
+    m = moments_histogram(x, lo, hi, nb, backend=backend, shift=shift,
                           hist_stride=hist_stride if backend == "native" else 1)
     n = float(m.count)
     # moments about the mean as the row stores it (fp32), as the torch path's are: merge() takes
@@ -133,11 +166,13 @@ def batch_moments_fused(x: torch.Tensor, bins: int, lo: float, hi: float, backen
     m3 = k3 - 3 * e * k2 + 3 * e ** 2 * k1 - n * e ** 3
     m4 = k4 - 4 * e * k3 + 6 * e ** 2 * k2 - 4 * e ** 3 * k1 + n * e ** 4
     row = torch.stack([c, m2, m3, m4, m.min.double(), m.max.double()]).float()
+    if asinh is not None:
+        return row, histogram_torch(x, bins, lo, hi, hist_stride, asinh)
     return row, m.hist.float()
 
 
-def batch_moments(x: torch.Tensor, bins: int, lo: float, hi: float,
-                  hist_stride: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_moments(x: torch.Tensor, bins: int, lo: float, hi: float, hist_stride: int = 1,
+                  asinh: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused one-pass kernel where the kernels backend picks Triton (CUDA) or the native op
     (CPU), else the torch path.
 
@@ -148,8 +183,8 @@ def batch_moments(x: torch.Tensor, bins: int, lo: float, hi: float,
 
     name = dispatch.resolve(None, x)
     if name in ("triton", "native"):
-        return batch_moments_fused(x, bins, lo, hi, backend=name, hist_stride=hist_stride)
-    return batch_moments_torch(x, bins, lo, hi, hist_stride)
+        return batch_moments_fused(x, bins, lo, hi, backend=name, hist_stride=hist_stride, asinh=asinh)
+    return batch_moments_torch(x, bins, lo, hi, hist_stride, asinh=asinh)
 
 
 # --------------------------------------------------------------------------- merging
@@ -183,12 +218,17 @@ def finalize(n: float, mean: float, m2: float, m3: float, m4: float, mn: float, 
 
 
 class PreactAccumulator:
-    """Moments and histogram of every tensor passed to `update` since the last `reset`."""
+    """Moments and histogram of every tensor passed to `update` since the last `reset`; with
+    asinh=(c, s) the histogram's [lo, hi] is in u = asinh((x - c) / s)."""
 
-    def __init__(self, bins: int = 64, lo: float = -8.0, hi: float = 8.0, hist_stride: int = 1):
+    def __init__(self, bins: int = 64, lo: float = -8.0, hi: float = 8.0, hist_stride: int = 1,
+                 asinh: tuple[float, float] | None = None):
         if not hi > lo or bins < 1:
             raise ValueError(f"histogram range [{lo}, {hi}] with {bins} bins is empty")
+        if asinh is not None and not (math.isfinite(asinh[0]) and asinh[1] > 0):
+            raise ValueError(f"asinh histogram units need a finite centre and a scale > 0, got {asinh}")
         self.bins, self.lo, self.hi, self.hist_stride = bins, float(lo), float(hi), int(hist_stride)
+        self.asinh = None if asinh is None else (float(asinh[0]), float(asinh[1]))
         self.reset()
 
     def reset(self) -> None:
@@ -200,7 +240,7 @@ class PreactAccumulator:
     def update(self, x: torch.Tensor) -> None:
         if x.numel() == 0:
             return
-        row, hist = batch_moments(x.detach(), self.bins, self.lo, self.hi, self.hist_stride)
+        row, hist = batch_moments(x.detach(), self.bins, self.lo, self.hi, self.hist_stride, self.asinh)
         self._counts.append(x.numel())
         self._rows.append(row)
         self._hists.append(hist)
@@ -230,19 +270,20 @@ class PreactAccumulator:
             n, mean, m2, m3, m4, mn, mx, h = self._carry
             out = finalize(n, mean, m2, m3, m4, mn, mx)
             out["hist"] = np.asarray(h, dtype=np.float64)
-        out["lo"], out["hi"] = self.lo, self.hi
+        out["lo"], out["hi"], out["asinh"] = self.lo, self.hi, self.asinh
         return out
 
     def state_dict(self) -> dict:
         self._flush()
+        head = {"bins": self.bins, "lo": self.lo, "hi": self.hi, "stride": self.hist_stride,
+                "asinh": None if self.asinh is None else list(self.asinh)}
         if self._carry is None:
-            return {"bins": self.bins, "lo": self.lo, "hi": self.hi, "stride": self.hist_stride, "carry": None}
+            return {**head, "carry": None}
         *scalars, h = self._carry
-        return {"bins": self.bins, "lo": self.lo, "hi": self.hi, "stride": self.hist_stride,
-                "carry": [float(s) for s in scalars] + [list(map(float, h))]}
+        return {**head, "carry": [float(s) for s in scalars] + [list(map(float, h))]}
 
     def load_state_dict(self, d: dict) -> None:
-        self.__init__(d["bins"], d["lo"], d["hi"], d.get("stride", 1))
+        self.__init__(d["bins"], d["lo"], d["hi"], d.get("stride", 1), d.get("asinh"))
         if d.get("carry") is not None:
             *scalars, h = d["carry"]
             self._carry = (*scalars, np.asarray(h, dtype=np.float64))

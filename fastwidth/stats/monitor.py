@@ -10,11 +10,13 @@
 Rows written (docs/design.md §5; every row has kind, step, tokens, width, seed; seed -1 means "over
 seeds", width 0 "across widths"):
 - eval:        per member: probe_loss, probe_acc, preact {layer: moments of the training batches,
-               and out_of_range, the share outside the layer's saved range (stats/preact_range.py)}
+               and out_of_range, the share outside the layer's saved bins (stats/preact_range.py:
+               asinh units by default)}
 - consistency: per member vs the reference width (ref "live"; same seed, else the first) and vs a
                stored run (ref "run"): ref_width, ref_seed, true_logit_rmse, true_logit_rmse_vs_mean
                (vs the mean over the reference seeds), sketch_distance, top1_agreement, loss_gap,
-               cka / kernel_alignment / preact_w1 {layer}
+               cka / kernel_alignment / preact_w1 {layer} (raw units) and preact_w1_std {layer}
+               (W1 / the reference member's preactivation std at that eval)
 - ensemble:    per width: n_seeds, params, bias ||f̄_N - f̄_ref|| (raw), and with >= 2 seeds
                seed_variance V_N, seed_std, logit_variance (sketch), bias_sq_debiased
                (b̂² - V_N/S_N - V_ref/S_ref) with its bootstrap interval, and the averaged-logit
@@ -38,6 +40,7 @@ import logging
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -46,7 +49,7 @@ from fastwidth.stats import metrics as M
 from fastwidth.stats.ensemble import EnsembleCurve, SeedEnsembles, lm_ensemble_curve
 from fastwidth.stats.moments import PreactAccumulator
 from fastwidth.stats.monitor_curvature import CurvatureRows
-from fastwidth.stats.preact_range import load_ranges, out_of_range_fraction, reference_ranges, save_ranges, with_overflow
+from fastwidth.stats.preact_range import Bins, load_ranges, out_of_range_fraction, reference_ranges, save_ranges
 from fastwidth.stats.signature import (ProbeSpec, add_preacts, list_signatures, load_signature, probe_signature,
                                        save_signature, signature_path)
 
@@ -73,9 +76,21 @@ def param_count(member) -> int:
     return int(sum(p.numel() for p in member.model.parameters()))
 
 
-def compare(sig: dict, ref: dict, ref_mean_true: torch.Tensor | None, bounds) -> dict:
+def preact_w1(sig: dict, ref: dict, layers: list[str], centers) -> dict:
+    """preact_w1 {layer}: W1 between the two histograms (the same bins), bins as point masses at
+    centers(layer, n) in raw units; preact_w1_std: the same over the reference member's std of
+    that layer's training-batch preactivations (MOMENT_NAMES[2] = var), so layers and evaluations
+    read on one scale. Binned W1 of two sampled histograms is biased up by their sampling noise;
+    the report shows the same-width floor beside it."""
+    w1 = {l: M.wasserstein1_binned(sig[f"preact_hist/{l}"], ref[f"preact_hist/{l}"],
+                                   centers(l, sig[f"preact_hist/{l}"].numel())) for l in layers}
+    std = {l: float(ref[f"preact/{l}"][2]) ** 0.5 if f"preact/{l}" in ref else math.nan for l in layers}
+    return {"preact_w1": w1, "preact_w1_std": {l: w1[l] / std[l] if std[l] > 0 else math.nan for l in layers}}
+
+
+def compare(sig: dict, ref: dict, ref_mean_true: torch.Tensor | None, centers) -> dict:
     """Every pairwise consistency metric of signature `sig` against signature `ref`;
-    bounds(layer) -> (lo, hi, bins) of that layer's histogram (the same for both)."""
+    centers(layer, n) -> raw-unit centers of that layer's n histogram bins (the same for both)."""
     row = {"true_logit_rmse": M.true_logit_rmse(sig["true_logit"], ref["true_logit"]),
            "sketch_distance": M.sketch_distance(sig["sketch"], ref["sketch"]),
            "top1_agreement": M.top1_agreement(sig["argmax"], ref["argmax"]),
@@ -88,8 +103,7 @@ def compare(sig: dict, ref: dict, ref_mean_true: torch.Tensor | None, bounds) ->
         row["kernel_alignment"] = {l: M.kernel_alignment(sig[f"kernel/{l}"], ref[f"kernel/{l}"]) for l in layers}
     hists = [k.split("/", 1)[1] for k in sig if k.startswith("preact_hist/") and k in ref]
     if hists:
-        row["preact_w1"] = {l: M.wasserstein1_hist(sig[f"preact_hist/{l}"], ref[f"preact_hist/{l}"], *bounds(l)[:2])
-                            for l in hists}
+        row.update(preact_w1(sig, ref, hists, centers))
     return row
 
 
@@ -180,22 +194,34 @@ class Monitor(CurvatureRows):  # sharpness() and ntk(): stats/monitor_curvature.
         for m in self.members:
             for layer in (m.model.preact_points() if sc.preact else {}):
                 lo, hi, bins = self.hist_bounds(layer)
-                self.acc[m.name][layer] = PreactAccumulator(bins, lo, hi, sc.hist_stride)
+                self.acc[m.name][layer] = PreactAccumulator(bins, lo, hi, sc.hist_stride, self.bins(layer).asinh)
+
+    def bins(self, layer: str) -> Bins:
+        """`layer`'s histogram body: the fixed ±hist_range, or the saved per-layer bins."""
+        r = self.sc.hist_range
+        return Bins("raw", -r, r) if r > 0 else Bins.of(self.ranges[layer])
 
     def hist_bounds(self, layer: str) -> tuple[float, float, int]:
-        """(lo, hi, bins) of `layer`'s histogram as stored (with the overflow bins in auto mode)."""
-        r = self.sc.hist_range
-        if r > 0:
-            return -r, r, self.sc.hist_bins
-        return with_overflow(*self.ranges[layer], self.sc.hist_bins)
+        """(lo, hi, bins) of `layer`'s histogram as stored, in binned units (with the overflow bins
+        in auto mode)."""
+        if self.sc.hist_range > 0:
+            return -self.sc.hist_range, self.sc.hist_range, self.sc.hist_bins
+        return self.bins(layer).accumulator(self.sc.hist_bins)
+
+    def hist_centers(self, layer: str, n: int):
+        """Raw-unit centers of `layer`'s n stored bins (where W1 puts each bin's mass)."""
+        if self.sc.hist_range > 0:
+            edges = np.linspace(-self.sc.hist_range, self.sc.hist_range, n + 1)
+            return (edges[:-1] + edges[1:]) / 2
+        return self.bins(layer).centers(n)
 
     def _set_ranges(self, members: list) -> None:
-        """First evaluation, hist_range 0: quantile ranges of the reference width's seeds (preact_range.py)."""
+        """First evaluation, hist_range 0: the reference width's seeds' bins (preact_range.py)."""
         refs = [m for m in members if m.width == self.ref_width] or \
             [m for m in members if m.width == max(x.width for x in members)]
         sc = self.sc
         self.ranges = reference_ranges([m.model for m in refs], self.probe["x"], sc.eval_batch, self.device,
-                                       sc.hist_quantile, sc.hist_margin) if sc.preact else {}
+                                       sc.hist_quantile, sc.hist_margin, sc.hist_units, sc.hist_reach) if sc.preact else {}
         save_ranges(self.run_dir, self.ranges)
         self._make_accumulators()
 
@@ -321,7 +347,7 @@ class Monitor(CurvatureRows):  # sharpness() and ntk(): stats/monitor_curvature.
         mean_true = torch.stack([r["true_logit"].double() for r in refs.values()]).mean(0)
         row = {"kind": "consistency", "step": step, "tokens": tokens, "width": m.width, "seed": m.seed,
                "ref": kind, "ref_width": ref_width, "ref_seed": ref_seed, **(extra or {}),
-               **compare(sig, refs[ref_seed], mean_true, self.hist_bounds)}
+               **compare(sig, refs[ref_seed], mean_true, self.hist_centers)}
         self.write(row)
 
     def _against_run(self, m, sig: dict, base: dict) -> None:

@@ -124,3 +124,56 @@ def test_hist_stride_samples_each_batch():
     assert got["kurt"] == pytest.approx(moments_ref(flat)["kurt"], rel=1e-4)
     sampled = torch.cat([x.reshape(-1)[::3] for x in xs])
     np.testing.assert_array_equal(got["hist"], histogram_ref(sampled, 10, -2.0, 2.0))
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_asinh_histogram_streaming_equals_offline(backend):
+    """asinh units (stats/preact_range.py): the streamed histogram over batches, every 3rd element
+    of each, equals float64 offline binning of asinh((x - c) / s) of those elements; the moments
+    stay those of x; a saved state restores the units. The native op (CPU) gives its moments row,
+    the histogram is the torch op's under both."""
+    from fastwidth.stats import moments as mom
+
+    if backend == "native":
+        pytest.importorskip("fastwidth.kernels.native").load()
+    xs = _batches(7, shift=1.5, scale=3.0)        # heavy tails: |x| up to ~100 s
+    c, s = 1.0, 0.5
+    acc = PreactAccumulator(bins=40, lo=-6.0, hi=6.0, hist_stride=3, asinh=(c, s))
+    run = (lambda x, *a, **k: mom.batch_moments_fused(x, *a, backend="native", **k)) if backend == "native" \
+        else mom.batch_moments_torch
+    for x in xs:
+        row, hist = run(x.detach(), acc.bins, acc.lo, acc.hi, hist_stride=3, asinh=acc.asinh)
+        acc._counts.append(x.numel())
+        acc._rows.append(row)
+        acc._hists.append(hist)
+    got = acc.result()
+    flat = torch.cat([x.reshape(-1) for x in xs])
+    sampled = torch.cat([x.reshape(-1)[::3] for x in xs])
+    np.testing.assert_array_equal(got["hist"], histogram_ref(sampled, 40, -6.0, 6.0, asinh=(c, s)))
+    assert got["kurt"] == pytest.approx(moments_ref(flat)["kurt"], rel=1e-4)
+    assert got["max"] == pytest.approx(float(flat.max()), rel=1e-6) and got["asinh"] == (c, s)
+    back = PreactAccumulator()
+    back.load_state_dict(json.loads(json.dumps(acc.state_dict())))
+    assert back.asinh == (c, s)
+    np.testing.assert_array_equal(back.result()["hist"], got["hist"])
+    with pytest.raises(ValueError, match="scale > 0"):
+        PreactAccumulator(asinh=(0.0, 0.0))
+
+
+def test_out_of_range_fraction_counts_the_overflow_bins():
+    """with_overflow's layout: values beyond the body land in the two one-bin-wide edge bins, and
+    out_of_range_fraction is their share, here planted at 3 of 20 values on each side."""
+    from fastwidth.stats.preact_range import Bins, out_of_range_fraction
+
+    b = Bins("asinh", -2.0, 2.0, center=0.0, scale=1.0)
+    lo, hi, n = b.accumulator(8)
+    body = torch.sinh(torch.linspace(-1.9, 1.9, 14))
+    x = torch.cat([body, torch.tensor([-1e3, -50.0, -4.0, 4.5, 60.0, 1e4])])   # |asinh| > 2.0 + 0.5
+    acc = PreactAccumulator(n, lo, hi, asinh=b.asinh)
+    acc.update(x)
+    h = acc.result()["hist"]
+    assert h[0] == 3 and h[-1] == 3 and h.sum() == 20
+    assert out_of_range_fraction(h) == pytest.approx(6 / 20)
+    assert out_of_range_fraction(np.zeros(5)) is None
+    # raw-unit edges: the body's edges map back through c + s sinh(u)
+    np.testing.assert_allclose(b.edges(n)[1:-1], np.sinh(np.linspace(-2.0, 2.0, 9)), rtol=1e-12)

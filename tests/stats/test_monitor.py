@@ -36,6 +36,8 @@ def drive(run_dir, widths, seeds, ref_width=None, record=None, **stats):
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     members = [Member(w, s, ToyMLP(6, w, 4, seed=s)) for w in widths for s in seeds]
+    if record:
+        record(members)
     px, py = teacher_data(40, seed=99)
     writer = ListWriter()
     mon = Monitor(cfg, run_dir, members, {"x": px, "y": py}, writer, "cpu")
@@ -183,7 +185,8 @@ def test_preact_every_and_disabled_parts(tmp_path):
 
 
 def test_histogram_ranges_come_from_the_reference_widths_first_eval(tmp_path):
-    rows, mon, members = drive(tmp_path / "a", [8, 16], [0, 1], hist_range=0.0, hist_quantile=0.01, hist_margin=0.5)
+    rows, mon, members = drive(tmp_path / "a", [8, 16], [0, 1], hist_range=0.0, hist_units="raw", hist_quantile=0.01,
+                               hist_margin=0.5)
     ranges = json.loads((tmp_path / "a" / "preact_ranges.json").read_text())
     # offline: the [1%, 99%] quantiles of the width-16 models' first-layer outputs on the probe, at init
     px, _ = teacher_data(40, seed=99)
@@ -199,13 +202,58 @@ def test_histogram_ranges_come_from_the_reference_widths_first_eval(tmp_path):
     h = sig["preact_hist/layer0"].numpy()
     assert ev[0]["preact"]["layer0"]["out_of_range"] == pytest.approx((h[0] + h[-1]) / h.sum())
     # a comparison run against this one reuses its bins; a fixed-range reference is refused
-    again, _, _ = drive(tmp_path / "b", [8], [0], hist_range=0.0, reference_run=str(tmp_path / "a"))
+    again, _, _ = drive(tmp_path / "b", [8], [0], hist_range=0.0, hist_units="raw", reference_run=str(tmp_path / "a"))
     assert json.loads((tmp_path / "b" / "preact_ranges.json").read_text()) == ranges
     assert {r["width"] for r in _rows(again, "consistency", ref="run")} == {8}
     from fastwidth.errors import UserError
     drive(tmp_path / "fixed", [8, 16], [0])
     with pytest.raises(UserError, match="no preactivation ranges"):
         drive(tmp_path / "c", [8], [0], hist_range=0.0, reference_run=str(tmp_path / "fixed"))
+
+
+def test_asinh_bins_from_the_reference_width_streaming_equals_offline(tmp_path):
+    """hist_units asinh (the default): each layer's centre and scale are the mean and std of the
+    width-16 seeds' first-layer outputs on the probe at init, the body reaches hist_reach stds;
+    every member's histogram equals float64 offline binning of its dumped training preactivations;
+    out_of_range is the overflow share; W1 uses the bins' raw-unit centers; a run against this one
+    as stats.reference_run takes the same bins and gives the live comparison's numbers."""
+    from fastwidth.stats.preact_range import Bins
+    dumped = {}
+
+    def record(members):
+        for m in members:
+            m.model.layers[1].register_forward_hook(
+                lambda mod, i, out, k=m.name: dumped.setdefault(k, []).append(out.detach().clone()) if mod.training else None)
+
+    rows, mon, members = drive(tmp_path / "a", [8, 16], [0, 1], hist_range=0.0, hist_reach=50.0, record=record,
+                               sharpness_iters=0, ntk_points=0)
+    ranges = json.loads((tmp_path / "a" / "preact_ranges.json").read_text())
+    px, _ = teacher_data(40, seed=99)
+    init = torch.cat([ToyMLP(6, 16, 4, seed=s).layers[0](px).detach().reshape(-1) for s in (0, 1)]).double()
+    b = Bins.of(ranges["layer0"])
+    assert (b.units, b.hi) == ("asinh", pytest.approx(math.asinh(50.0)))
+    assert (b.center, b.scale) == (pytest.approx(float(init.mean()), rel=1e-9), pytest.approx(float(init.std(correction=0)), rel=1e-9))
+    layer1 = Bins.of(ranges["layer1"])
+    lo, hi, n = layer1.accumulator(64)
+    for m in members:   # steps 4..6: the second interval's batches
+        sig, meta = load_signature(tmp_path / f"a/signatures/{m.name}/step_{STEPS:08d}.safetensors")
+        assert meta["hist_ranges"] == ranges
+        sampled = torch.cat([d.reshape(-1)[::16] for d in dumped[m.name][EVERY:STEPS]])
+        h = sig["preact_hist/layer1"].numpy()
+        np.testing.assert_array_equal(h, histogram_ref(sampled, n, lo, hi, asinh=layer1.asinh))
+        ev = _rows(rows, "eval", step=STEPS, width=m.width, seed=m.seed)[0]["preact"]["layer1"]
+        assert ev["out_of_range"] == pytest.approx((h[0] + h[-1]) / h.sum())
+    row = _rows(rows, "consistency", step=STEPS, width=8, seed=1)[0]
+    a, _ = load_signature(tmp_path / f"a/signatures/w8_s1/step_{STEPS:08d}.safetensors")
+    r, _ = load_signature(tmp_path / f"a/signatures/w16_s1/step_{STEPS:08d}.safetensors")
+    ca, cr = (np.cumsum(x["preact_hist/layer1"].numpy()) / x["preact_hist/layer1"].numpy().sum() for x in (a, r))
+    want = float((np.abs(ca - cr)[:-1] * np.diff(layer1.centers(n))).sum())
+    assert row["preact_w1"]["layer1"] == pytest.approx(want, rel=1e-12) and want > 0
+    assert row["preact_w1_std"]["layer1"] == pytest.approx(want / float(r["preact/layer1"][2]) ** 0.5, rel=1e-12)
+    again, _, _ = drive(tmp_path / "b", [8], [0, 1], hist_range=0.0, reference_run=str(tmp_path / "a"))
+    assert json.loads((tmp_path / "b" / "preact_ranges.json").read_text()) == ranges
+    got = _rows(again, "consistency", ref="run", step=STEPS, seed=1)[0]
+    assert got["preact_w1"] == row["preact_w1"] and got["preact_w1_std"] == row["preact_w1_std"]
 
 
 def test_ranges_come_from_ranges_dir_when_run_dir_is_scratch(tmp_path):
@@ -220,8 +268,9 @@ def test_ranges_come_from_ranges_dir_when_run_dir_is_scratch(tmp_path):
     members = [Member(w, 0, ToyMLP(6, w, 4)) for w in (8, 16)]
     px, py = teacher_data(40, seed=99)
     mon = Monitor(cfg, scratch, members, {"x": px, "y": py}, ListWriter(), "cpu", ranges_dir=tmp_path / "a")
-    assert mon.ranges == ranges
+    assert mon.ranges == ranges and ranges["layer0"]["units"] == "asinh"
     assert all(set(mon.acc[m.name]) == {"layer0", "layer1"} for m in members)
+    assert mon.acc["w8_s0"]["layer1"].asinh == (ranges["layer1"]["center"], ranges["layer1"]["scale"])
     assert json.loads((scratch / "preact_ranges.json").read_text()) == ranges
     alone = Monitor(cfg, tmp_path / "empty", members, {"x": px, "y": py}, ListWriter(), "cpu")
     assert alone.ranges is None and not any(alone.acc.values())  # without it: set at its first evaluation
