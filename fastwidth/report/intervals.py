@@ -7,7 +7,8 @@
   consistency rows make it (tail_mean_ci), so the value is the one summary.json's widths[] carry.
 - seed_variance_ci: the interval the loop wrote beside V_N in the final ensemble rows; a run
   written before the loop did is bootstrapped here from the signatures' true logits at that step
-  (the same estimator, SeedEnsembles). Both are None with fewer than 3 seeds.
+  (the same estimator, SeedEnsembles). true_logit_rmse_ci is None with fewer than 3 seeds,
+  seed_variance_ci with fewer than 4 (stats/ensemble.py MIN_SEEDS_VARIANCE_CI).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from fastwidth.report.reader import Run
-from fastwidth.stats.ensemble import MIN_SEEDS_CI, SeedEnsembles, covering, tail_mean_ci
+from fastwidth.stats.ensemble import MIN_SEEDS_VARIANCE_CI, SeedEnsembles, covering, tail_mean_ci
 
 TAIL = 0.25          # the report's late window (reader.late_mean)
 N_BOOT = 1000
@@ -47,13 +48,13 @@ def _final_ensemble(run: Run) -> tuple[int | None, dict[int, dict]]:
 def _variance_from_signatures(run: Run, step: int) -> dict[int, list | None]:
     """seed_variance_ci per width recomputed from the stored true logits at `step` ({} if absent)."""
     seeds = sorted({r["seed"] for r in run.rows("eval") if r.get("seed", -1) >= 0})
-    if len(seeds) < MIN_SEEDS_CI or run.ref_width not in run.widths:
+    if len(seeds) < MIN_SEEDS_VARIANCE_CI or run.ref_width not in run.widths:
         return {}
     true, have = {}, {}
     for w in run.widths:
         got = [(s, run.signature(f"w{w}_s{s}", step)) for s in seeds]
         got = [(s, g[0]["true_logit"]) for s, g in got if g and "true_logit" in g[0]]
-        if len(got) < MIN_SEEDS_CI:
+        if len(got) < MIN_SEEDS_VARIANCE_CI:
             return {}
         have[w] = [s for s, _ in got]
         true[w] = np.stack([np.asarray(t, dtype=np.float64) for _, t in got])
@@ -70,7 +71,7 @@ def width_intervals(run: Run) -> dict[int, dict]:
     rebuilt = None
     for w, r in ens.items():
         ci = r.get("seed_variance_ci")
-        if ci is None and r.get("seed_variance") is not None and r.get("n_seeds", 0) >= MIN_SEEDS_CI:
+        if ci is None and r.get("seed_variance") is not None and r.get("n_seeds", 0) >= MIN_SEEDS_VARIANCE_CI:
             rebuilt = _variance_from_signatures(run, step) if rebuilt is None else rebuilt
             ci = rebuilt.get(w)
         v = r.get("seed_variance")

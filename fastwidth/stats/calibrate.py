@@ -13,8 +13,10 @@ true logit of the width-N model of seed s on point i is
 
     f_{N,s,i} = μ_i + β N0 (1/N - 1/N_ref) u_i + sqrt(a h_i / N) ε_{N,s,i}
 
-with N0 the narrowest width and ε of unit variance (Gaussian, or Student-t with 5 degrees of
-freedom for `t5`). So V_N = a/N exactly, the bias of width N is b²(N) = β² N0² (1/N - 1/N_ref)²,
+with N0 the narrowest width and ε of unit variance: Gaussian and independent across points
+(`gauss`, `hetero`), Student-t with 5 degrees of freedom (`t5`), or `lowrank`: a seed's deviation
+spans LOWRANK directions over the points (a network's seed deviation is a function, correlated
+across points, which leaves far fewer effective degrees of freedom than P). So V_N = a/N exactly, the bias of width N is b²(N) = β² N0² (1/N - 1/N_ref)²,
 and the bias model's β² (stats/bias_model.py, in units of 1/N) is β² N0². Truths that depend on
 the noise's distribution (the mean same-seed RMSE, the raw ensemble bias) are Monte-Carlo
 expectations over TRUTH_DRAWS draws of the same generator, computed once per setting.
@@ -37,9 +39,10 @@ import numpy as np
 import torch
 
 from fastwidth.stats.ensemble import SeedEnsembles, tail_mean_ci
-from fastwidth.stats.transfer import transfer_fit
+from fastwidth.stats.transfer import refine_lrs, transfer_fit
 
 TRUTH_DRAWS = 20000
+LOWRANK = 5
 WIDTHS = (32, 64, 128, 256, 512)
 
 
@@ -50,7 +53,7 @@ class Sweep:
     """One setting of the synthetic width sweep (module docstring)."""
     seeds: int
     beta: float = 0.0
-    noise: str = "gauss"          # gauss | hetero | t5
+    noise: str = "gauss"          # gauss | hetero | t5 | lowrank
     a: float = 4.0
     points: int = 100
     widths: tuple = WIDTHS
@@ -58,6 +61,7 @@ class Sweep:
     mu: np.ndarray = field(init=False, repr=False)
     u: np.ndarray = field(init=False, repr=False)
     h: np.ndarray = field(init=False, repr=False)
+    g: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self):
         rng = np.random.default_rng(10_000 + self.setting_seed)
@@ -66,6 +70,10 @@ class Sweep:
         self.u = u / math.sqrt(float(np.mean(u * u)))
         h = np.exp(rng.standard_normal(self.points)) if self.noise == "hetero" else np.ones(self.points)
         self.h = h / h.mean()
+        # lowrank: a seed moves the function along LOWRANK directions shared by every point, as a
+        # network's seed deviation is a smooth function, not independent noise per point
+        g = rng.standard_normal((self.points, LOWRANK))
+        self.g = g / np.sqrt((g * g).sum(1, keepdims=True))
 
     @property
     def name(self) -> str:
@@ -82,6 +90,8 @@ class Sweep:
     def eps(self, rng: np.random.Generator, shape) -> np.ndarray:
         if self.noise == "t5":
             return rng.standard_t(5, shape) / math.sqrt(5 / 3)
+        if self.noise == "lowrank":                        # unit variance per point, rank LOWRANK
+            return rng.standard_normal((*shape[:-1], LOWRANK)) @ self.g.T
         return rng.standard_normal(shape)
 
     def noise_of(self, w: int, rng, shape) -> np.ndarray:
@@ -211,11 +221,13 @@ class DriftToy:
     seed_sd: float = 0.01
     example_sd: float = 0.3
     member_example_sd: float = 0.02
+    refine: int = 0               # sweep.lr_refine: K rates added around each width's argmin
 
     @property
     def name(self) -> str:
         ratio = math.exp(self.grid_step)
-        return f"{self.shape} grid x{ratio:.3g}" + (f" drift={self.drift:+g}" if self.shape == "parabola" else "")
+        return (f"{self.shape} grid x{ratio:.3g}" + (f" drift={self.drift:+g}" if self.shape == "parabola" else "")
+                + (f" lr_refine={self.refine}" if self.refine else ""))
 
     def curve(self, w: int, x: np.ndarray) -> np.ndarray:
         n = math.log(w / min(self.widths))
@@ -235,23 +247,44 @@ class DriftToy:
         return float(np.polyfit(np.log(self.widths), opt, 1)[0])
 
     def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(learning rates, losses (W, R, S, P)) of one sweep; with `refine`, the coarse grid's
+        losses pick each width's refined rates (stats/transfer.refine_lrs, as the loop's second
+        pass does) and the union grid is returned, nan where a width did not train a rate."""
+        W, S, P = len(self.widths), self.seeds, self.examples
+        seed_off = self.seed_sd * rng.standard_normal((W, 1, S, 1))        # a seed fixes the init
+        example = self.example_sd * rng.standard_normal((1, 1, 1, P))      # shared evaluation set
+
+        def losses(lrs: np.ndarray) -> np.ndarray:
+            base = np.stack([self.curve(w, np.log(lrs)) for w in self.widths])[:, :, None, None]
+            return base + seed_off + example + self.member_example_sd * rng.standard_normal((W, len(lrs), S, P))
+
         lrs = self.grid()
-        x = np.log(lrs)
-        W, R, S, P = len(self.widths), len(lrs), self.seeds, self.examples
-        base = np.stack([self.curve(w, x) for w in self.widths])[:, :, None, None]       # (W, R, 1, 1)
-        losses = (base + self.seed_sd * rng.standard_normal((W, 1, S, 1))
-                  + self.example_sd * rng.standard_normal((1, 1, 1, P))
-                  + self.member_example_sd * rng.standard_normal((W, R, S, P)))
-        return lrs, losses
+        coarse = losses(lrs)
+        if not self.refine:
+            return lrs, coarse
+        picks = refine_lrs(lrs, coarse.mean(axis=(2, 3)), self.refine)
+        union = np.array(sorted(set(lrs.tolist()) | {v for p in picks for v in p}))
+        out = np.full((W, len(union), S, P), np.nan)
+        col = {v: j for j, v in enumerate(union.tolist())}
+        out[:, [col[v] for v in lrs.tolist()]] = coarse
+        for i, p in enumerate(picks):
+            if p:
+                out[i, [col[v] for v in p]] = losses(np.array(p))[i]
+        return union, out
 
 
 def calibrate_drift(toy: DriftToy, repeats: int, n_boot: int, tally: Tally) -> None:
+    """Coverage of the drift's interval; the share of repeats flagged below_grid_resolution is kept
+    beside it (a drift the grid cannot resolve is printed with that flag)."""
     truth = toy.truth()
     rng = np.random.default_rng(11)
+    flagged = 0
     for rep in range(repeats):
         lrs, losses = toy.draw(rng)
         fit = transfer_fit(lrs, toy.widths, losses, n_boot=n_boot, seed=rep)
         tally.add("transfer_drift", toy.name, toy.seeds, truth, fit["ci"])
+        flagged += bool(fit.get("below_grid_resolution"))
+    tally.rows[("transfer_drift", toy.name, toy.seeds)]["below_grid_resolution_share"] = flagged / repeats
 
 
 # --------------------------------------------------------------------------- the suite
@@ -263,14 +296,16 @@ def ensemble_settings(quick: bool) -> list[dict]:
     if quick:
         return [dict(beta=0.0), dict(beta=1.0)]
     return [dict(beta=0.0), dict(beta=0.5), dict(beta=1.0), dict(beta=0.0, noise="hetero"),
-            dict(beta=1.0, noise="hetero"), dict(beta=0.0, noise="t5"), dict(beta=1.0, noise="t5")]
+            dict(beta=1.0, noise="hetero"), dict(beta=0.0, noise="t5"), dict(beta=1.0, noise="t5"),
+            dict(beta=0.0, noise="lowrank"), dict(beta=1.0, noise="lowrank")]
 
 
 def drift_settings(quick: bool) -> list[dict]:
     base = [dict(shape="parabola", drift=0.0), dict(shape="parabola", drift=0.1)]
     if quick:
         return base
-    return base + [dict(shape="wall"), dict(shape="wall", grid_step=math.log(2 ** 0.5))]
+    return base + [dict(shape="wall"), dict(shape="wall", grid_step=math.log(2 ** 0.5)), dict(shape="wall", refine=4),
+                   dict(shape="parabola", drift=0.1, refine=4)]
 
 
 GROUPS = ("ensembles", "tail", "drift")
@@ -314,8 +349,37 @@ def markdown(table: dict[str, list[dict]]) -> str:
                 note.append(f"{r['no_interval']} without interval")
             if "identified_share" in r:
                 note.append(f"identified in {r['identified_share']:.0%}")
+            if r.get("below_grid_resolution_share"):
+                note.append(f"flagged below_grid_resolution in {r['below_grid_resolution_share']:.0%}")
             lines.append(f"| {stat} | {r['setting']} | {r['seeds']} | {truth} | {cov} | {r['repeats']} | {width} "
                          f"| {'; '.join(note)} |")
+    return "\n".join(lines) + "\n"
+
+
+def lowest_coverage(table: dict[str, list[dict]], skip=("bias_exponent",)) -> dict[tuple[str, int], tuple]:
+    """{(statistic, seeds): (lowest coverage over settings, its setting)}; the exponent (scored only
+    where identified) and drift settings the grid cannot resolve are listed in the full table."""
+    out = {}
+    for stat, rows in table.items():
+        if stat in skip:
+            continue
+        for r in rows:
+            if r["coverage"] is None or r.get("below_grid_resolution_share", 0) > 0.5:
+                continue
+            key = (stat, r["seeds"])
+            if key not in out or r["coverage"] < out[key][0]:
+                out[key] = (r["coverage"], r["setting"])
+    return out
+
+
+def compare_markdown(before: dict, after: dict) -> str:
+    """Lowest coverage per statistic and seed count, before and after (docs/calibration.md)."""
+    b, a = lowest_coverage(before), lowest_coverage(after)
+    lines = ["| statistic | seeds | lowest coverage before (setting) | lowest coverage after (setting) |",
+             "|---|---:|---|---|"]
+    for key in sorted(set(a) | set(b)):
+        cell = lambda d: f"{d[key][0]:.3f} ({d[key][1]})" if key in d else "–"  # noqa: E731
+        lines.append(f"| {key[0]} | {key[1]} | {cell(b)} | {cell(a)} |")
     return "\n".join(lines) + "\n"
 
 
