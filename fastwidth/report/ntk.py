@@ -70,13 +70,46 @@ def ntk_lines(run: Run) -> list[str]:
         out.append(f"| {r['width']}{' (ref)' if r['reference'] else ''} | {r['n_seeds']} | "
                    f"{f(r.get('same_seed_mean_cos2'))} | {f(r.get('ensemble_mean_cos2'))} | "
                    f"{f(r['task_power'][k - 1])} | {f(r['task_power_class_mean'][k - 1])} |")
-    return out + [""]
+    return out + _baseline_lines(d) + [""]
+
+
+def _baseline_lines(d: dict) -> list[str]:
+    """The "ref width, other seeds" row under the eNTK table, and a warning when k fills the space."""
+    b, f = d.get("same_width_baseline"), lambda v: "–" if v is None else f"{v:.4f}"   # noqa: E731
+    out = []
+    if b and "note" not in b:
+        out.append(f"| {b['width']} (ref), other seeds: {b['n_pairs']} seed pairs; mean kernels of seeds "
+                   f"{b['half_a']} vs {b['half_b']} | {len(b['seeds'])} | {f(b['pairs_mean_cos2'])} | "
+                   f"{f(b['halves_mean_cos2'])} | – | – |")
+    elif b:
+        out += ["", f"Same-width baseline: none ({b['note']})."]
+    if d["k"] >= d["points"]:
+        out += ["", f"k = {d['k']} of {d['points']} points: a top-k eigenspace is the whole space, so every "
+                "cos² is 1 by construction; store fewer eigenvectors (stats.ntk_top_k) or more points "
+                "(stats.ntk_points)."]
+    elif b and "note" not in b:
+        out += ["", f"The other-seeds row is what seed noise alone leaves at this seed count (random "
+                f"{d['k']}-dimensional spaces give k/n = {d['k'] / d['points']:.3f}); its averaged-kernel "
+                "column averages half as many seeds as the rows above."]
+    return out
+
+
+def _baseline(ax, b: dict | None, pair_color, half_color) -> None:
+    """Dashed lines: the reference width's seed pairs and its two half-ensembles (same_width_baseline)."""
+    if not b or "note" in b:
+        return
+    if pair_color is not None:
+        ax.axhline(b["pairs_mean_cos2"], color=pair_color, ls="--", lw=1,
+                   label=f"same width, other seeds (N={b['width']}, {b['n_pairs']} pairs)")
+    ax.axhline(b["halves_mean_cos2"], color=half_color, ls="--", lw=1,
+               label=f"same width, other seeds (seeds {b['half_a']} vs {b['half_b']}, averaged)")
 
 
 def ntk_alignment(runs: list[Run], path: Path) -> Path | None:
     """Left: mean cos² of the principal angles with the reference width's top-k eNTK eigenspace vs
-    width (same-seed pairs: mean and min-max over seeds; seed-averaged kernels). Right: C(k) of the
-    seed-averaged kernels, one line per width."""
+    width (same-seed pairs: mean and min-max over seeds; seed-averaged kernels), and dashed, the
+    reference width's own seeds against each other. Right: C(k) of the seed-averaged kernels, one
+    line per width."""
     from fastwidth.report._plotbase import _save, _width_ticks, width_colors
 
     found = [(run, ntk_across_run(run)) for run in runs]
@@ -93,8 +126,10 @@ def ntk_alignment(runs: list[Run], path: Path) -> Path | None:
             x, v = zip(*have)
             mean = [sum(s) / len(s) for s in v]
             err = [[m - min(s) for m, s in zip(mean, v)], [max(s) - m for m, s in zip(mean, v)]]
-            ax_a.errorbar(x, mean, yerr=err, fmt="-o", capsize=3, label="same seed (mean, min-max)")
-        ax_a.plot(ws, [r["ensemble_mean_cos2"] for r in rows], "-s", label="seed-averaged kernels")
+            pair_color = ax_a.errorbar(x, mean, yerr=err, fmt="-o", capsize=3,
+                                       label="same seed (mean, min-max)")[0].get_color()
+        ens = ax_a.plot(ws, [r["ensemble_mean_cos2"] for r in rows], "-s", label="seed-averaged kernels")[0]
+        _baseline(ax_a, d.get("same_width_baseline"), pair_color if have else None, ens.get_color())
         ax_a.set_xscale("log", base=2)
         _width_ticks(ax_a, ws + [d["ref_width"]])
         ax_a.set_ylim(0, 1.02)

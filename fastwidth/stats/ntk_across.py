@@ -16,14 +16,21 @@ other captures. Reported per same-seed pair (width N seed s against the referenc
 each on its own stored top-k eigenvectors) and between the seed-averaged kernels' top-k spaces.
 Near-degenerate eigenvalues at the k-th place make a single space ill-defined; the cosines are then
 low for both pairs alike, which is why the seed-averaged comparison is reported beside them.
+
+Same-width baseline (`same_width_baseline`): the same two numbers among the reference width's own
+seeds, so the cross-width cos² can be read against what seed noise alone leaves: the top-k spaces
+of the seed-averaged kernels of two disjoint halves of the seeds (stats/same_width.py's split),
+and single seeds against each other (mean over pairs s < s').
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import combinations
 
 import torch
 
 from fastwidth.stats.ntk import eigh_desc, one_vs_rest, task_power
+from fastwidth.stats.same_width import TOO_FEW, split_halves
 
 
 @dataclass
@@ -53,6 +60,36 @@ def ensemble_kernel(kernels: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([K.double() for K in kernels]).mean(0)
 
 
+def same_width_baseline(members: list[NTKMember], k: int) -> dict:
+    """Principal angles between top-k eNTK eigenspaces of one width's own seeds.
+
+    Returns {"width", "seeds", "half_a", "half_b", "halves_cosines", "halves_mean_cos2" (the
+    seed-averaged kernel of half A against that of half B), "pairs_mean_cos2" (mean over seed pairs
+    of the stored per-seed top-k spaces), "pairs_range" [min, max], "n_pairs"}; with fewer than 2
+    seeds {"width", "seeds", "note"}.
+
+    What they estimate: `pairs_mean_cos2` is unbiased for the expected mean cos² between two
+    independent seeds (the like-for-like ceiling of the cross-width same-seed column).
+    `halves_mean_cos2` is that between two independent ensembles of about S/2 seeds: above the
+    pairs (averaging removes seed noise) and below what two S-seed ensembles, as in the cross-width
+    averaged-kernel column, would give. For random spaces the expectation is k/n, not 0. No interval:
+    one split, and pairs that share seeds.
+    """
+    seeds = {m.seed: m for m in members}
+    halves = split_halves(seeds)
+    width = members[0].width
+    if halves is None:
+        return {"width": width, "seeds": sorted(seeds), "note": TOO_FEW}
+    a, b = halves
+    spaces = [eigh_desc(ensemble_kernel([seeds[s].kernel for s in h]))[1][:, :k] for h in (a, b)]
+    cos = principal_cosines(*spaces)
+    pairs = [mean_cos2(principal_cosines(seeds[s].eigenvectors[:, :k], seeds[t].eigenvectors[:, :k]))
+             for s, t in combinations(a + b, 2)]
+    return {"width": width, "seeds": a + b, "half_a": a, "half_b": b, "halves_cosines": cos.tolist(),
+            "halves_mean_cos2": mean_cos2(cos), "pairs_mean_cos2": sum(pairs) / len(pairs),
+            "pairs_range": [min(pairs), max(pairs)], "n_pairs": len(pairs)}
+
+
 def _check_points(members: list[NTKMember]) -> None:
     first = members[0]
     for m in members[1:]:
@@ -68,7 +105,8 @@ def ntk_across_widths(members: list[NTKMember], ref_width: int, k: int | None = 
     "task_power" (C(k) of class cls, k = 1..n), "task_power_class_mean" (mean over classes of the
     one-vs-rest C_c(k)), "task_power_by_class_at_k" {c: C_c(k)}, and for widths other than the
     reference: "same_seed": [{"seed", "cosines", "mean_cos2"}], "same_seed_mean_cos2" (mean over
-    seeds), "ensemble_cosines", "ensemble_mean_cos2"}]}. k defaults to the stored eigenvectors' k.
+    seeds), "ensemble_cosines", "ensemble_mean_cos2"}], "same_width_baseline": the reference width's
+    own seeds against each other (same_width_baseline)}. k defaults to the stored eigenvectors' k.
     """
     if not members:
         return {}
@@ -103,4 +141,5 @@ def ntk_across_widths(members: list[NTKMember], ref_width: int, k: int | None = 
                        same_seed_mean_cos2=sum(p["mean_cos2"] for p in pairs) / len(pairs) if pairs else None,
                        ensemble_cosines=ens.tolist(), ensemble_mean_cos2=mean_cos2(ens))
         out.append(row)
-    return {"k": k, "points": int(labels.numel()), "ref_width": ref_width, "ntk_class": cls, "widths": out}
+    return {"k": k, "points": int(labels.numel()), "ref_width": ref_width, "ntk_class": cls, "widths": out,
+            "same_width_baseline": same_width_baseline(by_w[ref_width], k)}
