@@ -46,8 +46,10 @@ def cka_same_width(kernels: dict[int, dict[str, torch.Tensor]]) -> dict:
     What they estimate: `pairs` is a U-statistic over the S(S-1)/2 pairs, unbiased for the
     expected CKA between two independent seeds of this width: the like-for-like ceiling of a
     cross-width row, which compares one model with one reference model. `halves` estimates the
-    CKA between two independent ensembles of about S/2 seeds: averaging removes seed noise, so it
-    lies above `pairs`, and below what two S-seed ensembles would give (the halves are noisier).
+    CKA between an ensemble of floor(S/2) seeds and one of the rest: averaging removes seed noise,
+    so in expectation it lies above `pairs` (with 3 seeds one half is a single model, and on the
+    demo it fell 0.005 below them in one of two layers), and below what two S-seed ensembles would
+    give (the halves are noisier).
     No interval is reported: with the demo's 3 seeds there is one split and 3 pairs, which share
     seeds; `pairs_range` shows the spread over pairs.
     """

@@ -89,3 +89,14 @@ def test_ntk_baseline_of_independent_kernels_is_k_over_n():
         pairs.append(b["pairs_mean_cos2"])
     assert sum(halves) / 30 == pytest.approx(k / P, abs=0.04)
     assert sum(pairs) / 30 == pytest.approx(k / P, abs=0.03)
+
+
+def test_cross_width_halves_match_the_baseline_when_a_width_copies_the_reference():
+    """Width 8's seeds carry the reference's kernels seed for seed: its half B against the reference's
+    half A is the reference's own half B against half A, so the two numbers are equal (not just close)."""
+    kernels = [(lambda G: G @ G.T)(torch.randn(P, P, generator=_gen(s), dtype=torch.float64)) for s in range(3)]
+    members = [_ntk(w, s, K, 4) for w in (8, 16) for s, K in enumerate(kernels)]
+    out = ntk_across_widths(members, ref_width=16)
+    w8, b = out["widths"][0], out["same_width_baseline"]
+    assert w8["halves_mean_cos2"] == pytest.approx(b["halves_mean_cos2"], abs=1e-12) and b["halves_mean_cos2"] < 0.9
+    assert w8["same_seed_mean_cos2"] == pytest.approx(1.0, abs=1e-6)
