@@ -113,8 +113,8 @@ def _baseline(ax, b: dict | None, pair_color, half_color) -> None:
 def ntk_alignment(runs: list[Run], path: Path) -> Path | None:
     """Left: mean cos² of the principal angles with the reference width's top-k eNTK eigenspace vs
     width (same-seed pairs: mean and min-max over seeds; seed-averaged kernels; averaged kernels of
-    half the seeds), and dashed, the reference width's own seeds against each other. Right: C(k) of the seed-averaged kernels, one
-    line per width."""
+    half the seeds), and dashed, the reference width's own seeds against each other. Right: C(k) of
+    the seed-averaged kernels, one line per width."""
     from fastwidth.report._plotbase import _save, _width_ticks, width_colors
 
     found = [(run, ntk_across_run(run)) for run in runs]
