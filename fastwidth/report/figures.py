@@ -146,29 +146,29 @@ def _last(run: Run, kind: str, **match) -> list[dict]:
 
 
 def cka_vs_width(runs: list[Run], path: Path) -> Path | None:
-    per_run = []
-    for run in runs:
-        rows = _last(run, "consistency", ref="live")
-        layers = sorted({l for r in rows for l in (r.get("cka") or {})})
-        table = {l: {} for l in layers}
-        for l in layers:
-            for w in sorted({r["width"] for r in rows}):
-                vals = [r["cka"][l] for r in rows if r["width"] == w and r.get("cka", {}).get(l) is not None]
-                if vals:
-                    table[l][w] = sum(vals) / len(vals)
-        per_run.append((run, table))
-    if not any(t for _, t in per_run):
+    """CKA with the same-seed reference model per layer vs N; dashed: the reference width's own
+    seed pairs (report/same_width.py), the most a single model could agree with another seed."""
+    from fastwidth.report.same_width import LABEL, baseline_at, cka_by_layer, cka_same_width_run
+
+    per_run = [(run, *cka_by_layer(run), cka_same_width_run(run)) for run in runs]
+    if not any(t for _, _, t, _ in per_run):
         return None
     fig, axes = _panels(runs)
-    for ax, (run, table) in zip(axes, per_run):
+    for ax, (run, step, table, base) in zip(axes, per_run):
         cmap = plt.get_cmap("plasma")
+        pairs = baseline_at(base, step)["pairs"] if base and "by_step" in base else {}
         for i, (layer, d) in enumerate(table.items()):
-            ax.plot(list(d), list(d.values()), "-o", color=cmap(0.85 * i / max(len(table) - 1, 1)), label=layer)
+            color = cmap(0.85 * i / max(len(table) - 1, 1))
+            ax.plot(list(d), list(d.values()), "-o", color=color, label=layer)
+            if pairs.get(layer) is not None:
+                ax.axhline(pairs[layer], color=color, ls="--", lw=1,
+                           label=f"{LABEL} (N={run.ref_width}, {base['n_pairs']} pairs)" if i == 0 else None)
         ax.set_xscale("log", base=2)
         _width_ticks(ax, [w for d in table.values() for w in d])
         ax.set_xlabel("width N")
         ax.grid(True, alpha=0.3)
-        ax.set_title(f"{run.label}\nCKA with the N={run.ref_width} model, final eval", fontsize=9)
+        note = f"\n{LABEL}: none (fewer than 2 seeds)" if base and "note" in base else ""
+        ax.set_title(f"{run.label}\nCKA with the N={run.ref_width} model, final eval{note}", fontsize=9)
         ax.legend(fontsize=7, title="layer", title_fontsize=7)
     axes[0].set_ylabel("CKA (centered kernel alignment)")
     return _save(fig, path)

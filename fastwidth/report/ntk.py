@@ -61,22 +61,60 @@ def ntk_lines(run: Run) -> list[str]:
     k = d["k"]
     out = [f"eNTK ({d['kernel']} kernel, {d['output']} output, {d['points']} points, step {d['step']}): top-{k} "
            f"eigenspaces against width {d['ref_width']}; mean cos² of the principal angles (1 = same space), "
-           f"same seed (mean over seeds) and between seed-averaged kernels; task power C({k}) of the averaged "
+           f"same seed (mean over seeds), between seed-averaged kernels, and between averaged kernels of "
+           f"half the seeds (this width's second half against the reference's first: the sizes of the "
+           f"reference width's own half-vs-half row); task power C({k}) of the averaged "
            f"kernel (class {d['ntk_class']}, and the mean over classes one-vs-rest):", "",
-           f"| width | seeds | same-seed mean cos² | averaged-kernel mean cos² | C({k}) | mean_c C_c({k}) |",
-           "|---:|---:|---:|---:|---:|---:|"]
+           f"| width | seeds | same-seed mean cos² | averaged-kernel mean cos² | half-vs-half mean cos² | "
+           f"C({k}) | mean_c C_c({k}) |",
+           "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in d["widths"]:
         f = lambda v: "–" if v is None else f"{v:.4f}"   # noqa: E731
         out.append(f"| {r['width']}{' (ref)' if r['reference'] else ''} | {r['n_seeds']} | "
                    f"{f(r.get('same_seed_mean_cos2'))} | {f(r.get('ensemble_mean_cos2'))} | "
+                   f"{f(r.get('halves_mean_cos2'))} | "
                    f"{f(r['task_power'][k - 1])} | {f(r['task_power_class_mean'][k - 1])} |")
-    return out + [""]
+    return out + _baseline_lines(d) + [""]
+
+
+def _baseline_lines(d: dict) -> list[str]:
+    """The "ref width, other seeds" row under the eNTK table, and a warning when k fills the space."""
+    b, f = d.get("same_width_baseline"), lambda v: "–" if v is None else f"{v:.4f}"   # noqa: E731
+    out = []
+    if b and "note" not in b:
+        out.append(f"| {b['width']} (ref), other seeds: {b['n_pairs']} seed pairs; mean kernels of seeds "
+                   f"{b['half_a']} vs {b['half_b']} | {len(b['seeds'])} | {f(b['pairs_mean_cos2'])} | – | "
+                   f"{f(b['halves_mean_cos2'])} | – | – |")
+    elif b:
+        out += ["", f"Same-width baseline: none ({b['note']})."]
+    if d["k"] >= d["points"]:
+        out += ["", f"k = {d['k']} of {d['points']} points: a top-k eigenspace is the whole space, so every "
+                "cos² is 1 by construction; store fewer eigenvectors (stats.ntk_top_k) or more points "
+                "(stats.ntk_points)."]
+    elif b and "note" not in b:
+        out += ["", f"The other-seeds row is what seed noise alone leaves at this seed count, to read the "
+                f"same-seed and half-vs-half columns against (random {d['k']}-dimensional spaces give k/n = "
+                f"{d['k'] / d['points']:.3f}); the all-seed averaged kernels have no same-width twin."]
+    return out
+
+
+def _baseline(ax, b: dict | None, pair_color, half_color) -> None:
+    """Dashed lines: the reference width's seed pairs and its two half-ensembles (same_width_baseline)."""
+    if not b or "note" in b:
+        return
+    if pair_color is not None:
+        ax.axhline(b["pairs_mean_cos2"], color=pair_color, ls="--", lw=1,
+                   label=f"same width, other seeds (N={b['width']}, {b['n_pairs']} pairs)")
+    if half_color is not None:
+        ax.axhline(b["halves_mean_cos2"], color=half_color, ls="--", lw=1,
+                   label=f"same width, other seeds (seeds {b['half_a']} vs {b['half_b']}, averaged)")
 
 
 def ntk_alignment(runs: list[Run], path: Path) -> Path | None:
     """Left: mean cos² of the principal angles with the reference width's top-k eNTK eigenspace vs
-    width (same-seed pairs: mean and min-max over seeds; seed-averaged kernels). Right: C(k) of the
-    seed-averaged kernels, one line per width."""
+    width (same-seed pairs: mean and min-max over seeds; seed-averaged kernels; averaged kernels of
+    half the seeds), and dashed, the reference width's own seeds against each other. Right: C(k) of
+    the seed-averaged kernels, one line per width."""
     from fastwidth.report._plotbase import _save, _width_ticks, width_colors
 
     found = [(run, ntk_across_run(run)) for run in runs]
@@ -93,8 +131,14 @@ def ntk_alignment(runs: list[Run], path: Path) -> Path | None:
             x, v = zip(*have)
             mean = [sum(s) / len(s) for s in v]
             err = [[m - min(s) for m, s in zip(mean, v)], [max(s) - m for m, s in zip(mean, v)]]
-            ax_a.errorbar(x, mean, yerr=err, fmt="-o", capsize=3, label="same seed (mean, min-max)")
+            pair_color = ax_a.errorbar(x, mean, yerr=err, fmt="-o", capsize=3,
+                                       label="same seed (mean, min-max)")[0].get_color()
         ax_a.plot(ws, [r["ensemble_mean_cos2"] for r in rows], "-s", label="seed-averaged kernels")
+        half = [(r["width"], r["halves_mean_cos2"]) for r in rows if r.get("halves_mean_cos2") is not None]
+        half_color = None
+        if half:
+            half_color = ax_a.plot(*zip(*half), "-^", label="averaged kernels, half the seeds each")[0].get_color()
+        _baseline(ax_a, d.get("same_width_baseline"), pair_color if have else None, half_color)
         ax_a.set_xscale("log", base=2)
         _width_ticks(ax_a, ws + [d["ref_width"]])
         ax_a.set_ylim(0, 1.02)

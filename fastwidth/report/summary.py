@@ -10,12 +10,18 @@ summary.json (one object; its first run's keys at the top level, every run under
      "fits": {"rmse_slope", "rmse_slope_ci", "variance_slope", ..., "bias_slope", ...,
               "ntk": {"step", "kernel", "output", "k", "points", "ref_width", "widths": [{"width",
                       "eigenvalues", "task_power", ..., "same_seed": [{"seed", "cosines", "mean_cos2"}],
-                      "same_seed_mean_cos2", "ensemble_cosines", "ensemble_mean_cos2"}]}},
+                      "same_seed_mean_cos2", "ensemble_cosines", "ensemble_mean_cos2"}],
+                      "same_width_baseline": {"seeds", "half_a", "half_b", "halves_mean_cos2",
+                      "pairs_mean_cos2", ...}},
+              "cka_same_width": {"step", "ref_width", "half_a", "half_b", "halves": {layer: CKA},
+                                 "pairs": {layer: CKA}, "n_pairs", "by_step": [...]}},
      "equal_compute": [{"width", "vs_width", "members", "ensemble_loss", "wide_loss", ...}],
      "transfer": {"coarse": {"slope", "ci", "resolution", "below_grid_resolution", "optima", ...},
                   "refined": {...} or null}}   (runs with sweep.lrs; report/transfer.py)
 fits.ntk (when the run stored eNTKs) is the seed-averaged eNTK per width and the principal angles
-with the reference width's top eigenspace (report/ntk.py, stats/ntk_across.py).
+with the reference width's top eigenspace (report/ntk.py, stats/ntk_across.py); both it and
+fits.cka_same_width (report/same_width.py) carry the reference width against its own other seeds,
+the baseline a cross-width CKA or cos² is read against ({"note"} instead with fewer than 2 seeds).
 The fits are the loop's final `fit` row (stats/ensemble.py: bootstrap intervals over seeds); the
 late-time RMSE per width is the mean over the last 25% of tokens, as in the figures.
 """
@@ -30,6 +36,7 @@ from fastwidth.report.intervals import width_intervals
 from fastwidth.report.ntk import ntk_across_run, ntk_lines
 from fastwidth.report.preact import preact_lines
 from fastwidth.report.reader import Run, late_mean
+from fastwidth.report.same_width import cka_lines, cka_same_width_run
 from fastwidth.report.slopes import one_over_n, slope_lines
 from fastwidth.report.transfer import transfer_lines, transfer_summary
 from fastwidth.stats.metrics import fit_power_law
@@ -123,6 +130,7 @@ def run_numbers(run: Run) -> dict:
         "arch": cfg.get("model", {}).get("arch"), "wall_s": run_row.get("wall_s"),
         "fit": final_fit(run), "intervals": width_intervals(run), "one_over_n": one_over_n(run),
         "ntk": ntk_across_run(run), "ensembles": ensembles, "equal_compute": equal_compute(ensembles),
+        "cka_same_width": cka_same_width_run(run),
         "bias_sq_debiased": {w: r.get("bias_sq_debiased") for w, r in ensembles.items() if w != run.ref_width},
         "loss_gap": _late(run, "loss_gap"), "top1_agreement": _late(run, "top1_agreement"),
         "label": run.label, "kind": run.kind, "widths": run.widths, "ref_width": run.ref_width,
@@ -252,7 +260,7 @@ def write_summary(runs: list[Run], figures: dict[str, Path | None], out: Path) -
                       "token times tokens/s, over the devices' peak; fastwidth/train/flops.py)", ""]
         lines += _table(n) + [""]
         lines += _equal_compute_table(n)
-        lines += ntk_lines(run)
+        lines += cka_lines(run) + ntk_lines(run)
         lines += preact_lines([run])
     lines += ["## Figures", ""]
     for name, path in figures.items():
@@ -286,6 +294,8 @@ def _json_run(n: dict) -> dict:
                 loss_spread_rel=n["loss_spread_rel"])
     if n["ntk"]:
         fits["ntk"] = n["ntk"]
+    if n["cka_same_width"]:
+        fits["cka_same_width"] = n["cka_same_width"]
     if n["one_over_n"]:
         fits["variance_one_over_n"] = n["one_over_n"]
     out = {"run": run, "widths": widths, "fits": fits, "equal_compute": n["equal_compute"]}

@@ -160,7 +160,14 @@ def test_report_reads_stored_entks_into_principal_angles(tmp_path):
             continue
         want = [1.0, 1.0, math.cos(0.1 * 256 / r["width"])]
         assert r["ensemble_cosines"] == pytest.approx(want, abs=1e-5)
+        assert r["halves_cosines"] == pytest.approx(want, abs=1e-5)
         assert [p["seed"] for p in r["same_seed"]] == SEEDS
         assert all(p["cosines"] == pytest.approx(want, abs=1e-5) for p in r["same_seed"])
         assert r["n_seeds"] == 2 and r["task_power"][-1] == pytest.approx(1.0)
-    assert "eNTK (lr kernel, class output, 12 points" in summary.read_text()
+    text = summary.read_text()
+    assert "eNTK (lr kernel, class output, 12 points" in text
+    # the reference width's seeds differ by a scale only: its same-width baseline is 1
+    base = d["same_width_baseline"]
+    assert (base["width"], base["half_a"], base["half_b"]) == (256, [0], [1])
+    assert base["halves_mean_cos2"] == pytest.approx(1.0) and base["pairs_mean_cos2"] == pytest.approx(1.0, abs=1e-6)
+    assert "| 256 (ref), other seeds: 1 seed pairs; mean kernels of seeds [0] vs [1] | 2 | 1.0000 | – | 1.0000 |" in text
