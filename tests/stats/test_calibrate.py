@@ -25,8 +25,10 @@ def test_quick_calibration_covers(quick_table):
     assert not low, low
     for stat, rows in quick_table.items():
         for r in rows:
-            assert r["seeds"] in (3, 4, 6) and r["repeats"] + r["no_interval"] > 0
-            if stat != "bias_exponent":
+            assert r["seeds"] in (3, 4, 6)
+            if stat == "seed_variance" and r["seeds"] == 3:      # MIN_SEEDS_VARIANCE_CI: said, not printed
+                assert r["repeats"] == 0 and r["no_interval"] == 60, r
+            elif stat != "bias_exponent":
                 assert r["no_interval"] == 0 and r["repeats"] == 60, (stat, r)
 
 
@@ -53,3 +55,24 @@ def test_truths_are_those_of_the_generator():
     assert t["bias_beta_sq"] == pytest.approx((0.5 * 32) ** 2) and t["bias_exponent"] == 2.0
     assert t["true_logit_rmse"][32] > t["true_logit_rmse"][256] > 0
     assert -1.0 < t["bias_slope"] < 0                      # the raw bias falls, slower than V_N
+
+
+@pytest.mark.slow
+def test_full_calibration_holds_at_every_seed_count():
+    """The full suite (200 repeats a setting, 1000 resamples; docs/calibration.md): every interval
+    that is printed covers its truth at least 0.9 of the time at 3, 4 and 6 seeds, except the
+    learning-rate drift on a grid too coarse for the bowl, which is flagged below_grid_resolution
+    in most repeats (the drift row says so) and recovered by sweep.lr_refine."""
+    table = run_suite(quick=False)
+    low = []
+    for stat, rows in table.items():
+        for r in rows:
+            if r["coverage"] is None:
+                continue
+            if stat == "transfer_drift" and r.get("below_grid_resolution_share", 0) > 0.5:
+                continue
+            if r["coverage"] < 0.9:
+                low.append((stat, r["setting"], r["seeds"], r["coverage"]))
+    assert not low, low
+    refined = [r for r in table["transfer_drift"] if "lr_refine" in r["setting"] and "wall" in r["setting"]]
+    assert refined and all(r["coverage"] >= 0.9 for r in refined)
