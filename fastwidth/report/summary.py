@@ -177,7 +177,8 @@ def _table(nums: dict) -> list[str]:
             ("debiased bias² [95%]", {w: _square(v, (nums["ensembles"].get(w) or {}).get("bias_sq_debiased_ci"))
                                       for w, v in nums["bias_sq_debiased"].items()}),
             ("L(E = S)", {w: r["ensemble_loss"][-1] for w, r in nums["ensembles"].items() if r.get("ensemble_loss")}),
-            ("L∞ (fit)", {w: r.get("ensemble_loss_inf") for w, r in nums["ensembles"].items() if r.get("ensemble_loss")}),
+            ("L∞ (fit) [95%]", {w: _with_ci(r.get("ensemble_loss_inf"), r.get("ensemble_loss_inf_ci"))
+                                for w, r in nums["ensembles"].items() if r.get("ensemble_loss")}),
             ("loss gap", nums["loss_gap"]), ("top-1 agreement", nums["top1_agreement"]),
             ("mean CKA", nums["cka"]), ("lr-sharpness", nums["lr_sharpness"]),
             ("model FLOPs/token", nums.get("flops_per_token") or {})]
@@ -191,6 +192,10 @@ def _table(nums: dict) -> list[str]:
 
 NEGATIVE_SQUARE = ("⚠ interval below 0: a square cannot be negative; the seed-variance debiasing "
                    "overshoots here (too few seeds, or V_N mis-estimated)")
+
+
+def _with_ci(value, ci, fmt=".4g") -> str:
+    return _f(value, fmt) + (f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci else "")
 
 
 def _square(value, ci, fmt=".4g") -> str:
@@ -283,7 +288,8 @@ def _json_run(n: dict) -> dict:
                        "seed_variance": e.get("seed_variance"), "seed_variance_ci": iv.get("seed_variance_ci"), "bias": e.get("bias"),
                        "bias_sq_debiased": e.get("bias_sq_debiased"), "bias_sq_debiased_ci": e.get("bias_sq_debiased_ci"),
                        "ensemble_loss": e.get("ensemble_loss"), "ensemble_acc": e.get("ensemble_acc"),
-                       "ensemble_loss_inf": e.get("ensemble_loss_inf"), "ensemble_loss_c": e.get("ensemble_loss_c"),
+                       "ensemble_loss_inf": e.get("ensemble_loss_inf"), "ensemble_loss_inf_ci": e.get("ensemble_loss_inf_ci"),
+                       "ensemble_loss_c": e.get("ensemble_loss_c"),
                        "params": e.get("params"), "loss_gap": n["loss_gap"].get(w),
                        "top1_agreement": n["top1_agreement"].get(w), "cka": n["cka"].get(w),
                        "flops_per_token": (n.get("flops_per_token") or {}).get(w)})

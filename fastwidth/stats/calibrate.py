@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fastwidth.stats.ensemble import SeedEnsembles, tail_mean_ci
+from fastwidth.stats.ensemble import EnsembleCurve, SeedEnsembles, tail_mean_ci
 from fastwidth.stats.transfer import refine_lrs, transfer_fit
 
 TRUTH_DRAWS = 20000
@@ -207,6 +207,28 @@ def calibrate_tail_mean(seeds: int, repeats: int, n_boot: int, tally: Tally, eva
                   tail_mean_ci(m, n_boot, seed=rep)[1])
 
 
+def calibrate_ensemble_curve(seeds: int, sigma: float, lowrank: bool, repeats: int, tally: Tally,
+                             points: int = 200, classes: int = 10) -> None:
+    """L∞ of L(E) = L∞ + c/E (stats/ensemble.EnsembleCurve) with its jackknife interval. Members'
+    logits are μ + σ·ε on `points` examples of `classes` classes (ε independent, or of rank
+    LOWRANK across the points); labels drawn from softmax(μ). The truth is the E → ∞ limit of the
+    expected ensemble loss, the cross-entropy of μ itself."""
+    rng = np.random.default_rng(31)
+    mu = 2.0 * rng.standard_normal((points, classes))
+    prob = np.exp(mu - mu.max(1, keepdims=True))
+    prob /= prob.sum(1, keepdims=True)
+    y = torch.tensor([rng.choice(classes, p=p) for p in prob])
+    truth = float(torch.nn.functional.cross_entropy(torch.tensor(mu), y))
+    g = rng.standard_normal((points * classes, LOWRANK)) / math.sqrt(LOWRANK)
+    setting = f"sigma={sigma:g} noise={'lowrank' if lowrank else 'gauss'}"
+    for _ in range(repeats):
+        eps = (rng.standard_normal((seeds, LOWRANK)) @ g.T).reshape(seeds, points, classes) if lowrank \
+            else rng.standard_normal((seeds, points, classes))
+        curve = EnsembleCurve(seeds)
+        curve.add(torch.tensor(mu[None] + sigma * eps), y)
+        tally.add("ensemble_loss_inf", setting, seeds, truth, curve.result()["ensemble_loss_inf_ci"])
+
+
 # --------------------------------------------------------------------------- the learning-rate drift
 
 @dataclass
@@ -308,19 +330,21 @@ def drift_settings(quick: bool) -> list[dict]:
                    dict(shape="parabola", drift=0.1, refine=4)]
 
 
-GROUPS = ("ensembles", "tail", "drift")
+GROUPS = ("ensembles", "tail", "curve", "drift")
 
 
 def run_suite(quick: bool = False, repeats: int | None = None, n_boot: int | None = None,
               seed_counts=SEED_COUNTS, progress=None, only=GROUPS) -> dict[str, list[dict]]:
     """The coverage table (module docstring); quick: fewer settings, repeats and resamples;
     `only`: which groups of statistics (ensembles: SeedEnsembles' rows and fits; tail: the late
-    RMSE; drift: the learning-rate drift)."""
+    RMSE; curve: L∞ of the ensemble curve; drift: the learning-rate drift)."""
     repeats = repeats or (60 if quick else 200)
     n_boot = n_boot or (300 if quick else 1000)
     tally = Tally()
     jobs = [("ensembles", s, kw) for s in seed_counts for kw in ensemble_settings(quick)]
     jobs += [("tail", s, {}) for s in seed_counts]
+    jobs += [("curve", s, dict(sigma=sig, lowrank=lr)) for s in seed_counts
+             for sig, lr in ([(1.0, False)] if quick else [(0.3, False), (1.0, False), (1.0, True)])]
     jobs += [("drift", s, kw) for s in seed_counts for kw in drift_settings(quick)]
     jobs = [j for j in jobs if j[0] in only]
     t0 = time.time()
@@ -329,6 +353,8 @@ def run_suite(quick: bool = False, repeats: int | None = None, n_boot: int | Non
             calibrate_ensembles(Sweep(seeds=s, **kw), repeats, n_boot, tally, seed=i)
         elif what == "tail":
             calibrate_tail_mean(s, repeats, n_boot, tally)
+        elif what == "curve":
+            calibrate_ensemble_curve(s, kw["sigma"], kw["lowrank"], repeats, tally)
         else:
             calibrate_drift(DriftToy(seeds=s, **kw), repeats, min(n_boot, 400), tally)
         if progress:

@@ -53,6 +53,7 @@ MIN_SEEDS_CI = 3
 # 4 seeds it covers 0.93-1.0. So no per-width V_N interval is printed below 4 seeds (the slope
 # of V_N across widths, which pools every width, keeps its interval from 3).
 MIN_SEEDS_VARIANCE_CI = 4
+MIN_SEEDS_LINF_CI = 3     # L∞'s jackknife: every leave-one-out curve needs >= 2 points
 CI_LEVEL = 0.95
 MAX_SUBSETS = 32   # ensembles of E members: all C(S, E) subsets up to this many, else a fixed sample
 
@@ -430,12 +431,16 @@ class EnsembleCurve:
 
     For each E the value is the mean over size-E subsets of members (all of them, or MAX_SUBSETS
     drawn with a fixed seed), so L(1) is the mean single-model loss and L(S) the full ensemble's.
+    L∞ (the fit L(E) = L∞ + c/E) gets a jackknife interval over members: leaving member i out, the
+    curve over the other S - 1 (the same subsets, those without i) gives L∞_(-i); the interval is
+    L∞ ± t_(S-1) · sqrt((S-1)/S Σ (L∞_(-i) - mean)²), from MIN_SEEDS_LINF_CI members (with fewer
+    the leave-one-out curves have fewer than 2 points). Its coverage: docs/calibration.md.
     """
 
     def __init__(self, n_members: int):
         self.n = n_members
         self.subsets = {e: member_subsets(n_members, e) for e in range(1, n_members + 1)}
-        self.loss = {e: 0.0 for e in self.subsets}
+        self.sub_loss = {(e, sub): 0.0 for e, subs in self.subsets.items() for sub in subs}
         self.correct = {e: 0.0 for e in self.subsets}
         self.points = 0
 
@@ -446,17 +451,34 @@ class EnsembleCurve:
         for e, subsets in self.subsets.items():
             for sub in subsets:
                 z = logits[list(sub)].mean(0)                            # (M, C)
-                self.loss[e] += float(torch.nn.functional.cross_entropy(z, y, reduction="sum")) / len(subsets)
+                self.sub_loss[(e, sub)] += float(torch.nn.functional.cross_entropy(z, y, reduction="sum"))
                 self.correct[e] += float((z.argmax(-1) == y).sum()) / len(subsets)
         self.points += y.numel()
 
-    def result(self) -> dict:
-        """{ensemble_loss: [L(1..S)], ensemble_acc: [...], ensemble_loss_inf, ensemble_loss_c}."""
+    def _curve(self, leave_out: int | None = None) -> list[float]:
         n = max(self.points, 1)
-        loss = [self.loss[e] / n for e in sorted(self.loss)]
+        out = []
+        for e, subsets in sorted(self.subsets.items()):
+            kept = [sub for sub in subsets if leave_out not in sub]
+            if kept:
+                out.append(sum(self.sub_loss[(e, sub)] for sub in kept) / len(kept) / n)
+        return out
+
+    def result(self) -> dict:
+        """{ensemble_loss: [L(1..S)], ensemble_acc: [...], ensemble_loss_inf, ensemble_loss_inf_ci,
+        ensemble_loss_c}."""
+        n = max(self.points, 1)
+        loss = self._curve()
         acc = [self.correct[e] / n for e in sorted(self.correct)]
         inf, c = fit_inverse_e(loss)
-        return {"ensemble_loss": loss, "ensemble_acc": acc, "ensemble_loss_inf": inf, "ensemble_loss_c": c}
+        ci = None
+        if self.n >= MIN_SEEDS_LINF_CI and math.isfinite(inf):
+            loo = np.array([fit_inverse_e(self._curve(i))[0] for i in range(self.n)])
+            se = math.sqrt((self.n - 1) / self.n * float(((loo - loo.mean()) ** 2).sum()))
+            half = t_quantile(1 - (1 - CI_LEVEL) / 2, self.n - 1) * se
+            ci = [inf - half, inf + half] if math.isfinite(half) else None
+        return {"ensemble_loss": loss, "ensemble_acc": acc, "ensemble_loss_inf": inf, "ensemble_loss_inf_ci": ci,
+                "ensemble_loss_c": c}
 
 
 def fit_inverse_e(loss: list[float]) -> tuple[float, float]:

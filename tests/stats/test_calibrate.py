@@ -18,7 +18,8 @@ def quick_table():
 
 def test_quick_calibration_covers(quick_table):
     expected = {"seed_variance", "bias_sq_debiased", "true_logit_rmse", "rmse_slope", "variance_slope",
-                "bias_slope", "bias_beta_sq", "bias_exponent", "late_true_logit_rmse", "transfer_drift"}
+                "bias_slope", "bias_beta_sq", "bias_exponent", "late_true_logit_rmse", "transfer_drift",
+                "ensemble_loss_inf"}
     assert expected <= set(quick_table)
     low = [(stat, r["setting"], r["seeds"], r["coverage"]) for stat, rows in quick_table.items() for r in rows
            if r["coverage"] is not None and r["coverage"] < QUICK_FLOOR]

@@ -143,6 +143,19 @@ def test_ensemble_curve_closed_form():
     assert out["ensemble_loss"] == pytest.approx([single, pairs, float(ce(logits.mean(0), y))], rel=1e-12)
     acc_full = float((logits.mean(0).argmax(-1) == y).double().mean())
     assert out["ensemble_acc"][-1] == pytest.approx(acc_full)
+    # L∞'s jackknife: leaving member i out, the curve over the other two is (mean single loss, pair loss)
+    loo = []
+    for i in range(3):
+        rest = [j for j in range(3) if j != i]
+        l1 = np.mean([float(ce(logits[j], y)) for j in rest])
+        l2 = float(ce(logits[rest].mean(0), y))
+        loo.append(2 * l2 - l1)                                       # L∞ of L(E) = L∞ + c/E through E = 1, 2
+    se = math.sqrt(2 / 3 * float(((np.array(loo) - np.mean(loo)) ** 2).sum()))
+    lo, hi = out["ensemble_loss_inf_ci"]
+    assert (hi - lo) / 2 == pytest.approx(4.3027 * se, rel=1e-3) and lo < out["ensemble_loss_inf"] < hi
+    two = EnsembleCurve(2)
+    two.add(logits[:2], y)
+    assert two.result()["ensemble_loss_inf_ci"] is None                # fewer than MIN_SEEDS_LINF_CI
     same = EnsembleCurve(4)
     same.add(logits[:1].expand(4, -1, -1), y)                         # identical members: flat L(E)
     assert np.ptp(same.result()["ensemble_loss"]) < 1e-12

@@ -37,7 +37,8 @@ def test_seed_variance_falls_as_one_over_width_at_init(init_rows):
     fit = rows_of(init_rows, "fit", step=0)[0]
     lo, hi = fit["variance_slope_ci"]
     assert lo < -1.0 < hi, fit
-    assert hi - lo < 0.6 and fit["n_boot"] == 1000                  # an interval that says something
+    # an interval that says something (6 seeds: expanded 1.44x for few seeds, stats/ensemble.py)
+    assert hi - lo < 0.8 and fit["n_boot"] == 1000
 
 
 def test_debiased_bias_is_zero_at_init(init_rows):
