@@ -1,7 +1,8 @@
 """The Monitor's sharpness and eNTK rows of one member (stats/monitor.py's per-statistic writers).
 
 A mixin of Monitor: it reads the Monitor's cfg, sc (cfg.stats), spec (the ProbeSpec), probe,
-device, run_dir, train_batch (step -> this rank's training batch) and world (data-parallel ranks). The estimators themselves are stats/sharpness.py and stats/ntk.py.
+device, run_dir, train_batch (step -> this rank's training batch) and world (data-parallel
+ranks). The estimators themselves are stats/sharpness.py and stats/ntk.py.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from fastwidth.stats.signature import ntk_path, save_signature
 
 
 class CurvatureRows:
-    """Monitor.sharpness(m) and Monitor.ntk(m, meta): the rows of kind "sharpness" and "ntk"."""
+    """Monitor.sharpness(m, step) and Monitor.ntk(m, meta): the rows of kind "sharpness" and "ntk"."""
 
     def sharpness(self, m, step: int) -> dict:
         """The sharpness row of member m at evaluation `step`: stats.sharpness.train_batch_sharpness
