@@ -80,7 +80,10 @@ def main(argv=None) -> int:
     tps = tokens_per_step(stream, cfg)
     with tempfile.TemporaryDirectory() as tmp:
         writer = NullWriter()
-        mon = Monitor(cfg, Path(tmp), on, stream.probe(), writer, device)
+        def train_batch(step):  # the sharpness rows' batch: the one the members trained on
+            b = stream.batch(step)
+            return b["x"].to(device), b["y"].to(device)
+        mon = Monitor(cfg, Path(tmp), on, stream.probe(), writer, device, train_batch=train_batch)
         t_off = t_on = t_eval = 0.0
         t0 = time.perf_counter()
         mon.evaluate(0, 0)

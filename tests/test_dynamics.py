@@ -64,3 +64,27 @@ def test_online_adam_gets_sharpness_on_the_training_batch(tmp_path):
     assert rows[0]["precond"] == "lr" and rows[-1]["precond"] == "adam"
     assert rows[-1]["edge"] == pytest.approx((2 + 2 * 0.9) / (1 - 0.9) / rows[-1]["eta"])
     assert all(math.isfinite(r["sharpness"]) for r in rows)
+
+
+def test_loop_sharpness_rows_are_the_dynamics_path_on_the_same_batch(tmp_path):
+    """One procedure: at every evaluation the loop's sharpness row (the Monitor) and the
+    batch_sharpness row (train/dynamics.py) are the same computation on the training batch of the
+    step just taken (the first batch at step 0), so they agree to the last bit; at step 0 its loss
+    is the first training step's loss (the same batch and parameters; fused vs unfused readout)."""
+    d = run(cfg_of(tmp_path, TINY_MLP, "train.steps=4", "stats.every=2", "stats.sharpness_every=2",
+                   "stats.batch_sharpness_every=2", "stats.sharpness_points=8", "stats.ntk_points=0",
+                   "sweep.widths=[16]", "sweep.seeds=[0]"))
+    rows = read_metrics(d / "metrics.jsonl")
+    loop = {r["step"]: r for r in rows if r["kind"] == "sharpness"}
+    dyn = {r["step"]: r for r in rows if r["kind"] == "batch_sharpness"}
+    assert sorted(loop) == sorted(dyn) == [0, 2, 4]
+    for step, a in loop.items():
+        b = dyn[step]
+        assert a["batch"] == "train" and a["batch_step"] == b["batch_step"] == max(step - 1, 0)
+        assert a["batch_examples"] == b["batch_examples"] == 8
+        for key in ("precond_sharpness", "lr_sharpness", "threshold", "precond", "batch_loss", "iters", "converged",
+                    "residual"):
+            assert a[key] == b[key], (step, key)
+        assert a["converged"] == (a["residual"] <= 1e-2) and a["iters"] <= 20
+    first = next(r for r in rows if r["kind"] == "train" and r["step"] == 1)
+    assert loop[0]["batch_loss"] == pytest.approx(first["loss"], rel=1e-5)

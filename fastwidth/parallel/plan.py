@@ -224,10 +224,11 @@ def whole_member_bytes(cfg: Config, choice: Choice, p: int, counts: dict, rows: 
       gathered view   4P parameters where the engine shards them (FSDP2 / ZeRO-3 build a replica, one
                       tensor in flight) + 4P of Adam's v̂ where the live state is not a whole torch
                       tensor already (FSDP2, DeepSpeed: gathered)
-      probe sharpness power iteration: 8 vectors of P fp32 (P, its root, v, P^½v, Hv, w, double
-                      backward's gradient and HVP) + 3x the activations of stats.sharpness_points
-      batch sharpness Lanczos: 6 vectors + a basis of stats.batch_sharpness_iters, + 3x the
-                      activations of this rank's share of the batch
+      sharpness       Lanczos (stats/sharpness.py, both rows): 6 vectors of P fp32 (P, its root,
+                      P^½q, Hq, w, double backward's gradient) + a basis of the iterations, + 3x
+                      the activations of the batch rows: the evaluation rows' stats.sharpness_iters
+                      on stats.sharpness_points of this rank's share, batch_sharpness's
+                      stats.batch_sharpness_iters on all of it
       eNTK            stats.ntk_max_mb of stacked gradients + one gradient 4P
       coord           W_0 of every layer, 4P per member, kept from init (persistent)"""
     sc = cfg.stats
@@ -238,8 +239,8 @@ def whole_member_bytes(cfg: Config, choice: Choice, p: int, counts: dict, rows: 
     per_seq = cfg.data.seq_len if cfg.model.arch == "gpt" else 1
     out = 0.0
     if sc.sharpness_iters:
-        n = max(1, sc.sharpness_points // per_seq)
-        out = max(out, 8 * 4 * p + 3 * 4 * activation_values(cfg, counts, n))
+        n = min(max(1, -(-sc.sharpness_points // per_seq)), max(rows, 1))
+        out = max(out, (6 + sc.sharpness_iters) * 4 * p + 3 * 4 * activation_values(cfg, counts, n))
     if sc.batch_sharpness_every:
         out = max(out, (6 + sc.batch_sharpness_iters) * 4 * p + 3 * 4 * activation_values(cfg, counts, max(rows, 1)))
     if sc.ntk_points:

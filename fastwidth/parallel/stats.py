@@ -16,8 +16,9 @@
 - Sharpness, the eNTK and coord rows need whole-model Hessian-vector products / per-point
   gradients / layer forwards: they run on `whole_member(m)`, the engine's `gathered` view of one
   member at a time (a replica under FSDP2 / ZeRO-3, Adam's v̂ gathered whole under every engine),
-  so each equals the single-process value; batch sharpness averages each rank's HVP on its share
-  of the batch (Engine.batch_mean), the global batch's.
+  so each equals the single-process value; sharpness (the evaluation rows and batch_sharpness,
+  stats/sharpness.py train_batch_sharpness) averages each rank's HVP on its share of the training
+  batch (Engine.batch_mean), the global batch's.
 """
 from __future__ import annotations
 

@@ -25,7 +25,10 @@ seeds", width 0 "across widths"):
 - fit:         per eval step: rmse_slope, variance_slope, bias_slope (raw), rmse2_a, the bias model's
                bias_beta_sq and bias_exponent (RMSE² = a(1/N + 1/N_ref) + β²(1/N - 1/N_ref)²; the
                exponent null with bias_exponent_reason unless a bias is identified), each with `<name>_ci`
-- sharpness:   per member at stats.sharpness_every
+- sharpness:   per member at stats.sharpness_every, on the training batch of the step just taken
+               (stats/sharpness.py train_batch_sharpness, the batch_sharpness rows' procedure):
+               precond_sharpness, lr_sharpness, threshold, batch "train", batch_step,
+               batch_examples, batch_loss, iters, converged, residual
 - ntk:         per member at stats.ntk_every: eigenvalues, task_power C(k) of class ntk_class,
                task_power_by_class {c: C_c(k)} one-vs-rest, trace, method, kernel, output, grads
                ("vmap" | "loop"); the kernel and its top stats.ntk_top_k eigenvectors go to
@@ -139,12 +142,16 @@ class ReferenceRun:
 
 class Monitor(CurvatureRows):  # sharpness() and ntk(): stats/monitor_curvature.py
     def __init__(self, cfg, run_dir: Path, members: list, probe: dict, writer, device, autocast=None,
-                 ranges_dir: Path | None = None):
+                 ranges_dir: Path | None = None, train_batch=None, world: int = 1):
         # autocast is accepted for the loop's convenience and ignored: the probe runs in fp32
         # because bf16 logits (error ~0.02 at |z|~5) would swamp RMSEs of a few hundredths.
         # ranges_dir: where this run's preact_ranges.json lives (default run_dir); a distributed
         # run's other ranks write into a scratch run_dir, emptied at each start, and read the run's.
+        # train_batch(step) -> (x, y), this rank's share of the training batch of `step` (the stream is
+        # a pure function of the step): sharpness rows use the batch the member trained on; world:
+        # the data-parallel ranks that share it.
         self.cfg, self.sc = cfg, cfg.stats
+        self.train_batch, self.world = train_batch, world
         self.run_dir, self.members, self.writer, self.device = Path(run_dir), members, writer, device
         sc = self.sc
         self.spec = ProbeSpec.build(probe, signature_points=sc.signature_points, kernel_points=sc.kernel_points,
@@ -288,7 +295,7 @@ class Monitor(CurvatureRows):  # sharpness() and ntk(): stats/monitor_curvature.
                         **({"preact": moments} if moments else {})})
             if self.sc.sharpness_iters and self._due(step, self.sc.sharpness_every):
                 with self.whole_of(m) as whole:
-                    self.write({"kind": "sharpness", **base, **self.sharpness(whole)})
+                    self.write({"kind": "sharpness", **base, **self.sharpness(whole, step)})
             if self.sc.ntk_points and self._due(step, self.sc.ntk_every):
                 with self.whole_of(m) as whole:
                     self.write({"kind": "ntk", **base, **self.ntk(whole, {**base, "name": m.name})})

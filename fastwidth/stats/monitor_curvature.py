@@ -1,45 +1,42 @@
 """The Monitor's sharpness and eNTK rows of one member (stats/monitor.py's per-statistic writers).
 
 A mixin of Monitor: it reads the Monitor's cfg, sc (cfg.stats), spec (the ProbeSpec), probe,
-device and run_dir. The estimators themselves are stats/sharpness.py and stats/ntk.py.
+device, run_dir, train_batch (step -> this rank's training batch) and world (data-parallel
+ranks). The estimators themselves are stats/sharpness.py and stats/ntk.py.
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from fastwidth.param.optim import lr_factor
 from fastwidth.stats.ntk import eigh_desc, entk, group_lr_weights, probe_output_fn, task_power, task_power_by_class
-from fastwidth.stats.sharpness import optimizer_preconditioner, top_hessian_eig
+from fastwidth.stats.sharpness import optimizer_preconditioner, train_batch_sharpness
 from fastwidth.stats.signature import ntk_path, save_signature
 
 
 class CurvatureRows:
-    """Monitor.sharpness(m) and Monitor.ntk(m, meta): the rows of kind "sharpness" and "ntk"."""
+    """Monitor.sharpness(m, step) and Monitor.ntk(m, meta): the rows of kind "sharpness" and "ntk"."""
 
-    def sharpness(self, m) -> dict:
-        sc, model = self.sc, m.model
-        n = -(-sc.sharpness_points // self.spec.per_example)    # whole sequences for token probes
-        x, y = self.probe["x"][:n].to(self.device), self.probe["y"][:n].to(self.device)
-
-        def loss_fn():
-            logits = model(x).float()
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-
-        params = [p for p in model.parameters() if p.requires_grad]
-        precond, threshold, pkind = optimizer_preconditioner(m.optimizer, params)
-        was = model.training
-        model.eval()
-        try:
-            pre, info = top_hessian_eig(loss_fn, params, precond=precond, iters=sc.sharpness_iters,
-                                        hvp=sc.hvp, seed=m.seed)
-        finally:
-            model.train(was)
-        row = {"precond_sharpness": pre, "threshold": threshold, "precond": pkind,
-               "lr_sharpness": pre * 2.0 / threshold, "hvp": info["hvp"], "iters": info["iters"],
-               "converged": info["converged"]}
+    def sharpness(self, m, step: int) -> dict:
+        """The sharpness row of member m at evaluation `step`: stats.sharpness.train_batch_sharpness
+        on the batch of the step just taken (the first batch at step 0), the one the batch_sharpness
+        rows use at that step, cut to stats.sharpness_points examples (whole sequences for token
+        streams): the first ⌈n/W⌉ of each of the W ranks' shares, so with W > 1 and n below the
+        batch the examples differ from one process's. Says which batch (batch "train", batch_step,
+        batch_examples) and how far Lanczos got (iters, converged, residual)."""
+        sc, at = self.sc, max(step - 1, 0)
+        if self.train_batch is None:
+            raise ValueError("Monitor: sharpness rows need train_batch (step -> this rank's training batch)")
+        x, y = self.train_batch(at)
+        n = -(-sc.sharpness_points // self.spec.per_example)
+        k = -(-n // self.world)
+        x, y = x[:k].to(self.device), y[:k].to(self.device)
+        engine = getattr(m, "engine", None)
+        row = train_batch_sharpness(m.model, m.optimizer, x, y, self.cfg.train.loss, iters=sc.sharpness_iters,
+                                    tol=sc.sharpness_tol, hvp=sc.hvp, seed=m.seed,
+                                    reduce=engine.batch_mean if engine is not None else None)
+        row.update(batch="train", batch_step=at, batch_examples=len(x) * self.world)
         lrs = {float(g["lr"]) for g in m.optimizer.param_groups}
-        if pkind == "lr" and len(lrs) == 1 and min(lrs) > 0:  # one LR: P = lr·I, so λ(H) = λ(P H) / lr
-            row["sharpness"] = pre / lrs.pop()
+        if row["precond"] == "lr" and len(lrs) == 1 and min(lrs) > 0:  # one LR: P = lr·I, so λ(H) = λ(P H) / lr
+            row["sharpness"] = row["precond_sharpness"] / lrs.pop()
         return row
 
     def ntk(self, m, meta: dict | None = None) -> dict:

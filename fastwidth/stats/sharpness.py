@@ -1,6 +1,12 @@
-"""Sharpness: the top Hessian eigenvalue by power iteration on Hessian-vector products.
+"""Sharpness: the top eigenvalue of the training loss's Hessian on a training batch, by Lanczos.
 
-    lam, info = top_hessian_eig(loss_fn, params, precond=None, iters=20, hvp="auto")
+    row = train_batch_sharpness(model, optimizer, x, y, "ce", iters=20, tol=RESIDUAL_TOL, hvp="auto")
+    lam, info = lanczos_top_eig(loss_fn, params, precond=None, iters=20, tol=RESIDUAL_TOL)
+
+One procedure for every sharpness the loop reports (the `sharpness` rows at evaluations and the
+`batch_sharpness` trajectory, λ0 of optim.lr_unit=edge): the loss the member trains on, on a
+batch it trains on, in train mode (BatchNorm with the batch's statistics, its running statistics
+restored afterwards), by Lanczos stopped on the residual of the top Ritz pair.
 
 Two HVPs: "double" (double backward, exact, needs every op twice differentiable) and "fd"
 (central difference of gradients, (g(θ+hv) - g(θ-hv)) / 2h, which works through any fused
@@ -12,16 +18,20 @@ of the preconditioned Hessian P^{1/2} H P^{1/2}, where P holds each parameter's 
 gradient descent with momentum μ is stable while it stays below 2(1+μ), Adam with β1 below
 (2+2β1)/(1-β1) with P = lr / (sqrt(v̂)+ε) (Cohen et al. 2022, "Adaptive gradient methods at the
 edge of stability"). `optimizer_preconditioner` builds P and that threshold from a live
-optimizer; the monitor logs λ·2/threshold as `lr_sharpness`, so every optimizer's edge is at 2.
+optimizer; the rows give λ·2/threshold as `lr_sharpness`, so every optimizer's edge is at 2.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 FD_STEP = 1e-3  # h for the fd HVP, relative to the RMS of the parameters (fp32 rounding vs curvature)
+RESIDUAL_TOL = 1e-2  # Lanczos stops at ||A y - θ y|| <= tol·|θ| (stats.sharpness_tol; measured below)
+INVARIANT = 1e-10   # β_k below this times the largest projection: the Krylov space is invariant
 
 
 def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -70,63 +80,6 @@ def hvp_fd(loss_fn: Callable, params: list, v: list, h: float | None = None) -> 
     return [(a - b) / (2 * step) for a, b in zip(*out)]
 
 
-def top_hessian_eig(loss_fn: Callable, params: list, *, precond: list | None = None, iters: int = 20,
-                    tol: float = 1e-3, hvp: str = "auto", seed: int = 0) -> tuple[float, dict]:
-    """Largest (most positive) eigenvalue of A = P^{1/2} H P^{1/2} (P = identity when precond is None).
-
-    Power iteration finds the largest-magnitude eigenvalue; near initialization that can be a
-    negative one, and then a second run on A - λ_neg I (whose top-magnitude eigenvalue is
-    λ_max - λ_neg > 0) recovers λ_max, at twice the cost only when it happens.
-    Inputs: loss_fn() -> scalar (a fixed batch), params (tensors with requires_grad), precond
-    (per-parameter positive tensors or floats, same order), iters (power steps per run), tol
-    (stop on a relative change below it), hvp ("auto" | "double" | "fd").
-    Outputs: (eigenvalue, {"iters", "hvp", "converged"}).
-    """
-    lam, info = _power(loss_fn, params, precond, iters, tol, hvp, seed, shift=0.0)
-    if lam < 0:
-        mu, info2 = _power(loss_fn, params, precond, iters, tol, info["hvp"], seed, shift=lam)
-        lam = mu + lam
-        info = {"iters": info["iters"] + info2["iters"], "hvp": info2["hvp"], "converged": info2["converged"]}
-    return lam, info
-
-
-def _power(loss_fn, params, precond, iters, tol, hvp, seed, shift):
-    params = list(params)
-    if precond is None:
-        root = [torch.ones_like(p) for p in params]
-    else:
-        root = [torch.as_tensor(d, dtype=p.dtype, device=p.device).sqrt().expand_as(p) for p, d in zip(params, precond)]
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    v = [torch.randn(p.shape, generator=g).to(p) for p in params]
-    norm = float(torch.sqrt(_dot(v, v)))
-    v = [x / norm for x in v]
-    mode = hvp
-    lam, prev, done, k = math.nan, math.nan, False, 0
-    for k in range(1, iters + 1):
-        u = [r * x for r, x in zip(root, v)]                      # P^{1/2} v
-        if mode in ("auto", "double"):
-            try:
-                hu = hvp_double(loss_fn, params, u)
-                mode = "double"
-            except RuntimeError:
-                if mode == "double":
-                    raise
-                mode = "fd"
-        if mode == "fd":
-            hu = hvp_fd(loss_fn, params, u)
-        w = [r * x - shift * y for r, x, y in zip(root, hu, v)]   # (P^{1/2} H P^{1/2} - shift) v
-        lam = float(_dot(v, w))                                   # Rayleigh quotient, ||v|| = 1
-        norm = float(torch.sqrt(_dot(w, w)))
-        if norm == 0 or not math.isfinite(norm):
-            break
-        v = [x / norm for x in w]
-        if math.isfinite(prev) and abs(lam - prev) <= tol * abs(lam):
-            done = True
-            break
-        prev = lam
-    return lam, {"iters": k, "hvp": mode, "converged": done}
-
-
 def optimizer_preconditioner(optimizer: torch.optim.Optimizer, params: list) -> tuple[list, float, str]:
     """Per-parameter step sizes P, the stability threshold and its name, from a live optimizer.
 
@@ -155,18 +108,29 @@ def optimizer_preconditioner(optimizer: torch.optim.Optimizer, params: list) -> 
 
 
 def lanczos_top_eig(loss_fn: Callable, params: list, *, precond: list | None = None, iters: int = 20,
-                    tol: float = 1e-3, hvp: str = "auto", seed: int = 0, reduce: Callable | None = None) -> tuple[float, dict]:
-    """Largest eigenvalue of A = P^{1/2} H P^{1/2} by Lanczos with full reorthogonalization.
+                    tol: float = RESIDUAL_TOL, hvp: str = "auto", seed: int = 0,
+                    reduce: Callable | None = None) -> tuple[float, dict]:
+    """The largest (algebraic) eigenvalue of A = P^{1/2} H P^{1/2} by Lanczos, stopped on the residual.
 
-    After k Hessian-vector products the top Ritz value (largest eigenvalue of the k×k tridiagonal
-    T_k) approximates λ_max(A) from below and converges much faster than power iteration when the
-    top of the spectrum is not well separated. It is exact once k reaches the rank of A. Stops when
-    the top Ritz value changes by less than tol (relative) between iterations, or after `iters`.
-    Inputs as `top_hessian_eig`, and reduce(list of tensors) -> list: applied to every HVP (data
-    parallelism: each rank's HVP on its share of the batch averaged over the ranks, the global
-    batch's HVP; every rank then takes the same Lanczos steps). Outputs: (eigenvalue, {"iters",
-    "hvp", "converged"}); the eigenvalue is the largest algebraic one (a negative top eigenvalue
-    is returned as such).
+    Estimates λ_max(A), P = identity when precond is None. After k Hessian-vector products the
+    top Ritz value θ of the Krylov space (Rayleigh-Ritz on its orthonormal basis Q_k, kept
+    orthogonal by Gram-Schmidt twice per step) is biased low: θ ≤ λ_max, the gap closing as the
+    space grows. The stop is a convergence test, not a small change of θ: it stops once the Ritz
+    pair (θ, y = Q_k s) has relative residual ||A y - θ y|| / |θ| <= tol, which puts an eigenvalue
+    of A within tol·|θ| of θ whatever the gap to the next one (for symmetric A), and within
+    (tol·θ)²/gap when the gap is known. The residual is exact, not Paige's β_k|s_k| estimate:
+    each step records every Gram-Schmidt coefficient, so A Q_k = Q_{k+1} Ĥ holds as a vector
+    identity and ||A y - θ y|| = ||Ĥ s - θ [s; 0]||, which also sees an fd HVP's asymmetry; no
+    HVP beyond one per step. What it cannot see: an eigenvalue whose eigenvector the start
+    vector misses (a Krylov method's limit; the seeded Gaussian start has it with probability 0).
+    Inputs: loss_fn() -> scalar (a fixed batch), params (tensors with requires_grad), precond
+    (per-parameter positive tensors or floats, same order), iters (at most this many steps, one
+    HVP each), tol (relative residual), hvp ("auto" | "double" | "fd"), seed (the start vector),
+    reduce(list of tensors) -> list: applied to every HVP (data parallelism: each rank's HVP on
+    its share of the batch averaged over the ranks, the global batch's HVP; every rank then
+    takes the same steps).
+    Outputs: (eigenvalue, {"iters": HVPs used, "hvp": method, "converged": residual <= tol,
+    "residual": the final relative residual}).
     """
     params = list(params)
     root = ([torch.ones_like(p) for p in params] if precond is None else
@@ -174,35 +138,41 @@ def lanczos_top_eig(loss_fn: Callable, params: list, *, precond: list | None = N
     g = torch.Generator(device="cpu").manual_seed(seed)
     v = [torch.randn(p.shape, generator=g).to(p) for p in params]
     norm = float(torch.sqrt(_dot(v, v)))
-    v = [x / norm for x in v]
-    basis, alphas, betas = [v], [], []
-    mode, prev, lam, done, k = hvp, math.nan, math.nan, False, 0
+    basis = [[x / norm for x in v]]
+    proj = torch.zeros(iters + 1, iters, dtype=torch.float64)     # Ĥ: A q_i = Σ_j Ĥ[j, i] q_j
+    mode, lam, res, k = hvp, math.nan, math.nan, 0
     for k in range(1, iters + 1):
-        u = [r * x for r, x in zip(root, v)]
-        hu, mode = _hvp(loss_fn, params, u, mode)
+        hu, mode = _hvp(loss_fn, params, [r * x for r, x in zip(root, basis[-1])], mode)
         if reduce is not None:
             hu = reduce(hu)
-        w = [r * x for r, x in zip(root, hu)]                       # A v
-        alphas.append(float(_dot(v, w)))
-        for q in basis:                                            # full reorthogonalization
-            c = float(_dot(q, w))
-            w = [x - c * y for x, y in zip(w, q)]
-        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-        if betas:
-            off = torch.tensor(betas, dtype=torch.float64)
-            T += torch.diag(off, 1) + torch.diag(off, -1)
-        lam = float(torch.linalg.eigvalsh(T)[-1])
+        w = [r * x for r, x in zip(root, hu)]                       # A q_k
+        for _ in range(2):  # twice: one pass loses orthogonality when A q_k is near the span
+            for j, q in enumerate(basis):
+                c = float(_dot(q, w))
+                proj[j, k - 1] += c
+                w = [x - c * y for x, y in zip(w, q)]
         beta = float(torch.sqrt(_dot(w, w)))
-        if (math.isfinite(prev) and abs(lam - prev) <= tol * abs(lam)) or beta <= 1e-10 * max(abs(lam), 1e-30):
-            done = True
+        proj[k, k - 1] = beta
+        lam, res = _top_ritz(proj[:k + 1, :k])
+        if not (math.isfinite(lam) and math.isfinite(res)) or res <= tol * abs(lam):
             break
-        if not math.isfinite(beta):
-            break
-        prev = lam
-        betas.append(beta)
-        v = [x / beta for x in w]
-        basis.append(v)
-    return lam, {"iters": k, "hvp": mode, "converged": done}
+        if beta <= INVARIANT * float(proj[:k + 1, :k].abs().max()):  # the space is invariant (k = rank):
+            break                                # a next vector would be rounding noise, not a direction
+        basis.append([x / beta for x in w])
+    rel = res / abs(lam) if lam != 0 else math.inf
+    return lam, {"iters": k, "hvp": mode, "converged": bool(rel <= tol), "residual": rel}
+
+
+def _top_ritz(proj: torch.Tensor) -> tuple[float, float]:
+    """(θ, ||A y - θ y||) of the top Ritz pair from Ĥ ((k+1) × k): θ, s from the symmetric part
+    of its square block (Q_kᵀ A Q_k for symmetric A), the residual from the whole of it."""
+    k = proj.shape[1]
+    square = proj[:k]
+    evals, evecs = torch.linalg.eigh(0.5 * (square + square.T))
+    theta, s = float(evals[-1]), evecs[:, -1]
+    r = proj @ s
+    r[:k] -= theta * s
+    return theta, float(r.norm())
 
 
 def _hvp(loss_fn, params, u, mode):
@@ -214,3 +184,70 @@ def _hvp(loss_fn, params, u, mode):
             if mode == "double":
                 raise
     return hvp_fd(loss_fn, params, u), "fd"
+
+
+# --------------------------------------------------------------------------- the one procedure
+
+def mse_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """0.5 Σ_c (f_c - onehot(y)_c)², mean over targets; logits (..., C), y (...)."""
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    onehot = F.one_hot(y.reshape(-1), logits.shape[-1]).to(logits.dtype)
+    return 0.5 * (logits - onehot).pow(2).sum(-1).mean()
+
+
+def plain_loss_fn(model, x, y, kind: str) -> Callable:
+    """The training loss on (x, y) as a closure for HVPs: unfused ops, so double backward works.
+    kind: "ce" (cross-entropy) or "mse" (train.loss)."""
+    def loss_fn():
+        logits = model(x)                                           # (..., C)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, fp64 kept
+        if kind == "mse":
+            return mse_loss(logits, y)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    return loss_fn
+
+
+@contextlib.contextmanager
+def training_function(model):
+    """The model as the training loss sees it (train mode: BatchNorm normalizes with the batch's
+    statistics), with every buffer restored afterwards: the evaluation's forwards must not move
+    BatchNorm's running statistics (nor its batch counter), which later evaluations use."""
+    was = model.training
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    model.train()
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for b, b0 in saved:
+                b.copy_(b0)
+        model.train(was)
+
+
+def train_batch_sharpness(model, optimizer, x, y, loss: str, *, iters: int, tol: float = RESIDUAL_TOL,
+                          hvp: str = "auto", seed: int = 0, precond: list | None = None,
+                          reduce: Callable | None = None) -> dict:
+    """Sharpness of the training loss on one training batch: the one procedure behind the loop's
+    `sharpness` rows and the `batch_sharpness` rows (train/dynamics.py).
+
+    Estimates λ_max(P^{1/2} H P^{1/2}), H the Hessian of the loss `loss` on (x, y) in train mode
+    (training_function), P the optimizer's per-parameter step sizes (optimizer_preconditioner) or
+    `precond` when given; by lanczos_top_eig (biased low until converged; `converged` and
+    `residual` say how far it got; no interval). (x, y) is this rank's share of the batch and
+    reduce averages each HVP and the loss over the ranks: the global batch's values.
+    Outputs: {precond_sharpness, threshold, precond, lr_sharpness (λ·2/threshold: every
+    optimizer's edge at 2), batch_loss, iters, hvp, converged, residual}.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    threshold, pkind = 2.0, "given"
+    if precond is None:
+        precond, threshold, pkind = optimizer_preconditioner(optimizer, params)
+    reduce = reduce or (lambda ts: ts)
+    with training_function(model):
+        loss_fn = plain_loss_fn(model, x, y, loss)
+        lam, info = lanczos_top_eig(loss_fn, params, precond=precond, iters=iters, tol=tol, hvp=hvp, seed=seed,
+                                    reduce=reduce)
+        with torch.no_grad():
+            batch_loss = float(reduce([loss_fn().detach().reshape(1)])[0])
+    return {"precond_sharpness": lam, "threshold": threshold, "precond": pkind, "lr_sharpness": lam * 2.0 / threshold,
+            "batch_loss": batch_loss, **info}

@@ -25,44 +25,15 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
 from fastwidth.param.optim import set_lr
 from fastwidth.parallel.stats import whole_member
-from fastwidth.stats.sharpness import lanczos_top_eig, optimizer_preconditioner
-
-
-def mse_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """0.5 Σ_c (f_c - onehot(y)_c)², mean over targets; logits (..., C), y (...)."""
-    logits = logits.reshape(-1, logits.shape[-1]).float()
-    onehot = F.one_hot(y.reshape(-1), logits.shape[-1]).to(logits.dtype)
-    return 0.5 * (logits - onehot).pow(2).sum(-1).mean()
+from fastwidth.stats.sharpness import mse_loss, train_batch_sharpness  # noqa: F401 (mse_loss: public here too)
 
 
 def member_loss(model, x: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
     """The training loss: "ce" through the model's fused readout + cross-entropy, or "mse"."""
     return model.loss(x, y) if kind == "ce" else mse_loss(model(x), y)
-
-
-def plain_loss_fn(model, x, y, kind: str):
-    """A closure for Hessian-vector products (unfused ops, so double backward works)."""
-    def loss_fn():
-        logits = model(x).float()
-        if kind == "mse":
-            return mse_loss(logits, y)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-    return loss_fn
-
-
-def _top_eig(m, x, y, kind: str, precond, iters: int, hvp: str, reduce=None) -> tuple[float, dict]:
-    params = [p for p in m.model.parameters() if p.requires_grad]
-    was = m.model.training
-    m.model.eval()
-    try:
-        return lanczos_top_eig(plain_loss_fn(m.model, x, y, kind), params, precond=precond, iters=iters,
-                               hvp=hvp, seed=m.seed, reduce=reduce)
-    finally:
-        m.model.train(was)
 
 
 def lr_multipliers(optimizer, params: list) -> list[torch.Tensor]:
@@ -71,11 +42,11 @@ def lr_multipliers(optimizer, params: list) -> list[torch.Tensor]:
     return [torch.full_like(p, float(where[id(p)]["lr_mult"])) for p in params]
 
 
-def initial_sharpness(m, x, y, kind: str, iters: int, hvp: str) -> float:
+def initial_sharpness(m, x, y, kind: str, iters: int, tol: float, hvp: str) -> float:
     """λ0 = λ_max(D^{1/2} H D^{1/2}) at the member's current parameters (before training)."""
     params = [p for p in m.model.parameters() if p.requires_grad]
-    lam, _ = _top_eig(m, x, y, kind, lr_multipliers(m.optimizer, params), iters, hvp)
-    return lam
+    return train_batch_sharpness(m.model, m.optimizer, x, y, kind, iters=iters, tol=tol, hvp=hvp, seed=m.seed,
+                                 precond=lr_multipliers(m.optimizer, params))["precond_sharpness"]
 
 
 def apply_edge_lrs(trainer) -> None:
@@ -86,7 +57,8 @@ def apply_edge_lrs(trainer) -> None:
         return
     x, y = trainer.batch(0)
     for m in trainer.members:
-        lam0 = initial_sharpness(m, x, y, cfg.train.loss, max(cfg.stats.batch_sharpness_iters, 20), cfg.stats.hvp)
+        lam0 = initial_sharpness(m, x, y, cfg.train.loss, max(cfg.stats.batch_sharpness_iters, 20),
+                                 cfg.stats.sharpness_tol, cfg.stats.hvp)
         if not lam0 > 0:
             raise RuntimeError(f"{m.name}: initial sharpness {lam0} is not positive; optim.lr_unit=edge needs it")
         trainer.lambda0[m.name] = lam0
@@ -107,23 +79,18 @@ def write_lambda0(trainer) -> None:
                                   "lr_multiple": m.cfg.optim.lr * trainer.lambda0[m.name] / 2.0})
 
 
-def batch_sharpness(m, x, y, kind: str, iters: int, hvp: str, reduce=None) -> dict:
-    """The row body: preconditioned top eigenvalue on (x, y), in units of the base step size. m
-    holds whole parameters (parallel.stats.whole_member); (x, y) is this rank's share of the batch
-    and reduce(tensors) averages over the ranks (Engine.batch_mean): the global batch's values."""
-    reduce = reduce or (lambda ts: ts)
-    params = [p for p in m.model.parameters() if p.requires_grad]
-    precond, threshold, pkind = optimizer_preconditioner(m.optimizer, params)
+def batch_sharpness(m, x, y, kind: str, iters: int, tol: float, hvp: str, reduce=None) -> dict:
+    """The row body: stats.sharpness.train_batch_sharpness on (x, y), and the same in units of the
+    base step size. m holds whole parameters (parallel.stats.whole_member); (x, y) is this rank's
+    share of the batch and reduce(tensors) averages over the ranks (Engine.batch_mean): the global
+    batch's values."""
+    row = train_batch_sharpness(m.model, m.optimizer, x, y, kind, iters=iters, tol=tol, hvp=hvp, seed=m.seed,
+                                reduce=reduce)
     groups = [g for g in m.optimizer.param_groups if g["lr_mult"] > 0]
     eta = float(groups[0]["lr"]) / float(groups[0]["lr_mult"]) if groups else 0.0
-    lam, info = _top_eig(m, x, y, kind, precond, iters, hvp, reduce)
-    with torch.no_grad():
-        loss = float(reduce([plain_loss_fn(m.model, x, y, kind)().detach().reshape(1)])[0])
-    row = {"precond_sharpness": lam, "threshold": threshold, "precond": pkind, "eta": eta,
-           "lr_sharpness": lam * 2.0 / threshold, "batch_loss": loss, "iters": info["iters"],
-           "converged": info["converged"], "hvp": info["hvp"]}
+    row["eta"] = eta
     if eta > 0:
-        row.update(sharpness=lam / eta, edge=threshold / eta)
+        row.update(sharpness=row["precond_sharpness"] / eta, edge=row["threshold"] / eta)
     return row
 
 
@@ -136,9 +103,11 @@ def write_batch_sharpness(trainer, step: int, members: list, x, y) -> None:
     which = "full" if cfg.train.full_batch else "online"
     for m in members:
         with whole_member(m) as whole:
-            body = batch_sharpness(whole, x, y, cfg.train.loss, cfg.stats.batch_sharpness_iters, cfg.stats.hvp,
-                                   m.engine.batch_mean)
-        trainer.writer.write({"kind": "batch_sharpness", **_base(trainer, m, step), "batch": which, **body})
+            body = batch_sharpness(whole, x, y, cfg.train.loss, cfg.stats.batch_sharpness_iters,
+                                   cfg.stats.sharpness_tol, cfg.stats.hvp, m.engine.batch_mean)
+        trainer.writer.write({"kind": "batch_sharpness", **_base(trainer, m, step), "batch": which,
+                              "batch_step": 0 if cfg.train.full_batch else max(step - 1, 0),
+                              "batch_examples": len(x) * trainer.dist.world_size, **body})
 
 
 def at_start(trainer, start: int) -> None:

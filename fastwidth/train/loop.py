@@ -53,7 +53,7 @@ RESUMABLE_CHANGES = {"data.micro_batch_size", "train.activation_checkpointing", 
                      "train.compile", "sweep.stack",
                      "train.ckpt_every", "train.ckpt_minutes", "train.report", "train.tensorboard", "train.csv", "train.keep_checkpoints", "train.threads", "train.device",
                      "stats.every", "stats.enabled", "stats.reference_run", "stats.eval_batch", "stats.bootstrap", "stats.ensemble_every",
-                     "stats.sharpness_iters", "stats.sharpness_every", "stats.sharpness_points", "stats.hvp",
+                     "stats.sharpness_iters", "stats.sharpness_every", "stats.sharpness_points", "stats.sharpness_tol", "stats.hvp",
                      "stats.ntk_points", "stats.ntk_every", "stats.ntk_max_mb", "stats.ntk_top_k",
                      "stats.batch_sharpness_every", "stats.batch_sharpness_iters", "stats.coord_every"}
 
@@ -200,10 +200,11 @@ class Trainer:
         probe = self.stream.probe()
         # histogram ranges from the run directory: other ranks' scratch run_dir is emptied at each start
         shared = Path(cfg.train.out_dir)
+        own = {"ranges_dir": shared, "train_batch": self.batch, "world": self.dist.world_size}  # sharpness: the training batch
         if not cfg.sweep.lrs:
-            return Monitor(cfg, self.run_dir, self.members, probe, self.writer, self.device, ranges_dir=shared)
+            return Monitor(cfg, self.run_dir, self.members, probe, self.writer, self.device, **own)
         return sweep.LRMonitors(lambda ms, w: Monitor(sweep.monitor_config(cfg, ms), self.run_dir, ms, probe, w,
-                                                      self.device, ranges_dir=shared), self.members, self.writer)
+                                                      self.device, **own), self.members, self.writer)
 
     # one optimizer step of one member on one batch; returns the loss (a tensor, no host sync)
     def train_step(self, m: Member, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

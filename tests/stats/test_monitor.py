@@ -29,6 +29,11 @@ def make_cfg(widths, seeds, **stats):
     return cfg
 
 
+def train_batch(step):
+    """The training batch of `step` in drive() (the loop's Trainer.batch)."""
+    return teacher_data(B, seed=step)
+
+
 def drive(run_dir, widths, seeds, ref_width=None, record=None, **stats):
     cfg = make_cfg(widths, seeds, **stats)
     if ref_width:
@@ -40,10 +45,10 @@ def drive(run_dir, widths, seeds, ref_width=None, record=None, **stats):
         record(members)
     px, py = teacher_data(40, seed=99)
     writer = ListWriter()
-    mon = Monitor(cfg, run_dir, members, {"x": px, "y": py}, writer, "cpu")
+    mon = Monitor(cfg, run_dir, members, {"x": px, "y": py}, writer, "cpu", train_batch=train_batch)
     mon.evaluate(0, 0)
     for step in range(STEPS):
-        x, y = teacher_data(B, seed=step)
+        x, y = train_batch(step)
         for m in members:
             with mon.training(m):
                 loss = m.model.loss(x, y)
@@ -78,6 +83,9 @@ def test_rows_and_signatures(tmp_path):
     assert math.isfinite(fit["variance_slope"]) and math.isfinite(fit["rmse_slope"])
     # sharpness and NTK at the final evaluation only (cadence 0)
     assert {r["step"] for r in _rows(rows, "sharpness")} == {STEPS}
+    for r in _rows(rows, "sharpness"):  # on the batch of the last step; 5 Lanczos steps (make_cfg)
+        assert (r["batch"], r["batch_step"], r["batch_examples"]) == ("train", STEPS - 1, B)
+        assert r["iters"] <= 5 and r["converged"] == (r["residual"] <= 1e-2) and r["precond_sharpness"] > 0
     nt = _rows(rows, "ntk")
     assert len(nt) == 6 and len(nt[0]["eigenvalues"]) == 6 and nt[0]["task_power"][-1] == pytest.approx(1.0)
     sigs = list_signatures(tmp_path / "a")
