@@ -339,7 +339,7 @@ def run_suite(quick: bool = False, repeats: int | None = None, n_boot: int | Non
     `only`: which groups of statistics (ensembles: SeedEnsembles' rows and fits; tail: the late
     RMSE; curve: L∞ of the ensemble curve; drift: the learning-rate drift)."""
     repeats = repeats or (60 if quick else 200)
-    n_boot = n_boot or (300 if quick else 1000)
+    n_boot = n_boot or (200 if quick else 1000)
     tally = Tally()
     jobs = [("ensembles", s, kw) for s in seed_counts for kw in ensemble_settings(quick)]
     jobs += [("tail", s, {}) for s in seed_counts]
@@ -412,7 +412,7 @@ def compare_markdown(before: dict, after: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastwidth.stats.calibrate",
                                  description="coverage of every reported interval on synthetic sweeps with a planted truth")
-    ap.add_argument("--quick", action="store_true", help="fewer settings, 60 repeats, 300 resamples")
+    ap.add_argument("--quick", action="store_true", help="fewer settings, 60 repeats, 200 resamples")
     ap.add_argument("--json", required=True, help="output file for the coverage table")
     ap.add_argument("--md", help="also write the table as markdown")
     ap.add_argument("--repeats", type=int, default=None)
