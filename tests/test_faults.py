@@ -159,12 +159,13 @@ def signal_in_step(monkeypatch, at_step, sig=signal.SIGINT, times=1):
 
 def test_ctrl_c_finishes_the_step_checkpoints_and_exits_130(tmp_path, monkeypatch):
     step_of = signal_in_step(monkeypatch, at_step=4)
+    before = signal.getsignal(signal.SIGINT)   # default_int_handler, or SIG_IGN under a background shell
     with pytest.raises(Preempted) as info:
         run(cfg_of(tmp_path, TINY_MLP, "train.steps=10"))
     assert info.value.exit_code == 130 and info.value.signal_name == "SIGINT" and info.value.step == 5
     assert "train.resume=auto" in str(info.value)
     assert ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_000005"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before                  # the handler it found is restored
     monkeypatch.setattr(loop.Trainer, "train_step", step_of)
     resumed = run(cfg_of(tmp_path, TINY_MLP, "train.steps=10", "train.resume=auto"))  # what the line advises
     assert max(step for _, _, step in train_losses(resumed)) == 10  # bit-equality: test_preempt.py
