@@ -24,6 +24,11 @@ Weights: the debiased b̂²'s sampling spread scales with the seed noise it subt
 σ_N ∝ V_N/S_N + V_ref/S_ref, so width N gets weight 1/σ_N² (taken from the observed seeds and kept
 fixed across bootstrap rows: a fixed-weight estimator, bootstrapped as such).
 
+β² is the p = 2 projection of the per-width biases. Where the exponent is found to be other than
+2 (the demo GPT at 250 steps: p ≈ 1), β² still detects a bias (its interval excludes 0 exactly
+when a weighted sum of the b̂² does), but β(1/N - 1/N_ref) is then not the bias at every width:
+read the per-width b̂² beside it.
+
 The exponent. b̂²(N) ≈ c z^p with z = x / x_max fitted by weighted least squares for p on a grid
 (P_GRID), c > 0; theory says p = 2 (the O(1/N) mean correction). Negative b̂² are kept (dropping
 them, as the old slope of log b̂² did, turns noise into a slope: with no bias at all it returned
