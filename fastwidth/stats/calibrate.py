@@ -103,18 +103,18 @@ class Sweep:
 
     # ---- truths
 
-    def truths(self) -> dict[str, object]:
+    def truths(self, draws: int = TRUTH_DRAWS) -> dict[str, object]:
         rng = np.random.default_rng(20_000 + self.setting_seed)
         compared = [w for w in self.widths if w != self.ref]
         var = {w: self.a / w * float(self.h.mean()) for w in self.widths}
         b2 = {w: float(np.mean(self.shift(w) ** 2)) for w in compared}
         rmse, raw = {}, {}
         for w in compared:
-            d = self.shift(w) + self.noise_of(w, rng, (TRUTH_DRAWS, self.points)) \
-                - self.noise_of(self.ref, rng, (TRUTH_DRAWS, self.points))
+            d = self.shift(w) + self.noise_of(w, rng, (draws, self.points)) \
+                - self.noise_of(self.ref, rng, (draws, self.points))
             rmse[w] = float(np.sqrt((d * d).mean(1)).mean())
-            mean_n = self.noise_of(w, rng, (TRUTH_DRAWS, self.seeds, self.points)).mean(1)
-            mean_r = self.noise_of(self.ref, rng, (TRUTH_DRAWS, self.seeds, self.points)).mean(1)
+            mean_n = self.noise_of(w, rng, (draws, self.seeds, self.points)).mean(1)
+            mean_r = self.noise_of(self.ref, rng, (draws, self.seeds, self.points)).mean(1)
             e = self.shift(w) + mean_n - mean_r
             raw[w] = float(np.sqrt((e * e).mean(1)).mean())
         slope = lambda d: float(np.polyfit(np.log(list(d)), np.log(list(d.values())), 1)[0])  # noqa: E731
@@ -157,9 +157,10 @@ class Tally:
         return out
 
 
-def calibrate_ensembles(sweep: Sweep, repeats: int, n_boot: int, tally: Tally, seed: int = 0) -> None:
+def calibrate_ensembles(sweep: Sweep, repeats: int, n_boot: int, tally: Tally, seed: int = 0,
+                        truth_draws: int = TRUTH_DRAWS) -> None:
     """Every interval of SeedEnsembles' width rows and fit row over `repeats` draws of `sweep`."""
-    truth = sweep.truths()
+    truth = sweep.truths(truth_draws)
     rng = np.random.default_rng(seed)
     seeds = {w: list(range(sweep.seeds)) for w in sweep.widths}
     probe = [min(sweep.widths), sorted(sweep.widths)[len(sweep.widths) // 2]]
@@ -350,11 +351,13 @@ def run_suite(quick: bool = False, repeats: int | None = None, n_boot: int | Non
     t0 = time.time()
     for i, (what, s, kw) in enumerate(jobs):
         if what == "ensembles":
-            calibrate_ensembles(Sweep(seeds=s, **kw), repeats, n_boot, tally, seed=i)
+            # quick: 4000 draws put the Monte-Carlo truths within ~1/60 of an interval's width
+            calibrate_ensembles(Sweep(seeds=s, **kw), repeats, n_boot, tally, seed=i,
+                                truth_draws=4000 if quick else TRUTH_DRAWS)
         elif what == "tail":
             calibrate_tail_mean(s, repeats, n_boot, tally)
         elif what == "curve":
-            calibrate_ensemble_curve(s, kw["sigma"], kw["lowrank"], repeats, tally)
+            calibrate_ensemble_curve(s, kw["sigma"], kw["lowrank"], repeats, tally, points=80 if quick else 200)
         else:
             calibrate_drift(DriftToy(seeds=s, **kw), repeats, min(n_boot, 400), tally)
         if progress:

@@ -147,6 +147,14 @@ def refine_lrs(lrs, y: np.ndarray, k: int, ratio: float = REFINE_RATIO) -> list[
     return out
 
 
+def _counts(draws: np.ndarray, n: int) -> np.ndarray:
+    """Multiplicities (..., n) of each index in the last axis of `draws` (..., k): one bincount for
+    all rows (the draws are those of successive per-row rng.integers calls, so results are unchanged)."""
+    rows = draws.reshape(-1, draws.shape[-1])
+    flat = (rows + n * np.arange(len(rows))[:, None]).ravel()
+    return np.bincount(flat, minlength=n * len(rows)).reshape(*draws.shape[:-1], n)
+
+
 def _seed_means(member: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Seed-weighted means (B, W, R) of member losses (B, W, R, S) with seed counts (B, W, S):
     nan members are left out, and an inf (diverged) member that is drawn makes the mean inf."""
@@ -201,10 +209,9 @@ def transfer_fit(lrs, widths, losses, ranges: dict[str, list[int]] | None = None
     point = _seed_means(_member_losses(L, np.full((1, P), 1.0 / P)), np.ones((1, W, S), dtype=np.int64))
     eta, edge = optima(lrs, point)                                    # (1, W)
     rng = np.random.default_rng(seed)
-    seed_counts = np.stack([np.stack([np.bincount(rng.integers(0, S, S), minlength=S) for _ in range(W)])
-                            for _ in range(n_boot)]) if n_boot else np.zeros((0, W, S), dtype=np.int64)
+    seed_counts = _counts(rng.integers(0, S, (n_boot, W, S)), S) if n_boot else np.zeros((0, W, S), dtype=np.int64)
     if P > 1 and n_boot:
-        ex = np.stack([np.bincount(rng.integers(0, P, P), minlength=P) for _ in range(n_boot)]) / P
+        ex = _counts(rng.integers(0, P, (n_boot, P)), P) / P
     else:
         ex = np.full((n_boot, P), 1.0 / P)
     boot_eta = optima(lrs, _seed_means(_member_losses(L, ex), seed_counts))[0] if n_boot else np.zeros((0, W))

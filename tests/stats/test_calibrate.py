@@ -52,7 +52,7 @@ def test_cli_writes_the_contract(tmp_path, capsys):
 
 
 def test_truths_are_those_of_the_generator():
-    t = Sweep(seeds=4, beta=0.5).truths()
+    t = Sweep(seeds=4, beta=0.5).truths(draws=2000)
     assert t["bias_beta_sq"] == pytest.approx((0.5 * 32) ** 2) and t["bias_exponent"] == 2.0
     assert t["true_logit_rmse"][32] > t["true_logit_rmse"][256] > 0
     assert -1.0 < t["bias_slope"] < 0                      # the raw bias falls, slower than V_N
