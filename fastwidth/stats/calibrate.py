@@ -135,10 +135,13 @@ class Tally:
     def __init__(self):
         self.rows: dict[tuple, dict] = {}
 
-    def add(self, stat: str, setting: str, seeds: int, truth: float, ci, extra: dict | None = None) -> None:
-        r = self.rows.setdefault((stat, setting, seeds), {"seeds": seeds, "setting": setting, "truth": truth,
-                                                           "hits": 0, "repeats": 0, "no_interval": 0,
-                                                           "widths": [], **(extra or {})})
+    def row(self, stat: str, setting: str, seeds: int, truth: float | None) -> dict:
+        """The counts of one (statistic, setting, seeds), made on first use."""
+        return self.rows.setdefault((stat, setting, seeds), {"seeds": seeds, "setting": setting, "truth": truth,
+                                                             "hits": 0, "repeats": 0, "no_interval": 0, "widths": []})
+
+    def add(self, stat: str, setting: str, seeds: int, truth: float, ci) -> None:
+        r = self.row(stat, setting, seeds, truth)
         got = _holds(ci, truth)
         if got is None:
             r["no_interval"] += 1
@@ -185,14 +188,11 @@ def calibrate_ensembles(sweep: Sweep, repeats: int, n_boot: int, tally: Tally, s
 def _tally_exponent(tally: Tally, sweep: Sweep, truth: dict, fit: dict) -> None:
     """The exponent's interval is scored where the fit calls the bias identified; the share of
     repeats identified is kept beside it (with β = 0 it is the false-detection rate)."""
-    key = ("bias_exponent", sweep.name, sweep.seeds)
     ident = fit.get("bias_exponent") is not None
+    p = truth["bias_exponent"] if sweep.beta > 0 else None
     if ident:
-        tally.add("bias_exponent", sweep.name, sweep.seeds, truth["bias_exponent"] if sweep.beta > 0 else None,
-                  fit.get("bias_exponent_ci"))
-    r = tally.rows.setdefault(key, {"seeds": sweep.seeds, "setting": sweep.name, "truth": truth["bias_exponent"]
-                                    if sweep.beta > 0 else None, "hits": 0, "repeats": 0, "no_interval": 0,
-                                    "widths": []})
+        tally.add("bias_exponent", sweep.name, sweep.seeds, p, fit.get("bias_exponent_ci"))
+    r = tally.row("bias_exponent", sweep.name, sweep.seeds, p)
     r["identified"] = r.get("identified", 0) + ident
     r["draws"] = r.get("draws", 0) + 1
     r["identified_share"] = r["identified"] / r["draws"]
@@ -307,7 +307,7 @@ def calibrate_drift(toy: DriftToy, repeats: int, n_boot: int, tally: Tally) -> N
         fit = transfer_fit(lrs, toy.widths, losses, n_boot=n_boot, seed=rep)
         tally.add("transfer_drift", toy.name, toy.seeds, truth, fit["ci"])
         flagged += bool(fit.get("below_grid_resolution"))
-    tally.rows[("transfer_drift", toy.name, toy.seeds)]["below_grid_resolution_share"] = flagged / repeats
+    tally.row("transfer_drift", toy.name, toy.seeds, truth)["below_grid_resolution_share"] = flagged / repeats
 
 
 # --------------------------------------------------------------------------- the suite

@@ -276,11 +276,11 @@ class SeedEnsembles:
     def _point(self) -> dict[str, dict[int, np.ndarray]]:
         return self._stats({w: i[None, :] for w, i in self.index.items()})
 
-    def _population(self) -> dict[str, dict[int, np.ndarray]]:
+    def _population(self, point: dict) -> dict[str, dict[int, np.ndarray]]:
         """What each statistic's replicates center on in the bootstrap world: the observed V_N and
-        biases (see _stats), and for RMSEs the mean over every (member, reference member) pair,
-        since a resample pairs members at random."""
-        out = dict(self._point())
+        biases of `point` (see _stats), and for RMSEs the mean over every (member, reference
+        member) pair, since a resample pairs members at random."""
+        out = dict(point)
         r = self.index[self.ref]
         out["rmse"], out["rmse_sq"] = {}, {}
         for w, a in self.index.items():
@@ -306,17 +306,17 @@ class SeedEnsembles:
     def can_bootstrap(self) -> bool:
         return min(len(i) for i in self.index.values()) >= MIN_SEEDS_CI
 
-    def _bootstrap(self, n_boot: int, seed: int, fits: bool):
-        """(observed, bootstrap (B,), bootstrap-world truth) per statistic, or None without a bootstrap."""
+    def _bootstrap(self, n_boot: int, seed: int, point: dict, weights: np.ndarray | None = None):
+        """(observed, bootstrap (B,), bootstrap-world truth) per statistic of `point` (this step's
+        _point()), or of the width fits with `weights`; None without a bootstrap."""
         if not n_boot or not self.can_bootstrap():
             return None
         boot = self._stats(self._resamples(n_boot, np.random.default_rng(seed)))
-        if fits:
-            point = self._point()
-            w = self._bias_weights(point)
-            return self._fits(point, w), self._fits(boot, w), self._fits(self._population(), w)
+        population = self._population(point)
+        if weights is not None:
+            return self._fits(point, weights), self._fits(boot, weights), self._fits(population, weights)
         flat = lambda d: {f"{k}/{w}": v for k, by_w in d.items() for w, v in by_w.items()}  # noqa: E731
-        return flat(self._point()), flat(boot), flat(self._population())
+        return flat(point), flat(boot), flat(population)
 
     # ---- rows
 
@@ -327,7 +327,7 @@ class SeedEnsembles:
         reference width has no bias or RMSE entries. Every `_ci` is None without a bootstrap.
         """
         p = self._point()
-        boot = self._bootstrap(n_boot, seed, fits=False)
+        boot = self._bootstrap(n_boot, seed, p)
         n_ref = len(self.index[self.ref])
 
         def ci(key: str, w: int, seeds: list[int]) -> list | None:
@@ -357,16 +357,16 @@ class SeedEnsembles:
         rmse2_a: a of RMSE² = a(1/N + 1/N_ref) + β²(1/N - 1/N_ref)² (least squares, both terms).
         bias_beta_sq, bias_exponent: the bias model (stats/bias_model.py); the exponent and its
         interval are None unless a bias is identified, with `bias_exponent_reason` saying why.
-        Intervals: basic bootstrap over seeds, expanded for the seeds of all widths (expansion).
+        Intervals: basic bootstrap over seeds, expanded for the fewest seeds of any width (expansion).
         """
         p = self._point()
         weights = self._bias_weights(p)
-        fits = self._fits(p, weights)
+        boot = self._bootstrap(n_boot, seed + 1, p, weights)
+        fits = boot[0] if boot else self._fits(p, weights)
         out = {k: _f(v[0]) for k, v in fits.items()}
-        boot = self._bootstrap(n_boot, seed + 1, fits=True)
         k = expansion([len(i) for i in self.index.values()])
         for name in fits:
-            out[f"{name}_ci"] = basic_ci(boot[0][name], boot[1][name], boot[2][name], expand=k) if boot else None
+            out[f"{name}_ci"] = basic_ci(fits[name], boot[1][name], boot[2][name], expand=k) if boot else None
         compared = [w for w in self.widths if w != self.ref]
         why = exponent_reason(out["bias_beta_sq_ci"], len(compared))
         if why is not None:
