@@ -57,7 +57,7 @@ def largest_corpus() -> str:
 
 
 def train_steps_per_s(config: str, stream, n: int) -> float:
-    from fastwidth.train.loop import make_members
+    from fastwidth.trainer.loop import make_members
 
     cfg = resolve(load_config(ROOT / "configs" / config, ["train.out_dir=/tmp/unused"]))
     members = make_members(cfg, stream, torch.device("cpu"))

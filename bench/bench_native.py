@@ -186,7 +186,7 @@ def bench_ce(reps: int, M: int, N: int) -> list[dict]:
 def demo_sides(steps: int):
     from fastwidth.config import load_config, resolve
     from fastwidth.data import build_stream
-    from fastwidth.train.loop import make_members
+    from fastwidth.trainer.loop import make_members
     cfg = resolve(load_config(str(ROOT / "configs" / "demo.yaml"), [f"train.steps={steps}"]))
     stream = build_stream(cfg.data)
     dev = torch.device("cpu")

@@ -32,7 +32,7 @@ from fastwidth.data import build_stream  # noqa: E402
 from fastwidth.kernels import dispatch  # noqa: E402
 from fastwidth.param.optim import set_lr  # noqa: E402
 from fastwidth.stats.monitor import Monitor  # noqa: E402
-from fastwidth.train.loop import make_members, pick_device, tokens_per_step  # noqa: E402
+from fastwidth.trainer.loop import make_members, pick_device, tokens_per_step  # noqa: E402
 
 
 class NullWriter:

@@ -168,10 +168,10 @@ def gpt_step_case(device, width=2048, depth=12, B=8, T=1024, V=50304, head_dim=1
     """One training step (bf16 autocast forward, backward, AdamW) of a µP GPT, per implementation:
     eager torch ops, the Triton kernels, torch.compile, kernels + compile (the compiled ones last:
     their compile is what a deadline may cut). Work: the loop's model FLOPs a token
-    (fastwidth.train.flops: 6 x matmul parameters + 12 L T d), so rate / peak is its MFU."""
+    (fastwidth.trainer.flops: 6 x matmul parameters + 12 L T d), so rate / peak is its MFU."""
     from fastwidth.config import Config
     from fastwidth.models import build_model
-    from fastwidth.train.flops import flops_per_token
+    from fastwidth.trainer.flops import flops_per_token
     cfg = Config()
     cfg.model.arch, cfg.model.width, cfg.model.depth, cfg.model.head_dim = "gpt", width, depth, head_dim
     io = SimpleNamespace(kind="tokens", vocab_size=V, seq_len=T, in_shape=None, num_classes=None)

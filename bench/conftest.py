@@ -40,7 +40,7 @@ def sweep():
 
 
 def fresh_members(sweep_fixture):
-    from fastwidth.train.loop import make_members
+    from fastwidth.trainer.loop import make_members
     cfg, stream, device = sweep_fixture
     return make_members(cfg, stream, device)
 

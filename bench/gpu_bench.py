@@ -234,7 +234,7 @@ def target_lines(rows: list[dict]) -> list[str]:
 
 
 def _peak(env: dict) -> float | None:
-    from fastwidth.train.flops import GPU_PEAK_BF16  # the training loop's MFU uses the same table
+    from fastwidth.trainer.flops import GPU_PEAK_BF16  # the training loop's MFU uses the same table
     return next((v for k, v in GPU_PEAK_BF16 if k in env["gpu"]), None)
 
 

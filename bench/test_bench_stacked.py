@@ -1,7 +1,7 @@
 """Seeds stacked (sweep.stack) vs one model at a time: the same optimizer steps of every member.
 
 stacked: each width's members (its seeds) take their step as one batched model
-(fastwidth/train/stacked.py); sequential (baseline): each model takes its steps alone, as
+(fastwidth/trainer/stacked.py); sequential (baseline): each model takes its steps alone, as
 sweep.mode=sequential does. Two sweeps: 3 widths x 4 seeds of a µP MLP at widths 64-256, and
 the demo GPT (configs/demo.yaml: 5 widths x 3 seeds). tokens/s = steps x examples (tokens for the
 GPT) per step x models / wall seconds (extra_info). test_stacked_ratio alternates the two modes
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from fastwidth.train.stacked import AUTO_MAX_ROWS_X_WIDTH
+from fastwidth.trainer.stacked import AUTO_MAX_ROWS_X_WIDTH
 
 STEPS = 3
 MLP = ["model.arch=mlp", "model.depth=2", "param.base_width=64", "data.source=synthetic", "data.in_dim=32",
@@ -31,8 +31,8 @@ def build(which: str):
     """A trainer-shaped object with the sweep's members, a Stacker over every width, and the stream."""
     from fastwidth.config import load_config, resolve
     from fastwidth.data import build_stream
-    from fastwidth.train.loop import compiled_loss, make_members
-    from fastwidth.train.stacked import Stacker
+    from fastwidth.trainer.loop import compiled_loss, make_members
+    from fastwidth.trainer.stacked import Stacker
     cfg = resolve(load_config(str(ROOT / "configs/demo.yaml") if which == "gpt" else None, DEMO if which == "gpt" else MLP))
     stream = build_stream(cfg.data)
     members = make_members(cfg, stream, torch.device("cpu"))

@@ -20,7 +20,7 @@ STEPS = 10
 def step():
     from fastwidth.config import load_config, resolve
     from fastwidth.data import build_stream
-    from fastwidth.train.loop import make_members
+    from fastwidth.trainer.loop import make_members
     cfg = resolve(load_config(None, ["model.arch=mlp", "model.depth=2", "model.width=512", "data.source=synthetic",
                                      "data.in_dim=128", "data.num_classes=10", "data.batch_size=64",
                                      "train.out_dir=/tmp/fastwidth-bench-unused"]))
@@ -38,7 +38,7 @@ def step():
 
 @pytest.fixture(params=["quiet", "competing"])
 def load(request):
-    from fastwidth.train.threads import usable_cores
+    from fastwidth.trainer.threads import usable_cores
     procs = []
     if request.param == "competing":
         procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(usable_cores())]
@@ -51,7 +51,7 @@ def load(request):
 
 @pytest.mark.parametrize("threads", ["cores", "one", "auto"])
 def test_threads(benchmark, step, load, threads):
-    from fastwidth.train.threads import auto_threads, usable_cores
+    from fastwidth.trainer.threads import auto_threads, usable_cores
     n = {"cores": usable_cores(), "one": 1}.get(threads) or auto_threads()[0]
     benchmark.group = f"threads: {load}"
     before = torch.get_num_threads()

@@ -15,10 +15,7 @@ __all__ = ["train", "load_run", "load_model", "make_config", "__version__"]
 
 
 def __getattr__(name):  # PEP 562: the API without importing torch at `import fastwidth`
-    if name == "train":  # the subpackage fastwidth.train, callable as fastwidth.api.train
-        import fastwidth.train
-        return fastwidth.train
-    if name in ("load_run", "load_model", "make_config"):
+    if name in ("train", "load_run", "load_model", "make_config"):
         from fastwidth import api
         return getattr(api, name)
     raise AttributeError(f"module 'fastwidth' has no attribute {name!r}")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from fastwidth.config_args import config_path, shipped_configs, shipped_configs_dir  # noqa: F401 (public here)
 from fastwidth.errors import CheckpointError, ConfigError  # noqa: F401 (CheckpointError: api.CheckpointError)
-# a trained model back from its run directory: in train/, where hf export (interop/) reaches it too
-from fastwidth.train.load import _latest, load_model, member_state, model_io  # noqa: F401 (public here)
+# a trained model back from its run directory: in trainer/, where hf export (interop/) reaches it too
+from fastwidth.trainer.load import _latest, load_model, member_state, model_io  # noqa: F401 (public here)
 
 
 def _override_items(kwargs: dict) -> dict[str, object]:
@@ -60,10 +60,10 @@ def make_config(config=None, overrides: list[str] | None = None, **kwargs):
 def train(config="demo", *, overrides: list[str] | None = None, **kwargs) -> Path:
     """Train the sweep a config describes (path, shipped name, Config or dict); returns the run
     directory, which holds the report unless train.report=false. A SIGTERM stops it at a
-    checkpoint and raises fastwidth.train.preempt.Preempted."""
+    checkpoint and raises fastwidth.trainer.preempt.Preempted."""
     cfg = make_config(config, overrides, **kwargs)  # a config mistake costs no torch import (seconds)
     from fastwidth.report.headline import report_at_end
-    from fastwidth.train.loop import run
+    from fastwidth.trainer.loop import run
     return run(cfg, report=report_at_end)
 
 

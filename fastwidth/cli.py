@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version, usage errors: return the code instead of raising
         return e.code if isinstance(e.code, int) else 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from fastwidth.train.preempt import Preempted
+    from fastwidth.trainer.preempt import Preempted
     try:
         return args.func(args) or 0
     except UserError as e:

@@ -21,11 +21,11 @@ import yaml
 
 from fastwidth.config import DataConfig, _nearest, read_yaml
 from fastwidth.errors import ConfigError, DataError, UserError
-from fastwidth.train import checkpoint as ckpt
-from fastwidth.train import loop, rundir
-from fastwidth.train.loop import run
-from fastwidth.train.metrics import read_metrics
-from fastwidth.train.preempt import Preempted
+from fastwidth.trainer import checkpoint as ckpt
+from fastwidth.trainer import loop, rundir
+from fastwidth.trainer.loop import run
+from fastwidth.trainer.metrics import read_metrics
+from fastwidth.trainer.preempt import Preempted
 
 from test_train import ROOT, TINY_MLP, cfg_of, train_losses
 
@@ -50,7 +50,7 @@ def test_a_dead_owners_lock_is_taken_over_with_a_warning(tmp_path, caplog):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": "then"}))
-    with caplog.at_level(logging.WARNING, logger="fastwidth.train"):
+    with caplog.at_level(logging.WARNING, logger="fastwidth.trainer"):
         with rundir.RunLock(tmp_path):
             assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
     assert f"taking over the lock left by pid {dead.pid}" in caplog.text and "no longer running" in caplog.text
@@ -85,7 +85,7 @@ TAKE_LOCK = """
 import os, sys, time
 sys.path.insert(0, {root!r})
 from fastwidth.errors import UserError
-from fastwidth.train.rundir import RunLock
+from fastwidth.trainer.rundir import RunLock
 while not os.path.exists({go!r}):
     time.sleep(0.002)
 try:

@@ -1,4 +1,4 @@
-"""Model FLOPs per token and MFU (fastwidth/train/flops.py): hand counts, an independent counter,
+"""Model FLOPs per token and MFU (fastwidth/trainer/flops.py): hand counts, an independent counter,
 the peak table and the CPU peak cache, and the fields in the train rows and the report."""
 
 from types import SimpleNamespace
@@ -11,9 +11,9 @@ from fastwidth.config import load_config
 from fastwidth.kernels import dispatch
 from fastwidth.models import build_model
 from fastwidth.report.summary import _compute_numbers
-from fastwidth.train import flops, sweep
-from fastwidth.train.loop import run
-from fastwidth.train.metrics import read_metrics
+from fastwidth.trainer import flops, sweep
+from fastwidth.trainer.loop import run
+from fastwidth.trainer.metrics import read_metrics
 
 from test_train import TINY_MLP, cfg_of
 

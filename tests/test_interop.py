@@ -7,7 +7,7 @@ import yaml
 
 import fastwidth
 from fastwidth.cli import main
-from fastwidth.train.metrics import read_metrics
+from fastwidth.trainer.metrics import read_metrics
 
 LLAMA_GPT = dict(model={"arch": "gpt", "depth": 2, "head_dim": 8, "act": "swiglu", "norm": "rms", "bias": True},
                  param={"base_width": 16, "attn_mult": 3.0, "zero_readout": False},  # a non-Llama attention scale
@@ -96,7 +96,7 @@ def test_multipliers_match_the_mup_package(tmp_path, capsys, arch, opt):
     from fastwidth.config import load_config
     from fastwidth.data import build_stream
     from fastwidth.models import build_model
-    from fastwidth.train.loop import data_io
+    from fastwidth.trainer.loop import data_io
     cfg = load_config(None, sets)
     model, _ = build_model(cfg, data_io(build_stream(cfg.data), cfg))
     mup.set_base_shapes(model, str(bsh), rescale_params=False)  # mup reads fastwidth's file

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from fastwidth.config import load_config, resolve
 from fastwidth.data import build_stream
 from fastwidth.models.stacked import Stack, refusal, why_not
-from fastwidth.train.loop import autocast_for, make_members, run
-from fastwidth.train.metrics import read_metrics
+from fastwidth.trainer.loop import autocast_for, make_members, run
+from fastwidth.trainer.metrics import read_metrics
 
 TINY_GPT = ["model.arch=gpt", "model.depth=1", "model.head_dim=8", "param.base_width=16", "data.source=stdlib",
             "data.seq_len=16", "data.batch_size=4", "data.probe_size=4", "sweep.widths=[16,32]",
@@ -145,7 +145,7 @@ def test_stacked_run_equals_members_alone_over_50_steps(tmp_path, base, lrs, par
     steps without any stacking, so 1e-6 is a bound only where training is stable.)"""
     common = ["train.steps=50", f"sweep.lrs={lrs}", "optim.grad_clip=0.5", *extra]
     off = run(cfg_of(tmp_path, base, *common, "sweep.stack=false", out="off"))
-    with caplog.at_level(logging.INFO, logger="fastwidth.train"):
+    with caplog.at_level(logging.INFO, logger="fastwidth.trainer"):
         on = run(cfg_of(tmp_path, base, *common, "sweep.stack=true", out="on"))
     assert "widths [16, 32] train stacked" in caplog.text
     _assert_runs_match(off, on, 1e-6, param_tol)
@@ -167,7 +167,7 @@ def test_a_diverged_member_leaves_the_stack_and_the_others_go_on(tmp_path):
 
 @pytest.mark.slow
 def test_auto_says_per_width_what_it_chose(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="fastwidth.train"):
+    with caplog.at_level(logging.INFO, logger="fastwidth.trainer"):
         run(cfg_of(tmp_path, TINY_MLP, "train.steps=2", "stats.enabled=false"))
     for w in (16, 32):
         assert f"sweep.stack=auto: width {w} " in caplog.text
@@ -206,7 +206,7 @@ def test_planner_counts_a_stacked_widths_members_at_once():
 
 def _stacker(cfg, ms, batched):
     from types import SimpleNamespace
-    from fastwidth.train.stacked import Stacker
+    from fastwidth.trainer.stacked import Stacker
     t = SimpleNamespace(cfg=cfg, members=ms, placement=SimpleNamespace(k=1), evaluator=None)
     s = Stacker(t, lambda: torch.autocast("cpu", enabled=False))
     s.widths, s.batched_step = {ms[0].width}, batched
@@ -251,7 +251,7 @@ def test_batched_optimizer_step_equals_each_members_own(shared, base, extra, cap
 def test_sgd_falls_back_to_each_members_step_and_says_so(shared, caplog):
     cfg, stream, ms = members_of(shared, TINY_MLP, "stats.enabled=false", "optim.name=sgd", "optim.momentum=0.9")
     s = _stacker(cfg, ms, True)
-    with caplog.at_level(logging.INFO, logger="fastwidth.train"):
+    with caplog.at_level(logging.INFO, logger="fastwidth.trainer"):
         b = stream.batch(0)
         s.train(ms, b["x"], b["y"])
         s.train(ms, b["x"], b["y"])

@@ -12,11 +12,11 @@ from fastwidth.errors import ConfigError
 from fastwidth.report.cli import make_report
 from fastwidth.report.reader import load_run
 from fastwidth.report.transfer import transfer_lines, transfer_summary
-from fastwidth.train import loop
-from fastwidth.train.loop import run
-from fastwidth.train.metrics import MetricsWriter, read_metrics
-from fastwidth.train.sweep import divergence_reason, member_name, refine_specs
-from fastwidth.train.preempt import Preempted
+from fastwidth.trainer import loop
+from fastwidth.trainer.loop import run
+from fastwidth.trainer.metrics import MetricsWriter, read_metrics
+from fastwidth.trainer.sweep import divergence_reason, member_name, refine_specs
+from fastwidth.trainer.preempt import Preempted
 from test_preempt import assert_bit_equal
 from test_train import TINY_MLP, cfg_of, train_losses
 

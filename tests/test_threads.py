@@ -4,7 +4,7 @@ import torch
 
 from fastwidth.config import load_config
 from fastwidth.errors import ConfigError
-from fastwidth.train.threads import auto_threads, set_threads, usable_cores
+from fastwidth.trainer.threads import auto_threads, set_threads, usable_cores
 
 
 @pytest.mark.parametrize("cores,load,want", [(2, 0.0, 2), (2, 0.4, 2), (2, 0.7, 1), (2, 8.0, 1), (16, 3.2, 13),

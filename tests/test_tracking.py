@@ -5,9 +5,9 @@ import struct
 
 import pytest
 
-from fastwidth.train.loop import run
-from fastwidth.train.metrics import read_metrics
-from fastwidth.train.tracking import crc32c, masked_crc
+from fastwidth.trainer.loop import run
+from fastwidth.trainer.metrics import read_metrics
+from fastwidth.trainer.tracking import crc32c, masked_crc
 
 from test_train import TINY_MLP, cfg_of
 

@@ -39,7 +39,7 @@ def export(run: str | Path, out: str | Path, fmt: str = "safetensors", member: s
         raise UserError(f"export: {run} does not exist")
     _check_output(out, fmt)
     if fmt == "safetensors":
-        from fastwidth.train.engine_checkpoint import export_checkpoint
+        from fastwidth.trainer.engine_checkpoint import export_checkpoint
         return out, export_checkpoint(run, out, member=member)
     if fmt != "hf":
         raise UserError(f"export --format {fmt}: valid formats are safetensors, hf")

@@ -65,7 +65,7 @@ def llama_state_dict(model) -> dict[str, torch.Tensor]:
 
 def export_hf(run_dir: Path, member: str, out: Path) -> Path:
     """Write `member` of `run_dir` as a Hugging Face Llama checkpoint in directory `out`."""
-    from fastwidth.train.load import load_model
+    from fastwidth.trainer.load import load_model
     from fastwidth.config import from_dict, read_yaml
     check_llama_layout(from_dict(read_yaml(Path(run_dir) / "config.yaml")))
     try:

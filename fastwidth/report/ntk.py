@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 from fastwidth.report.reader import Run  # noqa: E402
 from fastwidth.stats.ntk_across import NTKMember, ntk_across_widths  # noqa: E402
 from fastwidth.stats.signature import list_ntk, load_signature  # noqa: E402
-from fastwidth.train.sweep import member_name  # noqa: E402
+from fastwidth.trainer.sweep import member_name  # noqa: E402
 
 _CACHE: dict[tuple, dict | None] = {}
 

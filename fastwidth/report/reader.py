@@ -24,7 +24,7 @@ import yaml
 
 from fastwidth.errors import UserError
 from fastwidth.stats.signature import list_signatures, load_signature
-from fastwidth.train.metrics import from_json
+from fastwidth.trainer.metrics import from_json
 
 
 @dataclass

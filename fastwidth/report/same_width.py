@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fastwidth.report.reader import Run
 from fastwidth.stats.same_width import cka_same_width
-from fastwidth.train.sweep import member_name
+from fastwidth.trainer.sweep import member_name
 
 _CACHE: dict[tuple, dict | None] = {}
 

@@ -262,7 +262,7 @@ def write_summary(runs: list[Run], figures: dict[str, Path | None], out: Path) -
         lines += [f"## {n['label']}", "", f"commit {n['commit'] or 'unknown'}", ""]
         if n.get("mfu") is not None:
             lines += [f"MFU {n['mfu']:.2%} (median over the logged steps: every member's model FLOPs per "
-                      "token times tokens/s, over the devices' peak; fastwidth/train/flops.py)", ""]
+                      "token times tokens/s, over the devices' peak; fastwidth/trainer/flops.py)", ""]
         lines += _table(n) + [""]
         lines += _equal_compute_table(n)
         lines += cka_lines(run) + ntk_lines(run)

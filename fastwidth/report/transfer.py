@@ -32,7 +32,7 @@ import numpy as np
 
 from fastwidth.report.reader import Run, progress_word, stopped_note
 from fastwidth.stats.transfer import fmt_ci, optimum, range_label, transfer_fit
-from fastwidth.train.sweep import REFINE, member_name
+from fastwidth.trainer.sweep import REFINE, member_name
 
 __all__ = ["budgets", "drift", "late_drifts", "loss_vs_lr", "lr_curves", "optimum", "refined", "transfer_lines",
            "transfer_summary"]

@@ -10,7 +10,7 @@ from fastwidth.config import Config
 from fastwidth.errors import UserError
 from fastwidth.kernels import dispatch
 from fastwidth.models import build_model
-from fastwidth.train.loop import compiled_loss
+from fastwidth.trainer.loop import compiled_loss
 
 
 def _losses(backend: str, compile_: bool, steps: int = 3) -> list[float]:

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from fastwidth.cli import build_parser, overrides_of  # noqa: E402
 from fastwidth.config import load_config  # noqa: E402
 from fastwidth.parallel.nodes import node_key  # noqa: E402
-from fastwidth.train.loop import Trainer  # noqa: E402
+from fastwidth.trainer.loop import Trainer  # noqa: E402
 
 
 def local_numel(p):

@@ -22,10 +22,10 @@ import yaml
 from safetensors.torch import load_file
 
 from fastwidth.config import load_config
-from fastwidth.train.engine_checkpoint import export_checkpoint
-from fastwidth.train import checkpoint as ckpt
-from fastwidth.train.loop import run
-from fastwidth.train.metrics import read_metrics
+from fastwidth.trainer.engine_checkpoint import export_checkpoint
+from fastwidth.trainer import checkpoint as ckpt
+from fastwidth.trainer.loop import run
+from fastwidth.trainer.metrics import read_metrics
 
 # the fast tier (`make test`) keeps one launch per engine family: ddp, fsdp2 and ZeRO-3 (DeepSpeed)
 # in test_two_ranks_match_one; every other launch here is the heavy tier (`make test-all`)

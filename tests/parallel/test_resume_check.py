@@ -7,7 +7,7 @@ import pytest
 
 from fastwidth.config import load_config
 from fastwidth.errors import CheckpointError
-from fastwidth.train.engine_checkpoint import check_resumable
+from fastwidth.trainer.engine_checkpoint import check_resumable
 
 
 def saved(tmp_path, world: int, stage: int):

@@ -90,7 +90,7 @@ def heldout_lr_run(path, steps=(10, 20, 30, 40), n_examples=64):
     """Eval rows and per-example probe losses in signatures: η*_N = 1e-3 at N = 64 (the base width)
     and 2e-3 above it, so all of the drift is the step 64 → 128."""
     from fastwidth.stats.signature import save_signature, signature_path
-    from fastwidth.train.sweep import member_name
+    from fastwidth.trainer.sweep import member_name
     import torch
     path.mkdir(parents=True)
     cfg = {"model": {"arch": "mlp"}, "param": {"kind": "mup", "base_width": 64},

@@ -75,7 +75,7 @@ def truncate_after(path: Path, member_steps: dict[tuple, int], floors: dict | No
     or at floors[row's "pass"] (sweep.lr_refine: a finished first pass keeps its rows while the
     refinement pass resumes from an earlier step).
     """
-    from fastwidth.train.checkpoint import atomic_write_text
+    from fastwidth.trainer.checkpoint import atomic_write_text
     if not Path(path).is_file():
         return
     floor = min(member_steps.values())

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-log = logging.getLogger("fastwidth.train")
+log = logging.getLogger("fastwidth.trainer")
 
 
 def usable_cores() -> int:

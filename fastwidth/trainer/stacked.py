@@ -29,7 +29,7 @@ from fastwidth.parallel.engines import StepContext, accumulate, clip_grad
 from fastwidth.param.optim import set_lr
 from fastwidth.param.stacked_optim import StackedStep, why_not as no_stacked_step
 
-log = logging.getLogger("fastwidth.train")
+log = logging.getLogger("fastwidth.trainer")
 
 # auto stacks a width when one member's micro-batch rows (tokens for the GPT) x width is at most
 # this: where each GEMM is small, stacking saves launches and per-op overhead; where it is large

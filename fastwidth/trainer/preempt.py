@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 
-log = logging.getLogger("fastwidth.train")
+log = logging.getLogger("fastwidth.trainer")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143 for the scheduler's signals (SIGTERM, SIGUSR1)

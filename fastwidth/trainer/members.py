@@ -3,7 +3,7 @@
     members = make_members(cfg, stream, device)   # the reference width first
     loss_fn = compiled_loss(member.model, cfg)     # (x, y) -> scalar, torch.compile'd under train.compile
 
-The loop (train/loop.py, which re-exports these names) trains them; autocast_for and pick_device
+The loop (trainer/loop.py, which re-exports these names) trains them; autocast_for and pick_device
 are the precision and device rules it runs them under.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from fastwidth.models import build_meta, build_uninitialized
 from fastwidth.parallel.engines import Engine
 from fastwidth.parallel.env import DistEnv
 from fastwidth.param.scaling import ParamInfo, mup_table
-from fastwidth.train import dynamics, sweep
+from fastwidth.trainer import dynamics, sweep
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Member:
     diverged: dict | None = None    # the "diverged" row once the member is stopped
     grad_norm: torch.Tensor | None = None  # before clipping, of the last step
     engine: object = None           # what trains it (fastwidth.parallel.engines.Engine interface)
-    pass_name: str | None = None    # "refine": trained in the sweep.lr_refine pass (train/sweep.py)
+    pass_name: str | None = None    # "refine": trained in the sweep.lr_refine pass (trainer/sweep.py)
 
     @property
     def name(self) -> str:

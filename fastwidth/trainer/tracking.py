@@ -21,7 +21,7 @@ import struct
 import time
 from pathlib import Path
 
-from fastwidth.train.metrics import REQUIRED, MetricsWriter
+from fastwidth.trainer.metrics import REQUIRED, MetricsWriter
 
 # --------------------------------------------------------------------------- TensorBoard records
 

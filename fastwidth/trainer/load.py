@@ -14,7 +14,7 @@ from fastwidth.errors import CheckpointError
 
 
 def _latest(run_dir: Path) -> Path:
-    from fastwidth.train.checkpoint import latest_checkpoint
+    from fastwidth.trainer.checkpoint import latest_checkpoint
     found = latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else None
     if found is None:
         raise CheckpointError(f"{run_dir} holds no checkpoint (train.out_dir of a finished or stopped run?)")
@@ -24,8 +24,8 @@ def _latest(run_dir: Path) -> Path:
 def member_state(checkpoint: Path, name: str | None) -> tuple[str, dict, dict]:
     """(member name, full fp32 state dict, checkpoint meta) of one member; the only member when
     `name` is None. Works for single-process and sharded (ddp, fsdp2, deepspeed) checkpoints."""
-    from fastwidth.train.engine_checkpoint import _member_state
-    from fastwidth.train.checkpoint import read_checkpoint
+    from fastwidth.trainer.engine_checkpoint import _member_state
+    from fastwidth.trainer.checkpoint import read_checkpoint
     meta = read_checkpoint(checkpoint)
     names = [e["name"] for e in meta["members"]]
     if name is None and len(names) == 1:

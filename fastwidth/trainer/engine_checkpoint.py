@@ -1,5 +1,5 @@
 """Checkpoints through the engine: sharded ones in each engine's own format, inside fastwidth's
-checkpoint directory (the single-process format is train/checkpoint.py; this module sits beside it
+checkpoint directory (the single-process format is trainer/checkpoint.py; this module sits beside it
 in train/, above parallel/, whose engines it drives).
 
     step_000020/
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from fastwidth.errors import CheckpointError
-from fastwidth.train import checkpoint as ckpt
+from fastwidth.trainer import checkpoint as ckpt
 
 
 def _engine_dir(path: Path, name: str) -> Path:

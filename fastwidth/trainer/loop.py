@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from fastwidth.config import Config, dump_yaml, resolve
 from fastwidth.data import build_stream, data_io  # noqa: F401 (data_io: public here too)
-from fastwidth.train import engine_checkpoint as par_ckpt
+from fastwidth.trainer import engine_checkpoint as par_ckpt
 from fastwidth.parallel import stats as par_stats
 from fastwidth.parallel.engines import StepContext
 from fastwidth.parallel.env import agree_on_out_dir, check_shared_dir, init_dist, launched_world
@@ -38,14 +38,14 @@ from fastwidth.param.optim import lr_factor, set_lr
 from fastwidth.param.scaling import table_rows
 from fastwidth.stats.monitor import Monitor
 from fastwidth.stats.preact_range import RANGES_FILE
-from fastwidth.train import checkpoint as ckpt
-from fastwidth.train import flops, preempt, rundir, tracking
-from fastwidth.train.metrics import read_metrics, truncate_after
-from fastwidth.train import dynamics, stacked, sweep, threads
-from fastwidth.train.members import (Member, autocast_for, compiled_loss,  # noqa: F401 (re-exported: bench/, tests)
+from fastwidth.trainer import checkpoint as ckpt
+from fastwidth.trainer import flops, preempt, rundir, tracking
+from fastwidth.trainer.metrics import read_metrics, truncate_after
+from fastwidth.trainer import dynamics, stacked, sweep, threads
+from fastwidth.trainer.members import (Member, autocast_for, compiled_loss,  # noqa: F401 (re-exported: bench/, tests)
                                      make_members, pick_device, tokens_per_step)
 
-log = logging.getLogger("fastwidth.train")
+log = logging.getLogger("fastwidth.trainer")
 
 # Keys that may change between a checkpoint and the command that resumes it.
 RESUMABLE_CHANGES = {"data.micro_batch_size", "train.activation_checkpointing",  # memory tools: same trajectory
@@ -259,7 +259,7 @@ class Trainer:
         self.flops = flops.MFU(self.members, data_io(self.stream, cfg), self.device, self.dist.world_size)
         refined = [m for m in self.members if sweep.pass_tag(m)]  # a resume inside the refinement pass has them
         self._train_groups([m for m in self.members if m not in refined], bar, clock)
-        if cfg.sweep.lr_refine and not self.stop.raised:  # the second pass: train/sweep.py
+        if cfg.sweep.lr_refine and not self.stop.raised:  # the second pass: trainer/sweep.py
             self._train_groups(refined or self._start_refinement(bar), bar, clock)
         bar.close()
         if self.stacker:
@@ -300,7 +300,7 @@ class Trainer:
 
     def _start_refinement(self, bar) -> list[Member]:
         """sweep.lr_refine: checkpoint the finished first pass, then build the refined members from
-        its final losses (train/sweep.py) and give them monitors; returns them, at step 0."""
+        its final losses (trainer/sweep.py) and give them monitors; returns them, at step 0."""
         cfg = self.cfg
         if self.stacker:
             self.stacker.close()

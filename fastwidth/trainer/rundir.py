@@ -24,7 +24,7 @@ from pathlib import Path
 
 from fastwidth.errors import UserError
 
-log = logging.getLogger("fastwidth.train")
+log = logging.getLogger("fastwidth.trainer")
 LOCK_FILE = ".lock"
 
 
