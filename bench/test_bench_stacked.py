@@ -39,7 +39,7 @@ def build(which: str):
     t = SimpleNamespace(cfg=cfg, members=members, placement=SimpleNamespace(k=1), evaluator=None,
                         loss_fns={m.name: compiled_loss(m.model, cfg) for m in members})
     t.train_step = lambda m, x, y: one_step(m, x, y, cfg, t.loss_fns[m.name])  # widths that do not stack
-    stacker = Stacker(t, lambda: torch.autocast("cpu", enabled=False))
+    stacker = Stacker(cfg, 1, lambda: torch.autocast("cpu", enabled=False), t.train_step)
     stacker.widths = {m.width for m in members}
     return cfg, stream, members, stacker
 
@@ -50,8 +50,8 @@ def one_step(m, x, y, cfg, loss_fn):
     from fastwidth.param.optim import set_lr
     set_lr(m.optimizer, m.cfg.optim, m.step, cfg.train.steps)
     m.model.train()
-    m.engine.train_step(m.name, x, y, 1, StepContext(), loss_fn)
-    m.grad_norm = m.engine.grad_norms.get(m.name)
+    m.handle.train_step(x, y, 1, StepContext(), loss_fn)
+    m.grad_norm = m.handle.grad_norm
     m.step += 1
 
 
@@ -67,7 +67,7 @@ def run_sequential(setup, start):
     for m in members:
         for s in range(start, start + STEPS):
             b = stream.batch(s)
-            one_step(m, b["x"], b["y"], cfg, stacker.trainer.loss_fns[m.name])
+            stacker.train_alone(m, b["x"], b["y"])  # one_step with the member's loss_fn
 
 
 def tokens(cfg, models: int) -> int:

@@ -205,10 +205,8 @@ def test_planner_counts_a_stacked_widths_members_at_once():
 # --------------------------------------------------------------------------- the batched optimizer step
 
 def _stacker(cfg, ms, batched):
-    from types import SimpleNamespace
     from fastwidth.trainer.stacked import Stacker
-    t = SimpleNamespace(cfg=cfg, members=ms, placement=SimpleNamespace(k=1), evaluator=None)
-    s = Stacker(t, lambda: torch.autocast("cpu", enabled=False))
+    s = Stacker(cfg, 1, lambda: torch.autocast("cpu", enabled=False), train_alone=None)  # every width stacks
     s.widths, s.batched_step = {ms[0].width}, batched
     return s
 

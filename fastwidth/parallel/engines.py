@@ -1,15 +1,18 @@
-"""ddp | fsdp2 | deepspeed behind one interface; models stay single-device code.
+"""none | ddp | fsdp2 | deepspeed behind one interface; models stay single-device code.
 
     engine = build_engine(cfg, env)          # fastwidth/parallel/placement.py (it knows every engine)
-    model = engine.build(name, meta_model, table, width_cfg, seed, construct)   # every member first
-    model, optimizer = engine.finish(name, table, width_cfg)                      # then engines/optimizers
-    loss = engine.train_step(name, x, y, micro_steps, StepContext(autocast, pause))  # every optimizer step
-    with engine.gathered(name) as whole:                                          # statistics of one member
+    h = engine.build(name, meta_model, table, width_cfg, seed, construct)   # every member first
+    engine.finish(h)                                                        # then engines/optimizers
+    loss = h.train_step(x, y, micro_steps, StepContext(autocast, pause))    # every optimizer step
+    with h.gathered() as whole:                                             # statistics of one member
         top_eig(..., whole.model, whole.optimizer, reduce=engine.batch_mean)
+    h.save(where); h.load(where)                                            # a sharded checkpoint's member
 
 One interface for every backend: `Engine` itself is the single-process one (dist.backend none),
-so the loop never asks which engine it drives. `gathered(name)` is the statistics' view of one
-member: a model with whole (unsharded) parameters and a torch optimizer over them holding the
+and a run always has one, so the loop never asks which engine it drives. Building returns a
+`MemberHandle`: the member's model, optimizer and what the engine wrapped around them, with the
+member's train step, gathered view and checkpoint calls. `gathered()` is the statistics' view of
+one member: a model with whole (unsharded) parameters and a torch optimizer over them holding the
 live LRs and Adam's whole v̂. ddp and ZeRO-1/2 hold the model whole and give it as it is;
 FSDP2 and ZeRO-3 build a replica of that one member, gathering one tensor at a time, so the
 view costs 4P bytes of parameters + 4P of v̂ (P: the member's parameters, fp32) + the largest
@@ -17,8 +20,15 @@ tensor in flight, while it is open (the planner's "gathered" term). `batch_mean(
 averages over the data-parallel ranks what each computed on its share of a batch (equal
 shares: the mean is the global batch's value), so batch statistics see the global batch.
 
+Checkpoints: an engine whose members are whole on every rank (`whole_checkpoint`: one process,
+ddp) is saved in the single-process format, written by rank 0 (trainer/checkpointer.py); the
+sharded engines save each member into its own directory of the checkpoint on every rank
+(`save_member` / `load_member`: torch.distributed.checkpoint for fsdp2 and for the ddp members
+of a mixed placement, DeepSpeed's own format for deepspeed), and `check_checkpoint` refuses
+one this engine cannot load with one line.
+
 `build` is the one parallelize step, in a fixed order (torchtitan's):
-  1. placement: this engine was chosen for the member's width (placement.engine_for_width);
+  1. placement: this engine was chosen for the member's width (Placement.for_width);
   2. activation checkpointing of every block (train.activation_checkpointing=block);
   3. shard and materialize: FSDP2 `fully_shard` on the meta model then `to_empty` (local shards
      only); ZeRO-3 constructs under `deepspeed.zero.Init` (each layer partitioned as it is made);
@@ -40,6 +50,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from fastwidth.errors import CheckpointError
 from fastwidth.param.optim import build_optimizer
 from fastwidth.param.scaling import ParamInfo, apply_forward_mults, draw_init, init_parameters
 
@@ -154,6 +165,36 @@ def accumulate(forward, backward, x, y, k: int, ctx: StepContext = StepContext()
     return total / len(parts)
 
 
+@dataclass
+class MemberHandle:
+    """What an engine built for one member: `model` (sharded under fsdp2 / ZeRO-3), its
+    `optimizer`, `wrapped` (what a train step calls: the DDP module or DeepSpeed engine; None in
+    one process and under fsdp2) and the norm of the last step's gradient before clipping. The
+    member's calls go to its engine, so a member never needs to know which engine holds it."""
+
+    engine: "Engine"
+    name: str
+    model: nn.Module
+    table: dict[str, ParamInfo]
+    wcfg: object                   # the member's config (model.width, optim.lr)
+    construct: Callable | None = None   # () -> the model on the current device, uninitialized (replicas)
+    optimizer: torch.optim.Optimizer | None = None
+    wrapped: object = None
+    grad_norm: torch.Tensor | None = None
+
+    def train_step(self, x, y, k: int = 1, ctx: StepContext = StepContext(), loss_fn=None) -> torch.Tensor:
+        return self.engine.train_step(self, x, y, k, ctx, loss_fn)
+
+    def gathered(self):
+        return self.engine.gathered(self)
+
+    def save(self, where) -> None:
+        self.engine.save_member(self, where)
+
+    def load(self, where) -> None:
+        self.engine.load_member(self, where)
+
+
 class Engine:
     """Single-process training (dist.backend none), and the base of the distributed engines."""
 
@@ -161,19 +202,15 @@ class Engine:
     sharded = False        # parameters split across ranks (fsdp2, ZeRO-3)
     measures_grad_norm = True  # the norm before clipping, for train rows (the others clip inside)
     runs_loss_fn = True        # trains on the loop's loss_fn (the others on their wrapped model.loss)
+    whole_checkpoint = True    # every rank holds each member whole: rank 0 writes the single-process format
 
     def __init__(self, cfg, env):
         self.cfg, self.env = cfg, env
-        self.handles: dict[str, object] = {}
-        self.models: dict[str, nn.Module] = {}
-        self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        self.specs: dict[str, tuple] = {}           # name -> (table, wcfg, construct): replicas
-        self.grad_norms: dict[str, torch.Tensor | None] = {}
 
     @contextlib.contextmanager
-    def gathered(self, name: str):
+    def gathered(self, h: MemberHandle):
         """The member with whole parameters (module doc); collective under sharded engines."""
-        yield Whole(self.models[name], self.optimizers[name])
+        yield Whole(h.model, h.optimizer)
 
     def batch_mean(self, tensors: list) -> list:
         """Each tensor averaged in place over the ranks (each computed on its equal share of the
@@ -186,13 +223,12 @@ class Engine:
                 t.div_(world)
         return tensors
 
-    def replica(self, name: str, full_param, state_of) -> Whole:
-        """A whole copy of member `name` on this rank: full_param(live parameter) -> its whole
+    def replica(self, h: MemberHandle, full_param, state_of) -> Whole:
+        """A whole copy of member `h` on this rank: full_param(live parameter) -> its whole
         tensor (one at a time, collective), state_of(name) as optimizer_view's."""
-        table, wcfg, construct = self.specs[name]
-        live = self.models[name]
+        live = h.model
         with torch.device(self.env.device):
-            model = construct()                          # torch.empty: every value is copied below
+            model = h.construct()                        # torch.empty: every value is copied below
         with torch.no_grad():
             mine = dict(model.named_parameters())
             for n, q in live.named_parameters():
@@ -202,9 +238,9 @@ class Engine:
             for n, b in model.named_buffers():
                 if n in theirs and theirs[n].shape == b.shape:
                     b.copy_(theirs[n])
-        apply_forward_mults(model, table)
+        apply_forward_mults(model, h.table)
         model.train(live.training)
-        return Whole(model, optimizer_view(model, table, wcfg, self.optimizers[name], state_of))
+        return Whole(model, optimizer_view(model, h.table, h.wcfg, h.optimizer, state_of))
 
     def _materialize(self, model, table, seed, width):
         model.to_empty(device=self.env.device)
@@ -217,69 +253,107 @@ class Engine:
         if self.cfg.train.activation_checkpointing == "block":
             checkpoint_blocks(model)
 
-    def build(self, name: str, model: nn.Module, table: dict[str, ParamInfo], wcfg, seed: int, construct=None):
+    def build(self, name: str, model: nn.Module, table: dict[str, ParamInfo], wcfg, seed: int,
+              construct=None) -> MemberHandle:
         """The member's model sharded and initialized; no optimizer or engine state yet."""
-        self.specs[name] = (table, wcfg, construct)
         self._checkpointing(model)
-        self.models[name] = self._materialize(model, table, seed, wcfg.model.width)
-        return self.models[name]
+        model = self._materialize(model, table, seed, wcfg.model.width)
+        return MemberHandle(self, name, model, table, wcfg, construct)
 
-    def finish(self, name: str, table: dict[str, ParamInfo], wcfg):
-        model = self.models[name]
-        self.handles[name], self.optimizers[name] = model, build_optimizer(model, table, wcfg)
-        return model, self.optimizers[name]
+    def finish(self, h: MemberHandle) -> MemberHandle:
+        """The member's optimizer (and what the engine wraps around the model)."""
+        h.optimizer = build_optimizer(h.model, h.table, h.wcfg)
+        return h
 
-    def wrap(self, name, model, table, wcfg, seed, construct=None):
-        self.build(name, model, table, wcfg, seed, construct)
-        return self.finish(name, table, wcfg)
+    def loss(self, h: MemberHandle, x, y):
+        return h.model.loss(x, y)
 
-    def loss(self, name: str, x, y):
-        return self.models[name].loss(x, y)
-
-    def sync(self, name: str, last: bool):
+    def sync(self, h: MemberHandle, last: bool):
         """Context of one micro-batch's forward and backward: gradient reduction only on the last."""
         return contextlib.nullcontext()
 
-    def train_step(self, name: str, x, y, k: int = 1, ctx: StepContext = StepContext(), loss_fn=None) -> torch.Tensor:
+    def train_step(self, h: MemberHandle, x, y, k: int = 1, ctx: StepContext = StepContext(),
+                   loss_fn=None) -> torch.Tensor:
         """Forward and backward over k micro-batches, then clip, step and zero; the mean loss.
         loss_fn(x, y): the training loss in one process (train.loss, train.compile); the
         distributed engines run their wrapped model.loss (the config refuses train.loss=mse there)."""
-        forward = loss_fn if loss_fn is not None and self.runs_loss_fn else (lambda xi, yi: self.loss(name, xi, yi))
-        loss = accumulate(forward, lambda l: (l / k).backward(), x, y, k, ctx, lambda last: self.sync(name, last))
-        self.apply_step(name)
+        forward = loss_fn if loss_fn is not None and self.runs_loss_fn else (lambda xi, yi: self.loss(h, xi, yi))
+        loss = accumulate(forward, lambda l: (l / k).backward(), x, y, k, ctx, lambda last: self.sync(h, last))
+        self.apply_step(h)
         return loss
 
-    def apply_step(self, name: str) -> None:
-        norm = clip_grad(list(self.models[name].parameters()), self.cfg.optim.grad_clip,
-                         measure=self.measures_grad_norm)
-        self.grad_norms[name] = norm if self.measures_grad_norm else None
-        self.optimizers[name].step()
-        self.optimizers[name].zero_grad(set_to_none=True)
+    def apply_step(self, h: MemberHandle) -> None:
+        norm = clip_grad(list(h.model.parameters()), self.cfg.optim.grad_clip, measure=self.measures_grad_norm)
+        h.grad_norm = norm if self.measures_grad_norm else None
+        h.optimizer.step()
+        h.optimizer.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint_info(self) -> dict:
+        """What a sharded checkpoint's meta.json records of the engine that wrote it ("engine")."""
+        return {"backend": self.name, "world_size": self.env.world_size, "zero_stage": self.cfg.dist.zero_stage}
+
+    def check_checkpoint(self, info: dict | None, path) -> None:
+        """Refuse, with one line, a checkpoint this engine cannot load; info: its meta's "engine"
+        (None for the single-process format, which a whole engine reads on any number of ranks;
+        a sharded engine reads only its own backend's)."""
+        if self.whole_checkpoint and info is not None:
+            raise CheckpointError(f"checkpoint {path} was saved by dist.backend={info['backend']}; resume it with "
+                                  f"that backend, or export it with `fastwidth export {path}`")
+        if not self.whole_checkpoint and (info is None or info["backend"] != self.name):
+            got = info["backend"] if info else "none/ddp"
+            raise CheckpointError(f"checkpoint {path} was saved by dist.backend={got}, this run uses {self.name}")
+
+    def save_member(self, h: MemberHandle, where) -> None:
+        """Member `h` into directory `where` of a sharded checkpoint, every rank writing its part:
+        torch.distributed.checkpoint of model and optimizer (DTensor metadata, so it loads on any
+        number of ranks; a replicated member's copies are deduplicated). Collective."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        msd, osd = get_state_dict(h.model, h.optimizer)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(where))
+
+    def load_member(self, h: MemberHandle, where) -> None:
+        """Member `h` from what save_member wrote in `where`. Collective."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        msd, osd = get_state_dict(h.model, h.optimizer)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=str(where))
+        set_state_dict(h.model, h.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def load_members(self, handles: list[MemberHandle], path, info: dict, member_dir: Callable) -> None:
+        """Every member of `handles` (members this engine trains) from the sharded checkpoint
+        `path` whose meta's "engine" is `info`; member_dir(name) -> the member's directory in it.
+        Collective."""
+        for h in handles:
+            h.load(member_dir(h.name))
 
 
 class DDPEngine(Engine):
     name = "ddp"
     measures_grad_norm = runs_loss_fn = False
 
-    def finish(self, name, table, wcfg):
+    def finish(self, h):
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = self.models[name]  # identical on every rank: seeded per name
         ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-        self.handles[name] = DDP(LossForward(model), device_ids=ids)
-        self.optimizers[name] = build_optimizer(model, table, wcfg)
-        return model, self.optimizers[name]
+        h.wrapped = DDP(LossForward(h.model), device_ids=ids)  # identical on every rank: seeded per name
+        h.optimizer = build_optimizer(h.model, h.table, h.wcfg)
+        return h
 
-    def loss(self, name, x, y):
-        return self.handles[name](x, y)
+    def loss(self, h, x, y):
+        return h.wrapped(x, y)
 
-    def sync(self, name, last):
-        return contextlib.nullcontext() if last else self.handles[name].no_sync()
+    def sync(self, h, last):
+        return contextlib.nullcontext() if last else h.wrapped.no_sync()
 
 
 class FSDP2Engine(Engine):
     name = "fsdp2"
     sharded = True
     measures_grad_norm = runs_loss_fn = False
+    whole_checkpoint = False
 
     def __init__(self, cfg, env):
         super().__init__(cfg, env)
@@ -306,7 +380,6 @@ class FSDP2Engine(Engine):
               "offload_policy": CPUOffloadPolicy(pin_memory=cuda) if dc.offload_params else OffloadPolicy()}
         if dc.mixed_precision == "bf16":
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        self.specs[name] = (table, wcfg, construct)
         self._checkpointing(model)
         # order: every block its own unit (all-gathered one at a time), then the root (embedding,
         # final norm and readout); loss/features are forward methods so the root unit gathers for them
@@ -319,14 +392,13 @@ class FSDP2Engine(Engine):
         init_sharded(model, table, seed, wcfg.model.width)
         model.reset_buffers()
         apply_forward_mults(model, table)
-        self.models[name] = model
-        return model
+        return MemberHandle(self, name, model, table, wcfg, construct)
 
     @contextlib.contextmanager
-    def gathered(self, name):
+    def gathered(self, h):
         """A replica of the member: each DTensor's full_tensor() (an all-gather), one at a time;
         Adam's v̂ likewise from the optimizer's DTensor state."""
-        opt, named = self.optimizers[name], dict(self.models[name].named_parameters())
+        opt, named = h.optimizer, dict(h.model.named_parameters())
 
         def full(t):
             return t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -334,12 +406,10 @@ class FSDP2Engine(Engine):
         def state_of(n):
             st = opt.state.get(named[n], {})
             return (float(st["step"]), full(st["exp_avg_sq"]).detach()) if "exp_avg_sq" in st else None
-        yield self.replica(name, lambda q: full(q.detach()), state_of)
+        yield self.replica(h, lambda q: full(q.detach()), state_of)
 
-    def sync(self, name, last):
-        model = self.models[name]
-
-        model.set_requires_gradient_sync(last)  # reduce-scatter only after the last micro-batch
+    def sync(self, h, last):
+        h.model.set_requires_gradient_sync(last)  # reduce-scatter only after the last micro-batch
         return contextlib.nullcontext()
 
 

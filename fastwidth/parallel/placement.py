@@ -1,8 +1,8 @@
 """Placement per width: which engine trains each member of a sweep, and its micro-batching.
 
     placement = Placement(cfg, env)
-    engine = placement.for_width(width)       # ddp below dist.shard_min_width, else dist.backend
-                                              # (single-process runs: the plain Engine)
+    engine = placement.for_width(width)       # ddp below dist.shard_min_width, else placement.main:
+                                              # the engine of dist.backend (none: the plain Engine)
     k = micro_steps(cfg, world_size)          # micro-batches per optimizer step on each rank
 
 Every engine runs over the same process group and every rank draws the same global batch, so
@@ -23,12 +23,11 @@ def largest_block(cfg) -> int:
     return count_params(for_width(cfg, max(cfg.sweep.widths)))["block"]
 
 
-def build_engine(cfg, env, **kw) -> Engine | None:
-    """The engine of cfg.dist.backend, or None for single-process training (kw: DeepSpeed's)."""
+def build_engine(cfg, env, **kw) -> Engine:
+    """The engine of cfg.dist.backend; none: the single-process Engine (kw: DeepSpeed's)."""
     from fastwidth.parallel.zero import DeepSpeedEngine
-    if cfg.dist.backend == "none":
-        return None
-    return {"ddp": DDPEngine, "fsdp2": FSDP2Engine, "deepspeed": DeepSpeedEngine}[cfg.dist.backend](cfg, env, **kw)
+    kinds = {"none": Engine, "ddp": DDPEngine, "fsdp2": FSDP2Engine, "deepspeed": DeepSpeedEngine}
+    return kinds[cfg.dist.backend](cfg, env, **kw)
 
 
 class Placement:
@@ -47,23 +46,11 @@ class Placement:
         kw = {}
         if dc.backend == "deepspeed":
             kw = {"block_params": largest_block(cfg), "micro_steps": self.k}
-        self.main = build_engine(cfg, env, **kw) if dc.backend != "none" else None
+        self.main = build_engine(cfg, env, **kw)
         narrow = [w for w in cfg.sweep.widths if w < dc.shard_min_width]
-        self.replicated = DDPEngine(cfg, env) if narrow and self.main is not None else None
-        self.local = Engine(cfg, env) if self.main is None else None   # dist.backend none
+        self.replicated = DDPEngine(cfg, env) if narrow else None  # shard_min_width: a sharded backend
 
-    def for_width(self, width: int):
+    def for_width(self, width: int) -> Engine:
         if self.replicated is not None and width < self.cfg.dist.shard_min_width:
             return self.replicated
-        return self.main or self.local
-
-    @property
-    def engines(self) -> list:
-        return [e for e in (self.main, self.replicated, self.local) if e is not None]
-
-    def of(self, name: str):
-        """The engine that trains member `name`."""
-        for e in self.engines:
-            if name in e.models:
-                return e
-        raise KeyError(name)
+        return self.main

@@ -38,7 +38,7 @@ def whole_member(m):
     the eNTK, coord): a copy of m whose model and optimizer are its engine's `gathered` view
     (engines.py: the member itself under ddp / ZeRO-1/2 / one process, a replica under FSDP2 /
     ZeRO-3, freed when the block ends). Collective under sharded engines."""
-    with m.engine.gathered(m.name) as whole:
+    with m.handle.gathered() as whole:
         yield dataclasses.replace(m, model=whole.model, optimizer=whole.optimizer)
 
 

@@ -15,14 +15,16 @@ import contextlib
 import copy
 import logging
 import os
+import shutil
 import time
 
 import torch
 
-from fastwidth.errors import ConfigError
+from fastwidth.errors import CheckpointError, ConfigError
 from fastwidth.param.optim import build_optimizer, param_groups, set_lr
 from fastwidth.param.scaling import ParamInfo, apply_forward_mults, draw_init_flat
-from fastwidth.parallel.engines import Engine, LossForward, StepContext, Whole, accumulate, optimizer_view, shard_units
+from fastwidth.parallel.engines import (Engine, LossForward, MemberHandle, StepContext, Whole, accumulate,
+                                        optimizer_view, shard_units)
 
 log = logging.getLogger("fastwidth.parallel")
 
@@ -155,6 +157,7 @@ def zero12_states(ds_optimizer, key: str = "exp_avg_sq") -> dict[int, torch.Tens
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
     measures_grad_norm = runs_loss_fn = False
+    whole_checkpoint = False
 
     def __init__(self, cfg, env, block_params: int = 0, micro_steps: int = 1):
         super().__init__(cfg, env)
@@ -166,7 +169,6 @@ class DeepSpeedEngine(Engine):
     def build(self, name, model, table, wcfg, seed, construct=None):
         if not self.sharded or construct is None:  # ZeRO-1/2 hold whole fp32 parameters
             return super().build(name, model, table, wcfg, seed, construct)
-        self.specs[name] = (table, wcfg, construct)
         with self.ds.zero.Init(config_dict_or_path=copy.deepcopy(self.ds_config)):
             model = construct()
         # each block gathers as one unit, as under FSDP2: a block calls its norms' with_residual,
@@ -180,30 +182,28 @@ class DeepSpeedEngine(Engine):
         init_zero_partitions(model, table, seed, wcfg.model.width, self.env.rank)
         model.reset_buffers()
         apply_forward_mults(model, table)
-        self.models[name] = model
-        return model
+        return MemberHandle(self, name, model, table, wcfg, construct)
 
-    def finish(self, name, table, wcfg):
-        model = self.models[name]
+    def finish(self, h):
+        model = h.model
         wrapper = LossForward(model)
         if self.sharded:  # model.loss reads the readout weight outside the readout's forward
             for p in model.readout.parameters():
                 self.ds.zero.register_external_parameter(wrapper, p)
-        opt = (cpu_adam(model, table, wcfg) if self.cfg.dist.offload_optimizer else None) \
-            or build_optimizer(model, table, wcfg)
-        engine, ds_opt, _, _ = self.ds.initialize(model=wrapper, optimizer=opt, config=copy.deepcopy(self.ds_config))
-        self.handles[name], self.optimizers[name] = engine, ds_opt
-        return model, ds_opt
+        opt = (cpu_adam(model, h.table, h.wcfg) if self.cfg.dist.offload_optimizer else None) \
+            or build_optimizer(model, h.table, h.wcfg)
+        h.wrapped, h.optimizer, _, _ = self.ds.initialize(model=wrapper, optimizer=opt, config=copy.deepcopy(self.ds_config))
+        return h
 
-    def loss(self, name, x, y):
-        return self.handles[name](x, y)
+    def loss(self, h, x, y):
+        return h.wrapped(x, y)
 
-    def gathered(self, name):
+    def gathered(self, h):
         """ZeRO-1/2: the member's own (whole) model; ZeRO-3: a replica, each parameter's fp32
         master gathered one at a time (safe_get_full_fp32_param). Either way Adam's v̂ comes
         whole from DeepSpeed's flat partitions (safe_get_full_optimizer_state). Collective."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-        opt, named = self.optimizers[name], dict(self.models[name].named_parameters())
+        opt, named = h.optimizer, dict(h.model.named_parameters())
         step = adam_step(opt)
 
         whole = zero12_states(opt) if not self.sharded and step is not None else {}
@@ -214,17 +214,85 @@ class DeepSpeedEngine(Engine):
             sq = safe_get_full_optimizer_state(named[n], "exp_avg_sq") if self.sharded else whole.get(id(named[n]))
             return None if sq is None else (step, sq.detach())
         if not self.sharded:
-            table, wcfg, _ = self.specs[name]
-            model = self.models[name]
-            return contextlib.nullcontext(Whole(model, optimizer_view(model, table, wcfg, opt, state_of)))
-        return contextlib.nullcontext(self.replica(name, lambda q: safe_get_full_fp32_param(q).detach(), state_of))
+            return contextlib.nullcontext(Whole(h.model, optimizer_view(h.model, h.table, h.wcfg, opt, state_of)))
+        return contextlib.nullcontext(self.replica(h, lambda q: safe_get_full_fp32_param(q).detach(), state_of))
 
-    def train_step(self, name, x, y, k=1, ctx=StepContext(), loss_fn=None):
+    def train_step(self, h, x, y, k=1, ctx=StepContext(), loss_fn=None):
         """DeepSpeed accumulates itself (gradient_accumulation_steps = k, loss scaled by 1/k in
         backward; step() applies only at the boundary and clips, steps and zeroes)."""
-        engine = self.handles[name]
+        engine = h.wrapped
 
         def backward(loss):
             engine.backward(loss)
             engine.step()
         return accumulate(lambda xi, yi: engine(xi, yi), backward, x, y, k, ctx)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def check_checkpoint(self, info, path):
+        """Its own backend's shards, at this ZeRO stage, of this rank count (ZeRO-3 of another
+        rank count reshards: load_members)."""
+        super().check_checkpoint(info, path)
+        if not self._reshards(info) and (info["world_size"] != self.env.world_size
+                                         or info["zero_stage"] != self.cfg.dist.zero_stage):
+            raise CheckpointError(f"checkpoint {path} holds ZeRO-{info['zero_stage']} shards of {info['world_size']} "
+                                  f"ranks; resume on {info['world_size']} ranks with that stage (fsdp2 checkpoints reshard)")
+
+    def _reshards(self, info: dict) -> bool:
+        return info["world_size"] != self.env.world_size and info["zero_stage"] == 3
+
+    def save_member(self, h, where):
+        h.wrapped.save_checkpoint(str(where.parent), tag=where.name, save_latest=False)
+
+    def load_member(self, h, where):
+        path, _ = h.wrapped.load_checkpoint(str(where.parent), tag=where.name,
+                                            load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointError(f"deepspeed could not load checkpoint {where}")
+
+    def load_members(self, handles, path, info, member_dir):
+        """As Engine's, but ZeRO-3 shards of another rank count go through DeepSpeed's universal
+        checkpoint (load_universal), whose conversion is removed once every member is loaded."""
+        if not self._reshards(info):
+            return super().load_members(handles, path, info, member_dir)
+        for h in handles:
+            self.load_universal(h, path, member_dir(h.name))
+        self.env.barrier()
+        if self.env.is_main:
+            shutil.rmtree(path.parent / f".universal-{path.name}", ignore_errors=True)
+
+    def load_universal(self, h, path, where) -> None:
+        """ZeRO-3 shards of another rank count: rank 0 converts the member's directory `where` of
+        checkpoint `path` (step_N/engine/<name>) into DeepSpeed's universal checkpoint
+        (deepspeed.checkpoint.ds_to_universal: every parameter's fp32 master and Adam state whole,
+        under a hidden <checkpoints>/.universal-step_N), the other ranks wait, then every rank loads
+        its new partition of it. Collective."""
+        from types import SimpleNamespace
+        out = path.parent / f".universal-{path.name}" / h.name
+        if self.env.is_main:
+            from deepspeed.checkpoint.ds_to_universal import main as to_universal
+            shutil.rmtree(out, ignore_errors=True)
+            to_universal(SimpleNamespace(input_folder=str(where), output_folder=str(out),
+                                         num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                         strict=True, inject_missing_state=False))
+        self.env.barrier()
+        handle, opt = h.wrapped, h.optimizer
+        # the universal loader gives every param group the hyperparameters of the checkpoint's first
+        # group (stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3): µP's groups differ
+        # in lr_mult / wd_mult, so each keeps its own (the optimizer state itself is per parameter)
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        handle._config.load_universal_checkpoint = True
+        try:
+            loaded, _ = handle.load_checkpoint(str(out.parent), tag=h.name, load_optimizer_states=True,
+                                               load_lr_scheduler_states=False)
+        finally:
+            handle._config.load_universal_checkpoint = False
+        for g, own in zip(opt.param_groups, groups):
+            g.update(own)
+        # ... and one step tensor serves every group's state there: torch's Adam increments it in
+        # place once per group, so each state gets its own copy (else t runs 2x fast after a resume)
+        for st in getattr(opt, "optimizer", opt).state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
+        if loaded is None:
+            raise CheckpointError(f"deepspeed could not load the universal conversion of {where}")

@@ -25,7 +25,6 @@ from tqdm import tqdm
 
 from fastwidth.config import Config, dump_yaml, resolve
 from fastwidth.data import build_stream, data_io  # noqa: F401 (data_io: public here too)
-from fastwidth.trainer import engine_checkpoint as par_ckpt
 from fastwidth.parallel import stats as par_stats
 from fastwidth.parallel.engines import StepContext
 from fastwidth.parallel.env import agree_on_out_dir, check_shared_dir, init_dist, launched_world
@@ -35,10 +34,10 @@ from fastwidth.parallel.plan import check_fits
 from fastwidth.errors import CheckpointError, DataError, UserError
 from fastwidth.kernels import dispatch
 from fastwidth.param.optim import lr_factor, set_lr
-from fastwidth.param.scaling import table_rows
 from fastwidth.stats.monitor import Monitor
 from fastwidth.stats.preact_range import RANGES_FILE
 from fastwidth.trainer import checkpoint as ckpt
+from fastwidth.trainer.checkpointer import RNG, Checkpointer, State, check_resumable
 from fastwidth.trainer import flops, preempt, rundir, tracking
 from fastwidth.trainer.metrics import read_metrics, truncate_after
 from fastwidth.trainer import dynamics, stacked, sweep, threads
@@ -138,9 +137,8 @@ class Trainer:
             self.device = self.dist.device
         else:
             self.dist.device = self.device  # the single-process Engine materializes there
-        par_ckpt.check_resumable(cfg, self.dist.world_size)  # one line from meta.json, before any engine
-        self.placement = Placement(cfg, self.dist)
-        self.engine = self.placement.main
+        check_resumable(cfg, self.dist.world_size)  # one line from meta.json, before any engine
+        self.placement = Placement(cfg, self.dist)  # the engine of every member's width, always one
         check_fits(cfg, self.dist, self.placement.k)  # one line and exit 2 when the planner says no
         self.stream = build_stream(cfg.data, rank=self.dist.rank, world_size=self.dist.world_size)
         if self.stream.steps_available < cfg.train.steps and not cfg.train.full_batch:
@@ -158,17 +156,13 @@ class Trainer:
                                          pass_name=sweep.REFINE)
         self.loss_fns = {m.name: compiled_loss(m.model, cfg, self.dist.active) for m in self.members}
         self._fixed = None
+        self.stacker = None            # sweep.stack: planned when training starts (run)
         dynamics.apply_edge_lrs(self)  # optim.lr_unit = edge: η = lr × 2/λ0, at init (before any restore)
         dynamics.init_coord(self)      # stats.coord_every: W_0 and the layers' inputs at init
-        if self.resume_meta is not None:
-            if self.dist.active or "engine" in self.resume_meta:
-                par_ckpt.restore(self.engine, self.dist, self.members, self.resume_meta,
-                                  ckpt.latest_checkpoint(Path(cfg.train.out_dir) / "checkpoints"), self.placement.of)
-            else:
-                for m in self.members:
-                    ckpt.restore_member(m, self.resume_meta)
-            self.stream.load_state_dict(self.resume_meta["data"])
-            ckpt.set_rng_state(self.resume_meta["rng"])
+        self.checkpointer = Checkpointer(cfg, self.dist, self.placement.main, self.members,
+                                         Path(cfg.train.out_dir) / "checkpoints")
+        if self.resume_meta is not None:  # each engine loads its members (their steps trim the rows below)
+            self.checkpointer.load_members(self.resume_meta)
         if self.dist.is_main:
             self.run_dir = prepare_run_dir(cfg, self.resume_meta,
                                            {(m.width, m.seed, m.base_lr): m.step for m in self.members},
@@ -189,12 +183,29 @@ class Trainer:
             rank, world = self.dist.rank, self.dist.world_size
             self.evaluator.probe_fn = lambda model, spec, device, feats: par_stats.probe_signature_sharded(
                 model, spec, device, rank, world, feats)
+        self._register_state()
         if self.resume_meta is not None:
-            sweep.restore(self, self.resume_meta.get("sweep", {}))
-        if self.resume_meta is not None and "stats" in self.resume_meta:
-            self.evaluator.load_state_dict(self.resume_meta["stats"])
-            par_stats.keep_on_main(self.evaluator, self.dist.rank)  # the saved summary is rank 0's, global
+            self.checkpointer.load_state(self.resume_meta)  # the stream, RNG, sweep and statistics
         par_stats.sync_ranges(self.evaluator, self.dist.world_size)  # one set of histogram bins on every rank
+
+    def _register_state(self) -> None:
+        """What a checkpoint holds besides the members, restored in this order: the data cursor,
+        the RNGs, the sweep (first losses, stopped members, stacked widths, refined members), then
+        the statistics (after the sweep: a stopped member is left out of them first)."""
+        c = self.checkpointer
+        c.register("data", self.stream)
+        c.register("rng", RNG)
+        c.register("sweep", State(lambda: sweep.state(self.guard, self.members, self.stacker),
+                                  lambda saved: sweep.restore(saved, self.guard, self.members, self.evaluator)))
+        c.register("stats", State(self._monitor_state, self._load_monitor_state))
+
+    def _monitor_state(self) -> dict:
+        par_stats.sync_monitor(self.evaluator, self.members, self.dist.world_size)
+        return self.evaluator.state_dict()
+
+    def _load_monitor_state(self, saved: dict) -> None:
+        self.evaluator.load_state_dict(saved)
+        par_stats.keep_on_main(self.evaluator, self.dist.rank)  # the saved summary is rank 0's, global
 
     def _monitor(self, cfg: Config):
         probe = self.stream.probe()
@@ -217,8 +228,8 @@ class Trainer:
         ctx = StepContext(lambda: autocast_for(self.cfg, self.device),
                           self.evaluator.paused if stats else contextlib.nullcontext)
         with hooks:  # forward/backward per micro-batch, clip, step, zero
-            loss = self.dist.mean(m.engine.train_step(m.name, x, y, self.placement.k, ctx, self.loss_fns[m.name]))
-        m.grad_norm = m.engine.grad_norms.get(m.name)
+            loss = self.dist.mean(m.handle.train_step(x, y, self.placement.k, ctx, self.loss_fns[m.name]))
+        m.grad_norm = m.handle.grad_norm
         m.step += 1
         return loss
 
@@ -252,7 +263,7 @@ class Trainer:
                    desc=f"{cfg.name} {len(self.members)} models", unit="step", disable=not cfg.train.progress,
                    file=sys.stderr, dynamic_ncols=True)
         t0 = time.time()
-        self.stacker = stacked.plan(self, lambda: autocast_for(cfg, self.device))  # sweep.stack: one batched model per width
+        self.stacker = self._plan_stacks()  # sweep.stack: one batched model per width
         self.stop.armed = True  # from here a first Ctrl-C finishes the step and checkpoints
         clock = preempt.CheckpointClock(cfg.train.ckpt_minutes)
         self.throughput = tracking.Throughput(self.tokens_per_step, self.device, start)
@@ -264,9 +275,9 @@ class Trainer:
         bar.close()
         if self.stacker:
             self.stacker.close()  # members own their parameters' storage again
-        final = self.save(final=True)
+        final = self.checkpointer.save(final=True)
         if self.stop.raised:  # the signal came during the last step or the final checkpoint
-            preempt.raise_preempted(self, self.stop, final)
+            self._preempted(final)
         self.writer.write({"kind": "run", "step": cfg.train.steps, "tokens": cfg.train.steps * self.tokens_per_step,
                            "width": 0, "seed": 0, "wall_s": time.time() - t0, "models": len(self.members),
                            "diverged": sum(m.diverged is not None for m in self.members),
@@ -283,18 +294,10 @@ class Trainer:
             while self.active(group) and min(m.step for m in self.active(group)) < cfg.train.steps:
                 step = min(m.step for m in self.active(group))
                 x, y = self.batch(step)
-                due = [m for m in self.active(group) if m.step == step]
-                losses = self.stacker.train(due, x, y) if self.stacker else {m.name: self.train_step(m, x, y) for m in due}
-                bar.update(len(losses))
-                if "step" not in self.memory.done:
-                    self.memory.mark("step", [m.table for m in self.members], step + 1, (step + 1) * self.tokens_per_step)
-                    self.memory.flush(self.writer)
-                self.dist.maybe_die(step + 1)
-                self.stop_diverged(group, losses, bar)
-                dynamics.write_batch_sharpness(self, step + 1, self.active(group), x, y)
-                dynamics.write_coord(self, step + 1, self.active(group))
-                self._after_step(step + 1, group, losses, bar)
-                preempt.between_steps(self, self.stop, clock)
+                losses = self._step_members(group, step, x, y, bar)  # the diverged ones stop
+                self._monitor_after_step(step + 1, group, x, y)
+                self._log_after_step(step + 1, group, losses, bar)
+                self._checkpoint_after_step(step + 1, clock)
             if cfg.sweep.mode == "sequential" and cfg.stats.enabled:
                 self.evaluator.flush_pending()
 
@@ -304,7 +307,7 @@ class Trainer:
         cfg = self.cfg
         if self.stacker:
             self.stacker.close()
-        self.save(final=False)  # a resume from here recomputes the same refined specs from the same rows
+        self.checkpointer.save(final=False)  # a resume from here recomputes the same refined specs from the same rows
         self.dist.barrier()     # rank 0 has written every row of the first pass
         specs = sweep.refine_specs(cfg, read_metrics(Path(cfg.train.out_dir) / "metrics.jsonl"))
         new = make_members(cfg, self.stream, self.device, self.placement, specs=specs, pass_name=sweep.REFINE)
@@ -314,7 +317,7 @@ class Trainer:
         self.loss_fns.update({m.name: compiled_loss(m.model, cfg, self.dist.active) for m in new})
         dynamics.init_coord(self)  # stats.coord_every: W_0 of the new members (the finished ones are not read again)
         self.evaluator.add(new)
-        self.stacker = stacked.plan(self, lambda: autocast_for(cfg, self.device))
+        self.stacker = self._plan_stacks()
         self.flops = flops.MFU(self.members, data_io(self.stream, cfg), self.device, self.dist.world_size)
         bar.total += cfg.train.steps * len(new)
         if cfg.stats.enabled:
@@ -348,36 +351,60 @@ class Trainer:
         if not probe_file.exists():
             self.stream.save_probe(probe_file)
 
-    def _after_step(self, step: int, group: list[Member], losses: dict, bar) -> None:
-        cfg = self.cfg
-        if self._due(step, cfg.train.log_every):
-            f = lr_factor(step - 1, cfg.optim, cfg.train.steps)
-            extras = self.throughput.extras(step)  # tokens/s since the last log, peak memory
-            extras.update(self.flops.step_fields(self.active(group), extras))  # mfu of the step
-            for m in self.active(group):   # a stopped member's last row is written when it stops
-                if m.name in losses:
-                    self.log_train(m, losses[m.name], f, extras)
-            ref = losses.get(group[0].name)
-            if ref is not None:
-                mfu = {"mfu": f"{extras['mfu']:.1%}"} if "mfu" in extras else {}
-                bar.set_postfix({group[0].name: f"{float(ref):.3f}", **mfu}, refresh=False)
-        if cfg.stats.enabled and self._due(step, cfg.stats.every):
+    def _step_members(self, group: list[Member], step: int, x, y, bar) -> dict:
+        """One optimizer step of every member of `group` due at `step` ({name: loss}); the
+        "step" memory row after the first; members whose loss diverged stop."""
+        due = [m for m in self.active(group) if m.step == step]
+        losses = self.stacker.train(due, x, y) if self.stacker else {m.name: self.train_step(m, x, y) for m in due}
+        bar.update(len(losses))
+        if "step" not in self.memory.done:
+            self.memory.mark("step", [m.table for m in self.members], step + 1, (step + 1) * self.tokens_per_step)
+            self.memory.flush(self.writer)
+        self.dist.maybe_die(step + 1)
+        self.stop_diverged(group, losses, bar)
+        return losses
+
+    def _monitor_after_step(self, step: int, group: list[Member], x, y) -> None:
+        """The statistics due after `step`: batch sharpness and coord rows on this step's batch,
+        the evaluation at stats.every."""
+        dynamics.write_batch_sharpness(self, step, self.active(group), x, y)
+        dynamics.write_coord(self, step, self.active(group))
+        if self.cfg.stats.enabled and self._due(step, self.cfg.stats.every):
             par_stats.sync_monitor(self.evaluator, group, self.dist.world_size)  # whole-batch preact stats
             self.evaluator.evaluate(step, step * self.tokens_per_step, self.active(group))
-        if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < cfg.train.steps:
-            self.save(final=False)
 
-    def save(self, final: bool) -> Path:
-        step = min((m.step for m in self.active(self.members)), default=self.cfg.train.steps)
-        par_stats.sync_monitor(self.evaluator, self.members, self.dist.world_size)
-        extra = {"config": self.cfg.to_dict(), "data": self.stream.state_dict(), "rng": ckpt.rng_state(),
-                 "mup_tables": {m.name: table_rows(m.table) for m in self.members},
-                 "stats": self.evaluator.state_dict(), "final": final, "sweep": sweep.state(self)}
-        if self.engine is not None:
-            return par_ckpt.save(self.engine, self.dist, Path(self.cfg.train.out_dir) / "checkpoints", step,
-                                  self.members, extra, keep=self.cfg.train.keep_checkpoints, engine_of=self.placement.of)
-        return ckpt.save_checkpoint(self.run_dir / "checkpoints", step, self.members, extra,
-                                    keep=self.cfg.train.keep_checkpoints)
+    def _log_after_step(self, step: int, group: list[Member], losses: dict, bar) -> None:
+        """The train rows at train.log_every (a stopped member's last row was written as it stopped)."""
+        if not self._due(step, self.cfg.train.log_every):
+            return
+        f = lr_factor(step - 1, self.cfg.optim, self.cfg.train.steps)
+        extras = self.throughput.extras(step)  # tokens/s since the last log, peak memory
+        extras.update(self.flops.step_fields(self.active(group), extras))  # mfu of the step
+        for m in self.active(group):
+            if m.name in losses:
+                self.log_train(m, losses[m.name], f, extras)
+        ref = losses.get(group[0].name)
+        if ref is not None:
+            mfu = {"mfu": f"{extras['mfu']:.1%}"} if "mfu" in extras else {}
+            bar.set_postfix({group[0].name: f"{float(ref):.3f}", **mfu}, refresh=False)
+
+    def _checkpoint_after_step(self, step: int, clock: preempt.CheckpointClock) -> None:
+        """train.ckpt_every's checkpoint, then the clock's or a stop signal's (which ends the run)."""
+        every = self.cfg.train.ckpt_every
+        if every and step % every == 0 and step < self.cfg.train.steps:
+            self.checkpointer.save(final=False)
+        stopped = preempt.between_steps(self.stop, clock, self.checkpointer, self.dist)
+        if stopped is not None:
+            self._preempted(stopped)
+
+    def _preempted(self, path: Path) -> None:
+        step = self.checkpointer.slowest_step()
+        preempt.raise_preempted(self.stop, path, step, self.writer, step * self.tokens_per_step, self.cfg.train.out_dir)
+
+    def _plan_stacks(self) -> stacked.Stacker | None:
+        stacker = stacked.Stacker(self.cfg, self.placement.k, lambda: autocast_for(self.cfg, self.device),
+                                  self.train_step, self.evaluator)
+        return stacked.plan(stacker, self.active(self.members), sweep.saved_stacked(self.resume_meta))
 
 
 def source_commit() -> str | None:

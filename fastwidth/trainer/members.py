@@ -1,6 +1,7 @@
 """The members of a sweep: one model per (width, lr, seed), built on meta and handed to its engine.
 
-    members = make_members(cfg, stream, device)   # the reference width first
+    members = make_members(cfg, stream, device)   # the reference width first; one process unless a placement
+    loss = member.handle.train_step(x, y, k, ctx, loss_fn)   # its engine's step (parallel/engines.py)
     loss_fn = compiled_loss(member.model, cfg)     # (x, y) -> scalar, torch.compile'd under train.compile
 
 The loop (trainer/loop.py, which re-exports these names) trains them; autocast_for and pick_device
@@ -18,15 +19,18 @@ from fastwidth.config import Config
 from fastwidth.data import data_io
 from fastwidth.errors import UserError
 from fastwidth.models import build_meta, build_uninitialized
-from fastwidth.parallel.engines import Engine
+from fastwidth.parallel.engines import MemberHandle
 from fastwidth.parallel.env import DistEnv
+from fastwidth.parallel.placement import Placement
 from fastwidth.param.scaling import ParamInfo, mup_table
 from fastwidth.trainer import dynamics, sweep
 
 
 @dataclass
 class Member:
-    """One model of the sweep and everything that trains it."""
+    """One model of the sweep and everything that trains it: `handle` is what its engine built
+    (model, optimizer, train step, gathered view, save and load); `model` and `optimizer` are the
+    handle's (whole_member swaps in the gathered ones for the statistics)."""
 
     width: int
     seed: int
@@ -38,12 +42,17 @@ class Member:
     base_lr: float | None = None    # set in a learning-rate sweep (sweep.lrs)
     diverged: dict | None = None    # the "diverged" row once the member is stopped
     grad_norm: torch.Tensor | None = None  # before clipping, of the last step
-    engine: object = None           # what trains it (fastwidth.parallel.engines.Engine interface)
+    handle: MemberHandle | None = None
     pass_name: str | None = None    # "refine": trained in the sweep.lr_refine pass (trainer/sweep.py)
 
     @property
     def name(self) -> str:
         return sweep.member_name(self.width, self.seed, self.base_lr)
+
+    @property
+    def engine(self):
+        """What trains it (fastwidth.parallel.engines.Engine interface; batch_mean for statistics)."""
+        return self.handle.engine if self.handle is not None else None
 
 
 def pick_device(name: str) -> torch.device:
@@ -82,30 +91,29 @@ def tokens_per_step(stream, cfg: Config) -> int:
     return cfg.data.batch_size * (cfg.data.seq_len if stream.kind == "tokens" else 1)
 
 
-def make_members(cfg: Config, stream, device: torch.device, placement=None, memory=None,
+def make_members(cfg: Config, stream, device: torch.device, placement: Placement | None = None, memory=None,
                  specs: list | None = None, pass_name: str | None = None) -> list[Member]:
     """Models of every (width, seed), the reference width first (sequential mode needs it), or of
     the (width, base_lr, seed) `specs` of a refinement pass (pass_name "refine").
-    Each member is built on meta and handed to its engine (placement per width; one process: the
-    plain Engine, which materializes it whole on `device`). Every model is built first ("built"
-    memory row), then engines and optimizers ("ready")."""
+    Each member is built on meta and handed to its engine (placement per width; without one, one
+    process: the plain Engine, which materializes it whole on `device`). Every model is built
+    first ("built" memory row), then engines and optimizers ("ready")."""
     io = data_io(stream, cfg)
-    local = Engine(cfg, DistEnv(device=device)) if placement is None else None
+    placement = placement or Placement(cfg, DistEnv(device=device))
     built = []
     for w, lr, s in sweep.member_specs(cfg) if specs is None else specs:
         wcfg = sweep.for_member(cfg, w, lr)
-        name = sweep.member_name(w, s, lr)
-        engine = local or placement.for_width(w)
         meta = build_meta(wcfg, io)
         table = mup_table(meta, wcfg)  # global shapes, before any sharding
-        model = engine.build(name, meta, table, wcfg, s, construct=lambda wcfg=wcfg: build_uninitialized(wcfg, io))
-        built.append((w, lr, s, name, wcfg, model, table, engine))
+        handle = placement.for_width(w).build(sweep.member_name(w, s, lr), meta, table, wcfg, s,
+                                              construct=lambda wcfg=wcfg: build_uninitialized(wcfg, io))
+        built.append((w, lr, s, handle))
     if memory is not None:
-        memory.mark("built", [b[6] for b in built])
+        memory.mark("built", [h.table for _, _, _, h in built])
     members = []
-    for w, lr, s, name, wcfg, model, table, engine in built:
-        model, opt = engine.finish(name, table, wcfg)
-        members.append(Member(w, s, wcfg, model, opt, table, base_lr=lr, engine=engine, pass_name=pass_name))
+    for w, lr, s, handle in built:
+        h = handle.engine.finish(handle)
+        members.append(Member(w, s, h.wcfg, h.model, h.optimizer, h.table, base_lr=lr, handle=h, pass_name=pass_name))
     if memory is not None:
         memory.mark("ready", [m.table for m in members])
     return members

@@ -19,6 +19,7 @@ import logging
 import signal
 import threading
 import time
+from pathlib import Path
 
 log = logging.getLogger("fastwidth.trainer")
 
@@ -99,24 +100,22 @@ def agree(flags: list[bool], dist) -> list[bool]:
     return [bool(v > 0) for v in t.tolist()]
 
 
-def between_steps(trainer, stop: StopFlag, clock: CheckpointClock) -> None:
-    """After every step: checkpoint when the clock says so; on a stop signal checkpoint and raise
-    Preempted (the caller exits 143)."""
-    stopping, due = agree([stop.raised, clock.due()], trainer.dist)
+def between_steps(stop: StopFlag, clock: CheckpointClock, checkpointer, dist) -> Path | None:
+    """After every step: checkpoint when the clock says so or a stop signal came (on any rank:
+    `agree`). Returns the checkpoint when stopping (the caller then calls raise_preempted), else None."""
+    stopping, due = agree([stop.raised, clock.due()], dist)
     if not (stopping or due):
-        return
-    step = min(m.step for m in trainer.members)
-    path = trainer.save(final=step >= trainer.cfg.train.steps)
+        return None
+    path = checkpointer.save(final=checkpointer.slowest_step() >= checkpointer.cfg.train.steps)
     clock.reset()
-    if stopping:
-        raise_preempted(trainer, stop, path)
+    return path if stopping else None
 
 
-def raise_preempted(trainer, stop: StopFlag, path) -> None:
-    step = min(m.step for m in trainer.members)
+def raise_preempted(stop: StopFlag, path: Path, step: int, writer, tokens: int, run_dir) -> None:
+    """Write the "preempted" row (step, tokens: where the slowest member stands), close the
+    writer and raise Preempted (the caller exits 143, or 130 for Ctrl-C)."""
     name = stop.signal_name or "stop signal"
-    trainer.writer.write({"kind": "preempted", "step": step, "tokens": step * trainer.tokens_per_step,
-                          "width": 0, "seed": 0, "signal": name})
-    trainer.writer.close()
+    writer.write({"kind": "preempted", "step": step, "tokens": tokens, "width": 0, "seed": 0, "signal": name})
+    writer.close()
     log.warning("%s: checkpoint %s written at step %d; resume with train.resume=auto", name, path, step)
-    raise Preempted(trainer.cfg.train.out_dir, step, name, path)
+    raise Preempted(run_dir, step, name, path)

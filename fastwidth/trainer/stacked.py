@@ -1,7 +1,7 @@
 """Lock-step members of one width trained as one stacked model (sweep.stack; models/stacked.py).
 
-    stacker = plan(trainer)                      # None: every member trains alone
-    losses = stacker.train(due, x, y)            # {member name: loss}, as Trainer.train_step's
+    stacker = plan(Stacker(cfg, k, autocast, train_alone, monitor), members, saved)   # None: each trains alone
+    losses = stacker.train(due, x, y)            # {member name: loss}, as train_alone's
 
 The S members of one width (its seeds and learning rates) share every batch, so their forward
 and backward run as one batched model: one GEMM per layer instead of S small ones. What stays
@@ -53,10 +53,11 @@ def by_width(members: list) -> dict[int, list]:
     return out
 
 
-def plan(trainer, autocast) -> "Stacker | None":
-    """The widths that train stacked, decided once at start and said in the log; autocast() is
-    the context of each forward (the loop's precision)."""
-    cfg = trainer.cfg
+def plan(stacker: "Stacker", members: list, saved: set[int] | None) -> "Stacker | None":
+    """The widths of `members` (those still training) that train stacked, decided once at start
+    and said in the log: `stacker` with its widths, or None. saved: the widths a resumed
+    checkpoint's run stacked (None when not resuming)."""
+    cfg = stacker.cfg
     mode = {True: "on", False: "off"}.get(cfg.sweep.stack, cfg.sweep.stack)  # YAML reads on/off as booleans
     if mode == "off":
         return None
@@ -67,11 +68,8 @@ def plan(trainer, autocast) -> "Stacker | None":
     if why is not None:
         say("sweep.stack=%s: every member trains on its own (%s)", mode, why)
         return None
-    stacker = Stacker(trainer, autocast)
-    meta = trainer.resume_meta or {}
-    saved = set(meta["sweep"]["stacked"]) if "stacked" in meta.get("sweep", {}) else None
-    rows = cfg.data.batch_size // trainer.placement.k * (cfg.data.seq_len if cfg.model.arch == "gpt" else 1)
-    for width, ms in by_width(trainer.active(trainer.members)).items():
+    rows = cfg.data.batch_size // stacker.micro_steps * (cfg.data.seq_len if cfg.model.arch == "gpt" else 1)
+    for width, ms in by_width(members).items():
         if len(ms) < 2:
             continue
         why = why_not([m.model for m in ms])
@@ -97,10 +95,14 @@ def plan(trainer, autocast) -> "Stacker | None":
 
 
 class Stacker:
-    """Trains the due members of the stacked widths together, the rest through trainer.train_step."""
+    """Trains the due members of the stacked widths together, the rest through train_alone(m, x, y)
+    (the loop's one-member step). micro_steps: micro-batches per optimizer step; autocast() the
+    context of each forward (the loop's precision); monitor: whose training hooks see each member's
+    preactivations (None with statistics off)."""
 
-    def __init__(self, trainer, autocast):
-        self.trainer, self.autocast = trainer, autocast
+    def __init__(self, cfg, micro_steps: int, autocast, train_alone, monitor=None):
+        self.cfg, self.micro_steps, self.autocast = cfg, micro_steps, autocast
+        self.train_alone, self.monitor = train_alone, monitor
         self.widths: set[int] = set()
         self.stacks: dict[int, tuple[tuple[str, ...], Stack, StackedStep | None]] = {}
         self.said = False  # the per-member optimizer fallback is logged once
@@ -145,12 +147,11 @@ class Stacker:
             else:
                 if width in self.stacks:
                     self.release(width)  # one member left: it trains on its own storage
-                out.update({m.name: self.trainer.train_step(m, x, y) for m in ms})
+                out.update({m.name: self.train_alone(m, x, y) for m in ms})
         return {m.name: out[m.name] for m in due}
 
     def _step(self, ms: list, x, y) -> dict:
-        t = self.trainer
-        cfg = t.cfg
+        cfg = self.cfg
         for m in ms:
             set_lr(m.optimizer, m.cfg.optim, m.step, cfg.train.steps)
             m.model.train()
@@ -158,13 +159,13 @@ class Stacker:
         stats = cfg.stats.enabled
         stack.tapping = stats and cfg.stats.preact
         ctx = StepContext(self.autocast)
-        k = t.placement.k
+        k = self.micro_steps
         losses = accumulate(stack.losses, lambda l: (l.sum() / k).backward(), x, y, k, ctx)  # (S,)
         if step is None:
             stack.grads_to_members()
         if stats:  # the preactivation hooks of each member, on its slices (every micro-batch)
             for i, m in enumerate(ms):
-                with t.evaluator.training(m):
+                with self.monitor.training(m):
                     stack.replay_hooks(i)
             stack.clear_taps()
         if step is not None:  # one clip and one fused Adam(W) call per group for all members

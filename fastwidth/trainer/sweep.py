@@ -262,13 +262,14 @@ class LRMonitors:
 
 # --------------------------------------------------------------------------- checkpoint state
 
-def state(trainer) -> dict:
-    """What a resume needs to go on stopping the same members: first losses and diverged rows."""
-    stacker = getattr(trainer, "stacker", None)
-    return {"guard": trainer.guard.state_dict(),
-            "diverged": {m.name: m.diverged for m in trainer.members if m.diverged is not None},
+def state(guard: DivergenceGuard, members: list, stacker) -> dict:
+    """What a resume needs to go on stopping the same members (first losses and diverged rows),
+    stacking the same widths (stacker: the loop's, None when none) and training the same refined
+    members."""
+    return {"guard": guard.state_dict(),
+            "diverged": {m.name: m.diverged for m in members if m.diverged is not None},
             "stacked": sorted(stacker.widths) if stacker else [],  # a resume stacks the same widths
-            "refine": [[m.width, m.base_lr, m.seed] for m in trainer.members if pass_tag(m)]}
+            "refine": [[m.width, m.base_lr, m.seed] for m in members if pass_tag(m)]}
 
 
 def pass_floors(members: list, meta: dict | None) -> dict:
@@ -290,10 +291,19 @@ def saved_refine_specs(meta: dict | None) -> list[tuple[int, float, int]]:
     return [(int(w), float(lr), int(s)) for w, lr, s in ((meta or {}).get("sweep", {}).get("refine") or [])]
 
 
-def restore(trainer, saved: dict) -> None:
-    trainer.guard.load_state_dict(saved.get("guard", {}))
-    for m in trainer.members:
+def saved_stacked(meta: dict | None) -> set[int] | None:
+    """The widths the run of checkpoint meta stacked (None when not resuming, or from a checkpoint
+    written before the sweep state held them)."""
+    saved = (meta or {}).get("sweep", {})
+    return set(saved["stacked"]) if "stacked" in saved else None
+
+
+def restore(saved: dict, guard: DivergenceGuard, members: list, monitor) -> None:
+    """state()'s inverse: the guard's first losses back, and each member stopped before the
+    checkpoint stopped again and left out of the monitor's comparisons."""
+    guard.load_state_dict(saved.get("guard", {}))
+    for m in members:
         row = saved.get("diverged", {}).get(m.name)
         if row is not None:
             m.diverged = row
-            drop_member(trainer.evaluator, m, announce=False)
+            drop_member(monitor, m, announce=False)

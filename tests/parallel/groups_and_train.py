@@ -42,7 +42,7 @@ def main():
     out = Path(cfg.train.out_dir)
     (out / f"groups.rank{trainer.dist.rank}.json").write_text(json.dumps(rows))
     layout = {"node": node_key()}
-    mesh = getattr(trainer.engine, "mesh", None)
+    mesh = getattr(trainer.placement.main, "mesh", None)
     if mesh is not None:
         import torch.distributed as dist
         layout["mesh"] = mesh.mesh.tolist()
