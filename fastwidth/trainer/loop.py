@@ -154,7 +154,6 @@ class Trainer:
         if refined:
             self.members += make_members(cfg, self.stream, self.device, self.placement, specs=refined,
                                          pass_name=sweep.REFINE)
-        self.loss_fns = {m.name: compiled_loss(m.model, cfg, self.dist.active) for m in self.members}
         self._fixed = None
         self.stacker = None            # sweep.stack: planned when training starts (run)
         dynamics.apply_edge_lrs(self)  # optim.lr_unit = edge: η = lr × 2/λ0, at init (before any restore)
@@ -228,7 +227,7 @@ class Trainer:
         ctx = StepContext(lambda: autocast_for(self.cfg, self.device),
                           self.evaluator.paused if stats else contextlib.nullcontext)
         with hooks:  # forward/backward per micro-batch, clip, step, zero
-            loss = self.dist.mean(m.handle.train_step(x, y, self.placement.k, ctx, self.loss_fns[m.name]))
+            loss = self.dist.mean(m.handle.train_step(x, y, self.placement.k, ctx, m.loss_fn))
         m.grad_norm = m.handle.grad_norm
         m.step += 1
         return loss
@@ -314,7 +313,6 @@ class Trainer:
         log.info("sweep.lr_refine=%d: %d more members, learning rates %s", cfg.sweep.lr_refine, len(new),
                  {w: sorted({lr for w2, lr, _ in specs if w2 == w}) for w in dict.fromkeys(w for w, _, _ in specs)})
         self.members += new
-        self.loss_fns.update({m.name: compiled_loss(m.model, cfg, self.dist.active) for m in new})
         dynamics.init_coord(self)  # stats.coord_every: W_0 of the new members (the finished ones are not read again)
         self.evaluator.add(new)
         self.stacker = self._plan_stacks()
@@ -448,15 +446,11 @@ def _train(cfg: Config, stop: preempt.StopFlag, held: contextlib.ExitStack) -> t
     lock = held.enter_context(rundir.RunLock(cfg.train.out_dir)) if rank == 0 else None
     undo = rundir.undo_on_error(cfg.train.out_dir, made=lock.made) if lock is not None else \
         rundir.undo_on_error(cfg.train.out_dir, only=[Path(cfg.train.out_dir) / f".rank{rank}"])
-    if cfg.dist.backend == "none":
-        with undo:  # a mistake found while setting up leaves nothing
-            trainer = Trainer(cfg, stop)
-        return trainer.run(), trainer
     trainer = None
     try:
-        with undo:
+        with undo:  # a mistake found while setting up leaves nothing
             trainer = Trainer(cfg, stop)
-        with trainer.dist.guard("training"):
+        with trainer.dist.guard("training"):  # one process: no process group to guard or close
             return trainer.run(), trainer
     finally:
         if trainer is not None:

@@ -1,8 +1,9 @@
 """The members of a sweep: one model per (width, lr, seed), built on meta and handed to its engine.
 
     members = make_members(cfg, stream, device)   # the reference width first; one process unless a placement
-    loss = member.handle.train_step(x, y, k, ctx, loss_fn)   # its engine's step (parallel/engines.py)
-    loss_fn = compiled_loss(member.model, cfg)     # (x, y) -> scalar, torch.compile'd under train.compile
+    loss = member.handle.train_step(x, y, k, ctx, member.loss_fn)   # its engine's step (parallel/engines.py)
+
+member.loss_fn is compiled_loss: (x, y) -> scalar, torch.compile'd under train.compile.
 
 The loop (trainer/loop.py, which re-exports these names) trains them; autocast_for and pick_device
 are the precision and device rules it runs them under.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -43,6 +45,7 @@ class Member:
     diverged: dict | None = None    # the "diverged" row once the member is stopped
     grad_norm: torch.Tensor | None = None  # before clipping, of the last step
     handle: MemberHandle | None = None
+    loss_fn: Callable | None = None  # (x, y) -> the training loss in one process (compiled_loss)
     pass_name: str | None = None    # "refine": trained in the sweep.lr_refine pass (trainer/sweep.py)
 
     @property
@@ -113,7 +116,8 @@ def make_members(cfg: Config, stream, device: torch.device, placement: Placement
     members = []
     for w, lr, s, handle in built:
         h = handle.engine.finish(handle)
-        members.append(Member(w, s, h.wcfg, h.model, h.optimizer, h.table, base_lr=lr, handle=h, pass_name=pass_name))
+        members.append(Member(w, s, h.wcfg, h.model, h.optimizer, h.table, base_lr=lr, handle=h, pass_name=pass_name,
+                              loss_fn=compiled_loss(h.model, cfg, placement.env.active)))
     if memory is not None:
         memory.mark("ready", [m.table for m in members])
     return members
