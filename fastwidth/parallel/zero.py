@@ -154,6 +154,17 @@ def zero12_states(ds_optimizer, key: str = "exp_avg_sq") -> dict[int, torch.Tens
     return out
 
 
+def check_zero_shards(info: dict, world_size: int, zero_stage: int, where) -> None:
+    """Refuse, with one line, DeepSpeed shards (info: a checkpoint meta's "engine") that this run
+    cannot load: another ZeRO stage, or ZeRO-1/2 shards of another rank count (ZeRO-3 shards of
+    another rank count reshard through the universal checkpoint: DeepSpeedEngine.load_universal)."""
+    other_world = info["world_size"] != world_size and info["zero_stage"] != 3
+    if other_world or info["zero_stage"] != zero_stage:
+        raise CheckpointError(f"checkpoint {where} holds ZeRO-{info['zero_stage']} shards of {info['world_size']} "
+                              f"ranks; resume on {info['world_size']} ranks with that stage (fsdp2 checkpoints "
+                              f"reshard; `fastwidth export` reads any of them)")
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
     measures_grad_norm = runs_loss_fn = False
@@ -233,10 +244,7 @@ class DeepSpeedEngine(Engine):
         """Its own backend's shards, at this ZeRO stage, of this rank count (ZeRO-3 of another
         rank count reshards: load_members)."""
         super().check_checkpoint(info, path)
-        if not self._reshards(info) and (info["world_size"] != self.env.world_size
-                                         or info["zero_stage"] != self.cfg.dist.zero_stage):
-            raise CheckpointError(f"checkpoint {path} holds ZeRO-{info['zero_stage']} shards of {info['world_size']} "
-                                  f"ranks; resume on {info['world_size']} ranks with that stage (fsdp2 checkpoints reshard)")
+        check_zero_shards(info, self.env.world_size, self.cfg.dist.zero_stage, path)
 
     def _reshards(self, info: dict) -> bool:
         return info["world_size"] != self.env.world_size and info["zero_stage"] == 3

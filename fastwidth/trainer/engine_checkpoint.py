@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from fastwidth.errors import CheckpointError
+from fastwidth.parallel.zero import check_zero_shards
 from fastwidth.trainer import checkpoint as ckpt
 
 
@@ -82,9 +83,9 @@ def save_sharded(env, ckpt_root: Path, step: int, members: list, extra: dict, ke
 def check_resumable(cfg, world_size: int) -> None:
     """Refuse, from the latest checkpoint's meta.json and before any engine or model is built, a
     resume that DeepSpeed cannot load: another ZeRO stage, or ZeRO-1/2 shards on another rank
-    count (ZeRO-3 reshards through the universal checkpoint: load_universal). (restore
-    checks the same again once the checkpoint is verified). Read-only: the `latest` pointer and
-    one JSON file."""
+    count (ZeRO-3 reshards through the universal checkpoint: load_universal). (The engine
+    checks the same again once the checkpoint is verified: check_checkpoint.) Read-only: the
+    `latest` pointer and one JSON file."""
     if not cfg.train.resume or cfg.dist.backend != "deepspeed":
         return
     root = Path(cfg.train.out_dir) / "checkpoints"
@@ -96,18 +97,16 @@ def check_resumable(cfg, world_size: int) -> None:
         info = json.loads(meta_file.read_text()).get("engine") or {}
     except (OSError, ValueError):
         return                                   # read_checkpoint reports a corrupt one
-    other_world = info.get("world_size") != world_size and info.get("zero_stage") != 3  # ZeRO-3 reshards
-    if info.get("backend") == "deepspeed" and (other_world or info["zero_stage"] != cfg.dist.zero_stage):
-        raise CheckpointError(f"checkpoint {meta_file.parent} holds ZeRO-{info['zero_stage']} shards of "
-                              f"{info['world_size']} ranks; resume on {info['world_size']} ranks with that stage "
-                              f"(fsdp2 checkpoints reshard; `fastwidth export` reads any of them)")
+    if info.get("backend") == "deepspeed":
+        check_zero_shards(info, world_size, cfg.dist.zero_stage, meta_file.parent)
 
 
 # --------------------------------------------------------------------------- export
 
-def _member_state(path: Path, meta: dict, name: str) -> dict[str, torch.Tensor]:
-    info = meta.get("engine")
-    if info is None:
+def member_tensors(path: Path, meta: dict, name: str) -> dict[str, torch.Tensor]:
+    """Member `name`'s full (unsharded) model state from checkpoint `path` (meta: its
+    ckpt.read_checkpoint) in any format, without a process group."""
+    if meta.get("engine") is None:
         return dict(meta["tensors"][f"model.{name}.safetensors"])
     where = member_dir(path, name)
     if (where / ".metadata").is_file():  # torch.distributed.checkpoint (fsdp2, and ddp members of a mixed run)
@@ -143,7 +142,7 @@ def export_checkpoint(path: Path, out: Path, member: str | None = None) -> list[
     chosen = [member] if member else names
     tensors = {}
     for name in chosen:
-        for k, v in _member_state(path, meta, name).items():
+        for k, v in member_tensors(path, meta, name).items():
             tensors[k if len(chosen) == 1 else f"{name}/{k}"] = v.detach().float().contiguous()
     tables = {n: meta.get("mup_tables", {}).get(n) for n in chosen}
     save_file(tensors, str(out), metadata={"format": "fastwidth-export-1", "step": str(meta["step"]),

@@ -2,7 +2,7 @@
 
     model = load_model(run_dir, "w64_s0")      # fastwidth.load_model; interop/hf exports it
 
-Here in train/ (beside the checkpoint formats it reads) so that both fastwidth.api and interop/
+Here in trainer/ (beside the checkpoint formats it reads) so that both fastwidth.api and interop/
 reach it from above.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ def _latest(run_dir: Path) -> Path:
 def member_state(checkpoint: Path, name: str | None) -> tuple[str, dict, dict]:
     """(member name, full fp32 state dict, checkpoint meta) of one member; the only member when
     `name` is None. Works for single-process and sharded (ddp, fsdp2, deepspeed) checkpoints."""
-    from fastwidth.trainer.engine_checkpoint import _member_state
+    from fastwidth.trainer.engine_checkpoint import member_tensors
     from fastwidth.trainer.checkpoint import read_checkpoint
     meta = read_checkpoint(checkpoint)
     names = [e["name"] for e in meta["members"]]
@@ -33,7 +33,7 @@ def member_state(checkpoint: Path, name: str | None) -> tuple[str, dict, dict]:
     if name not in names:
         raise CheckpointError(f"checkpoint {checkpoint} has no model {name} (it holds {', '.join(names)}); "
                               f"name one with member=")
-    return name, _member_state(checkpoint, meta, name), meta
+    return name, member_tensors(checkpoint, meta, name), meta
 
 
 def model_io(cfg, run_dir: Path, state: dict) -> SimpleNamespace:
