@@ -103,8 +103,3 @@ def interpreting(t: torch.Tensor) -> bool:
     """True when a launch on `t` runs in the Triton interpreter (fixed configs, no autotune)."""
     return t.device.type == "cpu"
 
-
-def fp32_dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: "ieee" keeps fp32 results equal to torch's fp32 (the e2e loss-curve check
-    # relies on it); tf32 would be faster but changes low bits on every GEMM-like tile.
-    return "ieee" if dtype == torch.float32 else "tf32"
