@@ -12,6 +12,8 @@ live on the CPU, so TRITON_INTERPRET need not be set at all.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from fastwidth.errors import UserError
@@ -103,3 +105,18 @@ def interpreting(t: torch.Tensor) -> bool:
     """True when a launch on `t` runs in the Triton interpreter (fixed configs, no autotune)."""
     return t.device.type == "cpu"
 
+
+
+@dataclass
+class AotConfig:
+    """One compilation of a kernel family's AOT_KERNELS table: a @jit kernel with the constexprs and
+    launch options a GPU launch of it passes. Each family builds its table from the very constants
+    its launchers use; `python -m fastwidth.kernels.aot` compiles every entry for sm_90 (no GPU)."""
+
+    fn: object  # the @jit kernel
+    dtype: str  # "bf16" | "fp32": the element type of every pointer not in ptr_types
+    constexprs: dict
+    num_warps: int
+    num_stages: int = 3  # Triton's default: what a launch that passes none gets
+    ptr_types: dict = field(default_factory=dict)  # pointer arg -> element type, where not `dtype`
+    scalar_types: dict = field(default_factory=dict)  # scalar arg -> "fp32" | "i64", where not i32
