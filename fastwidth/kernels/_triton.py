@@ -8,6 +8,9 @@ test session: whichever test file happened to be collected first). `jit` below k
 object that is a real JITFunction (so the compiler, nested calls and @triton.autotune see
 what they expect on a GPU) and switches to the interpreter per launch when the tensors
 live on the CPU, so TRITON_INTERPRET need not be set at all.
+
+Also what every kernel family shares: device math without libdevice, next_pow2, interpreting,
+and AotConfig, the entry of a family's AOT_KERNELS table.
 """
 
 from __future__ import annotations
