@@ -113,6 +113,14 @@ def test_scanner_leaves_what_is_no_path(source):
     assert spelled_paths(source, "fastwidth.x") == []
 
 
+def test_report_reads_runs_through_run_not_the_trainer():
+    from test_layers import import_graph
+    graph = import_graph(PACKAGE)
+    found = sorted((a, b) for a, targets in graph.items() if a.startswith("fastwidth.report.")
+                   for b in targets if b.startswith("fastwidth.trainer"))
+    assert not found, f"report/ imports the trainer: {found}"
+
+
 def test_run_dir_layout(tmp_path):
     run = RunDir(tmp_path)
     assert run.metrics == tmp_path / "metrics.jsonl" and run.config == tmp_path / "config.yaml"

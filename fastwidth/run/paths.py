@@ -69,9 +69,6 @@ class RunDir:
     def __repr__(self) -> str:
         return f"RunDir({str(self.root)!r})"
 
-    def __fspath__(self) -> str:
-        return str(self.root)
-
     config = _entry(CONFIG, "the resolved config")
     metrics = _entry(METRICS, "the rows, one JSON object a line")
     metrics_csv = _entry(METRICS_CSV, "the rows in long format (train.csv)")

@@ -32,7 +32,7 @@ seeds", width 0 "across widths"):
 - ntk:         per member at stats.ntk_every: eigenvalues, task_power C(k) of class ntk_class,
                task_power_by_class {c: C_c(k)} one-vs-rest, trace, method, kernel, output, grads
                ("vmap" | "loop"); the kernel and its top stats.ntk_top_k eigenvectors go to
-               signatures/<member>/ntk_step_<step>.safetensors (stats/signature.py)
+               signatures/<member>/ntk_step_<step>.safetensors (run/paths.py RunDir.ntk)
 Every metric is computed from signatures (the live one and a stored one are the same numbers),
 so a reference-run comparison equals the live one when the models match.
 """

@@ -38,7 +38,7 @@ import torch
 
 from fastwidth.config import Config, for_width
 from fastwidth.run.members import MemberSpec, member_specs as sweep_member_specs
-from fastwidth.run.metrics import REFINE  # noqa: F401 (sweep.REFINE: the loop and tests read it here)
+from fastwidth.run.metrics import REFINE
 from fastwidth.stats.transfer import refine_lrs
 
 FINAL_WINDOW = 0.1   # stats off: a member's final loss is its mean training loss over the last 10% of steps
