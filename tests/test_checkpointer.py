@@ -11,7 +11,7 @@ from fastwidth.errors import CheckpointError
 from fastwidth.parallel.engines import Engine
 from fastwidth.parallel.env import DistEnv
 from fastwidth.parallel.placement import Placement, build_engine
-from fastwidth.trainer import checkpoint as ckpt
+from fastwidth.run import checkpoint as ckpt
 from fastwidth.trainer.checkpointer import RNG, Checkpointer, State
 from fastwidth.trainer.members import make_members
 

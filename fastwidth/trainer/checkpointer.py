@@ -25,7 +25,7 @@ from typing import Callable
 
 from fastwidth.errors import CheckpointError
 from fastwidth.param.scaling import table_rows
-from fastwidth.trainer import checkpoint as ckpt
+from fastwidth.run import checkpoint as ckpt
 from fastwidth.trainer.engine_checkpoint import (check_resumable, member_dir,  # noqa: F401 (check_resumable: public here)
                                                  save_sharded, step_dir)
 

@@ -1,4 +1,4 @@
-"""The sharded checkpoint layout (the single-process format is trainer/checkpoint.py; the
+"""The sharded checkpoint layout (the single-process format is run/checkpoint.py; the
 checkpointer, trainer/checkpointer.py, writes either through the engines):
 
     step_000020/
@@ -26,7 +26,8 @@ import torch
 
 from fastwidth.errors import CheckpointError
 from fastwidth.parallel.zero import check_zero_shards
-from fastwidth.trainer import checkpoint as ckpt
+from fastwidth.run import checkpoint as ckpt
+from fastwidth.run.paths import RunDir, checkpoint_name, latest_pointer
 
 
 ENGINE_DIR = "engine"  # the members' directories of a sharded checkpoint
@@ -34,7 +35,7 @@ ENGINE_DIR = "engine"  # the members' directories of a sharded checkpoint
 
 def step_dir(ckpt_root: Path, step: int) -> Path:
     """The checkpoint of `step` under RUN/checkpoints (the single-process format's name too)."""
-    return Path(ckpt_root) / f"step_{step:06d}"
+    return Path(ckpt_root) / checkpoint_name(step)
 
 
 def member_dir(path: Path, name: str) -> Path:
@@ -74,7 +75,7 @@ def save_sharded(env, ckpt_root: Path, step: int, members: list, extra: dict, ke
         meta = {"format": ckpt.FORMAT, "step": step, "files": {},
                 "members": [{"name": m.name, "width": m.width, "seed": m.seed, "step": m.step} for m in members],
                 **extra}
-        ckpt.atomic_write_text(tmp / "meta.json", json.dumps(meta))
+        ckpt.atomic_write_text(tmp / ckpt.META, json.dumps(meta))
         ckpt.publish(tmp, final, keep)
     env.barrier()
     return final
@@ -88,9 +89,9 @@ def check_resumable(cfg, world_size: int) -> None:
     `latest` pointer and one JSON file."""
     if not cfg.train.resume or cfg.dist.backend != "deepspeed":
         return
-    root = Path(cfg.train.out_dir) / "checkpoints"
-    pointer = root / "latest"
-    meta_file = root / pointer.read_text().strip() / "meta.json" if pointer.is_file() else None
+    root = RunDir(cfg.train.out_dir).checkpoints
+    pointer = latest_pointer(root)
+    meta_file = root / pointer.read_text().strip() / ckpt.META if pointer.is_file() else None
     if meta_file is None or not meta_file.is_file():
         return                                   # check_run_dir reports a missing checkpoint
     try:
@@ -129,8 +130,8 @@ def export_checkpoint(path: Path, out: Path, member: str | None = None) -> list[
     """
     from safetensors.torch import save_file
     path = Path(path)
-    if (path / "latest").is_file() or (path / "checkpoints").is_dir():
-        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if latest_pointer(path).is_file() or RunDir(path).checkpoints.is_dir():
+        root = RunDir(path).checkpoints if RunDir(path).checkpoints.is_dir() else path
         found = ckpt.latest_checkpoint(root)
         if found is None:
             raise CheckpointError(f"{path} holds no checkpoint")
