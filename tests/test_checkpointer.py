@@ -68,7 +68,7 @@ class Counter:
 def test_checkpointer_round_trips_members_and_components(tmp_path):
     cfg, stream, members = setup(tmp_path)
     root = tmp_path / "run" / "checkpoints"
-    saver = Checkpointer(cfg, DistEnv(), members[0].engine, members, root)
+    saver = Checkpointer(cfg, members[0].engine, members, root)
     log = []
     saver.register("data", stream)
     saver.register("rng", RNG)
@@ -85,7 +85,7 @@ def test_checkpointer_round_trips_members_and_components(tmp_path):
     draw_after_save = torch.rand(3)
 
     _, stream2, fresh = setup(tmp_path)  # a new process: members at init, fresh components
-    loader = Checkpointer(cfg, DistEnv(), fresh[0].engine, fresh, root)
+    loader = Checkpointer(cfg, fresh[0].engine, fresh, root)
     loader.register("data", stream2)
     loader.register("rng", RNG)
     loader.register("first", Counter(log, "first"))
@@ -108,8 +108,8 @@ def test_checkpointer_round_trips_members_and_components(tmp_path):
 def test_single_process_engine_refuses_a_sharded_checkpoint_in_one_line(tmp_path):
     cfg, _, members = setup(tmp_path)
     root = tmp_path / "run" / "checkpoints"
-    Checkpointer(cfg, DistEnv(), members[0].engine, members, root).save(final=True)
+    Checkpointer(cfg, members[0].engine, members, root).save(final=True)
     meta = ckpt.read_checkpoint(ckpt.latest_checkpoint(root))
     meta["engine"] = {"backend": "fsdp2", "world_size": 2, "zero_stage": 0}
     with pytest.raises(CheckpointError, match="saved by dist.backend=fsdp2; resume it with that backend"):
-        Checkpointer(cfg, DistEnv(), members[0].engine, members, root).load_members(meta)
+        Checkpointer(cfg, members[0].engine, members, root).load_members(meta)

@@ -20,12 +20,12 @@ tensor in flight, while it is open (the planner's "gathered" term). `batch_mean(
 averages over the data-parallel ranks what each computed on its share of a batch (equal
 shares: the mean is the global batch's value), so batch statistics see the global batch.
 
-Checkpoints: an engine whose members are whole on every rank (`whole_checkpoint`: one process,
-ddp) is saved in the single-process format, written by rank 0 (trainer/checkpointer.py); the
-sharded engines save each member into its own directory of the checkpoint on every rank
-(`save_member` / `load_member`: torch.distributed.checkpoint for fsdp2 and for the ddp members
-of a mixed placement, DeepSpeed's own format for deepspeed), and `check_checkpoint` refuses
-one this engine cannot load with one line.
+Checkpoints (parallel/checkpoints.py): the run's main engine saves and loads every member
+(`save` / `load`). One whose members are whole on every rank (`whole_checkpoint`: one process,
+ddp) writes the single-process format from rank 0; the sharded engines have each member write its
+own directory on every rank (`save_member` / `load_member`: torch.distributed.checkpoint for
+fsdp2 and for the ddp members of a mixed placement, DeepSpeed's own format for deepspeed).
+`check_checkpoint` refuses, in one line, a checkpoint the engine cannot load.
 
 `build` is the one parallelize step, in a fixed order (torchtitan's):
   1. placement: this engine was chosen for the member's width (Placement.for_width);
@@ -51,8 +51,10 @@ import torch
 from torch import nn
 
 from fastwidth.errors import CheckpointError
+from fastwidth.parallel.checkpoints import load_sharded, save_sharded, save_whole
 from fastwidth.param.optim import build_optimizer
 from fastwidth.param.scaling import ParamInfo, apply_forward_mults, draw_init, init_parameters
+from fastwidth.run.checkpoint import restore_member
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
@@ -289,6 +291,23 @@ class Engine:
         h.optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ checkpoints
+
+    def save(self, ckpt_root, step: int, members: list, extra: dict, keep: int):
+        """Checkpoint `step` of `members` (every engine's: this is the run's main engine) under
+        ckpt_root, meta.json holding `extra`; returns its path. Collective."""
+        if self.whole_checkpoint:
+            return save_whole(self.env, ckpt_root, step, members, extra, keep)
+        return save_sharded(self.env, ckpt_root, step, members, {"engine": self.checkpoint_info(), **extra}, keep)
+
+    def load(self, members: list, meta: dict, path) -> None:
+        """Every member's model, optimizer and step from checkpoint `path` (meta: its
+        run.checkpoint.read_checkpoint), refused in one line when this engine cannot load it."""
+        self.check_checkpoint(meta.get("engine"), path)
+        if self.whole_checkpoint:
+            for m in members:
+                restore_member(m, meta)
+        else:
+            load_sharded(members, meta, path)
 
     def checkpoint_info(self) -> dict:
         """What a sharded checkpoint's meta.json records of the engine that wrote it ("engine")."""

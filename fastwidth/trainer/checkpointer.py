@@ -1,8 +1,8 @@
-"""One checkpointer: every member through its engine, and the state of every component that
+"""One checkpointer: every member through the run's engine, and the state of every component that
 registered with it, in one checkpoint directory written atomically.
 
     check_resumable(cfg, world_size)                   # before any engine: what DeepSpeed cannot load
-    checkpointer = Checkpointer(cfg, dist, placement.main, members, ckpt_root)
+    checkpointer = Checkpointer(cfg, placement.main, members, ckpt_root)
     checkpointer.register("data", stream)              # anything with state_dict / load_state_dict
     checkpointer.register("rng", RNG)
     path = checkpointer.save(final=False)              # collective: every rank, at the same step
@@ -10,12 +10,10 @@ registered with it, in one checkpoint directory written atomically.
     checkpointer.load_state(meta)                      # then every component, in registration order
 
 A component's state is meta.json's entry under its key ("data", "rng", "sweep", "stats"), beside
-the config, the µP tables and `final`. The members' tensors are written by their engines: an
-engine whose members are whole on every rank (one process, ddp; `whole_checkpoint`) in the
-single-process format of trainer/checkpoint.py, written by rank 0, which any engine of that kind
-resumes on any number of ranks; the sharded engines (fsdp2, deepspeed) in engine_checkpoint.py's
-layout, each member by its own engine (the ddp members of a mixed placement too). Both are
-atomic: a crash leaves the previous checkpoint as `latest`.
+the config, the µP tables and `final`. The members' tensors are the engine's (Engine.save / load,
+parallel/checkpoints.py: the single-process format of run/checkpoint.py where every rank holds
+each member whole, else each member written by its own engine), so the checkpointer never asks
+which engine it drives.
 """
 from __future__ import annotations
 
@@ -23,11 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from fastwidth.errors import CheckpointError
 from fastwidth.param.scaling import table_rows
 from fastwidth.run import checkpoint as ckpt
-from fastwidth.trainer.engine_checkpoint import (check_resumable, member_dir,  # noqa: F401 (check_resumable: public here)
-                                                 save_sharded, step_dir)
+from fastwidth.trainer.engine_checkpoint import check_resumable  # noqa: F401 (public here)
 
 
 @dataclass(frozen=True)
@@ -46,8 +42,8 @@ class Checkpointer:
     members (the refinement pass extends it in place); engine: the run's main engine
     (Placement.main), which decides the format."""
 
-    def __init__(self, cfg, dist, engine, members: list, root: Path):
-        self.cfg, self.dist, self.engine, self.members = cfg, dist, engine, members
+    def __init__(self, cfg, engine, members: list, root: Path):
+        self.cfg, self.engine, self.members = cfg, engine, members
         self.root = Path(root)
         self.components: dict[str, object] = {}
 
@@ -68,37 +64,14 @@ class Checkpointer:
         extra = {"config": self.cfg.to_dict(),
                  "mup_tables": {m.name: table_rows(m.table) for m in self.members}, "final": final,
                  **{key: c.state_dict() for key, c in self.components.items()}}
-        if self.engine.whole_checkpoint:  # rank 0 holds every member whole
-            path = ckpt.save_checkpoint(self.root, step, self.members, extra, keep=self.cfg.train.keep_checkpoints) \
-                if self.dist.is_main else None
-            self.dist.barrier()
-            return path or step_dir(self.root, step)
-        return save_sharded(self.dist, self.root, step, self.members, {"engine": self.engine.checkpoint_info(), **extra},
-                            keep=self.cfg.train.keep_checkpoints)
+        return self.engine.save(self.root, step, self.members, extra, keep=self.cfg.train.keep_checkpoints)
 
     # ------------------------------------------------------------------ restore
 
     def load_members(self, meta: dict) -> None:
         """Every member's model and optimizer, and its step, from the latest checkpoint (meta:
         its ckpt.read_checkpoint); refused with one line when the run's engine cannot load it."""
-        path = ckpt.latest_checkpoint(self.root)
-        info = meta.get("engine")
-        self.engine.check_checkpoint(info, path)
-        if self.engine.whole_checkpoint:
-            for m in self.members:
-                ckpt.restore_member(m, meta)
-            return
-        entries = {e["name"]: e for e in meta["members"]}
-        missing = [m.name for m in self.members if m.name not in entries]
-        if missing:
-            raise CheckpointError(f"checkpoint {path} has no model {missing[0]}")
-        by_engine: dict = {}
-        for m in self.members:
-            by_engine.setdefault(m.engine, []).append(m.handle)
-        for engine, handles in by_engine.items():
-            engine.load_members(handles, path, info, lambda name: member_dir(path, name))
-        for m in self.members:
-            m.step = int(entries[m.name]["step"])
+        self.engine.load(self.members, meta, ckpt.latest_checkpoint(self.root))
 
     def load_state(self, meta: dict) -> None:
         """Every registered component's state from checkpoint meta, in the order they registered

@@ -1,84 +1,22 @@
-"""The sharded checkpoint layout (the single-process format is run/checkpoint.py; the
-checkpointer, trainer/checkpointer.py, writes either through the engines):
-
-    step_000020/
-        meta.json                 written by rank 0: step, members, µP tables, data cursor, RNG,
-                                  stats state, config, and "engine": {backend, world_size, zero_stage}
-        engine/<member>/          fsdp2 (and the ddp members of a mixed placement):
-                                  torch.distributed.checkpoint (model + optimizer, DTensor
-                                  metadata, so it loads on any number of ranks);
-                                  deepspeed: save_checkpoint(tag=<member>) (same number of ranks;
-                                  ZeRO-3 on another: DeepSpeedEngine.load_universal converts it)
-
-ddp holds whole replicas, so rank 0 writes the single-process format (it resumes anywhere).
-`check_resumable` refuses a resume DeepSpeed cannot load before any engine is built;
-`export_checkpoint` turns any checkpoint into one safetensors file (no process group needed).
+"""Checkpoints seen from outside a run: `check_resumable` refuses, before any engine is built, a
+resume DeepSpeed cannot load; `export_checkpoint` turns any checkpoint (the single-process format
+or the engines' sharded layout, parallel/checkpoints.py) into one safetensors file and
+`member_tensors` gives one member's full weights, with no process group.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
 from fastwidth.errors import CheckpointError
+from fastwidth.parallel.checkpoints import member_dir
 from fastwidth.parallel.zero import check_zero_shards
 from fastwidth.run import checkpoint as ckpt
-from fastwidth.run.paths import RunDir, checkpoint_name, latest_pointer
-
-
-ENGINE_DIR = "engine"  # the members' directories of a sharded checkpoint
-
-
-def step_dir(ckpt_root: Path, step: int) -> Path:
-    """The checkpoint of `step` under RUN/checkpoints (the single-process format's name too)."""
-    return Path(ckpt_root) / checkpoint_name(step)
-
-
-def member_dir(path: Path, name: str) -> Path:
-    """Member `name`'s directory in the sharded checkpoint `path`."""
-    return Path(path) / ENGINE_DIR / name
-
-
-def prune_stale(ckpt_root: Path) -> list[str]:
-    """Remove hidden .tmp-* directories: saves that never completed (a rank or the job died)."""
-    gone = []
-    for p in Path(ckpt_root).glob(".tmp-*"):
-        shutil.rmtree(p, ignore_errors=True)
-        gone.append(p.name)
-    return gone
-
-
-def save_sharded(env, ckpt_root: Path, step: int, members: list, extra: dict, keep: int) -> Path:
-    """Checkpoint `step` of `members`, each written by its own engine (member.handle.save) into
-    engine/<member>/, and meta.json holding `extra` (with "engine"). Atomic: every rank writes into
-    one hidden directory, a barrier, then rank 0 writes meta.json, renames the directory into place
-    and replaces `latest`; a rank that dies mid-save leaves the previous checkpoint as the latest
-    complete one. Collective."""
-    final = step_dir(ckpt_root, step)
-    tmp = Path(ckpt_root) / f".tmp-{final.name}"
-    if env.is_main:
-        Path(ckpt_root).mkdir(parents=True, exist_ok=True)
-        prune_stale(ckpt_root)
-        ckpt.recover_set_aside(Path(ckpt_root))
-        (tmp / ENGINE_DIR).mkdir(parents=True)
-    env.barrier()
-    for i, m in enumerate(members):
-        if i == len(members) - 1:
-            env.maybe_die(f"save{step}")  # test hook: a rank lost in the middle of a save
-        m.handle.save(member_dir(tmp, m.name))
-    env.barrier()
-    if env.is_main:
-        meta = {"format": ckpt.FORMAT, "step": step, "files": {},
-                "members": [{"name": m.name, "width": m.width, "seed": m.seed, "step": m.step} for m in members],
-                **extra}
-        ckpt.atomic_write_text(tmp / ckpt.META, json.dumps(meta))
-        ckpt.publish(tmp, final, keep)
-    env.barrier()
-    return final
+from fastwidth.run.paths import RunDir, latest_pointer
 
 
 def check_resumable(cfg, world_size: int) -> None:

@@ -83,8 +83,7 @@ class Trainer:
         self.stacker = None            # sweep.stack: planned when training starts (run)
         dynamics.apply_edge_lrs(self)  # optim.lr_unit = edge: η = lr × 2/λ0, at init (before any restore)
         dynamics.init_coord(self)      # stats.coord_every: W_0 and the layers' inputs at init
-        self.checkpointer = Checkpointer(cfg, self.dist, self.placement.main, self.members,
-                                         RunDir(cfg.train.out_dir).checkpoints)
+        self.checkpointer = Checkpointer(cfg, self.placement.main, self.members, RunDir(cfg.train.out_dir).checkpoints)
         if self.resume_meta is not None:  # each engine loads its members (their steps trim the rows below)
             self.checkpointer.load_members(self.resume_meta)
         if self.dist.is_main:
