@@ -35,7 +35,6 @@ from fastwidth.errors import DataError
 from fastwidth.kernels import dispatch
 from fastwidth.param.optim import lr_factor, set_lr
 from fastwidth.stats.monitor import Monitor
-from fastwidth.run import checkpoint as ckpt
 from fastwidth.run.lock import RunLock, check_creatable, undo_on_error
 from fastwidth.run.prepare import check_run_dir, make_scratch_dir, prepare_run_dir
 from fastwidth.run.paths import RunDir
