@@ -26,7 +26,6 @@ from tqdm import tqdm
 from fastwidth.config import Config, dump_yaml, resolve
 from fastwidth.data import build_stream, data_io  # noqa: F401 (data_io: public here too)
 from fastwidth.trainer import engine_checkpoint as par_ckpt
-from fastwidth.parallel import stats as par_stats
 from fastwidth.parallel.engines import StepContext
 from fastwidth.parallel.env import agree_on_out_dir, check_shared_dir, init_dist, launched_world
 from fastwidth.parallel.memory import MemoryRecorder
@@ -36,7 +35,9 @@ from fastwidth.errors import CheckpointError, DataError, UserError
 from fastwidth.kernels import dispatch
 from fastwidth.param.optim import lr_factor, set_lr
 from fastwidth.param.scaling import table_rows
-from fastwidth.stats.monitor import Monitor
+from fastwidth.stats.lr_groups import monitor_for
+from fastwidth.stats.ranks import whole_member
+from fastwidth.stats.training_rows import BatchSharpnessRows, CoordRows
 from fastwidth.stats.preact_range import RANGES_FILE
 from fastwidth.trainer import checkpoint as ckpt
 from fastwidth.trainer import flops, preempt, rundir, tracking
@@ -158,8 +159,8 @@ class Trainer:
                                          pass_name=sweep.REFINE)
         self.loss_fns = {m.name: compiled_loss(m.model, cfg, self.dist.active) for m in self.members}
         self._fixed = None
-        dynamics.apply_edge_lrs(self)  # optim.lr_unit = edge: η = lr × 2/λ0, at init (before any restore)
-        dynamics.init_coord(self)      # stats.coord_every: W_0 and the layers' inputs at init
+        lambda0 = dynamics.apply_edge_lrs(self.members, self.batch(0), cfg)  # optim.lr_unit = edge: η = lr × 2/λ0, at init (before any restore)
+        self.coord_rows = CoordRows(cfg, self.members, self.stream.probe()["x"], self.device)  # stats.coord_every: W_0 and the layers' inputs at init
         if self.resume_meta is not None:
             if self.dist.active or "engine" in self.resume_meta:
                 par_ckpt.restore(self.engine, self.dist, self.members, self.resume_meta,
@@ -183,28 +184,21 @@ class Trainer:
         self.memory.flush(self.writer)
         self.tokens_per_step = tokens_per_step(self.stream, cfg)
         self.evaluator = self._monitor(cfg)
-        self.evaluator.whole_of = par_stats.whole_member  # sharpness, eNTK: the member with whole parameters
+        self.sharpness_rows = BatchSharpnessRows(cfg, self.dist.world_size, lambda0)  # batch_sharpness, λ0 rows
         self.guard = sweep.DivergenceGuard(cfg.train.diverge_factor)
-        if self.dist.active:  # each rank evaluates its slice of the probe (sharded forwards gather); all get it whole
-            rank, world = self.dist.rank, self.dist.world_size
-            self.evaluator.probe_fn = lambda model, spec, device, feats: par_stats.probe_signature_sharded(
-                model, spec, device, rank, world, feats)
         if self.resume_meta is not None:
             sweep.restore(self, self.resume_meta.get("sweep", {}))
         if self.resume_meta is not None and "stats" in self.resume_meta:
-            self.evaluator.load_state_dict(self.resume_meta["stats"])
-            par_stats.keep_on_main(self.evaluator, self.dist.rank)  # the saved summary is rank 0's, global
-        par_stats.sync_ranges(self.evaluator, self.dist.world_size)  # one set of histogram bins on every rank
+            self.evaluator.load_state_dict(self.resume_meta["stats"])  # the saved summary stays on rank 0, global
+        self.evaluator.sync_ranges()  # one set of histogram bins on every rank
 
     def _monitor(self, cfg: Config):
-        probe = self.stream.probe()
-        # histogram ranges from the run directory: other ranks' scratch run_dir is emptied at each start
-        shared = Path(cfg.train.out_dir)
-        own = {"ranges_dir": shared, "train_batch": self.batch, "world": self.dist.world_size}  # sharpness: the training batch
-        if not cfg.sweep.lrs:
-            return Monitor(cfg, self.run_dir, self.members, probe, self.writer, self.device, **own)
-        return sweep.LRMonitors(lambda ms, w: Monitor(sweep.monitor_config(cfg, ms), self.run_dir, ms, probe, w,
-                                                      self.device, **own), self.members, self.writer)
+        """Every statistic: the probe split over the ranks, each member whole where a statistic
+        needs it (whole_member), histogram ranges from the run directory (other ranks' scratch
+        run_dir is emptied at each start), sharpness on the training batch."""
+        return monitor_for(cfg, self.run_dir, self.members, self.stream.probe(), self.writer, self.device,
+                           ranges_dir=Path(cfg.train.out_dir), train_batch=self.batch, rank=self.dist.rank,
+                           world=self.dist.world_size, whole_of=whole_member)
 
     # one optimizer step of one member on one batch; returns the loss (a tensor, no host sync)
     def train_step(self, m: Member, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -245,7 +239,8 @@ class Trainer:
         cfg = self.cfg
         start = min((m.step for m in self.active(self.members)), default=cfg.train.steps)
         self.record_data(start)
-        dynamics.at_start(self, start)
+        if start == 0:  # λ0 rows and the sharpness at initialization, on the first training batch
+            self.sharpness_rows.at_start(self.writer, self.members, self.active(self.members), *self.batch(0))
         if start == 0 and cfg.stats.enabled:
             self.evaluator.evaluate(0, 0, self.members)
         bar = tqdm(total=cfg.train.steps * len(self.members), initial=sum(m.step for m in self.members),
@@ -291,8 +286,9 @@ class Trainer:
                     self.memory.flush(self.writer)
                 self.dist.maybe_die(step + 1)
                 self.stop_diverged(group, losses, bar)
-                dynamics.write_batch_sharpness(self, step + 1, self.active(group), x, y)
-                dynamics.write_coord(self, step + 1, self.active(group))
+                tokens = (step + 1) * self.tokens_per_step
+                self.sharpness_rows.after_step(self.writer, step + 1, tokens, self.active(group), x, y)
+                self.coord_rows.after_step(self.writer, step + 1, tokens, self.active(group))
                 self._after_step(step + 1, group, losses, bar)
                 preempt.between_steps(self, self.stop, clock)
             if cfg.sweep.mode == "sequential" and cfg.stats.enabled:
@@ -312,7 +308,7 @@ class Trainer:
                  {w: sorted({lr for w2, lr, _ in specs if w2 == w}) for w in dict.fromkeys(w for w, _, _ in specs)})
         self.members += new
         self.loss_fns.update({m.name: compiled_loss(m.model, cfg, self.dist.active) for m in new})
-        dynamics.init_coord(self)  # stats.coord_every: W_0 of the new members (the finished ones are not read again)
+        self.coord_rows.add(new)  # stats.coord_every: W_0 of the new members
         self.evaluator.add(new)
         self.stacker = stacked.plan(self, lambda: autocast_for(cfg, self.device))
         self.flops = flops.MFU(self.members, data_io(self.stream, cfg), self.device, self.dist.world_size)
@@ -362,14 +358,14 @@ class Trainer:
                 mfu = {"mfu": f"{extras['mfu']:.1%}"} if "mfu" in extras else {}
                 bar.set_postfix({group[0].name: f"{float(ref):.3f}", **mfu}, refresh=False)
         if cfg.stats.enabled and self._due(step, cfg.stats.every):
-            par_stats.sync_monitor(self.evaluator, group, self.dist.world_size)  # whole-batch preact stats
+            self.evaluator.sync_preacts(group)  # whole-batch preact stats
             self.evaluator.evaluate(step, step * self.tokens_per_step, self.active(group))
         if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < cfg.train.steps:
             self.save(final=False)
 
     def save(self, final: bool) -> Path:
         step = min((m.step for m in self.active(self.members)), default=self.cfg.train.steps)
-        par_stats.sync_monitor(self.evaluator, self.members, self.dist.world_size)
+        self.evaluator.sync_preacts(self.members)
         extra = {"config": self.cfg.to_dict(), "data": self.stream.state_dict(), "rng": ckpt.rng_state(),
                  "mup_tables": {m.name: table_rows(m.table) for m in self.members},
                  "stats": self.evaluator.state_dict(), "final": final, "sweep": sweep.state(self)}
