@@ -1,6 +1,6 @@
 """The statistics of a learning-rate sweep: one Monitor per learning rate, behind the Monitor's interface.
 
-    monitor = monitor_for(cfg, run_dir, members, probe, writer, device, rank=r, world=w, whole_of=...)
+    monitor = monitor_for(cfg, run_dir, members, probe, writer, device, rank=r, world=w)
 
 With `sweep.lrs` the statistics compare widths at one learning rate: `LRMonitors` keeps one Monitor
 per learning rate, and one per refined (lr, width) of the second pass (`monitor_key`: a refined lr

@@ -1,6 +1,6 @@
 """The loop's one handle on the statistics: hooks while training, signatures and rows at evals.
 
-    monitor = Monitor(cfg, run_dir, members, probe, writer, device, rank=r, world=w, whole_of=whole_member)
+    monitor = Monitor(cfg, run_dir, members, probe, writer, device, rank=r, world=w)
     monitor.sync_ranges()                    # at start-up: rank 0's histogram bins on every rank
     with monitor.training(member):          # around each member's training forward (+ backward)
         loss = member.model.loss(x, y)
@@ -58,7 +58,7 @@ from fastwidth.stats.ensemble import EnsembleCurve, SeedEnsembles, lm_ensemble_c
 from fastwidth.stats.moments import PreactAccumulator
 from fastwidth.stats.monitor_curvature import CurvatureRows
 from fastwidth.stats.preact_range import Bins, load_ranges, out_of_range_fraction, reference_ranges, save_ranges
-from fastwidth.stats.ranks import broadcast_from_main, merge_over_ranks
+from fastwidth.stats.ranks import broadcast_from_main, merge_over_ranks, whole_member
 from fastwidth.stats.signature import (ProbeSpec, add_preacts, list_signatures, load_signature, probe_signature,
                                        save_signature, signature_path)
 
@@ -149,7 +149,7 @@ class ReferenceRun:
 class Monitor(CurvatureRows):  # sharpness() and ntk(): stats/monitor_curvature.py
     def __init__(self, cfg, run_dir: Path, members: list, probe: dict, writer, device,
                  ranges_dir: Path | None = None, train_batch=None, rank: int = 0, world: int = 1,
-                 whole_of=contextlib.nullcontext):
+                 whole_of=whole_member):
         # The probe runs in fp32 whatever the training precision: bf16 logits (error ~0.02 at
         # |z|~5) would swamp RMSEs of a few hundredths.
         # ranges_dir: where this run's preact_ranges.json lives (default run_dir); a distributed
@@ -159,8 +159,8 @@ class Monitor(CurvatureRows):  # sharpness() and ntk(): stats/monitor_curvature.
         # rank, world: this process in the data-parallel group; the probe is split over the ranks
         # (stats/signature.py probe_signature) and the preactivation summaries merged (sync_preacts).
         # whole_of(member) -> a context giving the member with whole parameters and a torch optimizer
-        # over them (sharpness, eNTK): stats/ranks.py whole_member, its engine's gathered view (a
-        # replica of one member under FSDP2 / ZeRO-3); the default, the member itself.
+        # over them (sharpness, eNTK); by default stats/ranks.py whole_member, its engine's gathered
+        # view (a replica of one member under FSDP2 / ZeRO-3).
         self.cfg, self.sc = cfg, cfg.stats
         self.train_batch, self.rank, self.world, self.whole_of = train_batch, rank, world, whole_of
         self.run_dir, self.members, self.writer, self.device = Path(run_dir), members, writer, device

@@ -32,8 +32,13 @@ def whole_member(m):
     """Member m as one process holds it, for the statistics that need whole parameters (sharpness,
     the eNTK, coord): a copy of m whose model and optimizer are its engine's `gathered` view
     (parallel/engines.py: the member itself under ddp / ZeRO-1/2 / one process, a replica under
-    FSDP2 / ZeRO-3, freed when the block ends). Collective under sharded engines."""
-    with m.engine.gathered(m.name) as whole:
+    FSDP2 / ZeRO-3, freed when the block ends). Collective under sharded engines. A member without
+    an engine (a model and its optimizer, as the statistics' tests make them) is whole already."""
+    engine = getattr(m, "engine", None)
+    if engine is None:
+        yield m
+        return
+    with engine.gathered(m.name) as whole:
         yield dataclasses.replace(m, model=whole.model, optimizer=whole.optimizer)
 
 

@@ -36,7 +36,6 @@ from fastwidth.kernels import dispatch
 from fastwidth.param.optim import lr_factor, set_lr
 from fastwidth.param.scaling import table_rows
 from fastwidth.stats.lr_groups import monitor_for
-from fastwidth.stats.ranks import whole_member
 from fastwidth.stats.training_rows import BatchSharpnessRows, CoordRows
 from fastwidth.stats.preact_range import RANGES_FILE
 from fastwidth.trainer import checkpoint as ckpt
@@ -193,12 +192,11 @@ class Trainer:
         self.evaluator.sync_ranges()  # one set of histogram bins on every rank
 
     def _monitor(self, cfg: Config):
-        """Every statistic: the probe split over the ranks, each member whole where a statistic
-        needs it (whole_member), histogram ranges from the run directory (other ranks' scratch
-        run_dir is emptied at each start), sharpness on the training batch."""
+        """Every statistic: the probe split over the ranks, histogram ranges from the run directory
+        (other ranks' scratch run_dir is emptied at each start), sharpness on the training batch."""
         return monitor_for(cfg, self.run_dir, self.members, self.stream.probe(), self.writer, self.device,
                            ranges_dir=Path(cfg.train.out_dir), train_batch=self.batch, rank=self.dist.rank,
-                           world=self.dist.world_size, whole_of=whole_member)
+                           world=self.dist.world_size)
 
     # one optimizer step of one member on one batch; returns the loss (a tensor, no host sync)
     def train_step(self, m: Member, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
