@@ -158,8 +158,9 @@ class Trainer:
                                          pass_name=sweep.REFINE)
         self.loss_fns = {m.name: compiled_loss(m.model, cfg, self.dist.active) for m in self.members}
         self._fixed = None
-        lambda0 = dynamics.apply_edge_lrs(self.members, self.batch(0), cfg)  # optim.lr_unit = edge: η = lr × 2/λ0, at init (before any restore)
-        self.coord_rows = CoordRows(cfg, self.members, self.stream.probe()["x"], self.device)  # stats.coord_every: W_0 and the layers' inputs at init
+        # at init, before any restore: optim.lr_unit = edge (η = lr × 2/λ0); stats.coord_every's W_0
+        lambda0 = dynamics.apply_edge_lrs(self.members, self.batch(0), cfg)
+        self.coord_rows = CoordRows(cfg, self.members, self.stream.probe()["x"], self.device)
         if self.resume_meta is not None:
             if self.dist.active or "engine" in self.resume_meta:
                 par_ckpt.restore(self.engine, self.dist, self.members, self.resume_meta,
@@ -238,7 +239,8 @@ class Trainer:
         start = min((m.step for m in self.active(self.members)), default=cfg.train.steps)
         self.record_data(start)
         if start == 0:  # λ0 rows and the sharpness at initialization, on the first training batch
-            self.sharpness_rows.at_start(self.writer, self.members, self.active(self.members), *self.batch(0))
+            x, y = self.batch(0)
+            self.sharpness_rows.at_start(self.writer, self.members, self.active(self.members), x, y)
         if start == 0 and cfg.stats.enabled:
             self.evaluator.evaluate(0, 0, self.members)
         bar = tqdm(total=cfg.train.steps * len(self.members), initial=sum(m.step for m in self.members),
