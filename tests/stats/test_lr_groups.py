@@ -8,7 +8,7 @@ import torch
 from fastwidth.stats.lr_groups import LRMonitors, monitor_for
 from fastwidth.stats.monitor import Monitor
 from stats_toys import ListWriter, Member, ToyMLP, teacher_data
-from test_monitor import B, EVERY, STEPS, make_cfg, train_batch
+from test_monitor import B, EVERY, STEPS, make_cfg, train_batch, train_members
 
 LRS = (0.05, 0.2)
 
@@ -31,13 +31,7 @@ def drive(monitor, members, stop=None) -> None:
     monitor.evaluate(0, 0)
     live = list(members)
     for step in range(STEPS):
-        x, y = train_batch(step)
-        for m in live:
-            with monitor.training(m):
-                loss = m.model.loss(x, y)
-            loss.backward()
-            m.optimizer.step()
-            m.optimizer.zero_grad()
+        train_members(monitor, live, step)
         for m in (stop(step + 1) if stop else []):
             m.step = step + 1
             monitor.drop(m)
