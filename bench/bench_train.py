@@ -31,7 +31,7 @@ def one_run(config: str, mode: str, steps: int, extra: list[str]) -> dict:
     sys.path.insert(0, str(ROOT))
     from fastwidth.config import load_config
     from fastwidth.trainer.loop import run
-    from fastwidth.trainer.metrics import read_metrics
+    from fastwidth.run.metrics import read_metrics
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(config, [f"sweep.mode={mode}", f"train.steps={steps}", "stats.enabled=false",
                                    "train.progress=false", f"train.out_dir={tmp}/run", *extra])

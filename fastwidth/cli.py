@@ -12,8 +12,8 @@ import logging
 import sys
 from dataclasses import dataclass
 
-# the shared helpers (--config, --set, widths) live below every room that adds a command
-from fastwidth.config_args import add_config_args, find_config, overrides_of, width_list  # noqa: F401
+# the shared helpers (--config, --set) live below every room that adds a command
+from fastwidth.config_args import add_config_args, find_config, overrides_of  # noqa: F401
 from fastwidth.errors import UserError
 
 # ------------------------------------------------------------------------------ commands of this module

@@ -55,16 +55,5 @@ def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="override a config key, e.g. --set optim.lr=3e-3 sweep.widths=[64,128]")
 
 
-def width_list(text: str) -> list[int]:
-    """argparse type of a comma-separated list of positive widths, e.g. --widths 32,64,128."""
-    try:
-        widths = [int(w) for w in text.split(",") if w.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of widths, e.g. 32,64,128") from None
-    if not widths or min(widths) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: widths must be positive integers, e.g. 32,64,128")
-    return widths
-
-
 def overrides_of(args) -> list[str]:
     return [item for group in args.overrides for item in group]

@@ -92,7 +92,7 @@ def test_stats_does_not_import_the_cli():
 def test_refined_check_runs_in_the_loop_and_the_report_draws_it(tmp_path):
     from fastwidth.report.cli import make_report
     from fastwidth.trainer.loop import run
-    from fastwidth.trainer.metrics import read_metrics
+    from fastwidth.run.metrics import read_metrics
     from test_train import TINY_MLP, cfg_of
     d = run(cfg_of(tmp_path, TINY_MLP, "train.steps=4", "stats.coord_every=2", "stats.sharpness_iters=0",
                    "stats.ntk_points=0"))

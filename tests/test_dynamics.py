@@ -7,7 +7,7 @@ import torch
 from fastwidth.report.cli import make_report
 from fastwidth.trainer.dynamics import mse_loss
 from fastwidth.trainer.loop import run
-from fastwidth.trainer.metrics import read_metrics
+from fastwidth.run.metrics import read_metrics
 from test_train import TINY_MLP, cfg_of
 
 GD = ["train.full_batch=true", "train.loss=mse", "optim.name=sgd", "optim.grad_clip=0", "optim.lr_unit=edge",

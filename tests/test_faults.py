@@ -21,10 +21,11 @@ import yaml
 
 from fastwidth.config import DataConfig, _nearest, read_yaml
 from fastwidth.errors import ConfigError, DataError, UserError
-from fastwidth.trainer import checkpoint as ckpt
-from fastwidth.trainer import loop, rundir
+from fastwidth.run import checkpoint as ckpt
+from fastwidth.run import lock as run_lock
+from fastwidth.trainer import loop
 from fastwidth.trainer.loop import run
-from fastwidth.trainer.metrics import read_metrics
+from fastwidth.run.metrics import read_metrics
 from fastwidth.trainer.preempt import Preempted
 
 from test_train import ROOT, TINY_MLP, cfg_of, train_losses
@@ -35,12 +36,12 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 # ------------------------------------------------------------------------------ 1. the run-directory lock
 
 def test_a_held_directory_is_refused_naming_its_owner(tmp_path):
-    with rundir.RunLock(tmp_path / "run") as held:
+    with run_lock.RunLock(tmp_path / "run") as held:
         assert held.made == tmp_path / "run"
         owner = json.loads((tmp_path / "run" / ".lock").read_text())
         assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
         with pytest.raises(UserError, match=rf"in use by another run \(pid {os.getpid()} on "):
-            with rundir.RunLock(tmp_path / "run"):
+            with run_lock.RunLock(tmp_path / "run"):
                 pass
         assert (tmp_path / "run" / ".lock").is_file()  # the refused one touched nothing
     assert not (tmp_path / "run" / ".lock").exists()  # released: the file goes with the lock
@@ -50,8 +51,8 @@ def test_a_dead_owners_lock_is_taken_over_with_a_warning(tmp_path, caplog):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": "then"}))
-    with caplog.at_level(logging.WARNING, logger="fastwidth.trainer"):
-        with rundir.RunLock(tmp_path):
+    with caplog.at_level(logging.WARNING, logger="fastwidth.run"):
+        with run_lock.RunLock(tmp_path):
             assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
     assert f"taking over the lock left by pid {dead.pid}" in caplog.text and "no longer running" in caplog.text
 
@@ -61,7 +62,7 @@ def test_a_failed_start_removes_only_what_it_made(tmp_path):
     only its new entries go, what was there stays, and so does a file another process wrote there
     before the snapshot."""
     with pytest.raises(RuntimeError):
-        with rundir.RunLock(tmp_path / "a" / "b") as lock, rundir.undo_on_error(tmp_path / "a" / "b", made=lock.made):
+        with run_lock.RunLock(tmp_path / "a" / "b") as lock, run_lock.undo_on_error(tmp_path / "a" / "b", made=lock.made):
             (tmp_path / "a" / "b" / "metrics.jsonl").write_text("{}\n")
             raise RuntimeError("set-up failed")
     assert not (tmp_path / "a").exists()
@@ -69,13 +70,13 @@ def test_a_failed_start_removes_only_what_it_made(tmp_path):
     keep.mkdir()
     (keep / "notes.txt").write_text("mine")
     with pytest.raises(RuntimeError):
-        with rundir.RunLock(keep) as lock, rundir.undo_on_error(keep, made=lock.made):
+        with run_lock.RunLock(keep) as lock, run_lock.undo_on_error(keep, made=lock.made):
             (keep / "config.yaml").write_text("x")
             raise RuntimeError("set-up failed")
     assert sorted(p.name for p in keep.iterdir()) == ["notes.txt"]
     (keep / ".rank1").mkdir()
     with pytest.raises(RuntimeError):  # a rank other than 0 removes only its scratch directory
-        with rundir.undo_on_error(keep, only=[keep / ".rank1"]):
+        with run_lock.undo_on_error(keep, only=[keep / ".rank1"]):
             (keep / "rank0.txt").write_text("rank 0's")
             raise RuntimeError("set-up failed")
     assert sorted(p.name for p in keep.iterdir()) == [".rank1", "notes.txt", "rank0.txt"]
@@ -85,7 +86,7 @@ TAKE_LOCK = """
 import os, sys, time
 sys.path.insert(0, {root!r})
 from fastwidth.errors import UserError
-from fastwidth.trainer.rundir import RunLock
+from fastwidth.run.lock import RunLock
 while not os.path.exists({go!r}):
     time.sleep(0.002)
 try:

@@ -13,7 +13,7 @@ from fastwidth.models import build_model
 from fastwidth.report.summary import _compute_numbers
 from fastwidth.trainer import flops, sweep
 from fastwidth.trainer.loop import run
-from fastwidth.trainer.metrics import read_metrics
+from fastwidth.run.metrics import read_metrics
 
 from test_train import TINY_MLP, cfg_of
 

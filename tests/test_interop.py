@@ -7,7 +7,7 @@ import yaml
 
 import fastwidth
 from fastwidth.cli import main
-from fastwidth.trainer.metrics import read_metrics
+from fastwidth.run.metrics import read_metrics
 
 LLAMA_GPT = dict(model={"arch": "gpt", "depth": 2, "head_dim": 8, "act": "swiglu", "norm": "rms", "bias": True},
                  param={"base_width": 16, "attn_mult": 3.0, "zero_readout": False},  # a non-Llama attention scale

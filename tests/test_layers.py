@@ -2,7 +2,7 @@
 
 The rooms, bottom to top (a module may import from its own room or any room below):
 
-    errors/config → kernels → nn → param/models → data → stats → parallel → trainer → report
+    errors/config → run → kernels → nn → param/models → data → stats → parallel → trainer → report
     → interop → api → cli
 
 Imports are read with ast, every one of them: module level, inside functions (lazy), under `if`,
@@ -23,6 +23,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fastwidth"
 # bottom to top; one entry per room: the module-name prefixes (below fastwidth.) it holds
 ROOMS: list[tuple[str, tuple[str, ...]]] = [
     ("errors/config", ("errors", "config", "config_schema", "config_args")),
+    ("run", ("run",)),
     ("kernels", ("kernels",)),
     ("nn", ("nn",)),
     ("param/models", ("param", "models")),
@@ -216,6 +217,7 @@ class _StringFile:
 @pytest.mark.parametrize("module,room", [("fastwidth.config", "errors/config"),
                                          ("fastwidth.config_schema", "errors/config"),
                                          ("fastwidth.kernels.norm", "kernels"),
+                                         ("fastwidth.run.paths", "run"),
                                          ("fastwidth.cli", "cli"), ("fastwidth.data.cli", "data"),
                                          ("fastwidth", "api")])
 def test_rooms(module, room):

@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 
-from fastwidth.trainer import checkpoint as ckpt
+from fastwidth.run import checkpoint as ckpt
 from fastwidth.trainer import loop
 from fastwidth.trainer.loop import run
-from fastwidth.trainer.metrics import read_metrics
+from fastwidth.run.metrics import read_metrics
 from fastwidth.trainer.preempt import CheckpointClock, Preempted
 
 from test_train import ROOT, TINY_GPT, TINY_MLP, cfg_of, train_losses
@@ -100,7 +100,7 @@ KILL_DURING_SECOND_CHECKPOINT = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 from fastwidth.config import load_config
-from fastwidth.trainer import checkpoint
+from fastwidth.run import checkpoint
 from fastwidth.trainer.loop import run
 real_save, calls = checkpoint.save_file, []
 def save_then_die(tensors, path, *a, **k):

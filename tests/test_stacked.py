@@ -10,7 +10,7 @@ from fastwidth.config import load_config, resolve
 from fastwidth.data import build_stream
 from fastwidth.models.stacked import Stack, refusal, why_not
 from fastwidth.trainer.loop import autocast_for, make_members, run
-from fastwidth.trainer.metrics import read_metrics
+from fastwidth.run.metrics import read_metrics
 
 TINY_GPT = ["model.arch=gpt", "model.depth=1", "model.head_dim=8", "param.base_width=16", "data.source=stdlib",
             "data.seq_len=16", "data.batch_size=4", "data.probe_size=4", "sweep.widths=[16,32]",

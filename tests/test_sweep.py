@@ -14,7 +14,7 @@ from fastwidth.report.reader import load_run
 from fastwidth.report.transfer import transfer_lines, transfer_summary
 from fastwidth.trainer import loop
 from fastwidth.trainer.loop import run
-from fastwidth.trainer.metrics import MetricsWriter, read_metrics
+from fastwidth.run.metrics import MetricsWriter, read_metrics
 from fastwidth.trainer.sweep import divergence_reason, member_name, refine_specs
 from fastwidth.trainer.preempt import Preempted
 from test_preempt import assert_bit_equal

@@ -6,7 +6,7 @@ import struct
 import pytest
 
 from fastwidth.trainer.loop import run
-from fastwidth.trainer.metrics import read_metrics
+from fastwidth.run.metrics import read_metrics
 from fastwidth.trainer.tracking import crc32c, masked_crc
 
 from test_train import TINY_MLP, cfg_of

@@ -11,7 +11,7 @@ import yaml
 
 from fastwidth.config import load_config
 from fastwidth.trainer.loop import run
-from fastwidth.trainer.metrics import read_metrics
+from fastwidth.run.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_GPT = ["model.arch=gpt", "model.depth=1", "model.head_dim=8", "param.base_width=16", "data.source=stdlib",
@@ -172,7 +172,7 @@ def test_bad_input_exits_2_and_leaves_the_run_untouched(existing_run, case, tmp_
 def test_starting_over_drops_the_old_runs_histogram_ranges(tmp_path):
     """A fresh start in an old run directory sets its own preactivation bins (and a resume keeps
     them): a stale preact_ranges.json would give the new run the old run's bins on rank 0 only."""
-    from fastwidth.trainer.loop import prepare_run_dir
+    from fastwidth.run.prepare import prepare_run_dir
     out = tmp_path / "run"
     out.mkdir()
     (out / "preact_ranges.json").write_text('{"layer0": [-1.0, 1.0]}\n')

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastwidth.errors import UserError
+from fastwidth.run import RunDir
 
 
 def _check_output(out: Path, fmt: str) -> None:
@@ -27,7 +28,7 @@ def _check_output(out: Path, fmt: str) -> None:
 def _run_dir_of(path: Path) -> Path:
     """The run directory of RUN, RUN/checkpoints or RUN/checkpoints/step_*."""
     for cand in (path, path.parent, path.parent.parent):
-        if (cand / "config.yaml").is_file() and (cand / "checkpoints").is_dir():
+        if RunDir(cand).config.is_file() and RunDir(cand).checkpoints.is_dir():
             return cand
     raise UserError(f"{path} is not a run directory (no config.yaml and checkpoints/)")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from fastwidth.errors import UserError
+from fastwidth.run import RunDir
 
 
 def check_llama_layout(cfg) -> None:
@@ -67,7 +68,7 @@ def export_hf(run_dir: Path, member: str, out: Path) -> Path:
     """Write `member` of `run_dir` as a Hugging Face Llama checkpoint in directory `out`."""
     from fastwidth.trainer.load import load_model
     from fastwidth.config import from_dict, read_yaml
-    check_llama_layout(from_dict(read_yaml(Path(run_dir) / "config.yaml")))
+    check_llama_layout(from_dict(read_yaml(RunDir(run_dir).config)))
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError:

@@ -8,9 +8,14 @@ test session: whichever test file happened to be collected first). `jit` below k
 object that is a real JITFunction (so the compiler, nested calls and @triton.autotune see
 what they expect on a GPU) and switches to the interpreter per launch when the tensors
 live on the CPU, so TRITON_INTERPRET need not be set at all.
+
+Also what every kernel family shares: device math without libdevice, next_pow2, interpreting,
+and AotConfig, the entry of a family's AOT_KERNELS table.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -104,7 +109,17 @@ def interpreting(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
-def fp32_dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: "ieee" keeps fp32 results equal to torch's fp32 (the e2e loss-curve check
-    # relies on it); tf32 would be faster but changes low bits on every GEMM-like tile.
-    return "ieee" if dtype == torch.float32 else "tf32"
+
+@dataclass
+class AotConfig:
+    """One compilation of a kernel family's AOT_KERNELS table: a @jit kernel with the constexprs and
+    launch options a GPU launch of it passes. Each family builds its table from the very constants
+    its launchers use; `python -m fastwidth.kernels.aot` compiles every entry for sm_90 (no GPU)."""
+
+    fn: object  # the @jit kernel
+    dtype: str  # "bf16" | "fp32": the element type of every pointer not in ptr_types
+    constexprs: dict
+    num_warps: int
+    num_stages: int = 3  # Triton's default: what a launch that passes none gets
+    ptr_types: dict = field(default_factory=dict)  # pointer arg -> element type, where not `dtype`
+    scalar_types: dict = field(default_factory=dict)  # scalar arg -> "fp32" | "i64", where not i32

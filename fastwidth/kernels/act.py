@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastwidth.kernels import dispatch
-from fastwidth.kernels._triton import HAS_TRITON, gelu_tanh_inner, jit, tl, triton
+from fastwidth.kernels._triton import HAS_TRITON, AotConfig, gelu_tanh_inner, jit, tl, triton
 
 # ---------------------------------------------------------------- torch reference
 
@@ -82,11 +82,18 @@ if HAS_TRITON:
 
 # 1024 elements a program: elementwise ops are bandwidth-bound, and 1024 x 4 warps keeps
 # 8 elements a thread in flight (Triton tutorial 01 uses the same size on A100/H100).
-_BLOCK = 1024
+BLOCK = 1024
+NUM_WARPS = 4
+
+# What `python -m fastwidth.kernels.aot` compiles: every kernel at the launch config, in both
+# dtypes; n as a 64-bit integer, which is what a launch of 2^31 elements or more passes.
+AOT_KERNELS = [AotConfig(fn, dtype, dict(BLOCK=BLOCK), NUM_WARPS, scalar_types={"n": "i64"})
+               for fn in (_gelu_fwd_kernel, _gelu_bwd_kernel, _swiglu_fwd_kernel, _swiglu_bwd_kernel)
+               for dtype in ("bf16", "fp32")] if HAS_TRITON else []
 
 
 def _launch(kernel, n: int, *tensors: Tensor) -> None:
-    kernel[(triton.cdiv(n, _BLOCK),)](*tensors, n, BLOCK=_BLOCK)
+    kernel[(triton.cdiv(n, BLOCK),)](*tensors, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
 def _gelu_fwd_launch(x: Tensor) -> Tensor:

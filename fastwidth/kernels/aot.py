@@ -2,24 +2,26 @@
 
     python -m fastwidth.kernels.aot --arch sm_90 [--json FILE] [--csv FILE] [--family attention,norm] [--jobs N]
 
-Compiles each kernel, for every config its autotuner or launcher can pick at the shapes the
-models use (head_dim 64 and 128; bf16, and fp32 where a GPU launch can take fp32; causal and not;
-norm widths up to the 32k limit), with triton.compile(ASTSource(...), target=GPUTarget("cuda",
-90, 32)): no GPU and no driver are needed. Triton's bundled ptxas -v then reports registers and
-spills of the PTX. One row per compilation: {"family", "kernel", "config", "dtype", "compiled",
-"shared_bytes", "registers", "spills", "wgmma", "occupancy", "dot", "error"}; spills are ptxas's
-spill-store bytes, wgmma says whether a dot lowered to Hopper's warp-group MMA, dot whether the
-kernel has a tl.dot at all, occupancy the CTAs an SM can hold (`occupancy`). Exit code 1 (with
-one line per failure) when a config does not compile, needs more shared memory than a block may
-have, spills a register, does not fit an SM, or (sm_90) has a bf16 dot off wgmma. `make aot`
-writes the sm_90 table to bench/aot_sm90.csv; tests/kernels/test_kernel_aot.py gates on it.
-A family is a function returning its Specs, registered with @family("name").
+Compiles each entry of every kernel family's AOT_KERNELS table (declared beside the family's
+kernels from the configs its launchers and autotuners use: head_dim 64 and 128; bf16, and fp32
+where a GPU launch can take fp32; causal and not; norm widths up to the 32k limit), with
+triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32)): no GPU and no driver are
+needed. Triton's bundled ptxas -v then reports registers and spills of the PTX. One row per
+compilation: {"family", "kernel", "config", "dtype", "compiled", "shared_bytes", "registers",
+"spills", "wgmma", "occupancy", "dot", "error"}; spills are ptxas's spill-store bytes, wgmma says
+whether a dot lowered to Hopper's warp-group MMA, dot whether the kernel has a tl.dot at all,
+occupancy the CTAs an SM can hold (`occupancy`). Exit code 1 (with one line per failure) when a
+config does not compile, needs more shared memory than a block may have, spills a register, does
+not fit an SM, or (sm_90) has a bf16 dot off wgmma. `make aot` writes the sm_90 table to
+bench/aot_sm90.csv; tests/kernels/test_kernel_aot.py gates on it.
+A family is a kernels module with an AOT_KERNELS table, named in FAMILY_MODULES.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import functools
 import importlib
 import json
 import os
@@ -39,156 +41,70 @@ SM = {90: dict(shared=233_472, regs=65_536, warps=64, ctas=32),
 SHARED_RESERVED = 1024
 CSV_FIELDS = ("family", "kernel", "config", "dtype", "registers", "spills", "shared_bytes", "wgmma", "occupancy",
               "dot", "compiled")
-FLOAT_ARGS = {"eps", "qk_scale", "scale", "z_coef", "lo", "bin_scale"}
 TL_DTYPE = {"bf16": "bf16", "fp32": "fp32"}
-NORM_WIDTHS = (1024, 4096, 8192, 16384, 32768)  # model widths up to norm.MAX_N (block_plan chunks > 8k)
-HEAD_DIMS = (64, 128)
 
 
 @dataclass
 class Spec:
-    """One compilation: kernel `attr` of module `module` with these constexprs and launch options."""
+    """One compilation: the @jit kernel `fn` of family `family` with these constexprs and launch
+    options (an AotConfig of the family's table, with the family's name)."""
 
     family: str
-    module: str
-    attr: str
+    fn: object
     dtype: str
     constexprs: dict
     num_warps: int
     num_stages: int = 3
     ptr_types: dict = field(default_factory=dict)  # pointer args not in `dtype`
-    int64_args: tuple = ()  # integer args the launcher may pass as 64-bit
+    scalar_types: dict = field(default_factory=dict)  # scalar args that are not i32: "fp32" | "i64"
+
+    @classmethod
+    def of(cls, family: str, config) -> "Spec":
+        """The Spec of one AotConfig of `family`'s table."""
+        return cls(family, config.fn, config.dtype, dict(config.constexprs), config.num_warps, config.num_stages,
+                   dict(config.ptr_types), dict(config.scalar_types))
 
     @property
     def kernel(self) -> str:
-        return self.attr.lstrip("_")
+        return self.fn.__name__.lstrip("_")
 
     def label(self) -> str:
         cs = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.constexprs.items())
         return f"{cs} warps={self.num_warps} stages={self.num_stages}"
 
 
-# ---------------------------------------------------------------- the configs each launcher can pick
+# ---------------------------------------------------------------- the families and their tables
 
-SPECS: dict = {}  # family -> () -> list[Spec], in registration order
+# The module of each family, whose AOT_KERNELS table lists the configs its launchers can pick.
+FAMILY_MODULES = {"attention": "fastwidth.kernels.attention", "readout_ce": "fastwidth.kernels.readout_ce",
+                  "norm": "fastwidth.kernels.norm", "act": "fastwidth.kernels.act", "stats": "fastwidth.kernels.stats",
+                  "linear": "fastwidth.kernels.linear"}
+
+
+def table_specs(name: str, module: str):
+    """The function returning the Specs of `module`'s AOT_KERNELS table, as family `name`."""
+    def specs() -> list[Spec]:
+        return [Spec.of(name, c) for c in importlib.import_module(module).AOT_KERNELS]
+    return specs
+
+
+# family -> () -> list[Spec], in registration order
+SPECS: dict = {name: table_specs(name, module) for name, module in FAMILY_MODULES.items()}
+FAMILIES = tuple(SPECS)  # the families of FAMILY_MODULES
 
 
 def family(name: str):
-    """Register a function returning a family's Specs: `@family("linear")` above it is all a new
-    family needs."""
+    """Register a function returning a family's Specs under `name`: a family whose kernels live
+    outside FAMILY_MODULES (its table elsewhere) needs only this."""
     def register(fn):
         SPECS[name] = fn
         return fn
     return register
 
 
-@family("attention")
-def _attention_specs() -> list[Spec]:
-    from fastwidth.kernels import attention as A
-    mod = "fastwidth.kernels.attention_triton"  # the kernels; their tile tables are attention.py's
-    stats = {"lse_ptr": "fp32", "mx_ptr": "fp32", "delta_ptr": "fp32"}
-    out = []
-    # bf16 only: fp32 on a GPU runs SDPA (attention._kernel_for refuses it), fp16 shares bf16's tiles
-    for attr in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
-        for D in HEAD_DIMS:
-            for m, n, warps, stages in A.tile_configs(attr, D):  # every tile the autotuner may pick
-                for causal in (True, False):
-                    cx = dict(CAUSAL=causal, IEEE=False, UPCAST=False, BLOCK_M=m, BLOCK_N=n, BLOCK_D=D)
-                    out.append(Spec("attention", mod, attr, "bf16", cx, warps, stages, stats))
-    for dtype in ("bf16",):
-        for D in HEAD_DIMS:
-            out.append(Spec("attention", mod, "_attn_bwd_delta_kernel", dtype, dict(BLOCK_M=A._DELTA_ROWS, BLOCK_D=D),
-                            4, 1, stats))
-    return out
-
-
-@family("readout_ce")
-def _readout_specs() -> list[Spec]:
-    types = {"t_ptr": "i64", "am_ptr": "i64", "loss_ptr": "fp32", "lse_ptr": "fp32", "zy_ptr": "fp32"}
-    return [Spec("readout_ce", "fastwidth.kernels.readout_ce", "_ce_rows_kernel", dtype,
-                 dict(COMPUTE_GRAD=grad, BLOCK_V=4096), 8, 3, types)
-            for dtype in ("bf16", "fp32") for grad in (True, False)]
-
-
-@family("norm")
-def _norm_specs() -> list[Spec]:
-    from fastwidth.kernels import norm
-    mod = "fastwidth.kernels.norm"
-    stats = {"mean_ptr": "fp32", "rstd_ptr": "fp32", "rms_ptr": "fp32", "dw_ptr": "fp32", "db_ptr": "fp32",
-             "c_ptr": "fp32"}
-    out = []
-    for dtype in ("bf16", "fp32"):
-        for is_rms in (True, False):
-            flags = dict(IS_RMS=is_rms, HAS_W=True, HAS_B=not is_rms)
-            for bn, chunked in dict.fromkeys(norm.block_plan(n) for n in NORM_WIDTHS):  # the launchers' blocks
-                out.append(Spec("norm", mod, "_norm_fwd_kernel", dtype,
-                                dict(flags, HAS_RES=True, CHUNKED=chunked, BLOCK_N=bn), norm._warps(bn), 3, stats))
-            for bn, chunked in dict.fromkeys(norm.block_plan(n, backward=True) for n in NORM_WIDTHS):
-                out.append(Spec("norm", mod, "_norm_bwd_kernel", dtype,
-                                dict(flags, HAS_DS=True, ROW_SUMS=chunked, BLOCK_N=bn), norm._bwd_warps(bn), 3, stats))
-        for bn in {norm.block_plan(n, backward=True)[0] for n in NORM_WIDTHS if norm.block_plan(n, True)[1]}:
-            out.append(Spec("norm", mod, "_norm_bwd_rowsum_kernel", dtype, dict(HAS_W=True, BLOCK_N=bn),
-                            norm._warps(bn), 3, stats))
-    return out
-
-
-@family("act")
-def _act_specs() -> list[Spec]:
-    from fastwidth.kernels import act
-    return [Spec("act", "fastwidth.kernels.act", attr, dtype, dict(BLOCK=act._BLOCK), 4, 3, {}, ("n",))
-            for attr in ("_gelu_fwd_kernel", "_gelu_bwd_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel")
-            for dtype in ("bf16", "fp32")]
-
-
-@family("stats")
-def _stats_specs() -> list[Spec]:
-    mod = "fastwidth.kernels.stats"
-    out = []
-    for dtype in ("bf16", "fp32"):
-        out.append(Spec("stats", mod, "_moments_kernel", dtype, dict(NB=128, BLOCK=4096), 8, 3,
-                        {"part_ptr": "fp32", "hist_ptr": "i32"}))
-        out.append(Spec("stats", mod, "_gram_kernel", dtype, dict(HAS_ACC=True, IEEE=dtype == "fp32", BLOCK_P=64,
-                                                                   BLOCK_K=32), 4, 3,
-                        {"acc_ptr": "fp32", "out_ptr": "fp32"}))
-    return out
-
-
-@family("linear")
-def _linear_specs() -> list[Spec]:
-    """Every launch of the fused µP linear on each tile linear.tile_for can pick, with strides
-    and extents multiples of 8 (ALIGNED, the model widths) and not: the forward per activation
-    (bias and a saved pre-activation: training, the most registers), the backward's dx GEMM (W
-    column-major; swiglu's halves summed in one launch) and dW GEMM (both operands
-    column-major), and the dz pass."""
-    from fastwidth.kernels import linear as L
-    mod = "fastwidth.kernels.linear_triton"  # the kernels; their tiles are linear.py's
-    out = []
-    for dtype in ("bf16", "fp32"):
-        tiles = ["large", "small"] if dtype == "bf16" else ["fp32"]
-        glu = "glu" if dtype == "bf16" else "fp32"
-        # (act, tile, A K-contiguous, B K-contiguous, bias and saved z)
-        gemms = [(act, t, True, True, True) for act in ("none", "gelu", "relu") for t in tiles]
-        gemms += [("swiglu", glu, True, True, True), ("sum", glu, True, False, False)]
-        gemms += [("none", t, a_kc, False, False) for t in tiles for a_kc in (True, False)]
-        # unaligned (odd) shapes: bf16 on its own tile, whatever the activation
-        for (act, t, a_kc, b_kc, train), aligned in [(g, al) for g in gemms for al in (True, False)]:
-            if not aligned and dtype == "bf16":
-                if t not in ("large", "glu"):
-                    continue
-                t = "unaligned"
-            m, n, k, warps, stages = L._TILES[t]
-            cx = dict(ACT=L._ACT_CODE[act], HAS_BIAS=train, SAVE_Z=train and act != "none", A_K_CONTIG=a_kc,
-                      B_K_CONTIG=b_kc, ALIGNED=aligned, IEEE=dtype == "fp32", UPCAST=False, BLOCK_M=m, BLOCK_N=n,
-                      BLOCK_K=k, GROUP_M=L._GROUP_M)
-            out.append(Spec("linear", mod, "_linear_kernel", dtype, cx, warps, stages))
-        for act in ("gelu", "relu", "swiglu"):
-            out.append(Spec("linear", mod, "_linear_bwd_act_kernel", dtype,
-                            dict(ACT=L._ACT_CODE[act], UPCAST=False, BLOCK=L._ELEM_BLOCK), 4, 3, {}, ("n",)))
-    return out
-
-
-FLOAT_ARGS |= {"alpha", "alpha2"}  # the fused linear's multipliers
-FAMILIES = tuple(SPECS)  # every family registered above this line
+def plan(families, dtypes=("bf16", "fp32")) -> list[Spec]:
+    """Every compilation `run` makes for these families and dtypes, in table order: one row each."""
+    return [s for f in families for s in SPECS[f]() if s.dtype in dtypes]
 
 
 # ---------------------------------------------------------------- one compilation
@@ -204,10 +120,8 @@ def _signature(fn, spec: Spec) -> tuple[dict, dict]:
         elif name.endswith("_ptr"):
             sig[name] = "*" + spec.ptr_types.get(name, TL_DTYPE[spec.dtype])
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in FLOAT_ARGS:
-            sig[name] = "fp32"
         else:
-            sig[name] = "i64" if name in spec.int64_args else "i32"
+            sig[name] = spec.scalar_types.get(name, "i32")
     return sig, attrs
 
 
@@ -246,9 +160,8 @@ def compile_kernel(spec: Spec, capability: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = getattr(importlib.import_module(spec.module), spec.attr)
-    sig, attrs = _signature(fn, spec)
-    src = ASTSource(fn, sig, dict(spec.constexprs), attrs)
+    sig, attrs = _signature(spec.fn, spec)
+    src = ASTSource(spec.fn, sig, dict(spec.constexprs), attrs)
     return triton.compile(src, target=GPUTarget("cuda", capability, 32),
                           options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
 
@@ -306,13 +219,25 @@ def failures(rows: list[dict], capability: int) -> list[str]:
     return bad
 
 
+@functools.lru_cache(maxsize=None)
+def _planned(families: tuple, dtypes: tuple) -> list[Spec]:
+    return plan(families, dtypes)
+
+
+def _compile_planned(families: tuple, dtypes: tuple, index: int, capability: int) -> dict:
+    # A Spec holds its @jit kernel, which does not pickle: a worker process takes the plan's
+    # index and reads the same tables itself (once: the plan is cached per process).
+    return compile_one(_planned(families, dtypes)[index], capability)
+
+
 def run(arch: str, families: list[str], jobs: int, progress=print, dtypes=("bf16", "fp32")) -> list[dict]:
     capability = parse_arch(arch)
-    specs = [s for f in families for s in SPECS[f]() if s.dtype in dtypes]
+    families, dtypes = tuple(families), tuple(dtypes)
+    specs = plan(families, dtypes)
     rows: list[dict] = [None] * len(specs)  # type: ignore[list-item]
     t0 = time.time()
     with cf.ProcessPoolExecutor(max_workers=jobs) as pool:
-        futs = {pool.submit(compile_one, s, capability): i for i, s in enumerate(specs)}
+        futs = {pool.submit(_compile_planned, families, dtypes, i, capability): i for i in range(len(specs))}
         for done, fut in enumerate(cf.as_completed(futs), 1):
             rows[futs[fut]] = fut.result()
             if done % 10 == 0 or done == len(specs):

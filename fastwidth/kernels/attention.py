@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fastwidth.errors import UserError
 from fastwidth.kernels import dispatch
-from fastwidth.kernels._triton import HAS_TRITON, interpreting, next_pow2, triton
+from fastwidth.kernels._triton import HAS_TRITON, AotConfig, interpreting, next_pow2, triton
 from fastwidth.kernels.amp import autocast_dtype, cast_for_autocast
 
 BACKENDS = ("torch", "math", "flash", "triton")
@@ -92,30 +92,56 @@ if HAS_TRITON:
 # Causal masking needs fwd/dq BLOCK_M % BLOCK_N == 0 and dk/dv BLOCK_N % BLOCK_M == 0.
 # fp32 on a GPU runs SDPA (the IEEE Triton path has no tensor cores: ~10x slower, and its tiles
 # spill); the interpreter keeps fp32 for the CPU tests.
-_INTERP_TILES = {k: dict(BLOCK_M=32, BLOCK_N=32) for k in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel",
-                                                            "_attn_bwd_dq_kernel")}
-_FWD_CONFIGS = {64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-                128: [(128, 64, 8, 3), (64, 64, 4, 3)]}
-_DKDV_CONFIGS = {64: [(32, 64, 8, 3), (64, 64, 8, 3), (16, 64, 8, 3)],
-                 128: [(16, 64, 8, 2), (16, 64, 8, 3)]}
-_DQ_CONFIGS = {64: [(128, 64, 8, 3), (64, 64, 4, 4), (64, 32, 4, 3)],
-               128: [(64, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 3)]}
-_DELTA_ROWS = 64
+INTERP_TILES = {k: dict(BLOCK_M=32, BLOCK_N=32) for k in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel",
+                                                           "_attn_bwd_dq_kernel")}
+FWD_CONFIGS = {64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+               128: [(128, 64, 8, 3), (64, 64, 4, 3)]}
+DKDV_CONFIGS = {64: [(32, 64, 8, 3), (64, 64, 8, 3), (16, 64, 8, 3)],
+                128: [(16, 64, 8, 2), (16, 64, 8, 3)]}
+DQ_CONFIGS = {64: [(128, 64, 8, 3), (64, 64, 4, 4), (64, 32, 4, 3)],
+              128: [(64, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 3)]}
+HEAD_DIMS = (64, 128)  # the head dims the tables above are keyed by: a launch takes the first >= its own
+# delta = rowsum(dO * O): 64 rows a program, 4 warps; it has no loop, so one stage (nothing to pipeline)
+DELTA_ROWS = 64
+DELTA_WARPS = 4
+DELTA_STAGES = 1
 _tuned: dict = {}
 
 
 def tile_configs(kernel_name: str, head_dim: int) -> list[tuple[int, int, int, int]]:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) a GPU launch at this head dim may pick (bf16/fp16)."""
-    table = {"_attn_fwd_kernel": _FWD_CONFIGS, "_attn_bwd_dkdv_kernel": _DKDV_CONFIGS,
-             "_attn_bwd_dq_kernel": _DQ_CONFIGS}[kernel_name]
+    table = {"_attn_fwd_kernel": FWD_CONFIGS, "_attn_bwd_dkdv_kernel": DKDV_CONFIGS,
+             "_attn_bwd_dq_kernel": DQ_CONFIGS}[kernel_name]
     return table[64 if head_dim <= 64 else 128]
+
+
+def _aot_kernels() -> list[AotConfig]:
+    """What `python -m fastwidth.kernels.aot` compiles: every tile the autotuner may pick, at each
+    of HEAD_DIMS, causal and not, and the delta kernel at each head dim. bf16 only: fp32 on a GPU
+    runs SDPA (_kernel_for refuses it) and fp16 shares bf16's tiles."""
+    stats = {"lse_ptr": "fp32", "mx_ptr": "fp32", "delta_ptr": "fp32"}
+    scales = {"qk_scale": "fp32", "scale": "fp32"}
+    out = []
+    for fn in (_attn_fwd_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel):
+        for D in HEAD_DIMS:
+            for m, n, warps, stages in tile_configs(fn.__name__, D):
+                for causal in (True, False):
+                    cx = dict(CAUSAL=causal, IEEE=False, UPCAST=False, BLOCK_M=m, BLOCK_N=n, BLOCK_D=D)
+                    out.append(AotConfig(fn, "bf16", cx, warps, stages, stats, scales))
+    for D in HEAD_DIMS:
+        out.append(AotConfig(_attn_bwd_delta_kernel, "bf16", dict(BLOCK_M=DELTA_ROWS, BLOCK_D=D), DELTA_WARPS,
+                             DELTA_STAGES, stats))
+    return out
+
+
+AOT_KERNELS = _aot_kernels() if HAS_TRITON else []
 
 
 def _kernel_for(kernel, x: Tensor, head_dim: int):
     """The kernel to launch and the tile kwargs to pass (none when autotuned)."""
     name = kernel.fn.__name__
     if interpreting(x):
-        return kernel, dict(_INTERP_TILES[name], num_warps=4)
+        return kernel, dict(INTERP_TILES[name], num_warps=4)
     if x.dtype == torch.float32:
         raise UserError("attention backend='triton' on a GPU takes bf16 or fp16 (or fp32 under autocast); "
                         "fp32 runs on backend='torch' (SDPA), the default for fp32")
@@ -173,8 +199,8 @@ def _attn_bwd_launch(do, q, k, v, o, lse, scale, causal):
     block_d = max(16, next_pow2(D))
     delta = torch.empty(B, H, T, device=q.device, dtype=torch.float32)  # rowsum(dO * O), FA-2 Alg. 2
     R = B * H * T
-    _attn_bwd_delta_kernel[(triton.cdiv(R, _DELTA_ROWS),)](o, do, delta, R, D, BLOCK_M=_DELTA_ROWS, BLOCK_D=block_d,
-                                                           num_warps=4)
+    _attn_bwd_delta_kernel[(triton.cdiv(R, DELTA_ROWS),)](o, do, delta, R, D, BLOCK_M=DELTA_ROWS, BLOCK_D=block_d,
+                                                          num_warps=DELTA_WARPS, num_stages=DELTA_STAGES)
     dq = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
     dk = torch.empty(B, Hkv, T, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, Hkv, T, D, device=q.device, dtype=v.dtype)

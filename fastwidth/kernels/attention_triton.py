@@ -2,8 +2,8 @@
 softmax, log-sum-exp and per-row max logit out) and the backward's three passes (delta =
 rowsum(dO * O), dK/dV a key block over all queries, dQ a pass over keys).
 
-attention.py holds the reference, launchers (tile tables, limits), registered ops, autograd and
-the functional, and re-exports these kernels by name (aot.py and the tests reach them there).
+attention.py holds the reference, launchers (tile tables, limits, the AOT table), registered ops,
+autograd and the functional, and re-exports these kernels by name (the tests reach them there).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ fused layer keeps the same z (SwiGLU: z and z2, as eager's swiglu keeps gate and
 dx = alpha · dz W and dW = alpha · dzᵀ x on the same GEMM kernel (operands read through strides,
 transposed layouts as constexpr flags), db = Σ_rows dz in fp32.
 
-Limits: x (..., K), W (N, K), 2-D weights only; no TMA tensor descriptors (see _TILES). The
+Limits: x (..., K), W (N, K), 2-D weights only; no TMA tensor descriptors (see TILES). The
 Triton kernels themselves are in linear_triton.py.
 """
 
@@ -33,11 +33,11 @@ from torch import Tensor
 
 from fastwidth.errors import UserError
 from fastwidth.kernels import dispatch
-from fastwidth.kernels._triton import HAS_TRITON, interpreting, triton
+from fastwidth.kernels._triton import HAS_TRITON, AotConfig, interpreting, triton
 from fastwidth.kernels.amp import autocast_dtype, autocast_off, cast_for_autocast
 
 ACTS = ("none", "gelu", "relu", "swiglu")
-_ACT_CODE = {a: i for i, a in enumerate(ACTS + ("sum",))}  # "sum": the backward's two-GEMM dx
+ACT_CODE = {a: i for i, a in enumerate(ACTS + ("sum",))}  # "sum": the backward's two-GEMM dx
 
 # ---------------------------------------------------------------- torch reference
 
@@ -94,29 +94,66 @@ if HAS_TRITON:
 # Not TMA: a tensor descriptor needs 16-byte aligned strides (an odd K such as 781 in bf16 is not)
 # and triton 3.6's device-side descriptors need a global scratch allocator (triton.set_allocator);
 # plain pointers run everywhere and the pipeliner still overlaps loads (cp.async) with wgmma.
-_TILES = {"large": (128, 128, 64, 8, 3), "small": (64, 128, 64, 4, 4), "glu": (128, 64, 64, 8, 3),
-          "unaligned": (64, 64, 32, 4, 3), "fp32": (64, 64, 16, 4, 2)}
+TILES = {"large": (128, 128, 64, 8, 3), "small": (64, 128, 64, 4, 4), "glu": (128, 64, 64, 8, 3),
+         "unaligned": (64, 64, 32, 4, 3), "fp32": (64, 64, 16, 4, 2)}
 # Interpreter: one fixed tile (no autotune there); 32 keeps tl.dot >= 16 on every side and crosses
 # tile edges at the tests' odd shapes.
-_INTERP_TILE = (32, 32, 32, 4, 1)
-_GROUP_M = 8
+INTERP_TILE = (32, 32, 32, 4, 1)
+GROUP_M = 8
 _SMS = 132  # H100/H200 SXM; only decides large vs small
-_ELEM_BLOCK = 1024
+# The backward's elementwise dz pass: 1024 elements a program at 4 warps, as kernels/act.py.
+ELEM_BLOCK = 1024
+ELEM_WARPS = 4
 
 
 def tile_for(M: int, N: int, dtype: torch.dtype, act: str, interp: bool, aligned: bool = True
              ) -> tuple[int, int, int, int, int]:
     """The (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) a launch at this shape uses."""
     if interp:
-        return _INTERP_TILE
+        return INTERP_TILE
     if dtype == torch.float32:
-        return _TILES["fp32"]
+        return TILES["fp32"]
     if not aligned:
-        return _TILES["unaligned"]
+        return TILES["unaligned"]
     if act in ("swiglu", "sum"):
-        return _TILES["glu"]
-    bm, bn = _TILES["large"][:2]
-    return _TILES["large"] if triton.cdiv(M, bm) * triton.cdiv(N, bn) >= _SMS else _TILES["small"]
+        return TILES["glu"]
+    bm, bn = TILES["large"][:2]
+    return TILES["large"] if triton.cdiv(M, bm) * triton.cdiv(N, bn) >= _SMS else TILES["small"]
+
+
+def _aot_kernels() -> list[AotConfig]:
+    """What `python -m fastwidth.kernels.aot` compiles: every launch of the GEMM on each tile
+    tile_for can pick, with strides and extents multiples of 8 (ALIGNED, the model widths) and
+    not: the forward per activation (bias and a saved pre-activation: training, the most
+    registers), the backward's dx GEMM (W column-major; swiglu's halves summed in one launch) and
+    dW GEMM (both operands column-major); and the dz pass per activation."""
+    out = []
+    for dtype in ("bf16", "fp32"):
+        tiles = ["large", "small"] if dtype == "bf16" else ["fp32"]
+        glu = "glu" if dtype == "bf16" else "fp32"
+        # (act, tile, A K-contiguous, B K-contiguous, bias and saved z)
+        gemms = [(act, t, True, True, True) for act in ("none", "gelu", "relu") for t in tiles]
+        gemms += [("swiglu", glu, True, True, True), ("sum", glu, True, False, False)]
+        gemms += [("none", t, a_kc, False, False) for t in tiles for a_kc in (True, False)]
+        # unaligned (odd) shapes: bf16 on its own tile, whatever the activation
+        for (act, t, a_kc, b_kc, train), aligned in [(g, al) for g in gemms for al in (True, False)]:
+            if not aligned and dtype == "bf16":
+                if t not in ("large", "glu"):
+                    continue
+                t = "unaligned"
+            m, n, k, warps, stages = TILES[t]
+            cx = dict(ACT=ACT_CODE[act], HAS_BIAS=train, SAVE_Z=train and act != "none", A_K_CONTIG=a_kc,
+                      B_K_CONTIG=b_kc, ALIGNED=aligned, IEEE=dtype == "fp32", UPCAST=False, BLOCK_M=m, BLOCK_N=n,
+                      BLOCK_K=k, GROUP_M=GROUP_M)
+            out.append(AotConfig(_linear_kernel, dtype, cx, warps, stages,
+                                 scalar_types={"alpha": "fp32", "alpha2": "fp32"}))
+        for act in ("gelu", "relu", "swiglu"):
+            out.append(AotConfig(_linear_bwd_act_kernel, dtype, dict(ACT=ACT_CODE[act], UPCAST=False, BLOCK=ELEM_BLOCK),
+                                 ELEM_WARPS, scalar_types={"n": "i64"}))
+    return out
+
+
+AOT_KERNELS = _aot_kernels() if HAS_TRITON else []
 
 
 def _k_layout(t: Tensor) -> tuple[Tensor, bool, int]:
@@ -157,10 +194,10 @@ def _gemm(a: Tensor, b: Tensor, alpha: float, *, out_dtype: torch.dtype, act: st
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _linear_kernel[grid](a, a2, b, b2, e if bias is None else bias, e if bias2 is None else bias2, y, z, z2,
                          M, N, K, sa, sb, float(alpha), float(alpha2),
-                         ACT=_ACT_CODE[act], HAS_BIAS=bias is not None, SAVE_Z=save_z, A_K_CONTIG=a_kc,
+                         ACT=ACT_CODE[act], HAS_BIAS=bias is not None, SAVE_Z=save_z, A_K_CONTIG=a_kc,
                          B_K_CONTIG=b_kc, ALIGNED=aligned,
                          IEEE=a.dtype == torch.float32, UPCAST=interp, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                         GROUP_M=_GROUP_M, num_warps=warps, num_stages=stages)
+                         GROUP_M=GROUP_M, num_warps=warps, num_stages=stages)
     return y, z, z2
 
 
@@ -182,9 +219,10 @@ def _linear_bwd_launch(dy, x2, w, w2, z, z2, alpha, alpha2, act, has_b, has_b2):
         dz = torch.empty_like(z)
         dz2 = torch.empty_like(z) if act == "swiglu" else None
         e = dz.new_empty(0)
-        _linear_bwd_act_kernel[(triton.cdiv(n, _ELEM_BLOCK),)](dy, z, e if z2 is None else z2, dz,
-                                                               e if dz2 is None else dz2, n, ACT=_ACT_CODE[act],
-                                                               UPCAST=interpreting(dy), BLOCK=_ELEM_BLOCK)
+        _linear_bwd_act_kernel[(triton.cdiv(n, ELEM_BLOCK),)](dy, z, e if z2 is None else z2, dz,
+                                                              e if dz2 is None else dz2, n, ACT=ACT_CODE[act],
+                                                              UPCAST=interpreting(dy), BLOCK=ELEM_BLOCK,
+                                                              num_warps=ELEM_WARPS)
     # dx = alpha dz W (+ alpha2 dz2 W2, one GEMM with two accumulators): W read as (K, N)
     if dz2 is None:
         dx, _, _ = _gemm(dz, w.t(), alpha, out_dtype=x2.dtype)

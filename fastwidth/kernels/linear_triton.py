@@ -2,8 +2,8 @@
 activation and, for swiglu, the second GEMM in its epilogue; also the backward's dx and dW GEMMs
 through strides) and the backward's elementwise activation gradient.
 
-linear.py holds the reference, the tile table and launchers, registered ops, autograd and the
-functional, and re-exports these kernels by name (aot.py compiles them from here).
+linear.py holds the reference, the tile table, the AOT table and launchers, registered ops,
+autograd and the functional, and imports these kernels by name.
 """
 
 from __future__ import annotations

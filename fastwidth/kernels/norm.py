@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fastwidth.errors import UserError
 from fastwidth.kernels import dispatch, native
-from fastwidth.kernels._triton import HAS_TRITON, interpreting, jit, next_pow2, tl, triton
+from fastwidth.kernels._triton import HAS_TRITON, AotConfig, interpreting, jit, next_pow2, tl, triton
 
 MAX_N = 32768
 
@@ -222,16 +222,49 @@ def block_plan(n: int, backward: bool = False) -> tuple[int, bool]:
     return (bn, False) if bn <= limit else (limit, True)
 
 
-def _warps(block_n: int) -> int:
-    # 4 warps up to 2k columns, 8 up to the 8k block limit: <= 32 fp32 values a thread
-    # (the Triton layer-norm tutorial's rule, measured there on A100).
+def num_warps(block_n: int) -> int:
+    """Warps of a forward (and row-sum) program over BLOCK_N columns: 4 up to 2k columns, 8 up to
+    the 8k block limit, <= 32 fp32 values a thread (the Triton layer-norm tutorial's rule,
+    measured there on A100)."""
     return 4 if block_n <= 2048 else 8
 
 
-def _bwd_warps(block_n: int) -> int:
-    # the backward keeps s, dy, the gains and two fp32 partial rows (dw, db) live per thread:
-    # 16 warps from 4k columns (its BWD_CHUNK limit), 8 fp32 values a thread per tensor
-    return 16 if block_n >= 4096 else _warps(block_n)
+def bwd_num_warps(block_n: int) -> int:
+    """Warps of a backward program: it keeps s, dy, the gains and two fp32 partial rows (dw, db)
+    live per thread, so 16 warps from 4k columns (its BWD_CHUNK limit), 8 fp32 values a thread
+    per tensor."""
+    return 16 if block_n >= 4096 else num_warps(block_n)
+
+
+# What `python -m fastwidth.kernels.aot` compiles: the blocks and warps the launchers pick for the
+# model widths up to MAX_N (one block up to 8k columns forward and 4k backward, chunks past them).
+AOT_WIDTHS = (1024, 4096, 8192, 16384, 32768)
+
+
+def _aot_kernels() -> list[AotConfig]:
+    """Every norm kind (RMS: gain, no bias; Layer: both) in both dtypes with the residual and the
+    residual's gradient on, at each (BLOCK_N, chunked) block_plan gives AOT_WIDTHS, and the row-sum
+    kernel at the chunked backward's block."""
+    stats = {"mean_ptr": "fp32", "rstd_ptr": "fp32", "rms_ptr": "fp32", "dw_ptr": "fp32", "db_ptr": "fp32",
+             "c_ptr": "fp32"}
+    fwd_blocks = dict.fromkeys(block_plan(n) for n in AOT_WIDTHS)
+    bwd_blocks = dict.fromkeys(block_plan(n, backward=True) for n in AOT_WIDTHS)
+    out = []
+    for dtype in ("bf16", "fp32"):
+        for is_rms in (True, False):
+            flags = dict(IS_RMS=is_rms, HAS_W=True, HAS_B=not is_rms)
+            out += [AotConfig(_norm_fwd_kernel, dtype, dict(flags, HAS_RES=True, CHUNKED=chunked, BLOCK_N=bn),
+                              num_warps(bn), ptr_types=stats, scalar_types={"eps": "fp32"})
+                    for bn, chunked in fwd_blocks]
+            out += [AotConfig(_norm_bwd_kernel, dtype, dict(flags, HAS_DS=True, ROW_SUMS=chunked, BLOCK_N=bn),
+                              bwd_num_warps(bn), ptr_types=stats)
+                    for bn, chunked in bwd_blocks]
+        out += [AotConfig(_norm_bwd_rowsum_kernel, dtype, dict(HAS_W=True, BLOCK_N=bn), num_warps(bn), ptr_types=stats)
+                for bn, chunked in bwd_blocks if chunked]
+    return out
+
+
+AOT_KERNELS = _aot_kernels() if HAS_TRITON else []
 
 
 def _norm_fwd_launch(x, residual, weight, bias, eps, is_rms):
@@ -250,7 +283,7 @@ def _norm_fwd_launch(x, residual, weight, bias, eps, is_rms):
         _norm_fwd_kernel[(M,)](x2, r2, weight if weight is not None else x2, bias if bias is not None else x2,
                                y, s if residual is not None else y, mean, rstd, rms, N, float(eps),
                                IS_RMS=is_rms, HAS_RES=residual is not None, HAS_W=weight is not None,
-                               HAS_B=bias is not None, CHUNKED=chunked, BLOCK_N=bn, num_warps=_warps(bn))
+                               HAS_B=bias is not None, CHUNKED=chunked, BLOCK_N=bn, num_warps=num_warps(bn))
     lead = x.shape[:-1]
     s_out = s.view(x.shape) if residual is not None else s
     return y.view(x.shape), s_out, mean.view(lead), rstd.view(lead), rms.view(lead)
@@ -273,11 +306,11 @@ def _norm_bwd_launch(dy, ds, s, weight, mean, rstd, is_rms, has_bias):
         c = torch.empty(2, M, device=s.device, dtype=torch.float32) if chunked else mean
         if chunked:
             _norm_bwd_rowsum_kernel[(M,)](dy2, s2, w, mean, rstd, c, M, N, HAS_W=weight is not None, BLOCK_N=bn,
-                                          num_warps=_warps(bn))
+                                          num_warps=num_warps(bn))
         _norm_bwd_kernel[(G, triton.cdiv(N, bn))](dy2, ds2, s2, w, mean, rstd, c, dx, part[0], part[1], M, N,
                                                   IS_RMS=is_rms, HAS_DS=ds is not None, HAS_W=weight is not None,
                                                   HAS_B=has_bias, ROW_SUMS=chunked, BLOCK_N=bn,
-                                                  num_warps=_bwd_warps(bn))
+                                                  num_warps=bwd_num_warps(bn))
     dw = part[0].sum(0).to(weight.dtype) if weight is not None else s.new_empty(0)
     db = part[1].sum(0).to(weight.dtype if weight is not None else s.dtype) if has_bias else s.new_empty(0)
     return dx.view(s.shape), dw, db

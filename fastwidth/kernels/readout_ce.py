@@ -24,7 +24,7 @@ from torch import Tensor
 
 from fastwidth.errors import UserError
 from fastwidth.kernels import dispatch, native
-from fastwidth.kernels._triton import HAS_TRITON, interpreting, jit, next_pow2, tl
+from fastwidth.kernels._triton import HAS_TRITON, AotConfig, interpreting, jit, next_pow2, tl
 from fastwidth.kernels.amp import autocast_off, cast_for_autocast
 
 
@@ -119,6 +119,20 @@ if HAS_TRITON:
 
 # Rows a chunk. None: chosen by _chunk_rows. Tests set a small value to cross chunk edges.
 CHUNK_ROWS: Optional[int] = None
+# Vocabulary columns a step along a row on a GPU: a 50k vocabulary in 13 blocks, 16 fp32 values
+# a thread at 8 warps (narrower vocabularies take the next power of two above theirs). 64 in the
+# interpreter, so that small test vocabularies still cross block edges.
+BLOCK_V = 4096
+NUM_WARPS = 8
+INTERP_BLOCK_V = 64
+
+# What `python -m fastwidth.kernels.aot` compiles: the GPU block, with and without the gradient
+# pass, in both dtypes of the logits; targets and argmax are int64, the per-row statistics fp32.
+AOT_KERNELS = [AotConfig(_ce_rows_kernel, dtype, dict(COMPUTE_GRAD=grad, BLOCK_V=BLOCK_V), NUM_WARPS,
+                         ptr_types={"t_ptr": "i64", "am_ptr": "i64", "loss_ptr": "fp32", "lse_ptr": "fp32",
+                                    "zy_ptr": "fp32"},
+                         scalar_types={"z_coef": "fp32", "eps": "fp32"})
+               for dtype in ("bf16", "fp32") for grad in (True, False)] if HAS_TRITON else []
 
 
 def _chunk_rows(M: int, N: int, V: int, interp: bool) -> int:
@@ -172,9 +186,7 @@ def _readout_ce_launch(h2, weight, bias, target, multiplier, z_loss, label_smoot
         dh = torch.empty_like(h2)
         dw = torch.zeros(V, N, device=dev, dtype=torch.float32)
         db = torch.zeros(V, device=dev, dtype=torch.float32) if bias is not None else None
-    # 64 in the interpreter so small test vocabularies still cross block edges; 4096 on a GPU
-    # (a 50k vocabulary in 13 blocks, 16 fp32 values a thread at 8 warps).
-    block_v = min(64 if interp else 4096, next_pow2(V))
+    block_v = min(INTERP_BLOCK_V if interp else BLOCK_V, next_pow2(V))
     chunk = _chunk_rows(M, N, V, interp)
     zbuf = logits_buffer(min(chunk, M), V, h2)  # one chunk of logits, reused by every chunk
     for a in range(0, M, chunk):
@@ -183,7 +195,7 @@ def _readout_ce_launch(h2, weight, bias, target, multiplier, z_loss, label_smoot
         z = readout_logits(hc, weight, multiplier, bias, out=zbuf[:b - a])  # (rows, V), input dtype
         _ce_rows_kernel[(b - a,)](z, z.stride(0), target[a:b], token_loss[a:b], lse[a:b], zy[a:b], argmax[a:b],
                                   V, float(z_loss), float(label_smoothing), int(ignore_index),
-                                  COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=8)
+                                  COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=NUM_WARPS)
         if compute_grad:  # z now holds dloss/dlogits
             torch.mm(z, weight, out=dh[a:b])
             accumulate_fp32(dw, z.t(), hc)

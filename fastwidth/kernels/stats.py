@@ -19,7 +19,7 @@ from torch import Tensor
 
 from fastwidth.errors import UserError
 from fastwidth.kernels import dispatch, native
-from fastwidth.kernels._triton import HAS_TRITON, interpreting, jit, next_pow2, tl, triton
+from fastwidth.kernels._triton import HAS_TRITON, AotConfig, interpreting, jit, next_pow2, tl, triton
 from fastwidth.kernels.amp import autocast_off
 
 
@@ -134,14 +134,47 @@ if HAS_TRITON:
 
 # ---------------------------------------------------------------- launchers
 
+# moments: 4096 elements a step at 8 warps on a GPU, ~8 programs an SM so the final fp64 sum is
+# over about a thousand partials; 1024 and 4 programs in the interpreter (each step is numpy).
+MOMENTS_BLOCK = 4096
+MOMENTS_WARPS = 8
+INTERP_MOMENTS_BLOCK = 1024
+DEFAULT_BINS = 64  # moments_histogram's; the preactivation histograms' 64 + 2 overflow bins take the same lanes
+# gram: 64x64 output tiles, 32-wide K steps at 4 warps on a GPU (P is a probe set of a few hundred
+# to a few thousand); 32x32 in the interpreter. (BLOCK_P, BLOCK_K).
+GRAM_TILE = (64, 32)
+GRAM_WARPS = 4
+INTERP_GRAM_TILE = (32, 32)
+
+
+def hist_lanes(bins: int) -> int:
+    """tl.histogram's width NB for `bins` bins: a power of two with a spare bin for masked lanes and NaNs."""
+    return next_pow2(bins + 1)
+
+
+def _aot_kernels() -> list[AotConfig]:
+    """What `python -m fastwidth.kernels.aot` compiles: both kernels at their GPU configs in both
+    dtypes, the histogram at the default bins, the Gram kernel accumulating (IEEE dots for fp32,
+    as the launcher sets them)."""
+    out = []
+    for dtype in ("bf16", "fp32"):
+        out.append(AotConfig(_moments_kernel, dtype, dict(NB=hist_lanes(DEFAULT_BINS), BLOCK=MOMENTS_BLOCK),
+                             MOMENTS_WARPS, ptr_types={"part_ptr": "fp32", "hist_ptr": "i32"},
+                             scalar_types={"lo": "fp32", "bin_scale": "fp32"}))
+        bp, bk = GRAM_TILE
+        out.append(AotConfig(_gram_kernel, dtype, dict(HAS_ACC=True, IEEE=dtype == "fp32", BLOCK_P=bp, BLOCK_K=bk),
+                             GRAM_WARPS, ptr_types={"acc_ptr": "fp32", "out_ptr": "fp32"}))
+    return out
+
+
+AOT_KERNELS = _aot_kernels() if HAS_TRITON else []
+
 
 def _moments_launch(x: Tensor, lo: float, hi: float, bins: int) -> tuple[Tensor, Tensor]:
     xf = x.detach().reshape(-1).contiguous()
     n = xf.numel()
     interp = interpreting(x)
-    # 4096 elements a step at 8 warps on a GPU, ~8 programs an SM so the final fp64 sum is over
-    # about a thousand partials; 1024 and 4 programs in the interpreter (each step is numpy).
-    block = 1024 if interp else 4096
+    block = INTERP_MOMENTS_BLOCK if interp else MOMENTS_BLOCK
     progs = max(1, min(4 if interp else 8 * torch.cuda.get_device_properties(x.device).multi_processor_count,
                        triton.cdiv(n, block)))
     per_prog = triton.cdiv(triton.cdiv(n, progs), block) * block
@@ -149,7 +182,7 @@ def _moments_launch(x: Tensor, lo: float, hi: float, bins: int) -> tuple[Tensor,
     part = torch.empty(progs, 6, device=x.device, dtype=torch.float32)
     hist = torch.zeros(bins, device=x.device, dtype=torch.int32)
     _moments_kernel[(progs,)](xf, part, hist, n, per_prog, float(lo), float(bins / (hi - lo)), bins,
-                              NB=next_pow2(bins + 1), BLOCK=block, num_warps=8)
+                              NB=hist_lanes(bins), BLOCK=block, num_warps=MOMENTS_WARPS)
     p = part.double()
     # (sum, sumsq, sum3, sum4, min, max) in fp64
     return torch.cat([p[:, :4].sum(0), p[:, 4].min()[None], p[:, 5].max()[None]]), hist.long()
@@ -160,12 +193,11 @@ def _gram_launch(feats: Tensor, acc: Optional[Tensor]) -> Tensor:
     f = f if f.stride(-1) == 1 else f.contiguous()
     P, N = f.shape
     out = torch.empty(P, P, device=f.device, dtype=torch.float32)
-    # 64x64 output tiles, 32-wide K steps on a GPU (P is a probe set of a few hundred to a few
-    # thousand); 32x32 in the interpreter.
-    bp, bk = (32, 32) if interpreting(f) else (64, 32)
+    bp, bk = INTERP_GRAM_TILE if interpreting(f) else GRAM_TILE
     grid = (triton.cdiv(P, bp), triton.cdiv(P, bp))
     _gram_kernel[grid](f, acc.contiguous() if acc is not None else out, out, P, N, f.stride(0),
-                       HAS_ACC=acc is not None, IEEE=f.dtype == torch.float32, BLOCK_P=bp, BLOCK_K=bk, num_warps=4)
+                       HAS_ACC=acc is not None, IEEE=f.dtype == torch.float32, BLOCK_P=bp, BLOCK_K=bk,
+                       num_warps=GRAM_WARPS)
     return out
 
 
@@ -204,7 +236,7 @@ native.register_python_side(_register_native)
 # ---------------------------------------------------------------- functional
 
 
-def moments_histogram(x: Tensor, lo: float, hi: float, bins: int = 64, backend: str | None = None, *,
+def moments_histogram(x: Tensor, lo: float, hi: float, bins: int = DEFAULT_BINS, backend: str | None = None, *,
                       shift: float = 0.0, hist_stride: int = 1) -> Moments:
     """One pass over x (any shape): Moments(count, sum, sumsq, sum3, sum4, min, max, hist).
 

@@ -36,6 +36,7 @@ from types import SimpleNamespace
 
 from fastwidth.config import Config, for_width
 from fastwidth.errors import ConfigError
+from fastwidth.run.members import member_specs
 
 GIB = 1 << 30
 # Host memory FSDP2 holds from its first fully_shard / to_empty on (DTensor dispatch and FSDP
@@ -251,9 +252,8 @@ def whole_member_bytes(cfg: Config, choice: Choice, p: int, counts: dict, rows: 
 
 
 def sweep_members(cfg: Config) -> list[tuple[int, int]]:
-    """(width, seed) of every member: one per learning rate of sweep.lrs too."""
-    widths = cfg.sweep.widths or [cfg.model.width]
-    return [(w, s) for w in widths for _ in (cfg.sweep.lrs or [None]) for s in (cfg.sweep.seeds or [cfg.train.seed])]
+    """(width, seed) of every member (run/members.py): one per learning rate of sweep.lrs too."""
+    return [(m.width, m.seed) for m in member_specs(cfg)]
 
 
 def plan_sweep(cfg: Config, world: int, choice: Choice | None = None, k: int = 1,

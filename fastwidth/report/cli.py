@@ -9,7 +9,7 @@ from fastwidth.report import consistency_figures
 from fastwidth.report.figures import FIGURES
 from fastwidth.report.reader import load_run
 from fastwidth.report.summary import write_summary
-from fastwidth.trainer.rundir import undo_on_error
+from fastwidth.run.lock import undo_on_error
 
 log = logging.getLogger("fastwidth.report")
 

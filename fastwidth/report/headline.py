@@ -15,6 +15,8 @@ import math
 import time
 from pathlib import Path
 
+from fastwidth.run import RunDir
+
 log = logging.getLogger("fastwidth.report")
 
 FITS = (("rmse_slope", "true-logit RMSE vs width", "the paper's late-time slope is about -0.5"),
@@ -77,7 +79,7 @@ def summary_from_numbers(run_dir: str | Path) -> dict:
 def print_headline(run_dir: str | Path) -> list[str]:
     """Print the headline of a run from its report/summary.json (or, without one, from the
     report's numbers); returns the lines printed."""
-    path = Path(run_dir) / "report" / "summary.json"
+    path = RunDir(run_dir).report / "summary.json"
     try:
         summary = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -95,8 +97,8 @@ def report_at_end(run_dir: str | Path) -> Path:
     """The end of a run: its report into RUN/report/, then the headline; returns summary.md."""
     from fastwidth.report.cli import make_report
     t0 = time.time()
-    summary_md = make_report([run_dir], Path(run_dir) / "report")
-    log.info("report written to %s in %.1f s", Path(run_dir) / "report", time.time() - t0)
+    summary_md = make_report([run_dir], RunDir(run_dir).report)
+    log.info("report written to %s in %.1f s", RunDir(run_dir).report, time.time() - t0)
     print_headline(run_dir)
     print(f"report: {summary_md}", flush=True)
     return summary_md

@@ -16,8 +16,8 @@ import numpy as np  # noqa: E402
 
 from fastwidth.report.reader import Run  # noqa: E402
 from fastwidth.stats.ntk_across import NTKMember, ntk_across_widths  # noqa: E402
-from fastwidth.stats.signature import list_ntk, load_signature  # noqa: E402
-from fastwidth.trainer.sweep import member_name  # noqa: E402
+from fastwidth.run import RunDir  # noqa: E402
+from fastwidth.stats.signature import load_signature  # noqa: E402
 
 _CACHE: dict[tuple, dict | None] = {}
 
@@ -25,12 +25,12 @@ _CACHE: dict[tuple, dict | None] = {}
 def _members_in_view(run: Run) -> set[str]:
     """Member names whose rows the report keeps (not diverged; the chosen LR of an LR sweep)."""
     pairs = {(r["width"], r["seed"]) for r in run.rows("eval")}
-    return {member_name(w, s, run.chosen_lr) for w, s in pairs}
+    return {run.member_name(w, s) for w, s in pairs}
 
 
 def ntk_across_run(run: Run) -> dict | None:
     """Seed-averaged eNTK spectra and principal angles at the last step every kept member stored."""
-    files = {n: steps for n, steps in list_ntk(run.path).items() if n in _members_in_view(run)}
+    files = {n: steps for n, steps in RunDir(run.path).list_ntk().items() if n in _members_in_view(run)}
     if not files:
         return None
     common = set.intersection(*(set(steps) for steps in files.values()))

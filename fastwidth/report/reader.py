@@ -23,8 +23,9 @@ from pathlib import Path
 import yaml
 
 from fastwidth.errors import UserError
-from fastwidth.stats.signature import list_signatures, load_signature
-from fastwidth.trainer.metrics import from_json
+from fastwidth.run import MemberSpec, RunDir
+from fastwidth.run.metrics import from_json
+from fastwidth.stats.signature import load_signature
 
 
 @dataclass
@@ -82,6 +83,10 @@ class Run:
         steps = [r["step"] for r in self.rows(kind)]
         return max(steps) if steps else None
 
+    def member_name(self, width: int, seed: int) -> str:
+        """The name of the member (width, seed) of the rows the report keeps (at chosen_lr in an LR sweep)."""
+        return MemberSpec(width, self.chosen_lr, seed).name
+
     def signature(self, name: str, step: int) -> tuple[dict, dict] | None:
         p = self.signatures.get(name, {}).get(step)
         return load_signature(p) if p else None
@@ -99,7 +104,7 @@ def get(row: dict, key: str):
 
 def load_run(path: str | Path) -> Run:
     p = Path(path)
-    metrics = p / "metrics.jsonl"
+    metrics = RunDir(p).metrics
     if not metrics.is_file():
         raise UserError(f"{p} is not a run directory (no metrics.jsonl)")
     rows, cut = [], 0
@@ -114,9 +119,9 @@ def load_run(path: str | Path) -> Run:
                 cut = len(line.encode())
                 continue
             raise UserError(f"{metrics}: line {i + 1} is not JSON") from None
-    cfg_file = p / "config.yaml"
+    cfg_file = RunDir(p).config
     config = (yaml.safe_load(cfg_file.read_text()) or {}) if cfg_file.is_file() else {}
-    run = Run(p, config, rows, list_signatures(p), sweep_rows=rows)
+    run = Run(p, config, rows, RunDir(p).list_signatures(), sweep_rows=rows)
     run.all_rows = _view(run)
     run.partial = partial_note(run, cut, cfg_file.is_file())
     return run

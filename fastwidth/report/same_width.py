@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from fastwidth.report.reader import Run
 from fastwidth.stats.same_width import cka_same_width
-from fastwidth.trainer.sweep import member_name
 
 _CACHE: dict[tuple, dict | None] = {}
 
@@ -35,7 +34,7 @@ def _ref_kernels(run: Run) -> dict[int, dict[int, dict]]:
     LR of an LR sweep), at the steps where every kept seed stored kernels."""
     ref = run.ref_width
     seeds = sorted({r["seed"] for r in run.rows("eval", width=ref)})
-    names = {s: member_name(ref, s, run.chosen_lr) for s in seeds}
+    names = {s: run.member_name(ref, s) for s in seeds}
     steps = [set(run.signatures.get(n, {})) for n in names.values()]
     out = {}
     for step in sorted(set.intersection(*steps)) if steps else []:

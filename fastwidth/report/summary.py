@@ -39,6 +39,7 @@ from fastwidth.report.reader import Run, late_mean
 from fastwidth.report.same_width import cka_lines, cka_same_width_run
 from fastwidth.report.slopes import one_over_n, slope_lines
 from fastwidth.report.transfer import transfer_lines, transfer_summary
+from fastwidth.run.metrics import json_safe
 from fastwidth.stats.metrics import fit_power_law
 
 
@@ -313,11 +314,9 @@ def _json_run(n: dict) -> dict:
 def write_summary_json(numbers: list[dict], path: Path, data_orders: list[dict] | None = None) -> Path:
     """summary.json: every fitted number with its interval and the run's settings (module docstring);
     `data_orders` (report/data_orders.py) where the report was given runs differing only in data.seed."""
-    from fastwidth.stats.monitor import clean
-
     runs = [_json_run(n) for n in numbers]
     doc = {**(runs[0] if runs else {"run": {}, "widths": [], "fits": {}}), "runs": runs}
     if data_orders:
         doc["data_orders"] = data_orders
-    path.write_text(json.dumps(clean(doc), indent=1, allow_nan=False) + "\n")
+    path.write_text(json.dumps(json_safe(doc), indent=1, allow_nan=False) + "\n")
     return path

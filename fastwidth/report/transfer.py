@@ -32,7 +32,8 @@ import numpy as np
 
 from fastwidth.report.reader import Run, progress_word, stopped_note
 from fastwidth.stats.transfer import fmt_ci, optimum, range_label, transfer_fit
-from fastwidth.trainer.sweep import REFINE, member_name
+from fastwidth.run import MemberSpec
+from fastwidth.run.metrics import REFINE
 
 __all__ = ["budgets", "drift", "late_drifts", "loss_vs_lr", "lr_curves", "optimum", "refined", "transfer_lines",
            "transfer_summary"]
@@ -95,7 +96,7 @@ def heldout_curves(run: Run, tokens: int, grid: str = "union") -> dict[int, dict
     out: dict = defaultdict(lambda: defaultdict(dict))
     for r in _rows(run, grid):
         if r.get("kind") == "eval" and r.get("step") == step and r.get("base_lr") is not None:
-            sig = run.signature(member_name(r["width"], r["seed"], r["base_lr"]), step)
+            sig = run.signature(MemberSpec(r["width"], r["base_lr"], r["seed"]).name, step)
             loss = sig[0].get("loss") if sig else None
             v = np.asarray(loss, dtype=np.float64) if loss is not None else np.array([r.get("probe_loss", math.nan)], float)
             out[r["width"]][r["base_lr"]][r["seed"]] = v

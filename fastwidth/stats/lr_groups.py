@@ -14,9 +14,8 @@ import contextlib
 import dataclasses
 
 from fastwidth.config import Config
+from fastwidth.run.metrics import REFINE
 from fastwidth.stats.monitor import Monitor
-
-REFINE = "refine"    # pass_name of the refinement's members, "pass" of their rows (trainer/sweep.py)
 
 
 def pass_tag(m) -> dict:

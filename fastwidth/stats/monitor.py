@@ -37,7 +37,7 @@ seeds", width 0 "across widths"):
 - ntk:         per member at stats.ntk_every: eigenvalues, task_power C(k) of class ntk_class,
                task_power_by_class {c: C_c(k)} one-vs-rest, trace, method, kernel, output, grads
                ("vmap" | "loop"); the kernel and its top stats.ntk_top_k eigenvectors go to
-               signatures/<member>/ntk_step_<step>.safetensors (stats/signature.py)
+               signatures/<member>/ntk_step_<step>.safetensors (run/paths.py RunDir.ntk)
 Every metric is computed from signatures (the live one and a stored one are the same numbers),
 so a reference-run comparison equals the live one when the models match.
 """
@@ -53,29 +53,17 @@ import torch
 import yaml
 
 from fastwidth.errors import UserError
+from fastwidth.run import MemberSpec, RunDir
+from fastwidth.run.metrics import json_safe
 from fastwidth.stats import metrics as M
 from fastwidth.stats.ensemble import EnsembleCurve, SeedEnsembles, lm_ensemble_curve
 from fastwidth.stats.moments import PreactAccumulator
 from fastwidth.stats.monitor_curvature import CurvatureRows
 from fastwidth.stats.preact_range import Bins, load_ranges, out_of_range_fraction, reference_ranges, save_ranges
 from fastwidth.stats.ranks import broadcast_from_main, merge_over_ranks, whole_member
-from fastwidth.stats.signature import (ProbeSpec, add_preacts, list_signatures, load_signature, probe_signature,
-                                       save_signature, signature_path)
+from fastwidth.stats.signature import ProbeSpec, add_preacts, load_signature, probe_signature, save_signature
 
 log = logging.getLogger("fastwidth.stats")
-
-
-def clean(x):
-    """JSON-safe: nan/inf -> None, tensors -> floats, recursively."""
-    if isinstance(x, dict):
-        return {k: clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [clean(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return clean(x.tolist())
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 def param_count(member) -> int:
@@ -121,12 +109,13 @@ class ReferenceRun:
 
     def __init__(self, path: str, spec_meta: dict):
         self.path = Path(path)
-        cfg_file = self.path / "config.yaml"
+        cfg_file = RunDir(self.path).config
         if not cfg_file.is_file():
             raise UserError(f"stats.reference_run {self.path} is not a run directory (no config.yaml)")
         sweep = (yaml.safe_load(cfg_file.read_text()) or {}).get("sweep", {})
         self.width = int(sweep.get("reference_width") or max(sweep.get("widths") or [0]))
-        self.sigs = {n: s for n, s in list_signatures(self.path).items() if n.startswith(f"w{self.width}_s")}
+        self.sigs = {n: s for n, s in RunDir(self.path).list_signatures().items()  # its reference width's seeds
+                     if (spec := MemberSpec.parse(n)).width == self.width and spec.lr is None}
         if not self.sigs:
             raise UserError(f"stats.reference_run {self.path} holds no signatures at its reference width {self.width}")
         _, meta = load_signature(next(iter(next(iter(self.sigs.values())).values())))
@@ -140,7 +129,7 @@ class ReferenceRun:
         """{seed: signature} at `step`, or None when the reference run did not evaluate it."""
         if self._cache and self._cache[0] == step:
             return self._cache[1]
-        found = {int(n.rsplit("_s", 1)[1]): steps[step] for n, steps in self.sigs.items() if step in steps}
+        found = {MemberSpec.parse(n).seed: steps[step] for n, steps in self.sigs.items() if step in steps}
         out = {s: load_signature(p)[0] for s, p in sorted(found.items())} or None
         self._cache = (step, out)
         return out
@@ -289,7 +278,7 @@ class Monitor(CurvatureRows):  # sharpness() and ntk(): stats/monitor_curvature.
             add_preacts(sig, pre)
             meta = {"step": step, "tokens": tokens, "width": m.width, "seed": m.seed, "name": m.name,
                     **self._meta_keys()}
-            save_signature(signature_path(self.run_dir, m.name, step), sig, meta)
+            save_signature(RunDir(self.run_dir).signature(m.name, step), sig, meta)
             self._cache[(m.name, step)] = sig
             base = {"step": step, "tokens": tokens, "width": m.width, "seed": m.seed}
             moments = {l: {**{k: r[k] for k in ("mean", "var", "skew", "kurt", "min", "max")},
@@ -311,12 +300,12 @@ class Monitor(CurvatureRows):  # sharpness() and ntk(): stats/monitor_curvature.
         self.flush_pending()
 
     def write(self, row: dict) -> None:
-        self.writer.write(clean(row))
+        self.writer.write(json_safe(row))
 
     def _sig(self, name: str, step: int) -> dict | None:
         if (name, step) in self._cache:
             return self._cache[(name, step)]
-        path = signature_path(self.run_dir, name, step)
+        path = RunDir(self.run_dir).signature(name, step)
         return load_signature(path)[0] if path.is_file() else None
 
     def drop(self, m, announce: bool = True) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from fastwidth.param.optim import lr_factor
 from fastwidth.stats.ntk import eigh_desc, entk, group_lr_weights, probe_output_fn, task_power, task_power_by_class
 from fastwidth.stats.sharpness import optimizer_preconditioner, train_batch_sharpness
-from fastwidth.stats.signature import ntk_path, save_signature
+from fastwidth.run.paths import RunDir
+from fastwidth.stats.signature import save_signature
 
 
 class CurvatureRows:
@@ -66,7 +67,7 @@ class CurvatureRows:
                "output": sc.ntk_output, "grads": info.get("grads")}
         if meta is not None:
             k = min(sc.ntk_top_k, out.n)
-            save_signature(ntk_path(self.run_dir, m.name, meta["step"]),
+            save_signature(RunDir(self.run_dir).ntk(m.name, meta["step"]),
                            {"kernel": K.float(), "eigenvectors": evecs[:, :k].float().contiguous(),
                             "eigenvalues": evals, "labels": out.labels.long()},
                            {**meta, "kernel": kernel, "output": sc.ntk_output, "ntk_class": out.cls,

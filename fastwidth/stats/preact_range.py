@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-RANGES_FILE = "preact_ranges.json"
+from fastwidth.run.paths import RunDir
+
 MAX_VALUES = 1 << 20   # values per layer kept for the quantiles (a fixed stride over the probe)
 
 
@@ -189,7 +190,7 @@ def out_of_range_fraction(hist) -> float | None:
 
 
 def save_ranges(run_dir: Path, ranges: dict[str, list[float]]) -> Path:
-    path = Path(run_dir) / RANGES_FILE
+    path = RunDir(run_dir).ranges
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(ranges, indent=1, sort_keys=True) + "\n")
     tmp.replace(path)
@@ -197,5 +198,5 @@ def save_ranges(run_dir: Path, ranges: dict[str, list[float]]) -> Path:
 
 
 def load_ranges(run_dir: Path) -> dict[str, list[float]] | None:
-    path = Path(run_dir) / RANGES_FILE
+    path = RunDir(run_dir).ranges
     return json.loads(path.read_text()) if path.is_file() else None

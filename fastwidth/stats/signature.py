@@ -2,7 +2,7 @@
 
     spec = ProbeSpec.build(probe, signature_points=4096, kernel_points=128, sketch_dim=16, sketch_seed=0)
     sig, summary = probe_signature(model, spec, device)     # CPU tensors in storage dtypes
-    save_signature(path, sig, meta)                          # safetensors
+    save_signature(path, sig, meta)                          # safetensors (path: run/paths.py RunDir.signature)
     sig, meta = load_signature(path)
 
 Points are probe examples (classifiers) or probe tokens (GPT: every (sequence, position)). The
@@ -14,7 +14,7 @@ MAX_STORED_CLASSES classes) the full logits themselves, for ensemble losses. Per
 Phi = phi phi^T / N on `kernel_points` points. Signatures are created directly in their storage
 dtypes, so metrics from a live signature and from its file are bit-identical.
 
-Beside them, at each eNTK evaluation (stats/monitor.py), ntk_step_<step>.safetensors holds
+Beside them, at each eNTK evaluation (stats/monitor.py), the member's eNTK file (run/paths.py RunDir.ntk) holds
 "kernel" (n, n) fp32, "eigenvectors" (n, k) fp32 (the top k = stats.ntk_top_k, descending),
 "eigenvalues" (n,) fp64 and "labels" (n,) int64 (the points' targets), with the row's settings
 (kernel, output, class, method, probe_hash) in the metadata; the report averages them over seeds.
@@ -255,24 +255,6 @@ def add_preacts(sig: dict, preacts: dict[str, dict]) -> dict:
     return sig
 
 
-def ntk_path(run_dir: Path, name: str, step: int) -> Path:
-    """Beside the member's signatures: its eNTK at `step` (the kernel, fp32, and its top eigenvectors)."""
-    return Path(run_dir) / "signatures" / name / f"ntk_step_{step:08d}.safetensors"
-
-
-def list_ntk(run_dir: Path) -> dict[str, dict[int, Path]]:
-    """{member name: {step: path}} for every stored eNTK in a run directory."""
-    out: dict[str, dict[int, Path]] = {}
-    root = Path(run_dir) / "signatures"
-    for p in sorted(root.glob("*/ntk_step_*.safetensors")) if root.is_dir() else []:
-        out.setdefault(p.parent.name, {})[int(p.stem.rsplit("_", 1)[1])] = p
-    return out
-
-
-def signature_path(run_dir: Path, name: str, step: int) -> Path:
-    return Path(run_dir) / "signatures" / name / f"step_{step:08d}.safetensors"
-
-
 def save_signature(path: Path, sig: dict, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -285,12 +267,3 @@ def load_signature(path: Path) -> tuple[dict, dict]:
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads((f.metadata() or {}).get("json", "{}"))
         return {k: f.get_tensor(k) for k in f.keys()}, meta
-
-
-def list_signatures(run_dir: Path) -> dict[str, dict[int, Path]]:
-    """{member name: {step: path}} for every signature in a run directory."""
-    out: dict[str, dict[int, Path]] = {}
-    root = Path(run_dir) / "signatures"
-    for p in sorted(root.glob("*/step_*.safetensors")) if root.is_dir() else []:
-        out.setdefault(p.parent.name, {})[int(p.stem.split("_")[1])] = p
-    return out

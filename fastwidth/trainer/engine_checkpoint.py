@@ -1,6 +1,6 @@
 """Checkpoints through the engine: sharded ones in each engine's own format, inside fastwidth's
-checkpoint directory (the single-process format is trainer/checkpoint.py; this module sits beside it
-in train/, above parallel/, whose engines it drives).
+checkpoint directory (the single-process format is run/checkpoint.py; this module sits in trainer/,
+above parallel/, whose engines it drives).
 
     step_000020/
         meta.json                 written by rank 0: step, members, µP tables, data cursor, RNG,
@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from fastwidth.errors import CheckpointError
-from fastwidth.trainer import checkpoint as ckpt
+from fastwidth.run import checkpoint as ckpt
+from fastwidth.run.paths import RunDir, checkpoint_name, latest_pointer
 
 
 def _engine_dir(path: Path, name: str) -> Path:
@@ -70,8 +71,8 @@ def save(engine, env, ckpt_root: Path, step: int, members: list, extra: dict, ke
         if env.is_main:
             path = ckpt.save_checkpoint(ckpt_root, step, members, extra, keep=keep)
         env.barrier()
-        return path or ckpt_root / f"step_{step:06d}"
-    final = ckpt_root / f"step_{step:06d}"
+        return path or ckpt_root / checkpoint_name(step)
+    final = ckpt_root / checkpoint_name(step)
     tmp = ckpt_root / f".tmp-{final.name}"
     if env.is_main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -89,7 +90,7 @@ def save(engine, env, ckpt_root: Path, step: int, members: list, extra: dict, ke
         meta = {"format": ckpt.FORMAT, "step": step, "files": {}, "engine": info,
                 "members": [{"name": m.name, "width": m.width, "seed": m.seed, "step": m.step} for m in members],
                 **extra}
-        ckpt.atomic_write_text(tmp / "meta.json", json.dumps(meta))
+        ckpt.atomic_write_text(tmp / ckpt.META, json.dumps(meta))
         ckpt.publish(tmp, final, keep)
     env.barrier()
     return final
@@ -112,9 +113,9 @@ def check_resumable(cfg, world_size: int) -> None:
     one JSON file."""
     if not cfg.train.resume or cfg.dist.backend != "deepspeed":
         return
-    root = Path(cfg.train.out_dir) / "checkpoints"
-    pointer = root / "latest"
-    meta_file = root / pointer.read_text().strip() / "meta.json" if pointer.is_file() else None
+    root = RunDir(cfg.train.out_dir).checkpoints
+    pointer = latest_pointer(root)
+    meta_file = root / pointer.read_text().strip() / ckpt.META if pointer.is_file() else None
     if meta_file is None or not meta_file.is_file():
         return                                   # check_run_dir reports a missing checkpoint
     try:
@@ -225,8 +226,8 @@ def export_checkpoint(path: Path, out: Path, member: str | None = None) -> list[
     """
     from safetensors.torch import save_file
     path = Path(path)
-    if (path / "latest").is_file() or (path / "checkpoints").is_dir():
-        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if latest_pointer(path).is_file() or RunDir(path).checkpoints.is_dir():
+        root = RunDir(path).checkpoints if RunDir(path).checkpoints.is_dir() else path
         found = ckpt.latest_checkpoint(root)
         if found is None:
             raise CheckpointError(f"{path} holds no checkpoint")

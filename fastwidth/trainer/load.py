@@ -2,8 +2,8 @@
 
     model = load_model(run_dir, "w64_s0")      # fastwidth.load_model; interop/hf exports it
 
-Here in train/ (beside the checkpoint formats it reads) so that both fastwidth.api and interop/
-reach it from above.
+Here in trainer/ (beside the engines' checkpoint format it reads) so that both fastwidth.api and
+interop/ reach it from above.
 """
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from fastwidth.errors import CheckpointError
+from fastwidth.run.paths import RunDir
 
 
 def _latest(run_dir: Path) -> Path:
-    from fastwidth.trainer.checkpoint import latest_checkpoint
-    found = latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else None
+    from fastwidth.run.checkpoint import latest_checkpoint
+    found = latest_checkpoint(RunDir(run_dir).checkpoints) if RunDir(run_dir).checkpoints.is_dir() else None
     if found is None:
         raise CheckpointError(f"{run_dir} holds no checkpoint (train.out_dir of a finished or stopped run?)")
     return found
@@ -25,7 +26,7 @@ def member_state(checkpoint: Path, name: str | None) -> tuple[str, dict, dict]:
     """(member name, full fp32 state dict, checkpoint meta) of one member; the only member when
     `name` is None. Works for single-process and sharded (ddp, fsdp2, deepspeed) checkpoints."""
     from fastwidth.trainer.engine_checkpoint import _member_state
-    from fastwidth.trainer.checkpoint import read_checkpoint
+    from fastwidth.run.checkpoint import read_checkpoint
     meta = read_checkpoint(checkpoint)
     names = [e["name"] for e in meta["members"]]
     if name is None and len(names) == 1:
@@ -44,7 +45,7 @@ def model_io(cfg, run_dir: Path, state: dict) -> SimpleNamespace:
     outputs = int(state["readout.weight"].shape[0])
     in_shape = None
     if kind == "classes":
-        probe = run_dir / "probe.safetensors"
+        probe = RunDir(run_dir).probe
         if probe.is_file():
             from safetensors import safe_open
             with safe_open(str(probe), "pt") as f:
@@ -64,10 +65,10 @@ def load_model(run_dir: str | Path, member: str | None = None, device="cpu"):
     from fastwidth.config import for_width, from_dict, read_yaml
     from fastwidth.models import build_model
     run_dir = Path(run_dir).expanduser()
-    if not (run_dir / "config.yaml").is_file():
+    if not RunDir(run_dir).config.is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
     name, state, meta = member_state(_latest(run_dir), member)
-    cfg = from_dict(read_yaml(run_dir / "config.yaml"))
+    cfg = from_dict(read_yaml(RunDir(run_dir).config))
     wcfg = for_width(cfg, int(next(e["width"] for e in meta["members"] if e["name"] == name)))
     model, table = build_model(wcfg, model_io(wcfg, run_dir, state), device="cpu", seed=0)
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fastwidth.config import Config, dump_yaml, resolve
+from fastwidth.config import Config, resolve
 from fastwidth.data import build_stream, data_io  # noqa: F401 (data_io: public here too)
 from fastwidth.trainer import engine_checkpoint as par_ckpt
 from fastwidth.parallel.engines import StepContext
@@ -31,98 +31,23 @@ from fastwidth.parallel.env import agree_on_out_dir, check_shared_dir, init_dist
 from fastwidth.parallel.memory import MemoryRecorder
 from fastwidth.parallel.placement import Placement
 from fastwidth.parallel.plan import check_fits
-from fastwidth.errors import CheckpointError, DataError, UserError
+from fastwidth.errors import DataError
 from fastwidth.kernels import dispatch
 from fastwidth.param.optim import lr_factor, set_lr
 from fastwidth.param.scaling import table_rows
 from fastwidth.stats.lr_groups import monitor_for
 from fastwidth.stats.training_rows import BatchSharpnessRows, CoordRows
-from fastwidth.stats.preact_range import RANGES_FILE
-from fastwidth.trainer import checkpoint as ckpt
-from fastwidth.trainer import flops, preempt, rundir, tracking
-from fastwidth.trainer.metrics import read_metrics, truncate_after
+from fastwidth.run import checkpoint as ckpt
+from fastwidth.run.lock import RunLock, check_creatable, undo_on_error
+from fastwidth.run.prepare import check_run_dir, make_scratch_dir, prepare_run_dir
+from fastwidth.run.paths import RunDir
+from fastwidth.trainer import flops, preempt, tracking
+from fastwidth.run.metrics import read_metrics
 from fastwidth.trainer import dynamics, stacked, sweep, threads
 from fastwidth.trainer.members import (Member, autocast_for, compiled_loss,  # noqa: F401 (re-exported: bench/, tests)
                                      make_members, pick_device, tokens_per_step)
 
 log = logging.getLogger("fastwidth.trainer")
-
-# Keys that may change between a checkpoint and the command that resumes it.
-RESUMABLE_CHANGES = {"data.micro_batch_size", "train.activation_checkpointing",  # memory tools: same trajectory
-                     "train.steps", "train.out_dir", "train.resume", "train.overwrite", "train.progress", "train.log_every",
-                     "train.compile", "sweep.stack",
-                     "train.ckpt_every", "train.ckpt_minutes", "train.report", "train.tensorboard", "train.csv", "train.keep_checkpoints", "train.threads", "train.device",
-                     "stats.every", "stats.enabled", "stats.reference_run", "stats.eval_batch", "stats.bootstrap", "stats.ensemble_every",
-                     "stats.sharpness_iters", "stats.sharpness_every", "stats.sharpness_points", "stats.sharpness_tol", "stats.hvp",
-                     "stats.ntk_points", "stats.ntk_every", "stats.ntk_max_mb", "stats.ntk_top_k",
-                     "stats.batch_sharpness_every", "stats.batch_sharpness_iters", "stats.coord_every"}
-
-
-# --------------------------------------------------------------------------- run directory
-
-def _config_diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(saved) | set(now)):
-        key = f"{prefix}{k}"
-        a, b = saved.get(k), now.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_diff(a, b, key + ".")
-        elif a != b and key not in RESUMABLE_CHANGES and key != "name":
-            out.append(key)
-    return out
-
-
-def check_run_dir(cfg: Config) -> dict | None:
-    """Validate the run directory for a fresh start or a resume; returns the checkpoint to resume."""
-    run_dir = Path(cfg.train.out_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"train.out_dir {run_dir} exists and is not a directory")
-    # a run is what can be resumed: a directory whose run stopped before its first checkpoint
-    # (kill -9, a second Ctrl-C) starts over with the same command
-    has_run = ckpt.latest_checkpoint(run_dir / "checkpoints") is not None
-    if not has_run and (run_dir / "metrics.jsonl").exists() and not cfg.train.resume:
-        log.warning("run directory %s holds a run stopped before its first checkpoint: starting it over", run_dir)
-    if cfg.train.resume == "auto":  # a requeued job: resume when a checkpoint exists, else start over
-        if ckpt.latest_checkpoint(run_dir / "checkpoints") is None:
-            return None
-    elif not cfg.train.resume:
-        if has_run and not cfg.train.overwrite:
-            raise UserError(f"run directory {run_dir} already holds a run; set train.resume=true to continue "
-                            f"it or train.overwrite=true to replace it")
-        return None
-    found = ckpt.latest_checkpoint(run_dir / "checkpoints")
-    if found is None:
-        raise CheckpointError(f"train.resume is set but {run_dir / 'checkpoints'} holds no checkpoint; "
-                              f"without train.resume (or with train.resume=auto) the run starts over")
-    meta = ckpt.read_checkpoint(found)
-    diff = _config_diff(meta.get("config", {}), cfg.to_dict())
-    if diff:
-        raise CheckpointError(f"checkpoint {found} was made with a different config: {', '.join(diff[:4])} differ")
-    if meta["step"] > cfg.train.steps:
-        raise CheckpointError(f"checkpoint {found} is at step {meta['step']}, past train.steps={cfg.train.steps}")
-    return meta
-
-
-def prepare_run_dir(cfg: Config, meta: dict | None, member_steps: dict | None = None,
-                    floors: dict | None = None) -> Path:
-    """Create (or, resuming, trim) the run directory; member_steps maps (width, seed, base_lr) to the
-    step each member resumes from (rows after it are dropped); floors: the step at which the rows of
-    no member are cut, per `pass` (metrics.truncate_after)."""
-    run_dir = Path(cfg.train.out_dir)
-    rundir.make_dir(run_dir)
-    if meta is None:  # overwrite, resume=auto without a checkpoint, or nothing resumable: start over
-        for sub in ("checkpoints", "signatures", "report"):
-            shutil.rmtree(run_dir / sub, ignore_errors=True)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        (run_dir / RANGES_FILE).unlink(missing_ok=True)  # the old run's histogram bins: this run sets its own
-    for sub in ("checkpoints", "signatures", "report"):
-        (run_dir / sub).mkdir(exist_ok=True)
-    if meta is not None:
-        truncate_after(run_dir / "metrics.jsonl", member_steps
-                       or {(e["width"], e["seed"], None): e["step"] for e in meta["members"]}, floors)
-    ckpt.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
-    return run_dir
-
 
 # --------------------------------------------------------------------------- the loop
 
@@ -164,7 +89,7 @@ class Trainer:
         if self.resume_meta is not None:
             if self.dist.active or "engine" in self.resume_meta:
                 par_ckpt.restore(self.engine, self.dist, self.members, self.resume_meta,
-                                  ckpt.latest_checkpoint(Path(cfg.train.out_dir) / "checkpoints"), self.placement.of)
+                                  ckpt.latest_checkpoint(RunDir(cfg.train.out_dir).checkpoints), self.placement.of)
             else:
                 for m in self.members:
                     ckpt.restore_member(m, self.resume_meta)
@@ -175,10 +100,7 @@ class Trainer:
                                            {(m.width, m.seed, m.base_lr): m.step for m in self.members},
                                            sweep.pass_floors(self.members, self.resume_meta))
         else:  # other ranks evaluate too (collective forwards) but write into a scratch copy
-            self.run_dir = Path(cfg.train.out_dir) / f".rank{self.dist.rank}"
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-            for sub in ("checkpoints", "signatures", "report"):
-                (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+            self.run_dir = make_scratch_dir(cfg.train.out_dir, self.dist.rank)
         self.dist.barrier()
         self.writer = tracking.open_writer(self.run_dir, cfg.train)  # metrics.jsonl (+ TensorBoard, CSV)
         self.memory.flush(self.writer)
@@ -302,7 +224,7 @@ class Trainer:
             self.stacker.close()
         self.save(final=False)  # a resume from here recomputes the same refined specs from the same rows
         self.dist.barrier()     # rank 0 has written every row of the first pass
-        specs = sweep.refine_specs(cfg, read_metrics(Path(cfg.train.out_dir) / "metrics.jsonl"))
+        specs = sweep.refine_specs(cfg, read_metrics(RunDir(cfg.train.out_dir).metrics))
         new = make_members(cfg, self.stream, self.device, self.placement, specs=specs, pass_name=sweep.REFINE)
         log.info("sweep.lr_refine=%d: %d more members, learning rates %s", cfg.sweep.lr_refine, len(new),
                  {w: sorted({lr for w2, lr, _ in specs if w2 == w}) for w in dict.fromkeys(w for w, _, _ in specs)})
@@ -340,7 +262,7 @@ class Trainer:
         info = json.loads(json.dumps(self.stream.describe(), default=str))
         self.writer.write({"kind": "data", "step": step, "tokens": step * self.tokens_per_step, "width": 0,
                            "seed": 0, **info})
-        probe_file = self.run_dir / "probe.safetensors"
+        probe_file = RunDir(self.run_dir).probe
         if not probe_file.exists():
             self.stream.save_probe(probe_file)
 
@@ -370,9 +292,9 @@ class Trainer:
                  "mup_tables": {m.name: table_rows(m.table) for m in self.members},
                  "stats": self.evaluator.state_dict(), "final": final, "sweep": sweep.state(self)}
         if self.engine is not None:
-            return par_ckpt.save(self.engine, self.dist, Path(self.cfg.train.out_dir) / "checkpoints", step,
+            return par_ckpt.save(self.engine, self.dist, RunDir(self.cfg.train.out_dir).checkpoints, step,
                                   self.members, extra, keep=self.cfg.train.keep_checkpoints, engine_of=self.placement.of)
-        return ckpt.save_checkpoint(self.run_dir / "checkpoints", step, self.members, extra,
+        return ckpt.save_checkpoint(RunDir(self.run_dir).checkpoints, step, self.members, extra,
                                     keep=self.cfg.train.keep_checkpoints)
 
 
@@ -410,13 +332,13 @@ def _train(cfg: Config, stop: preempt.StopFlag, held: contextlib.ExitStack) -> t
     cfg = resolve(cfg)  # fixes out_dir (its default carries the time) before anything checks it
     if defaulted and cfg.dist.backend != "none" and launched_world() > 1:
         cfg = agree_on_out_dir(cfg)  # every rank takes rank 0's time-stamped name
-    rundir.check_creatable(cfg.train.out_dir)
+    check_creatable(cfg.train.out_dir)
     # rank 0 locks the directory for every rank of its run (the launcher numbers them before any
     # process group exists); the others clean up only their scratch directory after a failed start
     rank = int(os.environ.get("RANK", "0") or 0) if cfg.dist.backend != "none" else 0
-    lock = held.enter_context(rundir.RunLock(cfg.train.out_dir)) if rank == 0 else None
-    undo = rundir.undo_on_error(cfg.train.out_dir, made=lock.made) if lock is not None else \
-        rundir.undo_on_error(cfg.train.out_dir, only=[Path(cfg.train.out_dir) / f".rank{rank}"])
+    lock = held.enter_context(RunLock(cfg.train.out_dir)) if rank == 0 else None
+    undo = undo_on_error(cfg.train.out_dir, made=lock.made) if lock is not None else \
+        undo_on_error(cfg.train.out_dir, only=[RunDir(cfg.train.out_dir).scratch(rank).root])
     if cfg.dist.backend == "none":
         with undo:  # a mistake found while setting up leaves nothing
             trainer = Trainer(cfg, stop)

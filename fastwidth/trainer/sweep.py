@@ -37,7 +37,9 @@ import numpy as np
 import torch
 
 from fastwidth.config import Config, for_width
-from fastwidth.stats.lr_groups import REFINE, pass_tag
+from fastwidth.run.members import MemberSpec, member_specs as sweep_member_specs
+from fastwidth.run.metrics import REFINE
+from fastwidth.stats.lr_groups import pass_tag
 from fastwidth.stats.transfer import refine_lrs
 
 FINAL_WINDOW = 0.1   # stats off: a member's final loss is its mean training loss over the last 10% of steps
@@ -45,15 +47,12 @@ FINAL_WINDOW = 0.1   # stats off: a member's final loss is its mean training los
 
 def member_specs(cfg: Config) -> list[tuple[int, float | None, int]]:
     """(width, base_lr, seed) of every member, the reference width first; base_lr is None without sweep.lrs."""
-    ref = cfg.sweep.reference_width
-    widths = [ref] + [w for w in cfg.sweep.widths if w != ref]
-    lrs = [float(lr) for lr in cfg.sweep.lrs] or [None]
-    return [(w, lr, s) for w in widths for lr in lrs for s in cfg.sweep.seeds]
+    return [(m.width, m.lr, m.seed) for m in sweep_member_specs(cfg)]
 
 
 def member_name(width: int, seed: int, base_lr: float | None = None) -> str:
     """w64_s0, or w64_lr0.001_s0 in a learning-rate sweep (the seed stays last: readers split on '_s')."""
-    return f"w{width}_s{seed}" if base_lr is None else f"w{width}_lr{base_lr:g}_s{seed}"
+    return MemberSpec(width, base_lr, seed).name
 
 
 def for_member(cfg: Config, width: int, base_lr: float | None) -> Config:

@@ -9,7 +9,7 @@ three never disagree:
 The TensorBoard file is written here directly (TFRecord framing around Event protobufs, the
 format of tensorboard's own EventFileWriter), so no tensorboard or protobuf package is needed;
 `tensorboard --logdir RUN/tensorboard` reads it. Train rows also carry throughput and peak
-memory (`train_row_extras`).
+memory (`Throughput.extras`) and the gradient norm (`grad_fields`).
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import struct
 import time
 from pathlib import Path
 
-from fastwidth.trainer.metrics import REQUIRED, MetricsWriter
+from fastwidth.run.metrics import REQUIRED, MetricsWriter
+from fastwidth.run.paths import RunDir
 
 # --------------------------------------------------------------------------- TensorBoard records
 
@@ -161,12 +162,12 @@ class TrackedWriter(MetricsWriter):
 
 def open_writer(run_dir: Path, train_cfg) -> MetricsWriter:
     """The run's metrics writer: metrics.jsonl, and TensorBoard / CSV when the config asks."""
-    sinks = []
+    run, sinks = RunDir(run_dir), []
     if train_cfg.tensorboard:
-        sinks.append(TensorBoardSink(run_dir / "tensorboard"))
+        sinks.append(TensorBoardSink(run.tensorboard))
     if train_cfg.csv:
-        sinks.append(CsvSink(run_dir / "metrics.csv"))
-    path = run_dir / "metrics.jsonl"
+        sinks.append(CsvSink(run.metrics_csv))
+    path = run.metrics
     return TrackedWriter(path, sinks) if sinks else MetricsWriter(path)
 
 

@@ -41,12 +41,12 @@ def test_act_kernels_use_64_bit_offsets():
     for spec in aot.SPECS["act"]():
         ttir = aot.compile_kernel(spec, 90).asm["ttir"]
         adds = [ln for ln in ttir.splitlines() if "tt.addptr" in ln]
-        assert adds, spec.attr
+        assert adds, spec.kernel
         for ln in adds:
-            assert "xi64>" in ln.split(":")[-1] or ", i64" in ln, f"{spec.attr}: 32-bit pointer offset: {ln.strip()}"
+            assert "xi64>" in ln.split(":")[-1] or ", i64" in ln, f"{spec.kernel}: 32-bit pointer offset: {ln.strip()}"
 
 
 def test_act_kernels_cross_a_program_boundary_in_64_bits():
     # the interpreted kernels still agree with torch on a size that is not a multiple of the block
-    x = torch.randn(act._BLOCK * 3 + 5)
+    x = torch.randn(act.BLOCK * 3 + 5)
     torch.testing.assert_close(act.gelu(x, backend="triton"), act.gelu_ref(x), rtol=1e-6, atol=1e-6)

@@ -7,14 +7,19 @@ no SM, or has a bf16 dot off wgmma, and when bench/aot_sm90.csv (`make aot`) no 
 exactly the configs the launchers can pick.
 """
 
+import ast
 import csv
+import importlib
 import json
 import os
+import pkgutil
 from pathlib import Path
 
 import pytest
+import torch
 
-from fastwidth.kernels import aot
+import fastwidth.kernels
+from fastwidth.kernels import act, aot, linear, norm
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,7 +64,7 @@ def test_occupancy_by_hand():
 
 def test_a_family_is_a_function_and_a_registration(monkeypatch):
     monkeypatch.setattr(aot, "SPECS", dict(aot.SPECS))
-    spec = aot.Spec("extra", "fastwidth.kernels.act", "_gelu_fwd_kernel", "bf16", dict(BLOCK=1024), 4)
+    spec = aot.Spec("extra", act.AOT_KERNELS[0].fn, "bf16", dict(BLOCK=1024), 4)
     aot.family("extra")(lambda: [spec])
     assert aot.SPECS["extra"]() == [spec]
 
@@ -67,16 +72,91 @@ def test_every_spec_names_a_kernel_and_its_constexprs():
     specs = [s for f in aot.FAMILIES for s in aot.SPECS[f]()]
     assert {s.family for s in specs} == set(aot.FAMILIES)
     for s in specs:
-        import importlib
-        fn = getattr(importlib.import_module(s.module), s.attr)
+        fn = s.fn
         sig, _ = aot._signature(fn, s)
-        assert set(s.constexprs) <= set(fn.arg_names), (s.attr, s.constexprs)
+        assert set(s.constexprs) <= set(fn.arg_names), (s.kernel, s.constexprs)
         assert [n for n, t in sig.items() if t == "constexpr"] == [n for n in fn.arg_names if n in s.constexprs]
     att = [s for s in specs if s.family == "attention" and s.dtype == "bf16"]
     assert {s.constexprs["BLOCK_D"] for s in att} == {64, 128}
     # fp32 attention on a GPU runs SDPA: no fp32 attention config can be dispatched, none is listed
     assert not [s for s in specs if s.family == "attention" and s.dtype != "bf16"]
     assert {s.constexprs.get("CAUSAL") for s in att} == {True, False, None}  # None: the delta kernel
+
+
+def _private_names_of_kernels_modules() -> set[str]:
+    names = set()
+    for m in pkgutil.iter_modules(fastwidth.kernels.__path__):
+        if m.name != "aot":
+            mod = importlib.import_module(f"fastwidth.kernels.{m.name}")
+            names |= {n for n in vars(mod) if _private(n)}
+    return names
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__") and name != "_"  # `_`: register_fake's throwaways
+
+
+def test_aot_reads_no_private_name_of_a_kernels_module():
+    # the configs come from each family's public AOT_KERNELS table, never re-derived from a
+    # module's private tiles (`L._TILES`), kernels looked up by name ("_attn_fwd_kernel") or a
+    # private module
+    private = _private_names_of_kernels_modules()
+    assert {"_attn_fwd_kernel", "_norm_fwd_kernel", "_tuned"} <= private  # the kernels modules' private names
+    tree = ast.parse(Path(aot.__file__).read_text())
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            bad.append(f"line {node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if node.value in private or "fastwidth.kernels._" in node.value:
+                bad.append(f"line {node.lineno}: {node.value!r}")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fastwidth.kernels"):
+            names = [node.module] + [a.name for a in node.names]
+            bad += [f"line {node.lineno}: import {n}" for n in names if any(_private(p) for p in n.split("."))]
+    assert bad == []
+
+
+def test_the_plan_is_the_families_tables():
+    # every family's table, entry for entry and in order, is what `run` compiles (no compiling here)
+    for name, module in aot.FAMILY_MODULES.items():
+        table = importlib.import_module(module).AOT_KERNELS
+        assert table, name
+        want = [(name, c.fn.__name__.lstrip("_"), c.dtype, c.constexprs, c.num_warps, c.num_stages) for c in table]
+        got = [(s.family, s.kernel, s.dtype, s.constexprs, s.num_warps, s.num_stages) for s in aot.plan([name])]
+        assert got == want, name
+    everything = aot.plan(aot.FAMILIES)
+    assert aot.plan(aot.FAMILIES, ("fp32",)) == [s for s in everything if s.dtype == "fp32"]
+    assert len({(s.family, s.kernel, s.dtype, s.label()) for s in everything}) == len(everything)  # one row each
+    # the committed table (make aot) lists exactly the planned rows
+    committed = list(csv.DictReader((ROOT / "bench" / "aot_sm90.csv").open()))
+    planned = [dict(family=s.family, kernel=s.kernel, dtype=s.dtype, config=s.label()) for s in everything]
+    assert _keys(committed) == _keys(planned), "bench/aot_sm90.csv is stale: run `make aot`"
+
+
+def _launch(c) -> tuple:
+    return c.constexprs.get("BLOCK_M"), c.constexprs.get("BLOCK_N"), c.constexprs.get("BLOCK_K"), c.num_warps, \
+        c.num_stages
+
+
+def test_the_launchers_pick_only_what_the_tables_compile():
+    # one home: the tile a GPU launch of the fused linear picks at any shape, and the norm block
+    # and warps at each model width, are among the compiled entries of their family's table
+    gemm = {dt: {_launch(c) for c in linear.AOT_KERNELS if c.fn.__name__ == "_linear_kernel" and c.dtype == dt}
+            for dt in ("bf16", "fp32")}
+    for dtype, dt in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        for M, N in ((64, 64), (256, 512), (4096, 4096), (8192, 50304)):
+            for act_name in linear.ACTS:
+                for aligned in (True, False):
+                    assert linear.tile_for(M, N, dtype, act_name, False, aligned) in gemm[dt], (M, N, dt, act_name)
+    fwd = {(c.constexprs["BLOCK_N"], c.constexprs["CHUNKED"], c.num_warps) for c in norm.AOT_KERNELS
+           if c.fn.__name__ == "_norm_fwd_kernel"}
+    bwd = {(c.constexprs["BLOCK_N"], c.constexprs["ROW_SUMS"], c.num_warps) for c in norm.AOT_KERNELS
+           if c.fn.__name__ == "_norm_bwd_kernel"}
+    for n in norm.AOT_WIDTHS:
+        bn, chunked = norm.block_plan(n)
+        assert (bn, chunked, norm.num_warps(bn)) in fwd
+        bn, chunked = norm.block_plan(n, backward=True)
+        assert (bn, chunked, norm.bwd_num_warps(bn)) in bwd
 
 
 def test_bad_arguments_exit_2(capsys):

@@ -121,8 +121,8 @@ def test_masks_on_edge_tiles_only(causal, T_):
 def test_delta_preprocess_kernel():
     o, do = torch.randn(2, 3, 37, 48), torch.randn(2, 3, 37, 48)
     delta = torch.full((2, 3, 37), float("nan"))
-    A._attn_bwd_delta_kernel[(triton_cdiv(2 * 3 * 37, A._DELTA_ROWS),)](o, do, delta, 2 * 3 * 37, 48,
-                                                                        BLOCK_M=A._DELTA_ROWS, BLOCK_D=64)
+    A._attn_bwd_delta_kernel[(triton_cdiv(2 * 3 * 37, A.DELTA_ROWS),)](o, do, delta, 2 * 3 * 37, 48,
+                                                                       BLOCK_M=A.DELTA_ROWS, BLOCK_D=64)
     torch.testing.assert_close(delta, (o.double() * do.double()).sum(-1).float(), rtol=1e-6, atol=1e-6)
 
 
@@ -178,7 +178,7 @@ def test_every_gpu_tile_shape_interpreted(monkeypatch, tiles, causal):
     # the (BLOCK_M, BLOCK_N) of each GPU config, run interpreted at T=150 (a partial last tile of
     # every size in the tables) with grouped heads: outputs and gradients against the reference
     for name, (m, n) in zip(("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"), tiles):
-        monkeypatch.setitem(A._INTERP_TILES, name, dict(BLOCK_M=m, BLOCK_N=n))
+        monkeypatch.setitem(A.INTERP_TILES, name, dict(BLOCK_M=m, BLOCK_N=n))
     T_, D = 150, 32
     q, k, v, do = torch.randn(1, 2, T_, D), torch.randn(1, 1, T_, D), torch.randn(1, 1, T_, D), torch.randn(1, 2, T_, D)
     compare(_fn(1 / D, causal, "triton"), _fn(1 / D, causal, "math"), [q, k, v], [do, None], torch.float32,

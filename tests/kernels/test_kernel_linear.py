@@ -115,12 +115,12 @@ def test_bad_arguments():
 
 
 def test_gpu_tiles_are_the_documented_table():
-    assert L.tile_for(4096, 4096, torch.bfloat16, "gelu", False) == L._TILES["large"]
-    assert L.tile_for(256, 512, torch.bfloat16, "none", False) == L._TILES["small"]  # 8 tiles < one wave
-    assert L.tile_for(4096, 4096, torch.bfloat16, "swiglu", False) == L._TILES["glu"]
-    assert L.tile_for(4096, 4097, torch.bfloat16, "gelu", False, aligned=False) == L._TILES["unaligned"]
-    assert L.tile_for(4096, 4096, torch.float32, "gelu", False) == L._TILES["fp32"]
-    for m, n, k, warps, _ in L._TILES.values():  # wgmma: 64-row warp groups; K steps of 16-64
+    assert L.tile_for(4096, 4096, torch.bfloat16, "gelu", False) == L.TILES["large"]
+    assert L.tile_for(256, 512, torch.bfloat16, "none", False) == L.TILES["small"]  # 8 tiles < one wave
+    assert L.tile_for(4096, 4096, torch.bfloat16, "swiglu", False) == L.TILES["glu"]
+    assert L.tile_for(4096, 4097, torch.bfloat16, "gelu", False, aligned=False) == L.TILES["unaligned"]
+    assert L.tile_for(4096, 4096, torch.float32, "gelu", False) == L.TILES["fp32"]
+    for m, n, k, warps, _ in L.TILES.values():  # wgmma: 64-row warp groups; K steps of 16-64
         assert m % 64 == 0 and n % 64 == 0 and k in (16, 32, 64) and warps in (4, 8)
 
 

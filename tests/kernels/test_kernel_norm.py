@@ -67,7 +67,7 @@ def test_block_plan_chunks_rows_wider_than_8k():
         (128, False), (8192, False), (8192, False), (8192, True), (8192, True)]
     assert [norm.block_plan(n, backward=True) for n in (97, 4096, 4100, 32768)] == [
         (128, False), (4096, False), (4096, True), (4096, True)]
-    assert [norm._bwd_warps(n) for n in (1024, 2048, 4096)] == [4, 4, 16] and norm._warps(norm.CHUNK) == 8
+    assert [norm.bwd_num_warps(n) for n in (1024, 2048, 4096)] == [4, 4, 16] and norm.num_warps(norm.CHUNK) == 8
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -23,9 +23,9 @@ from safetensors.torch import load_file
 
 from fastwidth.config import load_config
 from fastwidth.trainer.engine_checkpoint import export_checkpoint
-from fastwidth.trainer import checkpoint as ckpt
+from fastwidth.run import checkpoint as ckpt
 from fastwidth.trainer.loop import run
-from fastwidth.trainer.metrics import read_metrics
+from fastwidth.run.metrics import read_metrics
 
 # the fast tier (`make test`) keeps one launch per engine family: ddp, fsdp2 and ZeRO-3 (DeepSpeed)
 # in test_two_ranks_match_one; every other launch here is the heavy tier (`make test-all`)

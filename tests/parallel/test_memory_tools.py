@@ -10,7 +10,7 @@ from fastwidth.cli import main
 from fastwidth.config import load_config, resolve
 from fastwidth.parallel.dryrun import dry_run, local_numels
 from fastwidth.trainer.loop import run
-from fastwidth.trainer.metrics import read_metrics
+from fastwidth.run.metrics import read_metrics
 
 # An MLP on the synthetic teacher (no data preparation, so no tokenizer workers forked from this
 # process); the GPT's blocks are checkpointed and micro-batched in the 2-rank tests (test_dist.py).

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fastwidth.trainer.metrics import read_metrics
+from fastwidth.run.metrics import read_metrics
 from test_dist import BIN, ROOT, TIMEOUT, free_port, launch, losses  # tests/parallel is on sys.path
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]

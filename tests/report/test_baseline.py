@@ -10,7 +10,8 @@ from fastwidth.report.figures import cka_vs_width
 from fastwidth.report.reader import load_run
 from fastwidth.report.summary import write_summary
 from fastwidth.stats.metrics import cka
-from fastwidth.stats.signature import save_signature, signature_path
+from fastwidth.run import RunDir
+from fastwidth.stats.signature import save_signature
 
 WIDTHS, REF, STEPS, P = [32, 64], 64, [10, 20], 10
 
@@ -37,7 +38,7 @@ def small_run(path, seeds):
                 if w != REF:
                     rows.append({"kind": "consistency", **base, "ref": "live", "ref_width": REF, "ref_seed": s,
                                  "true_logit_rmse": 0.5, "cka": {"layer0": 0.5 + 0.01 * s, "layer1": 0.4}})
-                save_signature(signature_path(path, f"w{w}_s{s}", step),
+                save_signature(RunDir(path).signature(f"w{w}_s{s}", step),
                                {"kernel/layer0": _kernel(s, step, w), "kernel/layer1": _kernel(s, step + 1, w)}, {})
     rows.append({"kind": "run", "step": STEPS[-1], "tokens": 100 * STEPS[-1], "width": 0, "seed": 0})
     (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")

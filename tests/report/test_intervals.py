@@ -10,7 +10,8 @@ from fastwidth.report.cli import make_report
 from fastwidth.report.intervals import width_intervals
 from fastwidth.report.reader import load_run
 from fastwidth.stats.ensemble import SeedEnsembles, tail_mean_ci
-from fastwidth.stats.signature import save_signature, signature_path
+from fastwidth.run import RunDir
+from fastwidth.stats.signature import save_signature
 
 WIDTHS, REF, STEPS = [16, 32, 64], 64, [0, 10, 20, 30, 40]
 
@@ -34,7 +35,7 @@ def run_dir(path, seeds, loop_ci: bool):
                     rows.append({"kind": "consistency", **base, "ref": "live", "ref_width": REF,
                                  "true_logit_rmse": w ** -0.5 * (1 + 0.1 * s) + step / 1e4})
                 if step == STEPS[-1]:
-                    save_signature(signature_path(path, f"w{w}_s{s}", step), {"true_logit": true[w][j].float()}, {})
+                    save_signature(RunDir(path).signature(f"w{w}_s{s}", step), {"true_logit": true[w][j].float()}, {})
     est = SeedEnsembles({w: t.float().double() for w, t in true.items()}, {w: seeds for w in WIDTHS}, REF)
     for w, r in est.width_rows(200).items():
         if not loop_ci:

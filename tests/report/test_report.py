@@ -10,7 +10,8 @@ from fastwidth.errors import UserError
 from fastwidth.report.cli import make_report
 from fastwidth.report.reader import late_mean, load_run
 from fastwidth.report.summary import run_numbers
-from fastwidth.stats.signature import save_signature, signature_path
+from fastwidth.run import RunDir
+from fastwidth.stats.signature import save_signature
 
 WIDTHS, SEEDS, STEPS = [32, 64, 128, 256], [0, 1], [0, 10, 20, 30, 40]
 
@@ -40,7 +41,7 @@ def fake_run(path, kind="mup", rmse_exp=-0.5, var_exp=-1.0, spread=0.0):
                     rows.append({"kind": "ntk", **base, "eigenvalues": ev, "task_power": list(np.linspace(0.2, 1, 6))})
                     h = torch.tensor(np.bincount(np.random.default_rng(w).integers(0, 16, 200), minlength=16),
                                      dtype=torch.float64)
-                    save_signature(signature_path(path, f"w{w}_s{s}", step), {"preact_hist/layer0": h,
+                    save_signature(RunDir(path).signature(f"w{w}_s{s}", step), {"preact_hist/layer0": h,
                                    "preact/layer0": torch.zeros(7, dtype=torch.float64),
                                    "kernel/layer0": torch.eye(8) + 1 / w},
                                    {"hist_lo": -4.0, "hist_hi": 4.0})
@@ -130,7 +131,6 @@ def test_report_reads_stored_entks_into_principal_angles(tmp_path):
     """Kernels whose top-3 eigenspace is the reference's with one direction turned by θ_N = 0.1·256/N:
     summary.json's fits.ntk carries cosines (1, 1, cos θ_N); the alignment figure is drawn."""
     from fastwidth.stats.ntk import eigh_desc
-    from fastwidth.stats.signature import ntk_path
     run = fake_run(tmp_path / "mup")
     n, k = 12, 3
     Q = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64))[0]
@@ -143,7 +143,7 @@ def test_report_reads_stored_entks_into_principal_angles(tmp_path):
         for s in SEEDS:
             K = R @ torch.diag(lam * (1 + 0.01 * s)) @ R.T
             ev, U = eigh_desc(K)
-            save_signature(ntk_path(run, f"w{w}_s{s}", STEPS[-1]),
+            save_signature(RunDir(run).ntk(f"w{w}_s{s}", STEPS[-1]),
                            {"kernel": K.float(), "eigenvectors": U[:, :k].float().contiguous(), "eigenvalues": ev,
                             "labels": labels},
                            {"step": STEPS[-1], "width": w, "seed": s, "name": f"w{w}_s{s}", "kernel": "lr",

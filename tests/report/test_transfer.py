@@ -89,8 +89,8 @@ def test_report_draws_loss_vs_lr_and_quotes_the_drift(tmp_path):
 def heldout_lr_run(path, steps=(10, 20, 30, 40), n_examples=64):
     """Eval rows and per-example probe losses in signatures: η*_N = 1e-3 at N = 64 (the base width)
     and 2e-3 above it, so all of the drift is the step 64 → 128."""
-    from fastwidth.stats.signature import save_signature, signature_path
-    from fastwidth.trainer.sweep import member_name
+    from fastwidth.run import MemberSpec, RunDir
+    from fastwidth.stats.signature import save_signature
     import torch
     path.mkdir(parents=True)
     cfg = {"model": {"arch": "mlp"}, "param": {"kind": "mup", "base_width": 64},
@@ -106,7 +106,7 @@ def heldout_lr_run(path, steps=(10, 20, 30, 40), n_examples=64):
                     per = 1 + (math.log(lr) - math.log(star)) ** 2 + difficulty
                     rows.append({"kind": "eval", "step": step, "tokens": step * 10, "width": w, "seed": s,
                                  "base_lr": lr, "probe_loss": float(per.mean())})
-                    save_signature(signature_path(path, member_name(w, s, lr), step),
+                    save_signature(RunDir(path).signature(MemberSpec(w, lr, s).name, step),
                                    {"loss": torch.tensor(per, dtype=torch.float32)}, {})
     (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path

@@ -9,7 +9,8 @@ import torch
 from fastwidth.config import Config, dump_yaml
 from fastwidth.stats.moments import histogram_ref, moments_ref
 from fastwidth.stats.monitor import Monitor
-from fastwidth.stats.signature import list_signatures, load_signature
+from fastwidth.run import RunDir
+from fastwidth.stats.signature import load_signature
 from stats_toys import ListWriter, Member, ToyMLP, teacher_data
 
 STEPS, EVERY, B = 6, 3, 16
@@ -93,7 +94,7 @@ def test_rows_and_signatures(tmp_path):
         assert r["iters"] <= 5 and r["converged"] == (r["residual"] <= 1e-2) and r["precond_sharpness"] > 0
     nt = _rows(rows, "ntk")
     assert len(nt) == 6 and len(nt[0]["eigenvalues"]) == 6 and nt[0]["task_power"][-1] == pytest.approx(1.0)
-    sigs = list_signatures(tmp_path / "a")
+    sigs = RunDir(tmp_path / "a").list_signatures()
     assert set(sigs) == {m.name for m in members} and set(sigs["w8_s0"]) == {0, 3, 6}
 
 
@@ -292,11 +293,10 @@ def test_ranges_come_from_ranges_dir_when_run_dir_is_scratch(tmp_path):
 @pytest.mark.parametrize("output", ["class", "trace"])
 def test_ntk_rows_and_stored_kernels_equal_offline(tmp_path, output):
     from fastwidth.stats.ntk import entk, probe_output_fn, task_power_by_class
-    from fastwidth.stats.signature import list_ntk
     rows, mon, members = drive(tmp_path / "a", [8, 16], [0, 1], ntk_points=10, ntk_top_k=4, ntk_output=output)
-    files = list_ntk(tmp_path / "a")
+    files = RunDir(tmp_path / "a").list_ntk()
     assert set(files) == {m.name for m in members} and all(set(v) == {STEPS} for v in files.values())
-    assert set(list_signatures(tmp_path / "a")["w8_s0"]) == {0, 3, 6}     # eNTK files are not signatures
+    assert set(RunDir(tmp_path / "a").list_signatures()["w8_s0"]) == {0, 3, 6}     # eNTK files are not signatures
     px, py = teacher_data(40, seed=99)
     for m in members:
         row = _rows(rows, "ntk", width=m.width, seed=m.seed)[0]

@@ -7,7 +7,7 @@ import pytest
 
 from fastwidth.config import load_config
 from fastwidth.trainer.loop import run
-from fastwidth.trainer.metrics import read_metrics
+from fastwidth.run.metrics import read_metrics
 
 MLP = ["model.arch=mlp", "model.depth=2", "param.base_width=32", "data.source=synthetic", "data.in_dim=16",
        "data.num_classes=4", "data.batch_size=32", "data.probe_size=256", "train.progress=false",

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from fastwidth.stats.metrics import feature_kernel
-from fastwidth.stats.signature import (ProbeSpec, list_signatures, load_signature, probe_signature, save_signature,
-                                       signature_path, strided_index)
+from fastwidth.run import RunDir
+from fastwidth.stats.signature import ProbeSpec, load_signature, probe_signature, save_signature, strided_index
 from stats_toys import ToyLM, ToyMLP, teacher_data
 
 
@@ -73,9 +73,9 @@ def test_save_load_round_trip(tmp_path):
     x, y = teacher_data(12)
     model = ToyMLP(6, 8, 4)
     sig, _ = probe_signature(model, _spec({"x": x, "y": y}), "cpu", model.feature_points())
-    path = signature_path(tmp_path, "w8_s0", 50)
+    path = RunDir(tmp_path).signature("w8_s0", 50)
     save_signature(path, sig, {"step": 50, "width": 8})
     back, meta = load_signature(path)
     assert meta == {"step": 50, "width": 8}
     assert back.keys() == sig.keys() and all(torch.equal(back[k], sig[k]) for k in sig)
-    assert list_signatures(tmp_path) == {"w8_s0": {50: path}}
+    assert RunDir(tmp_path).list_signatures() == {"w8_s0": {50: path}}

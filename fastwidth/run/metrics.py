@@ -2,6 +2,8 @@
 
 JSON has no NaN or infinity: a non-finite number is written as null (at any depth of a row), and
 every reader here maps null, and the strings "nan" / "inf" that older runs wrote, to None.
+`json_safe` is the one cleaner of what goes into JSON (rows, the report's summary.json): tensors
+and arrays become numbers, non-finite numbers null.
 """
 from __future__ import annotations
 
@@ -10,19 +12,23 @@ import math
 from pathlib import Path
 
 REQUIRED = ("kind", "step", "tokens", "width", "seed")
+REFINE = "refine"    # the "pass" of the rows of sweep.lr_refine's second pass (absent: the first)
 
 
 NON_FINITE_STRINGS = {"nan", "-nan", "inf", "-inf", "infinity", "-infinity"}
 
 
 def json_safe(v):
-    """`v` with every non-finite float (also inside dicts, lists, tensors' floats) replaced by None."""
+    """`v` ready for json.dumps(allow_nan=False): dicts, lists and tuples cleaned at every depth,
+    tensors and numpy arrays turned into (lists of) numbers, every non-finite float into None."""
     if isinstance(v, dict):
         return {k: json_safe(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [json_safe(x) for x in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if hasattr(v, "tolist"):  # torch tensors, numpy arrays and scalars (duck-typed: no torch import here)
+        return json_safe(v.tolist())
     return v
 
 
@@ -75,7 +81,7 @@ def truncate_after(path: Path, member_steps: dict[tuple, int], floors: dict | No
     or at floors[row's "pass"] (sweep.lr_refine: a finished first pass keeps its rows while the
     refinement pass resumes from an earlier step).
     """
-    from fastwidth.trainer.checkpoint import atomic_write_text
+    from fastwidth.run.checkpoint import atomic_write_text  # lazily: torch only where rows are cut
     if not Path(path).is_file():
         return
     floor = min(member_steps.values())

@@ -1,4 +1,5 @@
 """The run directory before training starts: can it be made, and nothing half-made left behind.
+(Whether it holds a run to resume, and making it: run/prepare.py.)
 
 A mistake found while a run is being set up (a reference run that is not there, a checkpoint
 that does not match) must not leave a directory that makes the corrected command fail with
@@ -23,9 +24,9 @@ import time
 from pathlib import Path
 
 from fastwidth.errors import UserError
+from fastwidth.run.paths import RunDir
 
-log = logging.getLogger("fastwidth.trainer")
-LOCK_FILE = ".lock"
+log = logging.getLogger("fastwidth.run")
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -142,7 +143,7 @@ class RunLock:
 
     def __init__(self, out_dir: str | Path):
         self.dir = Path(out_dir).absolute()
-        self.path = self.dir / LOCK_FILE
+        self.path = RunDir(self.dir).lock
         self.made: Path | None = None  # what entering made: a failed start removes it (undo_on_error)
         self._fd: int | None = None
         self._taken_by_other = False  # the directory we made is another run's now: leave it
@@ -222,3 +223,4 @@ def _describe(owner: dict) -> str:
     if not owner:
         return "owner not recorded yet"
     return f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}, since {owner.get('since', '?')}"
+

@@ -28,8 +28,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fastwidth.errors import CheckpointError
+from fastwidth.run.paths import checkpoint_dirs, checkpoint_name, latest_pointer
 
 FORMAT = "fastwidth-checkpoint-1"
+META = "meta.json"   # in every checkpoint directory, of every engine's format
 
 
 def _fsync_dir(path: Path) -> None:
@@ -112,7 +114,7 @@ def save_checkpoint(ckpt_root: Path, step: int, members: list, extra: dict, keep
     """Write checkpoint `step_<step>` for `members` (objects with .name, .model, .optimizer)."""
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step_{step:06d}"
+    final = ckpt_root / checkpoint_name(step)
     for stale in ckpt_root.glob(".tmp-*"):  # a write killed mid-way (kill -9, node loss) left it
         shutil.rmtree(stale, ignore_errors=True)
     recover_set_aside(ckpt_root)
@@ -131,7 +133,7 @@ def save_checkpoint(ckpt_root: Path, step: int, members: list, extra: dict, keep
         member_meta.append({"name": m.name, "width": m.width, "seed": m.seed, "step": m.step,
                             "optimizer": opt_rest})
     meta = {"format": FORMAT, "step": step, "members": member_meta, "files": files, **extra}
-    with open(tmp / "meta.json", "w") as f:
+    with open(tmp / META, "w") as f:
         json.dump(meta, f)
         f.flush()
         os.fsync(f.fileno())
@@ -151,7 +153,7 @@ def publish(tmp: Path, final: Path, keep: int) -> None:
         os.replace(final, aside)
     os.replace(tmp, final)
     _fsync_dir(ckpt_root)
-    atomic_write_text(ckpt_root / "latest", final.name + "\n")
+    atomic_write_text(latest_pointer(ckpt_root), final.name + "\n")
     shutil.rmtree(aside, ignore_errors=True)
     _prune(ckpt_root, keep)
 
@@ -171,8 +173,7 @@ def recover_set_aside(ckpt_root: Path) -> None:
 
 
 def _prune(ckpt_root: Path, keep: int) -> None:
-    done = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
-    for old in done[:-keep]:
+    for old in checkpoint_dirs(ckpt_root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -180,12 +181,12 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     ckpt_root = Path(ckpt_root)
     if ckpt_root.is_dir():
         recover_set_aside(ckpt_root)
-    pointer = ckpt_root / "latest"
+    pointer = latest_pointer(ckpt_root)
     if pointer.is_file():
         name = pointer.read_text().strip()
         if name and (ckpt_root / name).is_dir():
             return ckpt_root / name
-    done = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+    done = checkpoint_dirs(ckpt_root)
     return done[-1] if done else None
 
 
@@ -195,7 +196,7 @@ def read_checkpoint(path: Path) -> dict:
     Raises CheckpointError (one line) for a missing, truncated or corrupt checkpoint.
     """
     path = Path(path)
-    meta_file = path / "meta.json"
+    meta_file = path / META
     try:
         meta = json.loads(meta_file.read_text())
     except FileNotFoundError:
