@@ -68,7 +68,7 @@ def test_online_adam_gets_sharpness_on_the_training_batch(tmp_path):
 
 def test_loop_sharpness_rows_are_the_dynamics_path_on_the_same_batch(tmp_path):
     """One procedure: at every evaluation the loop's sharpness row (the Monitor) and the
-    batch_sharpness row (trainer/dynamics.py) are the same computation on the training batch of the
+    batch_sharpness row (stats/training_rows.py) are the same computation on the training batch of the
     step just taken (the first batch at step 0), so they agree to the last bit; at step 0 its loss
     is the first training step's loss (the same batch and parameters; fused vs unfused readout)."""
     d = run(cfg_of(tmp_path, TINY_MLP, "train.steps=4", "stats.every=2", "stats.sharpness_every=2",

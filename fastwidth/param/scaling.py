@@ -271,6 +271,3 @@ def apply_forward_mults(model: nn.Module, table: dict[str, ParamInfo]) -> None:
 def table_rows(table: dict[str, ParamInfo]) -> list[dict]:
     return [info.row() for info in table.values()]
 
-
-def table_from_rows(rows: list[dict]) -> dict[str, ParamInfo]:
-    return {r["name"]: ParamInfo(**{**r, "shape": tuple(r["shape"])}) for r in rows}

@@ -282,6 +282,12 @@ class PreactAccumulator:
         *scalars, h = self._carry
         return {**head, "carry": [float(s) for s in scalars] + [list(map(float, h))]}
 
+    def set_summary(self, summary: tuple) -> None:
+        """Replace what was accumulated by `summary` = (n, mean, M2, M3, M4, min, max, hist): a merge
+        of other accumulators' summaries on the same bins (stats/ranks.py, the ranks' summaries)."""
+        self.reset()
+        self._carry = tuple(summary)
+
     def load_state_dict(self, d: dict) -> None:
         self.__init__(d["bins"], d["lo"], d["hi"], d.get("stride", 1), d.get("asinh"))
         if d.get("carry") is not None:

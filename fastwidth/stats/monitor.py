@@ -1,11 +1,16 @@
 """The loop's one handle on the statistics: hooks while training, signatures and rows at evals.
 
-    monitor = Monitor(cfg, run_dir, members, probe, writer, device)
+    monitor = Monitor(cfg, run_dir, members, probe, writer, device, rank=r, world=w)
+    monitor.sync_ranges()                    # at start-up: rank 0's histogram bins on every rank
     with monitor.training(member):          # around each member's training forward (+ backward)
         loss = member.model.loss(x, y)
+    monitor.sync_preacts()                   # before an evaluation or a checkpoint: the global batch's
     monitor.evaluate(step, tokens)           # every stats.every steps and at the end
     monitor.flush_pending()                  # sequential sweeps: after each member's run
     ckpt["stats"] = monitor.state_dict()     # and monitor.load_state_dict(...) on resume
+
+One learning rate per Monitor: with sweep.lrs, stats/lr_groups.py's LRMonitors holds one per
+learning rate behind the same interface (monitor_for builds either).
 
 Rows written (docs/design.md §5; every row has kind, step, tokens, width, seed; seed -1 means "over
 seeds", width 0 "across widths"):
@@ -55,6 +60,7 @@ from fastwidth.stats.ensemble import EnsembleCurve, SeedEnsembles, lm_ensemble_c
 from fastwidth.stats.moments import PreactAccumulator
 from fastwidth.stats.monitor_curvature import CurvatureRows
 from fastwidth.stats.preact_range import Bins, load_ranges, out_of_range_fraction, reference_ranges, save_ranges
+from fastwidth.stats.ranks import broadcast_from_main, merge_over_ranks, whole_member
 from fastwidth.stats.signature import ProbeSpec, add_preacts, load_signature, probe_signature, save_signature
 
 log = logging.getLogger("fastwidth.stats")
@@ -130,17 +136,22 @@ class ReferenceRun:
 
 
 class Monitor(CurvatureRows):  # sharpness() and ntk(): stats/monitor_curvature.py
-    def __init__(self, cfg, run_dir: Path, members: list, probe: dict, writer, device, autocast=None,
-                 ranges_dir: Path | None = None, train_batch=None, world: int = 1):
-        # autocast is accepted for the loop's convenience and ignored: the probe runs in fp32
-        # because bf16 logits (error ~0.02 at |z|~5) would swamp RMSEs of a few hundredths.
+    def __init__(self, cfg, run_dir: Path, members: list, probe: dict, writer, device,
+                 ranges_dir: Path | None = None, train_batch=None, rank: int = 0, world: int = 1,
+                 whole_of=whole_member):
+        # The probe runs in fp32 whatever the training precision: bf16 logits (error ~0.02 at
+        # |z|~5) would swamp RMSEs of a few hundredths.
         # ranges_dir: where this run's preact_ranges.json lives (default run_dir); a distributed
         # run's other ranks write into a scratch run_dir, emptied at each start, and read the run's.
         # train_batch(step) -> (x, y), this rank's share of the training batch of `step` (the stream is
-        # a pure function of the step): sharpness rows use the batch the member trained on; world:
-        # the data-parallel ranks that share it.
+        # a pure function of the step): sharpness rows use the batch the member trained on.
+        # rank, world: this process in the data-parallel group; the probe is split over the ranks
+        # (stats/signature.py probe_signature) and the preactivation summaries merged (sync_preacts).
+        # whole_of(member) -> a context giving the member with whole parameters and a torch optimizer
+        # over them (sharpness, eNTK); by default stats/ranks.py whole_member, its engine's gathered
+        # view (a replica of one member under FSDP2 / ZeRO-3).
         self.cfg, self.sc = cfg, cfg.stats
-        self.train_batch, self.world = train_batch, world
+        self.train_batch, self.rank, self.world, self.whole_of = train_batch, rank, world, whole_of
         self.run_dir, self.members, self.writer, self.device = Path(run_dir), members, writer, device
         sc = self.sc
         self.spec = ProbeSpec.build(probe, signature_points=sc.signature_points, kernel_points=sc.kernel_points,
@@ -171,13 +182,6 @@ class Monitor(CurvatureRows):  # sharpness() and ntk(): stats/monitor_curvature.
         self._ensembled: set[int] = set()
         self._lm_curves: dict[tuple[int, int], dict] = {}   # (width, step) -> LM ensemble curve
         self.reference = ReferenceRun(sc.reference_run, self._meta_keys()) if sc.reference_run else None
-        # (model, spec, device, feature_modules) -> (signature, summary); a distributed run swaps in
-        # fastwidth.parallel.stats.probe_signature_sharded, which splits the probe over the ranks
-        self.probe_fn = probe_signature
-        # member -> a context giving the member with whole parameters and a torch optimizer over
-        # them (sharpness, eNTK); the loop swaps in fastwidth.parallel.stats.whole_member, its
-        # engine's gathered view (a replica of one member under FSDP2 / ZeRO-3)
-        self.whole_of = contextlib.nullcontext
 
     def _meta_keys(self) -> dict:
         if self.sc.hist_range > 0:
@@ -267,7 +271,7 @@ class Monitor(CurvatureRows):  # sharpness() and ntk(): stats/monitor_curvature.
             self._set_ranges(members if members is not None else self.members)
         for m in members if members is not None else self.members:
             feats = m.model.feature_points() if self.sc.kernel_points else {}
-            sig, summary = self.probe_fn(m.model, self.spec, self.device, feats)
+            sig, summary = probe_signature(m.model, self.spec, self.device, feats, self.rank, self.world)
             pre = {layer: a.result() for layer, a in self.acc[m.name].items()}
             for a in self.acc[m.name].values():
                 a.reset()
@@ -307,7 +311,10 @@ class Monitor(CurvatureRows):  # sharpness() and ntk(): stats/monitor_curvature.
     def drop(self, m, announce: bool = True) -> None:
         """Leave a stopped (diverged) member out of every later comparison. When it was the last
         member at the reference width, nothing can be compared from then on: the comparisons
-        waiting for its signatures are dropped and one "skipped" row says why (announce)."""
+        waiting for its signatures are dropped and one "skipped" row says why (announce). A member
+        this Monitor does not hold is ignored."""
+        if m not in self.members:
+            return
         self.members = [x for x in self.members if x is not m]
         if m.width != self.ref_width or any(x.width == self.ref_width for x in self.members):
             return
@@ -396,6 +403,43 @@ class Monitor(CurvatureRows):  # sharpness() and ntk(): stats/monitor_curvature.
             if len(group) >= 2 and len(group) == sum(m.width == w for m in self.members):
                 self._lm_curves[(w, step)] = lm_ensemble_curve([m.model for m in group], self.spec, self.device)
 
+    # ------------------------------------------------------------------ ranks
+
+    def sync_preacts(self, members: list | None = None) -> None:
+        """Merge `members`' (default: all) preactivation summaries over the ranks into rank 0's, the
+        whole global batch's (stats/ranks.py merge_over_ranks); before an evaluation or a
+        checkpoint reads them. Collective when world > 1."""
+        if self.world <= 1:
+            return
+        flat = {(m.name, layer): a for m in (self.members if members is None else members)
+                for layer, a in self.acc.get(m.name, {}).items()}
+        merge_over_ranks(flat, self.rank, self.world)
+
+    def sync_ranges(self) -> None:
+        """Every rank takes rank 0's preactivation histogram ranges (stats.hist_range 0), so all
+        ranks hold the same accumulators and run the same collectives: a resumed rank that had not
+        loaded the ranges would otherwise set them at the next evaluation with a forward of its own
+        (under fsdp2 and ZeRO-3 a collective the other ranks never join). The cause, since fixed:
+        those ranks read the ranges from their scratch run_dir, not from the run directory
+        (ranges_dir); this stays as a guard that all ranks agree, one broadcast at start-up.
+        Collective when world > 1."""
+        if self.world <= 1:
+            return
+        ranges = broadcast_from_main(self.ranges)
+        if self.ranges != ranges:
+            self.ranges = ranges
+            if ranges is None:  # rank 0 sets them at its first evaluation: so will this rank
+                self.acc = {name: {} for name in self.acc}
+            else:
+                self._make_accumulators()
+
+    def keep_on_main(self) -> None:
+        """A loaded summary is rank 0's, already global: only rank 0 keeps it (load_state_dict)."""
+        if self.rank != 0:
+            for accs in self.acc.values():
+                for a in accs.values():
+                    a.reset()
+
     # ------------------------------------------------------------------ resume
 
     def state_dict(self) -> dict:
@@ -411,3 +455,4 @@ class Monitor(CurvatureRows):  # sharpness() and ntk(): stats/monitor_curvature.
             for l, s in accs.items():
                 if n in self.acc and l in self.acc[n]:
                     self.acc[n][l].load_state_dict(s)
+        self.keep_on_main()

@@ -228,7 +228,7 @@ def train_batch_sharpness(model, optimizer, x, y, loss: str, *, iters: int, tol:
                           hvp: str = "auto", seed: int = 0, precond: list | None = None,
                           reduce: Callable | None = None) -> dict:
     """Sharpness of the training loss on one training batch: the one procedure behind the loop's
-    `sharpness` rows and the `batch_sharpness` rows (trainer/dynamics.py).
+    `sharpness` rows and the `batch_sharpness` rows (stats/training_rows.py).
 
     Estimates λ_max(P^{1/2} H P^{1/2}), H the Hessian of the loss `loss` on (x, y) in train mode
     (training_function), P the optimizer's per-parameter step sizes (optimizer_preconditioner) or

@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fastwidth.stats.metrics import feature_kernel
+from fastwidth.stats.ranks import gather_objects, rank_slice
 
 # true logits and losses keep fp32 (RMSEs of ~1e-2 on logits of ~5 need it); the sketch, the
 # entropy and the kernels are only ever averaged, so fp16 halves their bytes at no visible cost.
@@ -168,28 +169,44 @@ class KernelRows:
         self._hooks = []
 
 
+POINT_KEYS = ("true_logit", "loss", "entropy", "argmax", "sketch", "logits")
+
+
 @torch.no_grad()
 def probe_signature(model: torch.nn.Module, spec: ProbeSpec, device,
-                    feature_modules: dict[str, torch.nn.Module] | None = None) -> tuple[dict, dict]:
+                    feature_modules: dict[str, torch.nn.Module] | None = None,
+                    rank: int = 0, world: int = 1) -> tuple[dict, dict]:
     """Evaluate `model` on the probe in micro-batches of spec.eval_batch examples; return
     (signature tensors, {loss, accuracy}).
 
     Peak activation memory is one micro-batch's forward: logits never leave the device in full
-    (each micro-batch is reduced to per-point values at once) and the feature hooks keep only the
-    kernel points' rows of each block output (KernelRows). The result does not depend on
-    eval_batch beyond fp rounding.
+    (each micro-batch is reduced to per-point values at once, a classifier's stored points' logits
+    aside) and the feature hooks keep only the kernel points' rows of each block output
+    (KernelRows). The result does not depend on eval_batch beyond fp rounding.
+
+    With world > 1 (a process group; collective) each rank evaluates its run of ⌈n/world⌉ probe
+    examples (stats/ranks.py rank_slice) and the ranks gather the per-point values, the stored
+    logits and the kernel points' feature rows, so Phi = phi phi^T / N is assembled from the whole
+    probe: every rank returns the signature one process would. Every rank runs the same number of
+    forwards (FSDP2 / ZeRO-3 forwards are collectives), padding its slice with the first example
+    when the probe does not split evenly.
     """
     feature_modules = feature_modules or {}
-    rows = KernelRows(feature_modules)
+    n, pe = spec.n_examples, spec.per_example
+    lo, hi = rank_slice(n, rank, world)
+    rows = KernelRows(feature_modules, to_host=world > 1)  # gathered rows travel through the host
     was_training = model.training
     model.eval()
-    parts: dict[str, list] = {k: [] for k in ("true_logit", "loss", "entropy", "argmax", "sketch", "logits")}
-    pe = spec.per_example
+    parts: dict[str, list] = {k: [] for k in POINT_KEYS}
     loss_acc = torch.zeros((), dtype=torch.float64, device=device)
     corr_acc = torch.zeros((), dtype=torch.int64, device=device)
     try:
-        for s in range(0, spec.n_examples, spec.eval_batch):
-            e = min(s + spec.eval_batch, spec.n_examples)
+        for off in range(0, -(-n // world), spec.eval_batch):  # the same number of forwards on every rank
+            s, e = lo + off, min(lo + off + spec.eval_batch, hi)
+            if s >= e:  # padding forward: the first example, results dropped
+                rows.expect(1, None)
+                model(spec.x[:1].to(device))
+                continue
             yb = spec.y[s:e].reshape(-1).to(device)
             rows.expect(len(yb), _select(spec.kernel_index, s * pe, e * pe).to(device))
             logits = model(spec.x[s:e].to(device)).float()
@@ -201,18 +218,31 @@ def probe_signature(model: torch.nn.Module, spec: ProbeSpec, device,
             zs = z[sel]
             sketch = (zs - zs.mean(-1, keepdim=True)) @ spec.projection(z.shape[-1], device)
             keep = pe == 1 and z.shape[-1] <= MAX_STORED_CLASSES
-            for key, v in zip(parts, (true[sel], loss[sel], ent[sel], amax[sel], sketch, zs if keep else None)):
+            for key, v in zip(POINT_KEYS, (true[sel], loss[sel], ent[sel], amax[sel], sketch, zs if keep else None)):
                 if v is not None:
                     parts[key].append(v.to(STORE_DTYPES[key]).cpu())
     finally:
         rows.remove()
         model.train(was_training)
+    phi = {k: rows.phi(k) for k in feature_modules}
+    sums = [float(loss_acc), int(corr_acc)]
+    if world > 1:
+        parts, phi, sums = _gather_ranks(parts, phi, sums, world)
     sig = {k: torch.cat(v) for k, v in parts.items() if v}
     for k in feature_modules:
-        sig[f"kernel/{k}"] = _kernel(rows.phi(k)).to(STORE_DTYPES["kernel"]).cpu()
-    n = spec.y.numel()
-    summary = {"loss": float(loss_acc) / n, "accuracy": float(corr_acc) / n}
-    return sig, summary
+        sig[f"kernel/{k}"] = _kernel(phi[k].to(device)).to(STORE_DTYPES["kernel"]).cpu()
+    points = spec.y.numel()
+    return sig, {"loss": sums[0] / points, "accuracy": sums[1] / points}
+
+
+def _gather_ranks(parts: dict, phi: dict, sums: list, world: int) -> tuple[dict, dict, list]:
+    """Every rank's per-point parts and kernel rows, concatenated in rank order (= probe order), and
+    the loss and correct-count sums over the ranks. Collective."""
+    mine = {"parts": {k: torch.cat(v) for k, v in parts.items() if v}, "phi": phi, "sums": sums}
+    every = gather_objects(mine, world)
+    parts = {k: [g["parts"][k] for g in every if k in g["parts"]] for k in POINT_KEYS}
+    phi = {k: torch.cat([g["phi"][k] for g in every if g["phi"][k] is not None]) for k in phi}
+    return parts, phi, [sum(g["sums"][i] for g in every) for i in range(2)]
 
 
 def add_preacts(sig: dict, preacts: dict[str, dict]) -> dict:
@@ -223,19 +253,6 @@ def add_preacts(sig: dict, preacts: dict[str, dict]) -> dict:
         sig[f"preact/{layer}"] = torch.tensor([r[k] for k in MOMENT_NAMES], dtype=torch.float64)
         sig[f"preact_hist/{layer}"] = torch.as_tensor(r["hist"], dtype=torch.float64)
     return sig
-
-
-def preacts_of(sig: dict) -> dict[str, dict]:
-    """Inverse of add_preacts (without lo/hi, which live in the metadata)."""
-    from fastwidth.stats.moments import MOMENT_NAMES
-
-    out = {}
-    for key, t in sig.items():
-        if key.startswith("preact/"):
-            layer = key.split("/", 1)[1]
-            out[layer] = dict(zip(MOMENT_NAMES, t.tolist()))
-            out[layer]["hist"] = sig[f"preact_hist/{layer}"]
-    return out
 
 
 def save_signature(path: Path, sig: dict, meta: dict) -> None:

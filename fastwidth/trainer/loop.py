@@ -25,7 +25,6 @@ from tqdm import tqdm
 
 from fastwidth.config import Config, resolve
 from fastwidth.data import build_stream, data_io  # noqa: F401 (data_io: public here too)
-from fastwidth.parallel import stats as par_stats
 from fastwidth.parallel.engines import StepContext
 from fastwidth.parallel.env import agree_on_out_dir, check_shared_dir, init_dist, launched_world
 from fastwidth.parallel.memory import MemoryRecorder
@@ -34,7 +33,8 @@ from fastwidth.parallel.plan import check_fits
 from fastwidth.errors import DataError
 from fastwidth.kernels import dispatch
 from fastwidth.param.optim import lr_factor, set_lr
-from fastwidth.stats.monitor import Monitor
+from fastwidth.stats.lr_groups import monitor_for
+from fastwidth.stats.training_rows import BatchSharpnessRows, CoordRows
 from fastwidth.run.lock import RunLock, check_creatable, undo_on_error
 from fastwidth.run.prepare import check_run_dir, make_scratch_dir, prepare_run_dir
 from fastwidth.run.paths import RunDir
@@ -80,8 +80,9 @@ class Trainer:
                                          pass_name=sweep.REFINE)
         self._fixed = None
         self.stacker = None            # sweep.stack: planned when training starts (run)
-        dynamics.apply_edge_lrs(self)  # optim.lr_unit = edge: η = lr × 2/λ0, at init (before any restore)
-        dynamics.init_coord(self)      # stats.coord_every: W_0 and the layers' inputs at init
+        # at init, before any restore: optim.lr_unit = edge (η = lr × 2/λ0); stats.coord_every's W_0
+        lambda0 = dynamics.apply_edge_lrs(self.members, self.batch(0), cfg)
+        self.coord_rows = CoordRows(cfg, self.members, self.stream.probe()["x"], self.device)
         self.checkpointer = Checkpointer(cfg, self.placement.main, self.members, RunDir(cfg.train.out_dir).checkpoints)
         if self.resume_meta is not None:  # each engine loads its members (their steps trim the rows below)
             self.checkpointer.load_members(self.resume_meta)
@@ -96,16 +97,12 @@ class Trainer:
         self.memory.flush(self.writer)
         self.tokens_per_step = tokens_per_step(self.stream, cfg)
         self.evaluator = self._monitor(cfg)
-        self.evaluator.whole_of = par_stats.whole_member  # sharpness, eNTK: the member with whole parameters
+        self.sharpness_rows = BatchSharpnessRows(cfg, self.dist.world_size, lambda0)  # batch_sharpness, λ0 rows
         self.guard = sweep.DivergenceGuard(cfg.train.diverge_factor)
-        if self.dist.active:  # each rank evaluates its slice of the probe (sharded forwards gather); all get it whole
-            rank, world = self.dist.rank, self.dist.world_size
-            self.evaluator.probe_fn = lambda model, spec, device, feats: par_stats.probe_signature_sharded(
-                model, spec, device, rank, world, feats)
         self._register_state()
         if self.resume_meta is not None:
             self.checkpointer.load_state(self.resume_meta)  # the stream, RNG, sweep and statistics
-        par_stats.sync_ranges(self.evaluator, self.dist.world_size)  # one set of histogram bins on every rank
+        self.evaluator.sync_ranges()  # one set of histogram bins on every rank
 
     def _register_state(self) -> None:
         """What a checkpoint holds besides the members, restored in this order: the data cursor,
@@ -116,25 +113,18 @@ class Trainer:
         c.register("rng", RNG)
         c.register("sweep", State(lambda: sweep.state(self.guard, self.members, self.stacker),
                                   lambda saved: sweep.restore(saved, self.guard, self.members, self.evaluator)))
-        c.register("stats", State(self._monitor_state, self._load_monitor_state))
+        c.register("stats", State(self._monitor_state, self.evaluator.load_state_dict))  # the summary stays on rank 0
 
     def _monitor_state(self) -> dict:
-        par_stats.sync_monitor(self.evaluator, self.members, self.dist.world_size)
+        self.evaluator.sync_preacts(self.members)  # every rank's preactivation rows merged on rank 0
         return self.evaluator.state_dict()
 
-    def _load_monitor_state(self, saved: dict) -> None:
-        self.evaluator.load_state_dict(saved)
-        par_stats.keep_on_main(self.evaluator, self.dist.rank)  # the saved summary is rank 0's, global
-
     def _monitor(self, cfg: Config):
-        probe = self.stream.probe()
-        # histogram ranges from the run directory: other ranks' scratch run_dir is emptied at each start
-        shared = Path(cfg.train.out_dir)
-        own = {"ranges_dir": shared, "train_batch": self.batch, "world": self.dist.world_size}  # sharpness: the training batch
-        if not cfg.sweep.lrs:
-            return Monitor(cfg, self.run_dir, self.members, probe, self.writer, self.device, **own)
-        return sweep.LRMonitors(lambda ms, w: Monitor(sweep.monitor_config(cfg, ms), self.run_dir, ms, probe, w,
-                                                      self.device, **own), self.members, self.writer)
+        """Every statistic: the probe split over the ranks, histogram ranges from the run directory
+        (other ranks' scratch run_dir is emptied at each start), sharpness on the training batch."""
+        return monitor_for(cfg, self.run_dir, self.members, self.stream.probe(), self.writer, self.device,
+                           ranges_dir=Path(cfg.train.out_dir), train_batch=self.batch, rank=self.dist.rank,
+                           world=self.dist.world_size)
 
     # one optimizer step of one member on one batch; returns the loss (a tensor, no host sync)
     def train_step(self, m: Member, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -175,7 +165,9 @@ class Trainer:
         cfg = self.cfg
         start = min((m.step for m in self.active(self.members)), default=cfg.train.steps)
         self.record_data(start)
-        dynamics.at_start(self, start)
+        if start == 0:  # λ0 rows and the sharpness at initialization, on the first training batch
+            x, y = self.batch(0)
+            self.sharpness_rows.at_start(self.writer, self.members, self.active(self.members), x, y)
         if start == 0 and cfg.stats.enabled:
             self.evaluator.evaluate(0, 0, self.members)
         bar = tqdm(total=cfg.train.steps * len(self.members), initial=sum(m.step for m in self.members),
@@ -233,7 +225,7 @@ class Trainer:
         log.info("sweep.lr_refine=%d: %d more members, learning rates %s", cfg.sweep.lr_refine, len(new),
                  {w: sorted({lr for w2, lr, _ in specs if w2 == w}) for w in dict.fromkeys(w for w, _, _ in specs)})
         self.members += new
-        dynamics.init_coord(self)  # stats.coord_every: W_0 of the new members (the finished ones are not read again)
+        self.coord_rows.add(new)  # stats.coord_every: W_0 of the new members
         self.evaluator.add(new)
         self.stacker = self._plan_stacks()
         self.flops = flops.MFU(self.members, data_io(self.stream, cfg), self.device, self.dist.world_size)
@@ -285,10 +277,11 @@ class Trainer:
     def _monitor_after_step(self, step: int, group: list[Member], x, y) -> None:
         """The statistics due after `step`: batch sharpness and coord rows on this step's batch,
         the evaluation at stats.every."""
-        dynamics.write_batch_sharpness(self, step, self.active(group), x, y)
-        dynamics.write_coord(self, step, self.active(group))
+        tokens = step * self.tokens_per_step
+        self.sharpness_rows.after_step(self.writer, step, tokens, self.active(group), x, y)
+        self.coord_rows.after_step(self.writer, step, tokens, self.active(group))
         if self.cfg.stats.enabled and self._due(step, self.cfg.stats.every):
-            par_stats.sync_monitor(self.evaluator, group, self.dist.world_size)  # whole-batch preact stats
+            self.evaluator.sync_preacts(group)  # whole-batch preact stats
             self.evaluator.evaluate(step, step * self.tokens_per_step, self.active(group))
 
     def _log_after_step(self, step: int, group: list[Member], losses: dict, bar) -> None:

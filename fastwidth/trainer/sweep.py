@@ -7,7 +7,8 @@
 With `sweep.lrs` every (width, lr, seed) is a member; all read the same batches (the stream does
 not depend on the member), each has its own optimizer with optim.lr = lr, and its name
 `w{width}_lr{lr:g}_s{seed}` stays unique. The statistics compare widths at one learning rate:
-`LRMonitors` keeps one Monitor per learning rate, and every row it writes carries `base_lr`.
+stats/lr_groups.py's `LRMonitors` keeps one Monitor per learning rate, and every row it writes
+carries `base_lr`.
 
 With `sweep.lr_refine: K` a second pass follows: once every member has reached train.steps, the
 coarse pass's final losses (`final_losses`: the probe loss of the last evaluation, else the mean
@@ -29,7 +30,6 @@ row {"kind": "diverged", "step", "tokens", "width", "seed", "base_lr", "reason"}
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 
@@ -39,6 +39,7 @@ import torch
 from fastwidth.config import Config, for_width
 from fastwidth.run.members import MemberSpec, member_specs as sweep_member_specs
 from fastwidth.run.metrics import REFINE
+from fastwidth.stats.lr_groups import pass_tag
 from fastwidth.stats.transfer import refine_lrs
 
 FINAL_WINDOW = 0.1   # stats off: a member's final loss is its mean training loss over the last 10% of steps
@@ -142,120 +143,11 @@ def diverged_row(m, reason: str, loss: float, tokens_per_step: int) -> dict:
             **pass_tag(m)}
 
 
-def pass_tag(m) -> dict:
-    """{"pass": "refine"} for a member of the refinement pass, {} for the first pass (rows as before)."""
-    return {"pass": REFINE} if getattr(m, "pass_name", None) == REFINE else {}
-
-
 def drop_member(monitor, m, announce: bool = True) -> None:
     """Leave a stopped member out of the monitor's later comparisons (ensembles, fits, references);
     announce: write the row saying so when it was its learning rate's last reference-width member
     (False on resume: the row was written when it diverged)."""
-    for mon in getattr(monitor, "monitors", {}).values() or [monitor]:
-        if m in mon.members:
-            mon.drop(m, announce)
-
-
-# --------------------------------------------------------------------------- one monitor per LR
-
-class TaggedWriter:
-    """A MetricsWriter that adds fixed keys (base_lr) to every row."""
-
-    def __init__(self, writer, **tags):
-        self.writer, self.tags = writer, tags
-
-    def write(self, row: dict) -> None:
-        self.writer.write({**row, **self.tags})
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-def monitor_key(m):
-    """Which Monitor a member reports to: its learning rate (widths compared at equal lr), or for a
-    refined member (lr, width): a refined lr exists at one width, so it is compared with nothing."""
-    return (m.base_lr, m.width) if pass_tag(m) else m.base_lr
-
-
-def monitor_config(cfg: Config, members: list) -> Config:
-    """The config a Monitor of `members` runs with: a refined (lr, width) group is its own reference."""
-    if not pass_tag(members[0]):
-        return cfg
-    return dataclasses.replace(cfg, sweep=dataclasses.replace(cfg.sweep, reference_width=members[0].width))
-
-
-class LRMonitors:
-    """The Monitor interface over one Monitor per learning rate (widths compared at equal lr), and
-    one per refined (lr, width) (monitor_key); `add` gives the refinement pass's members theirs."""
-
-    def __init__(self, make_monitor, members: list, writer):
-        self.make_monitor, self.writer = make_monitor, writer
-        self.monitors: dict = {}
-        self._of: dict = {}
-        self.add(members)
-
-    def add(self, members: list) -> None:
-        groups: dict = {}
-        for m in members:
-            groups.setdefault(monitor_key(m), []).append(m)
-        for key in sorted(groups, key=lambda k: (isinstance(k, tuple), k)):
-            ms = groups[key]
-            self.monitors[key] = self.make_monitor(ms, TaggedWriter(self.writer, base_lr=ms[0].base_lr, **pass_tag(ms[0])))
-        self._of.update({m.name: self.monitors[monitor_key(m)] for m in members})
-
-    @property
-    def acc(self) -> dict:
-        return {k: v for mon in self.monitors.values() for k, v in mon.acc.items()}
-
-    @property
-    def probe_fn(self):
-        return next(iter(self.monitors.values())).probe_fn
-
-    @probe_fn.setter
-    def probe_fn(self, fn) -> None:
-        for mon in self.monitors.values():
-            mon.probe_fn = fn
-
-    @property
-    def whole_of(self):
-        return next(iter(self.monitors.values())).whole_of
-
-    @whole_of.setter
-    def whole_of(self, fn) -> None:
-        for mon in self.monitors.values():
-            mon.whole_of = fn
-
-    @contextlib.contextmanager
-    def paused(self):
-        with contextlib.ExitStack() as stack:
-            for mon in self.monitors.values():
-                stack.enter_context(mon.paused())
-            yield
-
-    def training(self, member):
-        return self._of[member.name].training(member)
-
-    def evaluate(self, step: int, tokens: int, members: list | None = None) -> None:
-        for key, mon in self.monitors.items():
-            subset = [m for m in members if monitor_key(m) == key] if members is not None else None
-            if subset is None or subset:
-                mon.evaluate(step, tokens, subset)
-
-    def flush_pending(self) -> None:
-        for mon in self.monitors.values():
-            mon.flush_pending()
-
-    def close(self) -> None:
-        for mon in self.monitors.values():
-            mon.close()
-
-    def state_dict(self) -> dict:
-        return {repr(key): mon.state_dict() for key, mon in self.monitors.items()}
-
-    def load_state_dict(self, d: dict) -> None:
-        for key, mon in self.monitors.items():
-            if repr(key) in d:
-                mon.load_state_dict(d[repr(key)])
+    monitor.drop(m, announce)
 
 
 # --------------------------------------------------------------------------- checkpoint state

@@ -49,16 +49,21 @@ def drive(run_dir, widths, seeds, ref_width=None, record=None, **stats):
     mon = Monitor(cfg, run_dir, members, {"x": px, "y": py}, writer, "cpu", train_batch=train_batch)
     mon.evaluate(0, 0)
     for step in range(STEPS):
-        x, y = train_batch(step)
-        for m in members:
-            with mon.training(m):
-                loss = m.model.loss(x, y)
-            loss.backward()
-            m.optimizer.step()
-            m.optimizer.zero_grad()
+        train_members(mon, members, step)
         if (step + 1) % EVERY == 0:
             mon.evaluate(step + 1, (step + 1) * B)
     return writer.rows, mon, members
+
+
+def train_members(mon, members, step):
+    """One SGD step of every member on the batch of `step`, its forward under mon.training."""
+    x, y = train_batch(step)
+    for m in members:
+        with mon.training(m):
+            loss = m.model.loss(x, y)
+        loss.backward()
+        m.optimizer.step()
+        m.optimizer.zero_grad()
 
 
 def _rows(rows, kind, **match):
