@@ -113,3 +113,21 @@ def test_single_process_engine_refuses_a_sharded_checkpoint_in_one_line(tmp_path
     meta["engine"] = {"backend": "fsdp2", "world_size": 2, "zero_stage": 0}
     with pytest.raises(CheckpointError, match="saved by dist.backend=fsdp2; resume it with that backend"):
         Checkpointer(cfg, members[0].engine, members, root).load_members(meta)
+
+
+def test_no_function_outside_the_trainer_receives_it():
+    """Components take what they use (preemption asks the checkpointer, the stacker gets its step
+    and monitor): no function of fastwidth has a `trainer` parameter (13 had on the issue's main)."""
+    import ast
+    from pathlib import Path
+
+    import fastwidth
+    package = Path(fastwidth.__file__).parent
+    taking = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+                if any(a.arg == "trainer" for a in args):
+                    taking.append(f"{path.relative_to(package)}:{node.name}")
+    assert taking == []
