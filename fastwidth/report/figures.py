@@ -17,7 +17,6 @@ from fastwidth.report._plotbase import (DPI, _loglog_axes, _panels, _save, _toke
                                         plt, width_colors)
 from fastwidth.report.intervals import late_rmse_with_ci, width_intervals
 from fastwidth.report.reader import Run
-from fastwidth.run import MemberSpec
 from fastwidth.stats.metrics import fit_power_law
 from fastwidth.stats.preact_range import Bins
 
@@ -182,7 +181,7 @@ def final_signatures(run: Run, prefix: str) -> tuple[int | None, dict[int, tuple
     seeds = sorted({r["seed"] for r in run.rows("eval")})
     per_w = {}
     for w in run.widths:
-        got = run.signature(MemberSpec(w, None, seeds[0]).name, step) if seeds and step is not None else None  # lr None: an LR sweep's names carry theirs
+        got = run.signature(run.member_name(w, seeds[0]), step) if seeds and step is not None else None
         if got and any(k.startswith(prefix) for k in got[0]):
             per_w[w] = got
     return step, per_w

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from fastwidth.report.reader import Run
-from fastwidth.run import MemberSpec
 from fastwidth.stats.ensemble import MIN_SEEDS_VARIANCE_CI, SeedEnsembles, covering, tail_mean_ci
 
 TAIL = 0.25          # the report's late window (reader.late_mean)
@@ -53,7 +52,7 @@ def _variance_from_signatures(run: Run, step: int) -> dict[int, list | None]:
         return {}
     true, have = {}, {}
     for w in run.widths:
-        got = [(s, run.signature(MemberSpec(w, None, s).name, step)) for s in seeds]  # lr None: an LR sweep's names carry theirs
+        got = [(s, run.signature(run.member_name(w, s), step)) for s in seeds]
         got = [(s, g[0]["true_logit"]) for s, g in got if g and "true_logit" in g[0]]
         if len(got) < MIN_SEEDS_VARIANCE_CI:
             return {}

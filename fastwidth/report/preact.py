@@ -29,7 +29,6 @@ import numpy as np
 
 from fastwidth.report._plotbase import _save, _width_ticks, plt
 from fastwidth.report.reader import Run
-from fastwidth.run import MemberSpec
 from fastwidth.stats.ensemble import tail_mean_ci
 from fastwidth.stats.metrics import wasserstein1_binned
 from fastwidth.stats.preact_range import Bins
@@ -66,7 +65,7 @@ def _seed_mean_ci(values: list[float]) -> tuple[float, list | None]:
 def _w1_floor(run: Run, step: int) -> dict[str, float]:
     """{layer: mean over the reference width's seed pairs of W1 / σ} at `step` (the same-width floor)."""
     seeds = sorted({r["seed"] for r in run.rows("eval", width=run.ref_width, step=step)})
-    sigs = [run.signature(MemberSpec(run.ref_width, None, s).name, step) for s in seeds]  # lr None: an LR sweep's names carry theirs
+    sigs = [run.signature(run.member_name(run.ref_width, s), step) for s in seeds]
     sigs = [s for s in sigs if s]
     got: dict[str, list[float]] = {}
     for (a, meta), (b, _) in itertools.combinations(sigs, 2):
