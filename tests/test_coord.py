@@ -89,6 +89,7 @@ def test_stats_does_not_import_the_cli():
         assert "fastwidth.cli" not in f.read_text(), f
 
 
+@pytest.mark.slow  # a whole training run (several s): the second tier keeps the fast one under 5 minutes
 def test_refined_check_runs_in_the_loop_and_the_report_draws_it(tmp_path):
     from fastwidth.report.cli import make_report
     from fastwidth.trainer.loop import run

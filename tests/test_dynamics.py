@@ -30,6 +30,7 @@ def test_full_batch_trains_on_one_fixed_batch(tmp_path):
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
 
 
+@pytest.mark.slow  # a whole training run (several s): the second tier keeps the fast one under 5 minutes
 def test_edge_units_and_sharpness_trajectories(tmp_path):
     d = run(cfg_of(tmp_path, TINY_MLP, "train.steps=30", "sweep.lrs=[0.5, 1.5]", *GD))
     rows = read_metrics(d / "metrics.jsonl")

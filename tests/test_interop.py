@@ -48,6 +48,7 @@ def test_load_model_is_the_trained_model(gpt_run):
         fastwidth.load_model(gpt_run, "w64_s0")
 
 
+@pytest.mark.slow  # a whole training run (several s): the second tier keeps the fast one under 5 minutes
 def test_hf_export_gives_the_same_logits_in_transformers(gpt_run, tmp_path, capsys):
     transformers = pytest.importorskip("transformers", reason="pip install 'fastwidth[hf]'")
     out = tmp_path / "hf"

@@ -43,7 +43,8 @@ def assert_bit_equal(a_dir, b_dir):
     assert rows_without_wall_time(a_dir) == rows_without_wall_time(b_dir)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "SIGUSR1"])  # SIGUSR1 takes the same path: the second tier
 def test_signal_finishes_the_step_checkpoints_and_resumes_bit_equal(tmp_path, monkeypatch, sig):
     # one model at a time (sweep.stack=false): the signal is sent from inside Trainer.train_step
     straight = run(cfg_of(tmp_path, TINY_GPT, "train.steps=12", "sweep.stack=false", out="straight"))
@@ -68,6 +69,7 @@ def test_signal_finishes_the_step_checkpoints_and_resumes_bit_equal(tmp_path, mo
     assert_bit_equal(straight, resumed)
 
 
+@pytest.mark.slow  # a whole training run (several s): the second tier keeps the fast one under 5 minutes
 def test_sigterm_from_outside_exits_143_and_resumes_bit_equal(tmp_path):
     """The real thing: a training process gets SIGTERM from another process at whatever step it
     is at, exits 143 with a checkpoint; resuming to a few steps later equals a straight run."""
@@ -113,6 +115,7 @@ run(load_config(None, {sets!r}))
 """
 
 
+@pytest.mark.slow  # a whole training run (several s): the second tier keeps the fast one under 5 minutes
 def test_kill_9_during_a_checkpoint_leaves_the_previous_one_loadable(tmp_path):
     sets = [*TINY_MLP, f"train.out_dir={tmp_path / 'killed'}", f"data.cache_dir={tmp_path / 'cache'}",
             "train.steps=9", "train.ckpt_every=3"]

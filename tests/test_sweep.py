@@ -113,6 +113,7 @@ def test_non_finite_numbers_are_json_null_and_readers_tolerate_them(tmp_path):
     assert [r["loss"] for r in read_metrics(path)] == [None, None] and read_metrics(path)[1]["x"] is None
 
 
+@pytest.mark.slow  # a whole training run (several s): the second tier keeps the fast one under 5 minutes
 def test_report_on_a_run_with_nan_strings_and_diverged_members(tmp_path):
     run_dir = run(cfg_of(tmp_path, TINY_MLP, *LR_SWEEP))
     with open(run_dir / "metrics.jsonl", "a") as f:   # what the loop wrote before non-finite became null
