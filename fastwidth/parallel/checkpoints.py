@@ -23,7 +23,6 @@ leaves the previous checkpoint as the latest complete one.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from fastwidth.errors import CheckpointError
@@ -36,15 +35,6 @@ ENGINE_DIR = "engine"  # the members' directories of a sharded checkpoint
 def member_dir(path: Path, name: str) -> Path:
     """Member `name`'s directory in the sharded checkpoint `path`."""
     return Path(path) / ENGINE_DIR / name
-
-
-def prune_stale(ckpt_root: Path) -> list[str]:
-    """Remove hidden .tmp-* directories: saves that never completed (a rank or the job died)."""
-    gone = []
-    for p in Path(ckpt_root).glob(".tmp-*"):
-        shutil.rmtree(p, ignore_errors=True)
-        gone.append(p.name)
-    return gone
 
 
 def save_whole(env, ckpt_root: Path, step: int, members: list, extra: dict, keep: int) -> Path:
@@ -62,8 +52,7 @@ def save_sharded(env, ckpt_root: Path, step: int, members: list, extra: dict, ke
     tmp = ckpt_root / f".tmp-{final.name}"
     if env.is_main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
-        prune_stale(ckpt_root)
-        ckpt.recover_set_aside(ckpt_root)
+        ckpt.clear_interrupted(ckpt_root)
         (tmp / ENGINE_DIR).mkdir(parents=True)
     env.barrier()
     for i, m in enumerate(members):

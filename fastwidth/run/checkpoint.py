@@ -115,9 +115,7 @@ def save_checkpoint(ckpt_root: Path, step: int, members: list, extra: dict, keep
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / checkpoint_name(step)
-    for stale in ckpt_root.glob(".tmp-*"):  # a write killed mid-way (kill -9, node loss) left it
-        shutil.rmtree(stale, ignore_errors=True)
-    recover_set_aside(ckpt_root)
+    clear_interrupted(ckpt_root)
     tmp = ckpt_root / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
     files, member_meta = {}, []
@@ -159,6 +157,14 @@ def publish(tmp: Path, final: Path, keep: int) -> None:
 
 
 ASIDE = ".replaced-"   # a checkpoint being replaced by one of the same name
+
+
+def clear_interrupted(ckpt_root: Path) -> None:
+    """Before a save: remove the hidden .tmp-* directories of saves that never completed (kill -9,
+    node loss, a rank that died) and put back a checkpoint a kill left set aside."""
+    for stale in Path(ckpt_root).glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    recover_set_aside(Path(ckpt_root))
 
 
 def recover_set_aside(ckpt_root: Path) -> None:
