@@ -23,6 +23,7 @@ import torch
 from fastwidth.errors import CheckpointError, ConfigError
 from fastwidth.param.optim import build_optimizer, param_groups, set_lr
 from fastwidth.param.scaling import ParamInfo, apply_forward_mults, draw_init_flat
+from fastwidth.parallel import zero_files
 from fastwidth.parallel.engines import (Engine, LossForward, MemberHandle, StepContext, Whole, accumulate,
                                         optimizer_view, shard_units)
 
@@ -250,11 +251,21 @@ class DeepSpeedEngine(Engine):
         return info["world_size"] != self.env.world_size and info["zero_stage"] == 3
 
     def save_member(self, h, where):
+        """DeepSpeed's save_checkpoint, then each rank rewrites the pickles it wrote as
+        safetensors + JSON (zero_files), so that loading the checkpoint unpickles nothing."""
         h.wrapped.save_checkpoint(str(where.parent), tag=where.name, save_latest=False)
+        zero_files.convert_member(where, self.env.rank)
+
+    def _trust(self) -> bool:
+        """train.trust_checkpoint: an earlier version's pickled member may reach DeepSpeed."""
+        return bool(getattr(self.cfg.train, "trust_checkpoint", False))
 
     def load_member(self, h, where):
-        path, _ = h.wrapped.load_checkpoint(str(where.parent), tag=where.name,
-                                            load_optimizer_states=True, load_lr_scheduler_states=False)
+        # elastic_checkpoint (dist.deepspeed) has every rank read every rank's optimizer file
+        elastic = self.ds_config["zero_optimization"].get("elastic_checkpoint", False)
+        with zero_files.readable(where, self._trust(), None if elastic else self.env.rank) as src:
+            path, _ = h.wrapped.load_checkpoint(str(src.parent), tag=src.name,
+                                                load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise CheckpointError(f"deepspeed could not load checkpoint {where}")
 
@@ -280,9 +291,10 @@ class DeepSpeedEngine(Engine):
         if self.env.is_main:
             from deepspeed.checkpoint.ds_to_universal import main as to_universal
             shutil.rmtree(out, ignore_errors=True)
-            to_universal(SimpleNamespace(input_folder=str(where), output_folder=str(out),
-                                         num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                                         strict=True, inject_missing_state=False))
+            with zero_files.readable(where, self._trust()) as src:
+                to_universal(SimpleNamespace(input_folder=str(src), output_folder=str(out),
+                                             num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                             strict=True, inject_missing_state=False))
         self.env.barrier()
         handle, opt = h.wrapped, h.optimizer
         # the universal loader gives every param group the hyperparameters of the checkpoint's first

@@ -42,7 +42,7 @@ def check_resumable(cfg, world_size: int) -> None:
 
 # --------------------------------------------------------------------------- export
 
-def member_tensors(path: Path, meta: dict, name: str) -> dict[str, torch.Tensor]:
+def member_tensors(path: Path, meta: dict, name: str, trust: bool = False) -> dict[str, torch.Tensor]:
     """Member `name`'s full (unsharded) model state from checkpoint `path` (meta: its
     ckpt.read_checkpoint) in any format, without a process group."""
     if meta.get("engine") is None:
@@ -54,9 +54,11 @@ def member_tensors(path: Path, meta: dict, name: str) -> dict[str, torch.Tensor]
             dcp_to_torch_save(str(where), os.path.join(d, "full.pt"))
             return dict(torch.load(os.path.join(d, "full.pt"), weights_only=True)["model"])
     from fastwidth.parallel.zero import import_deepspeed
+    from fastwidth.parallel.zero_files import readable
     import_deepspeed(torch.cuda.is_available())
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(where.parent), tag=where.name)
+    with readable(where, trust) as src:  # DeepSpeed's files rebuilt from safetensors + JSON
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(src.parent), tag=src.name)
     return {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()}
 
 
