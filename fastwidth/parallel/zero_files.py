@@ -241,12 +241,13 @@ def readable(where: Path, trust: bool, rank: int | None = None) -> Iterator[Path
     JSON (rank: only the files that data-parallel rank reads; None: all), or, for a checkpoint of
     an earlier version (pickles only), `where` itself when `trust` allows it."""
     where = Path(where)
+    pickles = sorted(where.glob("*.pt"))
+    if pickles and not trust:  # beside converted files too: one planted there replaces a member's state
+        raise CheckpointError(
+            f"checkpoint file {pickles[0]} is a pickle: loading it could run code; a checkpoint written "
+            f"by this version holds safetensors and JSON; pass --trust-checkpoint (trust_checkpoint=True) "
+            f"only if you trust who wrote it")
     if not is_converted(where):
-        if any(where.glob("*.pt")) and not trust:
-            raise CheckpointError(
-                f"checkpoint {where} holds DeepSpeed pickles (.pt): loading them could run code; a "
-                f"checkpoint written by this version holds safetensors and JSON; pass --trust-checkpoint "
-                f"(trust_checkpoint=True) only if you trust who wrote it")
         yield where
         return
     with tempfile.TemporaryDirectory(prefix="fastwidth-deepspeed-") as scratch:
