@@ -225,17 +225,24 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 TENSOR_FILE, JSON_FILE = ".safetensors", ".json"   # the only files a checkpoint holds
 
 
-def refuse_unpicklable(path: Path, meta: dict, trust: bool = False) -> None:
+def refuse_unpicklable(path: Path, trust: bool = False, meta: dict | None = None) -> None:
     """Refuse (CheckpointError, one line) checkpoint `path` when it holds a file that is not a
     safetensors or JSON file listed with its sha256 in meta.json "files": torch's and
     DeepSpeed's own loaders unpickle such files (.metadata, .distcp, .pt, .bin, .pkl), and
     unpickling runs whatever code the file names. `trust` (--trust-checkpoint,
     train.trust_checkpoint) lets the old loaders read a checkpoint written by an earlier version.
-    Called by every reader before any loader sees the directory."""
+    Called by every reader before any loader sees the directory; meta: its meta.json (read here
+    when not given)."""
     if trust:
         return
     path = Path(path)
-    listed = set(meta.get("files", {}))
+    if meta is None:
+        try:
+            meta = json.loads((path / META).read_text())
+        except (OSError, ValueError):
+            meta = {}
+    files = meta.get("files") if isinstance(meta, dict) else None
+    listed = set(files) if isinstance(files, dict) else set()
     for f in sorted(path.rglob("*")):
         rel = f.relative_to(path).as_posix()
         if f.is_dir() and not f.is_symlink() or rel == META:
@@ -268,7 +275,7 @@ def read_checkpoint(path: Path, trust: bool = False) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {meta_file} is not a {FORMAT} checkpoint")
     check_meta(meta, meta_file)
-    refuse_unpicklable(path, meta, trust)
+    refuse_unpicklable(path, trust, meta)
     for fname, digest in meta["files"].items():
         f = path / fname
         if not f.is_file():
