@@ -50,6 +50,9 @@ def check_target(out: str | Path, *, flag: str, force: bool, kind: str) -> None:
     """One line (UserError) when `out` may not be written by `flag`; `kind` is "file" or "dir"."""
     out = Path(out)
     run = owning_run(out)
+    if run is not None and run.root.resolve() == out.resolve():
+        raise UserError(f"{flag} {out} is run directory {run.root}, which no command overwrites (not even with "
+                        f"--force); write somewhere else")
     if run is not None:
         raise UserError(f"{flag} {out} would write into run directory {run.root}'s own files, which no "
                         f"command overwrites (not even with --force); write somewhere else")
