@@ -66,7 +66,13 @@ def cmd_plan(args) -> int:
     if cfg.data.batch_size % world:
         raise ConfigError(f"data.batch_size {cfg.data.batch_size} is not divisible by dist.world_size={world}")
     k = micro_steps(cfg, world)
-    counts = count_params(cfg)
+    try:
+        counts = count_params(cfg)
+    except RuntimeError as e:  # torch's meta tensors: a weight past 2^63 bytes (width ~1.5e9 in fp32)
+        if "overflow" not in str(e):
+            raise
+        raise ConfigError(f"model.width={cfg.model.width} (sweep.widths {cfg.sweep.widths}) is too wide to plan: "
+                          f"a weight matrix of that width overflows torch's 64-bit storage size") from None
     budget = cfg.dist.gpu_memory_gb * 1e9
     node, source = node_size_of(args)
     note = shard_note(cfg, world, node, source)   # before the table: a bad dist.replicate stops here
