@@ -96,7 +96,7 @@ def add_coord_parser(sub) -> None:
 
 def cmd_export(args) -> int:
     from fastwidth.interop.export import export
-    out, names = export(args.run, args.output, fmt=args.format, member=args.member)
+    out, names = export(args.run, args.output, fmt=args.format, member=args.member, force=args.force)
     print(f"wrote {out} ({', '.join(names)})")
     return 0
 
@@ -134,6 +134,9 @@ def add_export(sub) -> None:
                    help="safetensors: full fp32 weights (all members, or --member); hf: a Hugging Face "
                         "Llama checkpoint that transformers loads (GPT with RMSNorm, SwiGLU, RoPE)")
     p.add_argument("--member", default=None, help="one model, e.g. w64_s0 (required for --format hf)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing OUT (a file by rename; a directory wholly: the new one is written "
+                        "beside it, then swapped in); never a run directory's own files")
     p.set_defaults(func=cmd_export)
 
 

@@ -100,6 +100,7 @@ class TrainConfig:
     resume: Union[bool, str] = _opt(False, choices=[False, True, "auto"],
                                     help="continue from the latest checkpoint in out_dir; auto = resume when one exists, else start fresh (requeued jobs)")
     overwrite: bool = _opt(False, help="allow starting fresh in a run directory that already holds a run")
+    trust_checkpoint: bool = _opt(False, help="resume from a checkpoint holding files that need unpickling (one written by an earlier fastwidth, or a DeepSpeed one): only if you trust who wrote it, since unpickling can run code")
     device: str = _opt("auto", choices=["auto", "cpu", "cuda"], help="auto = cuda when present")
     precision: str = _opt("auto", choices=["auto", "fp32", "bf16"], help="auto = bf16 autocast on GPU, fp32 on CPU")
     kernels: str = _opt("auto", choices=["auto", "torch", "triton", "native"],

@@ -72,6 +72,17 @@ def prepare_source(d, out: Path | None = None, *, workers: int = 0, progress: bo
     return man, Path(out)
 
 
+def prepared_shards(d, out: Path) -> dict | None:
+    """The manifest of the shards in `out` when they are what prepare_source(d, out) asks for (it
+    would reuse them and write nothing), else None."""
+    from fastwidth.data import shards
+
+    request = shards.request_of(d.tokenizer, d.bpe_vocab_size, d.bpe_train_bytes)
+    content = open_corpus(d.source, d.path, d.text_field).content_hash(cache_root(d))
+    man = shards._reusable(Path(out), content, request)
+    return None if man is None else {**man, "reused": True}
+
+
 def token_stream(d, *, rank: int = 0, world_size: int = 1) -> TokenStream:
     from fastwidth.data import shards
 

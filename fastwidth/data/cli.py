@@ -6,6 +6,9 @@
 
 prepare prints one JSON object (out, tokens, shards, reused, seconds, tokens_per_s); train on the
 result with data.source=shards data.path=OUT. Re-running on unchanged input reuses the shards.
+An --out that exists and holds anything else is refused unless --force, which replaces it wholly
+(the shards are written beside it and swapped in: run/outputs.py); a failed prepare leaves no
+half-written --out.
 """
 from __future__ import annotations
 
@@ -44,6 +47,9 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("prepare", help="tokenize a text corpus once into token shards (all cores)")
     _add_common(p)
     p.add_argument("--out", default=None, help="shard directory; default: the content-keyed cache")
+    p.add_argument("--force", action="store_true", help="replace an existing --out that holds other files "
+                   "(wholly: the shards are written beside it, then swapped in); shards of the same input are "
+                   "reused without it")
     p.add_argument("--workers", type=int, default=0, help="processes; 0 = all cores")
     p.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard file (default 2^28)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -76,8 +82,8 @@ def cmd_prepare(args) -> int:
     if args.workers < 0:
         raise DataError(f"--workers {args.workers} must be >= 0 (0 = all cores)")
     t0 = time.perf_counter()
-    man, out = prepare_source(d, Path(args.out) if args.out else None, workers=args.workers,
-                              progress=False if args.no_progress else None, shard_tokens=args.shard_tokens)
+    man, out = _prepare_into(d, Path(args.out).expanduser() if args.out else None, args.force, workers=args.workers,
+                             progress=False if args.no_progress else None, shard_tokens=args.shard_tokens)
     dt = time.perf_counter() - t0
     print(json.dumps({"out": str(out), "source": man["source"], "tokenizer": man["tokenizer"],
                       "vocab_size": man["vocab_size"], "tokens": man["tokens"], "shards": len(man["shards"]),
@@ -85,6 +91,25 @@ def cmd_prepare(args) -> int:
                       "tokens_per_s": None if man["reused"] else round(man["tokens"] / max(dt, 1e-9)),
                       "train_with": f"data.source=shards data.path={out}"}))
     return 0
+
+
+def _prepare_into(d, out: Path | None, force: bool, **kw) -> tuple[dict, Path]:
+    """prepare_source into `out` (None: the cache), an existing `out` only as the module docstring says."""
+    from fastwidth.data import prepare_source, prepared_shards
+    from fastwidth.run.outputs import check_target, replacing
+
+    if out is None:
+        return prepare_source(d, None, **kw)
+    if out.is_dir() and (man := prepared_shards(d, out)) is not None:
+        return man, out
+    check_target(out, flag="data prepare --out", force=force, kind="dir")
+    corpus = Path(d.path or "").expanduser().resolve()
+    if force and out.exists() and d.path and (out.resolve() == corpus or out.resolve() in corpus.parents):
+        raise DataError(f"data prepare --out {out} --force would delete the corpus {d.path} inside it; "
+                        f"write the shards somewhere else")
+    with replacing(out, kind="dir") as tmp:
+        man, _ = prepare_source(d, tmp, **kw)
+    return man, out
 
 
 def cmd_info(args) -> int:

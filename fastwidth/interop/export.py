@@ -1,7 +1,9 @@
 """`fastwidth export RUN -o OUT [--format safetensors|hf] [--member NAME]`.
 
 Everything checkable is checked before anything is written: the run and its checkpoint, the
-member, the layout (hf), and where OUT goes.
+member, the layout (hf), and where OUT goes: an existing OUT only with `force`, never a run
+directory's own files (run/outputs.py). OUT is written beside itself and renamed into place, so a
+failed export leaves nothing half-written.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 
 from fastwidth.errors import UserError
 from fastwidth.run import RunDir
+from fastwidth.run.outputs import check_target, replacing
 
 
 def _check_output(out: Path, fmt: str) -> None:
@@ -33,19 +36,26 @@ def _run_dir_of(path: Path) -> Path:
     raise UserError(f"{path} is not a run directory (no config.yaml and checkpoints/)")
 
 
-def export(run: str | Path, out: str | Path, fmt: str = "safetensors", member: str | None = None) -> tuple[Path, list[str]]:
-    """Write the export; returns (what was written, the members in it)."""
+def export(run: str | Path, out: str | Path, fmt: str = "safetensors", member: str | None = None,
+           force: bool = False) -> tuple[Path, list[str]]:
+    """Write the export; returns (what was written, the members in it). `force`: replace an existing OUT."""
     run, out = Path(run).expanduser(), Path(out).expanduser()
     if not run.exists():
         raise UserError(f"export: {run} does not exist")
     _check_output(out, fmt)
+    if fmt not in ("safetensors", "hf"):
+        raise UserError(f"export --format {fmt}: valid formats are safetensors, hf")
+    check_target(out, flag="export -o" if fmt == "safetensors" else "export --format hf -o", force=force,
+                 kind="file" if fmt == "safetensors" else "dir")
     if fmt == "safetensors":
         from fastwidth.trainer.engine_checkpoint import export_checkpoint
-        return out, export_checkpoint(run, out, member=member)
-    if fmt != "hf":
-        raise UserError(f"export --format {fmt}: valid formats are safetensors, hf")
+        with replacing(out, kind="file") as tmp:
+            names = export_checkpoint(run, tmp, member=member)
+        return out, names
     if not member:
         raise UserError("export --format hf writes one model: name it with --member (e.g. --member w64_s0)")
     from fastwidth.interop.hf import export_hf
     run_dir = _run_dir_of(run)
-    return export_hf(run_dir, member, out), [member]
+    with replacing(out, kind="dir") as tmp:
+        export_hf(run_dir, member, tmp)
+    return out, [member]

@@ -38,6 +38,27 @@ def shard_note(cfg, world: int, node: int | None, source: str) -> str:
     return f"fsdp2 rows: shards over all {world} ranks"
 
 
+def gib_text(nbytes: float) -> str:
+    """Bytes as GiB for the table: two decimals, or three significant digits past 10^5 GiB."""
+    gib = nbytes / GIB
+    return f"{gib:.2f}" if gib < 1e5 else f"{gib:.3g}"
+
+
+def count_text(n: float) -> str:
+    """A parameter count in the largest unit that keeps it readable: 12.6 M, 28.8 T."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f}"
+
+
+def table_lines(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows of cells as text lines: the first column left-aligned, the others right-aligned, each
+    column as wide as its widest cell, so values of any size stay apart."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [f"{r[0]:<{widths[0]}}" + "".join(f"  {c:>{w}}" for c, w in zip(r[1:], widths[1:])) for r in rows]
+
+
 def cmd_plan(args) -> int:
     from fastwidth.config import load_config, resolve
     cfg = resolve(load_config(args.config, overrides_of(args)))
@@ -45,23 +66,30 @@ def cmd_plan(args) -> int:
     if cfg.data.batch_size % world:
         raise ConfigError(f"data.batch_size {cfg.data.batch_size} is not divisible by dist.world_size={world}")
     k = micro_steps(cfg, world)
-    counts = count_params(cfg)
+    try:
+        counts = count_params(cfg)
+    except RuntimeError as e:  # torch's meta tensors: a weight past 2^63 bytes (width ~1.5e9 in fp32)
+        if "overflow" not in str(e):
+            raise
+        raise ConfigError(f"model.width={cfg.model.width} (sweep.widths {cfg.sweep.widths}) is too wide to plan: "
+                          f"a weight matrix of that width overflows torch's 64-bit storage size") from None
     budget = cfg.dist.gpu_memory_gb * 1e9
     node, source = node_size_of(args)
     note = shard_note(cfg, world, node, source)   # before the table: a bad dist.replicate stops here
     print(f"{cfg.model.arch} widths {cfg.sweep.widths} x seeds {cfg.sweep.seeds} depth {cfg.model.depth}: widest "
-          f"{counts['total'] / 1e6:.1f} M parameters; {world} ranks, global batch {cfg.data.batch_size} "
+          f"{count_text(counts['total'])} parameters; {world} ranks, global batch {cfg.data.batch_size} "
           f"({k} micro-batches), checkpointing {cfg.train.activation_checkpointing}, "
           f"{cfg.dist.gpu_memory_gb:g} GB per GPU; GiB per rank, summed over the sweep:")
     print(note)
     cols = ("params", "grads", "optimizer", "activations", "built", "ready", "step", "eval", "peak", "host")
-    print(f"{'backend':34s}" + "".join(f"{c:>10s}" for c in cols) + f"{'fits':>6s}{'widest GPT':>12s}")
+    rows = [("backend", *cols, "fits", "widest GPT")]
     for choice in CHOICES:
         w = 1 if choice.backend == "none" else world
         mem = plan_sweep(cfg, w, choice, k, node)
         widest = widest_gpt(cfg, choice, w, budget, node_size=node) if cfg.model.arch == "gpt" else 0
-        print(f"{choice.label:34s}" + "".join(f"{mem[c] / GIB:10.2f}" for c in cols)
-              + f"{'yes' if mem['peak'] <= budget else 'no':>6s}{widest:>12d}")
+        rows.append((choice.label, *(gib_text(mem[c]) for c in cols), "yes" if mem["peak"] <= budget else "no",
+                     str(widest)))
+    print("\n".join(table_lines(rows)))
     if getattr(args, "dry_run", False):
         from fastwidth.parallel.dryrun import print_dry_run
         print_dry_run(cfg, args.ranks or [world])

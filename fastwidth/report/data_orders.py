@@ -24,6 +24,7 @@ def _identity(run: Run) -> str:
     cfg = copy.deepcopy(run.config)
     for section, key in IGNORED:
         (cfg.get(section) or {}).pop(key, None)
+    cfg["probe"] = run.probe  # runs on different probe splits are never compared (report/cli.py)
     return json.dumps(cfg, sort_keys=True, default=str)
 
 

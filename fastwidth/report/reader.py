@@ -37,6 +37,7 @@ class Run:
     sweep_rows: list[dict] = field(default_factory=list)
     chosen_lr: float | None = None
     partial: str | None = None  # one line: what of the run is missing or cut (partial_note)
+    probe: str | None = None    # the probe split's hash (probe_identity), where the report asked
 
     @property
     def diverged(self) -> list[dict]:
@@ -125,6 +126,25 @@ def load_run(path: str | Path) -> Run:
     run.all_rows = _view(run)
     run.partial = partial_note(run, cut, cfg_file.is_file())
     return run
+
+
+def probe_identity(run: Run) -> str | None:
+    """The hash of the probe split the run's signatures were taken on (stats/signature.py
+    probe_hash): of RUN/probe.safetensors, else as its signatures record it; None when the run
+    keeps neither (nothing to compare)."""
+    probe = RunDir(run.path).probe
+    if probe.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from fastwidth.stats.signature import probe_hash
+        try:
+            return probe_hash(load_file(str(probe)))
+        except (SafetensorError, OSError, KeyError) as e:
+            raise UserError(f"{probe}: not a readable probe split ({e}); a run writes it as safetensors "
+                            f"with tensors x and y") from None
+    first = next((p for steps in run.signatures.values() for p in steps.values()), None)
+    return load_signature(first)[1].get("probe_hash") if first is not None else None
 
 
 def partial_note(run: Run, cut_bytes: int = 0, has_config: bool = True) -> str | None:

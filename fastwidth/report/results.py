@@ -137,8 +137,9 @@ def run_section(sec: Section, runs_dir: Path, docs: Path, reuse: bool) -> list[s
         body = (out_dir / "complexity.md").read_text().splitlines() + [""]
     else:
         from fastwidth.report.cli import make_report
-        make_report(dirs, out_dir)
-        lines.append(f"fastwidth report {' '.join(map(str, dirs))} -o {out_dir.relative_to(docs)}")
+        make_report(dirs, out_dir, allow_different_probes=True)  # "transfer": Fashion-MNIST beside the GPT
+        lines.append(f"fastwidth report {' '.join(map(str, dirs))} -o {out_dir.relative_to(docs)} --force "
+                     f"--allow-different-probes")
         body = _summary_sections(out_dir / "summary.md", sec.tables) + _width_table(out_dir / "summary.json")
     load = os.getloadavg()[0]
     lines += ["```", "", f"(generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; wall times on 2 cores, "

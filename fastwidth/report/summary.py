@@ -244,9 +244,10 @@ def _equal_compute_table(n: dict) -> list[str]:
     return out + [""]
 
 
-def write_summary(runs: list[Run], figures: dict[str, Path | None], out: Path) -> Path:
+def write_summary(runs: list[Run], figures: dict[str, Path | None], out: Path, notes: list[str] = ()) -> Path:
+    """summary.md and summary.json in `out`; `notes`: paragraphs for the top (comparisons skipped)."""
     numbers = [run_numbers(run) for run in runs]
-    lines = ["# fastwidth report", ""]
+    lines = ["# fastwidth report", ""] + [f"{note}\n" for note in notes]
     lines += [f"**Partial run** {run.label}: {run.partial}; the figures draw what is there.\n"
               for run in runs if run.partial]
     lines += ["| run | kind | optimizer, LR | data | widths | seeds | tokens | late RMSE slope | loss spread (rel.) |",

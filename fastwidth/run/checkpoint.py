@@ -20,6 +20,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -183,23 +184,85 @@ def _prune(ckpt_root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def read_latest_pointer(ckpt_root: Path) -> Path | None:
+    """The checkpoint `latest` names in `ckpt_root`, or None when there is no pointer or the
+    directory it names is gone. Refuses (CheckpointError, one line) a pointer that names
+    anything but a step_N directory of this checkpoints/ (../, an absolute path, a link out):
+    resume, export and load_model would otherwise read a checkpoint from outside the run."""
+    pointer = latest_pointer(ckpt_root)
+    if not pointer.is_file():
+        return None
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        raise CheckpointError(f"{pointer} cannot be read as text; it should name a step_N checkpoint") from None
+    if not name:
+        return None
+    found = Path(ckpt_root) / name
+    inside = _STEP_NAME.fullmatch(name) and not found.is_symlink()
+    if not inside:
+        raise CheckpointError(f"{pointer} names {name!r}, outside {ckpt_root}; it must name one of its "
+                              f"step_N checkpoint directories (delete it to resume from the newest one)")
+    return found if found.is_dir() else None
+
+
+_STEP_NAME = re.compile(r"step_\d+")
+
+
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
     ckpt_root = Path(ckpt_root)
     if ckpt_root.is_dir():
         recover_set_aside(ckpt_root)
-    pointer = latest_pointer(ckpt_root)
-    if pointer.is_file():
-        name = pointer.read_text().strip()
-        if name and (ckpt_root / name).is_dir():
-            return ckpt_root / name
-    done = checkpoint_dirs(ckpt_root)
+    found = read_latest_pointer(ckpt_root)
+    if found is not None:
+        return found
+    done = [d for d in checkpoint_dirs(ckpt_root) if not d.is_symlink()]
     return done[-1] if done else None
 
 
-def read_checkpoint(path: Path) -> dict:
-    """Read and verify a checkpoint; returns meta plus 'tensors' {file: {name: tensor}}.
+# --------------------------------------------------------------------------- reading
 
-    Raises CheckpointError (one line) for a missing, truncated or corrupt checkpoint.
+TENSOR_FILE, JSON_FILE = ".safetensors", ".json"   # the only files a checkpoint holds
+
+
+def refuse_unpicklable(path: Path, trust: bool = False, meta: dict | None = None) -> None:
+    """Refuse (CheckpointError, one line) checkpoint `path` when it holds a file that is not a
+    safetensors or JSON file listed with its sha256 in meta.json "files": torch's and
+    DeepSpeed's own loaders unpickle such files (.metadata, .distcp, .pt, .bin, .pkl), and
+    unpickling runs whatever code the file names. `trust` (--trust-checkpoint,
+    train.trust_checkpoint) lets the old loaders read a checkpoint written by an earlier version.
+    Called by every reader before any loader sees the directory; meta: its meta.json (read here
+    when not given)."""
+    if trust:
+        return
+    path = Path(path)
+    if meta is None:
+        try:
+            meta = json.loads((path / META).read_text())
+        except (OSError, ValueError):
+            meta = {}
+    files = meta.get("files") if isinstance(meta, dict) else None
+    listed = set(files) if isinstance(files, dict) else set()
+    for f in sorted(path.rglob("*")):
+        rel = f.relative_to(path).as_posix()
+        if f.is_dir() and not f.is_symlink() or rel == META:
+            continue
+        plain = f.is_file() and not f.is_symlink() and f.name.endswith((TENSOR_FILE, JSON_FILE))
+        if not plain or rel not in listed:
+            why = "is not a safetensors or JSON file" if not plain else "is not listed in its meta.json"
+            raise CheckpointError(
+                f"checkpoint file {f} {why}: loading it could run code; a checkpoint written by this "
+                f"version holds only listed safetensors and JSON; pass --trust-checkpoint "
+                f"(trust_checkpoint=True) only if you trust who wrote it")
+
+
+def read_checkpoint(path: Path, trust: bool = False) -> dict:
+    """Read and verify a checkpoint; returns meta plus 'tensors' {file: {name: tensor}} (the
+    single-process format's; a sharded checkpoint's files are verified, not loaded: its engine
+    reads each rank's part).
+
+    Raises CheckpointError (one line) for a missing, truncated, corrupt or malformed checkpoint,
+    or one that holds a file that would need unpickling (refuse_unpicklable; `trust` allows it).
     """
     path = Path(path)
     meta_file = path / META
@@ -211,19 +274,67 @@ def read_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {meta_file} is truncated or not JSON") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {meta_file} is not a {FORMAT} checkpoint")
-    tensors = {}
+    check_meta(meta, meta_file)
+    refuse_unpicklable(path, trust, meta)
     for fname, digest in meta["files"].items():
         f = path / fname
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} is missing {fname}")
         if _sha256(f) != digest:
             raise CheckpointError(f"checkpoint file {f} is truncated or corrupt (checksum mismatch)")
-        try:
-            tensors[fname] = load_file(str(f))
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"checkpoint file {f} cannot be read: {e}") from None
+    tensors = {}
+    if meta.get("engine") is None:
+        for fname in meta["files"]:
+            try:
+                tensors[fname] = load_file(str(path / fname))
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"checkpoint file {path / fname} cannot be read: {e}") from None
     meta["tensors"] = tensors
     return meta
+
+
+def check_meta(meta: dict, meta_file: Path) -> None:
+    """Refuse, naming the field, a meta.json whose fields have the wrong types (a hand edit, a
+    tool's output): every reader indexes them without further checks."""
+    def bad(field: str, valid: str):
+        return CheckpointError(f"checkpoint {meta_file}: field {field} must be {valid}")
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if not is_int(meta.get("step")):
+        raise bad("step", "an integer")
+    members = meta.get("members")
+    if not isinstance(members, list) or not members:
+        raise bad("members", "a non-empty list of {name, width, seed, step}")
+    for i, e in enumerate(members):
+        if not isinstance(e, dict):
+            raise bad(f"members[{i}]", "an object {name, width, seed, step}")
+        name = e.get("name")
+        if not isinstance(name, str) or not _MEMBER_NAME.fullmatch(name):
+            raise bad(f"members[{i}].name", "a model name such as w64_s0 (letters, digits, _ . -)")
+        for key in ("width", "seed", "step"):
+            if not is_int(e.get(key)):
+                raise bad(f"members[{i}].{key}", "an integer")
+        opt = e.get("optimizer")
+        if "engine" not in meta and not (isinstance(opt, dict) and isinstance(opt.get("param_groups"), list)
+                                         and isinstance(opt.get("scalars"), dict)):
+            raise bad(f"members[{i}].optimizer", "an object {param_groups: [...], scalars: {...}}")
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        raise bad("files", "an object {file name: sha256}")
+    for fname, digest in files.items():
+        if Path(fname).is_absolute() or ".." in Path(fname).parts or not fname:
+            raise bad(f"files[{fname!r}]", "a path inside the checkpoint directory")
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise bad(f"files[{fname!r}]", "a sha256 of 64 hex digits")
+    engine = meta.get("engine")
+    if "engine" in meta and not (isinstance(engine, dict) and isinstance(engine.get("backend"), str)
+                                 and is_int(engine.get("world_size")) and is_int(engine.get("zero_stage"))):
+        raise bad("engine", "an object {backend, world_size, zero_stage} (or absent)")
+
+
+_MEMBER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def restore_member(member, meta: dict) -> None:

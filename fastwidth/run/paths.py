@@ -85,6 +85,19 @@ class RunDir:
         """The directories a run makes at its start (and a fresh start empties)."""
         return self.checkpoints, self.signatures, self.report
 
+    def owns(self, path: str | Path) -> bool:
+        """Whether `path` is one of this run's own entries or inside one: what only the run writes
+        (config, rows, signatures, checkpoints, probe, ranges, tensorboard, lock, ranks' scratch).
+        report/ is not among them: it is the report's place, rewritten by `fastwidth report`."""
+        root, path = self.root.resolve(), Path(path).resolve()
+        if path == root:
+            return True
+        if root not in path.parents:
+            return False
+        top = path.relative_to(root).parts[0]
+        own = {CONFIG, METRICS, METRICS_CSV, TENSORBOARD, SIGNATURES, CHECKPOINTS, PROBE, RANGES, LOCK}
+        return top in own or top.startswith(SCRATCH)
+
     def scratch(self, rank: int) -> "RunDir":
         """Rank `rank`'s scratch run directory inside this one (ranks other than 0 write there)."""
         return RunDir(self.root / f"{SCRATCH}{rank}")

@@ -29,6 +29,7 @@ RESUMABLE_CHANGES = {"data.micro_batch_size", "train.activation_checkpointing", 
                      "stats.sharpness_iters", "stats.sharpness_every", "stats.sharpness_points", "stats.sharpness_tol", "stats.hvp",
                      "stats.ntk_points", "stats.ntk_every", "stats.ntk_max_mb", "stats.ntk_top_k",
                      "stats.batch_sharpness_every", "stats.batch_sharpness_iters", "stats.coord_every"}
+RESUMABLE_CHANGES |= {"train.trust_checkpoint"}  # whom to trust is the resuming command's choice
 
 
 def _config_diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
@@ -66,7 +67,7 @@ def check_run_dir(cfg: Config) -> dict | None:
     if found is None:
         raise CheckpointError(f"train.resume is set but {run.checkpoints} holds no checkpoint; "
                               f"without train.resume (or with train.resume=auto) the run starts over")
-    meta = ckpt.read_checkpoint(found)
+    meta = ckpt.read_checkpoint(found, trust=cfg.train.trust_checkpoint)
     diff = _config_diff(meta.get("config", {}), cfg.to_dict())
     if diff:
         raise CheckpointError(f"checkpoint {found} was made with a different config: {', '.join(diff[:4])} differ")

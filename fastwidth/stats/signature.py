@@ -264,6 +264,14 @@ def save_signature(path: Path, sig: dict, meta: dict) -> None:
 
 
 def load_signature(path: Path) -> tuple[dict, dict]:
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("json", "{}"))
-        return {k: f.get_tensor(k) for k in f.keys()}, meta
+    """(tensors, metadata) of a signature file; a file that is not one is a one-line UserError naming it."""
+    from safetensors import SafetensorError
+
+    from fastwidth.errors import UserError
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("json", "{}"))
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except (SafetensorError, OSError, ValueError) as e:  # ValueError: the metadata's JSON
+        raise UserError(f"signature {path} is not a readable safetensors signature ({e}); remove it or "
+                        f"copy it again from the run that wrote it") from None
