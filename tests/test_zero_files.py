@@ -19,7 +19,8 @@ def same(a, b, where="state"):
     assert type(a) is type(b), (where, type(a), type(b))
     if isinstance(a, torch.Tensor):
         assert (a.dtype, a.shape) == (b.dtype, b.shape), where
-        assert a.contiguous().view(-1).view(torch.uint8).tolist() == b.contiguous().view(-1).view(torch.uint8).tolist(), where
+        as_bytes = [t.contiguous().view(-1).view(torch.uint8).tolist() for t in (a, b)]
+        assert as_bytes[0] == as_bytes[1], where
     elif isinstance(a, dict):
         assert list(a) == list(b), where                   # same keys in the same order
         for k in a:

@@ -256,14 +256,11 @@ class DeepSpeedEngine(Engine):
         h.wrapped.save_checkpoint(str(where.parent), tag=where.name, save_latest=False)
         zero_files.convert_member(where, self.env.rank)
 
-    def _trust(self) -> bool:
-        """train.trust_checkpoint: an earlier version's pickled member may reach DeepSpeed."""
-        return bool(getattr(self.cfg.train, "trust_checkpoint", False))
 
     def load_member(self, h, where):
         # elastic_checkpoint (dist.deepspeed) has every rank read every rank's optimizer file
         elastic = self.ds_config["zero_optimization"].get("elastic_checkpoint", False)
-        with zero_files.readable(where, self._trust(), None if elastic else self.env.rank) as src:
+        with zero_files.readable(where, self.cfg.train.trust_checkpoint, None if elastic else self.env.rank) as src:
             path, _ = h.wrapped.load_checkpoint(str(src.parent), tag=src.name,
                                                 load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
@@ -291,7 +288,7 @@ class DeepSpeedEngine(Engine):
         if self.env.is_main:
             from deepspeed.checkpoint.ds_to_universal import main as to_universal
             shutil.rmtree(out, ignore_errors=True)
-            with zero_files.readable(where, self._trust()) as src:
+            with zero_files.readable(where, self.cfg.train.trust_checkpoint) as src:
                 to_universal(SimpleNamespace(input_folder=str(src), output_folder=str(out),
                                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
                                              strict=True, inject_missing_state=False))

@@ -42,7 +42,7 @@ def check_resumable(cfg, world_size: int) -> None:
 
 # --------------------------------------------------------------------------- export
 
-def member_tensors(path: Path, meta: dict, name: str, trust: bool = False) -> dict[str, torch.Tensor]:
+def member_tensors(path: Path, meta: dict, name: str) -> dict[str, torch.Tensor]:
     """Member `name`'s full (unsharded) model state from checkpoint `path` (meta: its
     ckpt.read_checkpoint) in any format, without a process group."""
     if meta.get("engine") is None:
@@ -57,7 +57,9 @@ def member_tensors(path: Path, meta: dict, name: str, trust: bool = False) -> di
     from fastwidth.parallel.zero_files import readable
     import_deepspeed(torch.cuda.is_available())
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    with readable(where, trust) as src:  # DeepSpeed's files rebuilt from safetensors + JSON
+    # DeepSpeed's files rebuilt from safetensors + JSON; pickles (an earlier version's) are here
+    # only when trusted: read_checkpoint, which made `meta`, refuses them otherwise
+    with readable(where, trust=True) as src:
         sd = get_fp32_state_dict_from_zero_checkpoint(str(src.parent), tag=src.name)
     return {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()}
 

@@ -121,7 +121,7 @@ def test_export_and_load_model_give_deepspeeds_own_weights(work, trained, stage)
     got = load_file(str(out))
     legacy = as_pickles(run, tmp / f"zero{stage}-pickles")
     path = ckpt.latest_checkpoint(legacy / "checkpoints")
-    before = member_tensors(path, ckpt.read_checkpoint(path), MEMBER, trust=True)  # DeepSpeed reads the .pt
+    before = member_tensors(path, ckpt.read_checkpoint(path, trust=True), MEMBER)  # DeepSpeed reads the .pt
     assert set(got) == set(before) and len(got) == 6
     for k in got:
         assert torch.equal(got[k], before[k].float()), k
