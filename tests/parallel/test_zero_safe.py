@@ -7,6 +7,7 @@ pickles this version no longer keeps; a pickle payload planted in a member direc
 converted files, or in place of one) is refused by export, load_model and resume with one line,
 and its code never runs.
 """
+import json
 import shutil
 import subprocess
 import sys
@@ -72,6 +73,8 @@ def test_a_member_is_safetensors_and_json_and_resumes_bit_equal(work, trained, s
     straight = trained(stage)
     files = engine_files(straight)
     assert files and {p.suffix for p in files} == {".safetensors", ".json"}, [p.name for p in files]
+    listed = {c / f for c in (straight / "checkpoints").glob("step_*") for f in ckpt.read_checkpoint(c)["files"]}
+    assert set(files) <= listed                           # every file under a sha256 read_checkpoint verified
     for f in files:
         if f.suffix == ".json":
             zero_files.read_file(f)  # every tree decodes with its tensors
@@ -103,12 +106,16 @@ def as_pickles(run, to):
     """A copy of `run` whose members are DeepSpeed's pickles, as this version no longer keeps them
     (rebuilt from the safetensors + JSON, which test_zero_files shows exact)."""
     shutil.copytree(run, to)
-    for where in (p for c in (to / "checkpoints").glob("step_*") for p in (c / "engine").iterdir()):
-        with zero_files.readable(where, trust=False) as src:
-            for f in where.iterdir():
-                f.unlink()
-            for pt in src.iterdir():
-                shutil.copy(pt, where / pt.name)
+    for checkpoint in (to / "checkpoints").glob("step_*"):
+        for where in (checkpoint / "engine").iterdir():
+            with zero_files.readable(where, trust=False) as src:
+                for f in where.iterdir():
+                    f.unlink()
+                for pt in src.iterdir():
+                    shutil.copy(pt, where / pt.name)
+        meta = json.loads((checkpoint / ckpt.META).read_text())  # as that version listed them: none
+        meta["files"] = {f: digest for f, digest in meta["files"].items() if not f.startswith("engine/")}
+        (checkpoint / ckpt.META).write_text(json.dumps(meta))
     return to
 
 
