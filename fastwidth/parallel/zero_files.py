@@ -49,10 +49,9 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
 
 
 def allowed_class(name: str) -> type:
-    """The DeepSpeed class ALLOWED names `name` (imported only when a file holds one)."""
+    """The DeepSpeed class ALLOWED names `name`, imported only when a file holds one (its callers,
+    the DeepSpeed engine and export, have imported deepspeed for this machine: zero.import_deepspeed)."""
     import importlib
-    from fastwidth.parallel.zero import import_deepspeed
-    import_deepspeed(torch.cuda.is_available())
     return getattr(importlib.import_module(ALLOWED[name][0]), name)
 
 
