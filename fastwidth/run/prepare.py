@@ -7,6 +7,7 @@ trimming) it. Runs inside the lock and undo_on_error of run/lock.py:
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -89,11 +90,22 @@ def prepare_run_dir(cfg: Config, meta: dict | None, member_steps: dict | None = 
         run.ranges.unlink(missing_ok=True)  # the old run's histogram bins: this run sets its own
     for sub in run.subdirs:
         sub.mkdir(exist_ok=True)
-    if meta is not None:
+    if meta is not None and not run.metrics.is_file():
+        _note_history_lost(run, meta["step"])
+    elif meta is not None:
         truncate_after(run.metrics, member_steps
                        or {(e["width"], e["seed"], None): e["step"] for e in meta["members"]}, floors)
     ckpt.atomic_write_text(run.config, dump_yaml(cfg))
     return run.root
+
+
+def _note_history_lost(run: RunDir, step: int) -> None:
+    """A resume whose metrics.jsonl is gone: one warning, and a first row saying the history before
+    `step` is lost, so the report says where its history starts instead of drawing a partial one."""
+    log.warning("%s is gone: the history before step %d is lost; its rows start over from the checkpoint's "
+                "step %d", run.metrics, step, step)
+    ckpt.atomic_write_text(run.metrics, json.dumps({"kind": "history_lost", "step": step, "tokens": None,
+                                                    "width": 0, "seed": 0}) + "\n")
 
 
 def make_scratch_dir(out_dir: str | Path, rank: int) -> Path:

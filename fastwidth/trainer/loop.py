@@ -34,6 +34,7 @@ from fastwidth.errors import DataError
 from fastwidth.kernels import dispatch
 from fastwidth.param.optim import lr_factor, set_lr
 from fastwidth.stats.lr_groups import monitor_for
+from fastwidth.stats.reference import check_reference_run
 from fastwidth.stats.training_rows import BatchSharpnessRows, CoordRows
 from fastwidth.run.lock import RunLock, check_creatable, undo_on_error
 from fastwidth.run.prepare import check_run_dir, make_scratch_dir, prepare_run_dir
@@ -69,7 +70,11 @@ class Trainer:
             raise DataError(f"data: {cfg.data.source} holds {self.stream.steps_available} steps of "
                             f"data.batch_size={cfg.data.batch_size} in data.epochs={cfg.data.epochs}, "
                             f"train.steps={cfg.train.steps} asks for more")
+        if cfg.stats.reference_run:  # one line now, never at the evaluation that reads it
+            check_reference_run(cfg, self.stream)
         self.resume_meta = check_run_dir(cfg)
+        if self.resume_meta is not None and "data" in self.resume_meta:  # before any engine loads it
+            self.stream.check_resume(self.resume_meta["data"])
         self.dist.barrier()  # every rank has read the run directory before rank 0 writes to it
         check_shared_dir(self.dist, cfg.train.out_dir)
         self.memory = MemoryRecorder(self.dist, self.device)  # baseline: before any model exists
