@@ -170,8 +170,8 @@ def test_resume_without_metrics_says_the_history_is_lost(tmp_path, caplog):
 def _tokens(vocab: int, tokenizer: str):
     from fastwidth.data.stream import TokenStream
     ids = np.arange(4096, dtype=np.uint32) % vocab
-    return TokenStream([ids], vocab_size=vocab, seq_len=8, batch_size=2, seed=0, epochs=1, probe_size=2, rank=0, world_size=1,
-                       holdout_fraction=0.1, name="shards:s", content_id=f"{tokenizer}-{vocab}",
+    return TokenStream([ids], vocab_size=vocab, seq_len=8, batch_size=2, seed=0, epochs=1, probe_size=2, rank=0,
+                       world_size=1, holdout_fraction=0.1, name="shards:s", content_id=f"{tokenizer}-{vocab}",
                        info={"tokenizer": tokenizer, "tokenizer_id": tokenizer})
 
 
@@ -190,15 +190,18 @@ def _fake_reference(root: Path, cfg, stream, steps=(1, 2)) -> list[Path]:
     """A reference run directory as a run writes it, without training: config.yaml, the "data" row,
     and a signature per step of its reference width (what check_reference_run reads)."""
     from fastwidth.run.paths import RunDir
-    from fastwidth.stats.signature import probe_hash, save_signature
+    from fastwidth.stats.signature import ProbeSpec, save_signature
     run = RunDir(root)
     root.mkdir(parents=True)
     run.config.write_text(dump_yaml(cfg))
     run.metrics.write_text(json.dumps({"kind": "data", "step": 0, "tokens": 0, "width": 0, "seed": 0,
                                        **stream.describe()}, default=str) + "\n")
     paths = [run.signature(f"w{cfg.sweep.reference_width}_s0", s) for s in steps]
+    sc = cfg.stats
+    meta = ProbeSpec.build(stream.probe(), signature_points=sc.signature_points, kernel_points=sc.kernel_points,
+                           sketch_dim=sc.sketch_dim, sketch_seed=sc.sketch_seed).meta()
     for p in paths:
-        save_signature(p, {"true_logit": torch.zeros(4)}, {"probe_hash": probe_hash(stream.probe())})
+        save_signature(p, {"true_logit": torch.zeros(4)}, meta)
     return paths
 
 
@@ -217,7 +220,8 @@ def test_reference_run_is_checked_at_start(tmp_path):
     check()  # the same stream and model family
     for extra, needle in ((["data.seed=1"], "has data.seed=0, this run 1"),
                           (["model.arch=resnet"], "has model.arch='mlp', this run 'resnet'"),
-                          (["data.in_dim=5"], "trained on data with fingerprint")):
+                          (["data.in_dim=5"], "trained on data with fingerprint"),
+                          (["stats.sketch_dim=4"], "has sketch_dim=16 in")):
         with pytest.raises(UserError) as e:
             check(*extra)
         assert "\n" not in str(e.value) and needle in str(e.value), str(e.value)

@@ -18,7 +18,7 @@ import yaml
 from fastwidth.errors import UserError
 from fastwidth.run import MemberSpec, RunDir
 from fastwidth.run.metrics import read_metrics
-from fastwidth.stats.signature import load_signature, probe_hash
+from fastwidth.stats.signature import ProbeSpec, load_signature
 
 # (config section, key) that must agree with the reference run's config.yaml
 SAME_KEYS = (("model", "arch"), ("data", "source"), ("data", "seed"), ("data", "tokenizer"))
@@ -26,9 +26,9 @@ SAME_KEYS = (("model", "arch"), ("data", "source"), ("data", "seed"), ("data", "
 SAME_DATA = ("tokenizer_id", "vocab_size", "fingerprint")
 
 
-def _fail(path, what: str) -> UserError:
-    return UserError(f"stats.reference_run {path} {what}; compare runs of the same model family on the same "
-                     f"stream (data source, path, seed, tokenizer and probe)")
+def _fail(path, what: str, hint: str = "of the same model family on the same stream (data source, path, "
+                                         "seed, tokenizer and probe)") -> UserError:
+    return UserError(f"stats.reference_run {path} {what}; compare runs {hint}")
 
 
 def _read_config(path: Path) -> dict:
@@ -88,13 +88,16 @@ def check_reference_run(cfg, stream) -> None:
     path = Path(cfg.stats.reference_run)
     saved = _read_config(path)
     _check_stream(path, saved, cfg, stream)
-    ours = probe_hash(stream.probe())
+    sc = cfg.stats
+    want = ProbeSpec.build(stream.probe(), signature_points=sc.signature_points, kernel_points=sc.kernel_points,
+                           sketch_dim=sc.sketch_dim, sketch_seed=sc.sketch_seed, eval_batch=sc.eval_batch).meta()
     for sig in _reference_signatures(path, saved):
         try:
             _, meta = load_signature(sig)
         except Exception as e:  # safetensors raises its own error types for a damaged file
             raise UserError(f"stats.reference_run {path}: signature {sig} cannot be read "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'damaged'})") from None
-        if meta.get("probe_hash") not in (None, ours):
-            raise _fail(path, f"evaluated another probe (probe_hash {meta.get('probe_hash')!r} in {sig.name}, "
-                              f"this run {ours!r})")
+        for key, ours in want.items():  # the probe and the signature's shape (the Monitor checks the bins)
+            if key in meta and meta[key] != ours:
+                raise _fail(path, f"has {key}={meta[key]!r} in {sig}, this run {ours!r}",
+                            "with the same probe and stats settings")
