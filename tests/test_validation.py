@@ -312,4 +312,7 @@ def test_resume_without_metrics_trains_on_and_the_rows_start_at_the_checkpoint(t
     assert len(warned) == 1
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["kind"] == "history_lost" and rows[0]["step"] == 2
-    assert all(r["step"] >= 2 for r in rows)
+    trained = [r for r in rows if r["kind"] in ("train", "eval")]
+    assert trained and all(r["step"] > 2 for r in trained)  # step 3 only: nothing before the checkpoint
+    assert cli("report", str(out), "-o", str(tmp_path / "report")).returncode == 0
+    assert "**History from step 2**" in (tmp_path / "report" / "summary.md").read_text()
