@@ -250,7 +250,6 @@ def validate(cfg: Config) -> None:
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ConfigError(f"{key}: every entry must be an integer, got {v!r}")
     _check_seeds(cfg)
-    _check_out_dir_outside_data(cfg)
     for lr in cfg.sweep.lrs:
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
             raise ConfigError(f"sweep.lrs: every entry must be a positive number, got {lr!r}")
@@ -298,26 +297,8 @@ def validate(cfg: Config) -> None:
     if cfg.stats.ntk_output == "trace" and m.arch == "gpt":
         raise ConfigError("stats.ntk_output=trace is for classifiers (mlp, resnet): a gpt's vocabulary makes it "
                           "V× the cost; use stats.ntk_output=class")
-    if cfg.data.source == "shards" and cfg.data.tokenizer != "bytes":  # prepare fixed it in the shards
-        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} has no effect with data.source=shards (the tokenizer "
-                          f"is the one `fastwidth data prepare --tokenizer` wrote the shards with); remove it")
     if cfg.param.attn_mult is not None and not (cfg.param.attn_mult > 0 and math.isfinite(cfg.param.attn_mult)):
         raise ConfigError(f"param.attn_mult: {cfg.param.attn_mult} must be a positive number or null")
-
-
-# Sources that read every file under data.path (a directory tree): a run directory inside it
-# would put the run's own rows, signatures and checkpoints into its corpus at the next start.
-TREE_SOURCES = ("text", "imagefolder")
-
-
-def _check_out_dir_outside_data(cfg: Config) -> None:
-    if cfg.data.source not in TREE_SOURCES or not cfg.data.path or not cfg.train.out_dir:
-        return
-    data = Path(cfg.data.path).expanduser().resolve()
-    out = Path(cfg.train.out_dir).expanduser().resolve()
-    if out == data or data in out.parents:
-        raise ConfigError(f"train.out_dir {cfg.train.out_dir} is inside data.path {cfg.data.path}: the run's own "
-                          f"files would join its corpus; put the run directory outside the data")
 
 
 def _check_seeds(cfg: Config) -> None:

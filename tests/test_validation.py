@@ -123,26 +123,48 @@ def test_world_size_without_a_launcher_says_how_to_launch(monkeypatch):
 
 # --------------------------------------------------------------------------- case 19: tokenizer
 
-def test_tokenizer_for_pretokenized_shards_is_refused():
-    refused(["data.source=shards", "data.path=x", "data.tokenizer=bpe"],
-            "data.tokenizer=bpe has no effect with data.source=shards")
-    load_config(None, ["data.source=shards", "data.path=x"])  # the default (unused) passes
+def test_tokenizer_given_for_shards_must_be_theirs(tmp_path):
+    """Honoured, not refused: the paper config names `tokenizer: bpe` beside `source: shards`, and the
+    manifest records what the shards were prepared with, so a mismatch is one line."""
+    from fastwidth.data import build_stream, prepare_source
+    from fastwidth.data.shards import check_tokenizer, request_of
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    text = load_config(None, ["data.source=text", f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}"]).data
+    _, out = prepare_source(text, tmp_path / "shards", workers=1, progress=False)
+    shards = ["data.source=shards", f"data.path={out}", "data.seq_len=8", "data.probe_size=2"]
+    build_stream(load_config(None, shards).data)  # the default tokenizer: any shards
+    with pytest.raises(DataError) as e:  # on main: trained on the byte shards, data.tokenizer ignored
+        build_stream(load_config(None, shards + ["data.tokenizer=bpe"]).data)
+    assert "\n" not in str(e.value) and f"data.tokenizer=bpe (tokenizer bpe, bpe_vocab_size 1024) but the shards " \
+        f"in {out} were prepared with tokenizer bytes" in str(e.value)
+    bpe_300 = {"request": request_of("bpe", 300, 4_000_000)}
+    check_tokenizer(out, bpe_300, "bpe", 300, 20_000)  # the bytes BPE trained on are not the tokenizer's name
+    with pytest.raises(DataError, match="bpe_vocab_size 1024.* prepared with tokenizer bpe, bpe_vocab_size 300"):
+        check_tokenizer(out, bpe_300, "bpe", 1024, 4_000_000)
+    load_config(ROOT / "configs/paper/gpt_c4_paper.yaml")  # shards + tokenizer: bpe still loads
 
 
 # --------------------------------------------------------------------------- case 20: out_dir
 
 def test_out_dir_inside_a_directory_source_is_refused(tmp_path):
+    from fastwidth.run.prepare import check_outside_data
+
+    def check(*overrides):
+        check_outside_data(resolve(load_config(None, list(overrides))))
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for out in (corpus, corpus / "run", corpus / "a" / ".." / "b" / "run"):
-        refused(["data.source=text", f"data.path={corpus}", f"train.out_dir={out}"],
-                f"train.out_dir {out} is inside data.path {corpus}")
-    refused(["data.source=imagefolder", f"data.path={corpus}/", f"train.out_dir={corpus}/run"], "is inside data.path")
-    # the default out_dir (runs/<name>-<time>, relative) inside a corpus given as the working directory
+        with pytest.raises(ConfigError) as e:
+            check("data.source=text", f"data.path={corpus}", f"train.out_dir={out}")
+        assert "\n" not in str(e.value) and f"train.out_dir {out} is inside data.path {corpus}" in str(e.value)
     with pytest.raises(ConfigError, match="is inside data.path"):
-        resolve(load_config(None, ["data.source=text", f"data.path={Path.cwd()}"]))
-    load_config(None, ["data.source=text", f"data.path={corpus}", f"train.out_dir={tmp_path / 'corpus-run'}"])
-    load_config(None, ["data.source=shards", f"data.path={corpus}", f"train.out_dir={corpus / 'run'}"])
+        check("data.source=imagefolder", f"data.path={corpus}/", f"train.out_dir={corpus}/run")
+    with pytest.raises(ConfigError, match="is inside data.path"):  # the default out_dir, runs/<name>-<time>
+        check("data.source=text", f"data.path={Path.cwd()}")
+    check("data.source=text", f"data.path={corpus}", f"train.out_dir={tmp_path / 'corpus-run'}")
+    check("data.source=shards", f"data.path={corpus}", f"train.out_dir={corpus / 'run'}")  # reads its manifest only
 
 
 # --------------------------------------------------------------------------- case 22: metrics gone

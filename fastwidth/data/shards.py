@@ -210,6 +210,26 @@ def request_of(tokenizer: str, bpe_vocab_size: int, bpe_train_bytes: int) -> dic
     return {"tokenizer": str(p), "sha256": digest}
 
 
+def _tokenizer_of(request: dict) -> dict:
+    """What names a tokenizer in a request: its kind and vocabulary for a BPE trained here (the
+    bytes it trained on are prepare's business), the file contents for a tokenizer file."""
+    return {k: v for k, v in request.items() if k in ("bpe_vocab_size", "sha256")
+            or (k == "tokenizer" and "sha256" not in request)}
+
+
+def check_tokenizer(out: Path, man: dict, tokenizer: str, bpe_vocab_size: int, bpe_train_bytes: int) -> None:
+    """data.tokenizer given for data.source=shards is honoured: the shards must have been prepared
+    with it (their manifest's request), else one DataError naming both. The default, bytes, counts
+    as not given: shards of any tokenizer train without naming it."""
+    if tokenizer == "bytes" or "request" not in man:
+        return
+    want = request_of(tokenizer, bpe_vocab_size, bpe_train_bytes)
+    if _tokenizer_of(want) != _tokenizer_of(man["request"]):
+        show = lambda r: ", ".join(f"{k} {v}" for k, v in _tokenizer_of(r).items())
+        raise DataError(f"data.tokenizer={tokenizer} ({show(want)}) but the shards in {out} were prepared with "
+                        f"{show(man['request'])}; drop data.tokenizer or prepare the shards with it")
+
+
 def _reusable(out: Path, content: str, request: dict) -> dict | None:
     try:
         man = load_manifest(out)

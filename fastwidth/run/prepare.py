@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from fastwidth.config import Config, dump_yaml
-from fastwidth.errors import CheckpointError, UserError
+from fastwidth.errors import CheckpointError, ConfigError, UserError
 from fastwidth.run import checkpoint as ckpt
 from fastwidth.run.lock import make_dir
 from fastwidth.run.metrics import truncate_after
@@ -42,6 +42,23 @@ def _config_diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
         elif a != b and key not in RESUMABLE_CHANGES and key != "name":
             out.append(key)
     return out
+
+
+# Sources that read every file under data.path (a directory tree): a run directory inside it
+# would put the run's own rows, signatures and checkpoints into its corpus at the next start.
+TREE_SOURCES = ("text", "imagefolder")
+
+
+def check_outside_data(cfg: Config) -> None:
+    """ConfigError when train.out_dir is data.path or inside it (sources that read a directory tree);
+    run before the run directory is made (the corpus would read its lock file)."""
+    if cfg.data.source not in TREE_SOURCES or not cfg.data.path:
+        return
+    data = Path(cfg.data.path).expanduser().resolve()
+    out = Path(cfg.train.out_dir).expanduser().resolve()
+    if out == data or data in out.parents:
+        raise ConfigError(f"train.out_dir {cfg.train.out_dir} is inside data.path {cfg.data.path}: the run's own "
+                          f"files would join its corpus; put the run directory outside the data")
 
 
 def check_run_dir(cfg: Config) -> dict | None:
