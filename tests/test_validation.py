@@ -137,18 +137,21 @@ def test_tokenizer_given_for_shards_must_be_theirs(tmp_path):
     build_stream(load_config(None, shards).data)  # the default tokenizer: any shards
     with pytest.raises(DataError) as e:  # on main: trained on the byte shards, data.tokenizer ignored
         build_stream(load_config(None, shards + ["data.tokenizer=bpe"]).data)
-    assert "\n" not in str(e.value) and f"data.tokenizer=bpe (tokenizer bpe, bpe_vocab_size 1024) but the shards " \
-        f"in {out} were prepared with tokenizer bytes" in str(e.value)
+    assert "\n" not in str(e.value) and f"data.tokenizer=bpe (a BPE of 1024 tokens) but the shards in {out} were " \
+        f"prepared with the bytes tokenizer" in str(e.value)
     bpe_300 = {"request": request_of("bpe", 300, 4_000_000)}
     check_tokenizer(out, bpe_300, "bpe", 300, 20_000)  # the bytes BPE trained on are not the tokenizer's name
-    with pytest.raises(DataError, match="bpe_vocab_size 1024.* prepared with tokenizer bpe, bpe_vocab_size 300"):
+    with pytest.raises(DataError, match="a BPE of 1024 tokens.* prepared with a BPE of 300 tokens"):
         check_tokenizer(out, bpe_300, "bpe", 1024, 4_000_000)
+    with pytest.raises(DataError, match="the tokenizer file .*gpt2, which does not exist"):
+        check_tokenizer(out, bpe_300, "gpt2", 1024, 4_000_000)
     load_config(ROOT / "configs/paper/gpt_c4_paper.yaml")  # shards + tokenizer: bpe still loads
 
 
 # --------------------------------------------------------------------------- case 20: out_dir
 
-def test_out_dir_inside_a_directory_source_is_refused(tmp_path):
+def test_out_dir_inside_a_directory_source_is_refused(tmp_path, capsys):
+    from fastwidth.cli import main
     from fastwidth.run.prepare import check_outside_data
 
     def check(*overrides):
@@ -165,6 +168,10 @@ def test_out_dir_inside_a_directory_source_is_refused(tmp_path):
         check("data.source=text", f"data.path={Path.cwd()}")
     check("data.source=text", f"data.path={corpus}", f"train.out_dir={tmp_path / 'corpus-run'}")
     check("data.source=shards", f"data.path={corpus}", f"train.out_dir={corpus / 'run'}")  # reads its manifest only
+    (corpus / "a.txt").write_text("some text\n")  # the command: refused before the lock makes the directory
+    argv = ["train", "--config", "demo", "--set", "data.source=text", f"data.path={corpus}", f"train.out_dir={corpus}/run"]
+    assert main(argv) == 2 and capsys.readouterr().err.strip().count("\n") == 0
+    assert sorted(p.name for p in corpus.iterdir()) == ["a.txt"]
 
 
 # --------------------------------------------------------------------------- case 22: metrics gone

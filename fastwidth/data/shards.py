@@ -225,9 +225,17 @@ def check_tokenizer(out: Path, man: dict, tokenizer: str, bpe_vocab_size: int, b
         return
     want = request_of(tokenizer, bpe_vocab_size, bpe_train_bytes)
     if _tokenizer_of(want) != _tokenizer_of(man["request"]):
-        show = lambda r: ", ".join(f"{k} {v}" for k, v in _tokenizer_of(r).items())
-        raise DataError(f"data.tokenizer={tokenizer} ({show(want)}) but the shards in {out} were prepared with "
-                        f"{show(man['request'])}; drop data.tokenizer or prepare the shards with it")
+        raise DataError(f"data.tokenizer={tokenizer} ({_describe(want)}) but the shards in {out} were prepared with "
+                        f"{_describe(man['request'])}; drop data.tokenizer or prepare the shards with it")
+
+
+def _describe(request: dict) -> str:
+    if "sha256" in request:
+        found = request["sha256"] != "missing"
+        return f"the tokenizer file {request['tokenizer']}" + ("" if found else ", which does not exist")
+    if "bpe_vocab_size" in request:
+        return f"a BPE of {request['bpe_vocab_size']} tokens"
+    return f"the {request.get('tokenizer')} tokenizer"
 
 
 def _reusable(out: Path, content: str, request: dict) -> dict | None:
