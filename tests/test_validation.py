@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import typing
@@ -17,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from fastwidth.config import SEED_MAX, SEED_MIN, Config, dump_yaml, load_config, resolve
 from fastwidth.errors import ConfigError, DataError, UserError
@@ -37,11 +37,9 @@ def refused(overrides, *needles):
 
 def _seed_keys() -> list[str]:
     keys = ["sweep.seeds"]
-    for section in dataclasses.fields(Config):
-        if dataclasses.is_dataclass(section.type) or section.name != "name":
-            cls = typing.get_type_hints(Config)[section.name]
-            if dataclasses.is_dataclass(cls):
-                keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(cls) if f.name.endswith("seed")]
+    for section, cls in typing.get_type_hints(Config).items():
+        if dataclasses.is_dataclass(cls):
+            keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls) if f.name.endswith("seed")]
     return keys
 
 
@@ -169,7 +167,8 @@ def test_out_dir_inside_a_directory_source_is_refused(tmp_path, capsys):
     check("data.source=text", f"data.path={corpus}", f"train.out_dir={tmp_path / 'corpus-run'}")
     check("data.source=shards", f"data.path={corpus}", f"train.out_dir={corpus / 'run'}")  # reads its manifest only
     (corpus / "a.txt").write_text("some text\n")  # the command: refused before the lock makes the directory
-    argv = ["train", "--config", "demo", "--set", "data.source=text", f"data.path={corpus}", f"train.out_dir={corpus}/run"]
+    argv = ["train", "--config", "demo", "--set", "data.source=text", f"data.path={corpus}",
+            f"train.out_dir={corpus}/run"]
     assert main(argv) == 2 and capsys.readouterr().err.strip().count("\n") == 0
     assert sorted(p.name for p in corpus.iterdir()) == ["a.txt"]
 
@@ -319,9 +318,9 @@ def test_resume_on_shards_of_another_vocabulary_is_one_line(tmp_path):
         return cli("data", "prepare", "--source", "text", "--path", str(corpus), *tok, "--out", str(shards),
                    "--no-progress", "--workers", "1", "--set", cache, "data.bpe_train_bytes=20000")
     assert prepare("--tokenizer", "bytes").returncode == 0
-    run = [*GPT, "data.source=shards", f"data.path={shards}", "data.holdout_fraction=0.2", f"train.out_dir={tmp_path / 'r'}"]
+    run = [*GPT, "data.source=shards", f"data.path={shards}", "data.holdout_fraction=0.2",
+           f"train.out_dir={tmp_path / 'r'}"]
     assert train(*run).returncode == 0
-    import shutil
     shutil.rmtree(shards)
     p = prepare("--tokenizer", "bpe", "--bpe-vocab-size", "300")
     assert p.returncode == 0, p.stderr[-2000:]

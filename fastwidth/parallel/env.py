@@ -146,12 +146,14 @@ def launched_world() -> int:
     try:
         world = int(raw)
     except ValueError:
-        raise ConfigError(f"WORLD_SIZE={raw!r} is not a rank count; unset it or start with torchrun / deepspeed") from None
+        raise ConfigError(f"WORLD_SIZE={raw!r} is not a rank count; unset it or start with torchrun / "
+                          f"deepspeed") from None
     missing = [var for var in LAUNCHER_VARS if var not in os.environ]
     if world > 1 and missing:
         raise ConfigError(f"WORLD_SIZE={world} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
                           f"not: start the ranks with `torchrun --nproc_per_node {world} launch/train.py ...` or "
-                          f"`deepspeed --num_gpus {world} launch/train.py ...`, or unset WORLD_SIZE to train in one process")
+                          f"`deepspeed --num_gpus {world} launch/train.py ...`, or unset WORLD_SIZE to train in "
+                          f"one process")
     return world
 
 

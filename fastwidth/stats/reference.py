@@ -54,7 +54,9 @@ def _data_row(path: Path) -> dict | None:
 
 
 def _same_path(a: str, b: str) -> bool:
-    return (a or "") == (b or "") or (bool(a) and bool(b) and Path(a).expanduser().resolve() == Path(b).expanduser().resolve())
+    if not a or not b:
+        return (a or "") == (b or "")
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def _check_stream(path: Path, saved: dict, cfg, stream) -> None:
