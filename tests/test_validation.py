@@ -253,10 +253,13 @@ def test_reference_run_is_checked_at_start(tmp_path):
         with pytest.raises(UserError) as e:
             check(*extra)
         assert "\n" not in str(e.value) and needle in str(e.value), str(e.value)
-    sigs[-1].write_bytes(b"garbage")  # case 6: the last evaluation's signature, read mid-run on main
+    sigs[-1].write_bytes(sigs[-1].read_bytes()[:-8])  # case 6: the last evaluation's, read mid-run on main
     with pytest.raises(UserError) as e:
         check()
     assert "\n" not in str(e.value) and f"signature {sigs[-1]} cannot be read" in str(e.value)
+    sigs[0].write_bytes(b"garbage")  # not safetensors at all: the first bad file is named
+    with pytest.raises(UserError, match=f"signature {sigs[0]} cannot be read"):
+        check()
     with pytest.raises(UserError, match="is not a run directory"):
         check_reference_run(resolve(load_config(None, base + [f"stats.reference_run={tmp_path}"])), stream)
 
