@@ -93,6 +93,8 @@ def token_stream(d, *, rank: int = 0, world_size: int = 1) -> TokenStream:
     else:
         _, out = prepare_source(d)
     man, maps = shards.open_shards(out)
+    if d.source == "shards":  # a data.tokenizer given for shards must be theirs (never silently ignored)
+        shards.check_tokenizer(out, man, d.tokenizer, d.bpe_vocab_size, d.bpe_train_bytes)
     content_id = hashlib.sha256(f"{man['content_hash']}|{man['tokenizer_id']}".encode()).hexdigest()
     info = {"tokenizer": man["tokenizer"], "tokenizer_id": man["tokenizer_id"], "shards": str(out),
             **{k: v for k, v in man.get("info", {}).items()}}

@@ -34,9 +34,10 @@ from fastwidth.errors import DataError
 from fastwidth.kernels import dispatch
 from fastwidth.param.optim import lr_factor, set_lr
 from fastwidth.stats.lr_groups import monitor_for
+from fastwidth.stats.reference import check_reference_run
 from fastwidth.stats.training_rows import BatchSharpnessRows, CoordRows
 from fastwidth.run.lock import RunLock, check_creatable, undo_on_error
-from fastwidth.run.prepare import check_run_dir, make_scratch_dir, prepare_run_dir
+from fastwidth.run.prepare import check_outside_data, check_run_dir, make_scratch_dir, prepare_run_dir
 from fastwidth.run.paths import RunDir
 from fastwidth.trainer.checkpointer import RNG, Checkpointer, State, check_resumable
 from fastwidth.trainer import flops, preempt, tracking
@@ -69,7 +70,11 @@ class Trainer:
             raise DataError(f"data: {cfg.data.source} holds {self.stream.steps_available} steps of "
                             f"data.batch_size={cfg.data.batch_size} in data.epochs={cfg.data.epochs}, "
                             f"train.steps={cfg.train.steps} asks for more")
+        if cfg.stats.reference_run:  # one line now, never at the evaluation that reads it
+            check_reference_run(cfg, self.stream)
         self.resume_meta = check_run_dir(cfg)
+        if self.resume_meta is not None and "data" in self.resume_meta:  # before any engine loads it
+            self.stream.check_resume(self.resume_meta["data"])
         self.dist.barrier()  # every rank has read the run directory before rank 0 writes to it
         check_shared_dir(self.dist, cfg.train.out_dir)
         self.memory = MemoryRecorder(self.dist, self.device)  # baseline: before any model exists
@@ -352,6 +357,7 @@ def _train(cfg: Config, stop: preempt.StopFlag, held: contextlib.ExitStack) -> t
     cfg = resolve(cfg)  # fixes out_dir (its default carries the time) before anything checks it
     if defaulted and cfg.dist.backend != "none" and launched_world() > 1:
         cfg = agree_on_out_dir(cfg)  # every rank takes rank 0's time-stamped name
+    check_outside_data(cfg)  # before the lock makes the directory inside the corpus
     check_creatable(cfg.train.out_dir)
     # rank 0 locks the directory for every rank of its run (the launcher numbers them before any
     # process group exists); the others clean up only their scratch directory after a failed start
