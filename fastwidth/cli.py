@@ -20,9 +20,16 @@ from fastwidth.errors import UserError
 
 def cmd_train(args) -> int:
     from fastwidth.api import train
-    run_dir = train(args.config, overrides=overrides_of(args))
+    trust = ["train.trust_checkpoint=true"] if args.trust_checkpoint else []
+    run_dir = train(args.config, overrides=overrides_of(args) + trust)
     print(f"run directory: {run_dir}")
     return 0
+
+
+def add_trust_arg(p) -> None:
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="read a checkpoint holding files that need unpickling (one written by an earlier "
+                        "fastwidth): only if you trust who wrote it, since unpickling can run code")
 
 
 def cmd_demo(args) -> int:
@@ -96,7 +103,8 @@ def add_coord_parser(sub) -> None:
 
 def cmd_export(args) -> int:
     from fastwidth.interop.export import export
-    out, names = export(args.run, args.output, fmt=args.format, member=args.member)
+    out, names = export(args.run, args.output, fmt=args.format, member=args.member,
+                        trust_checkpoint=args.trust_checkpoint)
     print(f"wrote {out} ({', '.join(names)})")
     return 0
 
@@ -105,6 +113,7 @@ def add_train(sub) -> None:
     p = sub.add_parser("train")
     add_config_args(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_trust_arg(p)  # sets train.trust_checkpoint
     p.set_defaults(func=cmd_train)
 
 
@@ -134,6 +143,7 @@ def add_export(sub) -> None:
                    help="safetensors: full fp32 weights (all members, or --member); hf: a Hugging Face "
                         "Llama checkpoint that transformers loads (GPT with RMSNorm, SwiGLU, RoPE)")
     p.add_argument("--member", default=None, help="one model, e.g. w64_s0 (required for --format hf)")
+    add_trust_arg(p)
     p.set_defaults(func=cmd_export)
 
 

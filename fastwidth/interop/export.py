@@ -33,7 +33,8 @@ def _run_dir_of(path: Path) -> Path:
     raise UserError(f"{path} is not a run directory (no config.yaml and checkpoints/)")
 
 
-def export(run: str | Path, out: str | Path, fmt: str = "safetensors", member: str | None = None) -> tuple[Path, list[str]]:
+def export(run: str | Path, out: str | Path, fmt: str = "safetensors", member: str | None = None,
+           trust_checkpoint: bool = False) -> tuple[Path, list[str]]:
     """Write the export; returns (what was written, the members in it)."""
     run, out = Path(run).expanduser(), Path(out).expanduser()
     if not run.exists():
@@ -41,11 +42,11 @@ def export(run: str | Path, out: str | Path, fmt: str = "safetensors", member: s
     _check_output(out, fmt)
     if fmt == "safetensors":
         from fastwidth.trainer.engine_checkpoint import export_checkpoint
-        return out, export_checkpoint(run, out, member=member)
+        return out, export_checkpoint(run, out, member=member, trust_checkpoint=trust_checkpoint)
     if fmt != "hf":
         raise UserError(f"export --format {fmt}: valid formats are safetensors, hf")
     if not member:
         raise UserError("export --format hf writes one model: name it with --member (e.g. --member w64_s0)")
     from fastwidth.interop.hf import export_hf
     run_dir = _run_dir_of(run)
-    return export_hf(run_dir, member, out), [member]
+    return export_hf(run_dir, member, out, trust_checkpoint), [member]

@@ -68,6 +68,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def file_digests(directory: Path) -> dict[str, str]:
+    """{path relative to `directory`: sha256} of every file under it but meta.json (which lists
+    them): a sharded checkpoint's "files", written once every rank's part is in place."""
+    directory = Path(directory)
+    return {f.relative_to(directory).as_posix(): _sha256(f) for f in sorted(directory.rglob("*"))
+            if f.is_file() and f.relative_to(directory).as_posix() != META}
+
+
 # --------------------------------------------------------------------------- RNG
 
 def rng_state() -> dict:
