@@ -70,8 +70,11 @@ class Checkpointer:
 
     def load_members(self, meta: dict) -> None:
         """Every member's model and optimizer, and its step, from the latest checkpoint (meta:
-        its ckpt.read_checkpoint); refused with one line when the run's engine cannot load it."""
-        self.engine.load(self.members, meta, ckpt.latest_checkpoint(self.root))
+        its ckpt.read_checkpoint); refused with one line when the run's engine cannot load it, or
+        when it holds a file that needs unpickling and train.trust_checkpoint is off."""
+        path = ckpt.latest_checkpoint(self.root)
+        ckpt.refuse_unpicklable(path, self.cfg.train.trust_checkpoint, meta)  # before any engine's loader
+        self.engine.load(self.members, meta, path)
 
     def load_state(self, meta: dict) -> None:
         """Every registered component's state from checkpoint meta, in the order they registered
