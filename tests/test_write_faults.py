@@ -189,3 +189,27 @@ def test_a_run_puts_back_the_sigint_handler_it_found(found):
         assert signal.getsignal(signal.SIGINT) is found
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("state", ["a file", "read-only"])
+def test_a_cache_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, state):
+    """data.cache_dir unusable (a file in its place; a read-only file system, made to fail as it
+    does there since root's permission bits would not): one DataError naming it and the way out."""
+    from fastwidth.config import DataConfig
+    from fastwidth.data import prepare_source
+    (tmp_path / "corpus.txt").write_text("hello world\n" * 50)
+    cache = tmp_path / "cache"
+    if state == "a file":
+        cache.write_text("x")
+    else:
+        real_mkdir = os.mkdir
+
+        def read_only(path, *a, **kw):
+            if str(path).startswith(str(cache)):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            return real_mkdir(path, *a, **kw)
+        monkeypatch.setattr(os, "mkdir", read_only)
+    d = DataConfig(source="text", path=str(tmp_path / "corpus.txt"), cache_dir=str(cache))
+    with pytest.raises(DataError, match=rf"^data.cache_dir {cache} cannot be written \(.*\); set data.cache_dir "
+                                        r"to a writable directory, or prepare the tokens once"):
+        prepare_source(d)
