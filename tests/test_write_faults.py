@@ -127,7 +127,7 @@ def test_a_failed_allocation_names_the_planners_estimate_and_the_knobs(tmp_path,
     line = str(info.value)
     assert line.startswith("out of memory (") and "\n" not in line
     assert "can't allocate memory" in line or isinstance(failure, MemoryError)
-    assert "the planner estimates" in line and "per rank for this sweep (2 members, none, 1 rank)" in line
+    assert "the planner estimates" in line and "per rank for this sweep (2 members, engine none, 1 rank)" in line
     for knob in ("dist.zero_stage", "sweep.widths", "sweep.seeds", "data.batch_size", "train.activation_checkpointing"):
         assert knob in line
     assert not (tmp_path / "run").exists()  # a failed start leaves nothing

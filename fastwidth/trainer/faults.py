@@ -95,8 +95,9 @@ def memory_fault_line(err: BaseException, cfg) -> str:
     what = (str(err).strip().splitlines() or [type(err).__name__])[0][:200] or type(err).__name__
     try:
         plan = plan_sweep(cfg, world)
-        estimate = (f"the planner estimates {_bytes(plan['peak'])} per rank for this sweep ({plan['members']} "
-                    f"members, {choice_of(cfg).label}, {world} rank{'s' if world > 1 else ''})")
+        n = plan["members"]
+        estimate = (f"the planner estimates {_bytes(plan['peak'])} per rank for this sweep ({n} member"
+                    f"{'s' if n != 1 else ''}, engine {choice_of(cfg).label}, {world} rank{'s' if world != 1 else ''})")
     except (MemoryError, UserError):
         estimate = "the planner could not be asked either (see `fastwidth plan --config ...`)"
     return (f"out of memory ({what}); {estimate}; lower it with dist.backend=fsdp2 or deepspeed with "
