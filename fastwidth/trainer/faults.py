@@ -58,7 +58,8 @@ def _is_run_write(err: OSError, out_dir: Path) -> bool:
 
 def write_fault_line(err: OSError, out_dir: Path) -> str:
     """One line: the file, why, the latest whole checkpoint and the last step with rows."""
-    return f"cannot write {err.filename}: {err.strerror}; {kept(out_dir)}"
+    where = err.filename or f"into {out_dir}"  # a sink's write() names no file
+    return f"cannot write {where}: {err.strerror}; {kept(out_dir)}"
 
 
 def kept(out_dir: Path) -> str:
