@@ -504,7 +504,7 @@ def table(results: dict[str, Result], before: dict[str, Result] | None = None) -
         ok = "ok" if not r.failures(case.expect) else "FAILS"
         return f"| {r.code} | {r.lines}{tb} | {left} | {ok} "
     head = "| # | case | owner |" + (" before: exit | lines | left | |" if before is not None else "")
-    head += " exit | lines | left | |"
+    head += (" after: exit" if before is not None else " exit") + " | lines | left | |"
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for case in CASES:
         if case.number not in results:
