@@ -48,7 +48,7 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_last_one_and_says_so(tmp_path, mo
     with pytest.raises(ResourceError) as info:
         run(cfg_of(tmp_path, TINY, "train.steps=4", "train.ckpt_every=2"))
     line, out = str(info.value), tmp_path / "run"
-    assert "\n" not in line and line.startswith(f"cannot write {out / 'checkpoints'}: No space left on device")
+    assert "\n" not in line and line.startswith(f"cannot write {out / 'checkpoints' / 'step_000004'}: No space left on device")
     assert f"kept checkpoint {out / 'checkpoints' / 'step_000002'}" in line and "up to step 4" in line
     assert "train.resume=auto" in line
     assert ckpt.latest_checkpoint(out / "checkpoints").name == "step_000002"
