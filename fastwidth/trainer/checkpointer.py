@@ -23,6 +23,8 @@ from typing import Callable
 
 from fastwidth.param.scaling import table_rows
 from fastwidth.run import checkpoint as ckpt
+from fastwidth.run.paths import checkpoint_name
+from fastwidth.run.writes import writing
 from fastwidth.trainer.engine_checkpoint import check_resumable  # noqa: F401 (public here)
 
 
@@ -64,7 +66,13 @@ class Checkpointer:
         extra = {"config": self.cfg.to_dict(),
                  "mup_tables": {m.name: table_rows(m.table) for m in self.members}, "final": final,
                  **{key: c.state_dict() for key, c in self.components.items()}}
-        return self.engine.save(self.root, step, self.members, extra, keep=self.cfg.train.keep_checkpoints)
+        # a full disk: the half-written .tmp-step_* goes, the last whole checkpoint stays
+        with writing(self.root / checkpoint_name(step)):
+            try:
+                return self.engine.save(self.root, step, self.members, extra, keep=self.cfg.train.keep_checkpoints)
+            except BaseException:
+                ckpt.clear_interrupted(self.root)
+                raise
 
     # ------------------------------------------------------------------ restore
 

@@ -39,8 +39,10 @@ from fastwidth.stats.training_rows import BatchSharpnessRows, CoordRows
 from fastwidth.run.lock import RunLock, check_creatable, undo_on_error
 from fastwidth.run.prepare import check_outside_data, check_run_dir, make_scratch_dir, prepare_run_dir
 from fastwidth.run.paths import RunDir
+from fastwidth.run.writes import writing
 from fastwidth.trainer.checkpointer import RNG, Checkpointer, State, check_resumable
 from fastwidth.trainer import flops, preempt, tracking
+from fastwidth.trainer.faults import machine_faults
 from fastwidth.run.metrics import read_metrics
 from fastwidth.trainer import dynamics, stacked, sweep, threads
 from fastwidth.trainer.members import (Member, autocast_for, compiled_loss,  # noqa: F401 (re-exported: bench/, tests)
@@ -264,7 +266,8 @@ class Trainer:
                            "seed": 0, **info})
         probe_file = RunDir(self.run_dir).probe
         if not probe_file.exists():
-            self.stream.save_probe(probe_file)
+            with writing(probe_file, tmp=probe_file):  # a full disk leaves no half a probe file
+                self.stream.save_probe(probe_file)
 
     def _step_members(self, group: list[Member], step: int, x, y, bar) -> dict:
         """One optimizer step of every member of `group` due at `step` ({name: loss}); the
@@ -367,10 +370,11 @@ def _train(cfg: Config, stop: preempt.StopFlag, held: contextlib.ExitStack) -> t
         undo_on_error(cfg.train.out_dir, only=[RunDir(cfg.train.out_dir).scratch(rank).root])
     trainer = None
     try:
-        with undo:  # a mistake found while setting up leaves nothing
-            trainer = Trainer(cfg, stop)
-        with trainer.dist.guard("training"):  # one process: no process group to guard or close
-            return trainer.run(), trainer
+        with machine_faults(cfg):  # a full disk, a failed allocation: one line saying what is kept
+            with undo:  # a mistake found while setting up leaves nothing
+                trainer = Trainer(cfg, stop)
+            with trainer.dist.guard("training"):  # one process: no process group to guard or close
+                return trainer.run(), trainer
     finally:
         if trainer is not None:
             trainer.dist.close()
