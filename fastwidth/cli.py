@@ -20,9 +20,16 @@ from fastwidth.errors import UserError
 
 def cmd_train(args) -> int:
     from fastwidth.api import train
-    run_dir = train(args.config, overrides=overrides_of(args))
+    trust = ["train.trust_checkpoint=true"] if args.trust_checkpoint else []
+    run_dir = train(args.config, overrides=overrides_of(args) + trust)
     print(f"run directory: {run_dir}")
     return 0
+
+
+def add_trust_arg(p) -> None:
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="read a checkpoint holding files that need unpickling (one written by an earlier "
+                        "fastwidth): only if you trust who wrote it, since unpickling can run code")
 
 
 def cmd_demo(args) -> int:
@@ -96,7 +103,8 @@ def add_coord_parser(sub) -> None:
 
 def cmd_export(args) -> int:
     from fastwidth.interop.export import export
-    out, names = export(args.run, args.output, fmt=args.format, member=args.member, force=args.force)
+    out, names = export(args.run, args.output, fmt=args.format, member=args.member, force=args.force,
+                        trust_checkpoint=args.trust_checkpoint)
     print(f"wrote {out} ({', '.join(names)})")
     return 0
 
@@ -105,6 +113,7 @@ def add_train(sub) -> None:
     p = sub.add_parser("train")
     add_config_args(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_trust_arg(p)  # sets train.trust_checkpoint
     p.set_defaults(func=cmd_train)
 
 
@@ -137,6 +146,7 @@ def add_export(sub) -> None:
     p.add_argument("--force", action="store_true",
                    help="replace an existing OUT (a file by rename; a directory wholly: the new one is written "
                         "beside it, then swapped in); never a run directory's own files")
+    add_trust_arg(p)
     p.set_defaults(func=cmd_export)
 
 

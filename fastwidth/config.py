@@ -23,8 +23,8 @@ from typing import Any
 import yaml
 
 # the schema, re-exported: fastwidth.config is where every user imports it from
-from fastwidth.config_schema import (Config, DataConfig, DistConfig, ModelConfig, OptimConfig, ParamConfig,
-                                     StatsConfig, SweepConfig, TrainConfig)
+from fastwidth.config_schema import (SEED_MAX, SEED_MIN, Config, DataConfig, DistConfig, ModelConfig, OptimConfig,
+                                     ParamConfig, StatsConfig, SweepConfig, TrainConfig)
 from fastwidth.errors import ConfigError
 
 
@@ -99,12 +99,35 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise TypeError(f"unsupported config annotation {tp} at {where}")
 
 
+def _valid_range(meta) -> str:
+    """The bounds of a field's metadata in words, e.g. '> 0', 'in [0, 1)', 'a finite number'."""
+    lo = ("(", meta["above"]) if meta.get("above") is not None else ("[", meta.get("min"))
+    hi = (")", meta["below"]) if meta.get("below") is not None else ("]", meta.get("max"))
+    if lo[1] is not None and hi[1] is not None:
+        return f"in {lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
+    if lo[1] is not None:
+        return f"{'>' if lo[0] == '(' else '>='} {lo[1]:g}"
+    if hi[1] is not None:
+        return f"{'<' if hi[0] == ')' else '<='} {hi[1]:g}"
+    return "a finite number"
+
+
 def _check_meta(f: dataclasses.Field, value: Any, where: str) -> None:
-    choices, lo = f.metadata.get("choices"), f.metadata.get("min")
+    meta = f.metadata
+    choices = meta.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
-    if lo is not None and value is not None and value < lo:
-        raise ConfigError(f"{where}: {value!r} is below the minimum {lo}")
+    if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison below
+        raise ConfigError(f"{where}: {value!r} is not a finite number; valid: {_valid_range(meta)}")
+    if value is None or isinstance(value, (bool, str)):
+        return
+    lo, hi = meta.get("min"), meta.get("max")
+    above, below = meta.get("above"), meta.get("below")
+    if lo is not None and value < lo and above is None and below is None and hi is None:
+        raise ConfigError(f"{where}: {value!r} is below the minimum {lo}")  # the line users know
+    if ((lo is not None and value < lo) or (hi is not None and value > hi)
+            or (above is not None and value <= above) or (below is not None and value >= below)):
+        raise ConfigError(f"{where}: {value!r} is out of range; valid: {_valid_range(meta)}")
 
 
 def _build(cls, data: Any, prefix: str):
@@ -226,6 +249,7 @@ def validate(cfg: Config) -> None:
         for v in values:
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ConfigError(f"{key}: every entry must be an integer, got {v!r}")
+    _check_seeds(cfg)
     for lr in cfg.sweep.lrs:
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
             raise ConfigError(f"sweep.lrs: every entry must be a positive number, got {lr!r}")
@@ -275,6 +299,20 @@ def validate(cfg: Config) -> None:
                           "V× the cost; use stats.ntk_output=class")
     if cfg.param.attn_mult is not None and not (cfg.param.attn_mult > 0 and math.isfinite(cfg.param.attn_mult)):
         raise ConfigError(f"param.attn_mult: {cfg.param.attn_mult} must be a positive number or null")
+
+
+def _check_seeds(cfg: Config) -> None:
+    """Every seed key (any field named *seed, and sweep.seeds) within SEED_MIN..SEED_MAX."""
+    seeds = [("sweep.seeds", v) for v in cfg.sweep.seeds]
+    for section in dataclasses.fields(cfg):
+        node = getattr(cfg, section.name)
+        if dataclasses.is_dataclass(node):
+            seeds += [(f"{section.name}.{f.name}", getattr(node, f.name)) for f in dataclasses.fields(node)
+                      if f.name.endswith("seed")]
+    for key, v in seeds:
+        if not isinstance(v, bool) and isinstance(v, int) and not SEED_MIN <= v <= SEED_MAX:
+            raise ConfigError(f"{key}: {v} is outside the seed range [-2^63, 2^63 - 1] "
+                              f"(a signed 64-bit integer, what torch's generators take)")
 
 
 def resolve(cfg: Config, now: float | None = None) -> Config:

@@ -12,9 +12,17 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 
-def _opt(default, *, choices=None, min=None, help=""):
-    """A dataclass field carrying validation metadata (and a one-line help for the README)."""
-    meta = {"choices": choices, "min": min, "help": help}
+# Seeds: a signed 64-bit integer, what every generator fastwidth seeds takes (torch.Generator.manual_seed
+# refuses past [-2^63, 2^64 - 1]: "Overflow when unpacking long long"; numpy's SeedSequence and the
+# sha256-derived init seeds take any integer). The member seed goes to torch unchanged (the sharpness
+# start vector, stats/sharpness.py), so a 2^64 seed used to train every step and crash at the end.
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _opt(default, *, choices=None, min=None, max=None, above=None, below=None, help=""):
+    """A dataclass field carrying validation metadata (and a one-line help for the README): min / max
+    are inclusive bounds, above / below exclusive ones. Every float is also refused when not finite."""
+    meta = {"choices": choices, "min": min, "max": max, "above": above, "below": below, "help": help}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -40,7 +48,7 @@ class ParamConfig:
     base_width: int = _opt(64, min=1, help="width at which every kind equals sp; m = width / base_width")
     gamma0: float = _opt(1.0, min=1e-12, help="mean_field richness γ0 (output ÷γ0, LR ×γ0 Adam / ×γ0² SGD)")
     output_mult: float = _opt(1.0, help="readout forward multiplier α (µP: α / m)")
-    attn_mult: Optional[float] = _opt(None, help="attention logits scale attn_mult / head_dim; null = sqrt(base head_dim)")
+    attn_mult: Optional[float] = _opt(None, above=0.0, help="attention logits scale attn_mult / head_dim; null = sqrt(base head_dim)")
     init: str = _opt("normal", choices=["normal", "torch"], help="normal = N(0, σ²/fan_in), biases 0 (the default: earlier runs keep their numbers; √3 × PyTorch's std); torch = PyTorch's default init through the µP table, as mup's set_base_shapes leaves it (matrices U(±σ/√fan_in), biases U(±1/√fan_in)), so mup users' hyperparameters carry over")
     init_std: float = _opt(1.0, min=0.0, help="σ: matrices ~ N(0, σ² / fan_in) or, init=torch, U(±σ/√fan_in) (fan_in at base width for input/output)")
     embed_std: float = _opt(1.0, min=0.0, help="token embedding std (gpt)")
@@ -51,16 +59,16 @@ class ParamConfig:
 @dataclass
 class OptimConfig:
     name: str = _opt("adamw", choices=["adamw", "adam", "sgd"], help="optimizer")
-    lr: float = _opt(1e-3, min=0.0, help="base learning rate η (per-group lr = η × lr_mult × schedule)")
+    lr: float = _opt(1e-3, above=0.0, help="base learning rate η (per-group lr = η × lr_mult × schedule)")
     weight_decay: float = _opt(0.0, min=0.0, help="base weight decay (per-group wd = wd × wd_mult)")
     betas: list = _opt([0.9, 0.999], help="Adam betas")
-    eps: float = _opt(1e-8, min=0.0, help="Adam epsilon")
-    momentum: float = _opt(0.0, min=0.0, help="SGD momentum")
+    eps: float = _opt(1e-8, above=0.0, help="Adam epsilon")
+    momentum: float = _opt(0.0, min=0.0, below=1.0, help="SGD momentum")
     grad_clip: float = _opt(1.0, min=0.0, help="global gradient-norm clip per model; 0 = off. Not part of µP: the norm it clips grows or shrinks with width, so a clip acts differently per width (comparisons across widths or parameterizations state it, usually 0)")
     schedule: str = _opt("constant", choices=["constant", "linear", "cosine"], help="LR schedule after warmup")
     warmup_steps: int = _opt(0, min=0, help="linear warmup steps")
     decay_steps: int = _opt(0, min=0, help="horizon of linear/cosine decay; 0 = train.steps (set it to extend a run by resuming)")
-    min_lr_ratio: float = _opt(0.0, min=0.0, help="final LR as a fraction of the peak for linear/cosine")
+    min_lr_ratio: float = _opt(0.0, min=0.0, max=1.0, help="final LR as a fraction of the peak for linear/cosine")
     lr_unit: str = _opt("absolute", choices=["absolute", "edge"], help="edge: optim.lr and sweep.lrs are multiples of 2/λ0, λ0 = each member's initial lr-preconditioned sharpness on its first training batch")
 
 
@@ -88,7 +96,7 @@ class DataConfig:
     bpe_train_bytes: int = _opt(4_000_000, min=1, help="bpe: text from the head of the training split the tokenizer is trained on")
     image_size: int = _opt(0, min=0, help="imagefolder: resize images to this square size; 0 = keep (all must match)")
     normalize: bool = _opt(True, help="images: per-channel mean/std normalization computed once on the training split")
-    max_undecodable: float = _opt(0.01, min=0.0, help="text: refuse a corpus file whose share of bytes that are not UTF-8 (in its first 256 KB) exceeds this; 1 = accept anything (bytes are decoded with replacement)")
+    max_undecodable: float = _opt(0.01, min=0.0, max=1.0, help="text: refuse a corpus file whose share of bytes that are not UTF-8 (in its first 256 KB) exceeds this; 1 = accept anything (bytes are decoded with replacement)")
     allow_missing_classes: bool = _opt(False, help="classifiers: train even when the training labels hold fewer than data.num_classes classes (the readout, probe metrics and eNTK class assume all of them)")
 
 
@@ -148,7 +156,7 @@ class StatsConfig:
     hist_range: float = _opt(0.0, min=0.0, help="preactivation histograms span [-hist_range, hist_range], outside in the edge bins; 0 = per layer from the reference width's first evaluation (hist_units: asinh or quantile bins, saved with the run)")
     hist_units: str = _opt("asinh", choices=["asinh", "raw"], help="hist_range 0: bin u = asinh((x - c) / s), c, s the reference width's probe mean and std at the first evaluation (covers the preactivations' growth in training; stats/preact_range.py), or raw x on quantile ranges")
     hist_reach: float = _opt(1000.0, min=1.0, help="hist_units asinh: the bins reach this many first-evaluation stds from the centre; beyond goes to two overflow bins")
-    hist_quantile: float = _opt(0.001, min=0.0, help="hist_range 0, hist_units raw: a layer's range is its [q, 1-q] quantiles at the first evaluation, widened by hist_margin; outside goes to two overflow bins")
+    hist_quantile: float = _opt(0.001, min=0.0, below=0.5, help="hist_range 0, hist_units raw: a layer's range is its [q, 1-q] quantiles at the first evaluation, widened by hist_margin; outside goes to two overflow bins")
     hist_margin: float = _opt(1.0, min=0.0, help="hist_range 0, hist_units raw: widen each side of the quantile range by this fraction of its span (preactivations grow in training)")
     eval_batch: int = _opt(256, min=1, help="probe examples per forward when evaluating (the evaluation micro-batch: peak activation memory is one such forward)")
     bootstrap: int = _opt(1000, min=0, help="bootstrap resamples over seeds for the intervals of every fitted slope (needs >= 3 seeds); 0 = off")

@@ -20,3 +20,7 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, truncated or does not match the run."""
+
+
+class ResourceError(UserError):
+    """The machine lacks what the run needs: disk space, a writable directory, memory."""

@@ -57,6 +57,23 @@ def test_a_planted_file_of_any_format_is_refused_naming_it(tmp_path, planted):
     assert str(path / planted) in msg and "--trust-checkpoint" in msg and "safetensors and JSON" in msg
     assert not marker.exists()
     assert ckpt.read_checkpoint(path, trust=True)["step"] == 1   # trusted: read as before (the file is not listed)
+    pickle.loads((path / planted).read_bytes())                  # the payload is live: it would have run
+    assert marker.read_text() == "ran"
+
+
+def test_the_checkpointer_refuses_before_the_engine_loads_unless_trusted(tmp_path):
+    from test_checkpointer import setup
+    from fastwidth.trainer.checkpointer import Checkpointer
+    cfg, _, members = setup(tmp_path)
+    root = tmp_path / "run" / "checkpoints"
+    path = Checkpointer(cfg, members[0].engine, members, root).save(final=True)
+    meta = ckpt.read_checkpoint(path)
+    plant(path / "extra.pt", tmp_path / "marker")
+    with pytest.raises(CheckpointError, match="extra.pt is not a safetensors or JSON file"):
+        Checkpointer(cfg, members[0].engine, members, root).load_members(meta)
+    cfg.train.trust_checkpoint = True
+    Checkpointer(cfg, members[0].engine, members, root).load_members(meta)
+    assert not (tmp_path / "marker").exists()
 
 
 def test_an_unlisted_safetensors_file_and_a_link_are_refused(tmp_path):

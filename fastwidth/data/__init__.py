@@ -14,7 +14,9 @@ directory); images fmnist, cifar5m, imagefolder, arrays (see fastwidth/data/imag
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -61,14 +63,15 @@ def prepare_source(d, out: Path | None = None, *, workers: int = 0, progress: bo
         from fastwidth.data.sanity import check_text
         check_text(corpus, d.max_undecodable)
     cache = cache_root(d)
-    if out is None:
-        content = corpus.content_hash(cache)
-        key = hash_json([content, shards.request_of(d.tokenizer, d.bpe_vocab_size, d.bpe_train_bytes)])
-        out = cache / "tokens" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', corpus.name)}-{key[:16]}"
-    kw = {"shard_tokens": shard_tokens} if shard_tokens else {}
-    man = shards.prepare(corpus, out, tokenizer=d.tokenizer, bpe_vocab_size=d.bpe_vocab_size,
-                         bpe_train_bytes=d.bpe_train_bytes, cache_dir=cache, workers=workers,
-                         progress=progress, **kw)
+    with cache_writes(cache):
+        if out is None:
+            content = corpus.content_hash(cache)
+            key = hash_json([content, shards.request_of(d.tokenizer, d.bpe_vocab_size, d.bpe_train_bytes)])
+            out = cache / "tokens" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', corpus.name)}-{key[:16]}"
+        kw = {"shard_tokens": shard_tokens} if shard_tokens else {}
+        man = shards.prepare(corpus, out, tokenizer=d.tokenizer, bpe_vocab_size=d.bpe_vocab_size,
+                             bpe_train_bytes=d.bpe_train_bytes, cache_dir=cache, workers=workers,
+                             progress=progress, **kw)
     return man, Path(out)
 
 
@@ -83,6 +86,22 @@ def prepared_shards(d, out: Path) -> dict | None:
     return None if man is None else {**man, "reused": True}
 
 
+@contextlib.contextmanager
+def cache_writes(cache: Path):
+    """A cache directory that cannot be written (read-only, no permission, a file in its place,
+    full) as one DataError: the text sources tokenize into it, even to reuse their tokens (the
+    shards' lock file), so there is no fallback that would not tokenize again on every start."""
+    try:
+        yield
+    except OSError as e:
+        where = Path(os.path.abspath(e.filename or ""))
+        if not e.filename or not where.is_relative_to(os.path.abspath(cache)):
+            raise
+        raise DataError(f"data.cache_dir {cache} cannot be written ({e.strerror}: {e.filename}); set data.cache_dir "
+                        f"to a writable directory, or prepare the tokens once with `fastwidth data prepare --out DIR` "
+                        f"and train with data.source=shards data.path=DIR") from None
+
+
 def token_stream(d, *, rank: int = 0, world_size: int = 1) -> TokenStream:
     from fastwidth.data import shards
 
@@ -93,6 +112,8 @@ def token_stream(d, *, rank: int = 0, world_size: int = 1) -> TokenStream:
     else:
         _, out = prepare_source(d)
     man, maps = shards.open_shards(out)
+    if d.source == "shards":  # a data.tokenizer given for shards must be theirs (never silently ignored)
+        shards.check_tokenizer(out, man, d.tokenizer, d.bpe_vocab_size, d.bpe_train_bytes)
     content_id = hashlib.sha256(f"{man['content_hash']}|{man['tokenizer_id']}".encode()).hexdigest()
     info = {"tokenizer": man["tokenizer"], "tokenizer_id": man["tokenizer_id"], "shards": str(out),
             **{k: v for k, v in man.get("info", {}).items()}}

@@ -210,6 +210,34 @@ def request_of(tokenizer: str, bpe_vocab_size: int, bpe_train_bytes: int) -> dic
     return {"tokenizer": str(p), "sha256": digest}
 
 
+def _tokenizer_of(request: dict) -> dict:
+    """What names a tokenizer in a request: its kind and vocabulary for a BPE trained here (the
+    bytes it trained on are prepare's business), the file contents for a tokenizer file."""
+    return {k: v for k, v in request.items() if k in ("bpe_vocab_size", "sha256")
+            or (k == "tokenizer" and "sha256" not in request)}
+
+
+def check_tokenizer(out: Path, man: dict, tokenizer: str, bpe_vocab_size: int, bpe_train_bytes: int) -> None:
+    """data.tokenizer given for data.source=shards is honoured: the shards must have been prepared
+    with it (their manifest's request), else one DataError naming both. The default, bytes, counts
+    as not given: shards of any tokenizer train without naming it."""
+    if tokenizer == "bytes" or "request" not in man:
+        return
+    want = request_of(tokenizer, bpe_vocab_size, bpe_train_bytes)
+    if _tokenizer_of(want) != _tokenizer_of(man["request"]):
+        raise DataError(f"data.tokenizer={tokenizer} ({_describe(want)}) but the shards in {out} were prepared with "
+                        f"{_describe(man['request'])}; drop data.tokenizer or prepare the shards with it")
+
+
+def _describe(request: dict) -> str:
+    if "sha256" in request:
+        found = request["sha256"] != "missing"
+        return f"the tokenizer file {request['tokenizer']}" + ("" if found else ", which does not exist")
+    if "bpe_vocab_size" in request:
+        return f"a BPE of {request['bpe_vocab_size']} tokens"
+    return f"the {request.get('tokenizer')} tokenizer"
+
+
 def _reusable(out: Path, content: str, request: dict) -> dict | None:
     try:
         man = load_manifest(out)

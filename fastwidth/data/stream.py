@@ -160,15 +160,28 @@ class BaseStream:
             self.sampler.global_indices(steps - 1)
 
     def state_dict(self) -> dict:
+        # the vocabulary and tokenizer too: a resume on re-prepared shards names them (check_resume)
+        vocab = {k: self.info[k] for k in ("vocab_size", "tokenizer") if k in self.info}
         return {"fingerprint": self.fingerprint, "seed": self.sampler.seed, "cursor": self.cursor,
-                "batch_size": self.sampler.batch_size, "epochs": self.sampler.epochs}
+                "batch_size": self.sampler.batch_size, "epochs": self.sampler.epochs, **vocab}
 
-    def load_state_dict(self, d: dict) -> None:
+    def check_resume(self, d: dict) -> None:
+        """DataError (one line) unless checkpointed stream state `d` is this stream's: run at start,
+        before any engine, as a vocabulary that changed under a run otherwise surfaced as
+        "Error(s) in loading state_dict" from the embedding's shape."""
+        if "vocab_size" in d and "vocab_size" in self.info and (d["vocab_size"], d.get("tokenizer")) != (
+                self.info["vocab_size"], self.info.get("tokenizer")):
+            raise DataError(f"{self.name}: the run was trained on a vocabulary of {d['vocab_size']} (tokenizer "
+                            f"{d.get('tokenizer')}), the data now has {self.info['vocab_size']} (tokenizer "
+                            f"{self.info.get('tokenizer')}); resume on the data it started with, or start a new run")
         for key in ("fingerprint", "seed", "batch_size"):
             mine = self.fingerprint if key == "fingerprint" else getattr(self.sampler, key)
             if key in d and d[key] != mine:
                 raise DataError(f"{self.name}: checkpointed data {key} {d[key]!r} differs from this run's {mine!r}; "
                                 f"resume with the same data config")
+
+    def load_state_dict(self, d: dict) -> None:
+        self.check_resume(d)
         self.cursor = int(d.get("cursor", 0))
 
     def save_probe(self, path) -> None:

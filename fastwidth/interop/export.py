@@ -37,8 +37,9 @@ def _run_dir_of(path: Path) -> Path:
 
 
 def export(run: str | Path, out: str | Path, fmt: str = "safetensors", member: str | None = None,
-           force: bool = False) -> tuple[Path, list[str]]:
-    """Write the export; returns (what was written, the members in it). `force`: replace an existing OUT."""
+           force: bool = False, trust_checkpoint: bool = False) -> tuple[Path, list[str]]:
+    """Write the export; returns (what was written, the members in it). `force`: replace an existing OUT;
+    `trust_checkpoint`: read checkpoint files that would need unpickling (an earlier version's)."""
     run, out = Path(run).expanduser(), Path(out).expanduser()
     if not run.exists():
         raise UserError(f"export: {run} does not exist")
@@ -50,12 +51,12 @@ def export(run: str | Path, out: str | Path, fmt: str = "safetensors", member: s
     if fmt == "safetensors":
         from fastwidth.trainer.engine_checkpoint import export_checkpoint
         with replacing(out, kind="file") as tmp:
-            names = export_checkpoint(run, tmp, member=member)
+            names = export_checkpoint(run, tmp, member=member, trust_checkpoint=trust_checkpoint)
         return out, names
     if not member:
         raise UserError("export --format hf writes one model: name it with --member (e.g. --member w64_s0)")
     from fastwidth.interop.hf import export_hf
     run_dir = _run_dir_of(run)
     with replacing(out, kind="dir") as tmp:
-        export_hf(run_dir, member, tmp)
+        export_hf(run_dir, member, tmp, trust_checkpoint)
     return out, [member]

@@ -64,7 +64,7 @@ def llama_state_dict(model) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in sd.items()}
 
 
-def export_hf(run_dir: Path, member: str, out: Path) -> Path:
+def export_hf(run_dir: Path, member: str, out: Path, trust_checkpoint: bool = False) -> Path:
     """Write `member` of `run_dir` as a Hugging Face Llama checkpoint in directory `out`."""
     from fastwidth.trainer.load import load_model
     from fastwidth.config import from_dict, read_yaml
@@ -73,7 +73,7 @@ def export_hf(run_dir: Path, member: str, out: Path) -> Path:
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError:
         raise UserError("export --format hf needs transformers: pip install 'fastwidth[hf]'") from None
-    model = load_model(run_dir, member)
+    model = load_model(run_dir, member, trust_checkpoint=trust_checkpoint)
     sd = llama_state_dict(model)
     hf_cfg = LlamaConfig(**llama_config_kwargs(model.config, int(sd["lm_head.weight"].shape[0])))
     hf = LlamaForCausalLM(hf_cfg)

@@ -89,6 +89,29 @@ def _why_not() -> str | None:
     return None
 
 
+def _check_writable(out: Path) -> None:
+    """Make the cache directory `out` and write in it, or raise the one line saying why not (a
+    read-only file system, a file where a directory should be, no permission): a build cannot
+    start there, and its log could not be kept there either."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        test = out / f".writable-{os.getpid()}"
+        test.write_text("")
+        test.unlink()
+    except OSError as e:
+        raise UserError(f"native ops unavailable: cache directory {out} cannot be written ({e.strerror}); "
+                        f"set XDG_CACHE_HOME or FASTWIDTH_NATIVE_CACHE to a writable directory") from None
+
+
+def _keep_log(out: Path, text: str) -> str:
+    """Write a failed build's full output to out/build.log; says where it is, or that it is not."""
+    try:
+        (out / "build.log").write_text(text)
+        return f"full log: {out / 'build.log'}"
+    except OSError as e:
+        return f"no log kept ({out} cannot be written: {e.strerror})"
+
+
 def _build(out: Path) -> Path:
     """Compile into out/. The C++ files are compiled as one translation unit (a generated file
     including each): parsing torch's headers is most of a file's compile time (~25 s of ~35 s
@@ -129,6 +152,7 @@ def load():
             why = _why_not()
             if why is not None:
                 raise UserError(why)
+            _check_writable(out)
             t0 = time.perf_counter()
             log.info("building native ops into %s (once per torch version and source change)", out)
             _build(out)
@@ -139,8 +163,7 @@ def load():
     except Exception as e:  # a compiler error: its text is long; keep the first line that says why
         text = str(e).splitlines() or [repr(e)]
         first = next((ln for ln in text if ": error:" in ln or "error:" in ln), text[0])
-        (out / "build.log").write_text(str(e))
-        _failure = f"native ops failed to build ({first.strip()[:300]}); full log: {out / 'build.log'}"
+        _failure = f"native ops failed to build ({first.strip()[:300]}); {_keep_log(out, str(e))}"
         raise UserError(_failure) from e
     _register_python_side()
     _ops = torch.ops.fastwidth_native

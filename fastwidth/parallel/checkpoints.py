@@ -11,10 +11,18 @@ resumes on any number of ranks). Sharded (fsdp2, deepspeed):
         meta.json                 written by rank 0: step, members, µP tables, data cursor, RNG,
                                   stats state, config, and "engine": {backend, world_size, zero_stage}
         engine/<member>/          fsdp2 (and the ddp members of a mixed placement):
-                                  torch.distributed.checkpoint (model + optimizer, DTensor
-                                  metadata, so it loads on any number of ranks);
+                                  torch.distributed.checkpoint through its safetensors storage
+                                  (save_dcp): shard-<rank>-model-*.safetensors, each rank's
+                                  pieces with their offsets in the header (so it loads on any
+                                  number of ranks), and dcp.json, the optimizer's values that
+                                  are not tensors (param groups);
                                   deepspeed: save_checkpoint(tag=<member>) (same number of ranks;
                                   ZeRO-3 on another: DeepSpeedEngine.load_universal converts it)
+
+Nothing in it needs unpickling, and meta.json's "files" lists every file with its sha256, so
+run/checkpoint.read_checkpoint verifies the whole directory before any engine reads it. A member
+directory of the previous version (torch's pickled .metadata and .distcp files) is read by the
+old loader only under --trust-checkpoint (run/checkpoint.refuse_unpicklable refuses it before).
 
 Atomic as run/checkpoint.py's: every rank writes into one hidden directory, a barrier, then rank 0
 writes meta.json, renames the directory into place and replaces `latest`; a rank that dies mid-save
@@ -24,6 +32,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import torch
 
 from fastwidth.errors import CheckpointError
 from fastwidth.run import checkpoint as ckpt
@@ -61,7 +71,7 @@ def save_sharded(env, ckpt_root: Path, step: int, members: list, extra: dict, ke
         m.handle.save(member_dir(tmp, m.name))
     env.barrier()
     if env.is_main:
-        meta = {"format": ckpt.FORMAT, "step": step, "files": {},
+        meta = {"format": ckpt.FORMAT, "step": step, "files": ckpt.file_digests(tmp),
                 "members": [{"name": m.name, "width": m.width, "seed": m.seed, "step": m.step} for m in members],
                 **extra}
         ckpt.atomic_write_text(tmp / ckpt.META, json.dumps(meta))
@@ -84,3 +94,86 @@ def load_sharded(members: list, meta: dict, path: Path) -> None:
         engine.load_members(handles, Path(path), meta["engine"], lambda name: member_dir(path, name))
     for m in members:
         m.step = int(entries[m.name]["step"])
+
+
+# --------------------------------------------------------------------------- torch.distributed.checkpoint
+
+DCP_JSON = "dcp.json"          # in a member's directory: its optimizer values that are not tensors
+LEGACY_DCP = ".metadata"       # the previous version's pickled DCP index (read only when trusted)
+MODEL_KEY, OPTIM_KEY = "model", "optim"
+
+
+def _flat_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    # optimizer state keyed by parameter name ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"):
+    # tensors and plain values apart, and loadable on another sharding
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _state(model, optimizer) -> tuple[dict, dict]:
+    """({"model": ..., "optim": tensors}, the optimizer's other values) of this rank's member."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    msd, osd = get_state_dict(model, optimizer, options=_flat_options())
+    tensors = {k: v for k, v in osd.items() if torch.is_tensor(v)}
+    return {MODEL_KEY: msd, OPTIM_KEY: tensors}, {k: v for k, v in osd.items() if not torch.is_tensor(v)}
+
+
+def save_dcp(where: Path, model, optimizer, is_main: bool) -> None:
+    """A member's model and optimizer into directory `where`: tensors through
+    torch.distributed.checkpoint's safetensors storage (HuggingFaceStorageWriter, every rank
+    writing its own file; replicated tensors written once), the rest as JSON by rank 0. Collective."""
+    import torch.distributed.checkpoint as dcp
+    state, rest = _state(model, optimizer)
+    dcp.save(state, storage_writer=dcp.HuggingFaceStorageWriter(str(where), save_distributed=True))
+    if is_main:
+        ckpt.atomic_write_text(Path(where) / DCP_JSON, json.dumps(rest))
+
+
+def load_dcp(where: Path, model, optimizer) -> None:
+    """What save_dcp wrote in `where`, on any number of ranks (HuggingFaceStorageReader rebuilds
+    the index from the safetensors headers); a previous version's member directory with the old
+    loader (the checkpoint was trusted: refuse_unpicklable let it through). Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    where = Path(where)
+    if (where / LEGACY_DCP).is_file():
+        msd, osd = get_state_dict(model, optimizer)
+        state = {MODEL_KEY: msd, OPTIM_KEY: osd}
+        dcp.load(state, checkpoint_id=str(where))
+        set_state_dict(model, optimizer, model_state_dict=state[MODEL_KEY], optim_state_dict=state[OPTIM_KEY])
+        return
+    state, _ = _state(model, optimizer)
+    dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(where)))
+    rest = json.loads((where / DCP_JSON).read_text())
+    set_state_dict(model, optimizer, model_state_dict=state[MODEL_KEY],
+                   optim_state_dict={**rest, **state[OPTIM_KEY]}, options=_flat_options())
+
+
+def is_dcp(where: Path) -> bool:
+    """Whether member directory `where` was written by save_dcp (this version or the previous)."""
+    return (Path(where) / DCP_JSON).is_file() or (Path(where) / LEGACY_DCP).is_file()
+
+
+def dcp_model_tensors(where: Path) -> dict[str, torch.Tensor]:
+    """The whole model state of the save_dcp member directory `where`, with no process group:
+    each safetensors file's pieces put at the offsets its header records (DCP_SHARDING_INFO)."""
+    from safetensors import safe_open
+    prefix, pieces = MODEL_KEY + ".", {}
+    for f in sorted(Path(where).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            info = json.loads((st.metadata() or {}).get("DCP_SHARDING_INFO", "{}"))
+            for key in st.keys():
+                if key.startswith(prefix):
+                    t = st.get_tensor(key)
+                    offsets = info.get(key, {}).get("saved_offsets", [0] * t.dim())
+                    pieces.setdefault(key[len(prefix):], []).append((offsets, t))
+    return {name: _assemble(parts) for name, parts in pieces.items()}
+
+
+def _assemble(parts: list) -> torch.Tensor:
+    """One tensor from its (offsets, piece) parts."""
+    size = [max(o[d] + t.shape[d] for o, t in parts) for d in range(parts[0][1].dim())]
+    whole = torch.zeros(size, dtype=parts[0][1].dtype)
+    for offsets, t in parts:
+        whole[tuple(slice(o, o + n) for o, n in zip(offsets, t.shape))] = t
+    return whole

@@ -23,8 +23,9 @@ shares: the mean is the global batch's value), so batch statistics see the globa
 Checkpoints (parallel/checkpoints.py): the run's main engine saves and loads every member
 (`save` / `load`). One whose members are whole on every rank (`whole_checkpoint`: one process,
 ddp) writes the single-process format from rank 0; the sharded engines have each member write its
-own directory on every rank (`save_member` / `load_member`: torch.distributed.checkpoint for
-fsdp2 and for the ddp members of a mixed placement, DeepSpeed's own format for deepspeed).
+own directory on every rank (`save_member` / `load_member`: torch.distributed.checkpoint's
+safetensors storage for fsdp2 and for the ddp members of a mixed placement, DeepSpeed's own
+format for deepspeed).
 `check_checkpoint` refuses, in one line, a checkpoint the engine cannot load.
 
 `build` is the one parallelize step, in a fixed order (torchtitan's):
@@ -51,7 +52,7 @@ import torch
 from torch import nn
 
 from fastwidth.errors import CheckpointError
-from fastwidth.parallel.checkpoints import load_sharded, save_sharded, save_whole
+from fastwidth.parallel.checkpoints import load_dcp, load_sharded, save_dcp, save_sharded, save_whole
 from fastwidth.param.optim import build_optimizer
 from fastwidth.param.scaling import ParamInfo, apply_forward_mults, draw_init, init_parameters
 from fastwidth.run.checkpoint import restore_member
@@ -326,21 +327,14 @@ class Engine:
 
     def save_member(self, h: MemberHandle, where) -> None:
         """Member `h` into directory `where` of a sharded checkpoint, every rank writing its part:
-        torch.distributed.checkpoint of model and optimizer (DTensor metadata, so it loads on any
-        number of ranks; a replicated member's copies are deduplicated). Collective."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-        msd, osd = get_state_dict(h.model, h.optimizer)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(where))
+        torch.distributed.checkpoint of model and optimizer as safetensors with each piece's
+        offsets (so it loads on any number of ranks; a replicated member's copies are
+        deduplicated) and the optimizer's other values as JSON (checkpoints.save_dcp). Collective."""
+        save_dcp(where, h.model, h.optimizer, self.env.is_main)
 
     def load_member(self, h: MemberHandle, where) -> None:
         """Member `h` from what save_member wrote in `where`. Collective."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-        msd, osd = get_state_dict(h.model, h.optimizer)
-        state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=str(where))
-        set_state_dict(h.model, h.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        load_dcp(where, h.model, h.optimizer)
 
     def load_members(self, handles: list[MemberHandle], path, info: dict, member_dir: Callable) -> None:
         """Every member of `handles` (members this engine trains) from the sharded checkpoint

@@ -135,8 +135,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# What torch's env:// rendezvous reads besides WORLD_SIZE; torchrun and deepspeed set them all.
+LAUNCHER_VARS = ("RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def launched_world() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    """The ranks a launcher started (WORLD_SIZE; 1 without one). WORLD_SIZE > 1 left in the shell
+    without a launcher's other variables is one line (it used to train as a group of one or hang)."""
+    raw = os.environ.get("WORLD_SIZE", "") or "1"
+    try:
+        world = int(raw)
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={raw!r} is not a rank count; unset it or start with torchrun / "
+                          f"deepspeed") from None
+    missing = [var for var in LAUNCHER_VARS if var not in os.environ]
+    if world > 1 and missing:
+        raise ConfigError(f"WORLD_SIZE={world} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                          f"not: start the ranks with `torchrun --nproc_per_node {world} launch/train.py ...` or "
+                          f"`deepspeed --num_gpus {world} launch/train.py ...`, or unset WORLD_SIZE to train in "
+                          f"one process")
+    return world
 
 
 def collective_backend(cfg) -> tuple[bool, str]:

@@ -24,7 +24,7 @@ import yaml
 
 from fastwidth.errors import UserError
 from fastwidth.run import MemberSpec, RunDir
-from fastwidth.run.metrics import from_json
+from fastwidth.run.metrics import parse_row
 from fastwidth.stats.signature import load_signature
 
 
@@ -114,7 +114,7 @@ def load_run(path: str | Path) -> Run:
         if not line.strip():
             continue
         try:
-            rows.append(from_json(json.loads(line)))  # null, NaN and legacy "nan" -> None
+            rows.append(parse_row(line, metrics, i + 1))  # null, NaN and legacy "nan" -> None
         except json.JSONDecodeError:
             if i == len(lines) - 1:  # a run still writing, or killed, may leave a partial last line
                 cut = len(line.encode())

@@ -250,6 +250,8 @@ def write_summary(runs: list[Run], figures: dict[str, Path | None], out: Path, n
     lines = ["# fastwidth report", ""] + [f"{note}\n" for note in notes]
     lines += [f"**Partial run** {run.label}: {run.partial}; the figures draw what is there.\n"
               for run in runs if run.partial]
+    lines += [f"**History from step {r['step']}** {run.label}: its metrics.jsonl was lost before a resume; the rows "
+              f"and figures start at that checkpoint.\n" for run in runs for r in run.rows("history_lost")[:1]]
     lines += ["| run | kind | optimizer, LR | data | widths | seeds | tokens | late RMSE slope | loss spread (rel.) |",
               "|---|---|---|---|---|---|---:|---:|---:|"]
     for n in numbers:

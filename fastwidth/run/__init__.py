@@ -7,6 +7,7 @@ and errors):
     prepare.py     before training: is there a run to resume (check_run_dir), make or trim it (prepare_run_dir)
     checkpoint.py  the single-process checkpoint format (safetensors + meta.json, written atomically)
     members.py     a member's identity: MemberSpec(width, lr, seed) and its name
+    writes.py      a failed write (full disk, read-only) as an OSError naming its file, the partial file removed
 """
 from fastwidth.run.members import MemberSpec, member_specs
 from fastwidth.run.paths import RunDir

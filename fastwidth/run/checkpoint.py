@@ -13,6 +13,11 @@ place and `latest` replaced by rename: a crash leaves either the old or the new 
 a half-written one. A checkpoint of the same name that the new one replaces is first renamed to
 `.replaced-<name>` and deleted only once the new one is in place; the next save or load puts a
 set-aside checkpoint back if the kill came in between.
+
+Reading runs no code from the checkpoint: every reader (export, load_model, resume) goes through
+read_checkpoint, which type-checks meta.json, refuses a file that is not a listed safetensors or
+JSON file (refuse_unpicklable: torch's and DeepSpeed's loaders would unpickle it) unless the user
+trusts the checkpoint, and verifies every listed file's sha256 before anything is loaded.
 """
 from __future__ import annotations
 
@@ -66,6 +71,14 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """{path relative to `directory`: sha256} of every file under it but meta.json (which lists
+    them): a sharded checkpoint's "files", written once every rank's part is in place."""
+    directory = Path(directory)
+    return {f.relative_to(directory).as_posix(): _sha256(f) for f in sorted(directory.rglob("*"))
+            if f.is_file() and f.relative_to(directory).as_posix() != META}
 
 
 # --------------------------------------------------------------------------- RNG
@@ -210,6 +223,7 @@ _STEP_NAME = re.compile(r"step_\d+")
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The checkpoint `latest` names (read_latest_pointer), else the newest step_N directory."""
     ckpt_root = Path(ckpt_root)
     if ckpt_root.is_dir():
         recover_set_aside(ckpt_root)

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
+
+from fastwidth.errors import DataError
+from fastwidth.run.writes import writing
 
 REQUIRED = ("kind", "step", "tokens", "width", "seed")
 REFINE = "refine"    # the "pass" of the rows of sweep.lr_refine's second pass (absent: the first)
@@ -50,26 +54,68 @@ class MetricsWriter:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._f = open(self.path, "a")
+        with writing(self.path):
+            self._f = open(self.path, "a")
 
     def write(self, row: dict) -> None:
+        """Append `row`; a full disk raises an OSError naming metrics.jsonl (write() and flush()
+        name no file), and the file is left ending with the last whole row."""
         missing = [k for k in REQUIRED if k not in row]
         if missing:
             raise ValueError(f"metrics row lacks {missing}: {row}")
-        self._f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
-        self._f.flush()
+        line = json.dumps(json_safe(row), allow_nan=False) + "\n"
+        end = self._f.tell()
+        try:
+            with writing(self.path):
+                self._f.write(line)
+                self._f.flush()
+        except OSError:
+            self._drop_partial_row(end)
+            raise
+
+    def _drop_partial_row(self, end: int) -> None:
+        """Cut what reached the file of a row that failed half-way (a reader would stop at it)."""
+        try:
+            self._f.close()
+        except OSError:
+            pass  # the buffered rest of the row cannot be flushed either: it is what we drop
+        try:
+            os.truncate(self.path, end)
+        except OSError:
+            pass
 
     def close(self) -> None:
-        self._f.close()
+        if not self._f.closed:
+            self._f.close()
+
+
+def parse_row(line: str, path: Path, number: int) -> dict:
+    """One line of metrics.jsonl as a row (non-finite values None); json.JSONDecodeError for a line
+    that is not JSON (a cut last line is the caller's to forgive), a DataError naming the file and
+    line for JSON that is not an object (an array, a number, a string)."""
+    row = json.loads(line)
+    if not isinstance(row, dict):
+        raise DataError(f"{path}:{number}: a JSON {type(row).__name__}, not an object; every line of "
+                        f"metrics.jsonl is one JSON object with kind, step, tokens, width, seed")
+    return from_json(row)
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The rows of metrics.jsonl. A cut last line (a run killed while writing it) is left out, as
+    the report's reader does; any other line that is not a JSON object is a DataError naming the
+    file and the line."""
+    lines = Path(path).read_text(errors="replace").splitlines()
     rows = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                rows.append(from_json(json.loads(line)))
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(parse_row(line, path, number))
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                continue
+            raise DataError(f"{path}:{number}: not JSON ({e.msg}); every line of metrics.jsonl is one "
+                            f"JSON object") from None
     return rows
 
 

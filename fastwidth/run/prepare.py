@@ -7,12 +7,13 @@ trimming) it. Runs inside the lock and undo_on_error of run/lock.py:
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
 
 from fastwidth.config import Config, dump_yaml
-from fastwidth.errors import CheckpointError, UserError
+from fastwidth.errors import CheckpointError, ConfigError, UserError
 from fastwidth.run import checkpoint as ckpt
 from fastwidth.run.lock import make_dir
 from fastwidth.run.metrics import truncate_after
@@ -42,6 +43,23 @@ def _config_diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
         elif a != b and key not in RESUMABLE_CHANGES and key != "name":
             out.append(key)
     return out
+
+
+# Sources that read every file under data.path (a directory tree): a run directory inside it
+# would put the run's own rows, signatures and checkpoints into its corpus at the next start.
+TREE_SOURCES = ("text", "imagefolder")
+
+
+def check_outside_data(cfg: Config) -> None:
+    """ConfigError when train.out_dir is data.path or inside it (sources that read a directory tree);
+    run before the run directory is made (the corpus would read its lock file)."""
+    if cfg.data.source not in TREE_SOURCES or not cfg.data.path:
+        return
+    data = Path(cfg.data.path).expanduser().resolve()
+    out = Path(cfg.train.out_dir).expanduser().resolve()
+    if out == data or data in out.parents:
+        raise ConfigError(f"train.out_dir {cfg.train.out_dir} is inside data.path {cfg.data.path}: the run's own "
+                          f"files would join its corpus; put the run directory outside the data")
 
 
 def check_run_dir(cfg: Config) -> dict | None:
@@ -90,11 +108,22 @@ def prepare_run_dir(cfg: Config, meta: dict | None, member_steps: dict | None = 
         run.ranges.unlink(missing_ok=True)  # the old run's histogram bins: this run sets its own
     for sub in run.subdirs:
         sub.mkdir(exist_ok=True)
-    if meta is not None:
+    if meta is not None and not run.metrics.is_file():
+        _note_history_lost(run, meta["step"])
+    elif meta is not None:
         truncate_after(run.metrics, member_steps
                        or {(e["width"], e["seed"], None): e["step"] for e in meta["members"]}, floors)
     ckpt.atomic_write_text(run.config, dump_yaml(cfg))
     return run.root
+
+
+def _note_history_lost(run: RunDir, step: int) -> None:
+    """A resume whose metrics.jsonl is gone: one warning, and a first row saying the history before
+    `step` is lost, so the report says where its history starts instead of drawing a partial one."""
+    log.warning("%s is gone: the history before step %d is lost; its rows start over from the checkpoint's "
+                "step %d", run.metrics, step, step)
+    ckpt.atomic_write_text(run.metrics, json.dumps({"kind": "history_lost", "step": step, "tokens": None,
+                                                    "width": 0, "seed": 0}) + "\n")
 
 
 def make_scratch_dir(out_dir: str | Path, rank: int) -> Path:

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from fastwidth.run.paths import RunDir
+from fastwidth.run.writes import writing
 
 MAX_VALUES = 1 << 20   # values per layer kept for the quantiles (a fixed stride over the probe)
 
@@ -192,8 +193,9 @@ def out_of_range_fraction(hist) -> float | None:
 def save_ranges(run_dir: Path, ranges: dict[str, list[float]]) -> Path:
     path = RunDir(run_dir).ranges
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(ranges, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+    with writing(path, tmp=tmp):
+        tmp.write_text(json.dumps(ranges, indent=1, sort_keys=True) + "\n")
+        tmp.replace(path)
     return path
 
 

@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fastwidth.run.writes import writing
 from fastwidth.stats.metrics import feature_kernel
 from fastwidth.stats.ranks import gather_objects, rank_slice
 
@@ -256,11 +257,12 @@ def add_preacts(sig: dict, preacts: dict[str, dict]) -> dict:
 
 
 def save_signature(path: Path, sig: dict, meta: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in sig.items()}, str(tmp),
-              metadata={"json": json.dumps(meta, sort_keys=True)})
-    tmp.replace(path)  # atomic: a killed run never leaves half a signature
+    with writing(path, tmp=tmp):  # a full disk: one line naming the file, no .tmp left
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in sig.items()}, str(tmp),
+                  metadata={"json": json.dumps(meta, sort_keys=True)})
+        tmp.replace(path)  # atomic: a killed run never leaves half a signature
 
 
 def load_signature(path: Path) -> tuple[dict, dict]:

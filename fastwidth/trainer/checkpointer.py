@@ -23,6 +23,8 @@ from typing import Callable
 
 from fastwidth.param.scaling import table_rows
 from fastwidth.run import checkpoint as ckpt
+from fastwidth.run.paths import checkpoint_name
+from fastwidth.run.writes import writing
 from fastwidth.trainer.engine_checkpoint import check_resumable  # noqa: F401 (public here)
 
 
@@ -64,14 +66,23 @@ class Checkpointer:
         extra = {"config": self.cfg.to_dict(),
                  "mup_tables": {m.name: table_rows(m.table) for m in self.members}, "final": final,
                  **{key: c.state_dict() for key, c in self.components.items()}}
-        return self.engine.save(self.root, step, self.members, extra, keep=self.cfg.train.keep_checkpoints)
+        # a full disk: the half-written .tmp-step_* goes, the last whole checkpoint stays
+        with writing(self.root / checkpoint_name(step)):
+            try:
+                return self.engine.save(self.root, step, self.members, extra, keep=self.cfg.train.keep_checkpoints)
+            except BaseException:
+                ckpt.clear_interrupted(self.root)
+                raise
 
     # ------------------------------------------------------------------ restore
 
     def load_members(self, meta: dict) -> None:
         """Every member's model and optimizer, and its step, from the latest checkpoint (meta:
-        its ckpt.read_checkpoint); refused with one line when the run's engine cannot load it."""
-        self.engine.load(self.members, meta, ckpt.latest_checkpoint(self.root))
+        its ckpt.read_checkpoint); refused with one line when the run's engine cannot load it, or
+        when it holds a file that needs unpickling and train.trust_checkpoint is off."""
+        path = ckpt.latest_checkpoint(self.root)
+        ckpt.refuse_unpicklable(path, self.cfg.train.trust_checkpoint, meta)  # before any engine's loader
+        self.engine.load(self.members, meta, path)
 
     def load_state(self, meta: dict) -> None:
         """Every registered component's state from checkpoint meta, in the order they registered

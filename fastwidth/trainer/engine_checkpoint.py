@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from fastwidth.errors import CheckpointError
-from fastwidth.parallel.checkpoints import member_dir
+from fastwidth.parallel.checkpoints import LEGACY_DCP, dcp_model_tensors, is_dcp, member_dir
 from fastwidth.parallel.zero import check_zero_shards
 from fastwidth.run import checkpoint as ckpt
 from fastwidth.run.paths import RunDir, latest_pointer
@@ -27,9 +27,8 @@ def check_resumable(cfg, world_size: int) -> None:
     `latest` pointer and one JSON file."""
     if not cfg.train.resume or cfg.dist.backend != "deepspeed":
         return
-    root = RunDir(cfg.train.out_dir).checkpoints
-    pointer = latest_pointer(root)
-    meta_file = root / pointer.read_text().strip() / ckpt.META if pointer.is_file() else None
+    found = ckpt.read_latest_pointer(RunDir(cfg.train.out_dir).checkpoints)
+    meta_file = found / ckpt.META if found is not None else None
     if meta_file is None or not meta_file.is_file():
         return                                   # check_run_dir reports a missing checkpoint
     try:
@@ -48,11 +47,13 @@ def member_tensors(path: Path, meta: dict, name: str) -> dict[str, torch.Tensor]
     if meta.get("engine") is None:
         return dict(meta["tensors"][f"model.{name}.safetensors"])
     where = member_dir(path, name)
-    if (where / ".metadata").is_file():  # torch.distributed.checkpoint (fsdp2, and ddp members of a mixed run)
+    if (where / LEGACY_DCP).is_file():  # the previous version's DCP files: read only when trusted
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
         with tempfile.TemporaryDirectory() as d:
             dcp_to_torch_save(str(where), os.path.join(d, "full.pt"))
             return dict(torch.load(os.path.join(d, "full.pt"), weights_only=True)["model"])
+    if is_dcp(where):  # torch.distributed.checkpoint (fsdp2, and ddp members of a mixed run)
+        return dcp_model_tensors(where)
     from fastwidth.parallel.zero import import_deepspeed
     from fastwidth.parallel.zero_files import readable
     import_deepspeed(torch.cuda.is_available())
@@ -64,11 +65,12 @@ def member_tensors(path: Path, meta: dict, name: str) -> dict[str, torch.Tensor]
     return {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()}
 
 
-def export_checkpoint(path: Path, out: Path, member: str | None = None) -> list[str]:
+def export_checkpoint(path: Path, out: Path, member: str | None = None, trust_checkpoint: bool = False) -> list[str]:
     """Write one safetensors file with the full (unsharded) fp32 weights of a checkpoint.
 
     One member: plain parameter names; several: '<member>/<name>'. The µP tables ride along in
-    the file's metadata (JSON). Returns the members written.
+    the file's metadata (JSON). Returns the members written. A checkpoint holding files that
+    need unpickling is refused unless `trust_checkpoint` (run.checkpoint.refuse_unpicklable).
     """
     from safetensors.torch import save_file
     path = Path(path)
@@ -78,7 +80,7 @@ def export_checkpoint(path: Path, out: Path, member: str | None = None) -> list[
         if found is None:
             raise CheckpointError(f"{path} holds no checkpoint")
         path = found
-    meta = ckpt.read_checkpoint(path)
+    meta = ckpt.read_checkpoint(path, trust=trust_checkpoint)
     names = [e["name"] for e in meta["members"]]
     if member is not None and member not in names:
         raise CheckpointError(f"checkpoint {path} has no model {member} (it holds {', '.join(names)})")

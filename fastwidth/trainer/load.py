@@ -22,12 +22,13 @@ def _latest(run_dir: Path) -> Path:
     return found
 
 
-def member_state(checkpoint: Path, name: str | None) -> tuple[str, dict, dict]:
+def member_state(checkpoint: Path, name: str | None, trust_checkpoint: bool = False) -> tuple[str, dict, dict]:
     """(member name, full fp32 state dict, checkpoint meta) of one member; the only member when
-    `name` is None. Works for single-process and sharded (ddp, fsdp2, deepspeed) checkpoints."""
+    `name` is None. Works for single-process and sharded (ddp, fsdp2, deepspeed) checkpoints; one
+    holding files that need unpickling only with `trust_checkpoint` (refuse_unpicklable)."""
     from fastwidth.trainer.engine_checkpoint import member_tensors
     from fastwidth.run.checkpoint import read_checkpoint
-    meta = read_checkpoint(checkpoint)
+    meta = read_checkpoint(checkpoint, trust=trust_checkpoint)
     names = [e["name"] for e in meta["members"]]
     if name is None and len(names) == 1:
         name = names[0]
@@ -57,17 +58,18 @@ def model_io(cfg, run_dir: Path, state: dict) -> SimpleNamespace:
                            in_shape=in_shape, num_classes=outputs if kind == "classes" else None)
 
 
-def load_model(run_dir: str | Path, member: str | None = None, device="cpu"):
+def load_model(run_dir: str | Path, member: str | None = None, device="cpu", trust_checkpoint: bool = False):
     """The trained model `member` (e.g. "w64_s0"; may be omitted when the run has one) from the
     latest checkpoint of `run_dir`, in eval mode on `device`. Its forward gives logits; its µP
-    table is `model.mup_table`."""
+    table is `model.mup_table`. A checkpoint holding files that need unpickling (one written by
+    an earlier version) is refused unless `trust_checkpoint`: unpickling can run code."""
     import torch
     from fastwidth.config import for_width, from_dict, read_yaml
     from fastwidth.models import build_model
     run_dir = Path(run_dir).expanduser()
     if not RunDir(run_dir).config.is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
-    name, state, meta = member_state(_latest(run_dir), member)
+    name, state, meta = member_state(_latest(run_dir), member, trust_checkpoint)
     cfg = from_dict(read_yaml(RunDir(run_dir).config))
     wcfg = for_width(cfg, int(next(e["width"] for e in meta["members"] if e["name"] == name)))
     model, table = build_model(wcfg, model_io(wcfg, run_dir, state), device="cpu", seed=0)

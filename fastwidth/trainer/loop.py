@@ -34,12 +34,15 @@ from fastwidth.errors import DataError
 from fastwidth.kernels import dispatch
 from fastwidth.param.optim import lr_factor, set_lr
 from fastwidth.stats.lr_groups import monitor_for
+from fastwidth.stats.reference import check_reference_run
 from fastwidth.stats.training_rows import BatchSharpnessRows, CoordRows
 from fastwidth.run.lock import RunLock, check_creatable, undo_on_error
-from fastwidth.run.prepare import check_run_dir, make_scratch_dir, prepare_run_dir
+from fastwidth.run.prepare import check_outside_data, check_run_dir, make_scratch_dir, prepare_run_dir
 from fastwidth.run.paths import RunDir
+from fastwidth.run.writes import writing
 from fastwidth.trainer.checkpointer import RNG, Checkpointer, State, check_resumable
 from fastwidth.trainer import flops, preempt, tracking
+from fastwidth.trainer.faults import machine_faults
 from fastwidth.run.metrics import read_metrics
 from fastwidth.trainer import dynamics, stacked, sweep, threads
 from fastwidth.trainer.members import (Member, autocast_for, compiled_loss,  # noqa: F401 (re-exported: bench/, tests)
@@ -69,7 +72,11 @@ class Trainer:
             raise DataError(f"data: {cfg.data.source} holds {self.stream.steps_available} steps of "
                             f"data.batch_size={cfg.data.batch_size} in data.epochs={cfg.data.epochs}, "
                             f"train.steps={cfg.train.steps} asks for more")
+        if cfg.stats.reference_run:  # one line now, never at the evaluation that reads it
+            check_reference_run(cfg, self.stream)
         self.resume_meta = check_run_dir(cfg)
+        if self.resume_meta is not None and "data" in self.resume_meta:  # before any engine loads it
+            self.stream.check_resume(self.resume_meta["data"])
         self.dist.barrier()  # every rank has read the run directory before rank 0 writes to it
         check_shared_dir(self.dist, cfg.train.out_dir)
         self.memory = MemoryRecorder(self.dist, self.device)  # baseline: before any model exists
@@ -259,7 +266,8 @@ class Trainer:
                            "seed": 0, **info})
         probe_file = RunDir(self.run_dir).probe
         if not probe_file.exists():
-            self.stream.save_probe(probe_file)
+            with writing(probe_file, tmp=probe_file):  # a full disk leaves no half a probe file
+                self.stream.save_probe(probe_file)
 
     def _step_members(self, group: list[Member], step: int, x, y, bar) -> dict:
         """One optimizer step of every member of `group` due at `step` ({name: loss}); the
@@ -352,6 +360,7 @@ def _train(cfg: Config, stop: preempt.StopFlag, held: contextlib.ExitStack) -> t
     cfg = resolve(cfg)  # fixes out_dir (its default carries the time) before anything checks it
     if defaulted and cfg.dist.backend != "none" and launched_world() > 1:
         cfg = agree_on_out_dir(cfg)  # every rank takes rank 0's time-stamped name
+    check_outside_data(cfg)  # before the lock makes the directory inside the corpus
     check_creatable(cfg.train.out_dir)
     # rank 0 locks the directory for every rank of its run (the launcher numbers them before any
     # process group exists); the others clean up only their scratch directory after a failed start
@@ -361,10 +370,11 @@ def _train(cfg: Config, stop: preempt.StopFlag, held: contextlib.ExitStack) -> t
         undo_on_error(cfg.train.out_dir, only=[RunDir(cfg.train.out_dir).scratch(rank).root])
     trainer = None
     try:
-        with undo:  # a mistake found while setting up leaves nothing
-            trainer = Trainer(cfg, stop)
-        with trainer.dist.guard("training"):  # one process: no process group to guard or close
-            return trainer.run(), trainer
+        with machine_faults(cfg):  # a full disk, a failed allocation: one line saying what is kept
+            with undo:  # a mistake found while setting up leaves nothing
+                trainer = Trainer(cfg, stop)
+            with trainer.dist.guard("training"):  # one process: no process group to guard or close
+                return trainer.run(), trainer
     finally:
         if trainer is not None:
             trainer.dist.close()

@@ -1,0 +1,215 @@
+"""What the machine runs out of, in-process: a full disk while writing rows, signatures and
+checkpoints, a metrics row that is not an object, a failed allocation, the native build's cache
+directory, and the SIGINT handler a run finds. Each ends in one line with nothing half-written
+left; the same faults from outside, through the CLI, are cases of tests/fault_matrix.py."""
+import errno
+import io
+import json
+import os
+import signal
+
+import pytest
+
+from fastwidth.errors import DataError, ResourceError
+from fastwidth.kernels import native
+from fastwidth.run import checkpoint as ckpt
+from fastwidth.run import metrics as metrics_mod
+from fastwidth.run.metrics import read_metrics
+from fastwidth.stats import signature
+from fastwidth.trainer import loop, preempt
+from fastwidth.trainer.loop import run
+
+from test_train import TINY_MLP, cfg_of
+
+TINY = [*TINY_MLP, "stats.every=2", "train.threads=1"]
+
+
+def enospc(path=None):
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), *([str(path)] if path else []))
+
+
+def assert_nothing_half_written(out):
+    """No temporary checkpoint, signature or row file, and the lock released."""
+    left = [p.relative_to(out) for p in out.rglob("*") if p.name.startswith(".tmp-") or p.suffix == ".tmp"]
+    assert left == [] and not (out / ".lock").exists()
+    read_metrics(out / "metrics.jsonl")  # every row whole
+
+
+def test_a_full_disk_at_a_checkpoint_keeps_the_last_one_and_says_so(tmp_path, monkeypatch):
+    saves, save_file = [], ckpt.save_file
+
+    def save_then_fill(tensors, path, *a, **kw):  # the second checkpoint's first file fills the disk
+        saves.append(path)
+        if len(saves) > 2 * 2:  # 2 members × (model, optim) per checkpoint
+            open(path, "wb").write(b"\0" * 10)
+            raise enospc()
+        return save_file(tensors, path, *a, **kw)
+    monkeypatch.setattr(ckpt, "save_file", save_then_fill)
+    with pytest.raises(ResourceError) as info:
+        run(cfg_of(tmp_path, TINY, "train.steps=4", "train.ckpt_every=2"))
+    line, out = str(info.value), tmp_path / "run"
+    assert "\n" not in line and line.startswith(f"cannot write {out / 'checkpoints' / 'step_000004'}: No space left on device")
+    assert f"kept checkpoint {out / 'checkpoints' / 'step_000002'}" in line and "up to step 4" in line
+    assert "train.resume=auto" in line
+    assert ckpt.latest_checkpoint(out / "checkpoints").name == "step_000002"
+    assert_nothing_half_written(out)
+
+
+class FillsAfter(io.TextIOWrapper):
+    """metrics.jsonl on a disk that fills after `room` bytes: the row that crosses it is half-written."""
+    room = 0
+
+    def write(self, s):
+        if FillsAfter.room < len(s):
+            super().write(s[:FillsAfter.room // 2])
+            raise enospc()
+        FillsAfter.room -= len(s)
+        return super().write(s)
+
+
+def test_a_full_disk_while_writing_rows_names_metrics_jsonl_and_keeps_whole_rows(tmp_path, monkeypatch):
+    FillsAfter.room = 2500  # the data row, the first train rows
+
+    def opens_filling(path, mode="r", *a, **kw):
+        return FillsAfter(open(path, mode.replace("a", "ab") if "b" not in mode else mode))
+    monkeypatch.setattr(metrics_mod, "open", opens_filling, raising=False)
+    with pytest.raises(ResourceError) as info:
+        run(cfg_of(tmp_path, TINY, "train.steps=4"))
+    out = tmp_path / "run"
+    line = str(info.value)
+    assert line.startswith(f"cannot write {out / 'metrics.jsonl'}: No space left on device") and "\n" not in line
+    assert "no checkpoint" in line and "kept rows of" in line
+    assert_nothing_half_written(out)
+    assert out.joinpath("metrics.jsonl").read_text().endswith("}\n")
+
+
+def test_a_full_disk_at_a_signature_removes_its_temporary_file(tmp_path, monkeypatch):
+    save_file = signature.save_file
+
+    def fills(tensors, path, *a, **kw):
+        save_file(tensors, path, *a, **kw)   # the temporary file is there, then the rename fails
+        raise enospc(path)
+    monkeypatch.setattr(signature, "save_file", fills)
+    with pytest.raises(ResourceError, match=r"cannot write .*/signatures/w\d+_s0/step_00000000\.safetensors: "
+                                            r"No space left on device; kept rows"):
+        run(cfg_of(tmp_path, TINY, "train.steps=2"))
+    assert_nothing_half_written(tmp_path / "run")
+
+
+@pytest.mark.parametrize("row", ["[1, 2]", "3", '"train"'])
+def test_a_metrics_row_that_is_not_an_object_names_the_file_and_line(tmp_path, row):
+    f = tmp_path / "metrics.jsonl"
+    f.write_text('{"kind": "train", "step": 1, "tokens": 8, "width": 16, "seed": 0}\n' + row + "\n{}\n")
+    with pytest.raises(DataError, match=rf"^{f}:2: a JSON \w+, not an object; every line of metrics.jsonl"):
+        read_metrics(f)
+
+
+def test_a_cut_last_row_is_left_out_a_cut_middle_row_is_named(tmp_path):
+    f = tmp_path / "metrics.jsonl"
+    f.write_text('{"kind": "train", "step": 1}\n{"kind": "tr')
+    assert read_metrics(f) == [{"kind": "train", "step": 1}]
+    f.write_text('{"kind": "tr\n{"kind": "train", "step": 1}\n')
+    with pytest.raises(DataError, match=rf"^{f}:1: not JSON"):
+        read_metrics(f)
+
+
+CPU_ALLOCATOR = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
+                 "tried to allocate 4294967296 bytes. Error code 12 (Cannot allocate memory)")
+
+
+@pytest.mark.parametrize("failure", [RuntimeError(CPU_ALLOCATOR), MemoryError()], ids=["torch", "python"])
+def test_a_failed_allocation_names_the_planners_estimate_and_the_knobs(tmp_path, monkeypatch, failure):
+    def allocation_fails(*a, **kw):
+        raise failure
+    monkeypatch.setattr(loop, "make_members", allocation_fails)
+    with pytest.raises(ResourceError) as info:
+        run(cfg_of(tmp_path, TINY, "train.steps=2"))
+    line = str(info.value)
+    assert line.startswith("out of memory (") and "\n" not in line
+    assert "can't allocate memory" in line or isinstance(failure, MemoryError)
+    assert "the planner estimates" in line and "per rank for this sweep (2 members, engine none, 1 rank)" in line
+    for knob in ("dist.zero_stage", "sweep.widths", "sweep.seeds", "data.batch_size", "train.activation_checkpointing"):
+        assert knob in line
+    assert not (tmp_path / "run").exists()  # a failed start leaves nothing
+
+
+def test_an_error_that_is_not_the_machines_keeps_its_traceback(tmp_path, monkeypatch):
+    def bug(*a, **kw):
+        raise RuntimeError("shape mismatch")
+    monkeypatch.setattr(loop, "make_members", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run(cfg_of(tmp_path, TINY, "train.steps=2"))
+
+
+@pytest.mark.parametrize("state", ["a file", "read-only"])
+def test_native_build_with_an_unusable_cache_directory_falls_back_in_one_line(tmp_path, monkeypatch, state, caplog):
+    """A cache directory that cannot be made (a file in its place; a read-only file system, which
+    root's permission bits would not show, so mkdir is made to fail as it does there): one line,
+    no log written anywhere, and available() says False for torch to run."""
+    cache = tmp_path / "cache"
+    if state == "a file":
+        cache.write_text("not a directory")
+    else:
+        cache.mkdir()
+
+        def read_only(self, *a, **kw):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        monkeypatch.setattr(native.Path, "mkdir", read_only)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.delenv("FASTWIDTH_NATIVE_CACHE", raising=False)
+    for name, value in (("_ops", None), ("_failure", None)):
+        monkeypatch.setattr(native, name, value)
+    monkeypatch.delattr(native.available, "_logged", raising=False)
+    with caplog.at_level("WARNING", logger="fastwidth.kernels.native"):
+        assert native.available() is False
+    with pytest.raises(native.UserError) as info:
+        native.load()
+    line = str(info.value)
+    assert line.startswith("native ops unavailable: cache directory ") and "\n" not in line
+    assert "FASTWIDTH_NATIVE_CACHE" in line
+    assert [r.getMessage() for r in caplog.records] == [f"{line}; kernels=auto runs torch on the CPU"]
+    assert (cache.is_file() and cache.read_text() == "not a directory") or list(cache.iterdir()) == []
+
+
+def _mark(*_):
+    pass
+
+
+@pytest.mark.parametrize("found", [signal.default_int_handler, signal.SIG_IGN, _mark],
+                         ids=["default", "ignored (a background job)", "the caller's own"])
+def test_a_run_puts_back_the_sigint_handler_it_found(found):
+    """Whatever SIGINT did before a run (a background job of a script starts with it ignored),
+    it does again after: the stop flag catches Ctrl-C only while it is entered."""
+    previous = signal.signal(signal.SIGINT, found)
+    try:
+        with preempt.StopFlag() as stop:
+            stop.armed = True
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signal_name == "SIGINT"
+        assert signal.getsignal(signal.SIGINT) is found
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("state", ["a file", "read-only"])
+def test_a_cache_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, state):
+    """data.cache_dir unusable (a file in its place; a read-only file system, made to fail as it
+    does there since root's permission bits would not): one DataError naming it and the way out."""
+    from fastwidth.config import DataConfig
+    from fastwidth.data import prepare_source
+    (tmp_path / "corpus.txt").write_text("hello world\n" * 50)
+    cache = tmp_path / "cache"
+    if state == "a file":
+        cache.write_text("x")
+    else:
+        real_mkdir = os.mkdir
+
+        def read_only(path, *a, **kw):
+            if str(path).startswith(str(cache)):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            return real_mkdir(path, *a, **kw)
+        monkeypatch.setattr(os, "mkdir", read_only)
+    d = DataConfig(source="text", path=str(tmp_path / "corpus.txt"), cache_dir=str(cache))
+    with pytest.raises(DataError, match=rf"^data.cache_dir {cache} cannot be written \(.*\); set data.cache_dir "
+                                        r"to a writable directory, or prepare the tokens once"):
+        prepare_source(d)
