@@ -16,8 +16,10 @@ resumes on any number of ranks). Sharded (fsdp2, deepspeed):
                                   pieces with their offsets in the header (so it loads on any
                                   number of ranks), and dcp.json, the optimizer's values that
                                   are not tensors (param groups);
-                                  deepspeed: save_checkpoint(tag=<member>) (same number of ranks;
-                                  ZeRO-3 on another: DeepSpeedEngine.load_universal converts it)
+                                  deepspeed: save_checkpoint(tag=<member>), its .pt files
+                                  rewritten as safetensors + tagged JSON (parallel/zero_files.py;
+                                  rebuilt in a private temporary directory to load); same number
+                                  of ranks, or ZeRO-3 on another through load_universal
 
 Nothing in it needs unpickling, and meta.json's "files" lists every file with its sha256, so
 run/checkpoint.read_checkpoint verifies the whole directory before any engine reads it. A member
