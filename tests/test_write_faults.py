@@ -35,14 +35,22 @@ def assert_nothing_half_written(out):
     read_metrics(out / "metrics.jsonl")  # every row whole
 
 
-def test_a_full_disk_at_a_checkpoint_keeps_the_last_one_and_says_so(tmp_path, monkeypatch):
+def safetensors_enospc():
+    """What safetensors' Rust writer raises on a full disk: no OSError, the errno in its text."""
+    from safetensors import SafetensorError
+    return SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                           'message: "No space left on device" })')
+
+
+@pytest.mark.parametrize("fault", [enospc, safetensors_enospc], ids=["oserror", "safetensors"])
+def test_a_full_disk_at_a_checkpoint_keeps_the_last_one_and_says_so(tmp_path, monkeypatch, fault):
     saves, save_file = [], ckpt.save_file
 
     def save_then_fill(tensors, path, *a, **kw):  # the second checkpoint's first file fills the disk
         saves.append(path)
         if len(saves) > 2 * 2:  # 2 members × (model, optim) per checkpoint
             open(path, "wb").write(b"\0" * 10)
-            raise enospc()
+            raise fault()
         return save_file(tensors, path, *a, **kw)
     monkeypatch.setattr(ckpt, "save_file", save_then_fill)
     with pytest.raises(ResourceError) as info:

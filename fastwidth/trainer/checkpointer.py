@@ -66,13 +66,16 @@ class Checkpointer:
         extra = {"config": self.cfg.to_dict(),
                  "mup_tables": {m.name: table_rows(m.table) for m in self.members}, "final": final,
                  **{key: c.state_dict() for key, c in self.components.items()}}
-        # a full disk: the half-written .tmp-step_* goes, the last whole checkpoint stays
-        with writing(self.root / checkpoint_name(step)):
-            try:
+        # a full disk: the half-written .tmp-step_* goes, the last whole checkpoint stays. Only a
+        # failed write (every rank raises it once they agree: parallel/checkpoints.py): a rank lost
+        # mid-save or a second Ctrl-C leaves the hidden directory to the next start's
+        # clear_interrupted, since another rank may still be writing into it
+        try:
+            with writing(self.root / checkpoint_name(step)):  # safetensors' I/O error as an OSError
                 return self.engine.save(self.root, step, self.members, extra, keep=self.cfg.train.keep_checkpoints)
-            except BaseException:
-                ckpt.clear_interrupted(self.root)
-                raise
+        except OSError:
+            ckpt.clear_interrupted(self.root)
+            raise
 
     # ------------------------------------------------------------------ restore
 
