@@ -213,3 +213,20 @@ def test_a_cache_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, s
     with pytest.raises(DataError, match=rf"^data.cache_dir {cache} cannot be written \(.*\); set data.cache_dir "
                                         r"to a writable directory, or prepare the tokens once"):
         prepare_source(d)
+
+
+def test_an_engine_writers_wrapped_full_disk_is_the_disks_oserror(tmp_path):
+    """torch.distributed.checkpoint wraps each rank's failed write in CheckpointException (a
+    BaseException) and safetensors in SafetensorError: both come out as the OSError underneath;
+    an error that is not the disk's stays None (its traceback is kept)."""
+    from safetensors import SafetensorError
+    from torch.distributed.checkpoint.api import CheckpointException
+    from fastwidth.parallel.checkpoints import write_failure
+    where = tmp_path / "engine" / "w32_s0"
+    wrapped = CheckpointException("save", {0: (RuntimeError("shape"), None), 1: (enospc(), None)})
+    got = write_failure(wrapped, where)
+    assert isinstance(got, OSError) and got.errno == errno.ENOSPC and got.filename == str(where)
+    io_error = SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "x" })')
+    assert write_failure(io_error, where).errno == errno.ENOSPC
+    assert write_failure(CheckpointException("save", {0: (RuntimeError("shape"), None)}), where) is None
+    assert write_failure(SafetensorError("invalid dtype"), where) is None
