@@ -191,13 +191,9 @@ def test_a_run_puts_back_the_sigint_handler_it_found(found):
         signal.signal(signal.SIGINT, previous)
 
 
-@pytest.mark.parametrize("state", ["a file", "read-only"])
-def test_a_cache_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, state):
-    """data.cache_dir unusable (a file in its place; a read-only file system, made to fail as it
-    does there since root's permission bits would not): one DataError naming it and the way out."""
-    from fastwidth.config import DataConfig
-    from fastwidth.data import prepare_source
-    (tmp_path / "corpus.txt").write_text("hello world\n" * 50)
+def unwritable_cache(tmp_path, monkeypatch, state: str):
+    """data.cache_dir unusable: a file in its place, or a read-only file system (mkdir made to fail
+    as it does there, since root's permission bits would not)."""
     cache = tmp_path / "cache"
     if state == "a file":
         cache.write_text("x")
@@ -209,10 +205,51 @@ def test_a_cache_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, s
                 raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
             return real_mkdir(path, *a, **kw)
         monkeypatch.setattr(os, "mkdir", read_only)
-    d = DataConfig(source="text", path=str(tmp_path / "corpus.txt"), cache_dir=str(cache))
-    with pytest.raises(DataError, match=rf"^data.cache_dir {cache} cannot be written \(.*\); set data.cache_dir "
-                                        r"to a writable directory, or prepare the tokens once"):
-        prepare_source(d)
+    return cache
+
+
+def cache_line(cache) -> str:
+    return (rf"^data.cache_dir {cache} cannot be written \(.*\); set data.cache_dir to a writable directory, "
+            r"or prepare the tokens once")
+
+
+def text_source(tmp_path, cache):
+    from fastwidth.config import DataConfig
+    (tmp_path / "corpus.txt").write_text("hello world\n" * 50)
+    return DataConfig(source="text", path=str(tmp_path / "corpus.txt"), cache_dir=str(cache))
+
+
+@pytest.mark.parametrize("state", ["a file", "read-only"])
+def test_a_cache_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, state):
+    """The text sources tokenize into data.cache_dir: one DataError naming it and the way out."""
+    from fastwidth.data import prepare_source
+    cache = unwritable_cache(tmp_path, monkeypatch, state)
+    with pytest.raises(DataError, match=cache_line(cache)):
+        prepare_source(text_source(tmp_path, cache))
+
+
+@pytest.mark.parametrize("state", ["a file", "read-only"])
+def test_an_image_sources_unwritable_cache_dir_is_one_line(tmp_path, monkeypatch, state):
+    """An image source keeps its normalization statistics in data.cache_dir: the same one line."""
+    import numpy as np
+    from fastwidth.config import DataConfig
+    from fastwidth.data import build_stream
+    np.savez(tmp_path / "a.npz", x=np.arange(40 * 30, dtype=np.uint8).reshape(40, 5, 6), y=np.arange(40) % 4)
+    cache = unwritable_cache(tmp_path, monkeypatch, state)
+    d = DataConfig(source="arrays", path=str(tmp_path / "a.npz"), num_classes=4, batch_size=4, probe_size=3,
+                   cache_dir=str(cache))
+    with pytest.raises(DataError, match=cache_line(cache)):
+        build_stream(d)
+
+
+@pytest.mark.parametrize("state", ["a file", "read-only"])
+def test_the_prepared_shards_check_with_an_unwritable_cache_dir_is_one_line(tmp_path, monkeypatch, state):
+    """`data prepare --out` asks whether the shards there are what it would write: the corpus's
+    content hash memo goes into data.cache_dir, so the same one line."""
+    from fastwidth.data import prepared_shards
+    cache = unwritable_cache(tmp_path, monkeypatch, state)
+    with pytest.raises(DataError, match=cache_line(cache)):
+        prepared_shards(text_source(tmp_path, cache), tmp_path / "shards")
 
 
 def test_an_engine_writers_wrapped_full_disk_is_the_disks_oserror(tmp_path):

@@ -42,7 +42,8 @@ def build_stream(cfg_data, *, rank: int = 0, world_size: int = 1) -> BaseStream:
     if d.source in IMAGE_SOURCES:
         from fastwidth.data.images import image_stream
 
-        return image_stream(d, rank=rank, world_size=world_size)
+        with cache_writes(cache_root(d)):  # normalization statistics, decoded folders
+            return image_stream(d, rank=rank, world_size=world_size)
     raise DataError(f"data.source {d.source!r} is not one of {', '.join(SOURCES)}")
 
 
@@ -81,7 +82,8 @@ def prepared_shards(d, out: Path) -> dict | None:
     from fastwidth.data import shards
 
     request = shards.request_of(d.tokenizer, d.bpe_vocab_size, d.bpe_train_bytes)
-    content = open_corpus(d.source, d.path, d.text_field).content_hash(cache_root(d))
+    with cache_writes(cache_root(d)):  # the content hash's memo
+        content = open_corpus(d.source, d.path, d.text_field).content_hash(cache_root(d))
     man = shards._reusable(Path(out), content, request)
     return None if man is None else {**man, "reused": True}
 
@@ -90,7 +92,8 @@ def prepared_shards(d, out: Path) -> dict | None:
 def cache_writes(cache: Path):
     """A cache directory that cannot be written (read-only, no permission, a file in its place,
     full) as one DataError: the text sources tokenize into it, even to reuse their tokens (the
-    shards' lock file), so there is no fallback that would not tokenize again on every start."""
+    shards' lock file), so there is no fallback that would not tokenize again on every start;
+    the image sources keep their normalization statistics and decoded folders there."""
     try:
         yield
     except OSError as e:
