@@ -1,11 +1,11 @@
 """DeepSpeed checkpoints that load without unpickling (parallel/zero_files.py), on 2 CPU ranks.
 
-A ZeRO-1/2/3 member (and a bf16 ZeRO-2 one) is saved as safetensors + JSON only (no .pt, no copied recovery script) and a
-resume from it is bit-equal to a run never stopped; ZeRO-3 still reshards onto another rank count
-(load_universal); export and load_model give the weights DeepSpeed's own reader gives from the
-pickles this version no longer keeps; a pickle payload planted in a member directory (beside the
-converted files, or in place of one) is refused by export, load_model and resume with one line,
-and its code never runs.
+A ZeRO-1/2/3 member (and a bf16 ZeRO-2 one) is saved as safetensors + JSON only (no .pt, no
+copied recovery script) and a resume from it is bit-equal to a run never stopped; ZeRO-3 still
+reshards onto another rank count (load_universal); export and load_model give the weights
+DeepSpeed's own reader gives from the pickles this version no longer keeps; a pickle payload
+planted in a member directory (beside the converted files, or in place of one) is refused by
+export, load_model and resume with one line, and its code never runs.
 """
 import json
 import shutil
