@@ -267,3 +267,19 @@ def test_an_engine_writers_wrapped_full_disk_is_the_disks_oserror(tmp_path):
     assert write_failure(io_error, where).errno == errno.ENOSPC
     assert write_failure(CheckpointException("save", {0: (RuntimeError("shape"), None)}), where) is None
     assert write_failure(SafetensorError("invalid dtype"), where) is None
+
+
+@pytest.mark.parametrize("free", [0, 1 << 20], ids=["full", "not full"])
+def test_torch_saves_full_disk_error_is_enospc_only_on_a_full_file_system(tmp_path, monkeypatch, free):
+    """torch.save's zip writer on a full disk (measured on a 64 KiB tmpfs) says no errno: ENOSPC
+    when the file system has no space left, else not a write failure (a bug keeps its traceback)."""
+    from fastwidth.parallel import checkpoints
+    real = os.statvfs
+    monkeypatch.setattr(checkpoints.os, "statvfs",
+                        lambda p: type("S", (), {"f_bavail": free, "f_frsize": real(p).f_frsize})())
+    err = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    got = checkpoints.write_failure(err, tmp_path / "not" / "yet")
+    if free == 0:
+        assert (got.errno, got.filename) == (errno.ENOSPC, str(tmp_path / "not" / "yet"))
+    else:
+        assert got is None
