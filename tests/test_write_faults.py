@@ -199,13 +199,9 @@ def test_a_run_puts_back_the_sigint_handler_it_found(found):
         signal.signal(signal.SIGINT, previous)
 
 
-@pytest.mark.parametrize("state", ["a file", "read-only"])
-def test_a_cache_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, state):
-    """data.cache_dir unusable (a file in its place; a read-only file system, made to fail as it
-    does there since root's permission bits would not): one DataError naming it and the way out."""
-    from fastwidth.config import DataConfig
-    from fastwidth.data import prepare_source
-    (tmp_path / "corpus.txt").write_text("hello world\n" * 50)
+def unwritable_cache(tmp_path, monkeypatch, state: str):
+    """data.cache_dir unusable: a file in its place, or a read-only file system (mkdir made to fail
+    as it does there, since root's permission bits would not)."""
     cache = tmp_path / "cache"
     if state == "a file":
         cache.write_text("x")
@@ -217,7 +213,81 @@ def test_a_cache_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, s
                 raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
             return real_mkdir(path, *a, **kw)
         monkeypatch.setattr(os, "mkdir", read_only)
-    d = DataConfig(source="text", path=str(tmp_path / "corpus.txt"), cache_dir=str(cache))
-    with pytest.raises(DataError, match=rf"^data.cache_dir {cache} cannot be written \(.*\); set data.cache_dir "
-                                        r"to a writable directory, or prepare the tokens once"):
-        prepare_source(d)
+    return cache
+
+
+def cache_line(cache, tokens: bool = True) -> str:
+    way_out = r", or prepare the tokens once with `fastwidth data prepare" if tokens else "$"
+    return rf"^data.cache_dir {cache} cannot be written \(.*\); set data.cache_dir to a writable directory{way_out}"
+
+
+def text_source(tmp_path, cache):
+    from fastwidth.config import DataConfig
+    (tmp_path / "corpus.txt").write_text("hello world\n" * 50)
+    return DataConfig(source="text", path=str(tmp_path / "corpus.txt"), cache_dir=str(cache))
+
+
+@pytest.mark.parametrize("state", ["a file", "read-only"])
+def test_a_cache_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, state):
+    """The text sources tokenize into data.cache_dir: one DataError naming it and the way out."""
+    from fastwidth.data import prepare_source
+    cache = unwritable_cache(tmp_path, monkeypatch, state)
+    with pytest.raises(DataError, match=cache_line(cache)):
+        prepare_source(text_source(tmp_path, cache))
+
+
+@pytest.mark.parametrize("state", ["a file", "read-only"])
+def test_an_image_sources_unwritable_cache_dir_is_one_line(tmp_path, monkeypatch, state):
+    """An image source keeps its normalization statistics in data.cache_dir: the same one line."""
+    import numpy as np
+    from fastwidth.config import DataConfig
+    from fastwidth.data import build_stream
+    np.savez(tmp_path / "a.npz", x=np.arange(40 * 30, dtype=np.uint8).reshape(40, 5, 6), y=np.arange(40) % 4)
+    cache = unwritable_cache(tmp_path, monkeypatch, state)
+    d = DataConfig(source="arrays", path=str(tmp_path / "a.npz"), num_classes=4, batch_size=4, probe_size=3,
+                   cache_dir=str(cache))
+    with pytest.raises(DataError, match=cache_line(cache, tokens=False)):
+        build_stream(d)
+
+
+@pytest.mark.parametrize("state", ["a file", "read-only"])
+def test_the_prepared_shards_check_with_an_unwritable_cache_dir_is_one_line(tmp_path, monkeypatch, state):
+    """`data prepare --out` asks whether the shards there are what it would write: the corpus's
+    content hash memo goes into data.cache_dir, so the same one line."""
+    from fastwidth.data import prepared_shards
+    cache = unwritable_cache(tmp_path, monkeypatch, state)
+    with pytest.raises(DataError, match=cache_line(cache)):
+        prepared_shards(text_source(tmp_path, cache), tmp_path / "shards")
+
+
+def test_an_engine_writers_wrapped_full_disk_is_the_disks_oserror(tmp_path):
+    """torch.distributed.checkpoint wraps each rank's failed write in CheckpointException (a
+    BaseException) and safetensors in SafetensorError: both come out as the OSError underneath;
+    an error that is not the disk's stays None (its traceback is kept)."""
+    from safetensors import SafetensorError
+    from torch.distributed.checkpoint.api import CheckpointException
+    from fastwidth.parallel.checkpoints import write_failure
+    where = tmp_path / "engine" / "w32_s0"
+    wrapped = CheckpointException("save", {0: (RuntimeError("shape"), None), 1: (enospc(), None)})
+    got = write_failure(wrapped, where)
+    assert isinstance(got, OSError) and got.errno == errno.ENOSPC and got.filename == str(where)
+    io_error = SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "x" })')
+    assert write_failure(io_error, where).errno == errno.ENOSPC
+    assert write_failure(CheckpointException("save", {0: (RuntimeError("shape"), None)}), where) is None
+    assert write_failure(SafetensorError("invalid dtype"), where) is None
+
+
+@pytest.mark.parametrize("free", [0, 1 << 20], ids=["full", "not full"])
+def test_torch_saves_full_disk_error_is_enospc_only_on_a_full_file_system(tmp_path, monkeypatch, free):
+    """torch.save's zip writer on a full disk (measured on a 64 KiB tmpfs) says no errno: ENOSPC
+    when the file system has no space left, else not a write failure (a bug keeps its traceback)."""
+    from fastwidth.parallel import checkpoints
+    real = os.statvfs
+    monkeypatch.setattr(checkpoints.os, "statvfs",
+                        lambda p: type("S", (), {"f_bavail": free, "f_frsize": real(p).f_frsize})())
+    err = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    got = checkpoints.write_failure(err, tmp_path / "not" / "yet")
+    if free == 0:
+        assert (got.errno, got.filename) == (errno.ENOSPC, str(tmp_path / "not" / "yet"))
+    else:
+        assert got is None

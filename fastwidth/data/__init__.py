@@ -42,7 +42,8 @@ def build_stream(cfg_data, *, rank: int = 0, world_size: int = 1) -> BaseStream:
     if d.source in IMAGE_SOURCES:
         from fastwidth.data.images import image_stream
 
-        return image_stream(d, rank=rank, world_size=world_size)
+        with cache_writes(cache_root(d), tokens=False):  # normalization statistics, decoded folders
+            return image_stream(d, rank=rank, world_size=world_size)
     raise DataError(f"data.source {d.source!r} is not one of {', '.join(SOURCES)}")
 
 
@@ -81,25 +82,29 @@ def prepared_shards(d, out: Path) -> dict | None:
     from fastwidth.data import shards
 
     request = shards.request_of(d.tokenizer, d.bpe_vocab_size, d.bpe_train_bytes)
-    content = open_corpus(d.source, d.path, d.text_field).content_hash(cache_root(d))
+    with cache_writes(cache_root(d)):  # the content hash's memo
+        content = open_corpus(d.source, d.path, d.text_field).content_hash(cache_root(d))
     man = shards._reusable(Path(out), content, request)
     return None if man is None else {**man, "reused": True}
 
 
 @contextlib.contextmanager
-def cache_writes(cache: Path):
+def cache_writes(cache: Path, tokens: bool = True):
     """A cache directory that cannot be written (read-only, no permission, a file in its place,
     full) as one DataError: the text sources tokenize into it, even to reuse their tokens (the
-    shards' lock file), so there is no fallback that would not tokenize again on every start."""
+    shards' lock file), so there is no fallback that would not tokenize again on every start;
+    the image sources keep their normalization statistics and decoded folders there (tokens=False:
+    no shards to offer as the way out)."""
     try:
         yield
     except OSError as e:
         where = Path(os.path.abspath(e.filename or ""))
         if not e.filename or not where.is_relative_to(os.path.abspath(cache)):
             raise
+        shards = (", or prepare the tokens once with `fastwidth data prepare --out DIR` and train with "
+                  "data.source=shards data.path=DIR") if tokens else ""
         raise DataError(f"data.cache_dir {cache} cannot be written ({e.strerror}: {e.filename}); set data.cache_dir "
-                        f"to a writable directory, or prepare the tokens once with `fastwidth data prepare --out DIR` "
-                        f"and train with data.source=shards data.path=DIR") from None
+                        f"to a writable directory{shards}") from None
 
 
 def token_stream(d, *, rank: int = 0, world_size: int = 1) -> TokenStream:

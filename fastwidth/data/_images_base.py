@@ -17,6 +17,7 @@ import torch
 
 from fastwidth.data.stream import ClassStream, cache_root, hash_json, probe_positions, seed_sequence
 from fastwidth.errors import DataError
+from fastwidth.run.checkpoint import atomic_write_text
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 _SPLIT_SEED = 0x5B1175  # fixed: the held-out share of an array/folder never depends on data.seed
@@ -151,7 +152,8 @@ def _normalizer(d, sample_fn, n_train: int, dtype, key: str) -> Normalizer:
     mean, std = x.mean(axis=axes), x.std(axis=axes)
     std = np.where(std > 0, std, 1.0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"mean": mean.tolist(), "std": std.tolist(), "examples": len(ids)}))
+    # atomic: a file cut short by a full disk would be read back as the statistics of every later run
+    atomic_write_text(path, json.dumps({"mean": mean.tolist(), "std": std.tolist(), "examples": len(ids)}))
     return Normalizer(mean, std, scale)
 
 

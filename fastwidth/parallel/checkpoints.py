@@ -28,11 +28,16 @@ old loader only under --trust-checkpoint (run/checkpoint.refuse_unpicklable refu
 
 Atomic as run/checkpoint.py's: every rank writes into one hidden directory, a barrier, then rank 0
 writes meta.json, renames the directory into place and replaces `latest`; a rank that dies mid-save
-leaves the previous checkpoint as the latest complete one.
+leaves the previous checkpoint as the latest complete one. A write that fails inside an engine's
+writer (a full disk under DCP or DeepSpeed's conversion) is raised as its OSError on every rank
+once they agree (_save_member), so each prints trainer/faults.py's one line and Checkpointer.save
+removes the temporary only after every rank stopped writing into it.
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -40,6 +45,7 @@ import torch
 from fastwidth.errors import CheckpointError
 from fastwidth.run import checkpoint as ckpt
 from fastwidth.run.paths import checkpoint_name
+from fastwidth.run.writes import os_error
 
 ENGINE_DIR = "engine"  # the members' directories of a sharded checkpoint
 
@@ -70,7 +76,7 @@ def save_sharded(env, ckpt_root: Path, step: int, members: list, extra: dict, ke
     for i, m in enumerate(members):
         if i == len(members) - 1:
             env.maybe_die(f"save{step}")  # test hook: a rank lost in the middle of a save
-        m.handle.save(member_dir(tmp, m.name))
+        _save_member(env, m, member_dir(tmp, m.name))
     env.barrier()
     if env.is_main:
         meta = {"format": ckpt.FORMAT, "step": step, "files": ckpt.file_digests(tmp),
@@ -80,6 +86,69 @@ def save_sharded(env, ckpt_root: Path, step: int, members: list, extra: dict, ke
         ckpt.publish(tmp, final, keep)
     env.barrier()
     return final
+
+
+def _save_member(env, member, where: Path) -> None:
+    """member.handle.save(where), and a write failure on any rank raised on every rank, as an
+    OSError (Checkpointer.save names the checkpoint and removes the temporary). The ranks agree
+    before any goes on: a rank that raised alone would leave the others waiting in the next
+    member's collectives, and its clean-up would remove the directory they are still writing."""
+    failure = None
+    try:
+        member.handle.save(where)
+    except BaseException as err:  # DCP's CheckpointException is a BaseException
+        failure = write_failure(err, where)
+        if failure is None:
+            raise
+        if isinstance(err, RuntimeError):  # torch.save inside DeepSpeed's save_checkpoint: the other
+            raise failure from None        # ranks may be in its closing barrier, which no all_reduce meets
+    code = _max_over_ranks(env, failure.errno if failure else 0)
+    if failure is not None:
+        raise failure
+    if code:
+        raise OSError(code, os.strerror(code), str(where))  # another rank's disk
+
+
+def write_failure(err: BaseException, where: Path) -> OSError | None:
+    """`err` from an engine's writer as the OSError of the disk under it, or None when it is not a
+    failed write: torch.distributed.checkpoint wraps each rank's error in CheckpointException
+    (a BaseException, so no `except Exception` sees it); safetensors raises SafetensorError
+    naming the IoError; DeepSpeed's conversion (zero_files) raises them as they come; torch.save's
+    C++ writer, on a full disk, raises a RuntimeError from inline_container.cc with no errno
+    ("unexpected pos 576 vs 534"), taken as ENOSPC when the file system has no space left."""
+    from safetensors import SafetensorError
+    from torch.distributed.checkpoint.api import CheckpointException
+    if isinstance(err, CheckpointException):
+        found = (write_failure(exc, where) for exc, _ in err.failures.values())
+        return next((f for f in found if f is not None), None)
+    if isinstance(err, OSError) and err.errno is not None:
+        return err if err.filename else OSError(err.errno, err.strerror, str(where))
+    if isinstance(err, SafetensorError) and "IoError" in str(err):
+        return os_error(err, where)
+    if isinstance(err, RuntimeError) and TORCH_SAVE_WRITER in str(err) and _no_space_left(where):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where))
+    return None
+
+
+TORCH_SAVE_WRITER = "inline_container.cc"  # where torch.save's zip writer raises
+
+
+def _no_space_left(where: Path) -> bool:
+    """Whether the file system holding `where` (or its nearest existing parent) is full."""
+    existing = next((p for p in (Path(where), *Path(where).parents) if p.exists()), Path("/"))
+    try:
+        return os.statvfs(existing).f_bavail == 0
+    except OSError:
+        return False
+
+
+def _max_over_ranks(env, code: int) -> int:
+    if not env.active or env.world_size == 1:
+        return code
+    import torch.distributed as dist
+    t = torch.tensor([code], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def load_sharded(members: list, meta: dict, path: Path) -> None:

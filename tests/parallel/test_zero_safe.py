@@ -1,11 +1,11 @@
 """DeepSpeed checkpoints that load without unpickling (parallel/zero_files.py), on 2 CPU ranks.
 
-A ZeRO-1/2/3 member is saved as safetensors + JSON only (no .pt, no copied recovery script) and a
-resume from it is bit-equal to a run never stopped; ZeRO-3 still reshards onto another rank count
-(load_universal); export and load_model give the weights DeepSpeed's own reader gives from the
-pickles this version no longer keeps; a pickle payload planted in a member directory (beside the
-converted files, or in place of one) is refused by export, load_model and resume with one line,
-and its code never runs.
+A ZeRO-1/2/3 member (and a bf16 ZeRO-2 one) is saved as safetensors + JSON only (no .pt, no
+copied recovery script) and a resume from it is bit-equal to a run never stopped; ZeRO-3 still
+reshards onto another rank count (load_universal); export and load_model give the weights
+DeepSpeed's own reader gives from the pickles this version no longer keeps; a pickle payload
+planted in a member directory (beside the converted files, or in place of one) is refused by
+export, load_model and resume with one line, and its code never runs.
 """
 import json
 import shutil
@@ -70,7 +70,26 @@ def engine_files(run):
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_a_member_is_safetensors_and_json_and_resumes_bit_equal(work, trained, stage):
     tmp, cfg_file = work
-    straight = trained(stage)
+    safe_and_resumes_bit_equal(cfg_file, trained(stage), tmp / f"zero{stage}-resumed", zero(stage))
+
+
+def test_a_bf16_member_is_safetensors_and_json_and_resumes_bit_equal(work):
+    """A bf16 engine (dist.mixed_precision=bf16: DeepSpeed's bf16 optimizer, fp32 master weights
+    and its own loss scaler state) holds only classes zero_files.ALLOWED keeps."""
+    tmp, cfg_file = work
+    sets = [*zero(2), "dist.mixed_precision=bf16"]
+    straight = tmp / "zero2-bf16"
+    launch("deepspeed", ROOT / "launch" / "train.py", cfg_file, [f"train.out_dir={straight}", *sets])
+    files = engine_files(straight)
+    assert any(p.name.startswith("bf16_zero_pp_rank_") for p in files)  # DeepSpeed's bf16 optimizer ran
+    model = next(p for p in files if p.name == "mp_rank_00_model_states.safetensors")
+    assert {t.dtype for t in load_file(str(model)).values()} == {torch.bfloat16}
+    safe_and_resumes_bit_equal(cfg_file, straight, tmp / "zero2-bf16-resumed", sets)
+
+
+def safe_and_resumes_bit_equal(cfg_file, straight, resumed, sets):
+    """Every engine file of run `straight` is safetensors or JSON under a sha256, every tree
+    decodes, and a resume from step 2 (a copy at `resumed`) gives the very floats it gave."""
     files = engine_files(straight)
     assert files and {p.suffix for p in files} == {".safetensors", ".json"}, [p.name for p in files]
     listed = {c / f for c in (straight / "checkpoints").glob("step_*") for f in ckpt.read_checkpoint(c)["files"]}
@@ -78,9 +97,8 @@ def test_a_member_is_safetensors_and_json_and_resumes_bit_equal(work, trained, s
     for f in files:
         if f.suffix == ".json":
             zero_files.read_file(f)  # every tree decodes with its tensors
-    again = rewind(straight, tmp / f"zero{stage}-resumed", 2)
-    launch("deepspeed", ROOT / "launch" / "train.py", cfg_file,
-           [f"train.out_dir={again}", "train.resume=true", *zero(stage)])
+    again = rewind(straight, resumed, 2)
+    launch("deepspeed", ROOT / "launch" / "train.py", cfg_file, [f"train.out_dir={again}", "train.resume=true", *sets])
     a, b = losses(straight), losses(again)
     assert set(a) == set(b) and any(step > 2 for _, step in a)
     assert a == b                                        # bit-equal: the same float in every row
