@@ -32,7 +32,7 @@ from typing import Iterator
 import torch
 
 from fastwidth.errors import CheckpointError
-from fastwidth.run.checkpoint import atomic_write_text
+from fastwidth.run.checkpoint import atomic_write_text, unpicklable_error
 
 FORMAT = "fastwidth-deepspeed-1"
 TAG = "@"
@@ -242,10 +242,7 @@ def readable(where: Path, trust: bool, rank: int | None = None) -> Iterator[Path
     where = Path(where)
     pickles = sorted(where.glob("*.pt"))
     if pickles and not trust:  # beside converted files too: one planted there replaces a member's state
-        raise CheckpointError(
-            f"checkpoint file {pickles[0]} is a pickle: loading it could run code; a checkpoint written "
-            f"by this version holds safetensors and JSON; pass --trust-checkpoint (trust_checkpoint=True) "
-            f"only if you trust who wrote it")
+        raise unpicklable_error(pickles[0], "is a pickle")
     if not is_converted(where):
         yield where
         return

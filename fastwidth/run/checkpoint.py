@@ -263,11 +263,15 @@ def refuse_unpicklable(path: Path, trust: bool = False, meta: dict | None = None
             continue
         plain = f.is_file() and not f.is_symlink() and f.name.endswith((TENSOR_FILE, JSON_FILE))
         if not plain or rel not in listed:
-            why = "is not a safetensors or JSON file" if not plain else "is not listed in its meta.json"
-            raise CheckpointError(
-                f"checkpoint file {f} {why}: loading it could run code; a checkpoint written by this "
-                f"version holds only listed safetensors and JSON; pass --trust-checkpoint "
-                f"(trust_checkpoint=True) only if you trust who wrote it")
+            raise unpicklable_error(f, "is not a safetensors or JSON file" if not plain
+                                    else "is not listed in its meta.json")
+
+
+def unpicklable_error(f: Path, why: str) -> CheckpointError:
+    """The one line refusing checkpoint file `f` (`why`: what it is) that a loader would unpickle."""
+    return CheckpointError(f"checkpoint file {f} {why}: loading it could run code; a checkpoint written by this "
+                           f"version holds only listed safetensors and JSON; pass --trust-checkpoint "
+                           f"(trust_checkpoint=True) only if you trust who wrote it")
 
 
 def read_checkpoint(path: Path, trust: bool = False) -> dict:

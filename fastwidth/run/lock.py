@@ -80,7 +80,7 @@ def undo_on_error(out_dir: str | Path, made: Path | None = None, only: list[Path
         elif only is not None:
             for entry in only:
                 if before is None or Path(entry).absolute() not in before:
-                    _remove(Path(entry))
+                    remove_entry(Path(entry))
         elif before is None:
             if top != path and top.is_dir():
                 created = path
@@ -89,11 +89,12 @@ def undo_on_error(out_dir: str | Path, made: Path | None = None, only: list[Path
                 shutil.rmtree(created, ignore_errors=True)
         else:
             for entry in set(path.iterdir()) - before if path.is_dir() else ():
-                _remove(entry)
+                remove_entry(entry)
         raise
 
 
-def _remove(entry: Path) -> None:
+def remove_entry(entry: Path) -> None:
+    """Remove file, link or directory `entry` (a directory with everything in it); gone already is fine."""
     if entry.is_dir() and not entry.is_symlink():
         shutil.rmtree(entry, ignore_errors=True)
     else:

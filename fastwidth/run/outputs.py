@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from pathlib import Path
 
 from fastwidth.errors import UserError
+from fastwidth.run.lock import remove_entry
 from fastwidth.run.paths import RunDir
 
 
@@ -74,7 +74,7 @@ def replacing(out: str | Path, *, kind: str):
     ends without an exception it takes `out`'s place, and on any exception it is removed."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    _remove(tmp)
+    remove_entry(tmp)
     try:
         yield tmp
         if kind == "file" or not out.exists():
@@ -82,7 +82,7 @@ def replacing(out: str | Path, *, kind: str):
         else:
             _swap_dir(tmp, out)
     finally:
-        _remove(tmp)
+        remove_entry(tmp)
 
 
 def _swap_dir(new: Path, out: Path) -> None:
@@ -94,11 +94,5 @@ def _swap_dir(new: Path, out: Path) -> None:
     except BaseException:
         os.replace(old, out)
         raise
-    _remove(old)
+    remove_entry(old)
 
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()

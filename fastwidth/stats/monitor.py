@@ -50,7 +50,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from fastwidth.errors import UserError
 from fastwidth.run import MemberSpec, RunDir
@@ -61,6 +60,7 @@ from fastwidth.stats.moments import PreactAccumulator
 from fastwidth.stats.monitor_curvature import CurvatureRows
 from fastwidth.stats.preact_range import Bins, load_ranges, out_of_range_fraction, reference_ranges, save_ranges
 from fastwidth.stats.ranks import broadcast_from_main, merge_over_ranks, whole_member
+from fastwidth.stats.reference import read_reference_config, reference_signatures
 from fastwidth.stats.signature import ProbeSpec, add_preacts, load_signature, probe_signature, save_signature
 
 log = logging.getLogger("fastwidth.stats")
@@ -109,15 +109,7 @@ class ReferenceRun:
 
     def __init__(self, path: str, spec_meta: dict):
         self.path = Path(path)
-        cfg_file = RunDir(self.path).config
-        if not cfg_file.is_file():
-            raise UserError(f"stats.reference_run {self.path} is not a run directory (no config.yaml)")
-        sweep = (yaml.safe_load(cfg_file.read_text()) or {}).get("sweep", {})
-        self.width = int(sweep.get("reference_width") or max(sweep.get("widths") or [0]))
-        self.sigs = {n: s for n, s in RunDir(self.path).list_signatures().items()  # its reference width's seeds
-                     if (spec := MemberSpec.parse(n)).width == self.width and spec.lr is None}
-        if not self.sigs:
-            raise UserError(f"stats.reference_run {self.path} holds no signatures at its reference width {self.width}")
+        self.width, self.sigs = reference_signatures(self.path, read_reference_config(self.path))
         _, meta = load_signature(next(iter(next(iter(self.sigs.values())).values())))
         for key, want in spec_meta.items():
             if meta.get(key) != want:

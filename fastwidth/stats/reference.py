@@ -33,7 +33,8 @@ def _fail(path, what: str, hint: str = "of the same model family on the same str
     return UserError(f"stats.reference_run {path} {what}; compare runs {hint}")
 
 
-def _read_config(path: Path) -> dict:
+def read_reference_config(path: Path) -> dict:
+    """The reference run's config.yaml as a mapping; UserError (one line) when it is not a run."""
     cfg_file = RunDir(path).config
     if not cfg_file.is_file():
         raise UserError(f"stats.reference_run {path} is not a run directory (no config.yaml)")
@@ -76,26 +77,33 @@ def _check_stream(path: Path, saved: dict, cfg, stream) -> None:
         raise _fail(path, f"has data.path={theirs_path!r}, this run {cfg.data.path!r}")
 
 
-def _reference_signatures(path: Path, saved: dict) -> list[Path]:
+def reference_signatures(path: Path, saved: dict) -> tuple[int, dict[str, dict[int, Path]]]:
+    """(the reference width, {member: {step: signature file}} of its seeds at that width) of the
+    reference run at `path` (saved: its config); UserError when it holds none."""
     sweep = saved.get("sweep") or {}
     width = int(sweep.get("reference_width") or max(sweep.get("widths") or [0]))
-    sigs = [p for name, steps in sorted(RunDir(path).list_signatures().items())
-            if (spec := MemberSpec.parse(name)).width == width and spec.lr is None for _, p in sorted(steps.items())]
+    sigs = {name: steps for name, steps in RunDir(path).list_signatures().items()
+            if (spec := MemberSpec.parse(name)).width == width and spec.lr is None}
     if not sigs:
         raise UserError(f"stats.reference_run {path} holds no signatures at its reference width {width}")
-    return sigs
+    return width, sigs
+
+
+def _reference_signature_files(path: Path, saved: dict) -> list[Path]:
+    _, sigs = reference_signatures(path, saved)
+    return [p for _, steps in sorted(sigs.items()) for _, p in sorted(steps.items())]
 
 
 def check_reference_run(cfg, stream) -> None:
     """UserError (one line) unless cfg.stats.reference_run trained on `stream`'s data with the same
     model family and every signature of its reference width opens (naming the first that does not)."""
     path = Path(cfg.stats.reference_run)
-    saved = _read_config(path)
+    saved = read_reference_config(path)
     _check_stream(path, saved, cfg, stream)
     sc = cfg.stats
     want = ProbeSpec.build(stream.probe(), signature_points=sc.signature_points, kernel_points=sc.kernel_points,
                            sketch_dim=sc.sketch_dim, sketch_seed=sc.sketch_seed, eval_batch=sc.eval_batch).meta()
-    for sig in _reference_signatures(path, saved):
+    for sig in _reference_signature_files(path, saved):
         try:  # the header only: safetensors refuses a file its header does not cover exactly (truncated)
             with safe_open(str(sig), framework="pt") as f:
                 meta = json.loads((f.metadata() or {}).get("json", "{}"))
