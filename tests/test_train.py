@@ -77,7 +77,7 @@ def test_init_seed_and_data_seed_are_independent(tmp_path):
     assert {(w, st) for w, _, st in other_init} == {(w, st) for w, _, st in base}
 
 
-@pytest.mark.parametrize("base", [TINY_GPT, TINY_MLP], ids=["gpt", "mlp"])
+@pytest.mark.parametrize("base", [pytest.param(TINY_GPT, marks=pytest.mark.slow), TINY_MLP], ids=["gpt", "mlp"])
 def test_resume_is_bitwise_exact(tmp_path, base):
     straight = train_losses(run(cfg_of(tmp_path, base, "train.steps=20", out="straight")))
     run(cfg_of(tmp_path, base, "train.steps=10", out="resumed"))

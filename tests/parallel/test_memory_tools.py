@@ -95,6 +95,7 @@ def test_fake_process_group_dry_run_of_the_flagship():
                                              for r in rows))
 
 
+@pytest.mark.slow
 def test_plan_command_dry_run(capsys):
     assert main(["plan", "--config", "configs/dist/gpt_16k_8gpu.yaml", "--dry-run", "--ranks", "8"]) == 0
     out = capsys.readouterr().out

@@ -127,6 +127,7 @@ def test_cli_entry(tmp_path, capsys):
     assert "not a run directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_report_reads_stored_entks_into_principal_angles(tmp_path):
     """Kernels whose top-3 eigenspace is the reference's with one direction turned by θ_N = 0.1·256/N:
     summary.json's fits.ntk carries cosines (1, 1, cos θ_N); the alignment figure is drawn."""
