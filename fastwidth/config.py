@@ -297,6 +297,9 @@ def validate(cfg: Config) -> None:
     if cfg.stats.ntk_output == "trace" and m.arch == "gpt":
         raise ConfigError("stats.ntk_output=trace is for classifiers (mlp, resnet): a gpt's vocabulary makes it "
                           "V× the cost; use stats.ntk_output=class")
+    if cfg.param.kind in ("depth_mup", "completep") and cfg.optim.name == "sgd":
+        raise ConfigError(f"param.kind={cfg.param.kind} has an Adam table only (CompleteP, Dey et al. 2025); "
+                          "use optim.name adamw or adam, or param.kind mup for SGD")
     if cfg.param.attn_mult is not None and not (cfg.param.attn_mult > 0 and math.isfinite(cfg.param.attn_mult)):
         raise ConfigError(f"param.attn_mult: {cfg.param.attn_mult} must be a positive number or null")
 

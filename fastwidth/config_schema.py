@@ -40,12 +40,17 @@ class ModelConfig:
     act: str = _opt("auto", choices=["auto", "gelu", "swiglu", "relu"], help="activation; auto = gelu (gpt), relu (mlp, resnet)")
     rope_base: float = _opt(10000.0, min=1.0, help="gpt: RoPE base")
     bias: bool = _opt(False, help="gpt: biases in linear layers (mlp and resnet readouts always have one)")
+    qk_norm: bool = _opt(False, help="gpt: RMS-normalize each head's queries and keys (with gains) before RoPE and the softmax")
+    n_kv_heads: int = _opt(0, min=0, help="gpt: key/value heads (grouped-query attention; must divide the query heads); 0 = as many as query heads")
+    tie_embeddings: bool = _opt(False, help="gpt: the readout uses the token embedding's matrix (µP: the readout's forward multiplier on the output use only, as mup's MuSharedReadout)")
 
 
 @dataclass
 class ParamConfig:
-    kind: str = _opt("mup", choices=["mup", "sp", "ntk", "mean_field"], help="parameterization (README: the µP table)")
+    kind: str = _opt("mup", choices=["mup", "sp", "ntk", "mean_field", "depth_mup", "completep", "umup"], help="parameterization (README: the µP table; depth_mup and completep scale residual branches by (depth / base_depth)^-α)")
     base_width: int = _opt(64, min=1, help="width at which every kind equals sp; m = width / base_width")
+    base_depth: int = _opt(2, min=1, help="depth at which depth_mup and completep equal mup; m_L = depth / base_depth")
+    depth_alpha: Optional[float] = _opt(None, min=0.0, max=1.0, help="residual branch exponent α (branch output × m_L^-α); null = the kind's own (depth_mup 0.5, completep 1)")
     gamma0: float = _opt(1.0, min=1e-12, help="mean_field richness γ0 (output ÷γ0, LR ×γ0 Adam / ×γ0² SGD)")
     output_mult: float = _opt(1.0, help="readout forward multiplier α (µP: α / m)")
     attn_mult: Optional[float] = _opt(None, above=0.0, help="attention logits scale attn_mult / head_dim; null = sqrt(base head_dim)")
@@ -62,7 +67,9 @@ class OptimConfig:
     lr: float = _opt(1e-3, above=0.0, help="base learning rate η (per-group lr = η × lr_mult × schedule)")
     weight_decay: float = _opt(0.0, min=0.0, help="base weight decay (per-group wd = wd × wd_mult)")
     betas: list = _opt([0.9, 0.999], help="Adam betas")
-    eps: float = _opt(1e-8, above=0.0, help="Adam epsilon")
+    eps: float = _opt(1e-8, above=0.0, help="Adam epsilon (per group: eps × eps_mult, `fastwidth mup-table`)")
+    eps_scaling: str = _opt("auto", choices=["auto", "none", "width"], help="Adam epsilon across width under the µP kinds: width = eps × base_width / width (Everett et al. 2024; nanoGPT-mup), none = one eps; auto = width under depth_mup, completep and umup, none under the others")
+    weight_decay_mode: str = _opt("coupled", choices=["coupled", "independent"], help="coupled: the per-step decay is lr × weight_decay (torch's AdamW); independent: weight_decay × schedule, not riding on the LR (unit scaling)")
     momentum: float = _opt(0.0, min=0.0, below=1.0, help="SGD momentum")
     grad_clip: float = _opt(1.0, min=0.0, help="global gradient-norm clip per model; 0 = off. Not part of µP: the norm it clips grows or shrinks with width, so a clip acts differently per width (comparisons across widths or parameterizations state it, usually 0)")
     schedule: str = _opt("constant", choices=["constant", "linear", "cosine"], help="LR schedule after warmup")
@@ -127,6 +134,7 @@ class TrainConfig:
     report: bool = _opt(True, help="write the report (figures, summary.md, summary.json) into out_dir/report at the end")
     tensorboard: bool = _opt(False, help="also write the metrics rows as TensorBoard scalars into out_dir/tensorboard")
     csv: bool = _opt(False, help="also write the metrics rows into out_dir/metrics.csv (long format: one value a line)")
+    z_loss: float = _opt(0.0, min=0.0, help="add z_loss × mean(logsumexp(logits)²) to the training loss (PaLM's z-loss); 0 = off")
 
 
 @dataclass
@@ -134,6 +142,8 @@ class SweepConfig:
     widths: list = _opt([], help="widths trained on the same stream; empty = [model.width]")
     seeds: list = _opt([], help="init seeds per width; empty = [train.seed]")
     reference_width: int = _opt(0, min=0, help="width the others are compared with; 0 = the largest")
+    depths: list = _opt([], help="depths trained on the same stream: every (width, depth, lr, seed) is a member; empty = [model.depth]")
+    reference_depth: int = _opt(0, min=0, help="depth the others are compared with at the same width; 0 = the deepest")
     mode: str = _opt("lockstep", choices=["lockstep", "sequential"], help="all models per batch, or one after another")
     lrs: list = _opt([], help="base learning rates: every (width, lr, seed) is a member on the same batches; empty = [optim.lr]")
     lr_refine: int = _opt(0, min=0, help="after the sweep.lrs pass, train this many more learning rates around each width's best (its grid argmin, each neighbouring grid step cut into parts of at most x2^0.5) on the same stream and seeds, and fit the optima on the union grid; rows carry pass: refine; 0 = off")

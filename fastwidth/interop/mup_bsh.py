@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-ROW_KEYS = ("name", "shape", "role", "init_std", "lr_mult", "wd_mult", "forward_mult", "init")
+ROW_KEYS = ("name", "shape", "role", "init_std", "lr_mult", "wd_mult", "forward_mult", "init", "eps_mult", "branch_mult")
 # mup's own header (mup.shape.__BSH_COMMENT__), so the file reads as one mup wrote
 BSH_HEADER = ("\n# This is a base shape file encoded in yaml\n# - `null` indicates a dimension is \"finite\", "
               "i.e. a non-\"width\" dimension\n# - a number indicates the base dimension of an \"infinite\" "
@@ -27,7 +27,7 @@ def _meta_model(cfg, width: int | None = None):
 
 
 def mup_rows(config: str | None, overrides: list[str]) -> list[dict]:
-    """{name, shape, role, init_std, lr_mult, wd_mult, forward_mult, init} per parameter."""
+    """{name, shape, role, init_std, lr_mult, wd_mult, forward_mult, init, eps_mult, branch_mult} per parameter."""
     from fastwidth.config import load_config
     from fastwidth.param.scaling import mup_table, table_rows
     cfg, model = _meta_model(load_config(config, overrides))

@@ -33,5 +33,10 @@ class WidthModel(nn.Module):
         """Modules whose outputs are preactivations (moments, histograms)."""
         return {}
 
+    def branch_prefixes(self) -> tuple[str, ...]:
+        """Parameter-name prefixes of the parameters on residual branches (their outputs are
+        scaled by the depth kinds' branch multiplier, fastwidth.param.scaling.branch_mult)."""
+        return ()
+
     def reset_buffers(self) -> None:
         """Recompute non-parameter buffers after `to_empty` (RoPE tables, norm statistics)."""

@@ -13,7 +13,7 @@ from fastwidth.kernels.linear import linear
 from fastwidth.models.base import WidthModel
 from fastwidth.nn import Attention, MuEmbedding, MuLinear, MuReadout, Norm
 from fastwidth.nn.attention import rope_tables
-from fastwidth.param.scaling import attention_scale
+from fastwidth.param.scaling import attention_scale, branch_mult
 
 
 class FeedForward(nn.Module):
@@ -46,8 +46,9 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, width: int, n_heads: int, scale: float, cfg_model, device=None):
+    def __init__(self, width: int, n_heads: int, scale: float, cfg_model, device=None, branch: float = 1.0):
         super().__init__()
+        self.branch = branch  # the depth kinds' m_L^-α on each branch's output (1.0: mup and the others)
         act = "gelu" if cfg_model.act == "auto" else cfg_model.act
         self.norm1 = Norm(width, cfg_model.norm, device=device)
         self.attn = Attention(width, n_heads, scale, bias=cfg_model.bias, device=device)
@@ -56,8 +57,10 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin):
         # x + attn(...) and norm2 of it in one kernel (the same sum, rounded the same way)
-        y, x = self.norm2.with_residual(self.attn(self.norm1(x), cos, sin), x)
-        return x + self.mlp(y)
+        a = self.attn(self.norm1(x), cos, sin)
+        y, x = self.norm2.with_residual(a if self.branch == 1.0 else a * self.branch, x)
+        f = self.mlp(y)
+        return x + (f if self.branch == 1.0 else f * self.branch)
 
 
 class GPT(WidthModel):
@@ -68,7 +71,8 @@ class GPT(WidthModel):
         self.seq_len, self.head_dim, self.rope_base = seq_len, mc.width // n_heads, mc.rope_base
         scale = attention_scale(cfg)
         self.embed = MuEmbedding(vocab_size, mc.width, device=device)
-        self.blocks = nn.ModuleList(Block(mc.width, n_heads, scale, mc, device=device) for _ in range(mc.depth))
+        self.blocks = nn.ModuleList(Block(mc.width, n_heads, scale, mc, device=device, branch=branch_mult(cfg))
+                                    for _ in range(mc.depth))
         self.norm_f = Norm(mc.width, mc.norm, device=device)
         self.readout = MuReadout(mc.width, vocab_size, bias=False, device=device)
         cos, sin = rope_tables(seq_len, self.head_dim, mc.rope_base, device=device)
@@ -88,6 +92,9 @@ class GPT(WidthModel):
         for block in self.blocks:
             x = block(x, self.rope_cos, self.rope_sin)
         return self.norm_f(x)
+
+    def branch_prefixes(self):
+        return ("blocks.",)
 
     def feature_points(self):
         return {f"block{i}": b for i, b in enumerate(self.blocks)}

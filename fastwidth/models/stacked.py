@@ -261,9 +261,10 @@ class Stack:
             q, k = rope(q, cos, sin), rope(k, cos, sin)
             o = attention(q, k, v, scale=a.scale, causal=True)  # (S*B, H, T, D)
             o = self._lin(f"{pre}.attn.o", a.o, o.transpose(1, 2).reshape(S, B * T, H * D))
-            hn, x = self._norm(f"{pre}.norm2", blk.norm2, o, residual=x)
+            hn, x = self._norm(f"{pre}.norm2", blk.norm2, o if blk.branch == 1.0 else o * blk.branch, residual=x)
             ff = blk.mlp
             u = self._lin(f"{pre}.mlp.fc", ff.fc, hn)  # (S, B*T, hidden)
             g = swiglu(self._lin(f"{pre}.mlp.gate", ff.gate, hn), u) if ff.gate is not None else gelu(u)
-            x = x + self._lin(f"{pre}.mlp.proj", ff.proj, g)
+            f = self._lin(f"{pre}.mlp.proj", ff.proj, g)
+            x = x + (f if blk.branch == 1.0 else f * blk.branch)
         return self._norm("norm_f", t.norm_f, x)  # (S, B*T, N)

@@ -18,16 +18,16 @@ from fastwidth.param.scaling import ParamInfo
 
 
 def param_groups(model: nn.Module, table: dict[str, ParamInfo]) -> list[dict]:
-    """One group per distinct (lr_mult, wd_mult), in first-seen parameter order."""
-    buckets: dict[tuple[float, float], dict] = defaultdict(lambda: {"params": [], "names": []})
+    """One group per distinct (lr_mult, wd_mult, eps_mult), in first-seen parameter order."""
+    buckets: dict[tuple[float, float, float], dict] = defaultdict(lambda: {"params": [], "names": []})
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         info = table[name]
-        group = buckets[(info.lr_mult, info.wd_mult)]
+        group = buckets[(info.lr_mult, info.wd_mult, info.eps_mult)]
         group["params"].append(p)
         group["names"].append(name)
-    return [{**g, "lr_mult": lr, "wd_mult": wd} for (lr, wd), g in buckets.items()]
+    return [{**g, "lr_mult": lr, "wd_mult": wd, "eps_mult": eps} for (lr, wd, eps), g in buckets.items()]
 
 
 def build_optimizer(model: nn.Module, table: dict[str, ParamInfo], cfg: Config) -> torch.optim.Optimizer:
@@ -74,4 +74,6 @@ def set_lr(opt: torch.optim.Optimizer, oc: OptimConfig, step: int, total_steps: 
     for g in opt.param_groups:
         g["lr"] = oc.lr * g["lr_mult"] * factor
         g["weight_decay"] = oc.weight_decay * g["wd_mult"]
+        if "eps" in g:
+            g["eps"] = oc.eps * g.get("eps_mult", 1.0)
     return factor

@@ -43,7 +43,8 @@ from torch import nn
 from fastwidth.config import Config
 from fastwidth.nn.roles import Init, Role
 
-MUP_KINDS = ("mup", "mean_field")
+DEPTH_ALPHA = {"depth_mup": 0.5, "completep": 1.0}   # the residual branch exponent of each depth kind
+MUP_KINDS = ("mup", "mean_field", *DEPTH_ALPHA)
 MATRIX_INITS = (Init.FAN_IN, Init.QUERY)
 
 
@@ -57,6 +58,8 @@ class ParamInfo:
     lr_mult: float      # multiplies optim.lr
     wd_mult: float      # multiplies optim.weight_decay
     forward_mult: float # multiplies the layer's matmul output (bias excluded)
+    eps_mult: float = 1.0     # multiplies optim.eps (Adam)
+    branch_mult: float = 1.0  # on a residual branch: the multiplier on that branch's output; 1 elsewhere
 
     def row(self) -> dict:
         d = dataclasses.asdict(self)
@@ -66,6 +69,35 @@ class ParamInfo:
 
 def width_mult(cfg: Config) -> float:
     return cfg.model.width / cfg.param.base_width
+
+
+def depth_alpha(cfg: Config) -> float:
+    """α of the residual branch multiplier m_L^-α: param.depth_alpha, else the kind's own; 0 for
+    kinds without a depth rule."""
+    if cfg.param.kind not in DEPTH_ALPHA:
+        return 0.0
+    a = cfg.param.depth_alpha
+    return DEPTH_ALPHA[cfg.param.kind] if a is None else float(a)
+
+
+def depth_mult(cfg: Config) -> float:
+    """m_L = depth / base_depth."""
+    return cfg.model.depth / cfg.param.base_depth
+
+
+def branch_mult(cfg: Config) -> float:
+    """The multiplier on every residual branch's output: m_L^-α (1.0 exactly at base depth and
+    for kinds without a depth rule, so those models compute what they always did)."""
+    a = depth_alpha(cfg)
+    return 1.0 if a == 0.0 else depth_mult(cfg) ** -a
+
+
+def eps_scales_with_width(cfg: Config) -> bool:
+    """optim.eps_scaling resolved: auto = width under the depth kinds and umup, none elsewhere."""
+    mode = cfg.optim.eps_scaling
+    if mode == "auto":
+        return cfg.param.kind in (*DEPTH_ALPHA, "umup")
+    return mode == "width" and cfg.param.kind in MUP_KINDS
 
 
 def fan_in(shape: tuple) -> int:
@@ -119,7 +151,7 @@ def _bias_init(kind: str, role: Role, m: float, cfg: Config, layer: tuple[Role, 
 def _forward_mult(kind: str, role: Role, init: Init, shape: tuple, m: float, cfg: Config) -> float:
     p = cfg.param
     if role is Role.OUTPUT and init in MATRIX_INITS:
-        if kind == "mup":
+        if kind == "mup" or kind in DEPTH_ALPHA:
             return p.output_mult / m
         if kind == "mean_field":
             return p.output_mult / (m * p.gamma0)
@@ -131,9 +163,12 @@ def _forward_mult(kind: str, role: Role, init: Init, shape: tuple, m: float, cfg
     return 1.0
 
 
-def _lr_wd_mult(kind: str, role: Role, m: float, cfg: Config) -> tuple[float, float]:
+def _lr_wd_mult(kind: str, role: Role, m: float, cfg: Config, on_branch: bool = False) -> tuple[float, float]:
     if kind not in MUP_KINDS:
         return 1.0, 1.0
+    if kind in DEPTH_ALPHA:  # Adam only (config validation refuses sgd)
+        depth = depth_mult(cfg) ** (depth_alpha(cfg) - 1.0) if on_branch else 1.0
+        return ((1.0 / m) * depth, m) if role is Role.HIDDEN else (depth, 1.0)
     sgd = cfg.optim.name == "sgd"
     if sgd:
         if role is Role.HIDDEN or role is Role.FIXED:
@@ -148,19 +183,30 @@ def _lr_wd_mult(kind: str, role: Role, m: float, cfg: Config) -> tuple[float, fl
     return lr, wd
 
 
+def _eps_mult(m: float, cfg: Config, on_branch: bool) -> float:
+    """ε × m_N^-1 where eps scales with width; × m_L^-α more on a residual branch under the depth kinds."""
+    eps = 1.0 / m if eps_scales_with_width(cfg) else 1.0
+    if on_branch and cfg.param.kind in DEPTH_ALPHA:
+        eps *= depth_mult(cfg) ** -depth_alpha(cfg)
+    return eps
+
+
 def param_info(name: str, shape: tuple, role: Role, init: Init, cfg: Config,
-               layer: tuple[Role, tuple] | None = None) -> ParamInfo:
-    """One row of the table. `layer` = (role, weight shape) of the layer a bias belongs to."""
+               layer: tuple[Role, tuple] | None = None, on_branch: bool = False) -> ParamInfo:
+    """One row of the table. `layer` = (role, weight shape) of the layer a bias belongs to;
+    `on_branch`: the parameter sits on a residual branch (the model's branch_prefixes)."""
     kind, m = cfg.param.kind, width_mult(cfg)
     how, std = _init(kind, role, init, shape, m, cfg, layer)
-    lr, wd = _lr_wd_mult(kind, role, m, cfg)
+    lr, wd = _lr_wd_mult(kind, role, m, cfg, on_branch)
     return ParamInfo(name=name, shape=tuple(shape), role=role.value, init=how, init_std=std,
-                     lr_mult=lr, wd_mult=wd, forward_mult=_forward_mult(kind, role, init, shape, m, cfg))
+                     lr_mult=lr, wd_mult=wd, forward_mult=_forward_mult(kind, role, init, shape, m, cfg),
+                     eps_mult=_eps_mult(m, cfg, on_branch), branch_mult=branch_mult(cfg) if on_branch else 1.0)
 
 
 def mup_table(model: nn.Module, cfg: Config) -> dict[str, ParamInfo]:
     """The side table for `model` (built for cfg.model.width). Every parameter must have a role."""
     table: dict[str, ParamInfo] = {}
+    prefixes = tuple(model.branch_prefixes()) if hasattr(model, "branch_prefixes") else ()
     for mod_name, mod in model.named_modules():
         if not hasattr(mod, "mup_roles"):
             continue
@@ -171,7 +217,7 @@ def mup_table(model: nn.Module, cfg: Config) -> dict[str, ParamInfo]:
                 continue
             name = f"{mod_name}.{local}" if mod_name else local
             layer = (roles["weight"][0], tuple(mod.weight.shape)) if init is Init.BIAS else None
-            table[name] = param_info(name, tuple(p.shape), role, init, cfg, layer)
+            table[name] = param_info(name, tuple(p.shape), role, init, cfg, layer, name.startswith(prefixes))
     missing = [n for n, _ in model.named_parameters() if n not in table]
     if missing:
         raise TypeError(f"parameters without a µP role (build them with fastwidth.nn layers): {missing}")
