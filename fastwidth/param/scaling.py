@@ -20,8 +20,10 @@ their weight decay by m; MuReadout multiplies the readout by output_mult / m.
                 init N(0, σ²) for every matrix; forward 1/√fan_in (input, hidden), α/fan_in
                 (readout); Adam LR × fan_in^-½ for input and hidden matrices (an embedding's
                 "fan_in" is its width, unit_scaling.optim._get_fan_in), × depth^-½ on a residual
-                branch; each branch output × depth^-½ (what transformer_residual_scaling_rule's
-                τ and the skip's renormalization amount to ahead of a pre-norm block)
+                branch, a linear layer's bias × its layer's forward scale (unit_scaling scales the
+                bias with the matmul); each branch output × depth^-½ (what
+                transformer_residual_scaling_rule's τ and the skip's renormalization amount to
+                ahead of pre-norm blocks and a final norm)
     sp          σ/√fan_in everywhere, forward α on the readout, one LR
     ntk         N(0, σ²), forward 1/√fan_in on every matrix, one LR
 
@@ -180,9 +182,14 @@ def _forward_mult(kind: str, role: Role, init: Init, shape: tuple, m: float, cfg
     return 1.0
 
 
-def _lr_wd_mult(kind: str, role: Role, shape: tuple, m: float, cfg: Config,
-                on_branch: bool = False) -> tuple[float, float]:
+def _lr_wd_mult(kind: str, role: Role, shape: tuple, m: float, cfg: Config, on_branch: bool = False,
+                layer: tuple[Role, tuple] | None = None) -> tuple[float, float]:
     lr, wd = _lr_wd_coupled(kind, role, shape, m, cfg, on_branch)
+    if kind == UMUP and layer is not None:
+        # unit_scaling.functional.linear scales the bias with the matmul (output × 1/√fan_in);
+        # fastwidth's multiplier leaves the bias out, so the same Adam steps on the bias's
+        # contribution need its LR × that scale
+        lr *= _forward_mult(kind, layer[0], Init.FAN_IN, layer[1], m, cfg)
     # independent decay (p × (1 - wd × wd_mult × schedule) a step, optim.set_lr) is width-free
     # as it stands: no factor, as unit_scaling.optim.scaled_parameters and u-µP apply none
     return lr, 1.0 if cfg.optim.weight_decay_mode == "independent" else wd
@@ -225,7 +232,7 @@ def param_info(name: str, shape: tuple, role: Role, init: Init, cfg: Config,
     `on_branch`: the parameter sits on a residual branch (the model's branch_prefixes)."""
     kind, m = cfg.param.kind, width_mult(cfg)
     how, std = _init(kind, role, init, shape, m, cfg, layer)
-    lr, wd = _lr_wd_mult(kind, role, tuple(shape), m, cfg, on_branch)
+    lr, wd = _lr_wd_mult(kind, role, tuple(shape), m, cfg, on_branch, layer)
     return ParamInfo(name=name, shape=tuple(shape), role=role.value, init=how, init_std=std,
                      lr_mult=lr, wd_mult=wd, forward_mult=_forward_mult(kind, role, init, shape, m, cfg),
                      eps_mult=_eps_mult(m, cfg, on_branch), branch_mult=branch_mult(cfg) if on_branch else 1.0)
