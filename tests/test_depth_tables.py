@@ -70,7 +70,8 @@ def test_every_gpt_parameter_follows_the_depth_rules(kind, override, alpha, extr
             table = mup_table(model, cfg)
             assert set(table) == {n for n, _ in model.named_parameters()}
             for name, p in model.named_parameters():
-                want = expected(name, tuple(p.shape), width, depth, alpha, eps_width="optim.eps_scaling=none" not in extra,
+                want = expected(name, tuple(p.shape), width, depth, alpha,
+                                eps_width="optim.eps_scaling=none" not in extra,
                                 independent="optim.weight_decay_mode=independent" in extra)
                 got = table[name]
                 for field, value in want.items():
@@ -151,7 +152,8 @@ def _adamw_by_hand(p, grads, lr_t, decay_t, eps, betas=(0.9, 0.999)):
 @pytest.mark.parametrize("mode", ["coupled", "independent"])
 @pytest.mark.parametrize("fused", [True, False])
 def test_weight_decay_modes_and_group_eps_against_adamw_by_hand(mode, fused):
-    """A tiny µP MLP (width 16, base 8), 4 steps under a warmup + cosine schedule, every parameter against AdamW by hand with its group's lr, ε and decay
+    """A tiny µP MLP (width 16, base 8), 4 steps under a warmup + cosine schedule, every parameter
+    against AdamW by hand with its group's lr, ε and decay
     (coupled: lr_t·wd·wd_mult; independent: wd·wd_mult·schedule(t), not riding on the LR)."""
     cfg = load_config(None, ["model.arch=mlp", "model.depth=2", "model.width=16", "param.base_width=8",
                              "optim.eps_scaling=width", "optim.eps=1e-3", "optim.lr=0.02", "optim.weight_decay=0.3",

@@ -97,8 +97,9 @@ PLACES = ((Role.INPUT, Init.EMBED, False, None, "embedding"),
 def _depth_info(kind: str, role: Role, init: Init, on_branch: bool, layer_role, mN: float, mL: float,
                 base_width: int, base_depth: int):
     width, depth = round(base_width * mN), round(base_depth * mL)
-    cfg = load_config(None, ["model.arch=mlp", f"param.kind={kind}", f"param.base_width={base_width}", f"model.width={width}",
-                             f"param.base_depth={base_depth}", f"model.depth={depth}", "param.zero_readout=false"])
+    cfg = load_config(None, ["model.arch=mlp", f"param.kind={kind}", f"param.base_width={base_width}",
+                             f"model.width={width}", f"param.base_depth={base_depth}", f"model.depth={depth}",
+                             "param.zero_readout=false"])
     shape = {Role.INPUT: (10, width), Role.HIDDEN: (width, width), Role.OUTPUT: (10, width)}.get(role, (width,))
     layer = (layer_role, (width, width)) if layer_role is not None else None
     return param_info("w", shape, role, init, cfg, layer, on_branch)
@@ -123,7 +124,8 @@ def _init_text(info, mN: float) -> str:
     if info.init in ("zeros", "ones"):
         return "1" if info.init == "ones" else "0"
     fan = fan_in(info.shape)
-    for value, text in ((1.0, "σ"), (1.0 / math.sqrt(fan), "σ/√fan_in"), (math.sqrt(mN / fan), "σ·√(m_N/fan_in)")):
+    stds = ((1.0, "σ"), (1.0 / math.sqrt(fan), "σ/√fan_in"), (math.sqrt(mN / fan), "σ·√(m_N/fan_in)"))
+    for value, text in stds:
         if math.isclose(info.init_std, value):
             return text
     return f"{info.init_std:g}"
@@ -142,8 +144,9 @@ def depth_markdown() -> str:
                                                           width_base, depth_base), attr)
             info = _depth_info(kind, role, init, on_branch, layer_role, 2.0, 2.0, BASE, 2)
             init_txt = "N(0, embed_std²)" if init is Init.EMBED else _init_text(info, 2.0)
-            eps = _monomial(get("eps_mult", BASE, 2), "ε", "m_N", "m_L")  # ε: relative to the base shape for every kind
-            lines.append(f"| {kind} | {label} | {init_txt} | {_monomial(get('forward_mult'), 'α' if role is Role.OUTPUT else '', n, l)} | "
+            eps = _monomial(get("eps_mult", BASE, 2), "ε", "m_N", "m_L")  # ε: against the base shape, every kind
+            fwd = _monomial(get("forward_mult"), "α" if role is Role.OUTPUT else "", n, l)
+            lines.append(f"| {kind} | {label} | {init_txt} | {fwd} | "
                          f"{_monomial(get('lr_mult'), 'η', n, l)} | {_monomial(get('wd_mult'), 'wd', n, l)} | {eps} | "
                          f"{_monomial(get('branch_mult'), '', n, l)} |")
     lines.append("")

@@ -90,7 +90,8 @@ def set_lr(opt: torch.optim.Optimizer, oc: OptimConfig, step: int, total_steps: 
 def timescales(table: dict[str, ParamInfo], oc: OptimConfig) -> list[dict]:
     """Each optimizer group's AdamW timescale in steps: τ = 1/(η λ) with η = optim.lr × lr_mult
     (the peak LR) and λ = weight_decay × wd_mult when coupled; τ = 1/λ_step, λ_step =
-    weight_decay × wd_mult, when independent. null without decay. One row per (lr_mult, wd_mult, eps_mult), as param_groups groups."""
+    weight_decay × wd_mult, when independent. null without decay.
+    One row per (lr_mult, wd_mult, eps_mult), as param_groups groups."""
     groups: dict[tuple[float, float, float], list[str]] = defaultdict(list)
     for name, info in table.items():
         groups[(info.lr_mult, info.wd_mult, info.eps_mult)].append(name)

@@ -261,7 +261,8 @@ def mup_table(model: nn.Module, cfg: Config) -> dict[str, ParamInfo]:
 
 def attention_scale(cfg: Config) -> float:
     """Softmax scale. µP kinds: attn_mult / head_dim, attn_mult defaulting to √(base head_dim)
-    (umup: to 1, u-µP's attention mult); sp/ntk: √head_dim / head_dim, written the same way so both are bitwise equal at base width."""
+    (umup: to 1, u-µP's attention mult); sp/ntk: √head_dim / head_dim, written the same way so
+    both are bitwise equal at base width."""
     mc = cfg.model
     head_dim = mc.width // mc.n_heads if mc.n_heads else mc.head_dim
     if cfg.param.kind == UMUP:  # u-µP's attention: mult / head_dim, mult = 1 (unit_scaling)
