@@ -82,6 +82,18 @@ def test_every_gpt_parameter_follows_the_depth_rules(kind, override, alpha, extr
     assert checked == 2 * (4 + 18 * 2 + 4 + 18 * 8)  # embed, final norm (2), readout + 18 a block
 
 
+def test_mup_table_cli_rows_carry_eps_and_branch(capsys):
+    import json
+    from fastwidth.cli import main
+    sets = ["model.arch=gpt", "model.head_dim=16", "model.width=64", "model.depth=8", "param.base_width=32",
+            "param.kind=completep"]
+    assert main(["mup-table", "--format", "jsonl", "--set", *sets]) == 0
+    rows = {r["name"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert rows["blocks.3.mlp.fc.weight"]["branch_mult"] == pytest.approx(1 / 4)  # m_L = 4, α = 1
+    assert rows["blocks.3.mlp.fc.weight"]["eps_mult"] == pytest.approx(1 / 8)     # m_N^-1 m_L^-1
+    assert (rows["embed.weight"]["branch_mult"], rows["embed.weight"]["eps_mult"]) == (1.0, 0.5)
+
+
 def test_kinds_with_an_adam_table_only_refuse_sgd_in_one_line():
     for kind in ("depth_mup", "completep", "umup"):
         with pytest.raises(ConfigError, match=f"param.kind={kind} has an Adam table only") as e:
@@ -115,13 +127,12 @@ def _train(cfg, batches):
     return table, init, logits, dict(model.named_parameters())
 
 
-@pytest.mark.parametrize("eps_scaling", ["width", "none"])
-def test_at_base_depth_every_depth_kind_is_mup_bit_for_bit(eps_scaling):
+def test_at_base_depth_every_depth_kind_is_mup_bit_for_bit():
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randint(0, 61, (3, 16), generator=g), torch.randint(0, 61, (3, 16), generator=g))
                for _ in range(3)]
     common = ["model.width=48", "model.depth=3", "param.base_depth=3", "optim.lr=0.01", "optim.weight_decay=0.1",
-              f"optim.eps_scaling={eps_scaling}", "optim.eps=1e-4", "train.steps=3"]
+              "optim.eps_scaling=width", "optim.eps=1e-4", "train.steps=3"]
     ref = _train(gpt(*common, "param.kind=mup"), batches)
     for kind, override in (("depth_mup", None), ("completep", None), ("completep", 0.3)):
         sets = [*common, f"param.kind={kind}"] + ([f"param.depth_alpha={override}"] if override else [])
