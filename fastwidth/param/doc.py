@@ -97,9 +97,10 @@ PLACES = ((Role.INPUT, Init.EMBED, False, None, "embedding"),
 def _depth_info(kind: str, role: Role, init: Init, on_branch: bool, layer_role, mN: float, mL: float,
                 base_width: int, base_depth: int):
     width, depth = round(base_width * mN), round(base_depth * mL)
-    cfg = load_config(None, ["model.arch=mlp", f"param.kind={kind}", f"param.base_width={base_width}",
-                             f"model.width={width}", f"param.base_depth={base_depth}", f"model.depth={depth}",
-                             "param.zero_readout=false"])
+    # a GPT (what every kind here takes; head_dim 2 divides the widths), never built: only its config
+    cfg = load_config(None, ["model.arch=gpt", "model.head_dim=2", f"param.kind={kind}",
+                             f"param.base_width={base_width}", f"model.width={width}", f"param.base_depth={base_depth}",
+                             f"model.depth={depth}", "param.zero_readout=false"])
     shape = {Role.INPUT: (10, width), Role.HIDDEN: (width, width), Role.OUTPUT: (10, width)}.get(role, (width,))
     layer = (layer_role, (width, width)) if layer_role is not None else None
     return param_info("w", shape, role, init, cfg, layer, on_branch)
