@@ -1,6 +1,7 @@
-"""completep at depth 4 (base depth 2) under ddp, ZeRO-1 and FSDP2 on 2 gloo ranks equals one process:
-every rank's optimizer groups carry the table's ε (ε × m_N^-1 × m_L^-1 inside the blocks, ε × m_N^-1
-outside) and the final parameters after 3 steps match the single-process run's."""
+"""Per-group Adam ε on every engine: completep at depth 4 (base depth 2) under ddp, ZeRO-1 and
+FSDP2 on 2 gloo ranks. Every rank's optimizer groups carry the table's ε (ε × m_N^-1 × m_L^-1 inside
+the blocks, ε × m_N^-1 outside) and the final parameters after 3 steps match the single-process run's
+(test_depth_engines.py compares the losses under every engine)."""
 import json
 from pathlib import Path
 
@@ -27,7 +28,7 @@ BACKENDS = {"ddp": ["dist.backend=ddp"], "zero1": ["dist.backend=deepspeed", "di
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("depth_engines")
+    tmp = tmp_path_factory.mktemp("group_eps")
     cfg_file = tmp / "completep.yaml"
     cfg_file.write_text(yaml.safe_dump({**CONFIG, "data": {**CONFIG["data"], "cache_dir": str(tmp / "cache")}}))
     return cfg_file, Path(run(load_config(cfg_file, [f"train.out_dir={tmp / 'single'}"])))
