@@ -297,6 +297,11 @@ def validate(cfg: Config) -> None:
     if cfg.stats.ntk_output == "trace" and m.arch == "gpt":
         raise ConfigError("stats.ntk_output=trace is for classifiers (mlp, resnet): a gpt's vocabulary makes it "
                           "V× the cost; use stats.ntk_output=class")
+    if cfg.param.kind in ("depth_mup", "completep") and m.arch == "mlp":
+        # the depth rules scale residual branches (m_L^-α) and the LR of what sits on them; a plain
+        # MLP has no residual stream, so there is nothing for them to act on
+        raise ConfigError(f"param.kind={cfg.param.kind} scales residual branches; model.arch=mlp has none "
+                          "(use model.arch gpt or resnet, or param.kind mup)")
     _check_param_optim(cfg)
     if cfg.param.attn_mult is not None and not (cfg.param.attn_mult > 0 and math.isfinite(cfg.param.attn_mult)):
         raise ConfigError(f"param.attn_mult: {cfg.param.attn_mult} must be a positive number or null")
