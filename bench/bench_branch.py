@@ -1,6 +1,6 @@
 """What the depth kinds' residual branch multiplier m_L^-α costs a GPT train step (torch path, CPU).
 
-    python bench/bench_branch.py [--width 128] [--depth 8] [--steps 30]
+    python bench/bench_branch.py [--width 64] [--depth 8] [--seq-len 64] [--batch 8] [--steps 20]
 
 One model, timed three ways in one process, alternating step by step to cancel drift on a
 shared machine: `none` (branch 1.0, what depth == base_depth runs), `folded` (m_L^-α = 0.5 on
@@ -51,12 +51,16 @@ def main() -> int:
     from fastwidth.kernels import dispatch
     from fastwidth.models import build_model
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--depth", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    # one thread: on a shared 2-core machine two threads per process oversubscribe (measured 5 s a
+    # step at load 11 against 0.35 s with one)
+    torch.set_num_threads(args.threads)
     cfg = Config()
     cfg.model.arch, cfg.model.width, cfg.model.depth, cfg.model.head_dim = "gpt", args.width, args.depth, 32
     cfg.param.kind, cfg.param.base_depth, cfg.param.base_width = "completep", args.depth // 2, 32
@@ -76,7 +80,8 @@ def main() -> int:
                     times[mode].append(time.perf_counter() - t0)
     tokens = args.batch * args.seq_len
     med = {m: statistics.median(times[m]) for m in MODES}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
     machine = f"{platform.machine()} {torch.get_num_threads()} threads"
     shape = f"gpt w{args.width} d{args.depth} T{args.seq_len} B{args.batch}"
     print(f"| mode ({shape}, torch path) | ms / step | tokens/s | vs none |\n|---|---|---|---|")

@@ -24,8 +24,9 @@ from fastwidth.trainer.loop import run
 from tests.test_stacked import TINY_GPT, _assert_runs_match, cfg_of
 
 GPT_IO = SimpleNamespace(kind="tokens", vocab_size=29, seq_len=7)  # odd vocabulary and sequence length
-PATHS = ["torch", pytest.param("native", marks=pytest.mark.skipif(not native.available(), reason="native ops did not build")),
-         pytest.param("triton", marks=pytest.mark.slow)]  # the Triton interpreter: ~10 s a model here
+NO_NATIVE = pytest.mark.skipif(not native.available(), reason="the native ops did not build")
+PATHS = ["torch", pytest.param("native", marks=NO_NATIVE),
+         pytest.param("triton", marks=pytest.mark.slow)]  # the Triton interpreter: 30-70 s a test here
 
 
 def gpt_cfg(kind="completep", depth=4, base_depth=3, bias=False):

@@ -1,4 +1,4 @@
-"""completep at depth 4 (base depth 2, so every branch output × 0.5) on 2 CPU ranks (gloo) under
+"""completep at depth 4 (base depth 2, so every branch output × 0.5, biases on) on 2 CPU ranks (gloo) under
 ddp, fsdp2 and DeepSpeed ZeRO 1-3 trains as one process does (test_dist.py's engine settings and
 tolerance: relative loss error < 1e-4), and a ddp run resumed from its step-3 checkpoint continues
 bit for bit."""
@@ -15,8 +15,8 @@ from tests.parallel.test_dist import BACKENDS, CONFIG, ROOT, launch, launcher_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
-DEPTH_CONFIG = {**CONFIG, "model": {**CONFIG["model"], "depth": 4},
-                "param": {**CONFIG["param"], "kind": "completep", "base_depth": 2},
+DEPTH_CONFIG = {**CONFIG, "model": {**CONFIG["model"], "depth": 4, "bias": True},  # o and proj biases scale too
+                "param": {**CONFIG["param"], "kind": "completep", "base_depth": 2, "zero_readout": False},
                 "train": {**CONFIG["train"], "steps": 6, "ckpt_every": 3, "report": False},
                 "stats": {"every": 3, "sharpness_iters": 0, "ntk_points": 0, "kernel_points": 8}}
 
@@ -25,13 +25,18 @@ DEPTH_CONFIG = {**CONFIG, "model": {**CONFIG["model"], "depth": 4},
 def work(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("depth_engines")
     cfg_file = tmp / "depth.yaml"
-    cfg_file.write_text(yaml.safe_dump({**DEPTH_CONFIG, "data": {**DEPTH_CONFIG["data"], "cache_dir": str(tmp / "cache")}}))
+    data = {**DEPTH_CONFIG["data"], "cache_dir": str(tmp / "cache")}
+    cfg_file.write_text(yaml.safe_dump({**DEPTH_CONFIG, "data": data}))
     cfg = load_config(cfg_file, [f"train.out_dir={tmp / 'single'}"])
     model, table = build_model(cfg, build_stream(cfg.data), seed=0)
     # the multiplier is really there: each branch's last layer carries m_L^-α = (4/2)^-1
     assert model.blocks[3].attn.o.branch == model.blocks[0].mlp.proj.branch == 0.5
     assert table["blocks.3.attn.o.weight"].branch_mult == 0.5
-    return tmp, cfg_file, Path(run(cfg))
+    single = Path(run(cfg))
+    # the same run without the multiplier (base depth 4) trains otherwise: the comparisons can fail
+    unscaled = run(load_config(cfg_file, [f"train.out_dir={tmp / 'unscaled'}", "param.base_depth=4"]))
+    assert rel_err(losses(single), losses(unscaled)) > 1e-2
+    return tmp, cfg_file, single
 
 
 @pytest.fixture(scope="module")
