@@ -65,6 +65,7 @@ def test_at_base_depth_completep_is_mup_and_deeper_it_keeps_the_stream_update_fl
     assert mup[LAST_BLOCK]["act_rms"][1] > cp[LAST_BLOCK]["act_rms"][1]
 
 
+@pytest.mark.slow  # trains and draws: seconds
 def test_command_writes_one_result_per_kind_and_the_figure(tmp_path, capsys):
     out = tmp_path / "cc"
     assert main(["coord-check", "--set", *TINY, "--depths", "2,4", "--kinds", "mup,completep", "--steps", "1",

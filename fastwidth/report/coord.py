@@ -84,6 +84,8 @@ def plot_coord_depth(results: list[dict], path: Path) -> Path:
                     lo, hi = min(ax.get_ylim()[0], min(y for _, y in pts)), max(ax.get_ylim()[1], max(y for _, y in pts))
                     mid = (lo * hi) ** 0.5   # at least ×4 shown: a flat line looks flat
                     ax.set_ylim(min(lo, mid / 2), max(hi, mid * 2))
+            if not ax.lines:   # e.g. the zero-initialized readout's output at init
+                ax.text(0.5, 0.5, "0 at every depth", transform=ax.transAxes, ha="center", fontsize=8)
             _loglog_axes(ax, [d for r in results for d in r["depths"]], xlabel="depth L")
             ax.set_title(f"{name}: {label}", fontsize=8)
     r0 = results[0]

@@ -69,17 +69,15 @@ def fake_depth_run(path, lrs=None):
 
 
 @pytest.fixture
-def depth_figures_only(monkeypatch):
-    """The width figures are tested in test_report.py; drawing them here would cost seconds."""
-    from fastwidth.report import cli, consistency_figures
-    monkeypatch.setattr(cli, "FIGURES", {})
-    monkeypatch.setattr(consistency_figures, "FIGURES", {})
+def no_figures(monkeypatch):
+    """Numbers only: drawing costs seconds (the figures are drawn in the slow test below)."""
+    from fastwidth.report import cli, consistency_figures, depth
+    for module in (cli, consistency_figures, depth):
+        monkeypatch.setattr(module, "FIGURES", {})
 
 
-def test_depth_sweep_report_draws_against_depth_and_quotes_the_rows(tmp_path, depth_figures_only):
+def test_depth_sweep_summary_quotes_the_rows(tmp_path, no_figures):
     summary = make_report([fake_depth_run(tmp_path / "run")], tmp_path / "out")
-    for name in ("consistency_depth", "variance_depth", "bias_depth"):
-        assert (tmp_path / "out" / f"{name}.png").stat().st_size > 10_000, name
     doc = json.loads((tmp_path / "out" / "summary.json").read_text())
     depth = doc["depth"]
     assert depth["reference_depth"] == REF and depth["depths"] == DEPTHS
@@ -108,9 +106,8 @@ def test_depth_sweep_report_draws_against_depth_and_quotes_the_rows(tmp_path, de
     assert "## Across depth" in text and "| 8 (ref) |" in text
 
 
-def test_eta_star_against_depth_recovers_the_planted_drift(tmp_path, depth_figures_only):
+def test_eta_star_against_depth_recovers_the_planted_drift(tmp_path, no_figures):
     make_report([fake_depth_run(tmp_path / "run", lrs=LRS)], tmp_path / "out")
-    assert (tmp_path / "out" / "transfer_depth.png").stat().st_size > 10_000
     doc = json.loads((tmp_path / "out" / "summary.json").read_text())
     for fit in doc["depth"]["transfer"]:
         # a parabola in log η: its vertex is the planted optimum, η* ∝ L^-1/2
@@ -118,10 +115,22 @@ def test_eta_star_against_depth_recovers_the_planted_drift(tmp_path, depth_figur
             assert math.isclose(fit["optima"][str(d)], eta_star(d), rel_tol=1e-9)
         assert math.isclose(fit["slope"], -0.5, abs_tol=1e-9)
         assert fit["ci"][0] - 1e-9 <= -0.5 <= fit["ci"][1] + 1e-9
+        assert [x["depths"] for x in fit["local"]] == [[2, 4], [4, 8]]
     assert "## Learning-rate transfer across depth" in (tmp_path / "out" / "summary.md").read_text()
 
 
-def test_a_run_without_depths_reports_as_before(tmp_path, depth_figures_only):
+@pytest.mark.slow  # four figures: seconds of matplotlib
+def test_depth_sweep_report_draws_the_figures_against_depth(tmp_path, monkeypatch):
+    from fastwidth.report import cli, consistency_figures
+    monkeypatch.setattr(cli, "FIGURES", {})                   # the width figures: test_report.py
+    monkeypatch.setattr(consistency_figures, "FIGURES", {})
+    summary = make_report([fake_depth_run(tmp_path / "run", lrs=LRS)], tmp_path / "out")
+    for name in ("consistency_depth", "variance_depth", "bias_depth", "transfer_depth"):
+        assert (tmp_path / "out" / f"{name}.png").stat().st_size > 10_000, name
+        assert f"![{name}.png]({name}.png)" in summary.read_text()
+
+
+def test_a_run_without_depths_reports_as_before(tmp_path, no_figures):
     from test_report import fake_run
     run = load_run(fake_run(tmp_path / "plain"))
     assert run.depths == [] and run.ref_depth is None and run.all_rows == run.depth_rows
