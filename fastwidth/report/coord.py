@@ -68,7 +68,7 @@ DEPTH_ROWS = (("update_rms", "update RMS |h_T - h_0|"), ("act_rms", "activation 
 def plot_coord_depth(results: list[dict], path: Path) -> Path:
     """Columns: the layers of stats.coord.coord_check_depth's results; rows: DEPTH_ROWS; one line per kind."""
     import matplotlib.pyplot as plt
-    from fastwidth.report._plotbase import _loglog_axes, _save
+    from fastwidth.report._plotbase import _loglog_axes, _save, min_log_span
     names = list(dict.fromkeys(n for r in results for n in r["layers"]))
     fig, axes = plt.subplots(len(DEPTH_ROWS), len(names), figsize=(3.4 * len(names) + 0.6, 2.9 * len(DEPTH_ROWS)),
                              squeeze=False)
@@ -81,12 +81,11 @@ def plot_coord_depth(results: list[dict], path: Path) -> Path:
                 pts = [(d, y) for d, y in zip(res["depths"], ys) if y is not None and y > 0]
                 if pts:
                     ax.plot(*zip(*pts), "-o", ms=3, color=cmap(k), label=res["kind"])
-                    lo, hi = min(ax.get_ylim()[0], min(y for _, y in pts)), max(ax.get_ylim()[1], max(y for _, y in pts))
-                    mid = (lo * hi) ** 0.5   # at least ×4 shown: a flat line looks flat
-                    ax.set_ylim(min(lo, mid / 2), max(hi, mid * 2))
             if not ax.lines:   # e.g. the zero-initialized readout's output at init
                 ax.text(0.5, 0.5, "0 at every depth", transform=ax.transAxes, ha="center", fontsize=8)
             _loglog_axes(ax, [d for r in results for d in r["depths"]], xlabel="depth L")
+            if ax.lines:
+                min_log_span(ax)
             ax.set_title(f"{name}: {label}", fontsize=8)
     r0 = results[0]
     fig.suptitle(f"{r0['arch']} width {r0['width']}, {r0['optim']}, {r0['steps']} steps, base depth {r0['base_depth']}",

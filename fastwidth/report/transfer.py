@@ -433,7 +433,7 @@ def draw_transfer_depth(fits: list[tuple[str, dict]], path: Path) -> Path | None
     ring: at the grid's edge), the least-squares line of log η* on log depth, its slope with the 95%
     interval and the grid's resolution in the legend."""
     import matplotlib.pyplot as plt
-    from fastwidth.report._plotbase import _loglog_axes, _save
+    from fastwidth.report._plotbase import _loglog_axes, _save, min_log_span
     fits = [(label, f) for label, f in fits if any(math.isfinite(v) for v in f["optima"].values())]
     if not fits:
         return None
@@ -452,6 +452,7 @@ def draw_transfer_depth(fits: list[tuple[str, dict]], path: Path) -> Path | None
             ax.plot(xs, np.exp(b[1]) * xs ** b[0], "-", color=cmap(i),
                     label=f"{label}: {fmt_ci(fit['slope'], fit['ci'])} ({_resolution_note(fit)})")
     _loglog_axes(ax, [d for _, f in fits for d in f["optima"]], xlabel="depth L")
+    min_log_span(ax)
     ax.set_ylabel("optimal η*")
     ax.set_title("µTransfer across depth: slope of log η* on log L [95% bootstrap]\n(red ring: at the grid's edge)",
                  fontsize=8)
