@@ -12,9 +12,10 @@ rate, diverged members left out, as the width figures).
 Numbers per (width, depth): the late true-logit RMSE against the same-seed reference-depth model
 (mean over the last 25% of tokens of the seed mean, report/intervals.py: bootstrap over seeds),
 and from the final ensemble rows V_L (one model's seed variance of the true logit), the raw bias
-and the debiased bias², each with the interval the loop wrote (null where it wrote none). Fits: the
-final axis-depth fit row of each width (slopes of the log quantity against log depth, bootstrap
-over seeds).
+and the debiased bias², each with the interval the loop wrote (null where it wrote none); at the last
+evaluation the mean CKA (layers matched by relative depth) and preactivation W1 (final block).
+Fits: the final axis-depth fit row of each width (slopes of the log quantity against log depth,
+the bias model with depth in the width's place; bootstrap over seeds).
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ from fastwidth.report.intervals import late_rmse_with_ci
 from fastwidth.report.reader import Run
 from fastwidth.report.transfer import transfer_depth
 
-FIT_KEYS = ("rmse_slope", "variance_slope", "bias_slope")
 ENSEMBLE_KEYS = ("seed_variance", "bias", "bias_sq_debiased")
+LAYER_KEYS = ("cka", "preact_w1")   # {layer: value} in the consistency rows
 
 
 def is_depth_sweep(run: Run) -> bool:
@@ -47,14 +48,29 @@ def _final(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["step"] == step]
 
 
+def _final_layer_means(rows: list[dict]) -> dict[tuple, float]:
+    """{(width, depth, key): mean over seeds and layers} of LAYER_KEYS at the last consistency step
+    (CKA of the layers matched by relative depth; W1 of the final block's preactivations)."""
+    acc: dict[tuple, list[float]] = {}
+    for r in _final(rows):
+        for k in LAYER_KEYS:
+            vals = [v for v in (r.get(k) or {}).values() if isinstance(v, (int, float)) and math.isfinite(v)]
+            if vals:
+                acc.setdefault((r["width"], r["depth"], k), []).append(sum(vals) / len(vals))
+    return {key: sum(v) / len(v) for key, v in acc.items()}
+
+
 def depth_numbers(run: Run) -> dict | None:
     """{"reference_depth", "depths", "widths": [{"width", "depths": [{"depth", "reference", "final_loss",
-    "true_logit_rmse", "true_logit_rmse_ci", "seed_variance", "seed_variance_ci", "bias", "bias_ci",
-    "bias_sq_debiased", "bias_sq_debiased_ci"}], "fit": {rmse_slope, rmse_slope_ci, variance_slope, ...,
-    "step"}}]}; None outside a depth sweep."""
+    "true_logit_rmse", "true_logit_rmse_ci", "cka", "preact_w1", "seed_variance", "seed_variance_ci", "bias",
+    "bias_ci", "bias_sq_debiased", "bias_sq_debiased_ci"}], "fit": {rmse_slope, rmse_slope_ci, variance_slope,
+    ..., the bias model's fields, "step"}}]}; None outside a depth sweep."""
     if not is_depth_sweep(run):
         return None
-    rmse = late_rmse_with_ci(run, rows=across_depth(run, "consistency"), by=("width", "depth"))
+    from fastwidth.report.summary import FIT_KEYS   # summary.py imports this module
+    consistency = across_depth(run, "consistency")
+    rmse = late_rmse_with_ci(run, rows=consistency, by=("width", "depth"))
+    layer_means = _final_layer_means(consistency)
     ens = {(r["width"], r["depth"]): r for r in _final(across_depth(run, "ensemble"))}
     fits = {r["width"]: r for r in _final(across_depth(run, "fit"))}
     evals = [r for r in run.depth_rows if r.get("kind") == "eval" and isinstance(r.get("probe_loss"), (int, float))]
@@ -69,6 +85,7 @@ def depth_numbers(run: Run) -> dict | None:
             rows.append({"depth": d, "reference": d == run.ref_depth,
                          "final_loss": sum(loss) / len(loss) if loss else None,
                          "true_logit_rmse": value, "true_logit_rmse_ci": ci,
+                         **{k: layer_means.get((w, d, k)) for k in LAYER_KEYS},
                          **{k: e.get(k) for k in ENSEMBLE_KEYS}, **{f"{k}_ci": e.get(f"{k}_ci") for k in ENSEMBLE_KEYS}})
         f = fits.get(w, {})
         fit = {k: f.get(k) for k in FIT_KEYS} | {f"{k}_ci": f.get(f"{k}_ci") for k in FIT_KEYS}
@@ -99,11 +116,11 @@ def depth_lines(runs: list[Run]) -> list[str]:
             lines += [f"Width {w['width']}: slopes against log depth: RMSE {_v(f['rmse_slope'], f['rmse_slope_ci'], '+.3f')}, "
                       f"V_L {_v(f['variance_slope'], f['variance_slope_ci'], '+.3f')}, "
                       f"bias {_v(f['bias_slope'], f['bias_slope_ci'], '+.3f')}", "",
-                      "| depth | probe loss | late RMSE vs ref depth [95%] | V_L [95%] | bias (raw) | debiased bias² [95%] |",
-                      "|---:|---:|---|---|---|---|"]
+                      "| depth | probe loss | late RMSE vs ref depth [95%] | mean CKA | final block's preact W1 "
+                      "| V_L [95%] | bias (raw) | debiased bias² [95%] |", "|---:|---:|---|---:|---:|---|---|---|"]
             for r in w["depths"]:
                 lines.append(f"| {r['depth']}{' (ref)' if r['reference'] else ''} | {_v(r['final_loss'])} | "
-                             f"{_v(r['true_logit_rmse'], r['true_logit_rmse_ci'])} | "
+                             f"{_v(r['true_logit_rmse'], r['true_logit_rmse_ci'])} | {_v(r['cka'])} | {_v(r['preact_w1'])} | "
                              f"{_v(r['seed_variance'], r['seed_variance_ci'])} | {_v(r['bias'], r['bias_ci'])} | "
                              f"{_v(r['bias_sq_debiased'], r['bias_sq_debiased_ci'])} |")
             lines.append("")

@@ -46,7 +46,8 @@ def fake_depth_run(path, lrs=None):
                                          "ref_depth": d, "ref_seed": s, "true_logit_rmse": 1.0 * d + 0.01 * s})
                         if d != REF:
                             rows.append({"kind": "consistency", "axis": "depth", "ref": "live", **m, "ref_width": w,
-                                         "ref_depth": REF, "ref_seed": s, "true_logit_rmse": rmse_depth(w, d, s, step)})
+                                         "ref_depth": REF, "ref_seed": s, "true_logit_rmse": rmse_depth(w, d, s, step),
+                                         "cka": {"block0": 0.9 - 0.01 * s, "block1": 0.7}, "preact_w1": {"block1.mlp_fc": d / w}})
                     rows.append({"kind": "ensemble", "axis": "width", **t, "width": w, "depth": d, "seed": -1,
                                  "n_seeds": 3, "seed_variance": 5.0 * d / w, "bias": 0.0 if w == 64 else 0.1 * d})
                     rows.append({"kind": "ensemble", "axis": "depth", **t, "width": w, "depth": d, "ref_depth": REF,
@@ -98,6 +99,7 @@ def test_depth_sweep_summary_quotes_the_rows(tmp_path, no_figures):
             lo, hi = r["true_logit_rmse_ci"]
             assert lo <= late <= hi
             assert r["bias"] == 0.2 * d ** -0.3 and r["bias_sq_debiased_ci"] == [0.0, 0.06 * d ** -0.6]
+            assert math.isclose(r["cka"], np.mean([(0.9 - 0.01 * s + 0.7) / 2 for s in SEEDS]), rel_tol=1e-12) and r["preact_w1"] == d / w["width"]
     # the width figures and numbers read the reference depth only
     (w32,) = [w for w in doc["widths"] if w["width"] == 32]
     assert math.isclose(w32["true_logit_rmse"], 1.0 * REF + 0.01, rel_tol=1e-12)
