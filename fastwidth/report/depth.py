@@ -176,7 +176,8 @@ def consistency_depth(runs: list[Run], path: Path) -> Path | None:
                     f"slope {_v(fit['rmse_slope'], fit['rmse_slope_ci'], '+.2f')}")
         _loglog_axes(ax_late, run.depths, xlabel="depth L")
         ax_late.set_title("late RMSE (last 25% of tokens) vs depth [95%]", fontsize=8)
-        ax_late.legend(fontsize=6)
+        if ax_late.get_legend_handles_labels()[0]:
+            ax_late.legend(fontsize=6)
     return _save(fig, path)
 
 
@@ -214,7 +215,8 @@ def _per_width_panels(runs: list[Run], path: Path, panels: list[tuple[str, str, 
                                 f"N={w['width']} slope {_v(fit[slope_key], fit[f'{slope_key}_ci'], '+.2f')}")
             _loglog_axes(ax, run.depths, xlabel="depth L")
             ax.set_title(f"{run.label}: {title}", fontsize=8)
-            ax.legend(fontsize=6)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=6)
     return _save(fig, path)
 
 
