@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/depth_transfer.py train --out /work/out-i30/depth-transfer   # one run per (kind, depth)
     .venv/bin/python bench/depth_transfer.py fit --out /work/out-i30/depth-transfer [--md FILE]
+    .venv/bin/python bench/depth_transfer.py train --lrs [0.0085,0.017] --tag _refine   # ×2^½ around η*
+    .venv/bin/python bench/depth_transfer.py fit --tags _refine                         # on the union grid
 
 `train`: for every kind and depth, one learning-rate sweep of the demo config at one width
 (sweep.lrs × sweep.seeds, model.depth = d, param.base_depth = BASE_DEPTH) in OUT/KIND_dD; a run
@@ -34,15 +36,15 @@ STEPS = 80
 EVERY = 40         # held-out probe evaluations at steps 40 and 80
 
 
-def run_dir(out: Path, kind: str, depth: int) -> Path:
-    return out / f"{kind}_d{depth}"
+def run_dir(out: Path, kind: str, depth: int, tag: str = "") -> Path:
+    return out / f"{kind}_d{depth}{tag}"
 
 
 def overrides(args, kind: str, depth: int) -> list[str]:
     return [f"model.width={args.width}", f"model.depth={depth}", f"param.kind={kind}", f"param.base_depth={BASE_DEPTH}",
             f"sweep.widths=[{args.width}]", f"sweep.lrs={args.lrs}", f"sweep.seeds={list(range(args.seeds))}",
             f"train.steps={args.steps}", f"stats.every={args.every}", "train.report=false", "train.threads=1",
-            f"train.out_dir={run_dir(args.out, kind, depth)}"]
+            f"train.out_dir={run_dir(args.out, kind, depth, args.tag)}"]
 
 
 def finished(d: Path, steps: int) -> bool:
@@ -54,7 +56,7 @@ def finished(d: Path, steps: int) -> bool:
 def train(args) -> None:
     for kind in args.kinds:
         for depth in args.depths:
-            d = run_dir(args.out, kind, depth)
+            d = run_dir(args.out, kind, depth, args.tag)
             if finished(d, args.steps):
                 print(f"{d}: done, kept", flush=True)
                 continue
@@ -64,16 +66,17 @@ def train(args) -> None:
             print(f"{d}: {time.time() - t0:.0f} s", flush=True)
 
 
-def depth_losses(out: Path, kind: str, depths: list[int]):
-    """(lrs, losses (D, R, S, P)) of one kind: each depth's run's held-out probe losses at its last evaluation."""
+def depth_losses(out: Path, kind: str, depths: list[int], tags: list[str]):
+    """(lrs, losses (D, R, S, P)) of one kind: each depth's runs' held-out probe losses at their last
+    evaluation, the learning rates of the runs `tags` (the grid, then refinements) merged."""
     from fastwidth.report.reader import load_run
     from fastwidth.report.transfer import _array, _evals, heldout_curves
-    curves = {}
+    curves: dict = {}
     for depth in depths:
-        run = load_run(run_dir(out, kind, depth))
-        by_width = heldout_curves(run, max(_evals(run)))
-        (only,) = by_width.values()          # one width per run
-        curves[depth] = only
+        for tag in tags:
+            run = load_run(run_dir(out, kind, depth, tag))
+            (only,) = heldout_curves(run, max(_evals(run))).values()   # one width per run
+            curves.setdefault(depth, {}).update(only)
     depths_sorted, lrs, losses = _array(curves)
     assert depths_sorted == sorted(depths)
     return lrs, losses
@@ -84,7 +87,7 @@ def fits(args) -> list[tuple[str, dict]]:
     from fastwidth.stats.transfer import transfer_fit
     out = []
     for kind in args.kinds:
-        lrs, losses = depth_losses(args.out, kind, args.depths)
+        lrs, losses = depth_losses(args.out, kind, args.depths, args.tags)
         out.append((kind, transfer_fit(lrs, args.depths, losses, n_boot=args.n_boot, axis="depth")))
     return out
 
@@ -101,6 +104,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--every", type=int, default=EVERY)
     p.add_argument("--n-boot", type=int, default=400)
+    p.add_argument("--tag", default="", help="train: suffix of the run directories (e.g. _refine with other --lrs)")
+    p.add_argument("--tags", type=lambda s: [""] + [t for t in s.split(",") if t], default=[""],
+                   help="fit: suffixes of further runs whose learning rates join the grid, e.g. _refine")
     p.add_argument("--md", type=Path, default=None, help="also write the table to this file")
     p.add_argument("--figure", type=Path, default=None, help="draw η* against depth (e.g. docs/results/transfer_depth.png)")
     args = p.parse_args()
