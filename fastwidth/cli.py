@@ -52,40 +52,53 @@ def cmd_mup_table(args) -> int:
     return 0
 
 
-def parse_widths(text: str) -> list[int]:
-    """--widths "64,128,256" -> [64, 128, 256]; anything else is a one-line UserError."""
-    widths = []
+def parse_sizes(text: str, flag: str = "--widths", example: str = "64,128,256") -> list[int]:
+    """--widths "64,128,256" -> [64, 128, 256] (or --depths); anything else is a one-line UserError."""
+    sizes = []
     for item in text.split(","):
         item = item.strip()
         if not item.isdigit() or int(item) < 1:
-            raise UserError(f"--widths: {item!r} is not a positive integer; give comma-separated widths like 64,128,256")
-        widths.append(int(item))
-    if len(set(widths)) != len(widths):
-        raise UserError(f"--widths: {text!r} repeats a width")
-    return widths
+            raise UserError(f"{flag}: {item!r} is not a positive integer; give comma-separated {flag[2:]} like {example}")
+        sizes.append(int(item))
+    if len(set(sizes)) != len(sizes):
+        raise UserError(f"{flag}: {text!r} repeats a {flag[2:-1]}")
+    return sizes
 
 
 def cmd_coord_check(args) -> int:
-    """Train fresh models of each width a few steps, per parameterization, and draw the panels."""
+    """Train fresh models of each width (or, with --depths, each depth) a few steps, per
+    parameterization, and draw the panels."""
     from pathlib import Path
 
     from fastwidth.config import load_config, resolve
-    from fastwidth.report.coord import plot_coord_check
-    from fastwidth.stats.coord import coord_check, spread
+    from fastwidth.report.coord import plot_coord_check, plot_coord_depth
+    from fastwidth.stats.coord import coord_check, coord_check_depth, spread
     cfg = load_config(args.config, overrides_of(args))
-    widths = parse_widths(args.widths) if args.widths else resolve(cfg).sweep.widths
     kinds = [k.strip() for k in args.kinds.split(",")] if args.kinds else [cfg.param.kind]
-    # every kind and width is checked (choices, head_dim / n_heads divisibility, ...) before any work
-    cfgs = [load_config(args.config, [*overrides_of(args), f"param.kind={k}", f"sweep.widths={widths}",
-                                      "sweep.reference_width=0"]) for k in kinds]
-    results = [coord_check(c, widths, steps=args.steps, seeds=tuple(range(args.seeds))) for c in cfgs]
+    seeds = tuple(range(args.seeds))
+    if args.depths:
+        if args.widths:
+            raise UserError("coord-check: give --widths or --depths, not both (--depths runs at model.width)")
+        depths = parse_sizes(args.depths, "--depths", "2,4,8,16")
+        # every kind and depth is checked before any work
+        cfgs = [[load_config(args.config, [*overrides_of(args), f"param.kind={k}", f"model.depth={d}"]) for d in depths]
+                for k in kinds]
+        results = [coord_check_depth(c[0], depths, steps=args.steps, seeds=seeds) for c in cfgs]
+        axis, plot = "depths", plot_coord_depth
+    else:
+        widths = parse_sizes(args.widths) if args.widths else resolve(cfg).sweep.widths
+        # every kind and width is checked (choices, head_dim / n_heads divisibility, ...) before any work
+        cfgs = [load_config(args.config, [*overrides_of(args), f"param.kind={k}", f"sweep.widths={widths}",
+                                          "sweep.reference_width=0"]) for k in kinds]
+        results = [coord_check(c, widths, steps=args.steps, seeds=seeds) for c in cfgs]
+        axis, plot = "widths", plot_coord_check
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "coord_check.json").write_text(json.dumps(results[0] if len(results) == 1 else results, indent=1))
-    plot_coord_check(results, out / "coord_check.png")
+    plot(results, out / "coord_check.png")
     for res in results:
         for name, layer in res["layers"].items():
-            print(f"{res['kind']:4s} {name:32s} update RMS max/min across widths: {spread(layer['update_rms']):.2f}")
+            print(f"{res['kind']:9s} {name:32s} update RMS max/min across {axis}: {spread(layer['update_rms']):.2f}")
     print(f"wrote {out / 'coord_check.json'} and {out / 'coord_check.png'}")
     return 0
 
@@ -94,7 +107,10 @@ def add_coord_parser(sub) -> None:
     p = sub.add_parser("coord-check", help="per-layer activation change across widths: own-update and input-change parts")
     add_config_args(p, required=False)
     p.add_argument("--widths", default="", help="comma-separated widths (default: sweep.widths)")
-    p.add_argument("--kinds", default="", help="parameterizations side by side, e.g. mup,sp (default: param.kind)")
+    p.add_argument("--depths", default="", help="comma-separated depths, e.g. 2,4,8,16: check across depth at "
+                                                "model.width instead (embedding, blocks.last, final norm, readout)")
+    p.add_argument("--kinds", default="", help="parameterizations side by side, e.g. mup,sp or mup,completep "
+                                               "(default: param.kind)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps (one panel column each)")
     p.add_argument("--seeds", type=int, default=2, help="seeds averaged")
     p.add_argument("-o", "--output", default="coord_check", help="output directory")
@@ -172,7 +188,8 @@ COMMANDS = [
     Command("mup-table", "fastwidth.cli:add_mup_table", "the µP table (JSON rows) of the model a config builds; "
             "--bsh writes a microsoft/mup base-shapes file", "fastwidth mup-table --config demo --set model.width=256"),
     Command("coord-check", "fastwidth.cli:add_coord_parser", "per-layer activation change across widths over the "
-            "first steps, split into own-update and input-change parts; µP against SP",
+            "first steps, split into own-update and input-change parts; µP against SP (--depths: across depth, "
+            "e.g. --depths 2,4,8,16 --kinds mup,completep)",
             "fastwidth coord-check --config demo --widths 32,64,128,256 --kinds mup,sp -o coord"),
     Command("plan", "fastwidth.parallel.plan_cli:add_parser", "per-rank memory for every backend, ZeRO stage and "
             "offload, and the widest GPT that fits", "fastwidth plan --config configs/dist/gpt_16k_8gpu.yaml"),

@@ -44,6 +44,14 @@ def _width_ticks(ax, widths):
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
 
 
+def min_log_span(ax, ratio: float = 4.0) -> None:
+    """Widen a log y axis to at least `ratio` (max/min) around its middle: a flat line looks flat."""
+    lo, hi = ax.get_ylim()
+    if lo > 0 and hi / lo < ratio:
+        mid = (lo * hi) ** 0.5
+        ax.set_ylim(mid / ratio ** 0.5, mid * ratio ** 0.5)
+
+
 def _loglog_axes(ax, widths=(), xlabel="width N"):
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

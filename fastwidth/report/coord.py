@@ -1,12 +1,16 @@
 """Coordinate-check figures: mup-style panels per step, one row per (parameterization, quantity).
 
     plot_coord_check([result_mup, result_sp], "coord_check.png")   # results of stats.coord.coord_check
+    plot_coord_depth([result_mup, result_completep], "coord_check.png")   # of stats.coord.coord_check_depth
     coord_in_loop([run], "coord_in_loop.png")                      # "coord" rows the loop wrote
 
 Each panel: x = width (ticks name the widths), y = RMS, one line per layer. Rows: the whole
 activation change |h_t - h_0|, its own-update part (W_t - W_0)·x_t and its input-change part
 W_0·(x_t - x_0) (Haas et al. 2025). Flat lines are width-stable; under SP the own-update part of
 hidden and output layers grows with width.
+
+Across depth: one column per layer every depth has, rows update RMS (h_T - h_0) and activation
+RMS at init against depth, one line per parameterization. Flat lines are depth-stable.
 """
 from __future__ import annotations
 
@@ -55,6 +59,38 @@ def plot_coord_check(results: list[dict], path: Path) -> Path:
                 _panel(axes[len(ROWS) * i + j][t], res["widths"], series, colors,
                        f"{res['arch']} {res['kind']} {res['optim']}: {label}, step {t + 1}")
     axes[0][-1].legend(fontsize=5, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return _save(fig, path)
+
+
+DEPTH_ROWS = (("update_rms", "update RMS |h_T - h_0|"), ("act_rms", "activation RMS at init"))
+
+
+def plot_coord_depth(results: list[dict], path: Path) -> Path:
+    """Columns: the layers of stats.coord.coord_check_depth's results; rows: DEPTH_ROWS; one line per kind."""
+    import matplotlib.pyplot as plt
+    from fastwidth.report._plotbase import _loglog_axes, _save, min_log_span
+    names = list(dict.fromkeys(n for r in results for n in r["layers"]))
+    fig, axes = plt.subplots(len(DEPTH_ROWS), len(names), figsize=(3.4 * len(names) + 0.6, 2.9 * len(DEPTH_ROWS)),
+                             squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for j, name in enumerate(names):
+        for i, (q, label) in enumerate(DEPTH_ROWS):
+            ax = axes[i][j]
+            for k, res in enumerate(results):
+                ys = res["layers"].get(name, {}).get(q, [])
+                pts = [(d, y) for d, y in zip(res["depths"], ys) if y is not None and y > 0]
+                if pts:
+                    ax.plot(*zip(*pts), "-o", ms=3, color=cmap(k), label=res["kind"])
+            if not ax.lines:   # e.g. the zero-initialized readout's output at init
+                ax.text(0.5, 0.5, "0 at every depth", transform=ax.transAxes, ha="center", fontsize=8)
+            _loglog_axes(ax, [d for r in results for d in r["depths"]], xlabel="depth L")
+            if ax.lines:
+                min_log_span(ax)
+            ax.set_title(f"{name}: {label}", fontsize=8)
+    r0 = results[0]
+    fig.suptitle(f"{r0['arch']} width {r0['width']}, {r0['optim']}, {r0['steps']} steps, base depth {r0['base_depth']}",
+                 fontsize=9)
+    axes[0][-1].legend(fontsize=6)
     return _save(fig, path)
 
 

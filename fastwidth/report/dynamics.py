@@ -14,12 +14,13 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from fastwidth.report.reader import Run
+from fastwidth.report.reader import Run, at_reference_depth
 
 
 def _by_lr(run: Run, kind: str) -> dict:
-    """{base_lr or None: {width: [(step, row)]}} of the first seed, from the rows the report keeps."""
-    rows = [r for r in run.sweep_rows if r.get("kind") == kind]
+    """{base_lr or None: {width: [(step, row)]}} of the first seed, from the rows the report keeps
+    (in a depth sweep, the reference depth's)."""
+    rows = [r for r in at_reference_depth(run, run.sweep_rows) if r.get("kind") == kind]
     seed0 = min((r["seed"] for r in rows), default=0)
     out: dict = defaultdict(lambda: defaultdict(list))
     for r in rows:

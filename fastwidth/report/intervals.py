@@ -24,19 +24,23 @@ TAIL = 0.25          # the report's late window (reader.late_mean)
 N_BOOT = 1000
 
 
-def late_rmse_with_ci(run: Run, key: str = "true_logit_rmse") -> dict[int, tuple[float, list | None]]:
-    """{width: (late mean over seeds of row[key], its interval)} from the live consistency rows."""
-    per: dict[int, dict[int, dict[int, float]]] = {}
-    for r in run.rows("consistency", ref="live"):
+def late_rmse_with_ci(run: Run, key: str = "true_logit_rmse", rows: list[dict] | None = None,
+                      by: tuple[str, ...] = ("width",)) -> dict:
+    """{width: (late mean over seeds of row[key], its interval)} from the live consistency rows;
+    `rows` (default: the run's live consistency rows) and `by` (the keys that name a point, e.g.
+    ("width", "depth") across depth: then keyed by the tuple)."""
+    per: dict = {}
+    for r in run.rows("consistency", ref="live") if rows is None else rows:
         v = r.get(key)
         if isinstance(v, (int, float)) and math.isfinite(v):
-            per.setdefault(r["width"], {}).setdefault(r["seed"], {})[r["tokens"]] = v
+            point = r[by[0]] if len(by) == 1 else tuple(r[k] for k in by)
+            per.setdefault(point, {}).setdefault(r["seed"], {})[r["tokens"]] = v
     out = {}
     for w, by_seed in sorted(per.items()):
         tokens = sorted({t for d in by_seed.values() for t in d})
         tail = [t for t in tokens if t >= (1 - TAIL) * tokens[-1]] or tokens[-1:]
         m = np.array([[d.get(t, math.nan) for t in tail] for _, d in sorted(by_seed.items())])
-        out[w] = tail_mean_ci(m, N_BOOT, seed=w)
+        out[w] = tail_mean_ci(m, N_BOOT, seed=w if isinstance(w, int) else hash(w) % 2**31)
     return out
 
 

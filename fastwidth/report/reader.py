@@ -11,6 +11,9 @@ and `stopped_note` says so), and in a learning-rate sweep (sweep.lrs) keeps one 
 the one with the lowest final loss at the reference width (`chosen_lr`), so seed means never mix
 learning rates; the rows of a refinement pass (`pass: "refine"`, sweep.lr_refine) are left out of
 it (each refined learning rate was trained at one width). Figures of the whole sweep (report/transfer.py) read `sweep_rows`.
+In a depth sweep (sweep.depths) `all_rows` keeps the reference depth's rows and those across width
+(no `"axis": "depth"`), so the width figures read one depth; `depth_rows` holds the same view at
+every depth, which report/depth.py reads.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ class Run:
     chosen_lr: float | None = None
     partial: str | None = None  # one line: what of the run is missing or cut (partial_note)
     probe: str | None = None    # the probe split's hash (probe_identity), where the report asked
+    depth_rows: list[dict] = field(default_factory=list)  # all_rows at every depth (module docstring)
 
     @property
     def diverged(self) -> list[dict]:
@@ -61,6 +65,16 @@ class Run:
     def ref_width(self) -> int:
         sweep = self.config.get("sweep", {})
         return int(sweep.get("reference_width") or max(self.widths or [0]))
+
+    @property
+    def depths(self) -> list[int]:
+        """sweep.depths, sorted; [] outside a depth sweep."""
+        return sorted(int(d) for d in self.config.get("sweep", {}).get("depths") or [])
+
+    @property
+    def ref_depth(self) -> int | None:
+        """The depth the others are compared with (sweep.reference_depth, 0 = the deepest); None outside a depth sweep."""
+        return int(self.config.get("sweep", {}).get("reference_depth") or max(self.depths)) if self.depths else None
 
     @property
     def widths(self) -> list[int]:
@@ -123,7 +137,8 @@ def load_run(path: str | Path) -> Run:
     cfg_file = RunDir(p).config
     config = (yaml.safe_load(cfg_file.read_text()) or {}) if cfg_file.is_file() else {}
     run = Run(p, config, rows, RunDir(p).list_signatures(), sweep_rows=rows)
-    run.all_rows = _view(run)
+    run.depth_rows = _view(run)
+    run.all_rows = at_reference_depth(run, run.depth_rows)
     run.partial = partial_note(run, cut, cfg_file.is_file())
     return run
 
@@ -170,8 +185,19 @@ def partial_note(run: Run, cut_bytes: int = 0, has_config: bool = True) -> str |
 
 
 def member_key(row: dict, lr_sweep: bool) -> tuple:
-    """Which member a row belongs to: (width, seed) and, in a learning-rate sweep, base_lr."""
-    return (row.get("width"), row.get("seed"), row.get("base_lr")) if lr_sweep else (row.get("width"), row.get("seed"))
+    """Which member a row belongs to: (width, seed), in a learning-rate sweep base_lr, and in a
+    depth sweep (rows carrying depth) depth."""
+    key = (row.get("width"), row.get("seed"), row.get("base_lr")) if lr_sweep else (row.get("width"), row.get("seed"))
+    return key + (row["depth"],) if "depth" in row else key
+
+
+def at_reference_depth(run: Run, rows: list[dict]) -> list[dict]:
+    """The rows the width figures read in a depth sweep: the reference depth's, none across depth
+    (`"axis": "depth"`); rows without a depth (run rows) stay. Outside a depth sweep: `rows`."""
+    ref = run.ref_depth
+    if ref is None:
+        return rows
+    return [r for r in rows if r.get("axis") != "depth" and r.get("depth", ref) == ref]
 
 
 def end_loss(rows: list[dict], frac: float = 0.1) -> float:
@@ -198,7 +224,7 @@ def _view(run: Run) -> list[dict]:
         return rows
     ref = run.ref_width
     by_lr = defaultdict(lambda: defaultdict(list))
-    for r in rows:
+    for r in at_reference_depth(run, rows):
         if r.get("width") == ref and r.get("base_lr") is not None and r.get("seed", -1) >= 0:
             by_lr[r["base_lr"]][r["seed"]].append(r)
     ends = {lr: sum(end_loss(v) for v in seeds.values()) / len(seeds) for lr, seeds in by_lr.items()}

@@ -17,7 +17,11 @@ summary.json (one object; its first run's keys at the top level, every run under
                                  "pairs": {layer: CKA}, "n_pairs", "by_step": [...]}},
      "equal_compute": [{"width", "vs_width", "members", "ensemble_loss", "wide_loss", ...}],
      "transfer": {"coarse": {"slope", "ci", "resolution", "below_grid_resolution", "optima", ...},
-                  "refined": {...} or null}}   (runs with sweep.lrs; report/transfer.py)
+                  "refined": {...} or null},   (runs with sweep.lrs; report/transfer.py)
+     "depth": {"reference_depth", "depths", "widths": [{"width", "depths": [{"depth", "true_logit_rmse",
+               "true_logit_rmse_ci", "seed_variance", "seed_variance_ci", "bias", "bias_sq_debiased", ...}],
+               "fit": {"rmse_slope", "rmse_slope_ci", ...}}], "transfer": [{"width", "optima", "slope", "ci", ...}]}}
+               (runs with sweep.depths; report/depth.py, η* against depth with sweep.lrs)
 fits.ntk (when the run stored eNTKs) is the seed-averaged eNTK per width and the principal angles
 with the reference width's top eigenspace (report/ntk.py, stats/ntk_across.py); both it and
 fits.cka_same_width (report/same_width.py) carry the reference width against its own other seeds,
@@ -32,13 +36,14 @@ import math
 from pathlib import Path
 
 from fastwidth.report.data_orders import data_order_json, data_order_lines
+from fastwidth.report.depth import depth_lines, depth_numbers
 from fastwidth.report.intervals import width_intervals
 from fastwidth.report.ntk import ntk_across_run, ntk_lines
 from fastwidth.report.preact import preact_lines
 from fastwidth.report.reader import Run, late_mean
 from fastwidth.report.same_width import cka_lines, cka_same_width_run
 from fastwidth.report.slopes import one_over_n, slope_lines
-from fastwidth.report.transfer import transfer_lines, transfer_summary
+from fastwidth.report.transfer import depth_fits, transfer_depth_lines, transfer_lines, transfer_summary
 from fastwidth.run.metrics import json_safe
 from fastwidth.stats.metrics import fit_power_law
 
@@ -147,7 +152,14 @@ def run_numbers(run: Run) -> dict:
         "lr_sharpness": _final(run, "sharpness", "lr_sharpness"),
         "loss_spread": spread, "loss_spread_rel": rel, **_compute_numbers(run),
         "transfer": transfer_summary(run),
+        "depth": depth_numbers(run), "transfer_depth": [_depth_fit_json(f) for f in depth_fits(run)],
     }
+
+
+def _depth_fit_json(fit: dict) -> dict:
+    keys = ("width", "tokens", "source", "lrs", "optima", "edge", "slope", "ci", "resolution", "below_grid_resolution",
+            "local", "seeds", "examples", "resampled")
+    return {k: fit[k] for k in keys}
 
 
 def _compute_numbers(run: Run) -> dict:
@@ -261,7 +273,8 @@ def write_summary(runs: list[Run], figures: dict[str, Path | None], out: Path, n
     lines += ["", "Fits at the final evaluation, with 95% bootstrap intervals over seeds (none with fewer "
               "than 3 seeds per width):", ""] + _fits_table(numbers)
     lines += ["", FITS_TEXT, ""]
-    lines += transfer_lines(runs) + slope_lines(runs) + data_order_lines(runs)
+    lines += transfer_lines(runs) + transfer_depth_lines(runs) + slope_lines(runs) + data_order_lines(runs)
+    lines += depth_lines(runs)
     for run, n in zip(runs, numbers):
         lines += [f"## {n['label']}", "", f"commit {n['commit'] or 'unknown'}", ""]
         if n.get("mfu") is not None:
@@ -311,6 +324,8 @@ def _json_run(n: dict) -> dict:
     out = {"run": run, "widths": widths, "fits": fits, "equal_compute": n["equal_compute"]}
     if n["transfer"]:  # sweep.lrs: the drift on the coarse and (sweep.lr_refine) the refined grid
         out["transfer"] = n["transfer"]
+    if n["depth"]:  # sweep.depths: per width, per depth against the reference depth, and the fits
+        out["depth"] = {**n["depth"], "transfer": n["transfer_depth"]}
     return out
 
 

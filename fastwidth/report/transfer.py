@@ -58,9 +58,13 @@ def refined(run: Run) -> bool:
     return any(r.get("pass") == REFINE for r in run.sweep_rows)
 
 
-def _rows(run: Run, grid: str = "union") -> list[dict]:
-    """The sweep's rows read on `grid`: "union" every row, "coarse" those of the first pass."""
-    return run.sweep_rows if grid == "union" else [r for r in run.sweep_rows if r.get("pass") != REFINE]
+def _rows(run: Run, grid: str = "union", at: dict | None = None) -> list[dict]:
+    """The sweep's rows read on `grid` ("union" every row, "coarse" those of the first pass) that
+    match `at` ({key: value}; a row without the key matches); default: in a depth sweep the
+    reference depth, so the drift across width reads one depth."""
+    at = at if at is not None else ({"depth": run.ref_depth} if run.ref_depth is not None else {})
+    rows = run.sweep_rows if grid == "union" else [r for r in run.sweep_rows if r.get("pass") != REFINE]
+    return [r for r in rows if all(r.get(k, v) == v for k, v in at.items())]
 
 
 def _evals(run: Run) -> dict[int, int]:
@@ -69,39 +73,43 @@ def _evals(run: Run) -> dict[int, int]:
             if r.get("kind") == "eval" and r.get("base_lr") is not None and r["step"] > 0}
 
 
-def lr_curves(run: Run, tokens: int, grid: str = "union") -> dict[int, dict[float, dict[int, float]]]:
-    """{width: {lr: {seed: training-window loss at `tokens`}}}; a member stopped by then has inf."""
+def lr_curves(run: Run, tokens: int, grid: str = "union", axis: str = "width",
+              at: dict | None = None) -> dict[int, dict[float, dict[int, float]]]:
+    """{width: {lr: {seed: training-window loss at `tokens`}}}; a member stopped by then has inf.
+    axis="depth" (with at={"width": w}): keyed by depth, the members of width w."""
     window = WINDOW * max_tokens(run)
     acc: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    for r in _rows(run, grid):
+    for r in _rows(run, grid, at):
         if r.get("kind") == "train" and r.get("base_lr") is not None and isinstance(r.get("loss"), (int, float)):
             if tokens - window < r["tokens"] <= tokens:
-                acc[r["width"]][r["base_lr"]][r["seed"]].append(r["loss"])
+                acc[r[axis]][r["base_lr"]][r["seed"]].append(r["loss"])
     out = {w: {lr: {s: sum(v) / len(v) for s, v in seeds.items()} for lr, seeds in by_lr.items()}
            for w, by_lr in acc.items()}
-    _mark_diverged(run, out, tokens, grid)
+    _mark_diverged(run, out, tokens, grid, axis, at)
     return {w: dict(sorted(d.items())) for w, d in sorted(out.items())}
 
 
-def _mark_diverged(run: Run, out: dict, tokens: int, grid: str) -> None:
-    for r in _rows(run, grid):
+def _mark_diverged(run: Run, out: dict, tokens: int, grid: str, axis: str = "width", at: dict | None = None) -> None:
+    for r in _rows(run, grid, at):
         if r.get("kind") == "diverged" and r["tokens"] <= tokens:  # stopped by then: no loss at this budget or later
-            out.setdefault(r["width"], {}).setdefault(r["base_lr"], {})[r["seed"]] = math.inf
+            out.setdefault(r[axis], {}).setdefault(r["base_lr"], {})[r["seed"]] = math.inf
 
 
-def heldout_curves(run: Run, tokens: int, grid: str = "union") -> dict[int, dict[float, dict[int, np.ndarray]]]:
+def heldout_curves(run: Run, tokens: int, grid: str = "union", axis: str = "width",
+                   at: dict | None = None) -> dict[int, dict[float, dict[int, np.ndarray]]]:
     """{width: {lr: {seed: per-example probe losses (P,)}}} at the evaluation at `tokens`; inf arrays
-    for members stopped by then. A member without a stored signature keeps its probe_loss (P = 1)."""
+    for members stopped by then. A member without a stored signature keeps its probe_loss (P = 1).
+    axis="depth" (with at={"width": w}): keyed by depth, the members of width w."""
     step = _evals(run).get(tokens)
     out: dict = defaultdict(lambda: defaultdict(dict))
-    for r in _rows(run, grid):
+    for r in _rows(run, grid, at):
         if r.get("kind") == "eval" and r.get("step") == step and r.get("base_lr") is not None:
-            sig = run.signature(MemberSpec(r["width"], r["base_lr"], r["seed"]).name, step)
+            sig = run.signature(MemberSpec(r["width"], r["base_lr"], r["seed"], r.get("depth")).name, step)
             loss = sig[0].get("loss") if sig else None
             v = np.asarray(loss, dtype=np.float64) if loss is not None else np.array([r.get("probe_loss", math.nan)], float)
-            out[r["width"]][r["base_lr"]][r["seed"]] = v
+            out[r[axis]][r["base_lr"]][r["seed"]] = v
     flat: dict = {w: {lr: dict(s) for lr, s in d.items()} for w, d in out.items()}
-    _mark_diverged(run, flat, tokens, grid)
+    _mark_diverged(run, flat, tokens, grid, axis, at)
     return {w: dict(sorted(d.items())) for w, d in sorted(flat.items())}
 
 
@@ -389,3 +397,93 @@ def transfer_lines(runs: list[Run]) -> list[str]:
                                           for x in subs) + " |")
             lines += [""]
     return lines
+
+
+# ------------------------------------------------------------------------------ across depth
+
+def drift_depth(run: Run, width: int, n_boot: int = N_BOOT, seed: int = 0) -> dict:
+    """η* against depth at `width` at the end of a depth sweep with sweep.lrs: transfer_fit with
+    axis="depth" on the held-out probe losses (else the training window), with "width", "tokens",
+    "source" and "lrs". Cached on the run."""
+    cache = run.__dict__.setdefault("_drift_depth_cache", {})
+    key = (width, n_boot, seed)
+    if key not in cache:
+        at = {"width": width}
+        if heldout(run):
+            t = max(_evals(run))
+            curves, source = heldout_curves(run, t, axis="depth", at=at), "held-out probe"
+        else:
+            t = budgets(run)[-1]
+            curves, source = lr_curves(run, t, axis="depth", at=at), "training window"
+        depths, lrs, losses = _array(curves)
+        fit = transfer_fit(lrs, depths, losses, n_boot=n_boot, seed=seed, axis="depth")
+        cache[key] = {**fit, "width": width, "tokens": t, "source": source, "lrs": lrs}
+    return cache[key]
+
+
+def depth_fits(run: Run) -> list[dict]:
+    """drift_depth at every width of a depth sweep with sweep.lrs; [] otherwise."""
+    if len(run.depths) < 2 or not (run.lrs and budgets(run)):
+        return []
+    return [drift_depth(run, w) for w in run.widths]
+
+
+def draw_transfer_depth(fits: list[tuple[str, dict]], path: Path) -> Path | None:
+    """η* against depth, one line per (label, fit of transfer_fit(axis="depth")): the optima (red
+    ring: at the grid's edge), the least-squares line of log η* on log depth, its slope with the 95%
+    interval and the grid's resolution in the legend."""
+    import matplotlib.pyplot as plt
+    from fastwidth.report._plotbase import _loglog_axes, _save, min_log_span
+    fits = [(label, f) for label, f in fits if any(math.isfinite(v) for v in f["optima"].values())]
+    if not fits:
+        return None
+    fig, ax = plt.subplots(figsize=(5.6, 4.0))
+    cmap = plt.get_cmap("tab10")
+    for i, (label, fit) in enumerate(fits):
+        pts = sorted((d, lr) for d, lr in fit["optima"].items() if math.isfinite(lr))
+        ds, lrs = zip(*pts)
+        ax.plot(ds, lrs, "o", color=cmap(i), ms=6)
+        edge = [(d, lr) for d, lr in pts if fit["edge"].get(d)]
+        if edge:
+            ax.plot(*zip(*edge), "o", mfc="none", mec="red", ms=10)
+        if len(pts) >= 2 and math.isfinite(fit["slope"]):
+            b = np.polyfit(np.log(ds), np.log(lrs), 1)
+            xs = np.array([min(ds), max(ds)], float)
+            ax.plot(xs, np.exp(b[1]) * xs ** b[0], "-", color=cmap(i),
+                    label=f"{label}: {fmt_ci(fit['slope'], fit['ci'])} ({_resolution_note(fit)})")
+    _loglog_axes(ax, [d for _, f in fits for d in f["optima"]], xlabel="depth L")
+    min_log_span(ax)
+    ax.set_ylabel("optimal η*")
+    ax.set_title("µTransfer across depth: slope of log η* on log L [95% bootstrap]\n(red ring: at the grid's edge)",
+                 fontsize=8)
+    ax.legend(fontsize=6)
+    return _save(fig, path)
+
+
+def transfer_depth(runs: list[Run], path: Path) -> Path | None:
+    """The report's figure: draw_transfer_depth of every depth sweep with sweep.lrs, per width."""
+    return draw_transfer_depth([(f"{sweep_label(run)} N={f['width']}", f) for run in runs for f in depth_fits(run)], path)
+
+
+def depth_transfer_rows(fits: list[tuple[str, dict]]) -> list[str]:
+    """Markdown table rows: label | η* per depth | slope [95%] | resolution, below it? | local slopes."""
+    rows = []
+    for label, fit in fits:
+        optima = ", ".join(f"{d}: {lr:.3g}{'*' if fit['edge'][d] else ''}" for d, lr in fit["optima"].items())
+        local = ", ".join(f"{a}→{b}: {fmt_ci(x['slope'], x['ci'])}" for x in fit["local"] for a, b in [x["depths"]])
+        rows.append(f"| {label} | {optima} | {fmt_ci(fit['slope'], fit['ci'])} | {_resolution_note(fit)} | {local} |")
+    return rows
+
+
+DEPTH_TABLE_HEAD = ["| run | η* per depth (* = at the grid's edge) | slope of log η* on log depth [95% bootstrap] "
+                    "| grid resolution | local slopes |", "|---|---|---|---|---|"]
+
+
+def transfer_depth_lines(runs: list[Run]) -> list[str]:
+    """summary.md: η* against depth per width of each depth sweep with sweep.lrs."""
+    fits = [(f"{sweep_label(run)} N={f['width']}", f) for run in runs for f in depth_fits(run)]
+    if not fits:
+        return []
+    return ["## Learning-rate transfer across depth", "", *DEPTH_TABLE_HEAD, *depth_transfer_rows(fits), "",
+            f"Held out where the runs evaluated ({fits[0][1]['source']}); intervals resample "
+            f"{fits[0][1]['resampled']}; resolution as across width, with log(L_max/L_min).", ""]

@@ -15,6 +15,13 @@ RMS over the batch and the layer's output coordinates.
 
     result = coord_check(cfg, [64, 128, 256], steps=3)     # trains fresh models, returns numbers
     tracker = CoordTracker(model, x); tracker.measure()    # the same numbers in the training loop
+    result = coord_check_depth(cfg, [2, 4, 8, 16], steps=4)  # across depth at the config's width
+
+Across depth (DESIGN §5; CompleteP, Dey et al. 2025, Fig. 1): at one width, per layer every depth
+has (the embedding, `blocks.last` = the residual stream at the last block's output, the final norm,
+the readout), the RMS of its output at init and of its change h_T - h_0 on batch 0. Under a depth
+parameterization (branch outputs × m_L^-α) the residual stream's change stays O(1) in depth; under
+mup it grows with depth.
 """
 from __future__ import annotations
 
@@ -22,23 +29,41 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from fastwidth.config import Config, resolve
-from fastwidth.models import build_model
+from fastwidth.config import Config, for_width, resolve
+from fastwidth.errors import UserError
+from fastwidth.models import build_meta, build_model
 from fastwidth.param.optim import build_optimizer, set_lr
 
 LAYER_TYPES = ("MuLinear", "MuReadout", "MuEmbedding", "MuConv2d")
 QUANTITIES = ("act_rms", "delta_rms", "own_rms", "input_rms")
+DEPTH_QUANTITIES = ("act_rms", "delta_rms")
+LAST_BLOCK = "blocks.last"
 
 
 def coord_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: mod for name, mod in model.named_modules() if type(mod).__name__ in LAYER_TYPES}
 
 
+def depth_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers present at every depth, in forward order: the model's top-level modules with
+    parameters, its stack of residual blocks (named by branch_prefixes) replaced by the last block
+    as "blocks.last". A model without residual blocks has no depth to check: one-line UserError."""
+    prefixes = model.branch_prefixes() if hasattr(model, "branch_prefixes") else ()
+    if not prefixes:
+        raise UserError(f"coord-check --depths: a {type(model).__name__} has no residual blocks to scale with "
+                        "depth; use model.arch=gpt")
+    stack = model.get_submodule(prefixes[0].rstrip("."))
+    return {LAST_BLOCK if mod is stack else name: stack[-1] if mod is stack else mod
+            for name, mod in model.named_children() if any(True for _ in mod.parameters())}
+
+
 @torch.no_grad()
-def capture(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{layer: (its input, its output)} for one forward of `model` on x (eval mode)."""
+def capture(model: nn.Module, x: torch.Tensor,
+            layers: dict[str, nn.Module] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer: (its input, its output)} for one forward of `model` on x (eval mode); `layers`:
+    the modules to hook (default: coord_layers(model))."""
     out, handles = {}, []
-    for name, mod in coord_layers(model).items():
+    for name, mod in (coord_layers(model) if layers is None else layers).items():
         handles.append(mod.register_forward_hook(
             lambda _m, i, o, n=name: out.__setitem__(n, (i[0].detach(), o.detach().float()))))
     was = model.training
@@ -83,22 +108,58 @@ class CoordTracker:
         return out
 
 
-def _train_one(cfg: Config, io, stream, width: int, seed: int, steps: int) -> tuple[dict, list[dict]]:
-    from fastwidth.config import for_width
-    wcfg = for_width(cfg, width)
-    model, table = build_model(wcfg, io, seed=seed)
-    opt = build_optimizer(model, table, wcfg)
-    tracker = CoordTracker(model, stream.batch(0)["x"])
-    init = {n: _rms(h) for n, (_, h) in tracker.cap0.items()}
+class OutputTracker:
+    """The outputs of `layers` on a fixed batch x at init; `measure` gives each one's RMS now and
+    the RMS of its change since init (no own/input split: a block's forward is not one affine map)."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module]):
+        self.model, self.x, self.layers = model, x, layers
+        self.cap0 = capture(model, x, layers)
+
+    def measure(self) -> dict[str, dict[str, float]]:
+        cap = capture(self.model, self.x, self.layers)
+        return {n: {"act_rms": _rms(h), "delta_rms": _rms(h - self.cap0[n][1])} for n, (_, h) in cap.items()}
+
+
+def _train_one(mcfg: Config, io, stream, seed: int, steps: int, tracker=CoordTracker) -> tuple[dict, list[dict]]:
+    """Build the member `mcfg` describes, train it `steps` steps on the stream; (RMS of each layer's
+    output at init, [tracker.measure() after each step]) on batch 0. `tracker(model, x)`."""
+    model, table = build_model(mcfg, io, seed=seed)
+    opt = build_optimizer(model, table, mcfg)
+    track = tracker(model, stream.batch(0)["x"])
+    init = {n: _rms(h) for n, (_, h) in track.cap0.items()}
     by_step = []
     for t in range(steps):
         b = stream.batch(t)
-        set_lr(opt, wcfg.optim, t, wcfg.train.steps)
+        set_lr(opt, mcfg.optim, t, mcfg.train.steps)
         model.loss(b["x"], b["y"]).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        by_step.append(tracker.measure())
+        by_step.append(track.measure())
     return init, by_step
+
+
+def _layers(per_size: list[list[tuple[dict, list[dict]]]], steps: int, quantities: tuple[str, ...]) -> dict:
+    """{layer: {act_rms, update_rms, update_rms_by_step, by_step}} listed per size (width or depth),
+    each the mean over the seeds' runs `per_size[i]`; a layer some size lacks is left out."""
+    n, layers = len(per_size), {}
+    for i, runs in enumerate(per_size):
+        for name in runs[0][0]:
+            layer = layers.setdefault(name, {"act_rms": [None] * n, "update_rms": [None] * n,
+                                             "update_rms_by_step": [None] * n,
+                                             "by_step": {q: [None] * n for q in quantities}})
+            layer["act_rms"][i] = sum(init[name] for init, _ in runs) / len(runs)
+            for q in quantities:
+                layer["by_step"][q][i] = [sum(by[t][name][q] for _, by in runs) / len(runs) for t in range(steps)]
+            layer["update_rms_by_step"][i] = layer["by_step"]["delta_rms"][i]
+            layer["update_rms"][i] = layer["update_rms_by_step"][i][-1]
+    return {name: layer for name, layer in layers.items() if None not in layer["act_rms"]}
+
+
+def _stream_io(cfg: Config, stream):
+    from fastwidth.data import build_stream, data_io
+    stream = stream or build_stream(cfg.data)
+    return stream, data_io(stream, cfg)
 
 
 def coord_check(cfg: Config, widths: list[int], steps: int = 3, seeds: tuple[int, ...] = (0,),
@@ -111,25 +172,36 @@ def coord_check(cfg: Config, widths: list[int], steps: int = 3, seeds: tuple[int
     "update_rms": [per width, RMS of h_T - h_0], "update_rms_by_step": [[per step] per width],
     "by_step": {q: [[per step] per width] for q in act_rms, delta_rms, own_rms, input_rms}}}}.
     """
-    from fastwidth.data import build_stream, data_io
-
     cfg = resolve(cfg)
-    stream = stream or build_stream(cfg.data)
-    io = data_io(stream, cfg)
-    result: dict = {"widths": list(widths), "steps": steps, "kind": cfg.param.kind, "optim": cfg.optim.name,
-                    "arch": cfg.model.arch, "layers": {}}
-    for wi, w in enumerate(widths):
-        runs = [_train_one(cfg, io, stream, w, s, steps) for s in seeds]
-        for n in runs[0][0]:
-            layer = result["layers"].setdefault(n, {"act_rms": [None] * len(widths), "update_rms": [None] * len(widths),
-                                                    "update_rms_by_step": [None] * len(widths),
-                                                    "by_step": {q: [None] * len(widths) for q in QUANTITIES}})
-            layer["act_rms"][wi] = sum(init[n] for init, _ in runs) / len(runs)
-            for q in QUANTITIES:
-                layer["by_step"][q][wi] = [sum(by[t][n][q] for _, by in runs) / len(runs) for t in range(steps)]
-            layer["update_rms_by_step"][wi] = layer["by_step"]["delta_rms"][wi]
-            layer["update_rms"][wi] = layer["update_rms_by_step"][wi][-1]
-    return result
+    stream, io = _stream_io(cfg, stream)
+    per_width = [[_train_one(for_width(cfg, w), io, stream, s, steps) for s in seeds] for w in widths]
+    return {"widths": list(widths), "steps": steps, "kind": cfg.param.kind, "optim": cfg.optim.name,
+            "arch": cfg.model.arch, "layers": _layers(per_width, steps, QUANTITIES)}
+
+
+def coord_check_depth(cfg: Config, depths: list[int], steps: int = 3, seeds: tuple[int, ...] = (0,),
+                      stream=None) -> dict:
+    """Train each depth `steps` steps at the config's width on its stream; measure on batch 0 the
+    layers every depth has (depth_layers: embedding, blocks.last, final norm, readout).
+
+    Inputs: cfg (model.depth is replaced by each depth; param.base_depth as configured), depths,
+    steps, seeds (averaged over), stream (built from cfg.data if None).
+    Outputs: {"depths", "width", "base_depth", "steps", "kind", "optim", "arch", "layers": {layer:
+    {"act_rms": [per depth, at init], "update_rms": [per depth, RMS of h_T - h_0],
+    "update_rms_by_step": [[per step] per depth], "by_step": {act_rms, delta_rms: [[per step] per depth]}}}}.
+    """
+    import dataclasses
+    cfg = resolve(cfg)
+    stream, io = _stream_io(cfg, stream)
+    at = [dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, depth=d)) for d in depths]
+    depth_layers(build_meta(at[0], io))   # refuses a model without blocks, before any work
+
+    def tracker(model, x):
+        return OutputTracker(model, x, depth_layers(model))
+    per_depth = [[_train_one(c, io, stream, s, steps, tracker) for s in seeds] for c in at]
+    return {"depths": list(depths), "width": cfg.model.width, "base_depth": cfg.param.base_depth, "steps": steps,
+            "kind": cfg.param.kind, "optim": cfg.optim.name, "arch": cfg.model.arch,
+            "layers": _layers(per_depth, steps, DEPTH_QUANTITIES)}
 
 
 def spread(values: list[float]) -> float:

@@ -1,7 +1,10 @@
-"""The optimal learning rate across widths, its drift, and a bootstrap over seeds and evaluation examples.
+"""The optimal learning rate across widths (or depths), its drift, and a bootstrap over seeds and evaluation examples.
 
     fit = transfer_fit(lrs, widths, losses, ranges={"64-1024": [...], "128-1024": [...]})
     fit["slope"], fit["ci"], fit["ranges"]["128-1024"], fit["local"]   # drift, its interval, sub-ranges
+
+Depth in the width's place (µTransfer across depth): `transfer_fit(lrs, depths, losses, axis="depth")`
+reads the same numbers against log depth, its rows naming the depths under "depths".
 
 `losses` has shape (W, R, S, P): width × learning rate × seed × evaluation example, the loss of
 each member on each example of one held-out evaluation shared by all members (P = 1 for a single
@@ -192,19 +195,22 @@ def _local(widths, eta: np.ndarray) -> np.ndarray:
         return np.diff(np.log(eta), axis=-1) / np.diff(np.log(np.asarray(widths, dtype=np.float64)))
 
 
-def transfer_fit(lrs, widths, losses, ranges: dict[str, list[int]] | None = None, n_boot: int = 400,
-                 seed: int = 0, level: float = CI_LEVEL) -> dict:
-    """Optima, drift with its interval over all widths and each named range, and local slopes."""
-    lrs, widths = [float(v) for v in lrs], [int(w) for w in widths]
+def transfer_fit(lrs, sizes, losses, ranges: dict[str, list[int]] | None = None, n_boot: int = 400,
+                 seed: int = 0, level: float = CI_LEVEL, axis: str = "width") -> dict:
+    """Optima, drift with its interval over all sizes and each named range, and local slopes.
+
+    `sizes` are the widths (axis="width", the default) or the depths (axis="depth": η* against depth,
+    losses of shape (D, R, S, P)); the rows of "local" and "ranges" name them under f"{axis}s"."""
+    lrs, sizes = [float(v) for v in lrs], [int(w) for w in sizes]
     L = np.asarray(losses, dtype=np.float64)
     W, R, S, P = L.shape
-    if (W, R) != (len(widths), len(lrs)):
-        raise ValueError(f"losses of shape {L.shape} for {len(widths)} widths and {len(lrs)} learning rates")
-    ranges = {"all": widths, **(ranges or {})}
-    cols = {k: np.array([w in set(v) for w in widths]) for k, v in ranges.items()}
+    if (W, R) != (len(sizes), len(lrs)):
+        raise ValueError(f"losses of shape {L.shape} for {len(sizes)} {axis}s and {len(lrs)} learning rates")
+    ranges = {"all": sizes, **(ranges or {})}
+    cols = {k: np.array([w in set(v) for w in sizes]) for k, v in ranges.items()}
 
     def fits(eta: np.ndarray) -> dict:
-        return {k: masked_slopes(np.array(widths)[m], eta[:, m]) for k, m in cols.items()}
+        return {k: masked_slopes(np.array(sizes)[m], eta[:, m]) for k, m in cols.items()}
 
     point = _seed_means(_member_losses(L, np.full((1, P), 1.0 / P)), np.ones((1, W, S), dtype=np.int64))
     eta, edge = optima(lrs, point)                                    # (1, W)
@@ -216,26 +222,26 @@ def transfer_fit(lrs, widths, losses, ranges: dict[str, list[int]] | None = None
         ex = np.full((n_boot, P), 1.0 / P)
     boot_eta = optima(lrs, _seed_means(_member_losses(L, ex), seed_counts))[0] if n_boot else np.zeros((0, W))
     p_fit, b_fit = fits(eta), fits(boot_eta)
-    p_loc, b_loc = _local(widths, eta)[0], _local(widths, boot_eta)
+    p_loc, b_loc = _local(sizes, eta)[0], _local(sizes, boot_eta)
     steps = local_steps(lrs, point[0])
-    out_ranges = {k: _range_row(np.array(widths)[cols[k]], float(p_fit[k][0]), _pct(b_fit[k], level) if n_boot else None,
-                                steps[cols[k]]) for k in ranges}
+    out_ranges = {k: _range_row(np.array(sizes)[cols[k]], float(p_fit[k][0]), _pct(b_fit[k], level) if n_boot else None,
+                                steps[cols[k]], axis) for k in ranges}
     top = out_ranges["all"]
-    return {"optima": dict(zip(widths, eta[0].tolist())), "edge": dict(zip(widths, edge[0].tolist())),
+    return {"axis": axis, "optima": dict(zip(sizes, eta[0].tolist())), "edge": dict(zip(sizes, edge[0].tolist())),
             "slope": top["slope"], "ci": top["ci"], "resolution": top["resolution"],
             "below_grid_resolution": top["below_grid_resolution"], "ranges": out_ranges,
-            "grid_step": dict(zip(widths, np.exp(steps).tolist())),
-            "local": [{"widths": [a, b], "slope": float(p_loc[j]),
+            "grid_step": dict(zip(sizes, np.exp(steps).tolist())),
+            "local": [{f"{axis}s": [a, b], "slope": float(p_loc[j]),
                        "ci": _pct(b_loc[:, j], level) if n_boot else None}
-                      for j, (a, b) in enumerate(zip(widths, widths[1:]))],
+                      for j, (a, b) in enumerate(zip(sizes, sizes[1:]))],
             "n_boot": n_boot, "seeds": S, "examples": P,
             "resampled": "seeds x examples" if P > 1 else "seeds"}
 
 
-def _range_row(widths: np.ndarray, slope: float, ci: list | None, steps: np.ndarray) -> dict:
-    res = grid_resolution(widths, steps)
+def _range_row(sizes: np.ndarray, slope: float, ci: list | None, steps: np.ndarray, axis: str = "width") -> dict:
+    res = grid_resolution(sizes, steps)
     below = bool(abs(slope) < res) if math.isfinite(slope) and math.isfinite(res) else None
-    return {"widths": [int(w) for w in widths], "slope": slope, "ci": ci, "resolution": res, "below_grid_resolution": below}
+    return {f"{axis}s": [int(w) for w in sizes], "slope": slope, "ci": ci, "resolution": res, "below_grid_resolution": below}
 
 
 def range_label(widths: list[int]) -> str:
