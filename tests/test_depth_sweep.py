@@ -57,16 +57,25 @@ def test_init_seed_has_the_depth_only_in_a_depth_sweep():
     assert torch.equal(draw_init(info, 0, 64, (3, 67), depth=2), two[3:67])                # shards still agree
 
 
-def test_the_planner_counts_each_member_at_its_depth():
-    from fastwidth.parallel.plan import Choice, plan_sweep, sweep_flops
-    from fastwidth.trainer.flops import flops_per_token
-    from fastwidth.parallel.plan import _io
-    sets = ["model.arch=gpt", "model.width=64", "sweep.widths=[64]", "sweep.seeds=[0]", "data.source=stdlib", "train.steps=10"]
-    one = resolve(load_config(None, [*sets, "model.depth=2"]))
-    both = resolve(load_config(None, [*sets, "sweep.depths=[2,8]"]))
-    deep = resolve(load_config(None, [*sets, "model.depth=8"]))
-    p1, p2, p8 = (plan_sweep(c, 1, Choice("none")) for c in (one, both, deep))
+def planner_configs():
+    sets = ["model.arch=gpt", "model.width=16", "model.head_dim=8", "sweep.widths=[16]", "sweep.seeds=[0]",
+            "data.source=stdlib", "data.seq_len=8", "train.steps=10"]
+    return [resolve(load_config(None, [*sets, *extra])) for extra in (["model.depth=2"], ["sweep.depths=[2,8]"],
+                                                                       ["model.depth=8"])]
+
+
+def test_the_planner_plans_each_member_at_its_depth():
+    from fastwidth.parallel.plan import Choice, plan_sweep
+    p1, p2, p8 = (plan_sweep(c, 1, Choice("none")) for c in planner_configs())
     assert p2["members"] == 2 and p2["params"] == pytest.approx(p1["params"] + p8["params"])
+    assert p2["optimizer"] == pytest.approx(p1["optimizer"] + p8["optimizer"])
+
+
+@pytest.mark.slow  # flops_per_token's meta-device forward: ~1.5 s a model on 2 loaded cores
+def test_the_planner_counts_each_members_flops_at_its_depth():
+    from fastwidth.parallel.plan import _io, sweep_flops
+    from fastwidth.trainer.flops import flops_per_token
+    one, both, deep = planner_configs()
     targets = one.data.batch_size * one.data.seq_len * 10
     assert sweep_flops(both) == pytest.approx(targets * sum(flops_per_token(c, _io(c)) for c in (one, deep)))
 
@@ -111,3 +120,24 @@ def test_depth_sweep_members_equal_the_same_members_trained_alone(tmp_path):
     across = [r for r in rows if r["kind"] == "consistency" and r["axis"] == "depth"]
     assert {(r["width"], r["depth"], r["seed"]) for r in across} == {(w, 1, s) for w in (16, 32) for s in (0, 1)}
     assert all(r["cka_ref_layer"] == {"block0": "block1"} for r in across)
+
+
+@pytest.mark.slow
+def test_a_resumed_depth_sweep_is_bit_equal(tmp_path):
+    """Checkpoints find depth members by name; a sequential sweep's resume cuts each member's rows
+    at its own step (run/metrics.truncate_after keys them by depth)."""
+    import json
+    from test_preempt import final_weights, rows_without_wall_time
+    from fastwidth.trainer.loop import run
+    common = [*DEPTH_SWEEP, "sweep.widths=[16]", "stats.every=2", "stats.sharpness_iters=0", "stats.ntk_points=0",
+              "sweep.stack=false", "sweep.mode=sequential"]
+    straight = run(cfg_of(tmp_path, TINY_GPT, *common, "train.steps=4", out="straight"))
+    run(cfg_of(tmp_path, TINY_GPT, *common, "train.steps=2", out="resumed"))
+    resumed = run(cfg_of(tmp_path, TINY_GPT, *common, "train.steps=4", "train.resume=true", out="resumed"))
+    a, b = final_weights(straight), final_weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[f][k], b[f][k]) for f in a for k in a[f])
+    # sequential: the resumed run writes the first member's steps 3-4 after the others' 1-2, so
+    # the rows are the same set in another order
+    def rows(d):
+        return sorted(json.dumps(r, sort_keys=True) for r in rows_without_wall_time(d))
+    assert rows(straight) == rows(resumed)
