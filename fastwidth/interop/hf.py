@@ -5,6 +5,8 @@ rotary embeddings on the two halves of each head (rotate_half), untied readout. 
 keeps outside the weights is folded into them:
     - every layer's forward multiplier (µP: the readout's output_mult / m; 1 for the others) ×
       its weight (biases are not multiplied, as in MuLinear);
+    - the depth kinds' residual branch multiplier m_L^-α (MuLinear.branch of attn.o and mlp.proj)
+      × o_proj's and down_proj's weights and biases (it scales a branch's whole output);
     - the attention scale: fastwidth uses attn_mult / head_dim, Llama 1/√head_dim, so the query
       weight (and bias) carry the ratio √head_dim · scale (RoPE is linear, so scaling q before
       it is the same as scaling the logits).
@@ -44,6 +46,7 @@ def llama_config_kwargs(cfg, vocab_size: int) -> dict:
 def llama_state_dict(model) -> dict[str, torch.Tensor]:
     """The Llama state dict of a fastwidth GPT module, multipliers and attention scale folded in."""
     def lin(mod, prefix: str, factor: float = 1.0) -> dict:
+        factor = factor * mod.branch  # o_proj, down_proj under the depth kinds: m_L^-α, bias included
         out = {f"{prefix}.weight": mod.weight.detach().float() * (mod.mult * factor)}
         if mod.bias is not None:
             out[f"{prefix}.bias"] = mod.bias.detach().float() * factor

@@ -54,13 +54,16 @@ class Block(nn.Module):
         self.attn = Attention(width, n_heads, scale, bias=cfg_model.bias, device=device)
         self.norm2 = Norm(width, cfg_model.norm, device=device)
         self.mlp = FeedForward(width, cfg_model.mlp_ratio * width, act, cfg_model.bias, device=device)
+        # each branch ends in one linear layer (attn.o, mlp.proj): m_L^-α rides on its GEMM's alpha
+        # and its bias (MuLinear.branch), on every kernel path, instead of a pass over (B, T, N)
+        self.attn.o.branch = self.mlp.proj.branch = branch
 
     def forward(self, x, cos, sin):
-        # x + attn(...) and norm2 of it in one kernel (the same sum, rounded the same way)
+        # x + attn(...) and norm2 of it in one kernel (the same sum, rounded the same way); both
+        # branch outputs already carry × self.branch (attn.o and mlp.proj apply it)
         a = self.attn(self.norm1(x), cos, sin)
-        y, x = self.norm2.with_residual(a if self.branch == 1.0 else a * self.branch, x)
-        f = self.mlp(y)
-        return x + (f if self.branch == 1.0 else f * self.branch)
+        y, x = self.norm2.with_residual(a, x)
+        return x + self.mlp(y)
 
 
 class GPT(WidthModel):

@@ -61,11 +61,11 @@ def why_not(models: list[nn.Module]) -> str | None:
     if not isinstance(first, (MLP, GPT)):
         return f"{type(first).__name__} does not stack (only the MLP and the GPT do)"
     shapes = [(n, p.shape, p.dtype, p.device) for n, p in first.named_parameters()]
-    mults = [getattr(mod, "mult", None) for mod in first.modules()]
+    mults = [(getattr(mod, "mult", None), getattr(mod, "branch", None)) for mod in first.modules()]
     for m in models[1:]:
         if type(m) is not type(first) or [(n, p.shape, p.dtype, p.device) for n, p in m.named_parameters()] != shapes:
             return "the members' parameters differ in shape"
-        if [getattr(mod, "mult", None) for mod in m.modules()] != mults:
+        if [(getattr(mod, "mult", None), getattr(mod, "branch", None)) for mod in m.modules()] != mults:
             return "the members' forward multipliers differ"
     for m in models:
         tapped = set(m.preact_points().values())
@@ -226,7 +226,10 @@ class Stack:
         return h  # (S, B, width)
 
     def _lin(self, path: str, mod, x: torch.Tensor) -> torch.Tensor:
-        out = linear(x, self.params[f"{path}.weight"], self.params.get(f"{path}.bias"), mod.mult)
+        b = self.params.get(f"{path}.bias")
+        if mod.branch != 1.0 and b is not None:  # a branch's last layer: MuLinear's fold, bias × branch too
+            b = b * mod.branch
+        out = linear(x, self.params[f"{path}.weight"], b, mod.mult * mod.branch)
         self._tap(path, out)
         return out
 
@@ -261,10 +264,10 @@ class Stack:
             q, k = rope(q, cos, sin), rope(k, cos, sin)
             o = attention(q, k, v, scale=a.scale, causal=True)  # (S*B, H, T, D)
             o = self._lin(f"{pre}.attn.o", a.o, o.transpose(1, 2).reshape(S, B * T, H * D))
-            hn, x = self._norm(f"{pre}.norm2", blk.norm2, o if blk.branch == 1.0 else o * blk.branch, residual=x)
+            hn, x = self._norm(f"{pre}.norm2", blk.norm2, o, residual=x)  # o and f carry × branch (_lin)
             ff = blk.mlp
             u = self._lin(f"{pre}.mlp.fc", ff.fc, hn)  # (S, B*T, hidden)
             g = swiglu(self._lin(f"{pre}.mlp.gate", ff.gate, hn), u) if ff.gate is not None else gelu(u)
             f = self._lin(f"{pre}.mlp.proj", ff.proj, g)
-            x = x + (f if blk.branch == 1.0 else f * blk.branch)
+            x = x + f
         return self._norm("norm_f", t.norm_f, x)  # (S, B*T, N)

@@ -14,8 +14,9 @@ from fastwidth.nn.roles import Init, Role
 
 
 class MuLinear(nn.Module):
-    """y = mult · (x Wᵀ) + b (the bias is not scaled): fastwidth.kernels.linear, the vendor GEMM
-    (addmm with alpha = mult) on the torch path, the fused Triton GEMM on the triton path."""
+    """y = branch · (mult · (x Wᵀ) + b) (mult does not scale the bias; branch, 1 but at the end of a
+    residual branch under the depth kinds, scales both): fastwidth.kernels.linear, the vendor GEMM
+    (addmm with alpha = mult · branch) on the torch path, the fused Triton GEMM on the triton path."""
 
     def __init__(self, in_features: int, out_features: int, *, role: Role = Role.HIDDEN,
                  bias: bool = True, query: bool = False, device=None):
@@ -25,13 +26,19 @@ class MuLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
         self._winit = Init.QUERY if query else Init.FAN_IN
         self.mult = 1.0
+        # the depth kinds' m_L^-α when this layer ends a residual branch (set by its block, not by
+        # the table): the whole output, bias included, × branch, folded into alpha and the bias
+        self.branch = 1.0
 
     def mup_roles(self):
         bias_role = Role.FIXED if self.role is Role.OUTPUT else Role.VECTOR
         return {"weight": (self.role, self._winit), "bias": (bias_role, Init.BIAS)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, alpha=self.mult)
+        if self.branch == 1.0:
+            return linear(x, self.weight, self.bias, alpha=self.mult)
+        bias = None if self.bias is None else self.bias * self.branch  # (N,): width elements, not rows × width
+        return linear(x, self.weight, bias, alpha=self.mult * self.branch)
 
     def observed(self) -> bool:
         """True when a hook runs around this layer (statistics read its output as the
