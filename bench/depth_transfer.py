@@ -1,7 +1,7 @@
 """µTransfer across depth on the demo GPT: η* per depth under each parameterization, and its drift.
 
-    .venv/bin/python bench/depth_transfer.py train --out /work/out-i30/depth-transfer   # one run per (kind, depth)
-    .venv/bin/python bench/depth_transfer.py fit --out /work/out-i30/depth-transfer [--md FILE]
+    .venv/bin/python bench/depth_transfer.py train --out runs/depth-transfer   # one run per (kind, depth)
+    .venv/bin/python bench/depth_transfer.py fit --out runs/depth-transfer [--md FILE]
     .venv/bin/python bench/depth_transfer.py train --lrs [0.0085,0.017] --tag _refine   # ×2^½ around η*
     .venv/bin/python bench/depth_transfer.py fit --tags _refine                         # on the union grid
 
@@ -95,7 +95,7 @@ def fits(args) -> list[tuple[str, dict]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("action", choices=["train", "fit"])
-    p.add_argument("--out", type=Path, default=Path("/work/out-i30/depth-transfer"))
+    p.add_argument("--out", type=Path, default=Path("runs/depth-transfer"))
     p.add_argument("--kinds", type=lambda s: s.split(","), default=["mup", "completep"])
     p.add_argument("--depths", type=lambda s: [int(v) for v in s.split(",")], default=[2, 4, 8])
     p.add_argument("--width", type=int, default=WIDTH)

@@ -286,6 +286,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"sweep.widths has duplicates: {widths}")
     if len(set(cfg.sweep.seeds)) != len(cfg.sweep.seeds):
         raise ConfigError(f"sweep.seeds has duplicates: {cfg.sweep.seeds}")
+    _check_depths(cfg)
     if cfg.dist.backend != "none" and (cfg.train.loss != "ce" or cfg.optim.lr_unit != "absolute"):
         raise ConfigError(f"train.loss={cfg.train.loss} / optim.lr_unit={cfg.optim.lr_unit} need dist.backend none")
     if cfg.dist.zero_stage not in (0, 1, 2, 3):
@@ -305,6 +306,26 @@ def validate(cfg: Config) -> None:
     _check_param_optim(cfg)
     if cfg.param.attn_mult is not None and not (cfg.param.attn_mult > 0 and math.isfinite(cfg.param.attn_mult)):
         raise ConfigError(f"param.attn_mult: {cfg.param.attn_mult} must be a positive number or null")
+
+
+def _check_depths(cfg: Config) -> None:
+    """sweep.depths: positive integers without duplicates; sweep.reference_depth (0 = the deepest)
+    one of them; the combinations a depth sweep does not support refused."""
+    sw = cfg.sweep
+    for d in sw.depths:
+        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+            raise ConfigError(f"sweep.depths: every entry must be a positive integer, got {d!r}")
+    if len(set(sw.depths)) != len(sw.depths):
+        raise ConfigError(f"sweep.depths has duplicates: {sw.depths}")
+    if sw.reference_depth and sw.reference_depth not in (sw.depths or [None]):
+        raise ConfigError(f"sweep.reference_depth {sw.reference_depth} is not in sweep.depths {sw.depths}"
+                          + ("" if sw.depths else " (set sweep.depths, or leave reference_depth 0)"))
+    if sw.depths and sw.lr_refine:
+        raise ConfigError("sweep.lr_refine refines learning rates per width, not per (width, depth): "
+                          "use it without sweep.depths")
+    if sw.depths and cfg.stats.reference_run:
+        raise ConfigError("stats.reference_run compares with a stored run's reference width, which has no depth "
+                          "axis: use it without sweep.depths")
 
 
 def _check_param_optim(cfg: Config) -> None:
@@ -366,6 +387,8 @@ def resolve(cfg: Config, now: float | None = None) -> Config:
         cfg.sweep.seeds = [cfg.train.seed]
     if not cfg.sweep.reference_width:
         cfg.sweep.reference_width = max(cfg.sweep.widths)
+    if cfg.sweep.depths and not cfg.sweep.reference_depth:
+        cfg.sweep.reference_depth = max(cfg.sweep.depths)
     if not cfg.train.out_dir:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
         cfg.train.out_dir = str(Path("runs") / f"{cfg.name}-{stamp}")

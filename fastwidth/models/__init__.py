@@ -14,7 +14,7 @@ from torch import nn
 from fastwidth.config import Config
 from fastwidth.errors import ConfigError
 from fastwidth.models import gpt, mlp, resnet
-from fastwidth.param.scaling import ParamInfo, apply_forward_mults, init_parameters, mup_table
+from fastwidth.param.scaling import ParamInfo, apply_forward_mults, init_depth, init_parameters, mup_table
 
 BUILDERS = {"gpt": gpt.build, "mlp": mlp.build, "resnet": resnet.build}
 KIND_OF_ARCH = {"gpt": "tokens", "mlp": "classes", "resnet": "classes"}
@@ -36,11 +36,12 @@ def build_uninitialized(cfg: Config, io) -> nn.Module:
     return BUILDERS[arch](cfg, io)
 
 
-def materialize(model: nn.Module, table: dict[str, ParamInfo], device, seed: int, width: int) -> nn.Module:
+def materialize(model: nn.Module, table: dict[str, ParamInfo], device, seed: int, width: int,
+                depth: int | None = None) -> nn.Module:
     """Allocate on `device`, then draw parameters from the table (seeded by seed, width and
     name) and reset buffers."""
     model.to_empty(device=device)
-    init_parameters(model, table, seed, width)
+    init_parameters(model, table, seed, width, depth)
     model.reset_buffers()
     apply_forward_mults(model, table)
     return model
@@ -49,5 +50,6 @@ def materialize(model: nn.Module, table: dict[str, ParamInfo], device, seed: int
 def build_model(cfg: Config, io, device="cpu", seed: int | None = None) -> tuple[nn.Module, dict[str, ParamInfo]]:
     model = build_meta(cfg, io)
     table = mup_table(model, cfg)
-    materialize(model, table, torch.device(device), cfg.train.seed if seed is None else seed, cfg.model.width)
+    materialize(model, table, torch.device(device), cfg.train.seed if seed is None else seed, cfg.model.width,
+                init_depth(cfg))
     return model, table

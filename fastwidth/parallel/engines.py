@@ -54,7 +54,7 @@ from torch import nn
 from fastwidth.errors import CheckpointError
 from fastwidth.parallel.checkpoints import load_dcp, load_sharded, save_dcp, save_sharded, save_whole
 from fastwidth.param.optim import build_optimizer
-from fastwidth.param.scaling import ParamInfo, apply_forward_mults, draw_init, init_parameters
+from fastwidth.param.scaling import ParamInfo, apply_forward_mults, draw_init, init_depth, init_parameters
 from fastwidth.run.checkpoint import restore_member
 
 
@@ -245,9 +245,9 @@ class Engine:
         model.train(live.training)
         return Whole(model, optimizer_view(model, h.table, h.wcfg, h.optimizer, state_of))
 
-    def _materialize(self, model, table, seed, width):
+    def _materialize(self, model, table, seed, width, depth=None):
         model.to_empty(device=self.env.device)
-        init_parameters(model, table, seed, width)
+        init_parameters(model, table, seed, width, depth)
         model.reset_buffers()
         apply_forward_mults(model, table)
         return model
@@ -260,7 +260,7 @@ class Engine:
               construct=None) -> MemberHandle:
         """The member's model sharded and initialized; no optimizer or engine state yet."""
         self._checkpointing(model)
-        model = self._materialize(model, table, seed, wcfg.model.width)
+        model = self._materialize(model, table, seed, wcfg.model.width, init_depth(wcfg))
         return MemberHandle(self, name, model, table, wcfg, construct)
 
     def finish(self, h: MemberHandle) -> MemberHandle:
@@ -402,7 +402,7 @@ class FSDP2Engine(Engine):
         register_fsdp_forward_method(model, "loss")
         register_fsdp_forward_method(model, "features")
         model.to_empty(device="cpu" if dc.offload_params else self.env.device)
-        init_sharded(model, table, seed, wcfg.model.width)
+        init_sharded(model, table, seed, wcfg.model.width, init_depth(wcfg))
         model.reset_buffers()
         apply_forward_mults(model, table)
         return MemberHandle(self, name, model, table, wcfg, construct)
@@ -427,7 +427,8 @@ class FSDP2Engine(Engine):
 
 
 @torch.no_grad()
-def init_sharded(model: nn.Module, table: dict[str, ParamInfo], seed: int, width: int) -> None:
+def init_sharded(model: nn.Module, table: dict[str, ParamInfo], seed: int, width: int,
+                 depth: int | None = None) -> None:
     """init_parameters for DTensor parameters: each rank draws only the dim-0 rows it holds
     (draw_init with a row range), so a sharded model equals the single-process one and start-up
     work per rank is its shard, not the whole model."""
@@ -436,12 +437,12 @@ def init_sharded(model: nn.Module, table: dict[str, ParamInfo], seed: int, width
     for name, p in model.named_parameters():
         info = table[name]
         if not isinstance(p, DTensor):
-            p.copy_(draw_init(info, seed, width).to(p.dtype))
+            p.copy_(draw_init(info, seed, width, depth=depth).to(p.dtype))
             continue
         local = p.to_local()
         shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
         if any(o != 0 for o in offset[1:]) or tuple(shape[1:]) != tuple(p.shape[1:]):
             raise NotImplementedError(f"{name}: only dim-0 sharding is initialized shard-locally")
         if local.numel():
-            rows = draw_init(info, seed, width, (offset[0], offset[0] + shape[0]))
+            rows = draw_init(info, seed, width, (offset[0], offset[0] + shape[0]), depth)
             local.copy_(rows.to(local.dtype))

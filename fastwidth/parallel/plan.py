@@ -36,7 +36,7 @@ from types import SimpleNamespace
 
 from fastwidth.config import Config, for_width
 from fastwidth.errors import ConfigError
-from fastwidth.run.members import member_specs
+from fastwidth.run.members import member_config, member_specs
 
 GIB = 1 << 30
 # Host memory FSDP2 holds from its first fully_shard / to_empty on (DTensor dispatch and FSDP
@@ -251,9 +251,20 @@ def whole_member_bytes(cfg: Config, choice: Choice, p: int, counts: dict, rows: 
     return (gathered + out if out else 0.0), (4 * p if sc.coord_every else 0.0)
 
 
-def sweep_members(cfg: Config) -> list[tuple[int, int]]:
-    """(width, seed) of every member (run/members.py): one per learning rate of sweep.lrs too."""
-    return [(m.width, m.seed) for m in member_specs(cfg)]
+def sweep_members(cfg: Config) -> list[tuple[int, int | None]]:
+    """(width, depth) of every member (run/members.py): one per learning rate of sweep.lrs and
+    seed too; depth None outside a depth sweep (the model's configured depth)."""
+    return [(m.width, m.depth) for m in member_specs(cfg)]
+
+
+def sweep_flops(cfg: Config) -> float:
+    """Model FLOPs of training every member train.steps optimizer steps: per member its training
+    FLOPs per target at its width and depth (trainer/flops.py) x targets per step x steps."""
+    from fastwidth.trainer.flops import flops_per_token  # the MFU's count: one home
+    io = _io(cfg)
+    targets = cfg.data.batch_size * (cfg.data.seq_len if cfg.model.arch == "gpt" else 1) * cfg.train.steps
+    per = {(w, d): flops_per_token(member_config(cfg, w, None, d), io) for w, d in set(sweep_members(cfg))}
+    return sum(per[key] for key in sweep_members(cfg)) * targets
 
 
 def plan_sweep(cfg: Config, world: int, choice: Choice | None = None, k: int = 1,
@@ -263,22 +274,22 @@ def plan_sweep(cfg: Config, world: int, choice: Choice | None = None, k: int = 1
     choice = choice or choice_of(cfg)
     shard = shard_group(cfg, world, node_size) if choice.backend == "fsdp2" else None
     plans, counted = [], {}
-    for w, _ in sweep_members(cfg):
+    for w, d in sweep_members(cfg):
         ch = choice
         if cfg.dist.shard_min_width and w < cfg.dist.shard_min_width and choice.backend != "none":
             ch = Choice("ddp")
-        if (w, ch) not in counted:
-            wc = for_width(cfg, w)
-            counted[(w, ch)] = member_plan(wc, ch, world, count_params(wc), k, shard=shard)
-        plans.append(counted[(w, ch)])
+        if (w, d, ch) not in counted:
+            wc = member_config(cfg, w, None, d)   # its width and, in a depth sweep, its depth
+            counted[(w, d, ch)] = member_plan(wc, ch, world, count_params(wc), k, shard=shard)
+        plans.append(counted[(w, d, ch)])
     total = {key: sum(pl[key] for pl in plans) for key in ("built", "ready", "persistent", "host", "params",
                                                            "grads", "optimizer")}
     # sweep.stack: a width's members step together (models/stacked.py), so their gradients and
     # activations are live at once: the transient is the largest width's sum, not one member's
     from fastwidth.models.stacked import refusal as stack_refusal
     steps, acts = {}, {}
-    for (w, _), pl in zip(sweep_members(cfg), plans):
-        key = w if choice.backend == "none" and stack_refusal(cfg) is None else (w, len(steps))
+    for (w, d), pl in zip(sweep_members(cfg), plans):  # a width's members of one depth stack together
+        key = (w, d) if choice.backend == "none" and stack_refusal(cfg) is None else (w, d, len(steps))
         steps[key] = steps.get(key, 0.0) + pl["step"]
         acts[key] = acts.get(key, 0.0) + pl["activations"]
     total["step"] = total["persistent"] + max(steps.values())

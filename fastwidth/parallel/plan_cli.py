@@ -9,7 +9,8 @@ import os
 
 from fastwidth.config_args import add_config_args, overrides_of
 from fastwidth.errors import ConfigError
-from fastwidth.parallel.plan import CHOICES, GIB, count_params, micro_steps, plan_sweep, shard_group, widest_gpt
+from fastwidth.parallel.plan import (CHOICES, GIB, count_params, micro_steps, plan_sweep, shard_group, sweep_flops,
+                                     sweep_members, widest_gpt)
 
 
 def node_size_of(args) -> tuple[int | None, str]:
@@ -76,11 +77,14 @@ def cmd_plan(args) -> int:
     budget = cfg.dist.gpu_memory_gb * 1e9
     node, source = node_size_of(args)
     note = shard_note(cfg, world, node, source)   # before the table: a bad dist.replicate stops here
-    print(f"{cfg.model.arch} widths {cfg.sweep.widths} x seeds {cfg.sweep.seeds} depth {cfg.model.depth}: widest "
+    depths = f"depths {cfg.sweep.depths}" if cfg.sweep.depths else f"depth {cfg.model.depth}"
+    print(f"{cfg.model.arch} widths {cfg.sweep.widths} x {depths} x seeds {cfg.sweep.seeds}: widest "
           f"{count_text(counts['total'])} parameters; {world} ranks, global batch {cfg.data.batch_size} "
           f"({k} micro-batches), checkpointing {cfg.train.activation_checkpointing}, "
           f"{cfg.dist.gpu_memory_gb:g} GB per GPU; GiB per rank, summed over the sweep:")
     print(note)
+    print(f"{len(sweep_members(cfg))} members, each at its width and depth: {sweep_flops(cfg):.3g} model FLOPs to train "
+          f"them all {cfg.train.steps} steps")
     cols = ("params", "grads", "optimizer", "activations", "built", "ready", "step", "eval", "peak", "host")
     rows = [("backend", *cols, "fits", "widest GPT")]
     for choice in CHOICES:

@@ -22,7 +22,7 @@ import torch
 
 from fastwidth.errors import CheckpointError, ConfigError
 from fastwidth.param.optim import build_optimizer, param_groups, set_lr
-from fastwidth.param.scaling import ParamInfo, apply_forward_mults, draw_init_flat
+from fastwidth.param.scaling import ParamInfo, apply_forward_mults, draw_init_flat, init_depth
 from fastwidth.parallel import zero_files
 from fastwidth.parallel.engines import (Engine, LossForward, MemberHandle, StepContext, Whole, accumulate,
                                         optimizer_view, shard_units)
@@ -88,7 +88,8 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 @torch.no_grad()
-def init_zero_partitions(model, table: dict[str, ParamInfo], seed: int, width: int, rank: int) -> None:
+def init_zero_partitions(model, table: dict[str, ParamInfo], seed: int, width: int, rank: int,
+                         depth: int | None = None) -> None:
     """Each rank draws only its ZeRO-3 partition of every parameter (draw_init_flat)."""
     for name, p in model.named_parameters():
         part = p.ds_tensor
@@ -96,7 +97,7 @@ def init_zero_partitions(model, table: dict[str, ParamInfo], seed: int, width: i
         start, stop = rank * size, min((rank + 1) * size, p.ds_numel)
         part.zero_()
         if stop > start:
-            part[:stop - start].copy_(draw_init_flat(table[name], seed, width, start, stop).to(part.dtype))
+            part[:stop - start].copy_(draw_init_flat(table[name], seed, width, start, stop, depth).to(part.dtype))
 
 
 def cpu_adam(model, table, wcfg):
@@ -192,7 +193,7 @@ class DeepSpeedEngine(Engine):
             if any(True for _ in unit.children()):  # a lone layer (an MLP's) has its own hooks already;
                 set_z3_leaf_module(unit, True)      # as a leaf its backward saw size-0 weights (depth 24)
         self._checkpointing(model)
-        init_zero_partitions(model, table, seed, wcfg.model.width, self.env.rank)
+        init_zero_partitions(model, table, seed, wcfg.model.width, self.env.rank, init_depth(wcfg))
         model.reset_buffers()
         apply_forward_mults(model, table)
         return MemberHandle(self, name, model, table, wcfg, construct)

@@ -281,17 +281,27 @@ def attention_scale(cfg: Config) -> float:
 INIT_BLOCK_ROWS = 64
 
 
-def init_seed(seed: int, width: int, name: str, block: int) -> int:
+def init_depth(cfg) -> int | None:
+    """The depth init_seed takes: model.depth for a member of a depth sweep (sweep.depths), None
+    elsewhere (every other run keeps its draws)."""
+    return cfg.model.depth if cfg.sweep.depths else None
+
+
+def init_seed(seed: int, width: int, name: str, block: int, depth: int | None = None) -> int:
     """The generator seed of one row block of one tensor. The width is part of it, so models of one
     seed at two widths are independent draws (a narrow model is not a slice of the wide one), for
-    every param.kind alike (mup at base width still equals sp bit for bit)."""
-    digest = hashlib.sha256(f"{seed}:{width}:{name}:{block}".encode()).digest()
+    every param.kind alike (mup at base width still equals sp bit for bit). So is the depth of a
+    depth sweep's member (init_depth; None leaves the seed as it always was): two depths of one
+    seed are independent draws too, and a member equals itself trained in a one-depth sweep."""
+    key = f"{seed}:{width}:{name}:{block}" if depth is None else f"{seed}:{width}:d{depth}:{name}:{block}"
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def draw_init(info: ParamInfo, seed: int, width: int, rows: tuple[int, int] | None = None) -> torch.Tensor:
+def draw_init(info: ParamInfo, seed: int, width: int, rows: tuple[int, int] | None = None,
+              depth: int | None = None) -> torch.Tensor:
     """Rows [start, stop) of dim 0 of parameter `info`'s initial value (all rows by default), in
-    fp32 on the CPU. Equal to the same rows of the full draw, whatever the range."""
+    fp32 on the CPU. Equal to the same rows of the full draw, whatever the range. depth: init_depth."""
     shape = tuple(info.shape)
     n_rows = shape[0] if shape else 1
     start, stop = rows if rows is not None else (0, n_rows)
@@ -306,7 +316,7 @@ def draw_init(info: ParamInfo, seed: int, width: int, rows: tuple[int, int] | No
     first, last = start // INIT_BLOCK_ROWS, (stop - 1) // INIT_BLOCK_ROWS if stop > start else -1
     for b in range(first, last + 1):
         b0, b1 = b * INIT_BLOCK_ROWS, min((b + 1) * INIT_BLOCK_ROWS, n_rows)
-        g = torch.Generator().manual_seed(init_seed(seed, width, info.name, b))
+        g = torch.Generator().manual_seed(init_seed(seed, width, info.name, b, depth))
         block = _unit_draw(info.init, (b1 - b0, *row_shape), g)
         parts.append(block[max(start, b0) - b0: min(stop, b1) - b0])
     out = torch.cat(parts) if parts else torch.empty((0, *row_shape))
@@ -323,17 +333,19 @@ def _unit_draw(how: str, shape: tuple, g: torch.Generator) -> torch.Tensor:
     raise ValueError(f"unknown init distribution {how!r} (normal, uniform, zeros, ones)")
 
 
-def draw_init_flat(info: ParamInfo, seed: int, width: int, start: int, stop: int) -> torch.Tensor:
+def draw_init_flat(info: ParamInfo, seed: int, width: int, start: int, stop: int,
+                   depth: int | None = None) -> torch.Tensor:
     """Elements [start, stop) of the flattened initial value (a ZeRO-3 partition), drawing only the
     row blocks that overlap it."""
     row_len = max(1, math.prod(info.shape[1:])) if len(info.shape) > 1 else 1
     r0, r1 = start // row_len, -(-stop // row_len)
-    flat = draw_init(info, seed, width, (r0, max(r0, r1))).reshape(-1)
+    flat = draw_init(info, seed, width, (r0, max(r0, r1)), depth).reshape(-1)
     return flat[start - r0 * row_len: stop - r0 * row_len]
 
 
 @torch.no_grad()
-def init_parameters(model: nn.Module, table: dict[str, ParamInfo], seed: int, width: int) -> None:
+def init_parameters(model: nn.Module, table: dict[str, ParamInfo], seed: int, width: int,
+                    depth: int | None = None) -> None:
     """Draw every parameter from generators seeded by (seed, width, name, row block), on the CPU.
 
     Per-name generators make the draws independent of module order, of the zero-init options and
@@ -341,7 +353,7 @@ def init_parameters(model: nn.Module, table: dict[str, ParamInfo], seed: int, wi
     initialized shard by shard (draw_init with a row range).
     """
     for name, p in model.named_parameters():
-        p.copy_(draw_init(table[name], seed, width).to(p.dtype))
+        p.copy_(draw_init(table[name], seed, width, depth=depth).to(p.dtype))
 
 
 def apply_forward_mults(model: nn.Module, table: dict[str, ParamInfo]) -> None:

@@ -3,7 +3,8 @@
     spec = MemberSpec(width=64, lr=None, seed=0)   # spec.name == "w64_s0"
     MemberSpec(64, 0.001, 0).name                  # "w64_lr0.001_s0" (sweep.lrs)
     MemberSpec.parse("w64_lr0.001_s0")             # MemberSpec(width=64, lr=0.001, seed=0)
-    member_specs(cfg)                              # every member of the sweep, the reference width first
+    MemberSpec(64, None, 0, depth=4).name          # "w64_d4_s0" (sweep.depths)
+    member_specs(cfg)                              # every member of the sweep, the reference (width, depth) first
 
 The name is the key of a member's signatures (signatures/<name>/), its checkpoint files and
 `fastwidth export --member NAME`: it must not change for runs already on disk.
@@ -23,8 +24,8 @@ _NAME = re.compile(r"w(\d+)(?:_d(\d+))?(?:_lr([^_]+))?_s(-?\d+)")
 @dataclasses.dataclass(frozen=True)
 class MemberSpec:
     """One member of a sweep. lr: its base learning rate in a learning-rate sweep (sweep.lrs), None
-    outside one. depth: reserved for depth sweeps; None (the model's configured depth) leaves the
-    name as it always was."""
+    outside one. depth: its model.depth in a depth sweep (sweep.depths), None outside one (the
+    model's configured depth; the name is as it always was)."""
     width: int
     lr: float | None
     seed: int
@@ -54,11 +55,34 @@ class MemberSpec:
 
 def member_specs(cfg: Config) -> list[MemberSpec]:
     """Every member of the sweep `cfg` describes, in training order: the reference width first,
-    then the others; per width every learning rate of sweep.lrs (None without), per lr every seed.
-    An unresolved config (the memory planner reads those) falls back as config.resolve does:
-    model.width, the widest width as reference, train.seed."""
+    then the others; per width the reference depth first, then the other depths (sweep.depths;
+    depth None without); per depth every learning rate of sweep.lrs (None without), per lr every
+    seed. So the first member is the reference (width, depth). An unresolved config (the memory
+    planner reads those) falls back as config.resolve does: model.width, the widest width and the
+    deepest depth as references, train.seed."""
     widths = list(cfg.sweep.widths or [cfg.model.width])
     ref = cfg.sweep.reference_width or max(widths)
+    depths = list(cfg.sweep.depths) or [None]
+    ref_depth = reference_depth(cfg)
     lrs = [float(lr) for lr in cfg.sweep.lrs] or [None]
     seeds = cfg.sweep.seeds or [cfg.train.seed]
-    return [MemberSpec(w, lr, s) for w in [ref] + [w for w in widths if w != ref] for lr in lrs for s in seeds]
+    return [MemberSpec(w, lr, s, d) for w in [ref] + [w for w in widths if w != ref]
+            for d in [ref_depth] + [d for d in depths if d != ref_depth] for lr in lrs for s in seeds]
+
+
+def member_config(cfg: Config, width: int, base_lr: float | None = None, depth: int | None = None) -> Config:
+    """The config one member trains with: model.width = width, in a learning-rate sweep optim.lr =
+    base_lr, in a depth sweep model.depth = depth (None leaves each as configured)."""
+    model = dataclasses.replace(cfg.model, width=width, **({} if depth is None else {"depth": int(depth)}))
+    out = dataclasses.replace(cfg, model=model)
+    if base_lr is None:
+        return out
+    return dataclasses.replace(out, optim=dataclasses.replace(cfg.optim, lr=float(base_lr)))
+
+
+def reference_depth(cfg: Config) -> int | None:
+    """The depth the others are compared with at the same width: sweep.reference_depth, 0 meaning
+    the deepest of sweep.depths; None outside a depth sweep."""
+    if not cfg.sweep.depths:
+        return None
+    return cfg.sweep.reference_depth or max(cfg.sweep.depths)

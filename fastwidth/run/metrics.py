@@ -123,7 +123,8 @@ def truncate_after(path: Path, member_steps: dict[tuple, int], floors: dict | No
     """Drop rows written after the checkpoint a resume starts from.
 
     member_steps maps (width, seed, base_lr) to that model's checkpointed step (base_lr None outside
-    a learning-rate sweep); rows of no model (or of a model not listed) are cut at the smallest step,
+    a learning-rate sweep; (width, seed, base_lr, depth) in a depth sweep); rows of no model (or of
+    a model not listed) are cut at the smallest step,
     or at floors[row's "pass"] (sweep.lr_refine: a finished first pass keeps its rows while the
     refinement pass resumes from an earlier step).
     """
@@ -135,6 +136,8 @@ def truncate_after(path: Path, member_steps: dict[tuple, int], floors: dict | No
     def limit(r: dict) -> int:
         key = (r.get("width"), r.get("seed"))
         cut = (floors or {}).get(r.get("pass"), floor)
+        if r.get("depth") is not None:  # a depth sweep: its members are (..., depth)
+            return member_steps.get((*key, r.get("base_lr"), r["depth"]), cut)
         return member_steps.get((*key, r.get("base_lr")), member_steps.get((*key, None), cut))
 
     kept = [json.dumps(json_safe(r)) for r in read_metrics(path) if r.get("step", 0) <= limit(r)]

@@ -93,12 +93,13 @@ def fit_exponent(widths, ref: int, deb: np.ndarray, weights: np.ndarray) -> np.n
     return np.where(ok, p, np.nan)
 
 
-def exponent_reason(beta_sq_ci, n_widths: int) -> str | None:
-    """Why the exponent is not reported (None: it is identified)."""
+def exponent_reason(beta_sq_ci, n_widths: int, axis: str = "width") -> str | None:
+    """Why the exponent is not reported (None: it is identified); axis: what is compared (width,
+    or depth in a sweep across depth)."""
     if n_widths < MIN_WIDTHS_EXPONENT:
-        return f"not identified: {n_widths} widths compared, the exponent needs {MIN_WIDTHS_EXPONENT}"
+        return f"not identified: {n_widths} {axis}s compared, the exponent needs {MIN_WIDTHS_EXPONENT}"
     if beta_sq_ci is None:
-        return "not identified: no interval for bias_beta_sq (fewer than 3 seeds per width)"
+        return f"not identified: no interval for bias_beta_sq (fewer than 3 seeds per {axis})"
     if not beta_sq_ci[0] > 0:
         return (f"not identified: no bias detected (bias_beta_sq interval [{beta_sq_ci[0]:.3g}, "
                 f"{beta_sq_ci[1]:.3g}] reaches 0)")

@@ -350,7 +350,7 @@ class SeedEnsembles:
             rows[w] = row
         return rows
 
-    def fit_row(self, n_boot: int = 1000, seed: int = 0) -> dict:
+    def fit_row(self, n_boot: int = 1000, seed: int = 0, axis: str = "width") -> dict:
         """The width fits at this step, each with its `<name>_ci` (None without a bootstrap).
 
         rmse_slope, variance_slope, bias_slope (raw bias): slopes of log value on log N.
@@ -358,6 +358,7 @@ class SeedEnsembles:
         bias_beta_sq, bias_exponent: the bias model (stats/bias_model.py); the exponent and its
         interval are None unless a bias is identified, with `bias_exponent_reason` saying why.
         Intervals: basic bootstrap over seeds, expanded for the fewest seeds of any width (expansion).
+        axis "depth": the keys are depths (stats/across_depth.py): rmse_depths, and the reason says so.
         """
         p = self._point()
         weights = self._bias_weights(p)
@@ -368,11 +369,11 @@ class SeedEnsembles:
         for name in fits:
             out[f"{name}_ci"] = basic_ci(fits[name], boot[1][name], boot[2][name], expand=k) if boot else None
         compared = [w for w in self.widths if w != self.ref]
-        why = exponent_reason(out["bias_beta_sq_ci"], len(compared))
+        why = exponent_reason(out["bias_beta_sq_ci"], len(compared), axis)
         if why is not None:
             out.update(bias_exponent=None, bias_exponent_ci=None)
         out.update(bias_exponent_reason=why, n_boot=n_boot if boot else 0, ci_level=CI_LEVEL, ci_expansion=k if boot else None,
-                   rmse_widths=compared)
+                   **{f"rmse_{axis}s": compared})
         return out
 
     def _bias_weights(self, p: dict) -> np.ndarray:

@@ -95,6 +95,20 @@ def wasserstein1_binned(h1, h2, centers) -> float:
     return float(((f1 - f2)[:-1].abs() * gaps).sum())
 
 
+def wasserstein1_points(h1, c1, h2, c2) -> float:
+    """W1 between two histograms on different bins, each bin a point mass at its center (c1, c2
+    ascending): the integral of |F1 - F2| over the merged support. Equals wasserstein1_binned when
+    c1 == c2. nan when either histogram is empty."""
+    h1, h2 = _d(h1), _d(h2)
+    if h1.sum() <= 0 or h2.sum() <= 0:
+        return math.nan
+    at = torch.cat([torch.as_tensor(np.asarray(c1, dtype=np.float64)), torch.as_tensor(np.asarray(c2, dtype=np.float64))])
+    mass = torch.cat([h1 / h1.sum(), -h2 / h2.sum()])
+    order = torch.argsort(at, stable=True)
+    diff = torch.cumsum(mass[order], 0)                                  # F1 - F2 right of each point
+    return float((diff[:-1].abs() * torch.diff(at[order])).sum())
+
+
 # --------------------------------------------------------------------------- ensembles
 
 def seed_variance(stack) -> float:

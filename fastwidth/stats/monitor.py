@@ -9,8 +9,9 @@
     monitor.flush_pending()                  # sequential sweeps: after each member's run
     ckpt["stats"] = monitor.state_dict()     # and monitor.load_state_dict(...) on resume
 
-One learning rate per Monitor: with sweep.lrs, stats/lr_groups.py's LRMonitors holds one per
-learning rate behind the same interface (monitor_for builds either).
+One learning rate (and depth) per Monitor: with sweep.lrs or sweep.depths, stats/lr_groups.py's
+LRMonitors holds one per learning rate and depth behind the same interface (monitor_for builds
+either), and stats/across_depth.py compares the depths at each width.
 
 Rows written (docs/design.md §5; every row has kind, step, tokens, width, seed; seed -1 means "over
 seeds", width 0 "across widths"):

@@ -27,6 +27,7 @@ its rows say which multiple of 2/λ0 each member's learning rate is.
 from __future__ import annotations
 
 from fastwidth.stats.coord import CoordTracker
+from fastwidth.stats.lr_groups import member_tags
 from fastwidth.stats.ranks import whole_member
 from fastwidth.stats.sharpness import train_batch_sharpness
 
@@ -34,9 +35,9 @@ COORD_PROBE = 64   # probe examples the coord rows measure the layers on (coord 
 
 
 def row_base(m, step: int, tokens: int) -> dict:
-    """The keys every per-member row of these starts with (base_lr in a learning-rate sweep)."""
-    row = {"step": step, "tokens": tokens, "width": m.width, "seed": m.seed}
-    return row if m.base_lr is None else {**row, "base_lr": m.base_lr}
+    """The keys every per-member row of these starts with (base_lr in a learning-rate sweep, depth
+    in a depth sweep: lr_groups.member_tags)."""
+    return {"step": step, "tokens": tokens, "width": m.width, "seed": m.seed, **member_tags(m)}
 
 
 def batch_sharpness(m, x, y, kind: str, iters: int, tol: float, hvp: str, reduce=None) -> dict:

@@ -64,14 +64,17 @@ def load_model(run_dir: str | Path, member: str | None = None, device="cpu", tru
     table is `model.mup_table`. A checkpoint holding files that need unpickling (one written by
     an earlier version) is refused unless `trust_checkpoint`: unpickling can run code."""
     import torch
-    from fastwidth.config import for_width, from_dict, read_yaml
+    from fastwidth.config import from_dict, read_yaml
     from fastwidth.models import build_model
+    from fastwidth.run.members import MemberSpec
+    from fastwidth.trainer.sweep import for_member
     run_dir = Path(run_dir).expanduser()
     if not RunDir(run_dir).config.is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
     name, state, meta = member_state(_latest(run_dir), member, trust_checkpoint)
     cfg = from_dict(read_yaml(RunDir(run_dir).config))
-    wcfg = for_width(cfg, int(next(e["width"] for e in meta["members"] if e["name"] == name)))
+    width = int(next(e["width"] for e in meta["members"] if e["name"] == name))
+    wcfg = for_member(cfg, width, None, MemberSpec.parse(name).depth)  # a depth sweep's member: its model.depth
     model, table = build_model(wcfg, model_io(wcfg, run_dir, state), device="cpu", seed=0)
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
     model.mup_table, model.config = table, wcfg

@@ -33,7 +33,7 @@ from fastwidth.parallel.plan import check_fits
 from fastwidth.errors import DataError
 from fastwidth.kernels import dispatch
 from fastwidth.param.optim import lr_factor, set_lr, timescales
-from fastwidth.stats.lr_groups import monitor_for
+from fastwidth.stats.lr_groups import member_tags, monitor_for
 from fastwidth.stats.reference import check_reference_run
 from fastwidth.stats.training_rows import BatchSharpnessRows, CoordRows
 from fastwidth.run.lock import RunLock, check_creatable, undo_on_error
@@ -95,7 +95,7 @@ class Trainer:
             self.checkpointer.load_members(self.resume_meta)
         if self.dist.is_main:
             self.run_dir = prepare_run_dir(cfg, self.resume_meta,
-                                           {(m.width, m.seed, m.base_lr): m.step for m in self.members},
+                                           {member_key(m): m.step for m in self.members},
                                            sweep.pass_floors(self.members, self.resume_meta))
         else:  # other ranks evaluate too (collective forwards) but write into a scratch copy
             self.run_dir = make_scratch_dir(cfg.train.out_dir, self.dist.rank)
@@ -163,7 +163,7 @@ class Trainer:
                "width": m.width, "seed": m.seed, "loss": float(loss), "lr": m.cfg.optim.lr * lr_factor_,
                **tracking.grad_fields(m.grad_norm, self.cfg.optim.grad_clip), **self.flops.fields(m),
                **(extras or {})}
-        self.writer.write(row if m.base_lr is None else {**row, "base_lr": m.base_lr, **sweep.pass_tag(m)})
+        self.writer.write({**row, **member_tags(m), **sweep.pass_tag(m)})
 
     def _due(self, step: int, every: int) -> bool:
         return step % every == 0 or step == self.cfg.train.steps
@@ -264,7 +264,7 @@ class Trainer:
         for m in members:
             row = {"kind": "optim", "step": 0, "tokens": 0, "width": m.width, "seed": m.seed, "member": m.name,
                    "weight_decay_mode": m.cfg.optim.weight_decay_mode, "groups": timescales(m.table, m.cfg.optim)}
-            self.writer.write(row if m.base_lr is None else {**row, "base_lr": m.base_lr})
+            self.writer.write({**row, **member_tags(m)})
 
     def record_data(self, step: int) -> None:
         """The stream's fingerprint in metrics.jsonl and the probe split beside the run, so a
@@ -334,6 +334,13 @@ class Trainer:
         stacker = stacked.Stacker(self.cfg, self.placement.k, lambda: autocast_for(self.cfg, self.device),
                                   self.train_step, self.evaluator)
         return stacked.plan(stacker, self.active(self.members), sweep.saved_stacked(self.resume_meta))
+
+
+def member_key(m: Member) -> tuple:
+    """The key run/metrics.truncate_after finds a member's rows by: (width, seed, base_lr), and
+    its depth last in a depth sweep."""
+    key = (m.width, m.seed, m.base_lr)
+    return key if m.depth is None else (*key, m.depth)
 
 
 def source_commit() -> str | None:

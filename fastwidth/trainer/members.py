@@ -1,6 +1,6 @@
-"""The members of a sweep: one model per (width, lr, seed), built on meta and handed to its engine.
+"""The members of a sweep: one model per (width, depth, lr, seed), built on meta and handed to its engine.
 
-    members = make_members(cfg, stream, device)   # the reference width first; one process unless a placement
+    members = make_members(cfg, stream, device)   # the reference (width, depth) first; one process unless a placement
     loss = member.handle.train_step(x, y, k, ctx, member.loss_fn)   # its engine's step (parallel/engines.py)
 
 member.loss_fn is compiled_loss: (x, y) -> scalar, torch.compile'd under train.compile.
@@ -25,6 +25,7 @@ from fastwidth.parallel.engines import MemberHandle
 from fastwidth.parallel.env import DistEnv
 from fastwidth.parallel.placement import Placement
 from fastwidth.param.scaling import ParamInfo, mup_table
+from fastwidth.run.members import MemberSpec, member_specs
 from fastwidth.trainer import dynamics, sweep
 
 
@@ -47,10 +48,11 @@ class Member:
     handle: MemberHandle | None = None
     loss_fn: Callable | None = None  # (x, y) -> the training loss in one process (compiled_loss)
     pass_name: str | None = None    # "refine": trained in the sweep.lr_refine pass (trainer/sweep.py)
+    depth: int | None = None        # set in a depth sweep (sweep.depths): its model.depth
 
     @property
     def name(self) -> str:
-        return sweep.member_name(self.width, self.seed, self.base_lr)
+        return sweep.member_name(self.width, self.seed, self.base_lr, self.depth)
 
     @property
     def engine(self):
@@ -96,27 +98,29 @@ def tokens_per_step(stream, cfg: Config) -> int:
 
 def make_members(cfg: Config, stream, device: torch.device, placement: Placement | None = None, memory=None,
                  specs: list | None = None, pass_name: str | None = None) -> list[Member]:
-    """Models of every (width, seed), the reference width first (sequential mode needs it), or of
-    the (width, base_lr, seed) `specs` of a refinement pass (pass_name "refine").
+    """Models of every member of run/members.member_specs (width, depth, lr, seed), the reference
+    (width, depth) first (sequential mode needs it), or of the (width, base_lr, seed) `specs` of a
+    refinement pass (pass_name "refine").
     Each member is built on meta and handed to its engine (placement per width; without one, one
     process: the plain Engine, which materializes it whole on `device`). Every model is built
     first ("built" memory row), then engines and optimizers ("ready")."""
     io = data_io(stream, cfg)
     placement = placement or Placement(cfg, DistEnv(device=device))
     built = []
-    for w, lr, s in sweep.member_specs(cfg) if specs is None else specs:
-        wcfg = sweep.for_member(cfg, w, lr)
+    for spec in member_specs(cfg) if specs is None else [MemberSpec(w, lr, s) for w, lr, s in specs]:
+        wcfg = sweep.for_member(cfg, spec.width, spec.lr, spec.depth)
         meta = build_meta(wcfg, io)
         table = mup_table(meta, wcfg)  # global shapes, before any sharding
-        handle = placement.for_width(w).build(sweep.member_name(w, s, lr), meta, table, wcfg, s,
-                                              construct=lambda wcfg=wcfg: build_uninitialized(wcfg, io))
-        built.append((w, lr, s, handle))
+        handle = placement.for_width(spec.width).build(spec.name, meta, table, wcfg, spec.seed,
+                                                       construct=lambda wcfg=wcfg: build_uninitialized(wcfg, io))
+        built.append((spec, handle))
     if memory is not None:
-        memory.mark("built", [h.table for _, _, _, h in built])
+        memory.mark("built", [h.table for _, h in built])
     members = []
-    for w, lr, s, handle in built:
+    for spec, handle in built:
         h = handle.engine.finish(handle)
-        members.append(Member(w, s, h.wcfg, h.model, h.optimizer, h.table, base_lr=lr, handle=h, pass_name=pass_name,
+        members.append(Member(spec.width, spec.seed, h.wcfg, h.model, h.optimizer, h.table, base_lr=spec.lr,
+                              handle=h, pass_name=pass_name, depth=spec.depth,
                               loss_fn=compiled_loss(h.model, cfg, placement.env.active)))
     if memory is not None:
         memory.mark("ready", [m.table for m in members])

@@ -10,6 +10,11 @@ not depend on the member), each has its own optimizer with optim.lr = lr, and it
 stats/lr_groups.py's `LRMonitors` keeps one Monitor per learning rate, and every row it writes
 carries `base_lr`.
 
+With `sweep.depths` every (width, depth, lr, seed) is a member (run/members.py, `w64_d4_s0`), its
+config at its depth (for_member), its depth in its init seed (param/scaling.init_depth), and every
+row it writes carries `depth` (stats/lr_groups.member_tags, depth_tag); the statistics compare
+widths at each depth and depths at each width (stats/lr_groups.py, stats/across_depth.py).
+
 With `sweep.lr_refine: K` a second pass follows: once every member has reached train.steps, the
 coarse pass's final losses (`final_losses`: the probe loss of the last evaluation, else the mean
 training loss of the last 10% of steps) give each width's grid argmin, stats/transfer.refine_lrs
@@ -30,16 +35,15 @@ row {"kind": "diverged", "step", "tokens", "width", "seed", "base_lr", "reason"}
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
 import torch
 
-from fastwidth.config import Config, for_width
-from fastwidth.run.members import MemberSpec, member_specs as sweep_member_specs
+from fastwidth.config import Config
+from fastwidth.run.members import MemberSpec, member_config, member_specs as sweep_member_specs
 from fastwidth.run.metrics import REFINE
-from fastwidth.stats.lr_groups import pass_tag
+from fastwidth.stats.lr_groups import depth_tag, pass_tag
 from fastwidth.stats.transfer import refine_lrs
 
 FINAL_WINDOW = 0.1   # stats off: a member's final loss is its mean training loss over the last 10% of steps
@@ -50,17 +54,13 @@ def member_specs(cfg: Config) -> list[tuple[int, float | None, int]]:
     return [(m.width, m.lr, m.seed) for m in sweep_member_specs(cfg)]
 
 
-def member_name(width: int, seed: int, base_lr: float | None = None) -> str:
-    """w64_s0, or w64_lr0.001_s0 in a learning-rate sweep (the seed stays last: readers split on '_s')."""
-    return MemberSpec(width, base_lr, seed).name
+def member_name(width: int, seed: int, base_lr: float | None = None, depth: int | None = None) -> str:
+    """w64_s0, w64_lr0.001_s0 in a learning-rate sweep, w64_d4_s0 in a depth sweep (the seed stays
+    last: readers split on '_s')."""
+    return MemberSpec(width, base_lr, seed, depth).name
 
 
-def for_member(cfg: Config, width: int, base_lr: float | None) -> Config:
-    """The config one member trains with: model.width = width and, in an LR sweep, optim.lr = base_lr."""
-    wcfg = for_width(cfg, width)
-    if base_lr is None:
-        return wcfg
-    return dataclasses.replace(wcfg, optim=dataclasses.replace(wcfg.optim, lr=float(base_lr)))
+for_member = member_config   # (cfg, width, base_lr, depth=None) -> the member's config (run/members.py)
 
 
 def final_losses(rows: list[dict], steps: int) -> dict[tuple[int, float, int], float]:
@@ -140,7 +140,7 @@ class DivergenceGuard:
 def diverged_row(m, reason: str, loss: float, tokens_per_step: int) -> dict:
     return {"kind": "diverged", "step": m.step, "tokens": m.step * tokens_per_step, "width": m.width,
             "seed": m.seed, "base_lr": m.cfg.optim.lr, "reason": reason, "loss": loss, "name": m.name,
-            **pass_tag(m)}
+            **pass_tag(m), **depth_tag(m)}
 
 
 def drop_member(monitor, m, announce: bool = True) -> None:
