@@ -1,7 +1,9 @@
 """completep at depth 4 (base depth 2, so every branch output × 0.5, biases on) on 2 CPU ranks (gloo) under
 ddp, fsdp2 and DeepSpeed ZeRO 1-3 trains as one process does (test_dist.py's engine settings and
-tolerance: relative loss error < 1e-4), and a ddp run resumed from its step-3 checkpoint continues
-bit for bit."""
+tolerance: relative loss error < 1e-4), every rank's optimizer groups carry the table's Adam ε
+(ε × m_N^-1 × m_L^-1 on the blocks, ε × m_N^-1 outside: groups_and_train.py dumps them), and a ddp
+run resumed from its step-3 checkpoint continues bit for bit."""
+import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import yaml
 from fastwidth.config import load_config
 from fastwidth.data import build_stream
 from fastwidth.models import build_model
+from fastwidth.trainer.load import load_model
 from fastwidth.trainer.loop import run
 from tests.parallel.test_dist import BACKENDS, CONFIG, ROOT, launch, launcher_of, losses, rel_err, rewind
 
@@ -48,7 +51,7 @@ def two_ranks(work):
     def get(backend: str) -> Path:
         if backend not in done:
             done[backend] = tmp / backend
-            launch(launcher_of(backend), ROOT / "launch" / "train.py", cfg_file,
+            launch(launcher_of(backend), ROOT / "tests" / "parallel" / "groups_and_train.py", cfg_file,
                    [f"train.out_dir={done[backend]}", *BACKENDS[backend]])
         return done[backend]
     return get
@@ -57,9 +60,18 @@ def two_ranks(work):
 @pytest.mark.parametrize("backend", ["ddp", "fsdp2", "zero1", "zero2", "zero3"])
 def test_completep_on_two_ranks_matches_one(work, two_ranks, backend):
     _, _, single = work
-    err = rel_err(losses(single), losses(two_ranks(backend)))
+    out = two_ranks(backend)
+    err = rel_err(losses(single), losses(out))
     print(f"\ncompletep depth 4, {backend}: max relative loss error over 6 steps x 2 widths = {err:.2e}")
     assert err < 1e-4
+    eps = load_config(single / "config.yaml").optim.eps
+    for rank in (0, 1):
+        for member, groups in json.loads((out / f"groups.rank{rank}.json").read_text()).items():
+            table = load_model(single, member).mup_table
+            for g in groups:
+                for name in g["names"]:
+                    assert g["eps"] == pytest.approx(eps * table[name].eps_mult, rel=1e-12), (backend, rank, name)
+            assert len({g["eps"] for g in groups}) == 2, (backend, member)  # on the blocks and outside
 
 
 def test_completep_resume_is_bit_equal(work, two_ranks):
