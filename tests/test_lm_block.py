@@ -270,3 +270,43 @@ def test_stack_with_every_option_equals_each_member(precision):
         for n, p in model.named_parameters():
             g = want[i][1][n]
             assert (p.grad - g).abs().max() <= tol * g.abs().max().clamp_min(1e-12), n
+
+
+# --------------------------------------------------------------------------- Hugging Face export
+
+@pytest.mark.slow  # importing transformers takes 4-10 s on 2 loaded cores
+@pytest.mark.parametrize("extra,arch", [(["model.n_kv_heads=1", "model.tie_embeddings=true"], "LlamaForCausalLM"),
+                                        (ALL, "Qwen3ForCausalLM")])
+def test_hf_export_of_the_lm_block_gives_the_same_logits(extra, arch, tmp_path):
+    # GQA as num_key_value_heads, tied as tie_word_embeddings (the readout's 1/m on the final norm's
+    # gain), QK-norm as a Qwen3 (the attention scale on q_norm's gain); saved and loaded as it is
+    transformers = pytest.importorskip("transformers", reason="pip install 'fastwidth[hf]'")
+    from fastwidth.interop.hf import hf_model_classes, llama_config_kwargs, llama_state_dict
+    cfg = gpt_cfg("model.width=64", "model.head_dim=16", "param.base_width=32", "model.act=swiglu",
+                  "param.attn_mult=3.0", *extra)  # 4 heads on 2 kv heads, m = 2
+    model, _ = build_model(cfg, IO)
+    randomize_gains(model)
+    config_cls, model_cls = hf_model_classes(cfg)
+    hf = model_cls(config_cls(**llama_config_kwargs(cfg, 61)))
+    missing, unexpected = hf.load_state_dict(llama_state_dict(model), strict=False)
+    assert not unexpected and not [k for k in missing if "rotary_emb" not in k], (missing, unexpected)
+    hf.save_pretrained(str(tmp_path))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert type(hf).__name__ == arch
+    assert hf.config.num_key_value_heads == 2 and hf.config.tie_word_embeddings == cfg.model.tie_embeddings
+    x = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        a, b = model(x), hf(x).logits
+    assert a.abs().max() > 0.1 and (a - b).abs().max() < 1e-5, (a - b).abs().max()
+
+
+def test_flops_count_the_tied_readout_and_the_smaller_kv_projections():
+    # per token, forward: 2·(in·out) per linear + 4·T·width per attention; × 3 for training
+    from fastwidth.trainer.flops import flops_per_token
+    io = SimpleNamespace(kind="tokens", vocab_size=61, seq_len=16)
+    N, T, V = 32, 16, 61
+    for sets, kv in (([], N), (["model.n_kv_heads=1", "model.tie_embeddings=true"], N // 2)):
+        cfg = gpt_cfg("model.width=32", *sets)
+        block = 2 * (N * N * 2 + 2 * N * kv + 2 * 4 * N * N) + 4 * T * N  # q, o, k, v, MLP; q kᵀ and p v (unmasked)
+        want = 3 * (2 * block + 2 * N * V)
+        assert flops_per_token(cfg, io) == pytest.approx(want, rel=1e-12)

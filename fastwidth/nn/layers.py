@@ -75,6 +75,14 @@ class TiedReadout(nn.Module):
         # read at call time: FSDP2 swaps the embedding's parameter for its unsharded one around a forward
         return self._embedding[0].weight
 
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, None, alpha=self.mult, backend="torch")  # as MuReadout.forward
 
