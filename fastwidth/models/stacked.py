@@ -16,7 +16,9 @@ Layouts: activations are (S, rows, C) with rows = B (MLP) or B*T (GPT); the GPT'
 on (S*B, H, T, D), one kernel call for all members. The first layer's input is shared, so it is
 one GEMM against all members' weights concatenated ((rows, in) @ (in, S*out)).
 
-What stacks: the MLP and the GPT with the cross-entropy loss. `why_not(models)` says in one line
+What stacks: the MLP and the GPT with the cross-entropy loss (and the GPT's grouped-query heads,
+QK-norm, tied embeddings and z-loss: the tied matrix is the stacked embed.weight, read by both of
+its uses, so its gradient sums them as the member's own). `why_not(models)` says in one line
 why a set of models cannot be stacked (ResNet's batchnorm, hooks elsewhere than the
 preactivation points, different multipliers); the loop then trains them one by one.
 """

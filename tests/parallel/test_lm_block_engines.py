@@ -10,6 +10,7 @@ import yaml
 from safetensors.torch import load_file
 
 from test_dist import ROOT, evals, launch, launcher_of, losses, rel_err  # tests/parallel is on sys.path
+from test_stats_engines import ENGINES as ALL_ENGINES
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -23,11 +24,7 @@ CONFIG = {"model": {"arch": "gpt", "depth": 2, "head_dim": 8, "qk_norm": True, "
           "train": {"steps": 6, "progress": False, "log_every": 1, "kernels": "torch", "report": False,
                     "z_loss": 1e-3, "ckpt_every": 6},
           "stats": {"every": 3, "sharpness_iters": 0, "ntk_points": 0, "kernel_points": 8}}
-ENGINES = {"ddp": ["dist.backend=ddp"],
-           "fsdp2": ["dist.backend=fsdp2"],
-           "zero1": ["dist.backend=deepspeed", "dist.zero_stage=1"],
-           "zero2": ["dist.backend=deepspeed", "dist.zero_stage=2"],
-           "zero3": ["dist.backend=deepspeed", "dist.zero_stage=3"]}
+ENGINES = {k: ALL_ENGINES[k] for k in ("ddp", "fsdp2", "zero1", "zero2", "zero3")}
 
 
 @pytest.fixture(scope="module")
