@@ -305,9 +305,7 @@ def validate(cfg: Config) -> None:
     if cfg.stats.ntk_output == "trace" and m.arch == "gpt":
         raise ConfigError("stats.ntk_output=trace is for classifiers (mlp, resnet): a gpt's vocabulary makes it "
                           "V× the cost; use stats.ntk_output=class")
-    if cfg.param.kind in ("depth_mup", "completep") and cfg.optim.name == "sgd":
-        raise ConfigError(f"param.kind={cfg.param.kind} has an Adam table only (CompleteP, Dey et al. 2025); "
-                          "use optim.name adamw or adam, or param.kind mup for SGD")
+    _check_param_optim(cfg)
     if cfg.param.attn_mult is not None and not (cfg.param.attn_mult > 0 and math.isfinite(cfg.param.attn_mult)):
         raise ConfigError(f"param.attn_mult: {cfg.param.attn_mult} must be a positive number or null")
 
@@ -333,6 +331,39 @@ def gpt_heads(m: ModelConfig, width: int, base_width: int) -> tuple[int, int]:
         raise ConfigError(f"width {width} has {heads} query heads, not a multiple of the group size {group} that "
                           f"model.n_kv_heads={m.n_kv_heads} makes at param.base_width={base_width}")
     return heads, heads // group
+
+
+def _check_param_optim(cfg: Config) -> None:
+    """The combinations of param.kind and optim keys that the µP tables (param/scaling.py) cover."""
+    p, o, kind = cfg.param, cfg.optim, cfg.param.kind
+    if kind in ("depth_mup", "completep", "umup") and o.name == "sgd":
+        raise ConfigError(f"param.kind={kind} has an Adam table only (CompleteP, Dey et al. 2025; u-µP); "
+                          "use optim.name adamw or adam, or param.kind mup for SGD")
+    if p.depth_alpha is not None and kind not in ("depth_mup", "completep"):
+        raise ConfigError(f"param.depth_alpha={p.depth_alpha} sets the residual exponent of depth_mup and completep; "
+                          f"param.kind={kind} has none (leave it null)")
+    if o.eps_scaling == "width" and kind in ("sp", "ntk"):
+        raise ConfigError(f"optim.eps_scaling=width scales ε by base_width / width under the µP kinds; "
+                          f"param.kind={kind} has one ε (use none or auto)")
+    if o.weight_decay_mode == "independent" and o.name != "adamw":
+        raise ConfigError(f"optim.weight_decay_mode=independent is AdamW's decoupled decay; optim.name={o.name} "
+                          "adds decay to the gradient (use optim.name adamw, or weight_decay_mode coupled)")
+    if kind == "umup":
+        _check_umup(cfg)
+
+
+def _check_umup(cfg: Config) -> None:
+    """u-µP where fastwidth's tables hold it (README, µP: what umup is and is not)."""
+    p, m = cfg.param, cfg.model
+    outside = [(m.arch == "resnet", "model.arch=resnet (unit_scaling has no rule for 2-D convolutions)"),
+               (p.init == "torch", "param.init=torch (u-µP draws every matrix from N(0, σ²))"),
+               (p.zero_query, "param.zero_query=true (u-µP's query starts at unit scale)"),
+               (m.tie_embeddings, "model.tie_embeddings=true (u-µP's embedding and readout take different LR rules)"),
+               (cfg.optim.weight_decay > 0 and cfg.optim.weight_decay_mode == "coupled",
+                "optim.weight_decay > 0 with weight_decay_mode=coupled (u-µP's decay is independent)")]
+    for bad, what in outside:
+        if bad:
+            raise ConfigError(f"param.kind=umup does not cover {what}; README (µP) says what umup is and is not")
 
 
 def _check_seeds(cfg: Config) -> None:

@@ -47,17 +47,17 @@ class ModelConfig:
 
 @dataclass
 class ParamConfig:
-    kind: str = _opt("mup", choices=["mup", "sp", "ntk", "mean_field", "depth_mup", "completep", "umup"], help="parameterization (README: the µP table; depth_mup and completep scale residual branches by (depth / base_depth)^-α)")
+    kind: str = _opt("mup", choices=["mup", "sp", "ntk", "mean_field", "depth_mup", "completep", "umup"], help="parameterization (README: the µP table; depth_mup and completep scale residual branches by (depth / base_depth)^-α; umup is u-µP where its rules fit the table)")
     base_width: int = _opt(64, min=1, help="width at which every kind equals sp; m = width / base_width")
     base_depth: int = _opt(2, min=1, help="depth at which depth_mup and completep equal mup; m_L = depth / base_depth")
     depth_alpha: Optional[float] = _opt(None, min=0.0, max=1.0, help="residual branch exponent α (branch output × m_L^-α); null = the kind's own (depth_mup 0.5, completep 1)")
     gamma0: float = _opt(1.0, min=1e-12, help="mean_field richness γ0 (output ÷γ0, LR ×γ0 Adam / ×γ0² SGD)")
     output_mult: float = _opt(1.0, help="readout forward multiplier α (µP: α / m)")
-    attn_mult: Optional[float] = _opt(None, above=0.0, help="attention logits scale attn_mult / head_dim; null = sqrt(base head_dim)")
+    attn_mult: Optional[float] = _opt(None, above=0.0, help="attention logits scale attn_mult / head_dim; null = sqrt(base head_dim) (umup: 1)")
     init: str = _opt("normal", choices=["normal", "torch"], help="normal = N(0, σ²/fan_in), biases 0 (the default: earlier runs keep their numbers; √3 × PyTorch's std); torch = PyTorch's default init through the µP table, as mup's set_base_shapes leaves it (matrices U(±σ/√fan_in), biases U(±1/√fan_in)), so mup users' hyperparameters carry over")
     init_std: float = _opt(1.0, min=0.0, help="σ: matrices ~ N(0, σ² / fan_in) or, init=torch, U(±σ/√fan_in) (fan_in at base width for input/output)")
     embed_std: float = _opt(1.0, min=0.0, help="token embedding std (gpt)")
-    zero_readout: bool = _opt(True, help="µP kinds: zero-initialize the readout weight")
+    zero_readout: bool = _opt(True, help="µP kinds but umup (unit init): zero-initialize the readout weight")
     zero_query: bool = _opt(False, help="µP kinds: zero-initialize the attention query weight")
 
 
@@ -69,7 +69,7 @@ class OptimConfig:
     betas: list = _opt([0.9, 0.999], help="Adam betas")
     eps: float = _opt(1e-8, above=0.0, help="Adam epsilon (per group: eps × eps_mult, `fastwidth mup-table`)")
     eps_scaling: str = _opt("auto", choices=["auto", "none", "width"], help="Adam epsilon across width under the µP kinds: width = eps × base_width / width (Everett et al. 2024; nanoGPT-mup), none = one eps; auto = width under depth_mup, completep and umup, none under the others")
-    weight_decay_mode: str = _opt("coupled", choices=["coupled", "independent"], help="coupled: the per-step decay is lr × weight_decay (torch's AdamW); independent: weight_decay × schedule, not riding on the LR (unit scaling)")
+    weight_decay_mode: str = _opt("coupled", choices=["coupled", "independent"], help="coupled: the per-step decay is lr × weight_decay × wd_mult (torch's AdamW); independent (adamw only): weight_decay × schedule, not riding on the LR and with no width factor (unit scaling, u-µP)")
     momentum: float = _opt(0.0, min=0.0, below=1.0, help="SGD momentum")
     grad_clip: float = _opt(1.0, min=0.0, help="global gradient-norm clip per model; 0 = off. Not part of µP: the norm it clips grows or shrinks with width, so a clip acts differently per width (comparisons across widths or parameterizations state it, usually 0)")
     schedule: str = _opt("constant", choices=["constant", "linear", "cosine"], help="LR schedule after warmup")

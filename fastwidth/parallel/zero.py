@@ -100,8 +100,9 @@ def init_zero_partitions(model, table: dict[str, ParamInfo], seed: int, width: i
 
 
 def cpu_adam(model, table, wcfg):
-    """DeepSpeedCPUAdam over the µP groups (it reads each group's lr / weight_decay every step), or
-    None with one warning line when its C++ op cannot be built here."""
+    """DeepSpeedCPUAdam over the µP groups (it reads each group's lr, weight_decay and eps every
+    step: deepspeed/ops/adam/cpu_adam.py, 0.19.8, so eps_mult and independent decay hold), or None
+    with one warning line when its C++ op cannot be built here."""
     oc = wcfg.optim
     if oc.name not in ("adam", "adamw"):
         return None

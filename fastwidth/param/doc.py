@@ -85,6 +85,80 @@ def mup_markdown() -> str:
     return "\n".join(lines)
 
 
+# The depth kinds and umup: (role, init, on a residual branch, the layer a bias belongs to, label)
+PLACES = ((Role.INPUT, Init.EMBED, False, None, "embedding"),
+          (Role.HIDDEN, Init.FAN_IN, True, None, "hidden matrix in a block"),
+          (Role.VECTOR, Init.ONES, True, None, "norm gain in a block"),
+          (Role.VECTOR, Init.BIAS, True, Role.HIDDEN, "linear bias in a block"),
+          (Role.VECTOR, Init.ONES, False, None, "final norm gain"),
+          (Role.OUTPUT, Init.FAN_IN, False, None, "readout"))
+
+
+def _depth_info(kind: str, role: Role, init: Init, on_branch: bool, layer_role, mN: float, mL: float,
+                base_width: int, base_depth: int):
+    width, depth = round(base_width * mN), round(base_depth * mL)
+    # a GPT (what every kind here takes; head_dim 2 divides the widths), never built: only its config
+    cfg = load_config(None, ["model.arch=gpt", "model.head_dim=2", f"param.kind={kind}",
+                             f"param.base_width={base_width}", f"model.width={width}", f"param.base_depth={base_depth}",
+                             f"model.depth={depth}", "param.zero_readout=false"])
+    shape = {Role.INPUT: (10, width), Role.HIDDEN: (width, width), Role.OUTPUT: (10, width)}.get(role, (width,))
+    layer = (layer_role, (width, width)) if layer_role is not None else None
+    return param_info("w", shape, role, init, cfg, layer, on_branch)
+
+
+def _monomial(f, what: str, n: str, l: str) -> str:
+    """f(m_N, m_L) = c · what · n^a · l^b as text, from f at (2, 2), (4, 2) and (2, 4)."""
+    v = f(2.0, 2.0)
+    if v == 0:
+        return "0"
+    a, b = (round(math.log2(f(*x) / v) * 4) / 4 for x in ((4.0, 2.0), (2.0, 4.0)))
+    c = v / 2.0 ** (a + b)
+    text = what if math.isclose(c, 1.0) else (f"{c:.3g}·{what}" if what else f"{c:.3g}")
+    for sym, k in ((n, a), (l, b)):
+        if k:
+            text += {1: f"·{sym}", -1: f"/{sym}", 0.5: f"·√{sym}", -0.5: f"/√{sym}"}.get(k, f"·{sym}^{k:g}")
+    text = text or "1"
+    return text[1:] if text.startswith("·") else (f"1{text}" if text.startswith("/") else text)
+
+
+def _init_text(info, mN: float) -> str:
+    if info.init in ("zeros", "ones"):
+        return "1" if info.init == "ones" else "0"
+    fan = fan_in(info.shape)
+    stds = ((1.0, "σ"), (1.0 / math.sqrt(fan), "σ/√fan_in"), (math.sqrt(mN / fan), "σ·√(m_N/fan_in)"))
+    for value, text in stds:
+        if math.isclose(info.init_std, value):
+            return text
+    return f"{info.init_std:g}"
+
+
+def depth_markdown() -> str:
+    lines = ["| kind | parameter | init std | forward mult | Adam LR | Adam WD | Adam ε (auto) | branch |",
+             "|---|---|---|---|---|---|---|---|"]
+    for kind in ("depth_mup", "completep", "umup"):
+        # umup's rules use absolute sizes: shown at base 1, so N = fan_in (= the width here) and L = depth
+        absolute = kind == "umup"
+        bw, bd, n, l = (1, 1, "N", "L") if absolute else (BASE, 2, "m_N", "m_L")
+        for role, init, on_branch, layer_role, label in PLACES:
+            def get(attr, width_base=bw, depth_base=bd):
+                return lambda mN, mL: getattr(_depth_info(kind, role, init, on_branch, layer_role, mN, mL,
+                                                          width_base, depth_base), attr)
+            info = _depth_info(kind, role, init, on_branch, layer_role, 2.0, 2.0, BASE, 2)
+            init_txt = "N(0, embed_std²)" if init is Init.EMBED else _init_text(info, 2.0)
+            eps = _monomial(get("eps_mult", BASE, 2), "ε", "m_N", "m_L")  # ε: against the base shape, every kind
+            fwd = _monomial(get("forward_mult"), "α" if role is Role.OUTPUT else "", n, l)
+            lines.append(f"| {kind} | {label} | {init_txt} | {fwd} | "
+                         f"{_monomial(get('lr_mult'), 'η', n, l)} | {_monomial(get('wd_mult'), 'wd', n, l)} | {eps} | "
+                         f"{_monomial(get('branch_mult'), '', n, l)} |")
+    lines.append("")
+    lines.append("m_N = width / base_width, m_L = depth / base_depth; depth_mup has α_L = ½, completep α_L = 1 "
+                 "(param.depth_alpha overrides it). umup rows are in absolute sizes: N = fan_in (here the width; "
+                 "an embedding's LR uses its width, as unit_scaling.optim does), L = depth. The ε column is "
+                 "optim.eps_scaling=auto (width under these kinds; none drops the m_N factor). With "
+                 "optim.weight_decay_mode=independent every WD multiplier is 1.")
+    return "\n".join(lines)
+
+
 def config_markdown() -> str:
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, tname, default, help_ in reference_rows():
@@ -92,7 +166,7 @@ def config_markdown() -> str:
     return "\n".join(lines)
 
 
-SECTIONS = {"mup-table": mup_markdown, "config-reference": config_markdown}
+SECTIONS = {"mup-table": mup_markdown, "depth-table": depth_markdown, "config-reference": config_markdown}
 
 
 def render(readme: str) -> str:

@@ -1,9 +1,15 @@
 """Optimizer param groups from the µP table, and the LR schedule (owned here, nowhere else).
 
-Each group carries its `lr_mult` and `wd_mult`; every step `set_lr` writes
+Each group carries its `lr_mult`, `wd_mult` and `eps_mult`; every step `set_lr` writes
     group["lr"] = optim.lr × lr_mult × schedule(step)
-    group["weight_decay"] = optim.weight_decay × wd_mult
+    group["eps"] = optim.eps × eps_mult
+    group["weight_decay"] = optim.weight_decay × wd_mult                       (coupled)
+                          = optim.weight_decay × wd_mult × schedule(step) / group["lr"]   (independent)
 so neither a resumed optimizer state nor an engine's scheduler can overwrite the multipliers.
+AdamW (torch's, fused or not; DeepSpeedCPUAdam's adamw_mode; the stacked step) multiplies p by
+1 - lr × weight_decay each step: coupled, that is lr·wd (mup's rule); independent (unit scaling,
+u-µP; Wortsman et al. 2023), wd × wd_mult × schedule whatever the LR. The AdamW timescale
+τ = 1/(η λ) of each group (η its peak LR, λ its decay; independent: 1/λ_step) is `timescales`.
 """
 from __future__ import annotations
 
@@ -74,6 +80,25 @@ def set_lr(opt: torch.optim.Optimizer, oc: OptimConfig, step: int, total_steps: 
     for g in opt.param_groups:
         g["lr"] = oc.lr * g["lr_mult"] * factor
         g["weight_decay"] = oc.weight_decay * g["wd_mult"]
+        if oc.weight_decay_mode == "independent":  # lr × weight_decay = wd × wd_mult × factor
+            g["weight_decay"] = g["weight_decay"] * factor / g["lr"] if g["lr"] > 0 else 0.0
         if "eps" in g:
             g["eps"] = oc.eps * g.get("eps_mult", 1.0)
     return factor
+
+
+def timescales(table: dict[str, ParamInfo], oc: OptimConfig) -> list[dict]:
+    """Each optimizer group's AdamW timescale in steps: τ = 1/(η λ) with η = optim.lr × lr_mult
+    (the peak LR) and λ = weight_decay × wd_mult when coupled; τ = 1/λ_step, λ_step =
+    weight_decay × wd_mult, when independent. null without decay.
+    One row per (lr_mult, wd_mult, eps_mult), as param_groups groups."""
+    groups: dict[tuple[float, float, float], list[str]] = defaultdict(list)
+    for name, info in table.items():
+        groups[(info.lr_mult, info.wd_mult, info.eps_mult)].append(name)
+    rows = []
+    for (lr_mult, wd_mult, eps_mult), names in groups.items():
+        lr, wd = oc.lr * lr_mult, oc.weight_decay * wd_mult
+        per_step = wd if oc.weight_decay_mode == "independent" else lr * wd
+        rows.append({"params": len(names), "first": names[0], "lr": lr, "weight_decay": wd,
+                     "eps": oc.eps * eps_mult, "tau": 1.0 / per_step if per_step > 0 else None})
+    return rows

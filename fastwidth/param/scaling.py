@@ -13,6 +13,17 @@ their weight decay by m; MuReadout multiplies the readout by output_mult / m.
                 output  0 or σ/√(fan_in/m)    α/m         η         η·m
                 fixed   const                 1           η         η
     mean_field  = mup, output ÷γ0 and every LR ×γ0 (Adam) or ×γ0² (SGD); γ0 = 1 is mup
+    depth_mup, completep: mup and, with m_L = depth / base_depth and α = ½ or 1 (DESIGN §3,
+                the CompleteP paper's Table 1), on a residual branch: output × m_L^-α, Adam LR
+                × m_L^(α-1), ε × m_L^-α (Adam only)
+    umup        u-µP (Blake et al. 2024) as the `unit-scaling` package builds it, absolute sizes:
+                init N(0, σ²) for every matrix; forward 1/√fan_in (input, hidden), α/fan_in
+                (readout); Adam LR × fan_in^-½ for input and hidden matrices (an embedding's
+                "fan_in" is its width, unit_scaling.optim._get_fan_in), × depth^-½ on a residual
+                branch, a linear layer's bias × its layer's forward scale (unit_scaling scales the
+                bias with the matmul); each branch output × depth^-½ (what
+                transformer_residual_scaling_rule's τ and the skip's renormalization amount to
+                ahead of pre-norm blocks and a final norm)
     sp          σ/√fan_in everywhere, forward α on the readout, one LR
     ntk         N(0, σ²), forward 1/√fan_in on every matrix, one LR
 
@@ -45,6 +56,7 @@ from fastwidth.nn.roles import Init, Role
 
 DEPTH_ALPHA = {"depth_mup": 0.5, "completep": 1.0}   # the residual branch exponent of each depth kind
 MUP_KINDS = ("mup", "mean_field", *DEPTH_ALPHA)
+UMUP = "umup"   # unit-scaled µP: its own rules (_umup_*), absolute fan_in and depth, no base shape
 MATRIX_INITS = (Init.FAN_IN, Init.QUERY)
 
 
@@ -87,7 +99,10 @@ def depth_mult(cfg: Config) -> float:
 
 def branch_mult(cfg: Config) -> float:
     """The multiplier on every residual branch's output: m_L^-α (1.0 exactly at base depth and
-    for kinds without a depth rule, so those models compute what they always did)."""
+    for kinds without a depth rule, so those models compute what they always did); umup:
+    depth^-½, unit_scaling's default residual rule (tests/test_umup_oracle.py derives it)."""
+    if cfg.param.kind == UMUP:
+        return cfg.model.depth ** -0.5
     a = depth_alpha(cfg)
     return 1.0 if a == 0.0 else depth_mult(cfg) ** -a
 
@@ -96,8 +111,8 @@ def eps_scales_with_width(cfg: Config) -> bool:
     """optim.eps_scaling resolved: auto = width under the depth kinds and umup, none elsewhere."""
     mode = cfg.optim.eps_scaling
     if mode == "auto":
-        return cfg.param.kind in (*DEPTH_ALPHA, "umup")
-    return mode == "width" and cfg.param.kind in MUP_KINDS
+        return cfg.param.kind in (*DEPTH_ALPHA, UMUP)
+    return mode == "width"  # config validation refuses width under sp and ntk
 
 
 def fan_in(shape: tuple) -> int:
@@ -115,6 +130,8 @@ def _init(kind: str, role: Role, init: Init, shape: tuple, m: float, cfg: Config
         return "normal", p.embed_std
     if init is Init.BIAS:
         return _bias_init(kind, role, m, cfg, layer)
+    if kind == UMUP:  # unit init for every matrix, the readout included (config refuses init=torch)
+        return "normal", p.init_std
     if kind == "ntk":
         std = p.init_std
     else:
@@ -150,6 +167,8 @@ def _bias_init(kind: str, role: Role, m: float, cfg: Config, layer: tuple[Role, 
 
 def _forward_mult(kind: str, role: Role, init: Init, shape: tuple, m: float, cfg: Config) -> float:
     p = cfg.param
+    if kind == UMUP and init in MATRIX_INITS:  # unit_scaling.functional.linear / linear_readout
+        return p.output_mult / fan_in(shape) if role is Role.OUTPUT else 1.0 / math.sqrt(fan_in(shape))
     if role is Role.OUTPUT and init in MATRIX_INITS:
         if kind == "mup" or kind in DEPTH_ALPHA:
             return p.output_mult / m
@@ -163,7 +182,23 @@ def _forward_mult(kind: str, role: Role, init: Init, shape: tuple, m: float, cfg
     return 1.0
 
 
-def _lr_wd_mult(kind: str, role: Role, m: float, cfg: Config, on_branch: bool = False) -> tuple[float, float]:
+def _lr_wd_mult(kind: str, role: Role, shape: tuple, m: float, cfg: Config, on_branch: bool = False,
+                layer: tuple[Role, tuple] | None = None) -> tuple[float, float]:
+    lr, wd = _lr_wd_coupled(kind, role, shape, m, cfg, on_branch)
+    if kind == UMUP and layer is not None:
+        # unit_scaling.functional.linear scales the bias with the matmul (output × 1/√fan_in);
+        # fastwidth's multiplier leaves the bias out, so the same Adam steps on the bias's
+        # contribution need its LR × that scale
+        lr *= _forward_mult(kind, layer[0], Init.FAN_IN, layer[1], m, cfg)
+    # independent decay (p × (1 - wd × wd_mult × schedule) a step, optim.set_lr) is width-free
+    # as it stands: no factor, as unit_scaling.optim.scaled_parameters and u-µP apply none
+    return lr, 1.0 if cfg.optim.weight_decay_mode == "independent" else wd
+
+
+def _lr_wd_coupled(kind: str, role: Role, shape: tuple, m: float, cfg: Config, on_branch: bool) -> tuple[float, float]:
+    if kind == UMUP:  # unit_scaling.optim.lr_scale_func_adam (Adam only: config refuses sgd)
+        lr = cfg.model.depth ** -0.5 if on_branch else 1.0
+        return (lr / math.sqrt(fan_in(shape)), 1.0) if role in (Role.INPUT, Role.HIDDEN) else (lr, 1.0)
     if kind not in MUP_KINDS:
         return 1.0, 1.0
     if kind in DEPTH_ALPHA:  # Adam only (config validation refuses sgd)
@@ -197,7 +232,7 @@ def param_info(name: str, shape: tuple, role: Role, init: Init, cfg: Config,
     `on_branch`: the parameter sits on a residual branch (the model's branch_prefixes)."""
     kind, m = cfg.param.kind, width_mult(cfg)
     how, std = _init(kind, role, init, shape, m, cfg, layer)
-    lr, wd = _lr_wd_mult(kind, role, m, cfg, on_branch)
+    lr, wd = _lr_wd_mult(kind, role, tuple(shape), m, cfg, on_branch, layer)
     return ParamInfo(name=name, shape=tuple(shape), role=role.value, init=how, init_std=std,
                      lr_mult=lr, wd_mult=wd, forward_mult=_forward_mult(kind, role, init, shape, m, cfg),
                      eps_mult=_eps_mult(m, cfg, on_branch), branch_mult=branch_mult(cfg) if on_branch else 1.0)
@@ -225,10 +260,13 @@ def mup_table(model: nn.Module, cfg: Config) -> dict[str, ParamInfo]:
 
 
 def attention_scale(cfg: Config) -> float:
-    """Softmax scale. µP kinds: attn_mult / head_dim, attn_mult defaulting to √(base head_dim);
-    sp/ntk: √head_dim / head_dim, written the same way so both are bitwise equal at base width."""
+    """Softmax scale. µP kinds: attn_mult / head_dim, attn_mult defaulting to √(base head_dim)
+    (umup: to 1, u-µP's attention mult); sp/ntk: √head_dim / head_dim, written the same way so
+    both are bitwise equal at base width."""
     mc = cfg.model
     head_dim = mc.width // mc.n_heads if mc.n_heads else mc.head_dim
+    if cfg.param.kind == UMUP:  # u-µP's attention: mult / head_dim, mult = 1 (unit_scaling)
+        return (cfg.param.attn_mult or 1.0) / head_dim
     if cfg.param.kind in MUP_KINDS:
         base_hd = cfg.param.base_width // mc.n_heads if mc.n_heads else mc.head_dim
         attn_mult = cfg.param.attn_mult if cfg.param.attn_mult is not None else math.sqrt(base_hd)

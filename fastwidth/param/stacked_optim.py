@@ -29,10 +29,13 @@ def why_not(optimizers: list) -> str | None:
     for opt in optimizers:
         if type(opt) is not type(first):
             return "the members' optimizers differ in class"
-        for g in opt.param_groups:
+        if len(opt.param_groups) != len(first.param_groups):
+            return "the members' optimizer groups differ"
+        # group g of every member against group g of the first: the groups' ε differ (eps_mult)
+        for g, lead in zip(opt.param_groups, first.param_groups):
             if not g.get("fused") or g.get("amsgrad") or g.get("maximize") or g.get("capturable"):
                 return "an optimizer that is not fused Adam without amsgrad/maximize"
-            if any(g.get(k) != first.param_groups[0].get(k) for k in keys):
+            if any(g.get(k) != lead.get(k) for k in keys):
                 return "the members' betas or eps differ"
     return None
 
@@ -103,7 +106,7 @@ class StackedStep:
             names = [n for n in names if self.params[n].grad is not None]
             if not names:
                 continue
-            first = groups[0][g]
+            first = groups[0][g]  # group g's betas and ε (why_not: equal in every member)
             beta1, beta2 = first["betas"]
             hyper = dict(amsgrad=False, beta1=beta1, beta2=beta2, eps=first["eps"], maximize=False)
             if all(gs[g]["lr"] == first["lr"] and gs[g]["weight_decay"] == first["weight_decay"] for gs in groups):

@@ -32,7 +32,7 @@ from fastwidth.parallel.placement import Placement
 from fastwidth.parallel.plan import check_fits
 from fastwidth.errors import DataError
 from fastwidth.kernels import dispatch
-from fastwidth.param.optim import lr_factor, set_lr
+from fastwidth.param.optim import lr_factor, set_lr, timescales
 from fastwidth.stats.lr_groups import monitor_for
 from fastwidth.stats.reference import check_reference_run
 from fastwidth.stats.training_rows import BatchSharpnessRows, CoordRows
@@ -172,6 +172,8 @@ class Trainer:
         cfg = self.cfg
         start = min((m.step for m in self.active(self.members)), default=cfg.train.steps)
         self.record_data(start)
+        if start == 0:
+            self.record_timescales(self.members)
         if start == 0:  # λ0 rows and the sharpness at initialization, on the first training batch
             x, y = self.batch(0)
             self.sharpness_rows.at_start(self.writer, self.members, self.active(self.members), x, y)
@@ -232,6 +234,7 @@ class Trainer:
         log.info("sweep.lr_refine=%d: %d more members, learning rates %s", cfg.sweep.lr_refine, len(new),
                  {w: sorted({lr for w2, lr, _ in specs if w2 == w}) for w in dict.fromkeys(w for w, _, _ in specs)})
         self.members += new
+        self.record_timescales(new)
         self.coord_rows.add(new)  # stats.coord_every: W_0 of the new members
         self.evaluator.add(new)
         self.stacker = self._plan_stacks()
@@ -255,6 +258,13 @@ class Trainer:
             sweep.drop_member(self.evaluator, m)
             bar.update(self.cfg.train.steps - m.step)
             log.warning("%s diverged at step %d (%s): stopped, the others go on", m.name, m.step, reason)
+
+    def record_timescales(self, members: list[Member]) -> None:
+        """One "optim" row a member: each optimizer group's lr, weight decay, ε and AdamW timescale τ."""
+        for m in members:
+            row = {"kind": "optim", "step": 0, "tokens": 0, "width": m.width, "seed": m.seed, "member": m.name,
+                   "weight_decay_mode": m.cfg.optim.weight_decay_mode, "groups": timescales(m.table, m.cfg.optim)}
+            self.writer.write(row if m.base_lr is None else {**row, "base_lr": m.base_lr})
 
     def record_data(self, step: int) -> None:
         """The stream's fingerprint in metrics.jsonl and the probe split beside the run, so a

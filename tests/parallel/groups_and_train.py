@@ -1,5 +1,5 @@
 """Launched like launch/train.py (torchrun / deepspeed): after wrapping, every rank dumps its live
-optimizer groups (names, lr_mult, wd_mult, lr, global shapes, local element counts) to
+optimizer groups (names, lr_mult, wd_mult, lr, eps, global shapes, local element counts) to
 OUT/groups.rank<r>.json and its node and device mesh (FSDP2: the ranks of each mesh dimension's
 group) to OUT/layout.rank<r>.json, then trains."""
 import json
@@ -36,7 +36,8 @@ def main():
     for m in trainer.members:
         named = dict(m.model.named_parameters())
         rows[m.name] = [{"names": g["names"], "lr_mult": g["lr_mult"], "wd_mult": g["wd_mult"], "lr": g["lr"],
-                         "weight_decay": g["weight_decay"], "shapes": [global_shape(named[n]) for n in g["names"]],
+                         "eps": g.get("eps"), "weight_decay": g["weight_decay"],
+                         "shapes": [global_shape(named[n]) for n in g["names"]],
                          "local": [local_numel(named[n]) for n in g["names"]]}
                         for g in m.optimizer.param_groups]
     out = Path(cfg.train.out_dir)
