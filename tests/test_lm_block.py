@@ -208,7 +208,8 @@ def _native_backend():
     return ["native"] if native.available() else []
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", *_native_backend()])
+# triton interpreted: 1.6 s, slow tier (tests/kernels/test_kernel_readout_ce.py checks its z-loss in the fast one)
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow), *_native_backend()])
 def test_z_loss_through_each_fused_readout_path(backend):
     # the op model.loss calls, on each path, against CE + z·mean(lse²) of explicit logits: 37 rows, 61
     # classes (odd), the µP multiplier, outputs and the gradients of h and W
