@@ -274,8 +274,16 @@ def validate(cfg: Config) -> None:
                 hd = m.head_dim
             if hd % 2:
                 raise ConfigError(f"head dimension {hd} (width {w}) must be even for RoPE")
+            gpt_heads(m, w, cfg.param.base_width)  # grouped-query heads fit every width
         if m.act == "relu":
             raise ConfigError("model.act: relu is for mlp/resnet; gpt takes gelu or swiglu")
+    gpt_only = [f"model.{k}={getattr(m, k)}" for k in ("qk_norm", "n_kv_heads", "tie_embeddings") if getattr(m, k)]
+    if m.arch != "gpt" and gpt_only:
+        raise ConfigError(f"{', '.join(gpt_only)}: attention and token-embedding options are for gpt; "
+                          f"model.arch={m.arch} has neither (leave them at their defaults)")
+    if cfg.train.z_loss and cfg.train.loss != "ce":
+        raise ConfigError(f"train.z_loss={cfg.train.z_loss} penalizes the logits' logsumexp of the cross-entropy; "
+                          f"train.loss={cfg.train.loss} has none (set train.z_loss=0 or train.loss=ce)")
     if m.arch != "gpt" and m.act == "swiglu":
         raise ConfigError(f"model.act: swiglu is for gpt; {m.arch} takes relu or gelu")
     if len(cfg.optim.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.optim.betas):
@@ -326,6 +334,29 @@ def _check_depths(cfg: Config) -> None:
     if sw.depths and cfg.stats.reference_run:
         raise ConfigError("stats.reference_run compares with a stored run's reference width, which has no depth "
                           "axis: use it without sweep.depths")
+
+
+def gpt_heads(m: ModelConfig, width: int, base_width: int) -> tuple[int, int]:
+    """(query heads, key/value heads) of a GPT at `width`.
+
+    model.n_kv_heads counts the key/value heads at param.base_width (the base model whose shapes
+    µP scales), and its group size G = heads / kv heads is kept at every width: with heads =
+    width / head_dim the kv heads grow with width as the query heads do (so k and v stay hidden
+    matrices, both dimensions growing); with fixed model.n_heads both counts are fixed.
+    0 = as many kv heads as query heads (no grouping). Raises ConfigError when a width's heads
+    are not a multiple of G."""
+    heads = m.n_heads or width // m.head_dim
+    if not m.n_kv_heads:
+        return heads, heads
+    base_heads = m.n_heads or base_width // m.head_dim
+    if base_heads < 1 or base_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_kv_heads={m.n_kv_heads} (the kv heads at param.base_width={base_width}) must "
+                          f"divide the {base_heads} query heads there")
+    group = base_heads // m.n_kv_heads
+    if heads % group:
+        raise ConfigError(f"width {width} has {heads} query heads, not a multiple of the group size {group} that "
+                          f"model.n_kv_heads={m.n_kv_heads} makes at param.base_width={base_width}")
+    return heads, heads // group
 
 
 def _check_param_optim(cfg: Config) -> None:

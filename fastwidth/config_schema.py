@@ -41,7 +41,7 @@ class ModelConfig:
     rope_base: float = _opt(10000.0, min=1.0, help="gpt: RoPE base")
     bias: bool = _opt(False, help="gpt: biases in linear layers (mlp and resnet readouts always have one)")
     qk_norm: bool = _opt(False, help="gpt: RMS-normalize each head's queries and keys (with gains) before RoPE and the softmax")
-    n_kv_heads: int = _opt(0, min=0, help="gpt: key/value heads (grouped-query attention; must divide the query heads); 0 = as many as query heads")
+    n_kv_heads: int = _opt(0, min=0, help="gpt: key/value heads at param.base_width (grouped-query attention; must divide the query heads there; the group size is kept at every width); 0 = as many as query heads")
     tie_embeddings: bool = _opt(False, help="gpt: the readout uses the token embedding's matrix (µP: the readout's forward multiplier on the output use only, as mup's MuSharedReadout)")
 
 

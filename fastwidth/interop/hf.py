@@ -10,7 +10,14 @@ keeps outside the weights is folded into them:
     - the attention scale: fastwidth uses attn_mult / head_dim, Llama 1/√head_dim, so the query
       weight (and bias) carry the ratio √head_dim · scale (RoPE is linear, so scaling q before
       it is the same as scaling the logits).
-Other layouts (LayerNorm, GELU MLPs, MLPs, ResNets) are refused in one line.
+Grouped-query heads (model.n_kv_heads) are Llama's num_key_value_heads. Tied embeddings
+(model.tie_embeddings) are tie_word_embeddings: the one matrix is the embedding (× its multiplier),
+and the readout's multiplier, which fastwidth applies to the output use only, is folded into the
+final RMSNorm's gain (exact: the readout is linear in the normalized features). QK-norm
+(model.qk_norm) exports as a Qwen3 (a Llama with q_norm / k_norm over head_dim, one gain shared
+by the heads, before RoPE, as fastwidth's): the attention scale then rides on the q_norm gain,
+since q's projection is normalized away.
+Other layouts (LayerNorm, GELU MLPs, MLPs, ResNets; biases with QK-norm) are refused in one line.
 """
 from __future__ import annotations
 
@@ -19,7 +26,9 @@ from pathlib import Path
 
 import torch
 
+from fastwidth.config import gpt_heads
 from fastwidth.errors import UserError
+from fastwidth.nn import TiedReadout
 from fastwidth.run import RunDir
 
 
@@ -31,16 +40,37 @@ def check_llama_layout(cfg) -> None:
     if bad:
         raise UserError(f"export --format hf needs model.norm=rms and model.act=swiglu (a Llama layout); "
                         f"this run has {', '.join(bad)}")
+    if mc.qk_norm and mc.bias:
+        raise UserError("export --format hf of model.qk_norm=true writes a Qwen3, whose MLP has no biases; "
+                        "this run has model.bias=true")
+
+
+def hf_model_classes(cfg):
+    """(config class, model class) of the transformers architecture the GPT exports as: Qwen3 with
+    QK-norm, else Llama; one line when transformers (or its Qwen3) is missing."""
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("export --format hf needs transformers: pip install 'fastwidth[hf]'") from None
+    if not cfg.model.qk_norm:
+        return transformers.LlamaConfig, transformers.LlamaForCausalLM
+    if not hasattr(transformers, "Qwen3ForCausalLM"):
+        raise UserError(f"export --format hf of model.qk_norm=true writes a Qwen3, which transformers "
+                        f"{transformers.__version__} lacks (Qwen3 is in 4.51 and later)")
+    return transformers.Qwen3Config, transformers.Qwen3ForCausalLM
 
 
 def llama_config_kwargs(cfg, vocab_size: int) -> dict:
     mc = cfg.model
-    n_heads = mc.n_heads or mc.width // mc.head_dim
-    return dict(vocab_size=vocab_size, hidden_size=mc.width, intermediate_size=mc.mlp_ratio * mc.width,
-                num_hidden_layers=mc.depth, num_attention_heads=n_heads, num_key_value_heads=n_heads,
-                head_dim=mc.width // n_heads, hidden_act="silu", max_position_embeddings=cfg.data.seq_len,
-                rms_norm_eps=1e-6, rope_theta=float(mc.rope_base), attention_bias=mc.bias, mlp_bias=mc.bias,
-                tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, torch_dtype="float32")
+    n_heads, n_kv_heads = gpt_heads(mc, mc.width, cfg.param.base_width)
+    kw = dict(vocab_size=vocab_size, hidden_size=mc.width, intermediate_size=mc.mlp_ratio * mc.width,
+              num_hidden_layers=mc.depth, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+              head_dim=mc.width // n_heads, hidden_act="silu", max_position_embeddings=cfg.data.seq_len,
+              rms_norm_eps=1e-6, rope_theta=float(mc.rope_base), attention_bias=mc.bias,
+              tie_word_embeddings=mc.tie_embeddings, bos_token_id=None, eos_token_id=None, torch_dtype="float32")
+    if not mc.qk_norm:
+        kw["mlp_bias"] = mc.bias  # Llama's; Qwen3's MLP has no bias (refused above)
+    return kw
 
 
 def llama_state_dict(model) -> dict[str, torch.Tensor]:
@@ -52,18 +82,26 @@ def llama_state_dict(model) -> dict[str, torch.Tensor]:
             out[f"{prefix}.bias"] = mod.bias.detach().float() * factor
         return out
 
-    sd = {"model.embed_tokens.weight": model.embed.weight.detach().float() * model.embed.mult,
-          "model.norm.weight": model.norm_f.weight.detach().float()}
+    tied = isinstance(model.readout, TiedReadout)
+    embed = model.embed.weight.detach().float() * model.embed.mult
+    # tied: one matrix, so the readout's multiplier (relative to the embedding's) goes on the final gain
+    gain = model.readout.mult / model.embed.mult if tied else 1.0
+    sd = {"model.embed_tokens.weight": embed, "model.norm.weight": model.norm_f.weight.detach().float() * gain}
     for i, b in enumerate(model.blocks):
-        p = f"model.layers.{i}"
-        q_factor = math.sqrt(b.attn.head_dim) * b.attn.scale  # Llama scales logits by 1/√head_dim
+        p, a = f"model.layers.{i}", b.attn
+        q_factor = math.sqrt(a.head_dim) * a.scale  # Llama scales logits by 1/√head_dim
         sd.update({f"{p}.input_layernorm.weight": b.norm1.weight.detach().float(),
                    f"{p}.post_attention_layernorm.weight": b.norm2.weight.detach().float(),
-                   **lin(b.attn.q, f"{p}.self_attn.q_proj", q_factor), **lin(b.attn.k, f"{p}.self_attn.k_proj"),
-                   **lin(b.attn.v, f"{p}.self_attn.v_proj"), **lin(b.attn.o, f"{p}.self_attn.o_proj"),
-                   **lin(b.mlp.gate, f"{p}.mlp.gate_proj"), **lin(b.mlp.fc, f"{p}.mlp.up_proj"),
-                   **lin(b.mlp.proj, f"{p}.mlp.down_proj")})
-    sd.update(lin(model.readout, "lm_head"))
+                   **lin(a.k, f"{p}.self_attn.k_proj"), **lin(a.v, f"{p}.self_attn.v_proj"),
+                   **lin(a.o, f"{p}.self_attn.o_proj"), **lin(b.mlp.gate, f"{p}.mlp.gate_proj"),
+                   **lin(b.mlp.fc, f"{p}.mlp.up_proj"), **lin(b.mlp.proj, f"{p}.mlp.down_proj")})
+        if a.q_norm is None:
+            sd.update(lin(a.q, f"{p}.self_attn.q_proj", q_factor))
+        else:  # q is RMS-normalized after its projection: the scale rides on the q_norm gain
+            sd.update({**lin(a.q, f"{p}.self_attn.q_proj"),
+                       f"{p}.self_attn.q_norm.weight": a.q_norm.weight.detach().float() * q_factor,
+                       f"{p}.self_attn.k_norm.weight": a.k_norm.weight.detach().float()})
+    sd.update({"lm_head.weight": embed} if tied else lin(model.readout, "lm_head"))
     return {k: v.contiguous() for k, v in sd.items()}
 
 
@@ -71,15 +109,12 @@ def export_hf(run_dir: Path, member: str, out: Path, trust_checkpoint: bool = Fa
     """Write `member` of `run_dir` as a Hugging Face Llama checkpoint in directory `out`."""
     from fastwidth.trainer.load import load_model
     from fastwidth.config import from_dict, read_yaml
-    check_llama_layout(from_dict(read_yaml(RunDir(run_dir).config)))
-    try:
-        from transformers import LlamaConfig, LlamaForCausalLM
-    except ImportError:
-        raise UserError("export --format hf needs transformers: pip install 'fastwidth[hf]'") from None
+    cfg = from_dict(read_yaml(RunDir(run_dir).config))
+    check_llama_layout(cfg)
+    config_cls, model_cls = hf_model_classes(cfg)
     model = load_model(run_dir, member, trust_checkpoint=trust_checkpoint)
     sd = llama_state_dict(model)
-    hf_cfg = LlamaConfig(**llama_config_kwargs(model.config, int(sd["lm_head.weight"].shape[0])))
-    hf = LlamaForCausalLM(hf_cfg)
+    hf = model_cls(config_cls(**llama_config_kwargs(model.config, int(sd["lm_head.weight"].shape[0]))))
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     missing = [k for k in missing if "rotary_emb" not in k]
     if missing or unexpected:

@@ -118,7 +118,9 @@ def tile_configs(kernel_name: str, head_dim: int) -> list[tuple[int, int, int, i
 def _aot_kernels() -> list[AotConfig]:
     """What `python -m fastwidth.kernels.aot` compiles: every tile the autotuner may pick, at each
     of HEAD_DIMS, causal and not, and the delta kernel at each head dim. bf16 only: fp32 on a GPU
-    runs SDPA (_kernel_for refuses it) and fp16 shares bf16's tiles."""
+    runs SDPA (_kernel_for refuses it) and fp16 shares bf16's tiles. The group size G (query heads
+    per kv head) is an unspecialized i32 here, so each row is the grouped-query kernel for any G;
+    a launch without grouping (G = 1) gets Triton's specialization of that same code."""
     stats = {"lse_ptr": "fp32", "mx_ptr": "fp32", "delta_ptr": "fp32"}
     scales = {"qk_scale": "fp32", "scale": "fp32"}
     out = []

@@ -33,7 +33,9 @@ def build_uninitialized(cfg: Config, io) -> nn.Module:
     if KIND_OF_ARCH[arch] != io.kind:
         raise ConfigError(f"model.arch {arch} needs a {KIND_OF_ARCH[arch]} data source, "
                           f"data.source gives {io.kind}")
-    return BUILDERS[arch](cfg, io)
+    model = BUILDERS[arch](cfg, io)
+    model.z_loss = cfg.train.z_loss  # the training loss's z-loss (WidthModel.loss)
+    return model
 
 
 def materialize(model: nn.Module, table: dict[str, ParamInfo], device, seed: int, width: int,

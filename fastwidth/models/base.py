@@ -11,6 +11,7 @@ class WidthModel(nn.Module):
     """features(x) -> h; readout(h) -> logits; loss(x, y) through the fused readout+CE op."""
 
     readout: nn.Module
+    z_loss: float = 0.0  # train.z_loss, set when built (fastwidth.models.build_uninitialized)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -19,11 +20,13 @@ class WidthModel(nn.Module):
         return self.readout(self.features(x))
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over every target (tokens for the GPT, examples otherwise)."""
+        """Mean cross-entropy over every target (tokens for the GPT, examples otherwise), plus
+        z_loss × the mean of logsumexp(logits)² (PaLM's z-loss; 0 by default) in the same fused op."""
         h = self.features(x)
         h2 = h.reshape(-1, h.shape[-1])  # (rows, N)
         r = self.readout
-        return readout_cross_entropy(h2, r.weight, y.reshape(-1), multiplier=r.mult, bias=r.bias)
+        return readout_cross_entropy(h2, r.weight, y.reshape(-1), multiplier=r.mult, bias=r.bias,
+                                     z_loss=self.z_loss)
 
     def feature_points(self) -> dict[str, nn.Module]:
         """Modules whose outputs are representations (feature kernels, CKA)."""

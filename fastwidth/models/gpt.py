@@ -1,6 +1,9 @@
-"""GPT: pre-norm decoder with RoPE, RMSNorm or LayerNorm, GELU or SwiGLU, and a µP readout.
+"""GPT: pre-norm decoder with RoPE, RMSNorm or LayerNorm, GELU or SwiGLU, and a µP readout;
+optionally grouped-query attention (model.n_kv_heads), QK-norm (model.qk_norm) and a readout
+tied to the token embedding (model.tie_embeddings).
 
-n_heads = width / head_dim (head_dim fixed, the µP default) or fixed heads (head_dim grows).
+n_heads = width / head_dim (head_dim fixed, the µP default) or fixed heads (head_dim grows);
+kv heads: fastwidth.config.gpt_heads (the group size is kept across widths).
 """
 from __future__ import annotations
 
@@ -11,9 +14,11 @@ from fastwidth.kernels import dispatch
 from fastwidth.kernels.act import gelu, swiglu
 from fastwidth.kernels.linear import linear
 from fastwidth.models.base import WidthModel
-from fastwidth.nn import Attention, MuEmbedding, MuLinear, MuReadout, Norm
+from fastwidth.config import gpt_heads
+from fastwidth.nn import Attention, MuEmbedding, MuLinear, MuReadout, Norm, TiedReadout
 from fastwidth.nn.attention import rope_tables
-from fastwidth.param.scaling import attention_scale, branch_mult
+from fastwidth.nn.roles import Init, Role
+from fastwidth.param.scaling import attention_scale, branch_mult, param_info
 
 
 class FeedForward(nn.Module):
@@ -46,12 +51,14 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, width: int, n_heads: int, scale: float, cfg_model, device=None, branch: float = 1.0):
+    def __init__(self, width: int, n_heads: int, scale: float, cfg_model, device=None, branch: float = 1.0,
+                 n_kv_heads: int = 0):
         super().__init__()
         self.branch = branch  # the depth kinds' m_L^-α on each branch's output (1.0: mup and the others)
         act = "gelu" if cfg_model.act == "auto" else cfg_model.act
         self.norm1 = Norm(width, cfg_model.norm, device=device)
-        self.attn = Attention(width, n_heads, scale, bias=cfg_model.bias, device=device)
+        self.attn = Attention(width, n_heads, scale, n_kv_heads=n_kv_heads, qk_norm=cfg_model.qk_norm,
+                              head_dim_grows=bool(cfg_model.n_heads), bias=cfg_model.bias, device=device)
         self.norm2 = Norm(width, cfg_model.norm, device=device)
         self.mlp = FeedForward(width, cfg_model.mlp_ratio * width, act, cfg_model.bias, device=device)
         # each branch ends in one linear layer (attn.o, mlp.proj): m_L^-α rides on its GEMM's alpha
@@ -70,14 +77,19 @@ class GPT(WidthModel):
     def __init__(self, cfg, vocab_size: int, seq_len: int, device=None):
         super().__init__()
         mc = cfg.model
-        n_heads = mc.n_heads or mc.width // mc.head_dim
+        n_heads, n_kv_heads = gpt_heads(mc, mc.width, cfg.param.base_width)
         self.seq_len, self.head_dim, self.rope_base = seq_len, mc.width // n_heads, mc.rope_base
         scale = attention_scale(cfg)
         self.embed = MuEmbedding(vocab_size, mc.width, device=device)
-        self.blocks = nn.ModuleList(Block(mc.width, n_heads, scale, mc, device=device, branch=branch_mult(cfg))
+        self.blocks = nn.ModuleList(Block(mc.width, n_heads, scale, mc, device=device, branch=branch_mult(cfg),
+                                          n_kv_heads=n_kv_heads)
                                     for _ in range(mc.depth))
         self.norm_f = Norm(mc.width, mc.norm, device=device)
-        self.readout = MuReadout(mc.width, vocab_size, bias=False, device=device)
+        if mc.tie_embeddings:  # the readout's own µP row gives its forward multiplier; the matrix is the embedding's
+            mult = param_info("readout.weight", (vocab_size, mc.width), Role.OUTPUT, Init.FAN_IN, cfg).forward_mult
+            self.readout = TiedReadout(self.embed, mult)
+        else:
+            self.readout = MuReadout(mc.width, vocab_size, bias=False, device=device)
         cos, sin = rope_tables(seq_len, self.head_dim, mc.rope_base, device=device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

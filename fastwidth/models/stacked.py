@@ -16,7 +16,9 @@ Layouts: activations are (S, rows, C) with rows = B (MLP) or B*T (GPT); the GPT'
 on (S*B, H, T, D), one kernel call for all members. The first layer's input is shared, so it is
 one GEMM against all members' weights concatenated ((rows, in) @ (in, S*out)).
 
-What stacks: the MLP and the GPT with the cross-entropy loss. `why_not(models)` says in one line
+What stacks: the MLP and the GPT with the cross-entropy loss (and the GPT's grouped-query heads,
+QK-norm, tied embeddings and z-loss: the tied matrix is the stacked embed.weight, read by both of
+its uses, so its gradient sums them as the member's own). `why_not(models)` says in one line
 why a set of models cannot be stacked (ResNet's batchnorm, hooks elsewhere than the
 preactivation points, different multipliers); the loop then trains them one by one.
 """
@@ -33,6 +35,7 @@ from fastwidth.kernels.readout_ce import readout_cross_entropy
 from fastwidth.kernels.rope import rope
 from fastwidth.models.gpt import GPT
 from fastwidth.models.mlp import MLP
+from fastwidth.nn import TiedReadout
 
 
 def refusal(cfg) -> str | None:
@@ -132,16 +135,20 @@ def norm(mod, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, residual
 FUSED_READOUT_MIN_LOGITS = 1 << 16
 
 
-def cross_entropy(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, mult: float, y: torch.Tensor) -> torch.Tensor:
-    """Each member's mean cross-entropy of logits = mult · h wᵀ + b. h (S, rows, N); y (rows,).
-    Returns (S,). Logits in fp32, as the fused readout computes them."""
+def cross_entropy(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, mult: float, y: torch.Tensor,
+                  z_loss: float = 0.0) -> torch.Tensor:
+    """Each member's mean cross-entropy of logits = mult · h wᵀ + b, plus z_loss × the mean of
+    logsumexp(logits)² (WidthModel.loss). h (S, rows, N); y (rows,). Returns (S,). Logits in
+    fp32, as the fused readout computes them."""
     S, rows = h.shape[0], h.shape[1]
     y = y.reshape(-1)
     if rows * w.shape[1] >= FUSED_READOUT_MIN_LOGITS:  # the member's own loss, never holding (S, rows, V)
-        return torch.stack([readout_cross_entropy(h[i], w[i], y, multiplier=mult, bias=None if b is None else b[i])
-                            for i in range(S)])
-    logits = linear(h, w, b, mult).float()  # (S, rows, V)
-    per_row = F.cross_entropy(logits.reshape(S * rows, -1), y.repeat(S), reduction="none")
+        return torch.stack([readout_cross_entropy(h[i], w[i], y, multiplier=mult, bias=None if b is None else b[i],
+                                                  z_loss=z_loss) for i in range(S)])
+    logits = linear(h, w, b, mult).float().reshape(S * rows, -1)  # (S*rows, V)
+    per_row = F.cross_entropy(logits, y.repeat(S), reduction="none")
+    if z_loss:
+        per_row = per_row + z_loss * torch.logsumexp(logits, dim=-1).square()
     return per_row.view(S, rows).mean(1)
 
 
@@ -212,8 +219,9 @@ class Stack:
     def losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(S,): every member's mean cross-entropy on the shared batch (x, y)."""
         h = self._mlp(x) if isinstance(self.template, MLP) else self._gpt(x)
-        r = self.template.readout
-        return cross_entropy(h, self.params["readout.weight"], self.params.get("readout.bias"), r.mult, y)
+        t = self.template
+        w = self.params["embed.weight" if isinstance(t.readout, TiedReadout) else "readout.weight"]
+        return cross_entropy(h, w, self.params.get("readout.bias"), t.readout.mult, y, t.z_loss)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         P, t = self.params, self.template
@@ -256,10 +264,12 @@ class Stack:
             h = self._norm(f"{pre}.norm1", blk.norm1, x)
             H, D = a.n_heads, a.head_dim
 
-            def heads(z):  # (S, B*T, C) -> (S*B, H, T, D)
-                return z.reshape(S * B, T, H, D).transpose(1, 2)
-            q = heads(self._lin(f"{pre}.attn.q", a.q, h))
-            k = heads(self._lin(f"{pre}.attn.k", a.k, h))
+            def heads(z, norm_path=None, norm_mod=None):  # (S, B*T, Hz*D) -> (S*B, Hz, T, D)
+                if norm_mod is not None:  # QK-norm over head_dim, each member's gain: (S, B*T*Hz, D)
+                    z = self._norm(norm_path, norm_mod, z.reshape(S, -1, D))
+                return z.reshape(S * B, T, -1, D).transpose(1, 2)
+            q = heads(self._lin(f"{pre}.attn.q", a.q, h), f"{pre}.attn.q_norm", a.q_norm)
+            k = heads(self._lin(f"{pre}.attn.k", a.k, h), f"{pre}.attn.k_norm", a.k_norm)  # (S*B, Hkv, T, D)
             v = heads(self._lin(f"{pre}.attn.v", a.v, h))
             q, k = rope(q, cos, sin), rope(k, cos, sin)
             o = attention(q, k, v, scale=a.scale, causal=True)  # (S*B, H, T, D)

@@ -62,6 +62,41 @@ class MuReadout(MuLinear):
         return linear(x, self.weight, self.bias, alpha=self.mult, backend="torch")
 
 
+class TiedReadout(nn.Module):
+    """The readout of tied embeddings (model.tie_embeddings): logits = mult · h Eᵀ, E the token
+    embedding's (vocab, width) matrix. One parameter, owned and named by the embedding (its µP
+    row is the embedding's: init N(0, embed_std²), LR vector-like, as in mup where the shared
+    matrix keeps the embedding's infshape); `mult` is the readout's forward multiplier (µP:
+    output_mult / m), applied to this output use only, as mup's MuSharedReadout. No mup_roles:
+    it owns nothing; its mult is set when built (fastwidth.models.gpt)."""
+
+    bias = None
+
+    def __init__(self, embedding: "MuEmbedding", mult: float):
+        super().__init__()
+        self._embedding = (embedding,)  # a tuple, not a submodule: the matrix keeps one name, embed.weight
+        self.mult = mult
+
+    @property
+    def weight(self) -> nn.Parameter:
+        # read at call time: FSDP2 swaps the embedding's parameter for its unsharded one around a forward
+        return self._embedding[0].weight
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, None, alpha=self.mult, backend="torch")  # as MuReadout.forward
+
+    def extra_repr(self) -> str:
+        return f"tied to the embedding, mult={self.mult:.4g}"
+
+
 class MuEmbedding(nn.Module):
     """Token embedding: role INPUT (fan_in is the one-hot vocabulary, fixed in width)."""
 
@@ -103,17 +138,19 @@ class BatchNorm2d(nn.BatchNorm2d):
 
 
 class Norm(nn.Module):
-    """Pre-norm for the GPT: RMSNorm (gain only) or LayerNorm (gain and shift)."""
+    """Pre-norm for the GPT: RMSNorm (gain only) or LayerNorm (gain and shift). role VECTOR when
+    dim grows with width; FIXED for one that does not (QK-norm's head_dim gain at fixed head_dim)."""
 
-    def __init__(self, dim: int, kind: str = "rms", eps: float | None = None, device=None):
+    def __init__(self, dim: int, kind: str = "rms", eps: float | None = None, device=None,
+                 role: Role = Role.VECTOR):
         super().__init__()
-        self.kind = kind
+        self.kind, self.role = kind, role
         self.eps = eps if eps is not None else (1e-6 if kind == "rms" else 1e-5)
         self.weight = nn.Parameter(torch.empty(dim, device=device))
         self.bias = nn.Parameter(torch.empty(dim, device=device)) if kind == "layer" else None
 
     def mup_roles(self):
-        return {"weight": (Role.VECTOR, Init.ONES), "bias": (Role.VECTOR, Init.ZEROS)}
+        return {"weight": (self.role, Init.ONES), "bias": (self.role, Init.ZEROS)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "rms":

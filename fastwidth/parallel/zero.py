@@ -202,8 +202,11 @@ class DeepSpeedEngine(Engine):
         model = h.model
         wrapper = LossForward(model)
         if self.sharded:  # model.loss reads the readout weight outside the readout's forward
-            for p in model.readout.parameters():
-                self.ds.zero.register_external_parameter(wrapper, p)
+            for p in (model.readout.weight, model.readout.bias):  # .weight: a tied readout's is the embedding's
+                if p is not None:
+                    self.ds.zero.register_external_parameter(wrapper, p)
+            if not any(True for _ in model.readout.parameters()):  # tied: its own forward (logits) gathers it too
+                self.ds.zero.register_external_parameter(model.readout, model.readout.weight)
         opt = (cpu_adam(model, h.table, h.wcfg) if self.cfg.dist.offload_optimizer else None) \
             or build_optimizer(model, h.table, h.wcfg)
         h.wrapped, h.optimizer, _, _ = self.ds.initialize(model=wrapper, optimizer=opt, config=copy.deepcopy(self.ds_config))

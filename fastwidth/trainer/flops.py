@@ -35,7 +35,7 @@ def flops_per_token(cfg, io) -> float:
     """Training FLOPs (3 x forward) per target of one example of the model `cfg` builds for data
     `io`, counted on a meta-device copy (never the trained, perhaps sharded, model)."""
     from fastwidth.models import build_meta
-    from fastwidth.nn import Attention, MuConv2d, MuLinear
+    from fastwidth.nn import Attention, MuConv2d, MuLinear, TiedReadout
     meta = build_meta(cfg, io)
     total = [0.0]
 
@@ -49,7 +49,7 @@ def flops_per_token(cfg, io) -> float:
         B, T, _ = inp[0].shape
         total[0] += 4.0 * B * T * T * mod.n_heads * mod.head_dim  # q k^T and p v
     hooks = [m.register_forward_hook(fn) for m in meta.modules()
-             for cls, fn in ((MuLinear, on_linear), (MuConv2d, on_conv), (Attention, on_attention))
+             for cls, fn in (((MuLinear, TiedReadout), on_linear), (MuConv2d, on_conv), (Attention, on_attention))
              if isinstance(m, cls)]
     try:
         x = _example(io)

@@ -43,7 +43,7 @@ def model_io(cfg, run_dir: Path, state: dict) -> SimpleNamespace:
     not be present): classes and vocabulary from the readout, input shape from probe.safetensors."""
     from fastwidth.models import KIND_OF_ARCH
     kind = KIND_OF_ARCH[cfg.model.arch]
-    outputs = int(state["readout.weight"].shape[0])
+    outputs = int(state["readout.weight" if "readout.weight" in state else "embed.weight"].shape[0])  # tied: one
     in_shape = None
     if kind == "classes":
         probe = RunDir(run_dir).probe
