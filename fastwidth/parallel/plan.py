@@ -257,16 +257,6 @@ def sweep_members(cfg: Config) -> list[tuple[int, int | None]]:
     return [(m.width, m.depth) for m in member_specs(cfg)]
 
 
-def sweep_flops(cfg: Config) -> float:
-    """Model FLOPs of training every member train.steps optimizer steps: per member its training
-    FLOPs per target at its width and depth (trainer/flops.py) x targets per step x steps."""
-    from fastwidth.trainer.flops import flops_per_token  # the MFU's count: one home
-    io = _io(cfg)
-    targets = cfg.data.batch_size * (cfg.data.seq_len if cfg.model.arch == "gpt" else 1) * cfg.train.steps
-    per = {(w, d): flops_per_token(member_config(cfg, w, None, d), io) for w, d in set(sweep_members(cfg))}
-    return sum(per[key] for key in sweep_members(cfg)) * targets
-
-
 def plan_sweep(cfg: Config, world: int, choice: Choice | None = None, k: int = 1,
                node_size: int | None = None) -> dict:
     """Peak bytes per rank of the whole sweep (placement per width: dist.shard_min_width; fsdp2

@@ -9,8 +9,7 @@ import os
 
 from fastwidth.config_args import add_config_args, overrides_of
 from fastwidth.errors import ConfigError
-from fastwidth.parallel.plan import (CHOICES, GIB, count_params, micro_steps, plan_sweep, shard_group, sweep_flops,
-                                     sweep_members, widest_gpt)
+from fastwidth.parallel.plan import CHOICES, GIB, count_params, micro_steps, plan_sweep, shard_group, widest_gpt
 
 
 def node_size_of(args) -> tuple[int | None, str]:
@@ -83,8 +82,6 @@ def cmd_plan(args) -> int:
           f"({k} micro-batches), checkpointing {cfg.train.activation_checkpointing}, "
           f"{cfg.dist.gpu_memory_gb:g} GB per GPU; GiB per rank, summed over the sweep:")
     print(note)
-    print(f"{len(sweep_members(cfg))} members, each at its width and depth: {sweep_flops(cfg):.3g} model FLOPs to train "
-          f"them all {cfg.train.steps} steps")
     cols = ("params", "grads", "optimizer", "activations", "built", "ready", "step", "eval", "peak", "host")
     rows = [("backend", *cols, "fits", "widest GPT")]
     for choice in CHOICES:

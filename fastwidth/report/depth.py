@@ -26,7 +26,7 @@ import numpy as np
 
 from fastwidth.report._plotbase import _loglog_axes, _save, plt
 from fastwidth.report.intervals import late_rmse_with_ci
-from fastwidth.report.reader import Run
+from fastwidth.report.reader import FIT_KEYS, Run
 from fastwidth.report.transfer import transfer_depth
 
 ENSEMBLE_KEYS = ("seed_variance", "bias", "bias_sq_debiased")
@@ -67,7 +67,6 @@ def depth_numbers(run: Run) -> dict | None:
     ..., the bias model's fields, "step"}}]}; None outside a depth sweep."""
     if not is_depth_sweep(run):
         return None
-    from fastwidth.report.summary import FIT_KEYS   # summary.py imports this module
     consistency = across_depth(run, "consistency")
     rmse = late_rmse_with_ci(run, rows=consistency, by=("width", "depth"))
     layer_means = _final_layer_means(consistency)

@@ -30,6 +30,9 @@ from fastwidth.run import MemberSpec, RunDir
 from fastwidth.run.metrics import parse_row
 from fastwidth.stats.signature import load_signature
 
+# the fitted quantities of a fit row, each with its `<key>_ci` (summary.json's fits, report/depth.py)
+FIT_KEYS = ("rmse_slope", "variance_slope", "bias_slope", "rmse2_a", "bias_beta_sq", "bias_exponent")
+
 
 @dataclass
 class Run:

@@ -40,7 +40,7 @@ from fastwidth.report.depth import depth_lines, depth_numbers
 from fastwidth.report.intervals import width_intervals
 from fastwidth.report.ntk import ntk_across_run, ntk_lines
 from fastwidth.report.preact import preact_lines
-from fastwidth.report.reader import Run, late_mean
+from fastwidth.report.reader import FIT_KEYS, Run, late_mean
 from fastwidth.report.same_width import cka_lines, cka_same_width_run
 from fastwidth.report.slopes import one_over_n, slope_lines
 from fastwidth.report.transfer import depth_fits, transfer_depth_lines, transfer_lines, transfer_summary
@@ -67,7 +67,6 @@ def loss_spread(run: Run) -> tuple[float, float]:
     return sum(g for g, _ in gaps) / len(gaps), sum(r for _, r in gaps) / len(gaps)
 
 
-FIT_KEYS = ("rmse_slope", "variance_slope", "bias_slope", "rmse2_a", "bias_beta_sq", "bias_exponent")
 
 
 def final_fit(run: Run) -> dict:
