@@ -43,6 +43,40 @@ def test_own_plus_input_change_is_the_whole_change():
     assert m["0"]["input_rms"] == 0.0   # the first layer's input (the data) does not move
 
 
+def test_a_tied_readout_is_a_coord_layer_with_the_embeddings_matrix():
+    """model.tie_embeddings: the readout owns no parameter but moves with embed.weight; its own-update
+    part is mult · x (E_t - E_0)ᵀ and the two parts sum to its whole change."""
+    from fastwidth.nn import MuEmbedding
+    from fastwidth.nn.layers import TiedReadout
+    from fastwidth.stats.coord import capture
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = MuEmbedding(9, 6)
+            self.readout = TiedReadout(self.embed, 0.5)
+
+        def forward(self, idx):
+            return self.readout(torch.tanh(self.embed(idx)))
+    torch.manual_seed(0)
+    model = Tied()
+    with torch.no_grad():
+        model.embed.weight.normal_()
+    idx = torch.randint(0, 9, (4, 5))
+    tr = CoordTracker(model, idx)
+    assert set(tr.w0) == {"embed", "readout"}
+    with torch.no_grad():
+        model.embed.weight.add_(0.1 * torch.randn_like(model.embed.weight))
+    cap0, cap = tr.cap0, capture(model, idx)
+    (x0, h0), (xt, ht) = cap0["readout"], cap["readout"]
+    e0, e = tr.w0["readout"]["weight"], model.embed.weight
+    own, inp = 0.5 * xt @ (e - e0).T, 0.5 * (xt - x0) @ e0.T
+    torch.testing.assert_close(own + inp, ht - h0, rtol=1e-5, atol=1e-6)
+    m = tr.measure()["readout"]
+    assert m["own_rms"] == pytest.approx(float(own.pow(2).mean().sqrt()), rel=1e-5) and m["own_rms"] > 0
+    assert m["input_rms"] == pytest.approx(float(inp.pow(2).mean().sqrt()), rel=1e-5)
+
+
 @pytest.mark.parametrize("arch,args,widths", [("gpt", GPT, [16, 32, 64]), ("gpt heads", GPT + ["model.n_heads=2"], [16, 32, 64]),
                                               ("resnet", RESNET, [4, 8]), ("mlp sgd", MLP + ["optim.name=sgd", "optim.lr=0.5"], [16, 32, 64])])
 def test_coord_check_covers_every_architecture(arch, args, widths):

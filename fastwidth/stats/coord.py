@@ -32,9 +32,10 @@ from torch.func import functional_call
 from fastwidth.config import Config, for_width, resolve
 from fastwidth.errors import UserError
 from fastwidth.models import build_meta, build_model
+from fastwidth.nn.layers import TiedReadout
 from fastwidth.param.optim import build_optimizer, set_lr
 
-LAYER_TYPES = ("MuLinear", "MuReadout", "MuEmbedding", "MuConv2d")
+LAYER_TYPES = ("MuLinear", "MuReadout", "TiedReadout", "MuEmbedding", "MuConv2d")
 QUANTITIES = ("act_rms", "delta_rms", "own_rms", "input_rms")
 DEPTH_QUANTITIES = ("act_rms", "delta_rms")
 LAST_BLOCK = "blocks.last"
@@ -54,7 +55,21 @@ def depth_layers(model: nn.Module) -> dict[str, nn.Module]:
                         "depth; use model.arch=gpt")
     stack = model.get_submodule(prefixes[0].rstrip("."))
     return {LAST_BLOCK if mod is stack else name: stack[-1] if mod is stack else mod
-            for name, mod in model.named_children() if any(True for _ in mod.parameters())}
+            for name, mod in model.named_children() if _weights(mod) or any(True for _ in mod.parameters())}
+
+
+def _weights(mod: nn.Module) -> dict[str, torch.Tensor]:
+    """A layer's own weights by name; a tied readout's is the embedding's matrix it reads."""
+    if isinstance(mod, TiedReadout):
+        return {"weight": mod.weight}
+    return dict(mod.named_parameters(recurse=False))
+
+
+def _apply(mod: nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The layer's output on x with `weights` in place of its own (a tied readout: mult · x Wᵀ)."""
+    if isinstance(mod, TiedReadout):
+        return mod.mult * (x @ weights["weight"].t())
+    return functional_call(mod, weights, (x,))
 
 
 @torch.no_grad()
@@ -87,7 +102,7 @@ class CoordTracker:
 
     def __init__(self, model: nn.Module, x: torch.Tensor):
         self.model, self.x = model, x
-        self.w0 = {n: {k: p.detach().clone() for k, p in mod.named_parameters(recurse=False)}
+        self.w0 = {n: {k: p.detach().clone() for k, p in _weights(mod).items()}
                    for n, mod in coord_layers(model).items()}
         self.cap0 = capture(model, x)
 
@@ -101,9 +116,9 @@ class CoordTracker:
         out = {}
         for n, mod in coord_layers(self.model).items():
             (x0, h0), (xt, ht) = self.cap0[n], cap[n]
-            delta = {k: p.detach() - self.w0[n][k] for k, p in mod.named_parameters(recurse=False)}
-            own = functional_call(mod, delta, (xt,)).float()
-            moved = functional_call(mod, self.w0[n], (xt,)).float() - functional_call(mod, self.w0[n], (x0,)).float()
+            delta = {k: p.detach() - self.w0[n][k] for k, p in _weights(mod).items()}
+            own = _apply(mod, delta, xt).float()
+            moved = _apply(mod, self.w0[n], xt).float() - _apply(mod, self.w0[n], x0).float()
             out[n] = {"act_rms": _rms(ht), "delta_rms": _rms(ht - h0), "own_rms": _rms(own), "input_rms": _rms(moved)}
         return out
 
