@@ -156,8 +156,8 @@ def run_numbers(run: Run) -> dict:
 
 
 def _depth_fit_json(fit: dict) -> dict:
-    keys = ("width", "tokens", "source", "lrs", "optima", "edge", "slope", "ci", "resolution", "below_grid_resolution",
-            "local", "seeds", "examples", "resampled")
+    keys = ("width", "tokens", "source", "lrs", "optima", "edge", "slope", "ci", "not_identified", "resolution",
+            "below_grid_resolution", "local", "seeds", "examples", "resampled")
     return {k: fit[k] for k in keys}
 
 

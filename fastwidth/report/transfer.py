@@ -207,8 +207,7 @@ def _draw_panel(ax, run: Run, tokens: int, colors) -> dict:
     ax.grid(True, which="both", alpha=0.3)
     ax.set_xlabel("base learning rate η")
     coarse = drift(run, tokens, grid="coarse")
-    slope = (f"{fmt_ci(coarse['slope'], coarse['ci'])} coarse,\n{fmt_ci(fit['slope'], fit['ci'])} refined"
-             if refined(run) else fmt_ci(fit['slope'], fit['ci']))
+    slope = f"{drift_text(coarse)} coarse,\n{drift_text(fit)} refined" if refined(run) else drift_text(fit)
     ax.set_title(f"{sweep_label(run)}: {progress_word(run)} {fit['tokens']}\nlog η* vs log N slope "
                  f"{slope} (x: diverged, *: optimum)", fontsize=8)
     return fit
@@ -227,11 +226,13 @@ def _draw_drift(ax, runs: list[Run], fits: list[dict]) -> None:
         edge = [(w, lr) for w, lr in pts if fit["edge"].get(w)]
         if edge:
             ax.plot(*zip(*edge), "o", mfc="none", mec="red", ms=10)
-        if math.isfinite(fit["slope"]):
+        if fit.get("not_identified"):
+            ax.plot([], [], "o", color=cmap(i), label=f"{sweep_label(run)}: {drift_text(fit)}")
+        elif math.isfinite(fit["slope"]):
             b = np.polyfit(np.log(ws), np.log(lrs), 1)
             xs = np.array([min(ws), max(ws)], float)
             ax.plot(xs, np.exp(b[1]) * xs ** b[0], "-", color=cmap(i),
-                    label=f"{sweep_label(run)}: {fmt_ci(fit['slope'], fit['ci'])}")
+                    label=f"{sweep_label(run)}: {drift_text(fit)}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     _width_ticks(ax, [w for f in fits for w in f["optima"]])
@@ -249,7 +250,7 @@ def _draw_local(ax, runs: list[Run], fits: list[dict]) -> None:
     cmap = plt.get_cmap("tab10")
     for i, (run, fit) in enumerate(zip(runs, fits)):
         pts = [(math.sqrt(a * b) * (1 + 0.04 * i), loc) for loc in fit["local"] for a, b in [loc["widths"]]
-               if math.isfinite(loc["slope"])]
+               if math.isfinite(loc["slope"]) and not loc.get("not_identified")]
         if not pts:
             continue
         x = [p[0] for p in pts]
@@ -323,9 +324,19 @@ def drift_over_training(runs: list[Run], path: Path) -> Path | None:
 
 
 def _fit_cells(fit: dict) -> str:
-    sub = [f"{range_label(r['widths'])}: {fmt_ci(r['slope'], r['ci'])}" for k, r in fit["ranges"].items() if k != "all"]
-    loc = ", ".join(f"{a}→{b}: {fmt_ci(loc['slope'], loc['ci'])}" for loc in fit["local"] for a, b in [loc["widths"]])
+    sub = [f"{range_label(r['widths'])}: {drift_text(r)}" for k, r in fit["ranges"].items() if k != "all"]
+    loc = ", ".join(f"{a}→{b}: {drift_text(loc)}" for loc in fit["local"] for a, b in [loc["widths"]])
     return f"{'; '.join(sub) or '–'} | {loc}"
+
+
+def drift_text(fit: dict, digits: int = 2) -> str:
+    """The drift with its interval, or why it is not identified (every optimum at the grid's edge)."""
+    if fit.get("not_identified"):
+        return f"not identified: {fit['not_identified']}"
+    if digits == 2:
+        return fmt_ci(fit["slope"], fit["ci"])
+    ci = fit["ci"] or [math.nan, math.nan]
+    return f"{fit['slope']:+.{digits}f} [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
 
 
 def _optima_cell(fit: dict) -> str:
@@ -345,8 +356,7 @@ def _refined_cell(run: Run, t: int) -> str:
     if not refined(run):
         return "–"
     fit = drift(run, t, grid="union")
-    ci = fit["ci"] or [math.nan, math.nan]
-    return f"{_optima_cell(fit)}; {fit['slope']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] ({_resolution_note(fit)})"
+    return f"{_optima_cell(fit)}; {drift_text(fit, 3)} ({_resolution_note(fit)})"
 
 
 def transfer_summary(run: Run) -> dict | None:
@@ -355,7 +365,7 @@ def transfer_summary(run: Run) -> dict | None:
     below_grid_resolution, ranges, local, seeds, examples}; None without a learning-rate sweep."""
     if not (run.lrs and budgets(run)):
         return None
-    keys = ("tokens", "source", "lrs", "optima", "edge", "slope", "ci", "resolution", "below_grid_resolution",
+    keys = ("tokens", "source", "lrs", "optima", "edge", "slope", "ci", "not_identified", "resolution", "below_grid_resolution",
             "ranges", "local", "seeds", "examples", "resampled")
     t = budgets(run)[-1]
     row = lambda fit: {k: fit[k] for k in keys}  # noqa: E731
@@ -376,9 +386,8 @@ def transfer_lines(runs: list[Run]) -> list[str]:
     for run in sweeps:
         for t in budgets(run):
             fit = drift(run, t, grid="coarse")
-            ci = fit["ci"] or [math.nan, math.nan]
             lines.append(f"| {sweep_label(run)} | {fit['tokens']} {progress_word(run)} | {_optima_cell(fit)} | "
-                         f"{fit['slope']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] ({fit['seeds']} seeds, {fit['source']}, "
+                         f"{drift_text(fit, 3)} ({fit['seeds']} seeds, {fit['source']}, "
                          f"resampling {fit['resampled']}; {_resolution_note(fit)}) | {_fit_cells(fit)} | "
                          f"{_refined_cell(run, t)} |")
     lines += ["", "Resolution: the drift that half a grid step of η* across the widths makes, "
@@ -392,8 +401,8 @@ def transfer_lines(runs: list[Run]) -> list[str]:
                       "| step | all widths | without the base width | without the widest |", "|---:|---|---|---|"]
             for r in reads:
                 subs = [r["ranges"].get(k) for k in ("excl. base", "excl. widest")]
-                lines.append(f"| {r['step']} | {fmt_ci(r['slope'], r['ci'])} | "
-                             + " | ".join(f"{range_label(x['widths'])}: {fmt_ci(x['slope'], x['ci'])}" if x else "–"
+                lines.append(f"| {r['step']} | {drift_text(r)} | "
+                             + " | ".join(f"{range_label(x['widths'])}: {drift_text(x)}" if x else "–"
                                           for x in subs) + " |")
             lines += [""]
     return lines
@@ -446,11 +455,13 @@ def draw_transfer_depth(fits: list[tuple[str, dict]], path: Path) -> Path | None
         edge = [(d, lr) for d, lr in pts if fit["edge"].get(d)]
         if edge:
             ax.plot(*zip(*edge), "o", mfc="none", mec="red", ms=10)
-        if len(pts) >= 2 and math.isfinite(fit["slope"]):
+        if fit.get("not_identified"):
+            ax.plot([], [], "o", color=cmap(i), label=f"{label}: {drift_text(fit)}")
+        elif len(pts) >= 2 and math.isfinite(fit["slope"]):
             b = np.polyfit(np.log(ds), np.log(lrs), 1)
             xs = np.array([min(ds), max(ds)], float)
             ax.plot(xs, np.exp(b[1]) * xs ** b[0], "-", color=cmap(i),
-                    label=f"{label}: {fmt_ci(fit['slope'], fit['ci'])} ({_resolution_note(fit)})")
+                    label=f"{label}: {drift_text(fit)} ({_resolution_note(fit)})")
     _loglog_axes(ax, [d for _, f in fits for d in f["optima"]], xlabel="depth L")
     min_log_span(ax)
     ax.set_ylabel("optimal η*")
@@ -470,8 +481,8 @@ def depth_transfer_rows(fits: list[tuple[str, dict]]) -> list[str]:
     rows = []
     for label, fit in fits:
         optima = ", ".join(f"{d}: {lr:.3g}{'*' if fit['edge'][d] else ''}" for d, lr in fit["optima"].items())
-        local = ", ".join(f"{a}→{b}: {fmt_ci(x['slope'], x['ci'])}" for x in fit["local"] for a, b in [x["depths"]])
-        rows.append(f"| {label} | {optima} | {fmt_ci(fit['slope'], fit['ci'])} | {_resolution_note(fit)} | {local} |")
+        local = ", ".join(f"{a}→{b}: {drift_text(x)}" for x in fit["local"] for a, b in [x["depths"]])
+        rows.append(f"| {label} | {optima} | {drift_text(fit)} | {_resolution_note(fit)} | {local} |")
     return rows
 
 

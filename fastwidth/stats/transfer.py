@@ -226,13 +226,20 @@ def transfer_fit(lrs, sizes, losses, ranges: dict[str, list[int]] | None = None,
     steps = local_steps(lrs, point[0])
     out_ranges = {k: _range_row(np.array(sizes)[cols[k]], float(p_fit[k][0]), _pct(b_fit[k], level) if n_boot else None,
                                 steps[cols[k]], axis) for k in ranges}
+    # every optimum of a slope at the grid's edge (or beside a diverged η): the grid holds none of
+    # them, so the slope (0 when all sit on one grid point) says nothing about the drift
+    unknown = "every η* at the grid's edge (widen sweep.lrs)"
+    for k, row in out_ranges.items():
+        row["not_identified"] = unknown if bool(edge[0][cols[k]].all()) else None
     top = out_ranges["all"]
     return {"axis": axis, "optima": dict(zip(sizes, eta[0].tolist())), "edge": dict(zip(sizes, edge[0].tolist())),
+            "not_identified": top["not_identified"],
             "slope": top["slope"], "ci": top["ci"], "resolution": top["resolution"],
             "below_grid_resolution": top["below_grid_resolution"], "ranges": out_ranges,
             "grid_step": dict(zip(sizes, np.exp(steps).tolist())),
             "local": [{f"{axis}s": [a, b], "slope": float(p_loc[j]),
-                       "ci": _pct(b_loc[:, j], level) if n_boot else None}
+                       "ci": _pct(b_loc[:, j], level) if n_boot else None,
+                       "not_identified": unknown if bool(edge[0][j] and edge[0][j + 1]) else None}
                       for j, (a, b) in enumerate(zip(sizes, sizes[1:]))],
             "n_boot": n_boot, "seeds": S, "examples": P,
             "resampled": "seeds x examples" if P > 1 else "seeds"}

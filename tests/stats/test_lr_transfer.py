@@ -157,3 +157,19 @@ def test_a_drift_beyond_the_grid_step_is_resolved():
     assert fit["resolution"] == pytest.approx(0.5 * step / math.log(8))
     assert fit["below_grid_resolution"] is False and fit["ranges"]["128-512"]["below_grid_resolution"] is True
     assert fit["ranges"]["128-512"]["resolution"] == pytest.approx(0.5 * step / math.log(4))
+
+
+def test_a_drift_whose_optima_all_sit_at_the_grids_edge_is_not_identified():
+    """Losses falling toward the largest η at every width: every η* is the grid's last point, the
+    slope 0 is the grid's, and the fit says the drift is not identified (all, sub-ranges, local)."""
+    lrs, widths = [1e-3, 2e-3, 4e-3], [32, 64, 128]
+    falling = np.array([[3.0, 2.0, 1.0]] * 3)[:, :, None, None].repeat(2, axis=2)    # (W, R, S=2, P=1)
+    fit = transfer_fit(lrs, widths, falling, n_boot=20)
+    assert all(fit["edge"].values()) and fit["slope"] == 0.0
+    assert "edge" in fit["not_identified"] and fit["ranges"]["all"]["not_identified"]
+    assert all(loc["not_identified"] for loc in fit["local"])
+    bowl = np.array([[2.0, 1.0, 2.0]] * 3)[:, :, None, None].repeat(2, axis=2)
+    inside = transfer_fit(lrs, widths, bowl, n_boot=20)
+    assert inside["not_identified"] is None and not any(loc["not_identified"] for loc in inside["local"])
+    mixed = transfer_fit(lrs, widths, np.concatenate([falling[:1], bowl[1:]]), n_boot=20)
+    assert mixed["not_identified"] is None and mixed["local"][0]["not_identified"] is None
