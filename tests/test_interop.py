@@ -83,8 +83,8 @@ def test_hf_export_refuses_other_layouts_and_bad_outputs(gpt_run, tmp_path, caps
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gelu"]  # nothing written
 
 
-@pytest.mark.parametrize("arch", ["mlp", "gpt"])
-@pytest.mark.parametrize("opt", ["adam", "sgd"])
+@pytest.mark.parametrize("arch,opt", [("mlp", "adam"), ("mlp", "sgd"), ("gpt", "adam"),
+                                      pytest.param("gpt", "sgd", marks=pytest.mark.slow)])
 def test_multipliers_match_the_mup_package(tmp_path, capsys, arch, opt):
     mup = pytest.importorskip("mup", reason="pip install --no-deps mup (the Makefile does)")
     sets = ["param.base_width=16", "model.width=64", f"optim.name={opt}", "param.output_mult=2.0"]

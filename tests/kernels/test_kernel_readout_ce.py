@@ -85,7 +85,7 @@ def _launch(h, w, b, t):
     return rc._readout_ce_launch(h, w, b, t, 0.5, 0.0, 0.0, -100, True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)])
 def test_weight_gradient_accumulates_in_place_and_no_bias_gradient_without_bias(monkeypatch, dtype):
     monkeypatch.setattr(rc, "CHUNK_ROWS", 8)  # 5 chunks
     h, w = torch.randn(37, N).to(dtype), (torch.randn(V, N) * 0.5).to(dtype)

@@ -1,6 +1,8 @@
 """The lines a run prints at its end, from report/summary.json (the agreed schema)."""
 import json
 
+import pytest
+
 from fastwidth.report.headline import headline_lines, print_headline
 
 SUMMARY = {
@@ -36,6 +38,7 @@ def test_headline_tolerates_missing_keys(tmp_path, capsys):
     assert print_headline(tmp_path) == capsys.readouterr().out.strip().splitlines()
 
 
+@pytest.mark.slow  # trains a 4-member sweep (8 s); test_train checks the run directory holds report/
 def test_a_run_ends_with_its_report_and_headline(tmp_path, capsys):
     from fastwidth.api import train as run  # the entry that adds the report (loop.run leaves it to api)
     from fastwidth.config import load_config

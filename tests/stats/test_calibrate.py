@@ -16,6 +16,7 @@ def quick_table():
     return run_suite(quick=True)
 
 
+@pytest.mark.slow  # the quick suite: 11 s (the slow tier also runs the full one)
 def test_quick_calibration_covers(quick_table):
     expected = {"seed_variance", "bias_sq_debiased", "true_logit_rmse", "rmse_slope", "variance_slope",
                 "bias_slope", "bias_beta_sq", "bias_exponent", "late_true_logit_rmse", "transfer_drift",
@@ -33,6 +34,7 @@ def test_quick_calibration_covers(quick_table):
                 assert r["no_interval"] == 0 and r["repeats"] == 60, (stat, r)
 
 
+@pytest.mark.slow
 def test_exponent_is_identified_when_a_bias_is_planted_and_rarely_otherwise(quick_table):
     rows = {(r["setting"], r["seeds"]): r for r in quick_table["bias_exponent"]}
     for s in (3, 4, 6):
