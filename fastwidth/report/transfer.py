@@ -213,26 +213,32 @@ def _draw_panel(ax, run: Run, tokens: int, colors) -> dict:
     return fit
 
 
+def plot_optima(ax, fit: dict, color, label: str) -> None:
+    """One fit's η* against its axis (width or depth): the optima, a red ring on those at the grid's
+    edge, and the least-squares line of log η* carrying `label` (no line when the drift is not
+    identified, only the label)."""
+    pts = sorted((x, lr) for x, lr in fit["optima"].items() if math.isfinite(lr))
+    if not pts:
+        return
+    xs, lrs = zip(*pts)
+    ax.plot(xs, lrs, "o", color=color, ms=6)
+    edge = [(x, lr) for x, lr in pts if fit["edge"].get(x)]
+    if edge:
+        ax.plot(*zip(*edge), "o", mfc="none", mec="red", ms=10)
+    if fit.get("not_identified"):
+        ax.plot([], [], "o", color=color, label=label)
+    elif len(pts) >= 2 and math.isfinite(fit["slope"]):
+        b = np.polyfit(np.log(xs), np.log(lrs), 1)
+        ends = np.array([min(xs), max(xs)], float)
+        ax.plot(ends, np.exp(b[1]) * ends ** b[0], "-", color=color, label=label)
+
+
 def _draw_drift(ax, runs: list[Run], fits: list[dict]) -> None:
     import matplotlib.pyplot as plt
     from fastwidth.report._plotbase import _width_ticks
     cmap = plt.get_cmap("tab10")
     for i, (run, fit) in enumerate(zip(runs, fits)):
-        pts = sorted((w, lr) for w, lr in fit["optima"].items() if math.isfinite(lr))
-        if not pts:
-            continue
-        ws, lrs = zip(*pts)
-        ax.plot(ws, lrs, "o", color=cmap(i), ms=6)
-        edge = [(w, lr) for w, lr in pts if fit["edge"].get(w)]
-        if edge:
-            ax.plot(*zip(*edge), "o", mfc="none", mec="red", ms=10)
-        if fit.get("not_identified"):
-            ax.plot([], [], "o", color=cmap(i), label=f"{sweep_label(run)}: {drift_text(fit)}")
-        elif math.isfinite(fit["slope"]):
-            b = np.polyfit(np.log(ws), np.log(lrs), 1)
-            xs = np.array([min(ws), max(ws)], float)
-            ax.plot(xs, np.exp(b[1]) * xs ** b[0], "-", color=cmap(i),
-                    label=f"{sweep_label(run)}: {drift_text(fit)}")
+        plot_optima(ax, fit, cmap(i), f"{sweep_label(run)}: {drift_text(fit)}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     _width_ticks(ax, [w for f in fits for w in f["optima"]])
@@ -449,19 +455,8 @@ def draw_transfer_depth(fits: list[tuple[str, dict]], path: Path) -> Path | None
     fig, ax = plt.subplots(figsize=(5.6, 4.0))
     cmap = plt.get_cmap("tab10")
     for i, (label, fit) in enumerate(fits):
-        pts = sorted((d, lr) for d, lr in fit["optima"].items() if math.isfinite(lr))
-        ds, lrs = zip(*pts)
-        ax.plot(ds, lrs, "o", color=cmap(i), ms=6)
-        edge = [(d, lr) for d, lr in pts if fit["edge"].get(d)]
-        if edge:
-            ax.plot(*zip(*edge), "o", mfc="none", mec="red", ms=10)
-        if fit.get("not_identified"):
-            ax.plot([], [], "o", color=cmap(i), label=f"{label}: {drift_text(fit)}")
-        elif len(pts) >= 2 and math.isfinite(fit["slope"]):
-            b = np.polyfit(np.log(ds), np.log(lrs), 1)
-            xs = np.array([min(ds), max(ds)], float)
-            ax.plot(xs, np.exp(b[1]) * xs ** b[0], "-", color=cmap(i),
-                    label=f"{label}: {drift_text(fit)} ({_resolution_note(fit)})")
+        note = "" if fit.get("not_identified") else f" ({_resolution_note(fit)})"
+        plot_optima(ax, fit, cmap(i), f"{label}: {drift_text(fit)}{note}")
     _loglog_axes(ax, [d for _, f in fits for d in f["optima"]], xlabel="depth L")
     min_log_span(ax)
     ax.set_ylabel("optimal η*")
