@@ -98,6 +98,7 @@ except UserError as e:
 """
 
 
+@pytest.mark.slow  # launches processes (4 s)
 def test_two_processes_started_together_one_wins_every_time(tmp_path):
     """The minimal entry (take the lock, hold it, exit), two at once, 8 rounds: exactly one gets the
     directory, the other exits 2 with one line naming the winner's pid."""

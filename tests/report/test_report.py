@@ -118,6 +118,7 @@ def test_late_mean():
     assert math.isnan(late_mean([]))
 
 
+@pytest.mark.slow  # draws a whole report again (6 s): test_report_recovers_known_slopes_and_draws_everything stays fast
 def test_cli_entry(tmp_path, capsys):
     from fastwidth.cli import main
     run = fake_run(tmp_path / "r")
