@@ -260,11 +260,12 @@ class Trainer:
             log.warning("%s diverged at step %d (%s): stopped, the others go on", m.name, m.step, reason)
 
     def record_timescales(self, members: list[Member]) -> None:
-        """One "optim" row a member: each optimizer group's lr, weight decay, ε and AdamW timescale τ."""
+        """One "optim" row a member: each optimizer group's lr, weight decay, ε and AdamW timescale τ
+        (a refined member's carries pass: refine, so a resume inside that pass drops it with the rest)."""
         for m in members:
             row = {"kind": "optim", "step": 0, "tokens": 0, "width": m.width, "seed": m.seed, "member": m.name,
                    "weight_decay_mode": m.cfg.optim.weight_decay_mode, "groups": timescales(m.table, m.cfg.optim)}
-            self.writer.write({**row, **member_tags(m)})
+            self.writer.write({**row, **member_tags(m), **sweep.pass_tag(m)})
 
     def record_data(self, step: int) -> None:
         """The stream's fingerprint in metrics.jsonl and the probe split beside the run, so a
