@@ -105,6 +105,7 @@ class DataConfig:
     normalize: bool = _opt(True, help="images: per-channel mean/std normalization computed once on the training split")
     max_undecodable: float = _opt(0.01, min=0.0, max=1.0, help="text: refuse a corpus file whose share of bytes that are not UTF-8 (in its first 256 KB) exceeds this; 1 = accept anything (bytes are decoded with replacement)")
     allow_missing_classes: bool = _opt(False, help="classifiers: train even when the training labels hold fewer than data.num_classes classes (the readout, probe metrics and eNTK class assume all of them)")
+    train_size: int = _opt(0, min=0, help="offline training: a fixed subset of this many training examples (token windows for text), the first ones of the online order, cycled in one fixed order identical for every member; evaluations add its loss (train_subset_loss) beside the probe loss. With train_size >= steps x batch_size the run equals the online one bit for bit; 0 = online (the whole split)")
 
 
 @dataclass
@@ -152,7 +153,9 @@ class SweepConfig:
 
 @dataclass
 class StatsConfig:
-    every: int = _opt(50, min=1, help="probe evaluation cadence in steps")
+    every: int = _opt(50, min=1, help="schedule linear: probe evaluation cadence in steps")
+    schedule: str = _opt("linear", choices=["linear", "log"], help="probe evaluations: linear = every stats.every steps; log = stats.evals of them spaced evenly in log tokens, the first steps (1, 2, ...) and the last always among them (stats/schedule.py); both also evaluate at step 0")
+    evals: int = _opt(24, min=2, help="schedule log: evaluations after step 0 (fewer when train.steps is smaller)")
     enabled: bool = _opt(True, help="evaluate the probe split and write signatures")
     reference_run: str = _opt("", help="run directory whose signatures are the reference")
     signature_points: int = _opt(4096, min=1, help="probe points (examples or tokens, strided) stored per signature")
@@ -177,6 +180,7 @@ class StatsConfig:
     sharpness_tol: float = _opt(1e-2, min=0.0, help="Lanczos stops when the top Ritz pair's relative residual, norm(Hv - λv) / abs(λ), is at most this (sharpness, batch_sharpness and λ0; rows report converged and residual)")
     hvp: str = _opt("auto", choices=["auto", "double", "fd"], help="Hessian-vector products: double backward, finite differences, or double with fd fallback")
     batch_sharpness_every: int = _opt(0, min=0, help="sharpness trajectory on the current training batch (full batch: the batch) every k steps and at init, by Lanczos; 0 = off")
+    batch_sharpness_dense: int = _opt(0, min=0, help="batch sharpness at every step up to this step as well (then at stats.batch_sharpness_every): edge-of-stability onsets and catapults resolved step by step; 0 = off")
     batch_sharpness_iters: int = _opt(20, min=1, help="at most this many Lanczos iterations (Hessian-vector products) per batch-sharpness point (stops earlier at stats.sharpness_tol)")
     coord_every: int = _opt(0, min=0, help="refined coordinate check (own-update and input-change parts of each layer's activation change) every k steps; 0 = off")
     ntk_points: int = _opt(16, min=0, help="probe points of the eNTK (scalar output); 0 = off")

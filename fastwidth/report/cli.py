@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from fastwidth.errors import UserError
-from fastwidth.report import consistency_figures, depth
+from fastwidth.report import consistency_figures, depth, sections
 from fastwidth.report.figures import FIGURES
 from fastwidth.report.reader import Run, load_run, probe_identity
 from fastwidth.report.summary import write_summary
@@ -59,7 +59,7 @@ def _draw(runs: list[Run], out: Path, prefix: str = "") -> dict[str, Path | None
     """Every figure the runs have data for, into `out`; {name (with prefix): path or None}."""
     figures = {}
     across_depth = depth.FIGURES if any(depth.is_depth_sweep(r) for r in runs) else {}  # else: as before depth
-    for name, draw in {**FIGURES, **consistency_figures.FIGURES, **across_depth}.items():
+    for name, draw in {**FIGURES, **consistency_figures.FIGURES, **across_depth, **sections.figures()}.items():
         figures[prefix + name] = draw(runs, out / name)
         if figures[prefix + name] is None:
             log.info("%s: nothing to draw", prefix + name)

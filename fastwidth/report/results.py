@@ -66,6 +66,19 @@ SECTIONS = (
     Section("complexity", "Bias against the task's complexity (teacher-student)", tuple(
         (k.replace("data.", "").replace("=", "_") or "base", "configs/complexity/teacher_student.yaml",
          T1 + ((k,) if k else ())) for k in CX_KNOBS), kind="complexity"),
+    # the paper's figure types (issue 31; docs/paper.md shows each section's figures), one section each
+
+    # -- offline --
+
+    # -- pointwise --
+
+    # -- outputs --
+
+    # -- spectral --
+
+    # -- eos --
+
+    # -- representations --
 )
 
 

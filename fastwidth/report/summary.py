@@ -41,6 +41,7 @@ from fastwidth.report.intervals import width_intervals
 from fastwidth.report.ntk import ntk_across_run, ntk_lines
 from fastwidth.report.preact import preact_lines
 from fastwidth.report.reader import FIT_KEYS, Run, late_mean
+from fastwidth.report import sections
 from fastwidth.report.same_width import cka_lines, cka_same_width_run
 from fastwidth.report.slopes import one_over_n, slope_lines
 from fastwidth.report.transfer import depth_fits, transfer_depth_lines, transfer_lines, transfer_summary
@@ -273,7 +274,7 @@ def write_summary(runs: list[Run], figures: dict[str, Path | None], out: Path, n
               "than 3 seeds per width):", ""] + _fits_table(numbers)
     lines += ["", FITS_TEXT, ""]
     lines += transfer_lines(runs) + transfer_depth_lines(runs) + slope_lines(runs) + data_order_lines(runs)
-    lines += depth_lines(runs)
+    lines += depth_lines(runs) + sections.summary_lines(runs)
     for run, n in zip(runs, numbers):
         lines += [f"## {n['label']}", "", f"commit {n['commit'] or 'unknown'}", ""]
         if n.get("mfu") is not None:
@@ -289,7 +290,7 @@ def write_summary(runs: list[Run], figures: dict[str, Path | None], out: Path, n
     lines.append("")
     path = out / "summary.md"
     path.write_text("\n".join(lines))
-    write_summary_json(numbers, out / "summary.json", data_order_json(runs))
+    write_summary_json(numbers, out / "summary.json", data_order_json(runs), sections.summary_json(runs))
     return path
 
 
@@ -328,12 +329,16 @@ def _json_run(n: dict) -> dict:
     return out
 
 
-def write_summary_json(numbers: list[dict], path: Path, data_orders: list[dict] | None = None) -> Path:
+def write_summary_json(numbers: list[dict], path: Path, data_orders: list[dict] | None = None,
+                       paper: dict | None = None) -> Path:
     """summary.json: every fitted number with its interval and the run's settings (module docstring);
-    `data_orders` (report/data_orders.py) where the report was given runs differing only in data.seed."""
+    `data_orders` (report/data_orders.py) where the report was given runs differing only in data.seed;
+    `paper` (report/sections.py) the numbers of the paper's figure types the runs hold."""
     runs = [_json_run(n) for n in numbers]
     doc = {**(runs[0] if runs else {"run": {}, "widths": [], "fits": {}}), "runs": runs}
     if data_orders:
         doc["data_orders"] = data_orders
+    if paper:
+        doc["paper"] = paper
     path.write_text(json.dumps(json_safe(doc), indent=1, allow_nan=False) + "\n")
     return path

@@ -26,10 +26,11 @@ RESUMABLE_CHANGES = {"data.micro_batch_size", "train.activation_checkpointing", 
                      "train.steps", "train.out_dir", "train.resume", "train.overwrite", "train.progress", "train.log_every",
                      "train.compile", "sweep.stack",
                      "train.ckpt_every", "train.ckpt_minutes", "train.report", "train.tensorboard", "train.csv", "train.keep_checkpoints", "train.threads", "train.device",
-                     "stats.every", "stats.enabled", "stats.reference_run", "stats.eval_batch", "stats.bootstrap", "stats.ensemble_every",
+                     "stats.every", "stats.schedule", "stats.evals", "stats.enabled", "stats.reference_run", "stats.eval_batch", "stats.bootstrap", "stats.ensemble_every",
                      "stats.sharpness_iters", "stats.sharpness_every", "stats.sharpness_points", "stats.sharpness_tol", "stats.hvp",
                      "stats.ntk_points", "stats.ntk_every", "stats.ntk_max_mb", "stats.ntk_top_k",
-                     "stats.batch_sharpness_every", "stats.batch_sharpness_iters", "stats.coord_every"}
+                     "stats.batch_sharpness_every", "stats.batch_sharpness_dense", "stats.batch_sharpness_iters",
+                     "stats.coord_every"}
 RESUMABLE_CHANGES |= {"train.trust_checkpoint"}  # whom to trust is the resuming command's choice
 
 

@@ -5,7 +5,7 @@
     with monitor.training(member):          # around each member's training forward (+ backward)
         loss = member.model.loss(x, y)
     monitor.sync_preacts()                   # before an evaluation or a checkpoint: the global batch's
-    monitor.evaluate(step, tokens)           # every stats.every steps and at the end
+    monitor.evaluate(step, tokens)           # at the steps of stats/schedule.py (stats.schedule)
     monitor.flush_pending()                  # sequential sweeps: after each member's run
     ckpt["stats"] = monitor.state_dict()     # and monitor.load_state_dict(...) on resume
 

@@ -35,6 +35,7 @@ from fastwidth.kernels import dispatch
 from fastwidth.param.optim import lr_factor, set_lr, timescales
 from fastwidth.stats.lr_groups import member_tags, monitor_for
 from fastwidth.stats.reference import check_reference_run
+from fastwidth.stats.schedule import EvalSchedule
 from fastwidth.stats.training_rows import BatchSharpnessRows, CoordRows
 from fastwidth.run.lock import RunLock, check_creatable, undo_on_error
 from fastwidth.run.prepare import check_outside_data, check_run_dir, make_scratch_dir, prepare_run_dir
@@ -89,6 +90,7 @@ class Trainer:
         self.stacker = None            # sweep.stack: planned when training starts (run)
         # at init, before any restore: optim.lr_unit = edge (η = lr × 2/λ0); stats.coord_every's W_0
         lambda0 = dynamics.apply_edge_lrs(self.members, self.batch(0), cfg)
+        self.schedule = EvalSchedule.from_config(cfg)  # stats.schedule: which steps evaluate the probe
         self.coord_rows = CoordRows(cfg, self.members, self.stream.probe()["x"], self.device)
         self.checkpointer = Checkpointer(cfg, self.placement.main, self.members, RunDir(cfg.train.out_dir).checkpoints)
         if self.resume_meta is not None:  # each engine loads its members (their steps trim the rows below)
@@ -295,11 +297,11 @@ class Trainer:
 
     def _monitor_after_step(self, step: int, group: list[Member], x, y) -> None:
         """The statistics due after `step`: batch sharpness and coord rows on this step's batch,
-        the evaluation at stats.every."""
+        the evaluation the schedule has at this step (stats.schedule)."""
         tokens = step * self.tokens_per_step
         self.sharpness_rows.after_step(self.writer, step, tokens, self.active(group), x, y)
         self.coord_rows.after_step(self.writer, step, tokens, self.active(group))
-        if self.cfg.stats.enabled and self._due(step, self.cfg.stats.every):
+        if self.cfg.stats.enabled and self.schedule.due(step):
             self.evaluator.sync_preacts(group)  # whole-batch preact stats
             self.evaluator.evaluate(step, step * self.tokens_per_step, self.active(group))
 
