@@ -35,7 +35,7 @@ build-ext: $(STAMP)
 	$(PY) -m fastwidth.cli build-ext
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --durations=15
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m slow --durations=20
