@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from fastwidth.config import load_config
 from fastwidth.data import build_stream
-from fastwidth.data.stream import ClassStream
+from fastwidth.data.stream import ClassStream, TokenStream
 from fastwidth.errors import ConfigError, DataError
 from fastwidth.run.metrics import read_metrics
 from fastwidth.trainer.loop import run
@@ -53,6 +53,22 @@ def test_subset_is_the_online_orders_first_k_cycled():
     for s in range(4):                                                            # the ranks' union is the 1-process batch
         assert torch.equal(torch.cat([st.batch(s)["x"] for st in ranks]), off.batch(s)["x"])
     assert off.train_subset(5)["x"][:, 0].numpy().astype(int).tolist() == first[:5].tolist()
+
+
+def test_token_windows_subset():
+    def stream():
+        return TokenStream([np.arange(2000) % 50], vocab_size=50, seq_len=7, batch_size=4, seed=1, epochs=1,
+                           probe_size=4, holdout_fraction=0.1, rank=0, world_size=1, name="toy", content_id="toy")
+    online, off, big = stream(), stream(), stream()
+    n = online.sampler.n
+    off.restrict(6)
+    big.restrict(n)
+    for s in range(3):                                                            # K = the split: the online batches
+        assert torch.equal(big.batch(s)["x"], online.batch(s)["x"])
+    w = off.sampler.order(0)[:6]
+    assert off.batch(1)["x"][:, 0].tolist() == [int(w[i % 6]) * 8 % 50 for i in range(4, 8)]   # window g starts at 8g
+    with pytest.raises(DataError, match=f"more than the {n} windows of 8 tokens"):
+        stream().restrict(n + 1)
 
 
 def test_synthetic_subset_and_refusals(tmp_path):
