@@ -30,7 +30,7 @@ def train_size(run: Run) -> int:
 
 def run_name(run: Run) -> str:
     k = train_size(run)
-    return f"{run.label} (train_size={k})" if k else f"{run.label} (online)"
+    return f"{run.label}, train_size={k}" if k else f"{run.label}, whole split"
 
 
 def _applies(runs: list[Run]) -> bool:
@@ -118,8 +118,8 @@ def draw(runs: list[Run], path):
     fig, axes = plt.subplots(2, cols, figsize=(5.2 * cols + 0.6, 8.0), squeeze=False)
     for ax, run, n in zip(axes[0], runs, nums):
         for w in run.widths:
-            probe = run.series("eval", "probe_loss").get(w, [])
-            sub = run.series("eval", "train_subset_loss").get(w, [])
+            probe = [p for p in run.series("eval", "probe_loss").get(w, []) if p[0] > 0]   # a log axis
+            sub = [p for p in run.series("eval", "train_subset_loss").get(w, []) if p[0] > 0]
             ax.plot(*zip(*probe), "--", color=colors[w], label=f"N={w} probe") if probe else None
             ax.plot(*zip(*sub), "-", color=colors[w], label=f"N={w} train subset") if sub else None
         _tokens_axis(ax, run)
