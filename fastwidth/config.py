@@ -301,6 +301,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"dist.zero_stage: {cfg.dist.zero_stage} is not one of 0, 1, 2, 3")
     if not 0.0 <= cfg.data.holdout_fraction < 1.0:
         raise ConfigError(f"data.holdout_fraction: {cfg.data.holdout_fraction} must be in [0, 1)")
+    k = cfg.data.train_size
+    if k and k < cfg.data.batch_size:
+        raise ConfigError(f"data.train_size={k} is smaller than one batch (data.batch_size={cfg.data.batch_size}); "
+                          f"valid: 0 (online) or >= {cfg.data.batch_size}")
+    if k and cfg.train.full_batch:
+        raise ConfigError(f"data.train_size={k} with train.full_batch: full-batch training already trains on one fixed "
+                          "batch; set one of them")
     if not 0.0 <= cfg.data.label_noise <= 1.0:
         raise ConfigError(f"data.label_noise: {cfg.data.label_noise} must be in [0, 1]")
     if cfg.stats.ntk_output == "trace" and m.arch == "gpt":

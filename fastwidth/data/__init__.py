@@ -31,8 +31,14 @@ SOURCES = ("synthetic", *TEXT_SOURCES, "shards", *IMAGE_SOURCES)
 
 
 def build_stream(cfg_data, *, rank: int = 0, world_size: int = 1) -> BaseStream:
-    """The stream of `cfg_data` (a fastwidth.config.DataConfig) as seen by data-parallel `rank`."""
-    d = cfg_data
+    """The stream of `cfg_data` (a fastwidth.config.DataConfig) as seen by data-parallel `rank`;
+    data.train_size > 0 restricts it to its offline subset (stream.py, BaseStream.restrict)."""
+    stream = _online_stream(cfg_data, rank=rank, world_size=world_size)
+    stream.restrict(cfg_data.train_size)
+    return stream
+
+
+def _online_stream(d, *, rank: int, world_size: int) -> BaseStream:
     if d.source == "synthetic":
         return SyntheticStream(seed=d.seed, in_dim=d.in_dim, teacher_width=d.teacher_width,
                                num_classes=d.num_classes, batch_size=d.batch_size, probe_size=d.probe_size,

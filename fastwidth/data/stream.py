@@ -6,7 +6,13 @@ Every batch is a pure function of (data.seed, step, rank, world_size):
     rank r serves rows [r * b, (r + 1) * b) of it,  b = B / world_size
 
 where S = n_train // B steps fit one pass and order_e is a seeded permutation of the training
-examples for epoch e (a token window is an "example" for text). Inside one epoch no example is
+examples for epoch e (a token window is an "example" for text). Offline (data.train_size = K > 0,
+BaseStream.restrict) the subset is the first K examples of the online order, cycled in one fixed
+order for every member, width, seed and rank layout:
+
+    global batch of step s = subset[(s * B + j) mod K],  j < B,  subset = order_0[:K]
+
+so with K >= steps * B the run serves the online batches exactly. Inside one epoch no example is
 served twice; the union over ranks is the single-process batch. The probe split is a fixed set
 of held-out examples chosen without any seed, so every width, init seed and data seed sees the
 same probe (the fingerprint says so).
@@ -127,6 +133,7 @@ class BaseStream:
     """What the loop sees; subclasses set kind, the sampler and `_fetch(ids) -> (x, y)`."""
 
     kind = ""
+    train_size = 0  # data.train_size (restrict): the offline subset's size; 0 = online
 
     def __init__(self, sampler: Sampler, *, name: str, fingerprint: str, info: dict):
         self.sampler = sampler
@@ -137,7 +144,7 @@ class BaseStream:
 
     @property
     def steps_available(self) -> int:
-        return self.sampler.steps_available
+        return 2**62 if self.train_size else self.sampler.steps_available  # a subset cycles without end
 
     @property
     def steps_per_epoch(self) -> int:
@@ -145,8 +152,42 @@ class BaseStream:
 
     def batch(self, step: int) -> dict:
         """This rank's share of the global batch of optimizer step `step` (CPU tensors)."""
-        x, y = self._fetch(self.sampler.indices(step))
+        x, y = self.subset_rows(self.subset_positions(step)) if self.train_size else self._fetch(self.sampler.indices(step))
         self.cursor = step + 1
+        return {"x": x, "y": y}
+
+    # ------------------------------------------------------------------ offline (data.train_size)
+
+    def split_size(self) -> int | None:
+        """Training examples in the split (None: unbounded, the synthetic stream)."""
+        return self.sampler.n
+
+    def restrict(self, k: int) -> None:
+        """data.train_size=k: train on the first k examples of the online order, cycled (module
+        docstring); the fingerprint and the "data" row carry k, so runs with another k differ."""
+        if not k:
+            return
+        n = self.split_size()
+        if n is not None and k > n:
+            raise DataError(f"data.train_size={k} is more than the {n} {getattr(self.sampler, 'what', 'examples')} "
+                            f"of {self.name}'s training split; valid: {self.sampler.batch_size}..{n}, or 0 for online")
+        self.train_size = int(k)
+        self.fingerprint = hash_json([self.fingerprint, {"train_size": self.train_size}])[:16]
+        self.info = {**self.info, "train_size": self.train_size}
+
+    def subset_positions(self, step: int) -> np.ndarray:
+        """Positions in the subset of this rank's rows of step `step`: (s * B + j) mod K."""
+        s = self.sampler
+        j = np.arange(s.rank * s.local, (s.rank + 1) * s.local, dtype=np.int64)
+        return (int(step) * s.batch_size + j) % self.train_size
+
+    def subset_rows(self, positions: np.ndarray):
+        """(x, y) of the subset's examples at `positions` (subset = the epoch-0 order's first K)."""
+        return self._fetch(self.sampler.order(0)[:self.train_size][positions])
+
+    def train_subset(self, n: int) -> dict:
+        """The subset's first n examples as a probe-like {"x", "y"} (the train_subset_* evaluation)."""
+        x, y = self.subset_rows(np.arange(min(n, self.train_size), dtype=np.int64))
         return {"x": x, "y": y}
 
     def __iter__(self):
@@ -156,7 +197,7 @@ class BaseStream:
 
     def check_steps(self, steps: int) -> None:
         """Raise the one-line DataError before training when `steps` exceed the split."""
-        if steps > self.steps_available:
+        if steps > self.steps_available and not self.train_size:
             self.sampler.global_indices(steps - 1)
 
     def state_dict(self) -> dict:

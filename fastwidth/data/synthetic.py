@@ -70,17 +70,37 @@ class SyntheticStream(BaseStream):
         y = self.teacher.labels(x)
         return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
 
-    def batch(self, step: int) -> dict:
+    def _global(self, step: int):
+        """The whole global batch of `step` (x, y), label noise applied."""
         s = self.sampler
-        # The whole global batch is drawn and sliced, so the union over ranks is the 1-rank batch.
         x, y = self._draw(seed_sequence(s.seed, _INPUTS, step), s.batch_size)
         if self.label_noise:
             rng = np.random.Generator(np.random.PCG64(seed_sequence(s.seed, _NOISE, step)))
             flip = rng.random(s.batch_size) < self.label_noise
             y = torch.where(torch.from_numpy(flip), torch.from_numpy(rng.integers(0, self.num_classes, s.batch_size)), y)
+        return x, y
+
+    def batch(self, step: int) -> dict:
+        if self.train_size:
+            return super().batch(step)
+        s = self.sampler
+        # The whole global batch is drawn and sliced, so the union over ranks is the 1-rank batch.
+        x, y = self._global(step)
         lo = s.rank * s.local
         self.cursor = step + 1
         return {"x": x[lo:lo + s.local].contiguous(), "y": y[lo:lo + s.local].contiguous()}
+
+    def split_size(self) -> None:
+        return None  # every step draws new inputs: any data.train_size fits
+
+    def subset_rows(self, positions: np.ndarray):
+        """The subset is the first K examples the online steps draw (steps 0.. ceil(K/B)-1)."""
+        if getattr(self, "_subset", None) is None:
+            steps = -(-self.train_size // self.sampler.batch_size)
+            xs, ys = zip(*(self._global(t) for t in range(steps)))
+            self._subset = torch.cat(xs)[:self.train_size], torch.cat(ys)[:self.train_size]
+        idx = torch.from_numpy(np.asarray(positions, dtype=np.int64))
+        return self._subset[0][idx].contiguous(), self._subset[1][idx].contiguous()
 
     def check_steps(self, steps: int) -> None:
         pass

@@ -44,26 +44,35 @@ def late_rmse_with_ci(run: Run, key: str = "true_logit_rmse", rows: list[dict] |
     return out
 
 
-def _final_ensemble(run: Run) -> tuple[int | None, dict[int, dict]]:
+def final_ensemble(run: Run) -> tuple[int | None, dict[int, dict]]:
+    """(step, {width: ensemble row}) of the run's last ensemble rows (the loop's V_N, b² and intervals)."""
     step = max((r["step"] for r in run.rows("ensemble")), default=None)
     return step, {r["width"]: r for r in run.rows("ensemble", step=step)} if step is not None else {}
 
 
-def _variance_from_signatures(run: Run, step: int) -> dict[int, list | None]:
-    """seed_variance_ci per width recomputed from the stored true logits at `step` ({} if absent)."""
+def signature_ensembles(run: Run, step: int, min_seeds: int = MIN_SEEDS_VARIANCE_CI) -> SeedEnsembles | None:
+    """The loop's estimator (SeedEnsembles) rebuilt from the signatures' true logits at `step`;
+    None unless every width has them for >= min_seeds seeds."""
     seeds = sorted({r["seed"] for r in run.rows("eval") if r.get("seed", -1) >= 0})
-    if len(seeds) < MIN_SEEDS_VARIANCE_CI or run.ref_width not in run.widths:
-        return {}
+    if len(seeds) < min_seeds or run.ref_width not in run.widths:
+        return None
     true, have = {}, {}
     for w in run.widths:
         got = [(s, run.signature(run.member_name(w, s), step)) for s in seeds]
         got = [(s, g[0]["true_logit"]) for s, g in got if g and "true_logit" in g[0]]
-        if len(got) < MIN_SEEDS_VARIANCE_CI:
-            return {}
+        if len(got) < min_seeds:
+            return None
         have[w] = [s for s, _ in got]
         true[w] = np.stack([np.asarray(t, dtype=np.float64) for _, t in got])
-    rows = SeedEnsembles({w: torch.from_numpy(t) for w, t in true.items()}, have, run.ref_width).width_rows(N_BOOT)
-    return {w: r.get("seed_variance_ci") for w, r in rows.items()}
+    return SeedEnsembles({w: torch.from_numpy(t) for w, t in true.items()}, have, run.ref_width)
+
+
+def _variance_from_signatures(run: Run, step: int) -> dict[int, list | None]:
+    """seed_variance_ci per width recomputed from the stored true logits at `step` ({} if absent)."""
+    est = signature_ensembles(run, step)
+    if est is None:
+        return {}
+    return {w: r.get("seed_variance_ci") for w, r in est.width_rows(N_BOOT).items()}
 
 
 def width_intervals(run: Run) -> dict[int, dict]:
@@ -71,7 +80,7 @@ def width_intervals(run: Run) -> dict[int, dict]:
     out: dict[int, dict] = {w: {} for w in run.widths}
     for w, (v, ci) in late_rmse_with_ci(run).items():
         out.setdefault(w, {}).update(true_logit_rmse=v, true_logit_rmse_ci=ci)
-    step, ens = _final_ensemble(run)
+    step, ens = final_ensemble(run)
     rebuilt = None
     for w, r in ens.items():
         # a run written before MIN_SEEDS_VARIANCE_CI may hold an interval over 3 seeds, which

@@ -69,6 +69,10 @@ SECTIONS = (
     # the paper's figure types (issue 31; docs/paper.md shows each section's figures), one section each
 
     # -- offline --
+    Section("offline", "Offline (a fixed 2048-image subset, cycled) against online, µP MLP on Fashion-MNIST", (
+        ("online", "configs/paper/fmnist_offline.yaml", FM + ("data.train_size=0",)),
+        ("offline_2048", "configs/paper/fmnist_offline.yaml", FM)),
+        tables=("Offline against online",)),
 
     # -- pointwise --
 

@@ -318,6 +318,17 @@ class SeedEnsembles:
         flat = lambda d: {f"{k}/{w}": v for k, by_w in d.items() for w, v in by_w.items()}  # noqa: E731
         return flat(point), flat(boot), flat(population)
 
+    def replicates(self, key: str, n_boot: int = 1000, seed: int = 0) -> dict[int, tuple[float, np.ndarray, float]]:
+        """{width: (observed, bootstrap replicates (B,), bootstrap-world truth)} of statistic `key`
+        (e.g. "bias_sq_debiased"), the draws width_rows' intervals come from; {} without a
+        bootstrap. Two runs' replicates, drawn independently, give a ratio's interval."""
+        p = self._point()
+        boot = self._bootstrap(n_boot, seed, p)
+        if boot is None:
+            return {}
+        return {w: (float(boot[0][f"{key}/{w}"][0]), boot[1][f"{key}/{w}"], float(boot[2][f"{key}/{w}"][0]))
+                for w in p[key]}
+
     # ---- rows
 
     def width_rows(self, n_boot: int = 1000, seed: int = 0) -> dict[int, dict]:

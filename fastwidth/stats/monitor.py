@@ -131,7 +131,7 @@ class ReferenceRun:
 class Monitor(CurvatureRows):  # sharpness() and ntk(): stats/monitor_curvature.py
     def __init__(self, cfg, run_dir: Path, members: list, probe: dict, writer, device,
                  ranges_dir: Path | None = None, train_batch=None, rank: int = 0, world: int = 1,
-                 whole_of=whole_member):
+                 whole_of=whole_member, train_subset: dict | None = None):
         # The probe runs in fp32 whatever the training precision: bf16 logits (error ~0.02 at
         # |z|~5) would swamp RMSEs of a few hundredths.
         # ranges_dir: where this run's preact_ranges.json lives (default run_dir); a distributed
@@ -143,6 +143,8 @@ class Monitor(CurvatureRows):  # sharpness() and ntk(): stats/monitor_curvature.
         # whole_of(member) -> a context giving the member with whole parameters and a torch optimizer
         # over them (sharpness, eNTK); by default stats/ranks.py whole_member, its engine's gathered
         # view (a replica of one member under FSDP2 / ZeRO-3).
+        # train_subset: {"x", "y"} of data.train_size's first examples (the stream gives them), evaluated
+        # like the probe (probe_signature, split over the ranks) into train_subset_loss / _acc.
         self.cfg, self.sc = cfg, cfg.stats
         self.train_batch, self.rank, self.world, self.whole_of = train_batch, rank, world, whole_of
         self.run_dir, self.members, self.writer, self.device = Path(run_dir), members, writer, device
@@ -150,6 +152,9 @@ class Monitor(CurvatureRows):  # sharpness() and ntk(): stats/monitor_curvature.
         self.spec = ProbeSpec.build(probe, signature_points=sc.signature_points, kernel_points=sc.kernel_points,
                                     sketch_dim=sc.sketch_dim, sketch_seed=sc.sketch_seed, eval_batch=sc.eval_batch)
         self.probe = probe
+        self.subset_spec = None if train_subset is None else ProbeSpec.build(
+            train_subset, signature_points=0, kernel_points=0, sketch_dim=sc.sketch_dim,
+            sketch_seed=sc.sketch_seed, eval_batch=sc.eval_batch)
         self.ref_width = cfg.sweep.reference_width or max(m.width for m in members)
         self.by_name = {m.name: m for m in members}
         # histogram bins per layer: ±hist_range, or (hist_range 0) the reference width's quantile
@@ -278,7 +283,7 @@ class Monitor(CurvatureRows):  # sharpness() and ntk(): stats/monitor_curvature.
                            **({"out_of_range": out_of_range_fraction(r["hist"])} if self.sc.hist_range <= 0 else {})}
                        for l, r in pre.items() if r["count"] > 0}
             self.write({"kind": "eval", **base, "probe_loss": summary["loss"], "probe_acc": summary["accuracy"],
-                        **({"preact": moments} if moments else {})})
+                        **self._train_subset_fields(m), **({"preact": moments} if moments else {})})
             if self.sc.sharpness_iters and self._due(step, self.sc.sharpness_every):
                 with self.whole_of(m) as whole:
                     self.write({"kind": "sharpness", **base, **self.sharpness(whole, step)})
@@ -291,6 +296,13 @@ class Monitor(CurvatureRows):  # sharpness() and ntk(): stats/monitor_curvature.
                 self.pending.append((m.name, step, tokens))
         self._lm_ensembles(step, members if members is not None else self.members)
         self.flush_pending()
+
+    def _train_subset_fields(self, m) -> dict:
+        """data.train_size: the loss and accuracy on the subset's first examples, the probe's evaluator."""
+        if self.subset_spec is None:
+            return {}
+        _, s = probe_signature(m.model, self.subset_spec, self.device, None, self.rank, self.world)
+        return {"train_subset_loss": s["loss"], "train_subset_acc": s["accuracy"]}
 
     def write(self, row: dict) -> None:
         self.writer.write(json_safe(row))

@@ -73,6 +73,10 @@ class Trainer:
             raise DataError(f"data: {cfg.data.source} holds {self.stream.steps_available} steps of "
                             f"data.batch_size={cfg.data.batch_size} in data.epochs={cfg.data.epochs}, "
                             f"train.steps={cfg.train.steps} asks for more")
+        if self.stream.train_size:
+            log.info("data.train_size=%d: %d steps x %d examples make %.2f passes over the subset",
+                     self.stream.train_size, cfg.train.steps, cfg.data.batch_size,
+                     cfg.train.steps * cfg.data.batch_size / self.stream.train_size)
         if cfg.stats.reference_run:  # one line now, never at the evaluation that reads it
             check_reference_run(cfg, self.stream)
         self.resume_meta = check_run_dir(cfg)
@@ -133,7 +137,11 @@ class Trainer:
         (other ranks' scratch run_dir is emptied at each start), sharpness on the training batch."""
         return monitor_for(cfg, self.run_dir, self.members, self.stream.probe(), self.writer, self.device,
                            ranges_dir=Path(cfg.train.out_dir), train_batch=self.batch, rank=self.dist.rank,
-                           world=self.dist.world_size)
+                           world=self.dist.world_size, train_subset=self._train_subset())
+
+    def _train_subset(self) -> dict | None:
+        """data.train_size: the subset's first min(K, data.probe_size) examples, evaluated beside the probe."""
+        return self.stream.train_subset(self.cfg.data.probe_size) if self.stream.train_size else None
 
     # one optimizer step of one member on one batch; returns the loss (a tensor, no host sync)
     def train_step(self, m: Member, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
