@@ -145,7 +145,12 @@ def loss_gap_figure(runs: list[Run], path: Path) -> Path | None:
                 ax.plot(xs, fit["amplitude"] * xs ** fit["slope"], "--", lw=1.5, color=c)
             ax.plot([], [], "o--", color=c, label=f"{when}: step {fit['step']} ({fit['tokens']:,} seen), {_fit_text(fit)}")
         ax.plot([], [], "v", mfc="none", color="gray", label="ΔL_N <= 0 or no interval: upper end of its CI")
-        _loglog_axes(ax, run.widths)
+        if any(len(line.get_xdata()) for line in ax.lines):
+            _loglog_axes(ax, run.widths)
+        else:                                       # nothing positive to put on a log axis
+            ax.text(0.5, 0.5, "ΔL_N and its interval <= 0 at every width", transform=ax.transAxes, ha="center",
+                    fontsize=8)
+            ax.set_xticks([])
         n = max(f["n_seeds"] for f in fits.values())
         ax.set_title(f"{run.label}: ΔL_N = L_N - L_ref (N_ref = {run.ref_width}), {n} seeds\n"
                      f"probe loss, seed means, 95% bootstrap over seeds; dashed: fits", fontsize=8)

@@ -126,6 +126,8 @@ def test_the_section_figures_are_drawn_from_a_run(tmp_path):
     for name, draw in {**loss_gap.FIGURES, **coord.FIGURES, "coord_in_loop.png": coord.coord_in_loop,
                        "kernels.png": kernel_heatmaps}.items():
         assert draw([run], tmp_path / name).stat().st_size > 10_000, name
+    flat = load_run(tiny_run(tmp_path / "flat", gap=lambda w, s: -0.01, kernel=False))   # every gap < 0:
+    assert loss_gap.loss_gap_figure([flat], tmp_path / "neg.png").is_file()               # no log axis to fail
 
 
 def test_a_run_without_a_gap_prints_not_identified(tmp_path):
