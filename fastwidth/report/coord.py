@@ -126,7 +126,7 @@ def coord_in_loop(runs: list[Run], path: Path) -> Path | None:
     """The refined check the loop ran at stats.coord_every: last measured step, per run and
     quantity, seed means."""
     import matplotlib.pyplot as plt
-    from fastwidth.report._plotbase import _save
+    from fastwidth.report._plotbase import _save, min_log_span
     found = [(run, coord_means(run)) for run in runs]
     found = [(run, means) for run, means in found if means]
     if not found:
@@ -141,8 +141,11 @@ def coord_in_loop(runs: list[Run], path: Path) -> Path | None:
         for j, (q, label) in enumerate(ROWS):
             series = {n: [by_w[w].get(n, {}).get(q) for w in widths] for n in names}
             _panel(axes[i][j], widths, series, colors, f"{run.label}: {label}, step {step}, mean of {_n_seeds(run)} seeds")
+            if axes[i][j].lines:
+                min_log_span(axes[i][j], 10.0)
             axes[i][j].set_ylabel("RMS over probe examples and units", fontsize=7)
-        axes[i][-1].legend(fontsize=5, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        handles = max((ax.get_legend_handles_labels() for ax in axes[i]), key=lambda hl: len(hl[1]))
+        axes[i][-1].legend(*handles, fontsize=5, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return _save(fig, path)
 
 
@@ -164,7 +167,7 @@ def coord_tp5(runs: list[Run], path: Path) -> Path | None:
     its change since init against width at a few steps (pick_steps), one line per layer, log-log,
     seed means. Flat lines: width-stable (µP); a line rising with N blows up in the wide limit."""
     import matplotlib.pyplot as plt
-    from fastwidth.report._plotbase import _save
+    from fastwidth.report._plotbase import _save, min_log_span
     found = [(run, coord_means(run)) for run in runs]
     found = [(run, means, pick_steps([t for t in means if t > 0])) for run, means in found if means]
     if not found:
@@ -183,6 +186,8 @@ def coord_tp5(runs: list[Run], path: Path) -> Path | None:
                 _panel(ax, widths, series, colors, f"{run.label}: {label}\nstep {t}, mean of {_n_seeds(run)} seeds")
                 if not ax.lines:       # e.g. hidden layers under a zero readout after one step
                     ax.text(0.5, 0.5, "0 at every width", transform=ax.transAxes, ha="center", fontsize=8)
+                else:
+                    min_log_span(ax, 10.0)         # a 10% wiggle must not fill the panel
             row[0].set_ylabel("RMS over probe examples and units", fontsize=7)
             for ax in row[len(steps):]:
                 ax.axis("off")
