@@ -131,10 +131,10 @@ def loss_gap_figure(runs: list[Run], path: Path) -> Path | None:
         for when, fit in fits.items():
             c = colors[when]
             shown = [p for p in fit["widths"] if p["gap"] > 0 and p["gap_ci"]]
-            for p in shown:
+            for p in shown:                 # an interval reaching 0: hollow, its bar cut at ΔL_N / 10
                 lo, hi = p["gap_ci"]
-                ax.errorbar([p["width"]], [p["gap"]], yerr=[[p["gap"] - max(lo, p["gap"] * 1e-3)], [hi - p["gap"]]],
-                            fmt="o", color=c, capsize=3, ms=4)
+                ax.errorbar([p["width"]], [p["gap"]], yerr=[[p["gap"] - max(lo, p["gap"] / 10)], [hi - p["gap"]]],
+                            fmt="o", color=c, capsize=3, ms=4, mfc=c if lo > 0 else "none")
             for p in fit["widths"]:
                 if p not in shown and p["gap_ci"] and p["gap_ci"][1] > 0:
                     ax.plot([p["width"]], [p["gap_ci"][1]], "v", mfc="none", color=c)
@@ -144,6 +144,7 @@ def loss_gap_figure(runs: list[Run], path: Path) -> Path | None:
                 xs = np.array(fit["fit_widths"], dtype=float)
                 ax.plot(xs, fit["amplitude"] * xs ** fit["slope"], "--", lw=1.5, color=c)
             ax.plot([], [], "o--", color=c, label=f"{when}: step {fit['step']} ({fit['tokens']:,} seen), {_fit_text(fit)}")
+        ax.plot([], [], "o", mfc="none", color="gray", label="hollow: the interval reaches 0 (bar cut at ΔL_N / 10)")
         ax.plot([], [], "v", mfc="none", color="gray", label="ΔL_N <= 0 or no interval: upper end of its CI")
         if any(len(line.get_xdata()) for line in ax.lines):
             _loglog_axes(ax, run.widths)
