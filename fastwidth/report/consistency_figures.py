@@ -11,7 +11,8 @@ import numpy as np
 
 from fastwidth.report._plotbase import DPI, _loglog_axes, _panels, _save, _width_ticks, plt, width_colors
 from fastwidth.report.figures import _last, final_signatures
-from fastwidth.report.reader import Run, get
+from fastwidth.report.reader import Run, get, probe_labels, progress_word
+from fastwidth.stats.signature import strided_index
 
 
 def _per_seed_final(run: Run, key: str) -> dict[int, list[float]]:
@@ -128,23 +129,55 @@ def ensemble_curves(runs: list[Run], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+MAX_DRAWN_CLASSES = 20     # class boundaries and labels drawn up to this many classes (an LM's tokens: sorted only)
+
+
+def class_order(labels) -> tuple[np.ndarray, list[int]]:
+    """(perm, boundaries): the stable permutation that sorts `labels` ascending, and the positions
+    in the sorted order where a new label starts. k[np.ix_(perm, perm)] is the kernel sorted by
+    class: the same entries, each point's row and column moved together."""
+    lab = np.asarray(labels).reshape(-1)
+    perm = np.argsort(lab, kind="stable")
+    ordered = lab[perm]
+    return perm, (np.flatnonzero(ordered[1:] != ordered[:-1]) + 1).tolist()
+
+
+def kernel_point_labels(run: Run, meta: dict, n_points: int) -> np.ndarray | None:
+    """The labels of a signature's kernel points (classifiers: classes; LMs: target tokens), the
+    probe's targets at strided_index(probe_points, kernel_points); None without the run's probe
+    file or when it does not match the signature's kernel."""
+    y = probe_labels(run)
+    if y is None or meta.get("probe_points", y.numel()) != y.numel():
+        return None
+    idx = strided_index(y.numel(), int(meta.get("kernel_points", n_points)))
+    return y[idx].numpy() if len(idx) == n_points else None
+
+
 def kernel_heatmaps(runs: list[Run], path: Path) -> Path | None:
-    """The last feature layer's kernel Φ at the final eval (first seed), widths side by side."""
+    """The last feature layer's kernel Φ at the final eval (first seed), widths side by side, its
+    points sorted by class (classifiers: the probe label; LMs: the target token) with the class
+    boundaries drawn, so the block structure of learned features shows; probe order where the run
+    keeps no probe file."""
     rows = []
     for run in runs:
         step, sigs = final_signatures(run, "kernel/")
-        per_w = {}
-        for w, (sig, _) in sigs.items():
+        per_w, labels = {}, None
+        for w, (sig, meta) in sigs.items():
             last = sorted(k for k in sig if k.startswith("kernel/"))[-1]
             per_w[w] = (last.split("/", 1)[1], sig[last].float().numpy())
+            labels = kernel_point_labels(run, meta, per_w[w][1].shape[0]) if labels is None else labels
         if per_w:
-            rows.append((run, step, per_w))
+            rows.append((run, step, per_w, labels))
     if not rows:
         return None
-    cols = max(len(p) for _, _, p in rows)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(2.6 * cols + 0.6, 2.7 * len(rows)), squeeze=False)
-    for i, (run, step, per_w) in enumerate(rows):
+    cols = max(len(p) for _, _, p, _ in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2.6 * cols + 0.6, 2.9 * len(rows)), squeeze=False)
+    for i, (run, step, per_w, labels) in enumerate(rows):
         vmax = max(float(np.abs(k).max()) for _, k in per_w.values()) or 1.0
+        word = "class" if progress_word(run) == "examples" else "target token"
+        perm, bounds = class_order(labels) if labels is not None else (None, [])
+        order = f"sorted by {word}" if perm is not None else "probe order (no probe file)"
+        n_classes = len(bounds) + 1
         for j in range(cols):
             ax = axes[i][j]
             ax.set_xticks([])
@@ -154,9 +187,19 @@ def kernel_heatmaps(runs: list[Run], path: Path) -> Path | None:
                 continue
             w = sorted(per_w)[j]
             layer, k = per_w[w]
+            if perm is not None:
+                k = k[np.ix_(perm, perm)]
             im = ax.imshow(k, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+            if perm is not None and n_classes <= MAX_DRAWN_CLASSES:
+                for b in bounds:
+                    ax.axhline(b - 0.5, color="black", lw=0.4)
+                    ax.axvline(b - 0.5, color="black", lw=0.4)
+                edges = [0, *bounds, len(perm)]
+                ax.set_xticks([(a + b) / 2 - 0.5 for a, b in zip(edges, edges[1:])],
+                              [str(labels[perm][a]) for a in edges[:-1]], fontsize=5)
             ax.set_title(f"{run.label}\nN={w} {layer}, step {step}", fontsize=7)
-        fig.colorbar(im, ax=list(axes[i]), shrink=0.8)
+        axes[i][0].set_ylabel(f"{len(next(iter(per_w.values()))[1])} probe points, {order}", fontsize=6)
+        fig.colorbar(im, ax=list(axes[i]), shrink=0.8, label="Φ = φφᵀ/N")
     fig.savefig(path, dpi=DPI)                    # no tight_layout: it cannot place a shared colorbar
     plt.close(fig)
     return path

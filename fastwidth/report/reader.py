@@ -165,6 +165,23 @@ def probe_identity(run: Run) -> str | None:
     return load_signature(first)[1].get("probe_hash") if first is not None else None
 
 
+def probe_labels(run: Run):
+    """The probe split's targets, flattened to one per point (classifiers: the class of each
+    example; token streams: the target token of each position), read from RUN/probe.safetensors
+    (never unpickled); None when the run keeps no probe file. The points of a signature's feature
+    kernels are these at stats.signature.strided_index(len, kernel_points)."""
+    probe = RunDir(run.path).probe
+    if not probe.is_file():
+        return None
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(probe), framework="pt") as f:
+            return f.get_tensor("y").reshape(-1)
+    except (SafetensorError, OSError, KeyError) as e:
+        raise UserError(f"{probe}: not a readable probe split ({e}); a run writes it as safetensors "
+                        f"with tensors x and y") from None
+
+
 def partial_note(run: Run, cut_bytes: int = 0, has_config: bool = True) -> str | None:
     """What a run directory lacks that a finished run has, in one line; None for a finished run."""
     missing = []

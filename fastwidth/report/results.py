@@ -83,6 +83,11 @@ SECTIONS = (
     # -- eos --
 
     # -- representations --
+    Section("representations", "Representations and losses: class-sorted kernels, the loss gap, the coordinate check", (
+        ("fmnist_mup", "configs/fmnist_mlp.yaml",
+         FM + ("stats.every=47", "stats.coord_every=1", "stats.kernel_points=256")),),
+        tables=("Loss gap to the reference width (loss_gap.png)",
+                "Coordinate check from the run (coord_tp5.png, coord_in_loop.png)")),
 )
 
 

@@ -7,11 +7,11 @@ lines after the depth section and the numbers under "paper".
 """
 from __future__ import annotations
 
-from fastwidth.report import eos, loss_gap, offline, outputs, pointwise, spectral
+from fastwidth.report import coord, eos, loss_gap, offline, outputs, pointwise, spectral
 from fastwidth.report.reader import Run
 
 SECTIONS = {"offline": offline, "pointwise": pointwise, "outputs": outputs, "loss_gap": loss_gap,
-            "spectral": spectral, "eos": eos}
+            "spectral": spectral, "eos": eos, "coord": coord}
 
 
 def figures() -> dict:
