@@ -77,6 +77,10 @@ SECTIONS = (
     # -- spectral --
 
     # -- eos --
+    Section("eos", "Edge of stability with seeds: GD onsets, plateaus and catapults; online Adam's preconditioned sharpness", (
+        ("gd_mup", "configs/dynamics/fmnist_mlp_gd_mup_eos.yaml", T1),
+        ("adam_online", "configs/dynamics/fmnist_mlp_adam_online.yaml", T1)),
+        tables=("Edge of stability with seeds (eos_seeds.png)",)),
 
     # -- representations --
 )
