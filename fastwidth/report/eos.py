@@ -134,15 +134,17 @@ def _edge_name(run: Run) -> str:
     opt = run.config.get("optim", {})
     if opt.get("name", "adamw") in ("adam", "adamw"):
         b1 = (opt.get("betas") or [0.9])[0]
-        return f"Adam: λ_P·2/threshold, threshold (2+2β1)/(1-β1) = {(2 + 2 * b1) / (1 - b1):.3g}"
-    return f"GD: λη, edge 2(1+μ) = {2 * (1 + float(opt.get('momentum', 0.0))):.3g} scaled to 2"
+        return (f"Adam: x = λ_P·2/threshold, threshold (2+2β1)/(1-β1) = {(2 + 2 * b1) / (1 - b1):.3g} "
+                f"(β1 = {b1:g}), P = η/(√v̂+ε)")
+    mu = float(opt.get("momentum", 0.0))
+    return "GD: x = λη, the edge 2/η" if mu == 0 else f"GD with momentum {mu:g}: x = λη·2/threshold, threshold 2(1+μ)"
 
 
 def _fmt(d: dict | None, fmt: str = ".3g", why: str = "n/a") -> str:
     if d is None or not math.isfinite(d["value"]):
         return why
     ci = d["ci"]
-    iv = f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci else f" (no interval: < {MIN_SEEDS_CI} seeds)"
+    iv = f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci else ""
     return f"{d['value']:{fmt}}{iv}"
 
 
@@ -158,7 +160,9 @@ def summary_lines(runs: list[Run]) -> list[str]:
            f"x = 2·sharpness/edge on the training batch (the edge at 2); onset: the first step with x ≥ 2; "
            f"plateau: every measured step from the onset to the last; catapult: the training loss above "
            f"{CATAPULT_FACTOR:g}× its running minimum (height: peak / that minimum, step: the peak's). "
-           f"Means over seeds, [95% basic bootstrap over seeds]; n/a: not every seed has it.", ""]
+           f"Means over seeds, [95% basic bootstrap over seeds] (none with fewer than {MIN_SEEDS_CI} seeds); "
+           f"n/a: not every seed has it. Lanczos converged: the share of points whose top Ritz pair met "
+           f"stats.sharpness_tol (an unconverged value is biased low).", ""]
     for run in runs:
         out += [f"{run.path.name} ({_edge_name(run)})", "",
                 "| lr | width | seeds | onset step | plateau mean abs(x−2) | plateau mean x | Lanczos converged | "
