@@ -78,12 +78,14 @@ def _x(row: dict) -> float | None:
 
 def trajectories(run: Run) -> dict:
     """{(base_lr, width): {seed: {"steps", "x", "converged", "loss_steps", "loss"}}} from the
-    batch_sharpness and train rows (the reference depth's in a depth sweep)."""
+    batch_sharpness and train rows (the reference depth's in a depth sweep). Under Adam the rows
+    before its first step (precond "lr": no v̂ yet, the plain-GD quantity) are left out."""
     out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     rows = at_reference_depth(run, run.sweep_rows)
+    adam = any(r.get("precond") == "adam" for r in rows if r.get("kind") == "batch_sharpness")  # step 0: no v̂ yet
     for r in sorted((r for r in rows if r.get("kind") in ("batch_sharpness", "train")), key=lambda r: r["step"]):
         d = out[(r.get("base_lr"), r["width"])][r["seed"]]
-        if r["kind"] == "batch_sharpness" and _x(r) is not None:
+        if r["kind"] == "batch_sharpness" and _x(r) is not None and not (r.get("precond") == "lr" and adam):
             d["steps"].append(r["step"])
             d["x"].append(_x(r))
             d["converged"].append(bool(r.get("converged", True)))

@@ -83,3 +83,17 @@ def test_eos_seed_never_at_the_edge_is_na_and_figure(tmp_path):
     empty = load_run(tmp_path / "empty")
     assert eos.eos_seeds([empty], tmp_path / "n.png") is None
     assert eos.summary_lines([empty]) == [] and eos.summary_json([empty]) == {}
+
+
+def test_adam_rows_before_the_first_step_are_left_out(tmp_path):
+    path = tmp_path / "a"
+    path.mkdir()
+    (path / "config.yaml").write_text(yaml.safe_dump({"optim": {"name": "adam"}, "sweep": {"widths": [32]}}))
+    rows = [{"kind": "batch_sharpness", "step": t, "width": 32, "seed": 0, "sharpness": s, "edge": 38.0,
+             "precond": "lr" if t == 0 else "adam"} for t, s in ((0, 100.0), (1, 19.0), (2, 40.0))]
+    (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run = load_run(path)
+    ((_, seeds),) = eos.trajectories(run).items()
+    assert seeds[0]["steps"] == [1, 2] and seeds[0]["x"] == pytest.approx([1.0, 40 / 19])
+    assert eos.eos_table(run)[0]["onset_per_seed"] == [2]
+    assert "threshold (2+2β1)/(1-β1) = 38" in "\n".join(eos.summary_lines([run]))
