@@ -89,3 +89,20 @@ def test_loop_sharpness_rows_are_the_dynamics_path_on_the_same_batch(tmp_path):
         assert a["converged"] == (a["residual"] <= 1e-2) and a["iters"] <= 20
     first = next(r for r in rows if r["kind"] == "train" and r["step"] == 1)
     assert loop[0]["batch_loss"] == pytest.approx(first["loss"], rel=1e-5)
+
+
+def test_sharpness_due_is_dense_then_every_k():
+    from fastwidth.stats.training_rows import sharpness_due
+    due = [s for s in range(21) if sharpness_due(s, every=4, dense=6, steps=21)]
+    assert due == [0, 1, 2, 3, 4, 5, 6, 8, 12, 16, 20]
+    assert [s for s in range(8) if sharpness_due(s, every=0, dense=3, steps=7)] == [0, 1, 2, 3]
+    assert not any(sharpness_due(s, every=0, dense=0, steps=7) for s in range(8))
+    assert [s for s in range(8) if sharpness_due(s, every=5, dense=0, steps=7)] == [0, 5, 7]  # and the last step
+
+
+def test_dense_batch_sharpness_rows_every_step_then_every_k(tmp_path):
+    d = run(cfg_of(tmp_path, TINY_MLP, "train.steps=7", "stats.batch_sharpness_every=3", "stats.batch_sharpness_dense=2",
+                   "stats.batch_sharpness_iters=3", "stats.sharpness_iters=0", "stats.ntk_points=0",
+                   "sweep.widths=[16]", "sweep.seeds=[0]"))
+    rows = [r for r in read_metrics(d / "metrics.jsonl") if r["kind"] == "batch_sharpness"]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 6, 7]

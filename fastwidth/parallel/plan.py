@@ -242,7 +242,7 @@ def whole_member_bytes(cfg: Config, choice: Choice, p: int, counts: dict, rows: 
     if sc.sharpness_iters:
         n = min(max(1, -(-sc.sharpness_points // per_seq)), max(rows, 1))
         out = max(out, (6 + sc.sharpness_iters) * 4 * p + 3 * 4 * activation_values(cfg, counts, n))
-    if sc.batch_sharpness_every:
+    if sc.batch_sharpness_every or sc.batch_sharpness_dense:
         out = max(out, (6 + sc.batch_sharpness_iters) * 4 * p + 3 * 4 * activation_values(cfg, counts, max(rows, 1)))
     if sc.ntk_points:
         out = max(out, (sc.ntk_max_mb << 20) + 4 * p)

@@ -81,6 +81,10 @@ SECTIONS = (
     # -- spectral --
 
     # -- eos --
+    Section("eos", "Edge of stability with seeds: GD onsets, plateaus and catapults; online Adam's preconditioned sharpness", (
+        ("gd_mup", "configs/dynamics/fmnist_mlp_gd_mup_eos.yaml", T1),
+        ("adam_online", "configs/dynamics/fmnist_mlp_adam_online.yaml", T1)),
+        tables=("Edge of stability with seeds (eos_seeds.png)",)),
 
     # -- representations --
     Section("representations", "Representations and losses: class-sorted kernels, the loss gap, the coordinate check", (
@@ -136,11 +140,13 @@ def _width_table(summary_json: Path) -> list[str]:
     out = ["| run | width | true-logit RMSE | seed variance V_N | debiased b² |", "|---|---:|---|---|---|"]
     for run in doc.get("runs", []):
         for w in run["widths"]:
+            if all(w.get(k) is None for k in ("true_logit_rmse", "seed_variance", "bias_sq_debiased")):
+                continue                                       # a run without probe evaluations (stats off)
             out.append(f"| {run['run']['label']} | {w['width']}{' (ref)' if w['reference'] else ''} | "
                        f"{ci(w['true_logit_rmse'], w.get('true_logit_rmse_ci'))} | "
                        f"{ci(w['seed_variance'], w.get('seed_variance_ci'))} | "
                        f"{ci(w.get('bias_sq_debiased'), w.get('bias_sq_debiased_ci'))} |")
-    return out + [""]
+    return out + [""] if len(out) > 2 else []
 
 
 def run_section(sec: Section, runs_dir: Path, docs: Path, reuse: bool) -> list[str]:

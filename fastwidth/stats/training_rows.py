@@ -59,8 +59,16 @@ def _due(step: int, every: int, steps: int) -> bool:
     return bool(every) and (step % every == 0 or step == steps)
 
 
+def sharpness_due(step: int, every: int, dense: int, steps: int) -> bool:
+    """Whether a batch_sharpness row is due after `step`: every step up to `dense`
+    (stats.batch_sharpness_dense: onsets and catapults resolved step by step), then at
+    stats.batch_sharpness_every (and the last step); nothing when both are 0."""
+    return (0 <= step <= dense and dense > 0) or _due(step, every, steps)
+
+
 class BatchSharpnessRows:
-    """"batch_sharpness" rows at stats.batch_sharpness_every (and step 0), "lambda0" rows at the
+    """"batch_sharpness" rows at every step up to stats.batch_sharpness_dense, then at
+    stats.batch_sharpness_every (and step 0 when either is on), "lambda0" rows at the
     start. world: the data-parallel ranks sharing each batch; lambda0: {member name: λ0} of the
     members whose learning rates are in units of 2/λ0 (empty otherwise)."""
 
@@ -80,7 +88,8 @@ class BatchSharpnessRows:
         """batch_sharpness rows for `members` at `step` when due; (x, y) this rank's share of the
         batch the step trained on."""
         cfg = self.cfg
-        if not _due(step, cfg.stats.batch_sharpness_every, cfg.train.steps):
+        sc = cfg.stats
+        if not sharpness_due(step, sc.batch_sharpness_every, sc.batch_sharpness_dense, cfg.train.steps):
             return
         which = "full" if cfg.train.full_batch else "online"
         for m in members:

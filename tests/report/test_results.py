@@ -39,3 +39,16 @@ def test_a_section_regenerates_from_finished_runs(tmp_path):
     assert any("# " in line and " s" in line for line in block) and "| mlp (mup) | 32 |" in "\n".join(block)
     doc = json.loads((tmp_path / "docs" / "results" / "tiny" / "summary.json").read_text())
     assert doc["widths"][0]["true_logit_rmse_ci"] is not None
+
+
+def test_width_table_leaves_out_runs_without_probe_evaluations(tmp_path):
+    import json
+    from fastwidth.report.results import _width_table
+    empty = {"width": 64, "reference": False, "true_logit_rmse": None, "seed_variance": None}
+    full = {"width": 128, "reference": True, "true_logit_rmse": 0.5, "seed_variance": 0.1, "bias_sq_debiased": None}
+    p = tmp_path / "s.json"
+    p.write_text(json.dumps({"runs": [{"run": {"label": "gd"}, "widths": [empty]}]}))
+    assert _width_table(p) == []                                  # a sharpness-only run: no table of dashes
+    p.write_text(json.dumps({"runs": [{"run": {"label": "ok"}, "widths": [empty, full]}]}))
+    table = _width_table(p)
+    assert len(table) == 4 and table[2].startswith("| ok | 128 (ref) | 0.5 |")
