@@ -26,7 +26,8 @@ import torch
 
 from fastwidth.report._plotbase import _loglog_axes, _panels, _save, min_log_span
 from fastwidth.report.reader import Run
-from fastwidth.stats.ensemble import OUTPUT_SUFFIXES, SeedEnsembles, late_variance_slope, output_values
+from fastwidth.stats.ensemble import (MIN_SEEDS_VARIANCE_CI, OUTPUT_SUFFIXES, SeedEnsembles, late_variance_slope,
+                                      output_values)
 
 NAMES = {"": "raw true logit z_y", "_centered": "centered z_y − mean_c z_c", "_logp": "log p_y"}
 KEYS = {"": "raw", "_centered": "centered", "_logp": "logp"}     # summary.json's names of the outputs
@@ -122,7 +123,9 @@ def draw_outputs(runs: list[Run], path: Path) -> Path | None:
         min_log_span(ax)
         ax.set_ylabel("seed variance V_N (logit units², nats² for log p_y)")
         missing = f"; not formed: {', '.join(doc['missing'])}" if doc["missing"] else ""
-        ax.set_title(f"{run.label}: {doc['n_seeds']} seeds, 95% bootstrap intervals{missing}", fontsize=8)
+        per_width = "" if doc["n_seeds"] >= MIN_SEEDS_VARIANCE_CI else f" (of the slopes; a width's V_N needs {MIN_SEEDS_VARIANCE_CI} seeds)"
+        ax.set_title(f"{run.label}: {doc['n_seeds']} seeds, 95% bootstrap intervals over seeds{per_width}{missing}",
+                     fontsize=8)
         ax.legend(fontsize=6, loc="best")
     return _save(fig, path)
 
