@@ -1,7 +1,6 @@
 """V_N and b² of three outputs (raw true logit, centered true logit, log p_y) on planted truths."""
 import math
 
-import numpy as np
 import torch
 
 from fastwidth.stats.ensemble import SeedEnsembles, late_variance_slope, output_rows, output_values
