@@ -31,7 +31,8 @@ from fastwidth.run.metrics import parse_row
 from fastwidth.stats.signature import load_signature
 
 # the fitted quantities of a fit row, each with its `<key>_ci` (summary.json's fits, report/depth.py)
-FIT_KEYS = ("rmse_slope", "variance_slope", "bias_slope", "rmse2_a", "bias_beta_sq", "bias_exponent")
+FIT_KEYS = ("rmse_slope", "variance_slope", "bias_slope", "rmse2_a", "bias_beta_sq", "bias_exponent",
+            "variance_slope_centered", "variance_slope_logp")
 
 
 @dataclass

@@ -77,6 +77,8 @@ SECTIONS = (
     # -- pointwise --
 
     # -- outputs --
+    Section("outputs", "V_N for three outputs: raw, centered true logit and log p_y (the demo GPT)", (
+        ("demo_mup", "configs/demo.yaml", T1),), tables=(FITS, "V_N for three outputs (vn_outputs.png)")),
 
     # -- spectral --
 

@@ -218,15 +218,16 @@ def _square(value, ci, fmt=".4g") -> str:
 
 
 def _fits_table(numbers: list[dict]) -> list[str]:
-    out = ["| run | step | RMSE slope | V_N slope | bias slope (raw) | a | β² (bias model) | bias exponent p |",
-           "|---|---:|---|---|---|---|---|---|"]
+    out = ["| run | step | RMSE slope | V_N slope | V_N slope (centered) | V_N slope (log p_y) | bias slope (raw) | a | "
+           "β² (bias model) | bias exponent p |", "|---|---:|---|---|---|---|---|---|---|---|"]
     warn = []
     for n in numbers:
         f = n["fit"]
         p = _fci(f, "bias_exponent", "+.2f") if f.get("bias_exponent") is not None else \
             (f.get("bias_exponent_reason") or "–").replace("not identified: ", "n/a: ")
         out.append(f"| {n['label']} | {f.get('step', '–')} | " + " | ".join(
-            [_fci(f, k) for k in ("rmse_slope", "variance_slope", "bias_slope")]
+            [_fci(f, k) for k in ("rmse_slope", "variance_slope", "variance_slope_centered", "variance_slope_logp",
+                                  "bias_slope")]
             + [_fci(f, "rmse2_a", ".4g"), _square(f.get("bias_beta_sq"), f.get("bias_beta_sq_ci")), p]) + " |")
         if (f.get("bias_beta_sq_ci") or [0, 0])[1] < 0:
             warn.append(f"- {n['label']}: β² {NEGATIVE_SQUARE}.")
@@ -235,7 +236,8 @@ def _fits_table(numbers: list[dict]) -> list[str]:
 
 FITS_TEXT = ("Slopes are least-squares fits of log(value) on log(width): true-logit RMSE against the "
              "reference-width model (the paper's is about -0.5 late in training), seed variance V_N of the "
-             "true logit (1/N gives -1) and the raw ensemble bias ||f̄_N - f̄_ref|| (which holds V_N/S_N + "
+             "true logit (1/N gives -1), the same of the centered true logit z_y - mean_c z_c and of log p_y (both "
+             "free of a per-seed shift of every logit; report/outputs.py) and the raw ensemble bias ||f̄_N - f̄_ref|| (which holds V_N/S_N + "
              "V_ref/S_ref of seed noise, so its slope follows V_N's). The bias model RMSE² = a(1/N + 1/N_ref) + "
              "β²(1/N - 1/N_ref)² (fastwidth/stats/bias_model.py): a is the variance term; β² is fitted on the "
              "debiased b̂²(N) (the variance measured per width, not modelled), so the bias of width N is "

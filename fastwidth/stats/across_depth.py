@@ -38,7 +38,7 @@ import torch
 from fastwidth.run import RunDir
 from fastwidth.run.metrics import json_safe
 from fastwidth.stats import metrics as M
-from fastwidth.stats.ensemble import SeedEnsembles
+from fastwidth.stats.ensemble import SeedEnsembles, output_rows
 from fastwidth.stats.monitor import compare
 from fastwidth.stats.signature import load_signature
 
@@ -123,14 +123,15 @@ def depth_rows(sigs: dict[tuple[int, int], dict], ref_depth: int, centers, n_boo
                      "ref_seed": ref_seed, **compare_across_depth(sig, refs[ref_seed], mean_true, centers)})
     true = {d: torch.stack([sigs[(d, s)]["true_logit"] for s in seeds[d]]) for d in depths}
     est = SeedEnsembles(true, seeds, ref_depth)
+    outputs, output_fits = output_rows({d: [sigs[(d, s)] for s in seeds[d]] for d in depths}, seeds, ref_depth, n_boot)
     for d, stats in est.width_rows(n_boot).items():
-        row = {"kind": "ensemble", "depth": d, "seed": -1, "ref_depth": ref_depth, **stats}
+        row = {"kind": "ensemble", "depth": d, "seed": -1, "ref_depth": ref_depth, **stats, **outputs[d]}
         if len(seeds[d]) >= 2:
             sketch = torch.stack([sigs[(d, s)]["sketch"].double() for s in seeds[d]])
             row["logit_variance"] = float(sketch.var(0, correction=1).sum(-1).mean())
         rows.append(row)
     fit = est.fit_row(n_boot, axis="depth")
-    rows.append({"kind": "fit", "depth": 0, "seed": -1, "ref_depth": ref_depth, **fit})
+    rows.append({"kind": "fit", "depth": 0, "seed": -1, "ref_depth": ref_depth, **fit, **output_fits})
     return rows
 
 

@@ -415,6 +415,82 @@ class SeedEnsembles:
         return out
 
 
+# --------------------------------------------------------------------------- three outputs
+
+# V_N and b² of three per-point outputs (issue 31): the raw true logit z_y (the unsuffixed fields),
+# the centered true logit z_y - mean_c z_c ("_centered") and log p_y ("_logp"). The last two are
+# free of the softmax-invariant shift c·1 of every logit (Adam's readout updates can move all
+# logits together); where only the raw V_N flattens in width, the flattening is that shift.
+OUTPUT_SUFFIXES = ("", "_centered", "_logp")
+OUTPUT_WIDTH_KEYS = ("seed_variance", "seed_variance_ci", "bias_sq_debiased", "bias_sq_debiased_ci")
+OUTPUT_FIT_KEYS = ("variance_slope",)
+
+
+def output_values(sig: dict, suffix: str) -> torch.Tensor | None:
+    """The per-point values of one output (OUTPUT_SUFFIXES) from a signature; None where it holds
+    no way to form them. log p_y is -loss. A signature written before centered_true_logit existed
+    forms it from its stored logits (classifiers); an LM's then has none."""
+    if suffix == "":
+        return sig.get("true_logit")
+    if suffix == "_logp":
+        return None if "loss" not in sig else -sig["loss"].float()
+    if "centered_true_logit" in sig:
+        return sig["centered_true_logit"]
+    if "logits" in sig and "true_logit" in sig:
+        return sig["true_logit"].float() - sig["logits"].float().mean(-1)
+    return None
+
+
+def output_rows(sigs: dict[int, list[dict]], seeds: dict[int, list[int]], ref_width: int,
+                n_boot: int = 1000, seed: int = 0) -> tuple[dict[int, dict], dict]:
+    """({width: {seed_variance_<s>, ..._ci, bias_sq_debiased_<s>, ..._ci}}, {variance_slope_<s>, ..._ci})
+    for the suffixed outputs s of OUTPUT_SUFFIXES whose values every signature of `sigs` (a width's
+    seeds' signatures, in `seeds` order) holds: the estimator of the unsuffixed fields
+    (SeedEnsembles), applied to that output."""
+    rows: dict[int, dict] = {w: {} for w in sigs}
+    fit: dict = {}
+    for suffix in OUTPUT_SUFFIXES[1:]:
+        vals = {w: [output_values(s, suffix) for s in ss] for w, ss in sigs.items()}
+        if any(v is None for vs in vals.values() for v in vs):
+            continue
+        est = SeedEnsembles({w: torch.stack(vs) for w, vs in vals.items()}, seeds, ref_width)
+        for w, r in est.width_rows(n_boot, seed).items():
+            rows[w].update({_suffixed(k, suffix): r[k] for k in OUTPUT_WIDTH_KEYS if k in r})
+        f = est.fit_row(n_boot, seed)
+        fit.update({_suffixed(k, suffix): f[k] for base in OUTPUT_FIT_KEYS for k in (base, f"{base}_ci")})
+    return rows, fit
+
+
+def _suffixed(key: str, suffix: str) -> str:
+    """seed_variance_ci, "_centered" -> seed_variance_centered_ci (the interval keeps its _ci last)."""
+    return f"{key[:-3]}{suffix}_ci" if key.endswith("_ci") else key + suffix
+
+
+def late_variance_slope(steps: list[dict[int, torch.Tensor]], seeds: dict[int, list[int]], ref_width: int,
+                        n_boot: int = 1000, seed: int = 0) -> tuple[float, list | None, dict[int, float]]:
+    """(slope, interval, {width: V_N}) of the late mean: V_N per width averaged over the evaluations
+    `steps` (each {width: (S_w, P) values}, the same seeds at every step), its log-log slope on
+    width. Interval: basic bootstrap over seeds with one resample of seeds shared by every step
+    (a seed is one draw of the whole trajectory), expanded as fit_row's; None without a bootstrap."""
+    ests = [SeedEnsembles(t, seeds, ref_width) for t in steps]
+    widths = ests[0].widths
+
+    def mean_var(stats: list[dict]) -> np.ndarray:                     # (B, W)
+        return np.mean([np.stack([s["seed_variance"][w] for w in widths], 1) for s in stats], 0)
+
+    points = [e._point() for e in ests]
+    point = mean_var(points)
+    slope = _f(masked_slopes(widths, point)[0])
+    values = {w: float(point[0, i]) for i, w in enumerate(widths)}
+    if not n_boot or not ests[0].can_bootstrap():
+        return slope, None, values
+    idx = ests[0]._resamples(n_boot, np.random.default_rng(seed + 1))  # member positions: equal at every step
+    boot = masked_slopes(widths, mean_var([e._stats(idx) for e in ests]))
+    pop = masked_slopes(widths, mean_var([e._population(p) for e, p in zip(ests, points)]))
+    ci = basic_ci(slope, boot, pop, expand=expansion([len(i) for i in ests[0].index.values()]))
+    return slope, ci, values
+
+
 def _two_term_fit(x1: np.ndarray, x2: np.ndarray, y: np.ndarray) -> np.ndarray:
     """a of y = a x1 + c x2 (no intercept) by least squares, for each row of y (B, W)."""
     if len(x1) < 2:

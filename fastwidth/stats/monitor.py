@@ -56,7 +56,7 @@ from fastwidth.errors import UserError
 from fastwidth.run import MemberSpec, RunDir
 from fastwidth.run.metrics import json_safe
 from fastwidth.stats import metrics as M
-from fastwidth.stats.ensemble import EnsembleCurve, SeedEnsembles, lm_ensemble_curve
+from fastwidth.stats.ensemble import EnsembleCurve, SeedEnsembles, lm_ensemble_curve, output_rows
 from fastwidth.stats.moments import PreactAccumulator
 from fastwidth.stats.monitor_curvature import CurvatureRows
 from fastwidth.stats.preact_range import Bins, load_ranges, out_of_range_fraction, reference_ranges, save_ranges
@@ -380,16 +380,20 @@ class Monitor(CurvatureRows):  # sharpness() and ntk(): stats/monitor_curvature.
         true = {w: torch.stack([sigs[m.name]["true_logit"] for m in ms]) for w, ms in by_width.items()}
         est = SeedEnsembles(true, {w: [m.seed for m in ms] for w, ms in by_width.items()}, self.ref_width)
         per_width = est.width_rows(self.sc.bootstrap)
+        # the same statistics of the centered true logit and log p_y (_centered, _logp fields)
+        outputs, output_fits = output_rows({w: [sigs[m.name] for m in ms] for w, ms in by_width.items()},
+                                           {w: [m.seed for m in ms] for w, ms in by_width.items()},
+                                           self.ref_width, self.sc.bootstrap)
         for w, ms in by_width.items():
             row = {"kind": "ensemble", "step": step, "tokens": tokens, "width": w, "seed": -1,
-                   "ref_width": self.ref_width, "params": param_count(ms[0]), **per_width[w]}
+                   "ref_width": self.ref_width, "params": param_count(ms[0]), **per_width[w], **outputs[w]}
             if len(ms) >= 2:
                 sketch = torch.stack([sigs[m.name]["sketch"].double() for m in ms])
                 row["logit_variance"] = float(sketch.var(0, correction=1).sum(-1).mean())
                 row.update(self._ensemble_curve(w, step, [sigs[m.name] for m in ms]))
             self.write(row)
         self.write({"kind": "fit", "step": step, "tokens": tokens, "width": 0, "seed": -1,
-                    "ref_width": self.ref_width, **est.fit_row(self.sc.bootstrap)})
+                    "ref_width": self.ref_width, **est.fit_row(self.sc.bootstrap), **output_fits})
 
     def _ensemble_curve(self, width: int, step: int, sigs: list[dict]) -> dict:
         """L(E), acc(E) of width's averaged-logit ensembles: from stored logits, or the loop's LM curve."""

@@ -7,7 +7,8 @@
 
 Points are probe examples (classifiers) or probe tokens (GPT: every (sequence, position)). The
 stored subsets are fixed strided index sets that depend only on the probe and the config, so
-they are the same for every width, seed and run. Per point: true-class logit, loss, entropy,
+they are the same for every width, seed and run. Per point: true-class logit, the centered
+true-class logit z_y - mean_c z_c (free of the softmax-invariant shift of every logit), loss, entropy,
 argmax, a k-dim sketch R^T (z - mean(z)) with R ~ N(0, 1/k) drawn from `sketch_seed`, so
 full-logit distances survive without storing logits, and for classifiers (up to
 MAX_STORED_CLASSES classes) the full logits themselves, for ensemble losses. Per feature layer: the kernel
@@ -37,7 +38,7 @@ from fastwidth.stats.ranks import gather_objects, rank_slice
 
 # true logits and losses keep fp32 (RMSEs of ~1e-2 on logits of ~5 need it); the sketch, the
 # entropy and the kernels are only ever averaged, so fp16 halves their bytes at no visible cost.
-STORE_DTYPES = {"true_logit": torch.float32, "loss": torch.float32, "entropy": torch.float16,
+STORE_DTYPES = {"true_logit": torch.float32, "centered_true_logit": torch.float32, "loss": torch.float32, "entropy": torch.float16,
                 "argmax": torch.int32, "sketch": torch.float16, "kernel": torch.float16, "logits": torch.float32}
 # classifiers also keep their full logits (points x classes, fp32: ensemble losses need them) up
 # to this many classes; language models' vocabularies would make signatures megabytes, so their
@@ -108,12 +109,13 @@ def _select(index: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
 
 
 def _point_stats(z: torch.Tensor, y: torch.Tensor):
-    """Per-point true logit, loss, entropy, argmax from logits z (M, C) and targets y (M,)."""
+    """Per-point true logit, centered true logit z_y - mean_c z_c (over every class: the full
+    vocabulary of an LM), loss, entropy, argmax from logits z (M, C) and targets y (M,)."""
     lse = torch.logsumexp(z, -1)
     true = z.gather(1, y[:, None]).squeeze(1)
     p = torch.softmax(z, -1)
     entropy = lse - (p * z).sum(-1)
-    return true, lse - true, entropy, z.argmax(-1)
+    return true, true - z.mean(-1), lse - true, entropy, z.argmax(-1)
 
 
 def _kernel(phi: torch.Tensor) -> torch.Tensor:
@@ -170,7 +172,7 @@ class KernelRows:
         self._hooks = []
 
 
-POINT_KEYS = ("true_logit", "loss", "entropy", "argmax", "sketch", "logits")
+POINT_KEYS = ("true_logit", "centered_true_logit", "loss", "entropy", "argmax", "sketch", "logits")
 
 
 @torch.no_grad()
@@ -212,14 +214,14 @@ def probe_signature(model: torch.nn.Module, spec: ProbeSpec, device,
             rows.expect(len(yb), _select(spec.kernel_index, s * pe, e * pe).to(device))
             logits = model(spec.x[s:e].to(device)).float()
             z = logits.reshape(-1, logits.shape[-1])                 # (b * pe, C)
-            true, loss, ent, amax = _point_stats(z, yb)
+            true, centered, loss, ent, amax = _point_stats(z, yb)
             loss_acc += loss.double().sum()
             corr_acc += (amax == yb).sum()
             sel = _select(spec.sig_index, s * pe, e * pe).to(device)
             zs = z[sel]
             sketch = (zs - zs.mean(-1, keepdim=True)) @ spec.projection(z.shape[-1], device)
             keep = pe == 1 and z.shape[-1] <= MAX_STORED_CLASSES
-            for key, v in zip(POINT_KEYS, (true[sel], loss[sel], ent[sel], amax[sel], sketch, zs if keep else None)):
+            for key, v in zip(POINT_KEYS, (true[sel], centered[sel], loss[sel], ent[sel], amax[sel], sketch, zs if keep else None)):
                 if v is not None:
                     parts[key].append(v.to(STORE_DTYPES[key]).cpu())
     finally:

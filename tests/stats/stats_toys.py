@@ -1,6 +1,9 @@
 """Hand-made models with the interface the statistics use (features, readout, preact/feature points)."""
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -98,3 +101,30 @@ def teacher_data(n, d=6, classes=4, seed=0):
     x = torch.randn(n, d, generator=g)
     w = torch.randn(d, classes, generator=g)
     return x, (x @ w).argmax(-1)
+
+
+# V_N of three outputs (tests/stats/test_outputs.py, tests/report/test_outputs_report.py)
+WIDTHS = (32, 64, 128, 256)
+SEEDS = list(range(6))
+
+
+def shifted_logit_family(shift=0.0, var_scale=0.5, points=300, classes=7, seed=0, keep_logits=True, centered=True):
+    """{width: [signature per seed]}: logits = F + sqrt(var_scale/N)·ε + c(seed)·1, c ~ N(0, shift²):
+    the seed noise has V_N = var_scale/N; the shift moves every logit of a seed together."""
+    rng = np.random.default_rng(seed)
+    base = torch.tensor(3 * rng.standard_normal((points, classes)))
+    y = torch.tensor(rng.integers(0, classes, points))
+    sigs = {}
+    for w in WIDTHS:
+        sigs[w] = []
+        for _ in SEEDS:
+            z = base + math.sqrt(var_scale / w) * torch.tensor(rng.standard_normal((points, classes)))
+            z = (z + shift * rng.standard_normal()).float()
+            true = z.gather(1, y[:, None]).squeeze(1)
+            sig = {"true_logit": true, "loss": torch.logsumexp(z, -1) - true}
+            if centered:
+                sig["centered_true_logit"] = true - z.mean(-1)
+            if keep_logits:
+                sig["logits"] = z
+            sigs[w].append(sig)
+    return sigs

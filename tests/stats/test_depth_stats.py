@@ -116,6 +116,13 @@ def test_depth_rows_equal_the_offline_statistics(sigs):
     assert fit["rmse_depths"] == [2, 4] and fit["depth"] == 0 and fit["ref_depth"] == REF
     lo, hi = fit["variance_slope_ci"]
     assert lo < fit["variance_slope"] < hi
+    # log p_y = -loss: the same estimator (these signatures hold no logits: no centered output)
+    logp = {d: -np.stack([sigs[(d, s)]["loss"].numpy() for s in SEEDS]) for d in DEPTHS}
+    for d in DEPTHS:
+        assert ens[d]["seed_variance_logp"] == pytest.approx(logp[d].var(0, ddof=1).mean(), rel=1e-6)
+        assert "seed_variance_centered" not in ens[d]
+    assert fit["variance_slope_logp"] == pytest.approx(
+        slope(DEPTHS, [logp[d].var(0, ddof=1).mean() for d in DEPTHS]), rel=1e-6)
 
 
 class Writer:

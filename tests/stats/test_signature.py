@@ -28,6 +28,9 @@ def test_classifier_signature_equals_offline():
     zi, yi = z[idx], y[idx]
     np.testing.assert_allclose(sig["true_logit"], zi.gather(1, yi[:, None]).squeeze(1), rtol=1e-6)
     np.testing.assert_allclose(sig["loss"], F.cross_entropy(zi, yi, reduction="none"), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sig["centered_true_logit"], zi.gather(1, yi[:, None]).squeeze(1) - zi.mean(-1),
+                               rtol=1e-5, atol=1e-6)
+    assert sig["centered_true_logit"].dtype == torch.float32
     p = torch.softmax(zi, -1)
     np.testing.assert_allclose(sig["entropy"].float(), -(p * p.log()).sum(-1), rtol=2e-3, atol=1e-3)
     np.testing.assert_array_equal(sig["argmax"], zi.argmax(-1))
@@ -57,6 +60,9 @@ def test_token_signature_chunking_and_kernel_positions():
         feats = model.features(x).reshape(45, 16)
     idx = strided_index(45, 17)
     np.testing.assert_allclose(one["true_logit"], z[idx].gather(1, y.reshape(-1)[idx, None]).squeeze(1), rtol=1e-6)
+    # centered over the full vocabulary, not only the stored points' logits (an LM stores none)
+    np.testing.assert_allclose(one["centered_true_logit"], one["true_logit"] - z[idx].mean(-1), rtol=1e-5, atol=1e-6)
+    assert "logits" not in one
     want_k = feature_kernel(feats[strided_index(45, 13)])
     np.testing.assert_allclose(one["kernel/mix"].float(), want_k, rtol=2e-3, atol=2e-3)
 
