@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastwidth.report import spectral
 from fastwidth.report.reader import load_run
 
 
@@ -75,6 +76,8 @@ SECTIONS = (
     # -- outputs --
 
     # -- spectral --
+    Section("spectral", "The spectral mechanism where a bias exists (teacher-student, µP SGD)", (
+        ("ntk_ts", "configs/paper/ntk_teacher_student.yaml", T1),), tables=(spectral.HEADING,)),
 
     # -- eos --
 
