@@ -95,11 +95,16 @@ def draw_spectral(runs: list[Run], path: Path) -> Path | None:
         ax_l.set_xlabel("eigenvalue index k")
         ax_l.set_ylabel("λ_k / tr K̄  (dimensionless)")
         ax_l.set_title(f"{run.label}: seed-averaged eNTK spectrum ({d['kernel']} kernel, step {d['step']})", fontsize=9)
+        first = spectral_run(run, d["steps"][0]) if len(d["steps"]) > 1 else None
+        for r in first["widths"] if first else []:
+            ax_c.plot(np.arange(1, d["k_max"] + 1), r["task_power"], "--", lw=1, color=colors[r["width"]])
+        if first:
+            ax_c.plot([], [], "k--", lw=1, label=f"step {first['step']} (dashed)")
         ax_c.axvline(d["k_c"], color="gray", ls=":", lw=1)
         ax_c.set_ylim(0, 1.02)
         ax_c.set_xlabel("k (top-k eigenvectors)")
         ax_c.set_ylabel(f"C(k): share of the ±1 target's power (class {d['ntk_class']})")
-        ax_c.set_title(f"{run.label}: task power, 95% bootstrap over seeds", fontsize=9)
+        ax_c.set_title(f"{run.label}: task power at step {d['step']} (solid, 95% bootstrap over seeds)", fontsize=9)
         for ax in (ax_l, ax_c):
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
@@ -183,64 +188,67 @@ def _fmt(v, ci=_NONE, digits: int = 4) -> str:
     return s + (f" [{ci[0]:.{digits}g}, {ci[1]:.{digits}g}]" if ci else " (no interval: < 3 seeds)")
 
 
-def _init_c(run: Run, d: dict) -> dict[int, float]:
-    """C(k_c) of each width's averaged kernel at the first stored step (no interval), when earlier."""
-    if len(d["steps"]) < 2:
-        return {}
-    e = spectral_run(run, d["steps"][0], n_boot=0)
-    return {r["width"]: r["c_k"] for r in e["widths"]} if e else {}
-
-
 HEADING = "The spectral mechanism (spectral.png, spectral_bias.png)"
+
+
+def _steps(run: Run, d: dict) -> list[dict]:
+    """The spectral numbers at the first stored step (when earlier than the last) and the last."""
+    first = spectral_run(run, d["steps"][0]) if len(d["steps"]) > 1 else None
+    return [e for e in (first, d) if e]
+
+
+def _table(d: dict) -> list[str]:
+    kc, base = d["k_c"], d.get("baseline")
+    out = [f"Step {d['step']}:", "",
+           f"| width | seeds | C({kc}) [95%] | ΔC({kc}) [95%] | ΔC({kc}) halves | discrepancy [95%] | "
+           f"discrepancy halves | debiased b² [95%] | after-kernel test MSE [95%] | sign error [95%] |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in d["widths"]:
+        ref = r["reference"]
+        out.append(f"| {r['width']}{' (ref)' if ref else ''} | {r['n_seeds']} | {_fmt(r['c_k'], r['c_k_ci'])} | "
+                   + ("– | – | – | – | – | " if ref else
+                      f"{_fmt(r['delta_c'], r['delta_c_ci'])} | {_fmt(r.get('halves_delta_c'))} | "
+                      f"{_fmt(r['discrepancy'], r['discrepancy_ci'])} | {_fmt(r.get('halves_discrepancy'))} | "
+                      f"{_fmt(r['bias_sq_debiased'], r['bias_sq_debiased_ci'])} | ")
+                   + f"{_fmt(r['test_mse'], r['test_mse_ci'])} | {_fmt(r['test_sign_error'], r['test_sign_error_ci'])} |")
+    if base:
+        out += ["", f"Baseline (sampling alone) at step {d['step']}: N={base['width']}'s seeds {base['half_a']} against "
+                f"{base['half_b']}, each half's averaged kernel: ΔC({kc}) = {base['delta_c']:+.4f}, discrepancy "
+                f"= {_fmt(base['discrepancy'])}."]
+    else:
+        out += ["", "Baseline: not identified (fewer than 2 seeds at the reference width)."]
+    return out + [""]
 
 
 def summary_lines(runs: list[Run]) -> list[str]:
     found = _found(runs)
     out = [f"## {HEADING}", ""] if found else []
     for run, d in found:
-        kc, base = d["k_c"], d.get("baseline")
-        init = _init_c(run, d)
-        out += [f"{run.label}: eNTK ({d['kernel']} kernel, {d['output']} output of class {d['ntk_class']}, {d['points']} points, "
-                f"step {d['step']}), averaged over seeds per width; C({kc}) of the ±1 target; ΔC({kc}) = "
+        kc = d["k_c"]
+        out += [f"{run.label}: eNTK ({d['kernel']} kernel, {d['output']} output of class {d['ntk_class']}, "
+                f"{d['points']} points), averaged over seeds per width; C({kc}) of the ±1 target; ΔC({kc}) = "
                 f"C_ref({kc}) − C_N({kc}); eigenvalue discrepancy = RMS over k ≤ {d['k_max']} of "
                 f"log(λ_k/tr)_N − log(λ_k/tr)_ref; after-kernel = ridge regression (ridge {d['ridge']:g} × mean "
                 f"diagonal) of the target on {d['n_train']} points, tested on {d['points'] - d['n_train']}. "
-                f"[95%]: expanded basic bootstrap over seeds ({d['n_boot']} resamples).", "",
-                f"| width | seeds | C({kc}) [95%] | ΔC({kc}) [95%] | ΔC({kc}) halves | discrepancy [95%] | "
-                f"discrepancy halves | debiased b² [95%] | after-kernel test MSE [95%] | sign error [95%] |"
-                + (f" C({kc}) at step {d['steps'][0]} |" if init else ""),
-                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if init else "")]
-        for r in d["widths"]:
-            ref = r["reference"]
-            out.append(f"| {r['width']}{' (ref)' if ref else ''} | {r['n_seeds']} | {_fmt(r['c_k'], r['c_k_ci'])} | "
-                       + ("– | – | – | – | – | " if ref else
-                          f"{_fmt(r['delta_c'], r['delta_c_ci'])} | {_fmt(r.get('halves_delta_c'))} | "
-                          f"{_fmt(r['discrepancy'], r['discrepancy_ci'])} | {_fmt(r.get('halves_discrepancy'))} | "
-                          f"{_fmt(r['bias_sq_debiased'], r['bias_sq_debiased_ci'])} | ")
-                       + f"{_fmt(r['test_mse'], r['test_mse_ci'])} | {_fmt(r['test_sign_error'], r['test_sign_error_ci'])} |"
-                       + (f" {_fmt(init.get(r['width']))} |" if init else ""))
-        if base:
-            out += ["", f"Baseline (sampling alone): N={base['width']}'s seeds {base['half_a']} against "
-                    f"{base['half_b']}, each half's averaged kernel: ΔC({kc}) = {base['delta_c']:+.4f}, discrepancy "
-                    f"= {_fmt(base['discrepancy'])}. The halves columns compare N's half B with the reference's "
-                    f"half A (the same ensemble sizes as the baseline); the all-seed columns average twice as "
-                    f"many seeds, so their noise floor is about 1/√2 of the baseline."]
-        else:
-            out += ["", "Baseline: not identified (fewer than 2 seeds at the reference width)."]
-        out.append("")
+                f"[95%]: expanded basic bootstrap over seeds ({d['n_boot']} resamples). The halves columns "
+                f"compare N's half B of the seeds with the reference's half A (the baseline's ensemble sizes; "
+                f"one split, no interval); the all-seed columns average twice as many seeds, so their noise "
+                f"floor is about 1/√2 of the baseline's.", ""]
+        for e in _steps(run, d):
+            out += _table(e)
     return out
 
 
 def summary_json(runs: list[Run]) -> dict:
     out = {}
+    keep = ("width", "n_seeds", "reference", "c_k", "c_k_ci", "delta_c", "delta_c_ci", "halves_delta_c",
+            "discrepancy", "discrepancy_ci", "halves_discrepancy", "bias_sq_debiased", "bias_sq_debiased_ci",
+            "test_mse", "test_mse_ci", "test_sign_error", "test_sign_error_ci", "eigenvalues_norm", "task_power")
     for run, d in _found(runs):
-        keep = ("width", "n_seeds", "reference", "c_k", "c_k_ci", "delta_c", "delta_c_ci", "halves_delta_c",
-                "discrepancy", "discrepancy_ci", "halves_discrepancy", "bias_sq_debiased", "bias_sq_debiased_ci",
-                "test_mse", "test_mse_ci", "test_sign_error", "test_sign_error_ci", "eigenvalues_norm", "task_power")
-        init = _init_c(run, d)
-        out[run.label] = {"step": d["step"], "k_c": d["k_c"], "k_max": d["k_max"], "points": d["points"],
-                          "n_train": d["n_train"], "ridge": d["ridge"], "n_boot": d["n_boot"],
-                          "kernel": d["kernel"], "ntk_class": d["ntk_class"], "baseline": d["baseline"],
-                          "init_step": d["steps"][0] if init else None, "init_c_k": init or None,
-                          "widths": [{k: r.get(k) for k in keep} for r in d["widths"]]}
+        out[run.label] = {"k_c": d["k_c"], "k_max": d["k_max"], "points": d["points"], "n_train": d["n_train"],
+                          "ridge": d["ridge"], "n_boot": d["n_boot"], "kernel": d["kernel"],
+                          "ntk_class": d["ntk_class"], "step": d["step"],
+                          "steps": [{"step": e["step"], "baseline": e["baseline"],
+                                     "widths": [{k: r.get(k) for k in keep} for r in e["widths"]]}
+                                    for e in _steps(run, d)]}
     return out

@@ -51,12 +51,13 @@ def test_spectral_section_reads_planted_kernels(tmp_path, monkeypatch):
     monkeypatch.setattr(spectral, "N_BOOT", 10)
     run = planted_run(tmp_path / "run")
     doc = spectral.summary_json([run])[run.label]
-    w32, ref = doc["widths"]
-    assert doc["step"] == STEP and ref["reference"] and ref["c_k"] == pytest.approx(1.0)
+    (last,) = doc["steps"]
+    w32, ref = last["widths"]
+    assert doc["step"] == STEP == last["step"] and ref["reference"] and ref["c_k"] == pytest.approx(1.0)
     assert w32["c_k"] == pytest.approx(0.0, abs=1e-6) and w32["delta_c"] == pytest.approx(1.0, abs=1e-6)
     assert w32["discrepancy"] == pytest.approx(0.0, abs=1e-6)        # the same eigenvalues, permuted
     assert w32["bias_sq_debiased"] == 0.3 and w32["bias_sq_debiased_ci"] == [0.2, 0.4]
-    assert doc["baseline"]["half_a"] == [0, 1] and doc["baseline"]["discrepancy"] == pytest.approx(0.0, abs=1e-6)
+    assert last["baseline"]["half_a"] == [0, 1] and last["baseline"]["discrepancy"] == pytest.approx(0.0, abs=1e-6)
     lines = "\n".join(spectral.summary_lines([run]))
     assert f"## {spectral.HEADING}" in lines and "| 32 | 4 | " in lines
 
