@@ -201,7 +201,7 @@ def _table(d: dict) -> list[str]:
     kc, base = d["k_c"], d.get("baseline")
     out = [f"Step {d['step']}:", "",
            f"| width | seeds | C({kc}) [95%] | ΔC({kc}) [95%] | ΔC({kc}) halves | discrepancy [95%] | "
-           f"discrepancy halves | debiased b² [95%] | after-kernel test MSE [95%] | sign error [95%] |",
+           f"discrepancy halves | debiased b² [95%] | kernel regression test MSE [95%] | sign error [95%] |",
            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in d["widths"]:
         ref = r["reference"]
@@ -228,9 +228,13 @@ def summary_lines(runs: list[Run]) -> list[str]:
         out += [f"{run.label}: eNTK ({d['kernel']} kernel, {d['output']} output of class {d['ntk_class']}, "
                 f"{d['points']} points), averaged over seeds per width; C({kc}) of the ±1 target; ΔC({kc}) = "
                 f"C_ref({kc}) − C_N({kc}); eigenvalue discrepancy = RMS over k ≤ {d['k_max']} of "
-                f"log(λ_k/tr)_N − log(λ_k/tr)_ref; after-kernel = ridge regression (ridge {d['ridge']:g} × mean "
-                f"diagonal) of the target on {d['n_train']} points, tested on {d['points'] - d['n_train']}. "
-                f"[95%]: expanded basic bootstrap over seeds ({d['n_boot']} resamples). The halves columns "
+                f"log(λ_k/tr)_N − log(λ_k/tr)_ref; kernel regression = ridge regression (ridge {d['ridge']:g} × "
+                f"mean diagonal) of the target with the seed-averaged kernel of that step (at the final step the "
+                f"ensemble after-kernel) on {d['n_train']} points, tested on {d['points'] - d['n_train']}. "
+                f"[95%]: expanded basic bootstrap over seeds ({d['n_boot']} resamples), clipped to the "
+                f"statistic's range; resamples repeat seeds, which adds seed noise to the averaged kernel, so "
+                f"for the noise-lifted discrepancy the reflected interval runs low: read it against the "
+                f"halves baseline. The halves columns "
                 f"compare N's half B of the seeds with the reference's half A (the baseline's ensemble sizes; "
                 f"one split, no interval); the all-seed columns average twice as many seeds, so their noise "
                 f"floor is about 1/√2 of the baseline's.", ""]

@@ -26,6 +26,7 @@ halves are; the full S-seed averaged kernels have no same-width twin with disjoi
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from itertools import combinations
 
@@ -206,12 +207,14 @@ def _kernel_numbers(K: torch.Tensor, y: torch.Tensor, k_max: int, n_train: int, 
     return {"lam": lam, "C": task_power(evecs, y)[:k_max], "mse": mse, "sign": sign}
 
 
-def _ci(observed: float, samples: list[float], n_seeds: int) -> list | None:
-    """Expanded basic bootstrap interval over seeds (stats/ensemble.py), covering its point."""
+def _ci(observed: float, samples: list[float], n_seeds: int, lo: float = -math.inf, hi: float = math.inf) -> list | None:
+    """Expanded basic bootstrap interval over seeds (stats/ensemble.py), covering its point and
+    clipped to the statistic's range [lo, hi] (a reflected basic interval can leave it)."""
     from fastwidth.stats.ensemble import MIN_SEEDS_CI, basic_ci, covering, expansion
     if n_seeds < MIN_SEEDS_CI:
         return None
-    return covering(basic_ci(observed, samples, observed, expand=expansion([n_seeds])), observed)
+    ci = covering(basic_ci(observed, samples, observed, expand=expansion([n_seeds])), observed)
+    return None if ci is None else [max(ci[0], lo), min(ci[1], hi)]
 
 
 def spectral_mechanism(kernels: dict[int, list[torch.Tensor]], target: torch.Tensor, ref_width: int, *,
@@ -235,6 +238,15 @@ def spectral_mechanism(kernels: dict[int, list[torch.Tensor]], target: torch.Ten
     """
     if ref_width not in kernels:
         raise ValueError(f"no eNTK at the reference width {ref_width} (widths {sorted(kernels)})")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)     # many small eighs: one thread is ~30x faster than 2 on a loaded 2-core machine
+    try:
+        return _spectral_mechanism(kernels, target, ref_width, k_max, k_c, n_train, ridge, n_boot, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _spectral_mechanism(kernels, target, ref_width, k_max, k_c, n_train, ridge, n_boot, seed) -> dict:
     y = target.double()
     stacks = {w: torch.stack([K.double() for K in ks]) for w, ks in kernels.items()}   # (S, n, n)
     point = {w: _kernel_numbers(st.mean(0), y, k_max, n_train, ridge) for w, st in stacks.items()}
@@ -258,9 +270,9 @@ def spectral_mechanism(kernels: dict[int, list[torch.Tensor]], target: torch.Ten
         p, b, s = point[w], boot[w], stacks[w].shape[0]
         row = {"width": w, "n_seeds": s, "reference": w == ref_width, "k_max": k_max, "k_c": k_c,
                "eigenvalues_norm": p["lam"].tolist(), "task_power": p["C"].tolist(),
-               "task_power_ci": [_ci(float(p["C"][i]), [float(x["C"][i]) for x in b], s) for i in range(k_max)],
-               "test_mse": p["mse"], "test_mse_ci": _ci(p["mse"], [x["mse"] for x in b], s),
-               "test_sign_error": p["sign"], "test_sign_error_ci": _ci(p["sign"], [x["sign"] for x in b], s)}
+               "task_power_ci": [_ci(float(p["C"][i]), [float(x["C"][i]) for x in b], s, 0.0, 1.0) for i in range(k_max)],
+               "test_mse": p["mse"], "test_mse_ci": _ci(p["mse"], [x["mse"] for x in b], s, 0.0),
+               "test_sign_error": p["sign"], "test_sign_error_ci": _ci(p["sign"], [x["sign"] for x in b], s, 0.0, 1.0)}
         row["c_k"] = row["task_power"][k_c - 1]
         row["c_k_ci"] = row["task_power_ci"][k_c - 1]
         if w != ref_width:
@@ -271,7 +283,7 @@ def spectral_mechanism(kernels: dict[int, list[torch.Tensor]], target: torch.Ten
             row.update(delta_c=dc, delta_c_ci=_ci(dc, [float(rb[i]["C"][k_c - 1] - b[i]["C"][k_c - 1])
                                                        for i in range(nb)], min(s, stacks[ref_width].shape[0])),
                        discrepancy=disc, discrepancy_ci=_ci(disc, [log_discrepancy(b[i]["lam"], rb[i]["lam"])
-                                                                for i in range(nb)], min(s, stacks[ref_width].shape[0])))
+                                                                for i in range(nb)], min(s, stacks[ref_width].shape[0]), 0.0))
             hw = halves_of(w)
             if hw is not None and ref_h is not None:
                 row.update(halves_delta_c=float(ref_h[0]["C"][k_c - 1] - hw[1]["C"][k_c - 1]),

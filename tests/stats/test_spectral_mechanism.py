@@ -114,3 +114,13 @@ def test_kernel_regression_with_a_kernel_that_holds_the_target_has_no_error():
     assert mse < 1e-4 and sign == 0.0
     mse, sign = ridge_regression_error(torch.eye(N, dtype=torch.float64), y, 30, 1e-3)   # no information: ŷ = 0
     assert mse == pytest.approx(1.0) and sign == 1.0
+
+
+def test_intervals_are_clipped_to_the_statistics_range():
+    """Replicates lifted above the point (seed noise lifts an RMS) reflect the basic interval below 0."""
+    from fastwidth.stats.ntk_across import _ci
+    samples = [0.1 + 0.5 * i / 99 for i in range(100)]
+    assert _ci(0.1, samples, 8)[0] < 0
+    lo, hi = _ci(0.1, samples, 8, 0.0)
+    assert lo == 0.0 and hi >= 0.1
+    assert _ci(0.1, samples, 2) is None                                    # < 3 seeds: no interval
