@@ -23,6 +23,11 @@ of the seed-averaged kernels of two disjoint halves of the seeds (stats/same_wid
 and single seeds against each other (mean over pairs s < s'). Each cross-width width also gets the
 half-sized comparison (its half B against the reference's half A), whose ceiling the baseline's
 halves are; the full S-seed averaged kernels have no same-width twin with disjoint seeds.
+
+Spectral mechanism (`spectral_mechanism`, drawn by report/spectral.py): per width the averaged
+kernel's λ_k/tr, C(k) of a ±1 target, ΔC(k) and the log-eigenvalue discrepancy against the
+reference, and ridge regression of the target with the averaged kernel, with bootstrap intervals
+over seeds (resample, re-average, recompute) and the same halves baseline.
 """
 from __future__ import annotations
 
