@@ -28,23 +28,38 @@ def _members_in_view(run: Run) -> set[str]:
     return {run.member_name(w, s) for w, s in pairs}
 
 
+def ntk_steps(run: Run) -> tuple[dict[str, dict[int, Path]], list[int]]:
+    """The kept members' stored eNTK files {name: {step: path}} and the steps every one of them stored."""
+    files = {n: steps for n, steps in RunDir(run.path).list_ntk().items() if n in _members_in_view(run)}
+    common = set.intersection(*(set(steps) for steps in files.values())) if files else set()
+    return files, sorted(common)
+
+
+def ntk_members(run: Run, step: int | None = None) -> tuple[int, list[NTKMember], list[dict]] | None:
+    """(step, members, their files' metadata) of the kept members' eNTK at `step` (default: the last
+    step every kept member stored); None when there is none."""
+    files, common = ntk_steps(run)
+    step = common[-1] if step is None and common else step
+    if step is None or step not in common:
+        return None
+    members, metas = [], []
+    for name in sorted(files):
+        t, meta = load_signature(files[name][step])
+        metas.append(meta)
+        members.append(NTKMember(int(meta["width"]), int(meta["seed"]), t["kernel"], t["eigenvectors"],
+                                 t["labels"], int(meta["ntk_class"])))
+    return step, members, metas
+
+
 def ntk_across_run(run: Run) -> dict | None:
     """Seed-averaged eNTK spectra and principal angles at the last step every kept member stored."""
-    files = {n: steps for n, steps in RunDir(run.path).list_ntk().items() if n in _members_in_view(run)}
-    if not files:
-        return None
-    common = set.intersection(*(set(steps) for steps in files.values()))
+    files, common = ntk_steps(run)
     if not common:
         return None
-    step = max(common)
+    step = common[-1]
     key = (str(run.path), step, tuple(sorted(files)))
     if key not in _CACHE:
-        members, metas = [], []
-        for name in sorted(files):
-            t, meta = load_signature(files[name][step])
-            metas.append(meta)
-            members.append(NTKMember(int(meta["width"]), int(meta["seed"]), t["kernel"], t["eigenvectors"],
-                                     t["labels"], int(meta["ntk_class"])))
+        _, members, metas = ntk_members(run, step)
         ref = run.ref_width if any(m.width == run.ref_width for m in members) else max(m.width for m in members)
         out = ntk_across_widths(members, ref)
         out.update(step=step, kernel=metas[0].get("kernel"), output=metas[0].get("output"),

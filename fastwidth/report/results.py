@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastwidth.report import spectral
 from fastwidth.report.reader import load_run
 
 
@@ -81,6 +82,8 @@ SECTIONS = (
         ("demo_mup", "configs/demo.yaml", T1),), tables=(FITS, "V_N for three outputs (vn_outputs.png)")),
 
     # -- spectral --
+    Section("spectral", "The spectral mechanism where a bias exists (teacher-student, µP SGD)", (
+        ("ntk_ts", "configs/paper/ntk_teacher_student.yaml", T1),), tables=(spectral.HEADING,)),
 
     # -- eos --
     Section("eos", "Edge of stability with seeds: GD onsets, plateaus and catapults; online Adam's preconditioned sharpness", (
