@@ -254,7 +254,7 @@ def summary_lines(runs: list[Run]) -> list[str]:
            "RMSE over the stored probe points between the seed-mean true logits of width N and of the "
            "reference, at the first evaluation after step 0, the middle one and the last, with 95% bootstrap "
            "intervals over seeds (basic, on the log scale); it holds V_N/S_N + V_ref/S_ref of seed noise, so it is an upper "
-           "bound on the bias b). pointwise_trajectories.png follows 6 probe points across training.", ""]
+           "bound on the bias b. pointwise_trajectories.png follows 6 probe points across training.", ""]
     for n in nums:
         s = n["steps"]
         out += [f"{n['label']} ({n['n_seeds']} seeds, reference N={n['ref_width']}):", "",
