@@ -77,6 +77,10 @@ SECTIONS = (
         tables=("Offline against online",)),
 
     # -- pointwise --
+    Section("pointwise", "Point-wise true logits across widths, the demo GPT on a log schedule", (
+        ("demo_mup_log", "configs/demo.yaml",
+         T1 + ("stats.schedule=log", "stats.evals=20", "param.zero_readout=false")),),
+        tables=("Point-wise true logits (pointwise.png)",)),
 
     # -- outputs --
     Section("outputs", "V_N for three outputs: raw, centered true logit and log p_y (the demo GPT)", (

@@ -361,6 +361,24 @@ class SeedEnsembles:
             rows[w] = row
         return rows
 
+    def mean_rmse(self, n_boot: int = 1000, seed: int = 0) -> dict[int, tuple[float, list | None]]:
+        """{width: (||f̄_N - f̄_ref||_rms, its 95% interval)} for every width but the reference: the
+        RMSE between the two seed-ensemble means (the raw bias). Its target is
+        sqrt(b² + V_N/S_N + V_ref/S_ref), so it falls with more seeds; the interval (basic bootstrap
+        over seeds on the log scale, log_ci: the value is positive and right-skewed; None without a
+        bootstrap) is for that target. Needs >= 2 seeds per width (V_N)."""
+        p = self._point()
+        boot = self._bootstrap(n_boot, seed, p)
+        n_ref = len(self.index[self.ref])
+        out = {}
+        for w in self.widths:
+            if w == self.ref:
+                continue
+            v = float(p["bias"][w][0])
+            ci = log_ci(*(d[f"bias/{w}"] for d in boot), expand=expansion([len(self.index[w]), n_ref])) if boot else None
+            out[w] = (v, covering(ci, v))
+        return out
+
     def fit_row(self, n_boot: int = 1000, seed: int = 0, axis: str = "width") -> dict:
         """The width fits at this step, each with its `<name>_ci` (None without a bootstrap).
 

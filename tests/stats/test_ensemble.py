@@ -204,3 +204,19 @@ def test_width_rows_carry_intervals_that_hold_their_points_and_the_truth():
 def test_covering():
     assert covering([1.0, 2.0], 0.5) == [0.5, 2.0] and covering([1.0, 2.0], 1.5) == [1.0, 2.0]
     assert covering(None, 1.0) is None
+
+
+def test_mean_rmse_is_the_raw_bias_and_its_interval_holds_it_and_the_target():
+    """||f̄_N - f̄_ref||_rms with a planted gap 0.3 (seed noise 0.1 over 6 seeds: target
+    sqrt(0.09 + 2 * 0.01 / 6) = 0.3055); its log-scale interval holds the value and the target."""
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal(500)
+    true = {16: torch.tensor(base + 0.3 + 0.1 * rng.standard_normal((6, 500))),
+            64: torch.tensor(base + 0.1 * rng.standard_normal((6, 500)))}
+    est = SeedEnsembles(true, {16: list(range(6)), 64: list(range(6))}, 64)
+    (v, ci), = est.mean_rmse(500).values()
+    direct = float(torch.sqrt(((true[16].mean(0) - true[64].mean(0)) ** 2).mean()))
+    assert v == pytest.approx(direct) == pytest.approx(est.width_rows(0)[16]["bias"])
+    assert ci[0] <= v <= ci[1] and ci[0] <= math.sqrt(0.09 + 0.02 / 6) <= ci[1] and ci[1] - ci[0] < 0.1
+    (_, none), = SeedEnsembles({w: t[:2] for w, t in true.items()}, {16: [0, 1], 64: [0, 1]}, 64).mean_rmse().values()
+    assert none is None
