@@ -8,7 +8,7 @@ one (train_size 0) with its probe loss only.
 
 The numbers are the report's own: V_N per width and its interval from intervals.width_intervals,
 debiased b² and its interval from the loop's final ensemble rows (intervals.final_ensemble), the
-V_N slope and its interval from the final fit row (summary.final_fit). The ratio
+V_N slope and its interval from the final fit row (reader.final_fit). The ratio
 b²_offline / b²_online per width resamples seeds independently within each run (the estimator's
 own bootstrap replicates, SeedEnsembles.replicates, rebuilt from the final signatures) and is a
 basic bootstrap interval; it is "not identified" where the online b² interval reaches 0 or below.
@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 from fastwidth.report.intervals import N_BOOT, final_ensemble, signature_ensembles, width_intervals
-from fastwidth.report.reader import Run
+from fastwidth.report.reader import Run, final_fit
 from fastwidth.stats.ensemble import basic_ci, expansion
 
 
@@ -44,7 +44,6 @@ def _final(run: Run, key: str) -> dict[int, float]:
 def run_numbers(run: Run) -> dict:
     """Per width: final probe loss, train-subset loss and their gap (seed means), V_N and debiased
     b² with intervals; the V_N slope with its interval."""
-    from fastwidth.report.summary import final_fit  # summary imports the sections
 
     probe, subset = _final(run, "probe_loss"), _final(run, "train_subset_loss")
     iv = width_intervals(run)

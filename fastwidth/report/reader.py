@@ -285,3 +285,22 @@ def late_mean(points: list[tuple[int, float]], frac: float = 0.25) -> float:
     t_max = points[-1][0]
     tail = [v for t, v in points if t >= (1 - frac) * t_max] or [points[-1][1]]
     return sum(tail) / len(tail)
+
+
+def final_fit(run: Run) -> dict:
+    """The last fit row's fitted numbers and their intervals (None where the loop had none)."""
+    rows = last_rows(run, "fit")
+    if not rows:
+        return {}
+    row = rows[0]
+    out = {}
+    for k in FIT_KEYS:
+        out[k], out[f"{k}_ci"] = row.get(k), row.get(f"{k}_ci")
+    out.update({k: row.get(k) for k in ("n_boot", "ci_level", "ci_expansion", "bias_exponent_reason", "step", "tokens")
+                if k in row})
+    return out
+
+
+def last_rows(run: Run, kind: str, **match) -> list[dict]:
+    step = max((r["step"] for r in run.rows(kind, **match)), default=None)
+    return [] if step is None else run.rows(kind, step=step, **match)

@@ -40,7 +40,7 @@ from fastwidth.report.depth import depth_lines, depth_numbers
 from fastwidth.report.intervals import width_intervals
 from fastwidth.report.ntk import ntk_across_run, ntk_lines
 from fastwidth.report.preact import preact_lines
-from fastwidth.report.reader import FIT_KEYS, Run, late_mean
+from fastwidth.report.reader import Run, final_fit, late_mean
 from fastwidth.report import sections
 from fastwidth.report.same_width import cka_lines, cka_same_width_run
 from fastwidth.report.slopes import one_over_n, slope_lines
@@ -68,25 +68,6 @@ def loss_spread(run: Run) -> tuple[float, float]:
     return sum(g for g, _ in gaps) / len(gaps), sum(r for _, r in gaps) / len(gaps)
 
 
-
-
-def final_fit(run: Run) -> dict:
-    """The last fit row's fitted numbers and their intervals (None where the loop had none)."""
-    rows = _last_rows(run, "fit")
-    if not rows:
-        return {}
-    row = rows[0]
-    out = {}
-    for k in FIT_KEYS:
-        out[k], out[f"{k}_ci"] = row.get(k), row.get(f"{k}_ci")
-    out.update({k: row.get(k) for k in ("n_boot", "ci_level", "ci_expansion", "bias_exponent_reason", "step", "tokens")
-                if k in row})
-    return out
-
-
-def _last_rows(run: Run, kind: str, **match) -> list[dict]:
-    step = max((r["step"] for r in run.rows(kind, **match)), default=None)
-    return [] if step is None else run.rows(kind, step=step, **match)
 
 
 def equal_compute(ensembles: dict[int, dict]) -> list[dict]:
