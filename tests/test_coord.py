@@ -97,6 +97,7 @@ def test_refined_check_mup_flat_sp_grows_for_the_own_update_part():
     assert own_sp[-1] / own_sp[0] > 2.5, own_sp
 
 
+@pytest.mark.slow  # trains and draws mup and sp (3 s)
 def test_coord_check_command_draws_mup_against_sp(tmp_path, capsys):
     out = tmp_path / "cc"
     assert main(["coord-check", "--set", *MLP, "--widths", "16,32", "--kinds", "mup,sp", "--steps", "2",

@@ -129,7 +129,9 @@ def _assert_one_line_error(res, needle):
     assert "Traceback" not in res.stderr
 
 
-@pytest.mark.parametrize("case", ["malformed_yaml", "unknown_key", "head_dim", "missing_data", "truncated_ckpt",
+@pytest.mark.parametrize("case", ["malformed_yaml", "unknown_key", "head_dim",
+                                  pytest.param("missing_data", marks=pytest.mark.slow),    # 5 s: the second tier
+                                  pytest.param("truncated_ckpt", marks=pytest.mark.slow),  # 3 s
                                   "existing_run", "unknown_cli_key"])
 def test_bad_input_exits_2_and_leaves_the_run_untouched(existing_run, case, tmp_path):
     tmp, run_dir = existing_run

@@ -13,6 +13,7 @@ from fastwidth.data.tokenizers import load_tokenizer, train_bpe
 from fastwidth.errors import DataError
 
 
+@pytest.mark.slow  # tokenizes the whole stdlib corpus (6 s); the fast GPT tests stream it from the cache
 def test_stdlib_bytes_stream_and_cache(dcfg):
     cfg = dcfg(source="stdlib", seq_len=64, batch_size=8)
     s = build_stream(cfg)

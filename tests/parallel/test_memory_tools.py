@@ -66,6 +66,7 @@ def train_cli(tmp_path, sets):
                           capture_output=True, text=True)
 
 
+@pytest.mark.slow  # launches the CLI (3 s)
 def test_bad_micro_batch_is_one_line(tmp_path):
     res = train_cli(tmp_path, [*TINY_GPT, f"train.out_dir={tmp_path / 'x'}", "data.micro_batch_size=3"])
     assert res.returncode == 2 and "data.micro_batch_size 3" in res.stderr
@@ -102,6 +103,7 @@ def test_plan_command_dry_run(capsys):
     assert "dry run (fake process group" in out and "zero3 +opt-offload" in out
 
 
+@pytest.mark.slow  # launches the CLI (3 s)
 def test_slurm_tasks_without_a_launcher_are_refused(tmp_path):
     env = {k: v for k, v in __import__("os").environ.items() if k not in ("WORLD_SIZE", "RANK")}
     res = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/dist/sweep_ddp_cpu.yaml", "--set",

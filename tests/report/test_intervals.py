@@ -48,7 +48,7 @@ def run_dir(path, seeds, loop_ci: bool, lr: float | None = None):
     return path, est
 
 
-@pytest.mark.parametrize("loop_ci", [True, False])
+@pytest.mark.parametrize("loop_ci", [pytest.param(True, marks=pytest.mark.slow), False])  # True: 3 s, second tier
 def test_summary_json_carries_per_width_intervals_holding_their_values(tmp_path, loop_ci):
     seeds = [0, 1, 2, 3]
     path, est = run_dir(tmp_path / "run", seeds, loop_ci)

@@ -62,6 +62,7 @@ def fake_run(path, kind="mup", rmse_exp=-0.5, var_exp=-1.0, spread=0.0):
     return path
 
 
+@pytest.mark.slow  # draws every figure of the report (11 s of the fast tier); the sections draw theirs in their own fast tests
 def test_report_recovers_known_slopes_and_draws_everything(tmp_path):
     mup = fake_run(tmp_path / "mup")
     sp = fake_run(tmp_path / "sp", kind="sp", rmse_exp=0.1, var_exp=0.2, spread=0.05)

@@ -75,6 +75,7 @@ def test_diverged_members_are_never_the_optimum_and_count_as_inf(tmp_path):
     assert all(lr <= 2.0 ** -8 for lr in fit["optima"].values())
 
 
+@pytest.mark.slow  # trains an lr sweep and draws it (5 s)
 def test_report_draws_loss_vs_lr_and_quotes_the_drift(tmp_path):
     fake_lr_run(tmp_path / "mup", 0.0, diverge_above=2.0 ** -8)
     fake_lr_run(tmp_path / "sp", -1.0, arch="mlp")
