@@ -76,29 +76,45 @@ def pair(runs: list[Run]) -> tuple[Run, Run] | None:
 
 
 def bias_ratio(offline: Run, online: Run, n_boot: int = N_BOOT, seed: int = 0) -> list[dict]:
-    """Per compared width: b²_offline / b²_online with a basic bootstrap interval over seeds,
-    resampled independently within each run; {"not_identified": reason} where the online b²
-    interval reaches 0 or below, or a run has no bootstrap."""
+    """Per compared width, offline against online, with basic bootstrap intervals over seeds
+    resampled independently within each run:
+    - ratio = b²_offline / b²_online, {"not_identified": reason} where the online b² interval reaches
+      0 or below (µP online has no detectable bias at CPU scale: the ratio's denominator is 0);
+    - difference = b²_offline − b²_online (identified whenever both runs have a bootstrap);
+    - rmse_ratio = true-logit RMSE to the reference, offline over online (the disagreement across
+      widths, variance and bias together)."""
     _, ens_on = final_ensemble(online)
     step_off, step_on = final_ensemble(offline)[0], final_ensemble(online)[0]
     est = [signature_ensembles(r, s) if s is not None else None for r, s in ((offline, step_off), (online, step_on))]
-    reps = [e.replicates("bias_sq_debiased", n_boot, seed + i) if e is not None else {} for i, e in enumerate(est)]
+    reps = {key: [e.replicates(key, n_boot, seed + i) if e is not None else {} for i, e in enumerate(est)]
+            for key in ("bias_sq_debiased", "rmse")}
+    n = [len({r["seed"] for r in run.rows("eval")}) for run in (offline, online)]
     out = []
     widths = sorted(set(offline.widths) & set(online.widths) - {offline.ref_width, online.ref_width})
     for w in widths:
         row = {"width": w}
-        ci_on = ens_on.get(w, {}).get("bias_sq_debiased_ci")
-        if w not in reps[0] or w not in reps[1]:
+        b2 = reps["bias_sq_debiased"]
+        if w not in b2[0] or w not in b2[1]:
             row["not_identified"] = "no bootstrap (fewer than 4 seeds with final signatures in a run)"
-        elif ci_on is None or ci_on[0] <= 0:
+            out.append(row)
+            continue
+        (o_off, b_off, p_off), (o_on, b_on, p_on) = b2[0][w], b2[1][w]
+        row.update(difference=o_off - o_on, difference_ci=basic_ci(o_off - o_on, b_off - b_on, p_off - p_on,
+                                                                   expand=expansion(n)))
+        ci_on = ens_on.get(w, {}).get("bias_sq_debiased_ci")
+        if ci_on is None or ci_on[0] <= 0:
             row["not_identified"] = f"the online b² interval {_ci(ci_on)} reaches 0 or below"
         else:
-            (o_off, b_off, p_off), (o_on, b_on, p_on) = reps[0][w], reps[1][w]
             with np.errstate(divide="ignore", invalid="ignore"):
                 samples = b_off / b_on
-            n = [len({r["seed"] for r in run.rows("eval")}) for run in (offline, online)]
-            ci = basic_ci(o_off / o_on, samples, p_off / p_on, expand=expansion(n))
-            row.update(ratio=o_off / o_on, ratio_ci=ci)
+            row.update(ratio=o_off / o_on, ratio_ci=basic_ci(o_off / o_on, samples, p_off / p_on, expand=expansion(n)))
+        rm = reps["rmse"]
+        if w in rm[0] and w in rm[1] and rm[1][w][0] > 0:
+            (r_off, s_off, q_off), (r_on, s_on, q_on) = rm[0][w], rm[1][w]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rs = s_off / s_on
+            row.update(rmse_ratio=r_off / r_on, rmse_ratio_ci=basic_ci(r_off / r_on, rs, q_off / q_on,
+                                                                       expand=expansion(n)))
         out.append(row)
     return out
 
@@ -202,12 +218,16 @@ def summary_lines(runs: list[Run]) -> list[str]:
                    f"({len(n['seeds'])} seeds)" for run, n in zip(runs, nums)]
     pr = pair(runs)
     if pr:
-        out += ["", f"b²_offline / b²_online, {run_name(pr[0])} over {run_name(pr[1])} (95% bootstrap, seeds "
-                    "resampled independently within each run):", "", "| width | ratio |", "|---|---|"]
+        out += ["", f"{run_name(pr[0])} against {run_name(pr[1])} (95% bootstrap, seeds resampled independently "
+                    "within each run): the bias ratio b²_offline / b²_online, the difference b²_offline − b²_online "
+                    "and the ratio of the true-logit RMSE to the reference (variance and bias together):", "",
+                "| width | b² ratio | b² difference | RMSE ratio |", "|---|---|---|---|"]
         for r in bias_ratio(*pr):
-            val = f"not identified: {r['not_identified']}" if "not_identified" in r else \
+            ratio = f"not identified: {r['not_identified']}" if "ratio" not in r else \
                 f"{_fmt(r['ratio'], '.3g')} {_ci(r['ratio_ci'])}"
-            out.append(f"| {r['width']} | {val} |")
+            diff = f"{_fmt(r['difference'], '+.3g')} {_ci(r['difference_ci'])}" if "difference" in r else "–"
+            rmse = f"{_fmt(r['rmse_ratio'], '.3g')} {_ci(r['rmse_ratio_ci'])}" if "rmse_ratio" in r else "–"
+            out.append(f"| {r['width']} | {ratio} | {diff} | {rmse} |")
     return out + [""]
 
 

@@ -62,9 +62,14 @@ def test_offline_numbers_and_ratio(tmp_path):
     ratio = {r["width"]: r for r in offline.bias_ratio(off, on)}
     lo, hi = ratio[16]["ratio_ci"]
     assert ratio[16]["ratio"] == pytest.approx(4.0, rel=0.25) and lo < 4.0 < hi and lo > 1   # planted 0.36 / 0.09
+    lo, hi = ratio[16]["difference_ci"]                                             # planted 0.36 - 0.09
+    assert ratio[16]["difference"] == pytest.approx(0.27, abs=0.08) and lo < 0.27 < hi and lo > 0
+    lo, hi = ratio[16]["rmse_ratio_ci"]   # the RMSE holds both runs' seed variance (0.4/N): above 1, below 2
+    assert 1.0 < ratio[16]["rmse_ratio"] < 2.0 and lo < ratio[16]["rmse_ratio"] < hi
     flat, _ = planted(tmp_path / "flat", 0, {16: 0.0, 32: 0.0, 64: 0.0}, 3)
-    assert all("not identified" in line or "0 or below" in line
-               for line in offline.summary_lines([off, flat]) if line.startswith("| 16 |"))
+    flat_rows = {r["width"]: r for r in offline.bias_ratio(off, flat)}
+    assert "ratio" not in flat_rows[16] and flat_rows[16]["difference_ci"][0] > 0  # no online bias: no ratio, a difference
+    assert all("not identified" in line for line in offline.summary_lines([off, flat]) if line.startswith("| 16 |"))
     doc = offline.summary_json([off, on])
     assert doc["bias_ratio"]["widths"][0]["width"] == 16 and len(doc["runs"]) == 2
     assert offline.summary_json([on]) == {} and offline.draw([on], tmp_path / "x.png") is None
