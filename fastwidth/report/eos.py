@@ -76,16 +76,27 @@ def _x(row: dict) -> float | None:
     return None
 
 
+def adam_warmup(run: Run) -> int:
+    """The first step the table reads under Adam: 1/(1 − β1) (10 at β1 = 0.9), the horizon of
+    Adam's first moment; before it the preconditioner rests on a few batches."""
+    b1 = float(((run.config.get("optim") or {}).get("betas") or [0.9, 0.999])[0])
+    return max(1, int(math.ceil(1.0 / (1.0 - b1) - 1e-9)))
+
+
 def trajectories(run: Run) -> dict:
     """{(base_lr, width): {seed: {"steps", "x", "converged", "loss_steps", "loss"}}} from the
     batch_sharpness and train rows (the reference depth's in a depth sweep). Under Adam the rows
-    before its first step (precond "lr": no v̂ yet, the plain-GD quantity) are left out."""
+    before step adam_warmup(run) are left out: at step 0 there is no v̂ yet (precond "lr", the
+    plain-GD quantity), and over the first steps v̂ is the square of a few batches' gradients, so
+    P = η/(√v̂+ε) is huge along directions they barely touched (x of 100-500 at step 1 where it is
+    0.2-0.4 from step 5 on, measured)."""
     out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     rows = at_reference_depth(run, run.sweep_rows)
-    adam = any(r.get("precond") == "adam" for r in rows if r.get("kind") == "batch_sharpness")  # step 0: no v̂ yet
+    adam = any(r.get("precond") == "adam" for r in rows if r.get("kind") == "batch_sharpness")
+    first = adam_warmup(run) if adam else 0
     for r in sorted((r for r in rows if r.get("kind") in ("batch_sharpness", "train")), key=lambda r: r["step"]):
         d = out[(r.get("base_lr"), r["width"])][r["seed"]]
-        if r["kind"] == "batch_sharpness" and _x(r) is not None and not (r.get("precond") == "lr" and adam):
+        if r["kind"] == "batch_sharpness" and _x(r) is not None and r["step"] >= first:
             d["steps"].append(r["step"])
             d["x"].append(_x(r))
             d["converged"].append(bool(r.get("converged", True)))
@@ -137,7 +148,8 @@ def _edge_name(run: Run) -> str:
     if opt.get("name", "adamw") in ("adam", "adamw"):
         b1 = (opt.get("betas") or [0.9])[0]
         return (f"Adam: x = λ_P·2/threshold, threshold (2+2β1)/(1-β1) = {(2 + 2 * b1) / (1 - b1):.3g} "
-                f"(β1 = {b1:g}), P = η/(√v̂+ε)")
+                f"(β1 = {b1:g}), P = η/(√v̂+ε); the table reads steps from {adam_warmup(run)} = 1/(1-β1) on, "
+                f"before which v̂ rests on a few batches (the figure shows them)")
     mu = float(opt.get("momentum", 0.0))
     return "GD: x = λη, the edge 2/η" if mu == 0 else f"GD with momentum {mu:g}: x = λη·2/threshold, threshold 2(1+μ)"
 

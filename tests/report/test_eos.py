@@ -89,11 +89,15 @@ def test_adam_rows_before_the_first_step_are_left_out(tmp_path):
     path = tmp_path / "a"
     path.mkdir()
     (path / "config.yaml").write_text(yaml.safe_dump({"optim": {"name": "adam"}, "sweep": {"widths": [32]}}))
+    # step 0: no v̂ (precond lr); steps 1-9: v̂ of a few batches, x far past the edge; from step 10
+    # (1/(1 - β1)) the table reads
     rows = [{"kind": "batch_sharpness", "step": t, "width": 32, "seed": 0, "sharpness": s, "edge": 38.0,
-             "precond": "lr" if t == 0 else "adam"} for t, s in ((0, 100.0), (1, 19.0), (2, 40.0))]
+             "precond": "lr" if t == 0 else "adam"}
+            for t, s in ((0, 100.0), (1, 5000.0), (2, 400.0), (10, 19.0), (12, 40.0))]
     (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     run = load_run(path)
+    assert eos.adam_warmup(run) == 10
     ((_, seeds),) = eos.trajectories(run).items()
-    assert seeds[0]["steps"] == [1, 2] and seeds[0]["x"] == pytest.approx([1.0, 40 / 19])
-    assert eos.eos_table(run)[0]["onset_per_seed"] == [2]
+    assert seeds[0]["steps"] == [10, 12] and seeds[0]["x"] == pytest.approx([1.0, 40 / 19])
+    assert eos.eos_table(run)[0]["onset_per_seed"] == [12]
     assert "threshold (2+2β1)/(1-β1) = 38" in "\n".join(eos.summary_lines([run]))
