@@ -136,7 +136,9 @@ def _found(runs: list[Run]) -> list[tuple[Run, tuple[int, int, int]]]:
     out = []
     for run in runs:
         picked = three_steps(signature_steps(run))
-        if picked is not None and len(run.widths) > 1:
+        # every seed of the reference width at each picked step (a member stopped early, a lost
+        # signature leave true_logits empty: nothing to draw for the run)
+        if picked is not None and len(run.widths) > 1 and all(true_logits(run, s) for s in picked):
             out.append((run, picked))
     return out
 
@@ -227,9 +229,10 @@ FIGURES = {"pointwise.png": pointwise_scatter, "pointwise_trajectories.png": tra
 
 def run_numbers(run: Run) -> dict:
     """The point-wise RMSE per width at the three steps and the early V_N ({} when not drawable)."""
-    picked = three_steps(signature_steps(run))
-    if picked is None or len(run.widths) < 2:
+    found = _found([run])
+    if not found:
         return {}
+    picked = found[0][1]
     tokens, n_seeds = _tokens(run), len(_seeds(run))
     rmse: dict[int, dict] = {}
     for what, step in zip(STEP_NAMES, picked):

@@ -88,3 +88,17 @@ def test_nothing_to_draw_without_signatures(tmp_path):
     run = run_dir(tmp_path / "run", [0, 1, 2], signatures=False)
     assert all(draw([run], tmp_path / name) is None for name, draw in pw.FIGURES.items())
     assert pw.summary_lines([run]) == [] and pw.summary_json([run]) == {}
+
+
+def test_a_seed_without_signatures_at_the_reference_draws_nothing_and_does_not_fail(tmp_path):
+    """One reference-width seed has no signatures at the picked steps (a member stopped early, as in
+    the held-out transfer test's sweep, or files lost): the figures and numbers are left out, not a
+    crash."""
+    path = tmp_path / "run"
+    run_dir(path, [0, 1, 2])
+    lost = RunDir(path).signature(MemberSpec(REF, None, 1, None).name, STEPS[0]).parent
+    for f in lost.glob("*.safetensors"):
+        f.unlink()
+    run = load_run(path)
+    assert all(draw([run], tmp_path / name) is None for name, draw in pw.FIGURES.items())
+    assert pw.summary_lines([run]) == [] and pw.summary_json([run]) == {}
