@@ -159,6 +159,17 @@ def _width_table(summary_json: Path) -> list[str]:
     return out + [""] if len(out) > 2 else []
 
 
+def shown(path: Path, runs_dir: Path) -> str:
+    """`path` as the block prints it: relative paths as given, an absolute one relative to the
+    working directory when inside it, else as $RUNS/... (the block is committed: no machine path)."""
+    if not path.is_absolute():
+        return str(path)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return "$RUNS/" + str(path.relative_to(runs_dir))
+
+
 def run_section(sec: Section, runs_dir: Path, docs: Path, reuse: bool) -> list[str]:
     """Train, report and return the section's generated markdown block."""
     dirs, lines = [], ["```"]
@@ -166,20 +177,24 @@ def run_section(sec: Section, runs_dir: Path, docs: Path, reuse: bool) -> list[s
         out = runs_dir / sec.name / label
         cmd, wall = _train(cfg, sets, out, reuse)
         dirs.append(out)
-        lines.append(f"{cmd} train.out_dir={out}   # {wall:.0f} s")
+        lines.append(f"{cmd} train.out_dir={shown(out, runs_dir)}   # {wall:.0f} s")
     out_dir = docs / "results" / sec.name
     if sec.kind == "complexity":
         from fastwidth.report.complexity import main as complexity_main
         complexity_main([*map(str, dirs), "-o", str(out_dir)])
-        lines.append(f"python -m fastwidth.report.complexity {runs_dir / sec.name}/* -o {out_dir.relative_to(docs)}")
+        lines.append(f"python -m fastwidth.report.complexity {shown(runs_dir / sec.name, runs_dir)}/* -o "
+                     f"{out_dir.relative_to(docs)}")
         body = (out_dir / "complexity.md").read_text().splitlines() + [""]
     else:
         from fastwidth.report.cli import make_report
         make_report(dirs, out_dir, allow_different_probes=True)  # "transfer": Fashion-MNIST beside the GPT
-        lines.append(f"fastwidth report {' '.join(map(str, dirs))} -o {out_dir.relative_to(docs)} --force "
+        shown_dirs = " ".join(shown(d, runs_dir) for d in dirs)
+        lines.append(f"fastwidth report {shown_dirs} -o {out_dir.relative_to(docs)} --force "
                      f"--allow-different-probes")
         body = _summary_sections(out_dir / "summary.md", sec.tables) + _width_table(out_dir / "summary.json")
     load = os.getloadavg()[0]
+    if any("$RUNS/" in line for line in lines):
+        lines.insert(1, "# $RUNS: the --runs-dir these runs were trained in")
     lines += ["```", "", f"(generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; wall times on 2 cores, "
               f"load average {load:.1f} at the end)", ""] + body
     lines += [f"![{p.stem}](results/{sec.name}/{p.name})" for p in sorted(out_dir.glob("*.png"))]

@@ -52,3 +52,13 @@ def test_width_table_leaves_out_runs_without_probe_evaluations(tmp_path):
     p.write_text(json.dumps({"runs": [{"run": {"label": "ok"}, "widths": [empty, full]}]}))
     table = _width_table(p)
     assert len(table) == 4 and table[2].startswith("| ok | 128 (ref) | 0.5 |")
+
+
+def test_the_block_prints_no_machine_path(tmp_path, monkeypatch):
+    from pathlib import Path
+    from fastwidth.report.results import shown
+    monkeypatch.chdir(tmp_path)
+    runs = Path("/elsewhere/runs")
+    assert shown(runs / "offline" / "online", runs) == "$RUNS/offline/online"          # outside the cwd
+    assert shown(tmp_path / "runs" / "x" / "y", tmp_path / "runs") == "runs/x/y"      # inside it: relative
+    assert shown(Path("runs/results/x/y"), Path("runs/results")) == "runs/results/x/y"  # relative: as given
