@@ -15,6 +15,7 @@ first point after it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 
 def log_steps(steps: int, evals: int) -> list[int]:
@@ -56,7 +57,7 @@ class EvalSchedule:
         if self.kind == "log":
             inner = log_steps(self.total, self.evals)
         else:
-            inner = [s for s in range(self.every, self.total + 1, self.every)]
+            inner = list(range(self.every, self.total + 1, self.every))
             if self.total > 0 and (not inner or inner[-1] != self.total):
                 inner.append(self.total)
         return [0] + inner
@@ -66,18 +67,9 @@ class EvalSchedule:
         if step == self.total:
             return True
         if self.kind == "log":
-            return step in self._log_set()
+            return step in self._log_set
         return step > 0 and step % self.every == 0
 
+    @cached_property
     def _log_set(self) -> frozenset:
-        cached = getattr(self, "_cache", None)
-        if cached is None:
-            cached = frozenset(log_steps(self.total, self.evals))
-            object.__setattr__(self, "_cache", cached)
-        return cached
-
-    def describe(self) -> str:
-        if self.kind == "log":
-            s = self.steps()
-            return f"log: {len(s) - 1} evaluations after step 0, steps {s[1:4]} ... {s[-1]}"
-        return f"linear: every {self.every} steps"
+        return frozenset(log_steps(self.total, self.evals))
