@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from fastwidth.report._plotbase import _loglog_axes, _save, plt
-from fastwidth.report.intervals import late_rmse_with_ci
+from fastwidth.report.intervals import late_rmse_with_ci, with_interval
 from fastwidth.report.reader import FIT_KEYS, Run
 from fastwidth.report.transfer import transfer_depth
 
@@ -95,9 +95,7 @@ def depth_numbers(run: Run) -> dict | None:
 # ------------------------------------------------------------------------------ summary.md
 
 def _v(value, ci=None, fmt=".4g") -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    return format(value, fmt) + (f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci else "")
+    return with_interval(value, ci, fmt)
 
 
 def depth_lines(runs: list[Run]) -> list[str]:

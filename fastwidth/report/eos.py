@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fastwidth.report.intervals import with_interval
 from fastwidth.report.reader import Run, at_reference_depth
 from fastwidth.stats.ensemble import MIN_SEEDS_CI, tail_mean_ci
 
@@ -155,11 +156,7 @@ def _edge_name(run: Run) -> str:
 
 
 def _fmt(d: dict | None, fmt: str = ".3g", why: str = "n/a") -> str:
-    if d is None or not math.isfinite(d["value"]):
-        return why
-    ci = d["ci"]
-    iv = f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci else ""
-    return f"{d['value']:{fmt}}{iv}"
+    return with_interval(None, None, missing=why) if d is None else with_interval(d["value"], d["ci"], fmt, missing=why)
 
 
 def _runs(runs: list[Run]) -> list[Run]:

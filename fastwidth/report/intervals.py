@@ -24,6 +24,14 @@ TAIL = 0.25          # the report's late window (reader.late_mean)
 N_BOOT = 1000
 
 
+def with_interval(value, ci, fmt: str = ".4g", *, missing: str = "–", no_ci: str = "") -> str:
+    """The report's one way of printing a number with its interval, `value [lo, hi]`: `missing`
+    where the value is absent or not finite, `no_ci` appended where it has no interval."""
+    if value is None or not math.isfinite(value):
+        return missing
+    return format(value, fmt) + (f" [{format(ci[0], fmt)}, {format(ci[1], fmt)}]" if ci else no_ci)
+
+
 def late_rmse_with_ci(run: Run, key: str = "true_logit_rmse", rows: list[dict] | None = None,
                       by: tuple[str, ...] = ("width",)) -> dict:
     """{width: (late mean over seeds of row[key], its interval)} from the live consistency rows;

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fastwidth.report.intervals import with_interval
 from fastwidth.report.reader import Run
 from fastwidth.stats.ensemble import (CI_LEVEL, MIN_SEEDS_CI, basic_ci, expansion, masked_slopes,
                                       tail_mean_ci)
@@ -109,7 +110,7 @@ def gap_fits(run: Run) -> dict[str, dict]:
 
 
 def _ci(v, ci) -> str:
-    return f"{v:+.3g}" + (f" [{ci[0]:+.3g}, {ci[1]:+.3g}]" if ci else " (no interval)")
+    return with_interval(v, ci, "+.3g", no_ci=" (no interval)")
 
 
 def _fit_text(fit: dict) -> str:

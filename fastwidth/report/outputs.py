@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from fastwidth.report._plotbase import _loglog_axes, _panels, _save, min_log_span
+from fastwidth.report.intervals import with_interval
 from fastwidth.report.reader import Run
 from fastwidth.stats.ensemble import (MIN_SEEDS_VARIANCE_CI, OUTPUT_SUFFIXES, SeedEnsembles, late_variance_slope,
                                       output_values)
@@ -89,9 +90,8 @@ def outputs_numbers(run: Run) -> dict | None:
 
 
 def _slope_text(slope: float, ci) -> str:
-    if not math.isfinite(slope):
-        return "not identified (under 2 widths with a positive V_N)"
-    return f"{slope:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else " (no interval: under 3 seeds)")
+    return with_interval(slope, ci, "+.2f", missing="not identified (under 2 widths with a positive V_N)",
+                         no_ci=" (no interval: under 3 seeds)")
 
 
 def _numbers(runs: list[Run]) -> list[tuple[Run, dict]]:

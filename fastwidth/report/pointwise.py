@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from fastwidth.report._plotbase import _save, _tokens_axis, plt, width_colors
+from fastwidth.report.intervals import with_interval
 from fastwidth.report.reader import Run
 from fastwidth.run import MemberSpec
 from fastwidth.stats.ensemble import MIN_SEEDS_CI, MIN_SEEDS_VARIANCE_CI, SeedEnsembles
@@ -246,7 +247,7 @@ def run_numbers(run: Run) -> dict:
 
 
 def _ci(v: float, ci: list | None, why: str | None) -> str:
-    return f"{v:.4g} [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else f"{v:.4g} (interval {why or 'not identified'})"
+    return with_interval(v, ci, ".4g", no_ci=f" (interval {why or 'not identified'})")
 
 
 def summary_lines(runs: list[Run]) -> list[str]:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from fastwidth.report._plotbase import _save, _width_ticks, plt
+from fastwidth.report.intervals import with_interval
 from fastwidth.report.reader import Run
 from fastwidth.stats.ensemble import tail_mean_ci
 from fastwidth.stats.metrics import wasserstein1_binned
@@ -101,10 +102,7 @@ def preact_numbers(run: Run) -> dict | None:
 
 
 def _vci(v: tuple[float, list | None], fmt: str) -> str:
-    value, ci = v
-    if not math.isfinite(value):
-        return "–"
-    return f"{value:{fmt}}" + (f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci else "")
+    return with_interval(*v, fmt)
 
 
 def preact_lines(runs: list[Run]) -> list[str]:

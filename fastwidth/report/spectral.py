@@ -11,7 +11,6 @@ protocol (report/sections.py): FIGURES, summary_lines(runs), summary_json(runs).
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import matplotlib
@@ -21,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fastwidth.report.ntk import ntk_members, ntk_steps  # noqa: E402
+from fastwidth.report.intervals import with_interval  # noqa: E402
 from fastwidth.report.reader import Run  # noqa: E402
 from fastwidth.stats.ntk_across import pm1_target, spectral_mechanism  # noqa: E402
 
@@ -180,12 +180,8 @@ _NONE = object()   # the number has no interval by design (one split, one point)
 def _fmt(v, ci=_NONE, digits: int = 4) -> str:
     """A number with its interval; "not identified" when absent or not finite; a missing interval
     (fewer than 3 seeds) said so."""
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "not identified"
-    s = f"{v:.{digits}g}"
-    if ci is _NONE:
-        return s
-    return s + (f" [{ci[0]:.{digits}g}, {ci[1]:.{digits}g}]" if ci else " (no interval: < 3 seeds)")
+    no_ci = "" if ci is _NONE else " (no interval: < 3 seeds)"
+    return with_interval(v, None if ci is _NONE else ci, f".{digits}g", missing="not identified", no_ci=no_ci)
 
 
 HEADING = "The spectral mechanism (spectral.png, spectral_bias.png)"
