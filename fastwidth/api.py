@@ -57,10 +57,22 @@ def make_config(config=None, overrides: list[str] | None = None, **kwargs):
     return from_dict(data, name=name)
 
 
-def train(config="demo", *, overrides: list[str] | None = None, **kwargs) -> Path:
+def train(config="demo", *, model=None, overrides: list[str] | None = None, **kwargs) -> Path:
     """Train the sweep a config describes (path, shipped name, Config or dict); returns the run
     directory, which holds the report unless train.report=false. A SIGTERM stops it at a
-    checkpoint and raises fastwidth.trainer.preempt.Preempted."""
+    checkpoint and raises fastwidth.trainer.preempt.Preempted.
+
+    model: your own module family, `make(width)` or `make(width, depth)` returning an nn.Module
+    from the stream's inputs to logits (model.arch=python; its µP roles are inferred, see
+    docs/your_model.md). A function importable by module and name is recorded in config.yaml as
+    model.factory, so the run resumes from another process too."""
+    if isinstance(model, dict):  # model={...}: the model section's overrides, as for any section
+        kwargs, model = {**kwargs, "model": model}, None
+    if model is not None:
+        if not callable(model):
+            raise ConfigError(f"model={model!r}: pass a function make(width) returning an nn.Module")
+        from fastwidth.models.user import register_factory
+        kwargs = {**kwargs, "model__arch": "python", "model__factory": register_factory(model)}
     cfg = make_config(config, overrides, **kwargs)  # a config mistake costs no torch import (seconds)
     from fastwidth.report.headline import report_at_end
     from fastwidth.trainer.loop import run

@@ -30,7 +30,7 @@ def _opt(default, *, choices=None, min=None, max=None, above=None, below=None, h
 
 @dataclass
 class ModelConfig:
-    arch: str = _opt("gpt", choices=["gpt", "mlp", "resnet"], help="model family")
+    arch: str = _opt("gpt", choices=["gpt", "mlp", "resnet", "python", "hf"], help="model family: fastwidth's own (gpt, mlp, resnet), a user's module family (python: model.factory), or a Hugging Face one (hf: model.hf)")
     width: int = _opt(128, min=1, help="hidden width N (gpt: d_model; mlp: hidden units; resnet: first-stage channels)")
     depth: int = _opt(2, min=1, help="gpt: blocks; mlp: hidden layers; resnet: blocks per stage")
     head_dim: int = _opt(32, min=1, help="gpt: per-head dimension when n_heads is 0 (n_heads = width / head_dim)")
@@ -42,6 +42,8 @@ class ModelConfig:
     bias: bool = _opt(False, help="gpt: biases in linear layers (mlp and resnet readouts always have one)")
     qk_norm: bool = _opt(False, help="gpt: RMS-normalize each head's queries and keys (with gains) before RoPE and the softmax")
     n_kv_heads: int = _opt(0, min=0, help="gpt: key/value heads at param.base_width (grouped-query attention; must divide the query heads there; the group size is kept at every width); 0 = as many as query heads")
+    factory: str = _opt("", help="python: \"package.module:function\" whose function(width) or function(width, depth) returns the nn.Module (inputs to logits) at that width; fastwidth.train(config, model=make) sets it")
+    hf: dict = _opt({}, help="hf: {model_type: llama | qwen2 | gpt_neox, ...}: the transformers config at each width (hidden size = model.width, intermediate = model.mlp_ratio × width, heads by model.head_dim or model.n_heads, kv heads model.n_kv_heads, layers model.depth); other keys pass through to the config")
     tie_embeddings: bool = _opt(False, help="gpt: the readout uses the token embedding's matrix (µP: the readout's forward multiplier on the output use only, as mup's MuSharedReadout)")
 
 
@@ -59,6 +61,7 @@ class ParamConfig:
     embed_std: float = _opt(1.0, min=0.0, help="token embedding std (gpt)")
     zero_readout: bool = _opt(True, help="µP kinds but umup (unit init): zero-initialize the readout weight")
     zero_query: bool = _opt(False, help="µP kinds: zero-initialize the attention query weight")
+    roles: dict = _opt({}, help="model.arch python / hf: {\"name-pattern\": \"role\" or \"role:init\"} overriding inferred µP roles (fnmatch patterns on parameter names; roles input, hidden, output, vector, fixed; inits fan_in, embed, bias, zeros, ones)")
 
 
 @dataclass
@@ -135,6 +138,8 @@ class TrainConfig:
     report: bool = _opt(True, help="write the report (figures, summary.md, summary.json) into out_dir/report at the end")
     tensorboard: bool = _opt(False, help="also write the metrics rows as TensorBoard scalars into out_dir/tensorboard")
     csv: bool = _opt(False, help="also write the metrics rows into out_dir/metrics.csv (long format: one value a line)")
+    wandb: bool = _opt(False, help="also log the metrics rows (one W&B run per member, grouped by the run) and the report's figures to Weights & Biases; WANDB_MODE=offline works without a network; refused at start without the wandb package")
+    wandb_project: str = _opt("fastwidth", help="the W&B project of train.wandb")
     z_loss: float = _opt(0.0, min=0.0, help="add z_loss × mean(logsumexp(logits)²) to the training loss (PaLM's z-loss); 0 = off")
 
 

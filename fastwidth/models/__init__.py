@@ -13,11 +13,11 @@ from torch import nn
 
 from fastwidth.config import Config
 from fastwidth.errors import ConfigError
-from fastwidth.models import gpt, mlp, resnet
+from fastwidth.models import gpt, mlp, resnet, user
 from fastwidth.param.scaling import ParamInfo, apply_forward_mults, init_depth, init_parameters, mup_table
 
-BUILDERS = {"gpt": gpt.build, "mlp": mlp.build, "resnet": resnet.build}
-KIND_OF_ARCH = {"gpt": "tokens", "mlp": "classes", "resnet": "classes"}
+BUILDERS = {"gpt": gpt.build, "mlp": mlp.build, "resnet": resnet.build, "python": user.build}
+KIND_OF_ARCH = {"gpt": "tokens", "mlp": "classes", "resnet": "classes", "python": None}  # None: either
 
 
 def build_meta(cfg: Config, io) -> nn.Module:
@@ -30,7 +30,7 @@ def build_uninitialized(cfg: Config, io) -> nn.Module:
     """The model on the current default device with uninitialized (torch.empty) parameters: for
     constructors that partition each layer as it is made (deepspeed.zero.Init)."""
     arch = cfg.model.arch
-    if KIND_OF_ARCH[arch] != io.kind:
+    if KIND_OF_ARCH[arch] not in (None, io.kind):
         raise ConfigError(f"model.arch {arch} needs a {KIND_OF_ARCH[arch]} data source, "
                           f"data.source gives {io.kind}")
     model = BUILDERS[arch](cfg, io)

@@ -227,10 +227,12 @@ def _eps_mult(m: float, cfg: Config, on_branch: bool) -> float:
 
 
 def param_info(name: str, shape: tuple, role: Role, init: Init, cfg: Config,
-               layer: tuple[Role, tuple] | None = None, on_branch: bool = False) -> ParamInfo:
+               layer: tuple[Role, tuple] | None = None, on_branch: bool = False, m: float | None = None) -> ParamInfo:
     """One row of the table. `layer` = (role, weight shape) of the layer a bias belongs to;
-    `on_branch`: the parameter sits on a residual branch (the model's branch_prefixes)."""
-    kind, m = cfg.param.kind, width_mult(cfg)
+    `on_branch`: the parameter sits on a residual branch (the model's branch_prefixes); `m`: the
+    parameter's own width multiplier where it is not model.width / param.base_width (a user's
+    model: mup's InfShape.width_mult, fastwidth.models.user)."""
+    kind, m = cfg.param.kind, (width_mult(cfg) if m is None else m)
     how, std = _init(kind, role, init, shape, m, cfg, layer)
     lr, wd = _lr_wd_mult(kind, role, tuple(shape), m, cfg, on_branch, layer)
     return ParamInfo(name=name, shape=tuple(shape), role=role.value, init=how, init_std=std,
@@ -242,6 +244,11 @@ def mup_table(model: nn.Module, cfg: Config) -> dict[str, ParamInfo]:
     """The side table for `model` (built for cfg.model.width). Every parameter must have a role."""
     table: dict[str, ParamInfo] = {}
     prefixes = tuple(model.branch_prefixes()) if hasattr(model, "branch_prefixes") else ()
+    if hasattr(model, "param_roles"):  # a user's model: roles inferred (fastwidth.models.user)
+        for name, p in model.named_parameters():
+            s = model.param_roles()[name]
+            table[name] = param_info(name, tuple(p.shape), s.role, s.init, cfg, s.layer, name.startswith(prefixes), s.m)
+        return table
     for mod_name, mod in model.named_modules():
         if not hasattr(mod, "mup_roles"):
             continue
@@ -357,7 +364,14 @@ def init_parameters(model: nn.Module, table: dict[str, ParamInfo], seed: int, wi
 
 
 def apply_forward_mults(model: nn.Module, table: dict[str, ParamInfo]) -> None:
-    """Give each fastwidth.nn layer its forward multiplier (a plain float on the module)."""
+    """Give each fastwidth.nn layer its forward multiplier (a plain float on the module); a user's
+    model gets hooks (UserModel.apply_mults) for its layers' multipliers and its branch outputs'."""
+    if hasattr(model, "apply_mults"):
+        mults = {n.rpartition(".")[0]: info.forward_mult for n, info in table.items()
+                 if n.endswith("weight") and info.init in ("normal", "uniform", "zeros") and len(info.shape) >= 2}
+        branch = [info.branch_mult for info in table.values() if info.branch_mult != 1.0]
+        model.apply_mults(mults, branch[0] if branch else 1.0)
+        return
     for mod_name, mod in model.named_modules():
         if hasattr(mod, "mup_roles") and hasattr(mod, "mult"):
             key = f"{mod_name}.weight" if mod_name else "weight"
