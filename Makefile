@@ -1,7 +1,7 @@
 # make demo: the µP GPT width sweep on the stdlib corpus (prints its run directory)
 # make test: the fast tier, pytest -m "not slow" (< 5 min on 2 cores): every module, kernels interpreted
-#   by Triton on the CPU at the smallest shapes, one 2-rank launch per engine (ddp, fsdp2, ZeRO-3)
-# make test-all: the heavy tier, pytest -m slow (the other launches, resumes, AOT, longer runs); CI runs both
+#   by Triton on the CPU at the smallest shapes, one 2-rank ddp launch
+# make test-all: the heavy tier, pytest -m slow (every other engine's launches, resumes, AOT, longer runs); CI runs both
 # make bench: the CPU benchmarks under pytest-benchmark (bench/test_bench_*.py)
 # make results: rerun the science configs and rewrite docs/results.md's generated blocks (hours on 2 cores;
 #   ARGS="--only complexity" for one section, ARGS=--reuse to report finished runs again)

@@ -99,6 +99,7 @@ def test_fmnist_bad_files(fmnist_dir, dcfg, tmp_path):
 
 @pytest.mark.skipif(not Path(FMNIST_DIR).is_dir(),
                     reason=f"Fashion-MNIST not installed ({FMNIST_DIR}): apt-get install -y dataset-fashion-mnist")
+@pytest.mark.slow  # reads the whole 60000-image split (9 s in CI)
 def test_real_fashion_mnist(dcfg):
     s = build_stream(dcfg(source="fmnist", batch_size=128, probe_size=64))
     assert s.info["train_examples"] == 60000 and s.info["test_images"] == 10000

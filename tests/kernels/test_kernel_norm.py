@@ -70,7 +70,7 @@ def test_block_plan_chunks_rows_wider_than_8k():
     assert [norm.bwd_num_warps(n) for n in (1024, 2048, 4096)] == [4, 4, 16] and norm.num_warps(norm.CHUNK) == 8
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)])  # bf16: second tier
 @pytest.mark.parametrize("is_rms,residual,has_w,has_b", [
     (True, True, True, False), (True, False, False, False), (False, True, True, True), (False, False, True, False)])
 def test_chunked_rows_match_reference(monkeypatch, dtype, is_rms, residual, has_w, has_b):

@@ -14,7 +14,7 @@ def _target(ignore: bool):
     return t
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)])  # bf16: second tier
 @pytest.mark.parametrize("has_bias,z_loss,smooth,ignore,chunk", [
     (True, 0.0, 0.0, False, None), (False, 1e-3, 0.0, True, 16), (True, 0.0, 0.1, True, None),
     (True, 1e-2, 0.2, True, 7),
