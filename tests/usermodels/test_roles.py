@@ -304,6 +304,7 @@ REFUSALS = {
     "unknown_vector": r"parameter gate \(_Scaled\.gate, shape \[64\]\): its init cannot be inferred; name it with "
                       r"param\.roles \{\"gate\": \"vector:zeros\|ones\|fan_in\"\}",
     "not_a_module": r"the model factory returned dict at width 64, not an nn\.Module",
+    "two_readouts": r"2 matrices read as readouts \(lookup\.table, head\.weight\)",
 }
 
 
@@ -317,6 +318,15 @@ def test_cli_refuses_in_one_line(factory, line, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert __import__("re").search(line, err), err
+
+
+def test_two_readouts_fixed_by_param_roles():
+    """A token table of an unnamed class reads as a second readout; named input:embed it is one."""
+    cfg = load_config(None, ["model.arch=python", "model.factory=tests.usermodels.families:two_readouts",
+                             "model.width=64", 'param.roles={"lookup.*": "input:embed"}'])
+    fw, table = build_model(cfg, CLASSES_IO, seed=0)
+    assert (table["lookup.table"].role, table["lookup.table"].init) == ("input", "normal")
+    assert fw.readout_name == "head" and table["head.weight"].role == "output"
 
 
 def test_unknown_vector_fixed_by_param_roles():
