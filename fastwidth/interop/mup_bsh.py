@@ -27,15 +27,26 @@ def _meta_model(cfg, width: int | None = None):
 
 
 def mup_rows(config: str | None, overrides: list[str]) -> list[dict]:
-    """{name, shape, role, init_std, lr_mult, wd_mult, forward_mult, init, eps_mult, branch_mult} per parameter."""
+    """{name, shape, role, init_std, lr_mult, wd_mult, forward_mult, init, eps_mult, branch_mult} per
+    parameter; a user's model (model.arch python) adds `how`: inferred (from two widths), override
+    (param.roles) or mup (read from microsoft/mup's infshapes)."""
     from fastwidth.config import load_config
     from fastwidth.param.scaling import mup_table, table_rows
     cfg, model = _meta_model(load_config(config, overrides))
-    return [{k: r[k] for k in ROW_KEYS} for r in table_rows(mup_table(model, cfg))]
+    rows = [{k: r[k] for k in ROW_KEYS} for r in table_rows(mup_table(model, cfg))]
+    if hasattr(model, "param_roles"):
+        specs = model.param_roles()
+        rows = [{**r, "how": specs[r["name"]].how} for r in rows]
+    return rows
 
 
 def base_shapes(cfg) -> dict[str, list[int | None]]:
-    """{parameter name: [base dim, or None for a dimension that does not grow with width]}."""
+    """{parameter name: [base dim, or None for a dimension that does not grow with width]}; a
+    mup-prepared model's (model.arch python) from its parameters' infshapes."""
+    from fastwidth.models.user import mup_prepared
+    _, model = _meta_model(cfg)
+    if mup_prepared(model):  # a model the user prepared with mup: its own base shapes, as it set them
+        return {name: [d.base_dim for d in p.infshape] for name, p in model.named_parameters()}
     base = cfg.param.base_width
     _, at_base = _meta_model(cfg, base)
     _, at_delta = _meta_model(cfg, 2 * base)

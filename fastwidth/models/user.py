@@ -12,14 +12,26 @@ mup's rule (both grow: hidden; only fan_in: output, the readout; only fan_out or
 growing dimension: input / vector; none: fixed), and the width multiplier of each parameter is
 its own, mup's InfShape.width_mult: the last growing dimension's size over its size at base
 width (so intermediate sizes rounded per width get what mup gives them).
-`param.roles` overrides the inference per fnmatch pattern ("role" or "role:init").
+`param.roles` overrides the inference per fnmatch pattern ("role" or "role:init"). A (num, dim)
+table read by index looks like a readout by its shape alone: nn.Embedding, or a module class named
+like one (fastwidth's MuEmbedding), is read as the input it is; two matrices that both read as
+readouts are refused with the param.roles fix. A hidden matrix whose fan_out multiplier differs
+from its fan_in one (an intermediate size rounded per width) keeps both: MuSGD's LR is m_out / m.
+
+A model prepared with microsoft/mup (MuReadout and set_base_shapes in the factory; set_base_shapes
+and its rescale run on the meta device) is read from its parameters' .infshape instead (RoleSpec.how
+"mup"): ninf 2 hidden, 1 vector-like (a MuReadout's weight: output), 0 fixed, its own width_mult;
+MuReadout applies its own output_mult / width_mult (the table reports it, no hook is added), with
+width_mult kept on the module since materializing or sharding replaces the parameter and its infshape.
 
 The adapter does not rename anything: it shares the user module's parameter, buffer and child
 dictionaries, so every parameter keeps the user's name (the µP table's keys, the checkpoint's and
 the exported state dict's), and every engine that replaces parameters (to_empty, FSDP2, ZeRO-3)
 replaces them where the user's forward reads them. Forward multipliers (µP's readout α/m, ntk's
 1/√fan_in) scale the input of the layer that owns the matrix (W(αx) + b = αWx + b for the linear
-layers they are allowed on); the depth kinds' branch multiplier scales a branch's output.
+layers they are allowed on), or are set as the `mult` a fastwidth.nn layer carries (fastwidth's own
+GPT through model=: applied once, never hooked as well); the depth kinds' branch multiplier scales a
+branch's output.
 """
 from __future__ import annotations
 
@@ -51,6 +63,9 @@ class RoleSpec:
     m: float                                  # its own width multiplier (mup's InfShape.width_mult)
     layer: tuple[Role, tuple] | None = None   # a bias: its layer's (weight role, weight shape)
     how: str = "inferred"                     # inferred | override | mup (read from mup's infshapes)
+    m_out: float | None = None                # a matrix's fan_out multiplier (mup's MuSGD: LR × m_out / m)
+    forward: float | None = None              # a multiplier the module applies itself (mup.MuReadout's
+                                              # output_mult / width_mult): the table reports it, no hook is added
 
 
 # --------------------------------------------------------------------------- the factory
@@ -116,6 +131,12 @@ def _is_norm(mod: nn.Module) -> bool:
     return "norm" in type(mod).__name__.lower()
 
 
+def _is_embedding(mod: nn.Module) -> bool:
+    """nn.Embedding or a module class named like one (a (num, dim) table read by index, whose
+    shape alone reads like a readout's)."""
+    return isinstance(mod, nn.Embedding) or "embed" in type(mod).__name__.lower()
+
+
 def _shapes(model: nn.Module) -> dict[str, tuple]:
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
@@ -156,29 +177,87 @@ def infer_roles(model: nn.Module, base: nn.Module, delta: nn.Module, overrides: 
         m = shape[grow[-1]] / a[grow[-1]] if grow else 1.0
         owner, local = _owner(model, name)
         role, init = _read_role(name, owner, local, shape, grow)
-        layer = None
-        if forced is not None:
-            role, init = forced[0], forced[1] or init
-        if init is None:
-            raise ConfigError(f"parameter {name} ({type(owner).__name__}.{local}, shape {list(shape)}): its init cannot "
-                              f"be inferred; name it with param.roles {{\"{name}\": \"{role.value}:zeros|ones|fan_in\"}}")
-        if init is Init.BIAS:
-            w = getattr(owner, "weight", None)
-            wname = f"{name.rpartition('.')[0]}.weight".lstrip(".")
-            layer = (specs[wname].role if wname in specs else Role.HIDDEN, tuple(w.shape))
-        specs[name] = RoleSpec(role, init, m, layer, "override" if forced is not None else "inferred")
+        role, init, layer = _settle(name, owner, local, shape, role, init, forced, specs)
+        m_out = shape[0] / a[0] if len(shape) >= 2 and 0 in grow else None
+        specs[name] = RoleSpec(role, init, m, layer, "override" if forced is not None else "inferred", m_out)
+    _check_readout(model, specs)
+    return specs
+
+
+def _settle(name: str, owner: nn.Module, local: str, shape: tuple, role: Role, init: Init | None,
+            forced: tuple[Role, Init | None] | None, specs: dict[str, RoleSpec]) -> tuple[Role, Init, tuple | None]:
+    """(role, init, bias layer) after param.roles' override; refuses a parameter whose init is unknown."""
+    if forced is not None:
+        role, init = forced[0], forced[1] or init
+    if init is None:
+        raise ConfigError(f"parameter {name} ({type(owner).__name__}.{local}, shape {list(shape)}): its init cannot "
+                          f"be inferred; name it with param.roles {{\"{name}\": \"{role.value}:zeros|ones|fan_in\"}}")
+    layer = None
+    if init is Init.BIAS:
+        wname = f"{name.rpartition('.')[0]}.weight".lstrip(".")
+        layer = (specs[wname].role if wname in specs else Role.HIDDEN, tuple(owner.weight.shape))
+    return role, init, layer
+
+
+def _check_readout(model: nn.Module, specs: dict[str, RoleSpec]) -> None:
+    """One readout: refuses a tied one, none, or several matrices that read as one."""
+    outs = [n for n, s in specs.items() if s.role is Role.OUTPUT and s.init in (Init.FAN_IN, Init.QUERY)]
+    if len(outs) > 1:
+        raise ConfigError(f"{len(outs)} matrices read as readouts ({', '.join(outs[:3])}): only their fan_in grows; "
+                          f"name the true one with param.roles {{\"<readout weight>\": \"output\"}} and the others "
+                          f"(e.g. an embedding of your own class) {{\"<name>\": \"input:embed\"}}")
     if readout_module(model, specs) is None:
-        tied = [n for n, mod in model.named_modules() if isinstance(mod, LINEAR_TYPES) and f"{n}.weight" not in specs]
+        tied = [n for n, mod in model.named_modules()
+                if isinstance(getattr(mod, "weight", None), torch.Tensor) and f"{n}.weight".lstrip(".") not in specs]
         if tied:
             raise ConfigError(f"{tied[0]} shares its matrix with another layer (a tied readout): model.arch python / hf "
                               f"take an untied readout (e.g. tie_word_embeddings=False)")
         raise ConfigError("no readout found: no parameter's fan_in alone grows with width (a readout maps the width "
                           "to the outputs); name it with param.roles {\"<readout weight>\": \"output\"}")
+
+
+# --------------------------------------------------------------------------- mup-prepared models
+
+def _mup_readout_type():
+    try:
+        from mup import MuReadout
+    except ImportError:  # mup not installed: no parameter can carry its infshape
+        return None
+    return MuReadout
+
+
+def mup_prepared(model: nn.Module) -> bool:
+    """True when microsoft/mup's set_base_shapes has run on the model (its parameters carry .infshape)."""
+    params = list(model.parameters())
+    return bool(params) and all(hasattr(p, "infshape") for p in params)
+
+
+def _roles_from_infshapes(model: nn.Module, overrides: dict) -> dict[str, RoleSpec]:
+    """Roles as mup reads them: ninf 2 hidden, 1 vector-like (a MuReadout's weight: output; a
+    matrix whose fan_out grows: input), 0 fixed; m = InfShape.width_mult(), the fan_out's for
+    MuSGD; MuReadout's own multiplier output_mult / width_mult kept (no hook added)."""
+    mu_readout = _mup_readout_type()
+    specs: dict[str, RoleSpec] = {}
+    for name, p in model.named_parameters():
+        inf = p.infshape
+        grow = [i for i, d in enumerate(inf) if d.isinf()]
+        owner, local = _owner(model, name)
+        role, init = _read_role(name, owner, local, tuple(p.shape), grow)
+        forward = None
+        if mu_readout is not None and isinstance(owner, mu_readout):
+            role = Role.OUTPUT if local == "weight" else role
+            forward = owner.output_mult / inf.width_mult() if local == "weight" else None
+        forced = _override(name, overrides)
+        role, init, layer = _settle(name, owner, local, tuple(p.shape), role, init, forced, specs)
+        m_out = inf[0].width_mult() if len(inf) >= 2 and inf[0].isinf() else None
+        specs[name] = RoleSpec(role, init, float(inf.width_mult()), layer, "override" if forced is not None else "mup",
+                               m_out, forward)
+    _check_readout(model, specs)
     return specs
 
 
 def _read_role(name: str, owner: nn.Module, local: str, shape: tuple, grow: list[int]) -> tuple[Role, Init | None]:
-    if isinstance(owner, nn.Embedding) and local == "weight":
+    if _is_embedding(owner) and local == "weight" and len(shape) == 2:
         return (Role.INPUT if grow == [1] else Role.HIDDEN if len(grow) == 2 else Role.FIXED), Init.EMBED
     if len(shape) >= 2:
         fan_out, fan_in = 0 in grow, any(i >= 1 for i in grow)
@@ -224,12 +303,24 @@ class UserModel(WidthModel):
         object.__setattr__(self, "_mult_hooks", [])
         object.__setattr__(self, "tap", nn.Identity())  # its output is the readout's input (a feature point)
         if readout is not None:
-            self.get_submodule(readout).register_forward_pre_hook(lambda _m, args: (self.tap(args[0]), *args[1:]))
+            self.readout.register_forward_pre_hook(lambda _m, args: (self.tap(args[0]), *args[1:]))
+        mu_readout = _mup_readout_type()
+        for name, mod in inner.named_modules():
+            s = specs.get(f"{name}.weight")
+            if mu_readout is not None and isinstance(mod, mu_readout) and s is not None and s.how == "mup":
+                # MuReadout reads weight.infshape each forward; the parameter is replaced when
+                # materialized (to_empty) or sharded, so its width multiplier is kept on the module
+                mod.width_mult = (lambda w=s.m: w)
 
     # the loop's interface ---------------------------------------------------
     @property
     def readout(self) -> nn.Module:
-        return self.get_submodule(self.readout_name)
+        # through the child dictionaries: a user's module named "readout" (fastwidth's GPT) would
+        # send get_submodule back to this property
+        mod = self.inner
+        for part in self.readout_name.split("."):
+            mod = mod._modules[part]
+        return mod
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.inner(x)
@@ -306,9 +397,15 @@ class UserModel(WidthModel):
             h.remove()
         self._mult_hooks.clear()
         for name, mult in forward_mults.items():
+            mod = self.get_submodule(name)
+            spec = self.specs.get(f"{name}.weight")
+            if spec is not None and spec.forward is not None:
+                continue              # the module applies its own (mup.MuReadout)
+            if _own_mult(mod):
+                mod.mult = float(mult)   # a fastwidth.nn layer carries its multiplier: not hooked as well
+                continue
             if mult == 1.0:
                 continue
-            mod = self.get_submodule(name)
             if not isinstance(mod, LINEAR_TYPES):
                 raise ConfigError(f"{name} ({type(mod).__name__}) needs a forward multiplier {mult:g} under this "
                                   f"param.kind, which fastwidth applies only to nn.Linear / nn.ConvNd layers")
@@ -318,6 +415,11 @@ class UserModel(WidthModel):
             for name in self.branch_output_names:
                 self._mult_hooks.append(self.get_submodule(name).register_forward_hook(
                     lambda _m, _a, out, k=float(branch_mult): out * k))
+
+
+def _own_mult(mod: nn.Module) -> bool:
+    from fastwidth.nn.layers import MuConv2d, MuEmbedding, MuLinear
+    return isinstance(mod, (MuLinear, MuConv2d, MuEmbedding))
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
@@ -363,7 +465,10 @@ def build(cfg: Config, io, make=None) -> UserModel:
     make = make if make is not None else resolve_factory(cfg.model.factory)
     width, depth, base = cfg.model.width, cfg.model.depth, cfg.param.base_width
     inner = call_factory(make, width, depth)
-    specs = infer_roles(inner, _meta(make, base, depth), _meta(make, 2 * base, depth), dict(cfg.param.roles))
+    if mup_prepared(inner):  # its infshapes say what grows (set_base_shapes against the user's own base)
+        specs = _roles_from_infshapes(inner, dict(cfg.param.roles))
+    else:
+        specs = infer_roles(inner, _meta(make, base, depth), _meta(make, 2 * base, depth), dict(cfg.param.roles))
     has_buffers = any(True for _ in inner.buffers())
     buffers = buffer_values(make, width, depth) if has_buffers else {}
     branch = getattr(inner, "branch_outputs", None)

@@ -183,8 +183,8 @@ def _forward_mult(kind: str, role: Role, init: Init, shape: tuple, m: float, cfg
 
 
 def _lr_wd_mult(kind: str, role: Role, shape: tuple, m: float, cfg: Config, on_branch: bool = False,
-                layer: tuple[Role, tuple] | None = None) -> tuple[float, float]:
-    lr, wd = _lr_wd_coupled(kind, role, shape, m, cfg, on_branch)
+                layer: tuple[Role, tuple] | None = None, m_out: float | None = None) -> tuple[float, float]:
+    lr, wd = _lr_wd_coupled(kind, role, shape, m, cfg, on_branch, m_out)
     if kind == UMUP and layer is not None:
         # unit_scaling.functional.linear scales the bias with the matmul (output × 1/√fan_in);
         # fastwidth's multiplier leaves the bias out, so the same Adam steps on the bias's
@@ -195,7 +195,8 @@ def _lr_wd_mult(kind: str, role: Role, shape: tuple, m: float, cfg: Config, on_b
     return lr, 1.0 if cfg.optim.weight_decay_mode == "independent" else wd
 
 
-def _lr_wd_coupled(kind: str, role: Role, shape: tuple, m: float, cfg: Config, on_branch: bool) -> tuple[float, float]:
+def _lr_wd_coupled(kind: str, role: Role, shape: tuple, m: float, cfg: Config, on_branch: bool,
+                   m_out: float | None = None) -> tuple[float, float]:
     if kind == UMUP:  # unit_scaling.optim.lr_scale_func_adam (Adam only: config refuses sgd)
         lr = cfg.model.depth ** -0.5 if on_branch else 1.0
         return (lr / math.sqrt(fan_in(shape)), 1.0) if role in (Role.INPUT, Role.HIDDEN) else (lr, 1.0)
@@ -206,7 +207,9 @@ def _lr_wd_coupled(kind: str, role: Role, shape: tuple, m: float, cfg: Config, o
         return ((1.0 / m) * depth, m) if role is Role.HIDDEN else (depth, 1.0)
     sgd = cfg.optim.name == "sgd"
     if sgd:
-        if role is Role.HIDDEN or role is Role.FIXED:
+        if role is Role.HIDDEN and m_out is not None and m_out != m:  # MuSGD: ÷ fanin_fanout_mult_ratio
+            lr, wd = m_out / m, m / m_out
+        elif role is Role.HIDDEN or role is Role.FIXED:
             lr, wd = 1.0, 1.0
         else:  # vector-like: input weights, biases, gains, readout
             lr, wd = m, 1.0 / m
@@ -227,14 +230,17 @@ def _eps_mult(m: float, cfg: Config, on_branch: bool) -> float:
 
 
 def param_info(name: str, shape: tuple, role: Role, init: Init, cfg: Config,
-               layer: tuple[Role, tuple] | None = None, on_branch: bool = False, m: float | None = None) -> ParamInfo:
+               layer: tuple[Role, tuple] | None = None, on_branch: bool = False, m: float | None = None,
+               m_out: float | None = None) -> ParamInfo:
     """One row of the table. `layer` = (role, weight shape) of the layer a bias belongs to;
     `on_branch`: the parameter sits on a residual branch (the model's branch_prefixes); `m`: the
     parameter's own width multiplier where it is not model.width / param.base_width (a user's
-    model: mup's InfShape.width_mult, fastwidth.models.user)."""
+    model: mup's InfShape.width_mult, fastwidth.models.user); `m_out`: a hidden matrix's fan_out
+    multiplier where it differs from m (an intermediate size rounded per width: MuSGD's LR ×
+    m_out / m)."""
     kind, m = cfg.param.kind, (width_mult(cfg) if m is None else m)
     how, std = _init(kind, role, init, shape, m, cfg, layer)
-    lr, wd = _lr_wd_mult(kind, role, tuple(shape), m, cfg, on_branch, layer)
+    lr, wd = _lr_wd_mult(kind, role, tuple(shape), m, cfg, on_branch, layer, m_out)
     return ParamInfo(name=name, shape=tuple(shape), role=role.value, init=how, init_std=std,
                      lr_mult=lr, wd_mult=wd, forward_mult=_forward_mult(kind, role, init, shape, m, cfg),
                      eps_mult=_eps_mult(m, cfg, on_branch), branch_mult=branch_mult(cfg) if on_branch else 1.0)
@@ -247,7 +253,9 @@ def mup_table(model: nn.Module, cfg: Config) -> dict[str, ParamInfo]:
     if hasattr(model, "param_roles"):  # a user's model: roles inferred (fastwidth.models.user)
         for name, p in model.named_parameters():
             s = model.param_roles()[name]
-            table[name] = param_info(name, tuple(p.shape), s.role, s.init, cfg, s.layer, name.startswith(prefixes), s.m)
+            info = param_info(name, tuple(p.shape), s.role, s.init, cfg, s.layer, name.startswith(prefixes), s.m,
+                              s.m_out)
+            table[name] = info if s.forward is None else dataclasses.replace(info, forward_mult=s.forward)
         return table
     for mod_name, mod in model.named_modules():
         if not hasattr(mod, "mup_roles"):
