@@ -221,8 +221,8 @@ def test_offline_sink_writes_rows_and_figures_inside_the_run(tmp_path, monkeypat
     assert head.run_group == "run" and head.run_id == tracking.wandb_id(run_dir, "w16_s0")
     assert [(h["step"], h["train/loss"]) for h in history] == [(1, 1.0), (2, 0.5)]
     (head, history, f), = runs["run"]
-    assert history[0]["run/wall_s/w0_s0"] == 0.5 and history[1]["report/loss/_type"] == "image-file"
-    assert list(f.parent.glob("files/media/images/report/loss_*.png"))
+    assert history[0]["run/wall_s/w0_s0"] == 0.5 and history[1]["figures/loss/_type"] == "image-file"
+    assert list(f.parent.glob("files/media/images/figures/loss_*.png"))
     assert not sink.failed and wandb_core_children() == []  # finished, and the service stopped
     err = capfd.readouterr().err
     assert "wandb" not in err.lower()  # silent: nothing on the progress bar's stream

@@ -226,7 +226,7 @@ class WandbSink:
             spec = {} if name == RUN_LEVEL else \
                 {"member": {k: v for k, v in dataclasses.asdict(MemberSpec.parse(name)).items() if v is not None}}
             settings = self.wandb.Settings(console="off", silent=True, x_disable_stats=True)
-            with _cache_inside(self.run_dir / "wandb"):  # wandb-core's log: inside the run directory
+            with _cache_inside(RunDir(self.run_dir).wandb):  # wandb-core's log: inside the run directory
                 run = self.wandb.init(project=self.cfg.train.wandb_project, group=self.run_dir.name,
                                       name=name, id=wandb_id(self.run_dir, name), resume="allow",
                                       job_type="run" if name == RUN_LEVEL else "member",
@@ -255,7 +255,7 @@ class WandbSink:
             self._safely("figure logging", self._log_figures, report_dir, figures)
 
     def _log_figures(self, report_dir: Path, figures: list[Path]) -> None:
-        images = {f"report/{p.relative_to(report_dir).with_suffix('').as_posix()}": self.wandb.Image(str(p))
+        images = {f"figures/{p.relative_to(report_dir).with_suffix('').as_posix()}": self.wandb.Image(str(p))
                   for p in figures}
         self._run(RUN_LEVEL).log({"step": self.cfg.train.steps, **images})
 
@@ -277,8 +277,9 @@ class WandbSink:
         run = self.runs.pop(name)
         try:
             run.finish()
-        except Exception as e:
-            log.warning("train.wandb: finishing W&B run %s failed (%s: %s)", name, type(e).__name__, e)
+        except Exception as e:  # after a failure already warned about, quietly
+            (log.debug if self.failed else log.warning)("train.wandb: finishing W&B run %s failed (%s: %s)",
+                                                        name, type(e).__name__, e)
 
 
 @contextlib.contextmanager
