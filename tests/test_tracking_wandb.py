@@ -19,7 +19,7 @@ import pytest
 from fastwidth.cli import main
 from fastwidth.errors import UserError
 from fastwidth.run.metrics import read_metrics
-from fastwidth.trainer import tracking
+from fastwidth.trainer import loop, tracking
 from fastwidth.trainer.loop import run
 
 from test_train import TINY_MLP, cfg_of
@@ -66,9 +66,18 @@ def fake_wandb(monkeypatch, fail_log=False):
 
 def test_rows_go_to_their_members_run_and_the_rest_to_the_run_run(tmp_path, monkeypatch):
     wb = fake_wandb(monkeypatch)
-    run_dir = run(cfg_of(tmp_path, TINY_MLP, "train.steps=3", "train.wandb=true", "stats.every=2"))
+    seen = []
+
+    def report(run_dir):  # stands in for the report: one figure, written while every member's run has ended
+        seen.append([r.kw["name"] for r in wb.runs if not r.finished])
+        (run_dir / "report" / "sub").mkdir(parents=True)
+        (run_dir / "report" / "sub" / "loss.png").write_bytes(b"png")
+
+    run_dir = run(cfg_of(tmp_path, TINY_MLP, "train.steps=3", "train.wandb=true", "stats.every=2", "train.report=true"),
+                  report=report)
     rows = read_metrics(run_dir / "metrics.jsonl")
     by_name = {r.kw["name"]: r for r in wb.runs}
+    assert seen == [["run"]] and by_name["run"].logged[-1] == {"step": 3, "figures/sub/loss": ("image", "loss.png")}
     assert set(by_name) == {"w16_s0", "w32_s0", "run"} and len(wb.runs) == 3
     for name, r in by_name.items():
         assert r.kw["group"] == run_dir.name and r.kw["project"] == "fastwidth" and r.kw["resume"] == "allow"
@@ -101,6 +110,19 @@ def test_resume_continues_the_same_wandb_runs(tmp_path, monkeypatch):
             if "train/loss" in d] == [3, 4]
 
 
+def test_only_the_main_rank_logs_to_wandb(tmp_path, monkeypatch):
+    wb = fake_wandb(monkeypatch)
+    cfg = cfg_of(tmp_path, TINY_MLP, "train.wandb=true")
+    row = {"kind": "train", "step": 1, "tokens": 8, "width": 16, "seed": 0, "loss": 1.0}
+    for main_rank in (False, True):
+        (tmp_path / f"r{main_rank}").mkdir()
+        writer = tracking.open_writer(tmp_path / f"r{main_rank}", cfg.train, cfg=cfg, main=main_rank)
+        writer.write(row)
+        writer.close()
+        tracking.finish(writer)
+    assert [r.kw["dir"] for r in wb.runs] == [str(tmp_path / "rTrue")] and wb.runs[0].logged[0]["train/loss"] == 1.0
+
+
 def test_wandb_member_and_ids():
     assert tracking.wandb_member({"width": 16, "seed": 0}) == "w16_s0"
     assert tracking.wandb_member({"width": 64, "seed": 2, "base_lr": 0.001, "depth": 4}) == "w64_d4_lr0.001_s2"
@@ -124,6 +146,7 @@ def test_a_wandb_failure_is_one_warning_and_training_goes_on(tmp_path, monkeypat
 
 def test_without_wandb_refused_at_start_with_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    monkeypatch.setattr(loop, "make_members", lambda *a, **k: pytest.fail("a model was built before the refusal"))
     cfg = cfg_of(tmp_path, TINY_MLP, "train.steps=2", "train.wandb=true")
     with pytest.raises(UserError) as e:
         run(cfg)
@@ -133,6 +156,8 @@ def test_without_wandb_refused_at_start_with_one_line(tmp_path, monkeypatch, cap
     assert main(["train", "--config", str(config), "--set", *TINY_MLP, f"train.out_dir={out}",
                  f"data.cache_dir={tmp_path / 'cache'}"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"fastwidth: error: {MISSING}"] and not out.exists()
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "wandb", None)
     run_dir = run(cfg_of(tmp_path, TINY_MLP, "train.steps=2", out="off"))  # train.wandb=false needs no wandb
     assert not (run_dir / "wandb").exists()
 
@@ -214,6 +239,7 @@ def test_offline_sink_writes_rows_and_figures_inside_the_run(tmp_path, monkeypat
         sink.write(r)
     sink.close()
     sink.log_figures(run_dir / "report")
+    assert wandb_core_children()  # the service runs while a W&B run is open (the check below can fail)
     sink.finish()
     runs = offline_runs(run_dir)
     assert set(runs) == {"w16_s0", "run"}
