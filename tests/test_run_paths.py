@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fastwidth"
 
 # entries a whole string, or a part between "/", may not be (meta.json: inside every checkpoint)
 ENTRIES = {"metrics.jsonl", "config.yaml", "probe.safetensors", "preact_ranges.json", "checkpoints", "signatures",
-           "latest", ".lock", "metrics.csv", "tensorboard", "meta.json"}
+           "latest", ".lock", "metrics.csv", "tensorboard", "wandb", "meta.json"}
 # fragments of names built with a number: ntk_step_<n>, step_<n> (f-string or glob), .rank<r>
 FRAGMENTS = re.compile(r"ntk_step_|(?:^|/)step_(?:$|[*%{])|(?:^|/)\.rank(?:$|[*%{\d])")
 # a module outside run/ whose string is not about a run directory, with the reason

@@ -9,6 +9,8 @@ The layout:
     config.yaml                 the resolved config
     metrics.jsonl               one JSON row a line (run/metrics.py)
     metrics.csv, tensorboard/   the same rows for other tools (train.csv, train.tensorboard)
+    wandb/                      W&B's own run directories and wandb-core's log (train.wandb; the
+                                name is wandb's: wandb.init(dir=RUN) writes RUN/wandb)
     signatures/<member>/        step_<step>.safetensors (a member's signature at an evaluation) and
                                 ntk_step_<step>.safetensors (its eNTK), steps written with 8 digits
     checkpoints/                step_<step> (6 digits) per checkpoint, `latest` naming the newest
@@ -28,6 +30,7 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 TENSORBOARD = "tensorboard"
+WANDB = "wandb"
 SIGNATURES = "signatures"
 CHECKPOINTS = "checkpoints"
 PROBE = "probe.safetensors"
@@ -73,6 +76,7 @@ class RunDir:
     metrics = _entry(METRICS, "the rows, one JSON object a line")
     metrics_csv = _entry(METRICS_CSV, "the rows in long format (train.csv)")
     tensorboard = _entry(TENSORBOARD, "the rows as TensorBoard scalars (train.tensorboard)")
+    wandb = _entry(WANDB, "W&B's run directories (train.wandb)")
     signatures = _entry(SIGNATURES, "per member, its signatures and eNTK files")
     checkpoints = _entry(CHECKPOINTS, "one directory per checkpoint and `latest`")
     probe = _entry(PROBE, "the probe split")

@@ -57,6 +57,7 @@ class Trainer:
     def __init__(self, cfg: Config, stop: preempt.StopFlag | None = None):
         self.cfg = cfg = resolve(cfg)
         self.stop = stop or preempt.StopFlag()  # entered by run(): SIGTERM/SIGUSR1 set it
+        tracking.check_wandb(cfg.train)  # train.wandb without the package: one line, nothing built
         threads.set_threads(cfg.train.threads)  # auto: from the usable cores and the load
         self.device = pick_device(cfg.train.device)
         dispatch.set_backend(cfg.train.kernels)
@@ -106,7 +107,8 @@ class Trainer:
         else:  # other ranks evaluate too (collective forwards) but write into a scratch copy
             self.run_dir = make_scratch_dir(cfg.train.out_dir, self.dist.rank)
         self.dist.barrier()
-        self.writer = tracking.open_writer(self.run_dir, cfg.train)  # metrics.jsonl (+ TensorBoard, CSV)
+        # metrics.jsonl (+ TensorBoard, CSV, W&B from rank 0)
+        self.writer = tracking.open_writer(self.run_dir, cfg.train, cfg=cfg, main=self.dist.is_main)
         self.memory.flush(self.writer)
         self.tokens_per_step = tokens_per_step(self.stream, cfg)
         self.evaluator = self._monitor(cfg)
@@ -380,6 +382,7 @@ def run(cfg: Config, report=None) -> Path:
             run_dir, trainer = _train(cfg, stop, held)
         if report is not None and trainer.dist.is_main and trainer.cfg.train.report:
             report(run_dir)
+            tracking.log_report(trainer.writer, run_dir)  # train.wandb: the figures
     return run_dir
 
 
@@ -401,6 +404,7 @@ def _train(cfg: Config, stop: preempt.StopFlag, held: contextlib.ExitStack) -> t
         with machine_faults(cfg):  # a full disk, a failed allocation: one line saying what is kept
             with undo:  # a mistake found while setting up leaves nothing
                 trainer = Trainer(cfg, stop)
+            held.callback(tracking.finish, trainer.writer)  # W&B's runs end after the report, or on a failure
             with trainer.dist.guard("training"):  # one process: no process group to guard or close
                 return trainer.run(), trainer
     finally:
