@@ -339,6 +339,13 @@ def _check_hf(cfg: Config) -> None:
         raise ConfigError(f"model.arch=hf needs model.hf.model_type: one of {', '.join(HF_MODEL_TYPES)}")
     if mt not in HF_MODEL_TYPES:
         raise ConfigError(f"model.hf.model_type {mt!r}: valid Hugging Face families are {', '.join(HF_MODEL_TYPES)}")
+    # the GPT's own layout keys have no effect on a transformers family: its config says them
+    layout = [f"model.{k}={getattr(m, k)}" for k, default in (("norm", "rms"), ("act", "auto"), ("bias", False),
+                                                              ("rope_base", 10000.0)) if getattr(m, k) != default]
+    if layout:
+        raise ConfigError(f"{', '.join(layout)}: model.arch=hf takes its layout from the transformers config; set "
+                          f"it in model.hf (e.g. hidden_act, attention_bias, rope_parameters) and leave these at "
+                          f"their defaults")
 
 
 def _check_depths(cfg: Config) -> None:

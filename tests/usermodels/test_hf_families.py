@@ -74,6 +74,14 @@ def test_attention_scale_is_mup_and_is_read(model_type):
             a.scaling *= 3.0
         after = model(x)
     assert (after - before).abs().max() > 1e-3
+    sdpa_cfg = cfg_of(model_type, model={"n_heads": 2, "depth": 2}, param={"zero_readout": False})
+    sdpa_cfg.model.hf["attn_implementation"] = "sdpa"
+    sdpa, _ = build_model(sdpa_cfg, IO)
+    sdpa.load_state_dict(model.state_dict())
+    for a in hf_families.attention_modules(sdpa.inner, hf_families.family_of(cfg)):
+        a.scaling *= 3.0
+    with torch.no_grad():
+        assert (sdpa(x) - after).abs().max() < 1e-5  # sdpa reads `scaling` too, and agrees with eager
 
 
 def test_grouped_query_heads_follow_n_kv_heads():
@@ -125,6 +133,8 @@ def test_config_refuses_a_missing_or_unknown_family(hf, msg):
         validate(from_dict({"model": {"arch": "hf", "hf": hf}}))
     with pytest.raises(ConfigError, match="model.hf is for model.arch=hf"):
         validate(from_dict({"model": {"arch": "gpt", "hf": {"model_type": "llama"}}}))
+    with pytest.raises(ConfigError, match="model.bias=True: model.arch=hf takes its layout from the transformers"):
+        validate(from_dict({"model": {"arch": "hf", "hf": {"model_type": "llama"}, "bias": True}}))
 
 
 @pytest.mark.parametrize("extra,msg", [
@@ -185,3 +195,12 @@ def export_round_trip(run, out, label: str) -> float:
         diff = (hf(x).logits - model(x)).abs().max().item()
     print(f"\n{label}: export round trip max |logit difference| = {diff:.2e}")
     return diff
+
+
+def test_shipped_hf_llama_config_loads():
+    """configs/hf_llama.yaml: a Llama width sweep 32-128 with 3 seeds (the bootstrap over seeds)."""
+    from pathlib import Path
+    from fastwidth.config import load_config
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "hf_llama.yaml")
+    assert (cfg.model.arch, cfg.model.hf["model_type"]) == ("hf", "llama")
+    assert (cfg.sweep.widths, cfg.sweep.seeds, cfg.param.kind) == ([32, 64, 128], [0, 1, 2], "mup")
