@@ -27,6 +27,8 @@ from fastwidth.config_schema import (SEED_MAX, SEED_MIN, Config, DataConfig, Dis
                                      ParamConfig, StatsConfig, SweepConfig, TrainConfig)
 from fastwidth.errors import ConfigError
 
+HF_MODEL_TYPES = ("llama", "qwen2", "gpt_neox")  # model.arch hf: the families fastwidth.models.hf_families builds
+
 
 # --------------------------------------------------------------------------- parsing
 
@@ -262,7 +264,8 @@ def validate(cfg: Config) -> None:
         if w < 1:
             raise ConfigError(f"sweep.widths: width {w} must be positive")
     widths = cfg.sweep.widths or [m.width]
-    if m.arch == "gpt":
+    _check_hf(cfg)
+    if m.arch in ("gpt", "hf"):
         for w in widths:
             if m.n_heads:
                 if w % m.n_heads:
@@ -277,7 +280,8 @@ def validate(cfg: Config) -> None:
             gpt_heads(m, w, cfg.param.base_width)  # grouped-query heads fit every width
         if m.act == "relu":
             raise ConfigError("model.act: relu is for mlp/resnet; gpt takes gelu or swiglu")
-    gpt_only = [f"model.{k}={getattr(m, k)}" for k in ("qk_norm", "n_kv_heads", "tie_embeddings") if getattr(m, k)]
+    gpt_only = [f"model.{k}={getattr(m, k)}" for k in ("qk_norm", "n_kv_heads", "tie_embeddings")
+                if getattr(m, k) and not (m.arch == "hf" and k == "n_kv_heads")]
     if m.arch != "gpt" and gpt_only:
         raise ConfigError(f"{', '.join(gpt_only)}: attention and token-embedding options are for gpt; "
                           f"model.arch={m.arch} has neither (leave them at their defaults)")
@@ -310,7 +314,7 @@ def validate(cfg: Config) -> None:
                           "batch; set one of them")
     if not 0.0 <= cfg.data.label_noise <= 1.0:
         raise ConfigError(f"data.label_noise: {cfg.data.label_noise} must be in [0, 1]")
-    if cfg.stats.ntk_output == "trace" and m.arch == "gpt":
+    if cfg.stats.ntk_output == "trace" and m.arch in ("gpt", "hf"):
         raise ConfigError("stats.ntk_output=trace is for classifiers (mlp, resnet): a gpt's vocabulary makes it "
                           "V× the cost; use stats.ntk_output=class")
     if cfg.param.kind in ("depth_mup", "completep") and m.arch == "mlp":
@@ -321,6 +325,27 @@ def validate(cfg: Config) -> None:
     _check_param_optim(cfg)
     if cfg.param.attn_mult is not None and not (cfg.param.attn_mult > 0 and math.isfinite(cfg.param.attn_mult)):
         raise ConfigError(f"param.attn_mult: {cfg.param.attn_mult} must be a positive number or null")
+
+
+def _check_hf(cfg: Config) -> None:
+    """model.hf: only with model.arch hf, which needs its model_type (one of HF_MODEL_TYPES)."""
+    m = cfg.model
+    if m.arch != "hf":
+        if m.hf:
+            raise ConfigError(f"model.hf is for model.arch=hf; this run has model.arch={m.arch} (remove model.hf)")
+        return
+    mt = m.hf.get("model_type")
+    if not mt:
+        raise ConfigError(f"model.arch=hf needs model.hf.model_type: one of {', '.join(HF_MODEL_TYPES)}")
+    if mt not in HF_MODEL_TYPES:
+        raise ConfigError(f"model.hf.model_type {mt!r}: valid Hugging Face families are {', '.join(HF_MODEL_TYPES)}")
+    # the GPT's own layout keys have no effect on a transformers family: its config says them
+    layout = [f"model.{k}={getattr(m, k)}" for k, default in (("norm", "rms"), ("act", "auto"), ("bias", False),
+                                                              ("rope_base", 10000.0)) if getattr(m, k) != default]
+    if layout:
+        raise ConfigError(f"{', '.join(layout)}: model.arch=hf takes its layout from the transformers config; set "
+                          f"it in model.hf (e.g. hidden_act, attention_bias, rope_parameters) and leave these at "
+                          f"their defaults")
 
 
 def _check_depths(cfg: Config) -> None:

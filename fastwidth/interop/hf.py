@@ -18,6 +18,12 @@ final RMSNorm's gain (exact: the readout is linear in the normalized features). 
 by the heads, before RoPE, as fastwidth's): the attention scale then rides on the q_norm gain,
 since q's projection is normalized away.
 Other layouts (LayerNorm, GELU MLPs, MLPs, ResNets; biases with QK-norm) are refused in one line.
+
+A model.arch=hf run is already a transformers model with transformers' names: its state dict is
+written with the same folds (family_state_dict), for Llama, Qwen2 and GPT-NeoX: forward
+multipliers × their matrices, the branch multiplier × the branch outputs' weights and biases, and
+each layer's attention scale over transformers' 1/√head_dim × the query rows (weights and biases;
+GPT-NeoX's fused query_key_value holds them per head as [q | k | v]).
 """
 from __future__ import annotations
 
@@ -35,7 +41,8 @@ from fastwidth.run import RunDir
 def check_llama_layout(cfg) -> None:
     mc = cfg.model
     if mc.arch != "gpt":
-        raise UserError(f"export --format hf takes a GPT run (a Llama layout); this run has model.arch={mc.arch}")
+        raise UserError(f"export --format hf takes a GPT run (a Llama layout) or a model.arch=hf run; this run has "
+                        f"model.arch={mc.arch}")
     bad = [f"model.{k}={getattr(mc, k)}" for k, want in (("norm", "rms"), ("act", "swiglu")) if getattr(mc, k) != want]
     if bad:
         raise UserError(f"export --format hf needs model.norm=rms and model.act=swiglu (a Llama layout); "
@@ -105,20 +112,60 @@ def llama_state_dict(model) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in sd.items()}
 
 
-def export_hf(run_dir: Path, member: str, out: Path, trust_checkpoint: bool = False) -> Path:
-    """Write `member` of `run_dir` as a Hugging Face Llama checkpoint in directory `out`."""
-    from fastwidth.trainer.load import load_model
-    from fastwidth.config import from_dict, read_yaml
-    cfg = from_dict(read_yaml(RunDir(run_dir).config))
-    check_llama_layout(cfg)
-    config_cls, model_cls = hf_model_classes(cfg)
-    model = load_model(run_dir, member, trust_checkpoint=trust_checkpoint)
-    sd = llama_state_dict(model)
-    hf = model_cls(config_cls(**llama_config_kwargs(model.config, int(sd["lm_head.weight"].shape[0]))))
+def family_state_dict(model) -> dict[str, torch.Tensor]:
+    """The transformers state dict of a model.arch=hf model (a loaded member: its .config and
+    .mup_table), every multiplier fastwidth applies outside the weights folded in."""
+    from fastwidth.models.hf_families import FAMILIES, attention_modules
+    from fastwidth.param.scaling import module_mults
+    fam = FAMILIES[model.config.model.hf["model_type"]]
+    sd = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+    mults, branch = module_mults(model.mup_table)
+    for name, mult in mults.items():
+        sd[f"{name}.weight"] *= mult  # W(αx) + b = (αW)x + b
+    for name in (model.branch_output_names if branch != 1.0 else ()):
+        for key in (f"{name}.weight", f"{name}.bias"):
+            if key in sd:
+                sd[key] *= branch
+    for i, attn in enumerate(attention_modules(model.inner, fam)):
+        head_dim = getattr(attn, "head_dim", None) or attn.head_size
+        q_factor = attn.scaling * math.sqrt(head_dim)  # transformers scales the logits by 1/√head_dim
+        for key in (f"{fam.layers}.{i}.{fam.query}.weight", f"{fam.layers}.{i}.{fam.query}.bias"):
+            if key not in sd:
+                continue
+            if fam.fused_qkv:  # rows per head: [q | k | v], head_dim each
+                rows = sd[key].view(-1, 3, head_dim, *sd[key].shape[1:])
+                rows[:, 0] *= q_factor
+            else:
+                sd[key] *= q_factor
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def _load_exactly(hf, sd: dict[str, torch.Tensor]) -> None:
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     missing = [k for k in missing if "rotary_emb" not in k]
     if missing or unexpected:
-        raise RuntimeError(f"Llama state dict mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise RuntimeError(f"{type(hf).__name__} state dict mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def export_hf(run_dir: Path, member: str, out: Path, trust_checkpoint: bool = False) -> Path:
+    """Write `member` of `run_dir` as a Hugging Face checkpoint in directory `out`: a GPT run as a
+    Llama (or Qwen3), a model.arch=hf run as its own family."""
+    from fastwidth.trainer.load import load_model
+    from fastwidth.config import from_dict, read_yaml
+    cfg = from_dict(read_yaml(RunDir(run_dir).config))
+    if cfg.model.arch == "hf":
+        from fastwidth.models.hf_families import transformers_module
+        transformers = transformers_module()
+        model = load_model(run_dir, member, trust_checkpoint=trust_checkpoint)
+        hf = transformers.AutoModelForCausalLM.from_config(model.inner.config)
+        _load_exactly(hf, family_state_dict(model))
+    else:
+        check_llama_layout(cfg)
+        config_cls, model_cls = hf_model_classes(cfg)
+        model = load_model(run_dir, member, trust_checkpoint=trust_checkpoint)
+        sd = llama_state_dict(model)
+        hf = model_cls(config_cls(**llama_config_kwargs(model.config, int(sd["lm_head.weight"].shape[0]))))
+        _load_exactly(hf, sd)
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(str(out))
     return out

@@ -13,11 +13,11 @@ from torch import nn
 
 from fastwidth.config import Config
 from fastwidth.errors import ConfigError
-from fastwidth.models import gpt, mlp, resnet, user
+from fastwidth.models import gpt, hf_families, mlp, resnet, user
 from fastwidth.param.scaling import ParamInfo, apply_forward_mults, init_depth, init_parameters, mup_table
 
-BUILDERS = {"gpt": gpt.build, "mlp": mlp.build, "resnet": resnet.build, "python": user.build}
-KIND_OF_ARCH = {"gpt": "tokens", "mlp": "classes", "resnet": "classes", "python": None}  # None: either
+BUILDERS = {"gpt": gpt.build, "mlp": mlp.build, "resnet": resnet.build, "python": user.build, "hf": hf_families.build}
+KIND_OF_ARCH = {"gpt": "tokens", "mlp": "classes", "resnet": "classes", "python": None, "hf": "tokens"}  # None: either
 
 
 def build_meta(cfg: Config, io) -> nn.Module:

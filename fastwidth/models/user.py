@@ -444,7 +444,8 @@ def _meta(make, width: int, depth: int) -> nn.Module:
 
 def buffer_values(make, width: int, depth: int) -> dict[str, torch.Tensor]:
     """The family's buffers at `width` as its constructor computes them (RoPE tables): the module
-    built once with its parameters put on meta as they are registered (no parameter memory)."""
+    built once with its parameters put on meta as they are registered (no parameter memory), on
+    the CPU whatever the default device (build runs under torch.device("meta"))."""
     register = nn.Module.register_parameter
 
     def on_meta(mod, name, param):
@@ -453,7 +454,8 @@ def buffer_values(make, width: int, depth: int) -> dict[str, torch.Tensor]:
         register(mod, name, param)
     nn.Module.register_parameter = on_meta
     try:
-        model = call_factory(make, width, depth)
+        with torch.device("cpu"):
+            model = call_factory(make, width, depth)
     finally:
         nn.Module.register_parameter = register
     return {n: b.detach().clone() for n, b in model.named_buffers() if b.device.type != "meta"}

@@ -371,14 +371,20 @@ def init_parameters(model: nn.Module, table: dict[str, ParamInfo], seed: int, wi
         p.copy_(draw_init(table[name], seed, width, depth=depth).to(p.dtype))
 
 
+def module_mults(table: dict[str, ParamInfo]) -> tuple[dict[str, float], float]:
+    """({module name: forward multiplier of its matrix}, the residual branch multiplier) of a
+    user's model: what UserModel.apply_mults hooks on, and what an export folds into weights."""
+    mults = {n.rpartition(".")[0]: info.forward_mult for n, info in table.items()
+             if n.endswith("weight") and info.init in ("normal", "uniform", "zeros") and len(info.shape) >= 2}
+    branch = [info.branch_mult for info in table.values() if info.branch_mult != 1.0]
+    return mults, branch[0] if branch else 1.0
+
+
 def apply_forward_mults(model: nn.Module, table: dict[str, ParamInfo]) -> None:
     """Give each fastwidth.nn layer its forward multiplier (a plain float on the module); a user's
     model gets hooks (UserModel.apply_mults) for its layers' multipliers and its branch outputs'."""
     if hasattr(model, "apply_mults"):
-        mults = {n.rpartition(".")[0]: info.forward_mult for n, info in table.items()
-                 if n.endswith("weight") and info.init in ("normal", "uniform", "zeros") and len(info.shape) >= 2}
-        branch = [info.branch_mult for info in table.values() if info.branch_mult != 1.0]
-        model.apply_mults(mults, branch[0] if branch else 1.0)
+        model.apply_mults(*module_mults(table))
         return
     for mod_name, mod in model.named_modules():
         if hasattr(mod, "mup_roles") and hasattr(mod, "mult"):

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from fastwidth.kernels import dispatch
 
@@ -49,12 +50,21 @@ def flops_per_token(cfg, io) -> float:
         B, T, _ = inp[0].shape
         total[0] += 4.0 * B * T * T * mod.n_heads * mod.head_dim  # q k^T and p v
     hooks = [m.register_forward_hook(fn) for m in meta.modules()
-             for cls, fn in (((MuLinear, TiedReadout), on_linear), (MuConv2d, on_conv), (Attention, on_attention))
+             for cls, fn in (((MuLinear, TiedReadout, nn.Linear), on_linear), (MuConv2d, on_conv),
+                             (Attention, on_attention))
              if isinstance(m, cls)]
     try:
         x = _example(io)
         with torch.no_grad(), dispatch.using("torch"):
             meta(x)
+    except RuntimeError:
+        if not hasattr(meta, "param_roles"):
+            raise
+        # a user's / transformers' forward with data-dependent control flow (its attention masks)
+        # cannot run on meta: every linear layer once per token (attention scores not counted)
+        per_example = io.seq_len if io.kind == "tokens" else 1
+        total[0] = sum(2.0 * m.in_features * m.out_features * per_example
+                       for m in meta.modules() if isinstance(m, nn.Linear))
     finally:
         for h in hooks:
             h.remove()

@@ -43,7 +43,9 @@ def model_io(cfg, run_dir: Path, state: dict) -> SimpleNamespace:
     not be present): classes and vocabulary from the readout, input shape from probe.safetensors."""
     from fastwidth.models import KIND_OF_ARCH
     kind = KIND_OF_ARCH[cfg.model.arch]
-    outputs = int(state["readout.weight" if "readout.weight" in state else "embed.weight"].shape[0])  # tied: one
+    # tied: the embedding is the one matrix; model.arch hf: transformers' lm_head
+    readout = next((k for k in ("readout.weight", "lm_head.weight") if k in state), "embed.weight")
+    outputs = int(state[readout].shape[0])
     in_shape = None
     if kind == "classes":
         probe = RunDir(run_dir).probe
