@@ -142,8 +142,10 @@ def test_class_sources_match_the_data_room():
 
 @pytest.mark.slow
 def test_resume_in_a_new_process_equals_the_uninterrupted_run(tmp_path):
-    whole = run(cfg(tmp_path, LM, "train.steps=6", "train.ckpt_every=3", out="whole"))
-    stopped = run(cfg(tmp_path, LM, "train.steps=3", "train.ckpt_every=3", out="part"))
+    whole = run(cfg(tmp_path, LM, "train.steps=6", "train.ckpt_every=3", "stats.enabled=true", "stats.every=3",
+                    out="whole"))   # statistics on: the probe rows resume too
+    stopped = run(cfg(tmp_path, LM, "train.steps=3", "train.ckpt_every=3", "stats.enabled=true", "stats.every=3",
+                      out="part"))
     res = subprocess.run([sys.executable, "-m", "fastwidth.cli", "train", "--config", str(Path(stopped) / "config.yaml"),
                           "--set", "train.steps=6", "train.resume=auto", "train.threads=1"],
                          capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin"},
@@ -155,6 +157,11 @@ def test_resume_in_a_new_process_equals_the_uninterrupted_run(tmp_path):
     print(f"\nresume in a new process: final losses {sorted((k[0], b[k]) for k in b if k[2] == 6)}, "
           f"max |difference| over 6 steps x 2 widths = {worst:.1e}")
     assert worst == 0.0
+    probe = {k: r["probe_loss"] for k, r in (((r["width"], r["step"]), r) for r in
+             read_metrics(Path(stopped) / "metrics.jsonl") if r["kind"] == "eval")}
+    assert probe == {k: r["probe_loss"] for k, r in (((r["width"], r["step"]), r) for r in
+                     read_metrics(Path(whole) / "metrics.jsonl") if r["kind"] == "eval")}
+    assert max(k[1] for k in probe) == 6
 
 
 @pytest.mark.slow
@@ -181,3 +188,13 @@ def test_a_main_factory_refuses_to_resume_in_another_process(tmp_path):
     lines = [ln for ln in again.stderr.splitlines() if ln.strip()]
     assert again.returncode == 2 and len(lines) == 1, again.stderr[-3000:]
     assert "<python>:make" in lines[0] and "__main__" in lines[0]
+
+
+def test_planner_measures_a_users_activations(tmp_path):
+    # the MLP family saves, per example, the outputs of its three ReLUs (each read again by the next
+    # matmul: one tensor, counted once): 3 vectors of width N; the rest (input, logits) is width-free
+    from fastwidth.parallel.plan import activation_values, count_params
+    c32, c64 = (count_params(cfg(tmp_path, MLP, f"model.width={w}")) for w in (32, 64))
+    assert c64["act_row"] - c32["act_row"] == 3 * 32
+    assert activation_values(cfg(tmp_path, MLP, "model.width=32"), c32, rows=8) == 8 * c32["act_row"]
+    assert c32["units"] == 2 and c32["row_len"] == 1
