@@ -198,3 +198,16 @@ def test_planner_measures_a_users_activations(tmp_path):
     assert c64["act_row"] - c32["act_row"] == 3 * 32
     assert activation_values(cfg(tmp_path, MLP, "model.width=32"), c32, rows=8) == 8 * c32["act_row"]
     assert c32["units"] == 2 and c32["row_len"] == 1
+
+
+def test_foldable_takes_linear_weights_and_refuses_branch_multipliers():
+    from fastwidth.errors import CheckpointError
+    from fastwidth.trainer.engine_checkpoint import foldable
+
+    def row(name, init, shape, fwd, branch=1.0):
+        return {"name": name, "init": init, "shape": shape, "forward_mult": fwd, "branch_mult": branch}
+    rows = [row("out.weight", "zeros", [10, 32], 0.5), row("out.bias", "zeros", [10], 1.0),
+            row("inp.weight", "normal", [32, 8], 1.0), row("norm.weight", "ones", [32], 2.0)]
+    assert foldable(rows) == {"out.weight": 0.5}
+    with pytest.raises(CheckpointError, match="cannot be folded"):
+        foldable([*rows, row("blocks.0.fc.weight", "normal", [32, 32], 1.0, branch=0.7)])
