@@ -161,6 +161,10 @@ def test_resume_in_a_new_process_equals_the_uninterrupted_run(tmp_path):
     print(f"\nresume in a new process: final losses {sorted((k[0], b[k]) for k in b if k[2] == 6)}, "
           f"max |difference| over steps 4-6 x 2 widths = {worst:.1e}")
     assert worst == 0.0
+    lm = load_model(stopped, "w32_s0")            # a token model back (KIND_OF_ARCH python: kind from the source)
+    tokens = torch.randint(0, fam.VOCAB, (2, fam.SEQ), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert lm(tokens).shape == (2, fam.SEQ, fam.VOCAB) and torch.isfinite(lm(tokens)).all()
     probe = {(r["width"], r["step"]): r["probe_loss"] for r in after if r["kind"] == "eval"}
     assert probe and probe == {(r["width"], r["step"]): r["probe_loss"] for r in read_metrics(Path(whole) / "metrics.jsonl")
                                if r["kind"] == "eval" and r["step"] > 3}
