@@ -118,10 +118,10 @@ def add_coord_parser(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from fastwidth.interop.export import export
+    from fastwidth.interop.export import export, export_note
     out, names = export(args.run, args.output, fmt=args.format, member=args.member, force=args.force,
                         trust_checkpoint=args.trust_checkpoint)
-    print(f"wrote {out} ({', '.join(names)})")
+    print(f"wrote {out} ({', '.join(names)}){export_note(out, args.format)}")
     return 0
 
 

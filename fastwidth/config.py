@@ -280,15 +280,16 @@ def validate(cfg: Config) -> None:
             gpt_heads(m, w, cfg.param.base_width)  # grouped-query heads fit every width
         if m.act == "relu":
             raise ConfigError("model.act: relu is for mlp/resnet; gpt takes gelu or swiglu")
-    gpt_only = [f"model.{k}={getattr(m, k)}" for k in ("qk_norm", "n_kv_heads", "tie_embeddings")
-                if getattr(m, k) and not (m.arch == "hf" and k == "n_kv_heads")]
+    _check_users_model(cfg)
+    gpt_only = [f"model.{k}={getattr(m, k)}" for k in ("qk_norm", "n_kv_heads", "tie_embeddings") if getattr(m, k)
+                and not (m.arch == "hf" and k == "n_kv_heads")]  # hf: its config's kv heads (model.hf's help)
     if m.arch != "gpt" and gpt_only:
         raise ConfigError(f"{', '.join(gpt_only)}: attention and token-embedding options are for gpt; "
                           f"model.arch={m.arch} has neither (leave them at their defaults)")
     if cfg.train.z_loss and cfg.train.loss != "ce":
         raise ConfigError(f"train.z_loss={cfg.train.z_loss} penalizes the logits' logsumexp of the cross-entropy; "
                           f"train.loss={cfg.train.loss} has none (set train.z_loss=0 or train.loss=ce)")
-    if m.arch != "gpt" and m.act == "swiglu":
+    if m.arch in ("mlp", "resnet") and m.act == "swiglu":
         raise ConfigError(f"model.act: swiglu is for gpt; {m.arch} takes relu or gelu")
     if len(cfg.optim.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {cfg.optim.betas!r}")
@@ -314,9 +315,9 @@ def validate(cfg: Config) -> None:
                           "batch; set one of them")
     if not 0.0 <= cfg.data.label_noise <= 1.0:
         raise ConfigError(f"data.label_noise: {cfg.data.label_noise} must be in [0, 1]")
-    if cfg.stats.ntk_output == "trace" and m.arch in ("gpt", "hf"):
-        raise ConfigError("stats.ntk_output=trace is for classifiers (mlp, resnet): a gpt's vocabulary makes it "
-                          "V× the cost; use stats.ntk_output=class")
+    if cfg.stats.ntk_output == "trace" and (m.arch == "gpt" or (m.arch in ("python", "hf") and _text_source(cfg))):
+        raise ConfigError(f"stats.ntk_output=trace is for classifiers: a language model's vocabulary (model.arch="
+                          f"{m.arch}, data.source={cfg.data.source}) makes it V× the cost; use stats.ntk_output=class")
     if cfg.param.kind in ("depth_mup", "completep") and m.arch == "mlp":
         # the depth rules scale residual branches (m_L^-α) and the LR of what sits on them; a plain
         # MLP has no residual stream, so there is nothing for them to act on
@@ -346,6 +347,34 @@ def _check_hf(cfg: Config) -> None:
         raise ConfigError(f"{', '.join(layout)}: model.arch=hf takes its layout from the transformers config; set "
                           f"it in model.hf (e.g. hidden_act, attention_bias, rope_parameters) and leave these at "
                           f"their defaults")
+CLASS_SOURCES = ("synthetic", "fmnist", "cifar5m", "imagefolder", "arrays")  # data/: the rest give tokens
+
+
+def _text_source(cfg: Config) -> bool:
+    return cfg.data.source not in CLASS_SOURCES
+
+
+def _check_users_model(cfg: Config) -> None:
+    """model.arch python / hf: the keys that say what to build are there and well formed, and
+    the keys only they read are not set for fastwidth's own models (where they would do nothing).
+    fastwidth's own-model keys (head_dim, act, norm ...) are not read for python: left alone."""
+    m, roles = cfg.model, cfg.param.roles
+    if m.arch == "python":
+        if not m.factory:
+            raise ConfigError("model.arch=python needs model.factory: \"package.module:function\" returning the "
+                              "nn.Module at a width (or pass model=make to fastwidth.train)")
+        mod, sep, fn = m.factory.partition(":")
+        if not (sep and mod and fn):
+            raise ConfigError(f"model.factory {m.factory!r}: write \"package.module:function\"")
+        if m.act == "swiglu":
+            raise ConfigError("model.act=swiglu: model.arch=python takes its activation from the factory's module "
+                              "(leave model.act at auto)")
+    elif m.factory:
+        raise ConfigError(f"model.factory={m.factory!r} is read only with model.arch=python (model.arch={m.arch}); "
+                          f"set model.arch=python or drop model.factory")
+    if m.arch not in ("python", "hf") and roles:
+        raise ConfigError(f"param.roles overrides inferred roles, for model.arch python or hf; model.arch={m.arch} "
+                          f"assigns its own (drop param.roles)")
 
 
 def _check_depths(cfg: Config) -> None:

@@ -36,6 +36,17 @@ def _run_dir_of(path: Path) -> Path:
     raise UserError(f"{path} is not a run directory (no config.yaml and checkpoints/)")
 
 
+def _users_model(run: Path) -> bool:
+    """Whether RUN trained a model fastwidth did not write (model.arch python / hf), whose forward
+    multipliers are hooks that a plain load_state_dict would not bring back: its export folds them."""
+    from fastwidth.config import read_yaml
+    try:
+        arch = (read_yaml(RunDir(_run_dir_of(run)).config).get("model") or {}).get("arch")
+    except UserError:  # a bare checkpoint directory: no config to read
+        return False
+    return arch in ("python", "hf")
+
+
 def export(run: str | Path, out: str | Path, fmt: str = "safetensors", member: str | None = None,
            force: bool = False, trust_checkpoint: bool = False) -> tuple[Path, list[str]]:
     """Write the export; returns (what was written, the members in it). `force`: replace an existing OUT;
@@ -51,7 +62,8 @@ def export(run: str | Path, out: str | Path, fmt: str = "safetensors", member: s
     if fmt == "safetensors":
         from fastwidth.trainer.engine_checkpoint import export_checkpoint
         with replacing(out, kind="file") as tmp:
-            names = export_checkpoint(run, tmp, member=member, trust_checkpoint=trust_checkpoint)
+            names = export_checkpoint(run, tmp, member=member, trust_checkpoint=trust_checkpoint,
+                                      fold_mults=_users_model(run))
         return out, names
     if not member:
         raise UserError("export --format hf writes one model: name it with --member (e.g. --member w64_s0)")
@@ -60,3 +72,21 @@ def export(run: str | Path, out: str | Path, fmt: str = "safetensors", member: s
     with replacing(out, kind="dir") as tmp:
         export_hf(run_dir, member, tmp, trust_checkpoint)
     return out, [member]
+
+
+def export_note(out: str | Path, fmt: str) -> str:
+    """The export's printed line's tail: for a user's model, which forward multipliers the
+    safetensors file has folded into its weights (its metadata says the same)."""
+    if fmt != "safetensors":
+        return ""
+    import json
+
+    from safetensors import safe_open
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("forward_mults") != "folded":
+        return ""
+    folded = {k: v for per in json.loads(meta.get("folded", "{}")).values() for k, v in per.items()}
+    said = ", ".join(f"{k} x{v:g}" for k, v in sorted(folded.items())) or "none to fold"
+    return (f"; forward multipliers folded into the weights ({said}): load_state_dict into the family "
+            f"at its width gives the trained logits, no hooks needed")

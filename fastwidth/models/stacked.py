@@ -53,6 +53,9 @@ def refusal(cfg) -> str | None:
         return "train.activation_checkpointing recomputes each member's blocks"
     if cfg.train.loss != "ce":
         return f"train.loss={cfg.train.loss}: the stacked forward computes cross-entropy only"
+    if cfg.model.arch in ("python", "hf"):
+        return (f"UserModel does not stack: model.arch={cfg.model.arch} runs the user's own forward, which the "
+                f"stacked ops cannot batch over seeds, so each member trains one by one")
     if cfg.model.arch not in ("mlp", "gpt"):
         return f"model.arch={cfg.model.arch} does not stack (only the MLP and the GPT do)"
     return None

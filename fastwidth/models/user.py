@@ -89,8 +89,9 @@ def resolve_factory(spec: str):
         raise ConfigError("model.arch=python needs model.factory: \"package.module:function\" returning the "
                           "nn.Module at a width (or pass model=make to fastwidth.train)")
     if spec.startswith("<python>:"):
-        raise ConfigError(f"model.factory {spec} was a function defined in another process's __main__; "
-                          f"define it in an importable module and set model.factory: \"package.module:function\"")
+        raise ConfigError(f"model.factory {spec} was a function defined in another process's __main__, which this "
+                          f"process cannot build again (to resume or load the run); define it in an importable "
+                          f"module and set model.factory: \"package.module:function\"")
     if ":" not in spec:
         raise ConfigError(f"model.factory {spec!r}: write \"package.module:function\"")
     mod_name, _, qual = spec.partition(":")
@@ -135,10 +136,14 @@ def _is_embedding(mod: nn.Module) -> bool:
     """nn.Embedding or a module class named like one (a (num, dim) table read by index, whose
     shape alone reads like a readout's)."""
     return isinstance(mod, nn.Embedding) or "embed" in type(mod).__name__.lower()
+def _shape(p: torch.Tensor) -> tuple:
+    """A parameter's whole shape: under ZeRO-3 (deepspeed.zero.Init) p.shape is the local flat
+    partition and ds_shape the whole one."""
+    return tuple(getattr(p, "ds_shape", p.shape))
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple]:
-    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+    return {n: _shape(p) for n, p in model.named_parameters()}
 
 
 def _override(name: str, overrides: dict) -> tuple[Role, Init | None] | None:
@@ -195,7 +200,7 @@ def _settle(name: str, owner: nn.Module, local: str, shape: tuple, role: Role, i
     layer = None
     if init is Init.BIAS:
         wname = f"{name.rpartition('.')[0]}.weight".lstrip(".")
-        layer = (specs[wname].role if wname in specs else Role.HIDDEN, tuple(owner.weight.shape))
+        layer = (specs[wname].role if wname in specs else Role.HIDDEN, _shape(owner.weight))
     return role, init, layer
 
 
@@ -242,13 +247,13 @@ def _roles_from_infshapes(model: nn.Module, overrides: dict) -> dict[str, RoleSp
         inf = p.infshape
         grow = [i for i, d in enumerate(inf) if d.isinf()]
         owner, local = _owner(model, name)
-        role, init = _read_role(name, owner, local, tuple(p.shape), grow)
+        role, init = _read_role(name, owner, local, _shape(p), grow)
         forward = None
         if mu_readout is not None and isinstance(owner, mu_readout):
             role = Role.OUTPUT if local == "weight" else role
             forward = owner.output_mult / inf.width_mult() if local == "weight" else None
         forced = _override(name, overrides)
-        role, init, layer = _settle(name, owner, local, tuple(p.shape), role, init, forced, specs)
+        role, init, layer = _settle(name, owner, local, _shape(p), role, init, forced, specs)
         m_out = inf[0].width_mult() if len(inf) >= 2 and inf[0].isinf() else None
         specs[name] = RoleSpec(role, init, float(inf.width_mult()), layer, "override" if forced is not None else "mup",
                                m_out, forward)
@@ -265,7 +270,7 @@ def _read_role(name: str, owner: nn.Module, local: str, shape: tuple, grow: list
                 (True, False): Role.INPUT, (False, False): Role.FIXED}[(fan_out, fan_in)]
         return role, Init.FAN_IN
     role = Role.VECTOR if grow else Role.FIXED
-    if local == "bias" and isinstance(getattr(owner, "weight", None), torch.Tensor) and owner.weight.dim() >= 2:
+    if local == "bias" and isinstance(getattr(owner, "weight", None), torch.Tensor) and len(_shape(owner.weight)) >= 2:
         return role, Init.BIAS
     if _is_norm(owner):
         return role, Init.ONES if local == "weight" else Init.ZEROS if local == "bias" else None
@@ -276,7 +281,7 @@ def readout_module(model: nn.Module, specs: dict[str, RoleSpec]) -> str | None:
     """The name of the module whose matrix is the readout: the owner of the output-role weight, or
     a linear layer sharing a matrix (a tied readout) whose fan_in alone grows."""
     for name, s in specs.items():
-        if s.role is Role.OUTPUT and name.endswith("weight") and len(_owner(model, name)[0].weight.shape) >= 2:
+        if s.role is Role.OUTPUT and name.endswith("weight") and len(_shape(_owner(model, name)[0].weight)) >= 2:
             return name.rpartition(".")[0]
     return None
 
@@ -289,7 +294,7 @@ class UserModel(WidthModel):
     calls its forward; logits are the output, its .logits, or its first element."""
 
     def __init__(self, inner: nn.Module, specs: dict[str, RoleSpec], readout: str | None,
-                 branch_outputs: tuple[str, ...] = (), buffers: dict[str, torch.Tensor] | None = None):
+                 branch_outputs: tuple[str, ...] = (), buffers=None):
         super().__init__()
         object.__setattr__(self, "inner", inner)      # not a submodule: its dictionaries are ours
         self._parameters = inner._parameters
@@ -299,7 +304,9 @@ class UserModel(WidthModel):
         object.__setattr__(self, "specs", specs)
         object.__setattr__(self, "readout_name", readout)
         object.__setattr__(self, "branch_output_names", tuple(branch_outputs))
-        object.__setattr__(self, "_buffer_values", dict(buffers or {}))
+        # {name: value}, or a callable giving it on first reset_buffers (build's: the family built
+        # once more, which must not run inside deepspeed.zero.Init, where the model is constructed)
+        object.__setattr__(self, "_buffer_values", buffers if callable(buffers) else dict(buffers or {}))
         object.__setattr__(self, "_mult_hooks", [])
         object.__setattr__(self, "tap", nn.Identity())  # its output is the readout's input (a feature point)
         if readout is not None:
@@ -366,10 +373,10 @@ class UserModel(WidthModel):
             return own()
         pts = {}
         for name, mod in self.named_modules():
-            w = getattr(mod, "weight", None)
             s = self.specs.get(f"{name}.weight")
+            shape = _shape(mod.weight) if s is not None else ()
             if (isinstance(mod, LINEAR_TYPES) and s is not None and s.role in (Role.INPUT, Role.HIDDEN)
-                    and w.shape[0] >= math.prod(w.shape[1:])):
+                    and shape[0] >= math.prod(shape[1:])):
                 pts[name] = mod
         return pts
 
@@ -385,6 +392,8 @@ class UserModel(WidthModel):
         if callable(own):
             own()
             return
+        if callable(self._buffer_values):
+            object.__setattr__(self, "_buffer_values", self._buffer_values())
         with torch.no_grad():
             for name, buf in self.named_buffers():
                 if name in self._buffer_values:
@@ -454,7 +463,7 @@ def buffer_values(make, width: int, depth: int) -> dict[str, torch.Tensor]:
         register(mod, name, param)
     nn.Module.register_parameter = on_meta
     try:
-        with torch.device("cpu"):
+        with torch.device("cpu"):  # build() runs under build_meta's meta default: buffers must be real
             model = call_factory(make, width, depth)
     finally:
         nn.Module.register_parameter = register
@@ -472,7 +481,7 @@ def build(cfg: Config, io, make=None) -> UserModel:
     else:
         specs = infer_roles(inner, _meta(make, base, depth), _meta(make, 2 * base, depth), dict(cfg.param.roles))
     has_buffers = any(True for _ in inner.buffers())
-    buffers = buffer_values(make, width, depth) if has_buffers else {}
+    buffers = (lambda: buffer_values(make, width, depth)) if has_buffers else {}
     branch = getattr(inner, "branch_outputs", None)
     branch = tuple(branch()) if callable(branch) else ()
     if cfg.param.kind in DEPTH_KINDS and not (branch and callable(getattr(inner, "branch_prefixes", None))):

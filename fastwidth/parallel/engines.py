@@ -59,8 +59,13 @@ from fastwidth.run.checkpoint import restore_member
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
-    """Blocks that become their own shard unit: entries of the root's ModuleLists that hold
-    parameters (GPT blocks, MLP layers, ResNet stages); the rest stays with the root."""
+    """Blocks that become their own shard unit: the model's own `shard_units()` when it has one
+    (a user's model: the blocks of its biggest ModuleList, wherever it sits), else the entries of
+    the root's ModuleLists that hold parameters (GPT blocks, MLP layers, ResNet stages); the rest
+    stays with the root."""
+    own = getattr(model, "shard_units", None)
+    if callable(own):
+        return list(own())
     units = []
     for child in model.children():
         if isinstance(child, nn.ModuleList):

@@ -75,10 +75,36 @@ def count_params(cfg: Config) -> dict:
     model = build_meta(cfg, _io(cfg))
     total = sum(p.numel() for p in model.parameters())
     units = [sum(p.numel() for p in u.parameters()) for u in shard_units(model)]
-    return {"total": total, "root": total - sum(units), "block": max(units, default=0),
-            "tensor": max((p.numel() for p in model.parameters()), default=0),
-            "heads": (cfg.model.n_heads or cfg.model.width // cfg.model.head_dim) if cfg.model.arch == "gpt" else 0,
-            "vocab": getattr(_io(cfg), "vocab_size", None), "feature_layers": len(model.feature_points())}
+    counts = {"total": total, "root": total - sum(units), "block": max(units, default=0),
+              "tensor": max((p.numel() for p in model.parameters()), default=0),
+              "heads": (cfg.model.n_heads or cfg.model.width // cfg.model.head_dim) if cfg.model.arch == "gpt" else 0,
+              "vocab": getattr(_io(cfg), "vocab_size", None), "feature_layers": len(model.feature_points())}
+    if cfg.model.arch in ("python", "hf"):  # a user's model: its saved activations measured, not a formula
+        io = _io(cfg)
+        counts.update(act_row=saved_values_per_row(model, io), units=len(units),
+                      row_len=io.seq_len if io.kind == "tokens" else 1)
+    return counts
+
+
+def saved_values_per_row(model, io) -> float:
+    """Values autograd saves for backward per example (sequence) of a training forward + loss, counted
+    on the meta model (no memory), each saved tensor once: the count at 2 examples minus the count at
+    1, so parameters saved as they are (a matmul's weight) cancel."""
+    import torch
+
+    def count(b: int) -> int:
+        seen = {}                    # one tensor saved by two ops (a ReLU's output, the next matmul's input) once
+
+        def pack(t):
+            seen[id(t)] = t
+            return t
+        shape = (b, io.seq_len) if io.kind == "tokens" else (b, *io.in_shape)
+        x = torch.zeros(shape, dtype=torch.long if io.kind == "tokens" else torch.float32, device="meta")
+        y = torch.zeros(shape if io.kind == "tokens" else (b,), dtype=torch.long, device="meta")
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
+            model.loss(x, y)
+        return sum(t.numel() for t in seen.values())
+    return float(count(2) - count(1))
 
 
 def activation_values(cfg: Config, counts: dict, rows: int) -> float:
@@ -87,6 +113,10 @@ def activation_values(cfg: Config, counts: dict, rows: int) -> float:
     train.activation_checkpointing=block only each block's input (B·T·N) stays, plus one block's
     full set while it is recomputed."""
     m, n = cfg.model, cfg.model.width
+    if "act_row" in counts:  # a user's model: measured; checkpointing keeps each unit's input + one unit's set
+        if cfg.train.activation_checkpointing == "block" and counts["units"]:
+            return rows * (counts["units"] * counts["row_len"] * n + counts["act_row"] / counts["units"])
+        return rows * counts["act_row"]
     if m.arch == "gpt":
         t, h, v = cfg.data.seq_len, counts["heads"], counts["vocab"]
         block, inp, head = rows * t * (16 * n + 2 * h * t), rows * t * n, 2 * rows * t * v
@@ -104,7 +134,7 @@ def kernel_rows_bytes(cfg: Config, counts: dict) -> float:
     fastwidth/stats/signature.py): per feature layer the kernel points' fp32 rows, kernel_points x N
     (ResNet: the whole N x 32 x 32 map), and the (kernel_points, kernel_points) kernel.
     128 points, width 16384, 48 feature layers: 0.4 GB."""
-    kp = min(cfg.stats.kernel_points, cfg.data.probe_size * (cfg.data.seq_len if cfg.model.arch == "gpt" else 1))
+    kp = min(cfg.stats.kernel_points, cfg.data.probe_size * counts.get("row_len", cfg.data.seq_len if cfg.model.arch == "gpt" else 1))
     if not cfg.stats.enabled or kp <= 0:
         return 0.0
     row = cfg.model.width * (32 * 32 if cfg.model.arch == "resnet" else 1)
@@ -237,7 +267,7 @@ def whole_member_bytes(cfg: Config, choice: Choice, p: int, counts: dict, rows: 
         return 0.0, 0.0
     sharded, adam = choice.sharded, cfg.optim.name in ("adam", "adamw")
     gathered = 4 * p * sharded + 4 * p * (adam and choice.backend in ("fsdp2", "deepspeed"))
-    per_seq = cfg.data.seq_len if cfg.model.arch == "gpt" else 1
+    per_seq = counts.get("row_len", cfg.data.seq_len if cfg.model.arch == "gpt" else 1)
     out = 0.0
     if sc.sharpness_iters:
         n = min(max(1, -(-sc.sharpness_points // per_seq)), max(rows, 1))

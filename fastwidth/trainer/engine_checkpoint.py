@@ -65,12 +65,17 @@ def member_tensors(path: Path, meta: dict, name: str) -> dict[str, torch.Tensor]
     return {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()}
 
 
-def export_checkpoint(path: Path, out: Path, member: str | None = None, trust_checkpoint: bool = False) -> list[str]:
+def export_checkpoint(path: Path, out: Path, member: str | None = None, trust_checkpoint: bool = False,
+                      fold_mults: bool = False) -> list[str]:
     """Write one safetensors file with the full (unsharded) fp32 weights of a checkpoint.
 
     One member: plain parameter names; several: '<member>/<name>'. The µP tables ride along in
     the file's metadata (JSON). Returns the members written. A checkpoint holding files that
     need unpickling is refused unless `trust_checkpoint` (run.checkpoint.refuse_unpicklable).
+    `fold_mults` (a user's model, whose multipliers are hooks): each linear weight's forward
+    multiplier is folded into it (W(αx) + b = (αW)x + b), so the file loads into the plain family
+    with the trained logits; metadata "forward_mults" says "folded" (with "folded" = the factors)
+    or "not folded" (fastwidth's own layers carry them: fastwidth.load_model).
     """
     from safetensors.torch import save_file
     path = Path(path)
@@ -85,11 +90,27 @@ def export_checkpoint(path: Path, out: Path, member: str | None = None, trust_ch
     if member is not None and member not in names:
         raise CheckpointError(f"checkpoint {path} has no model {member} (it holds {', '.join(names)})")
     chosen = [member] if member else names
-    tensors = {}
+    tensors, tables = {}, {n: meta.get("mup_tables", {}).get(n) for n in chosen}
+    folded = {n: foldable(tables[n]) for n in chosen} if fold_mults else {}
     for name in chosen:
         for k, v in member_tensors(path, meta, name).items():
-            tensors[k if len(chosen) == 1 else f"{name}/{k}"] = v.detach().float().contiguous()
-    tables = {n: meta.get("mup_tables", {}).get(n) for n in chosen}
+            v = v.detach().float() * folded.get(name, {}).get(k, 1.0)
+            tensors[k if len(chosen) == 1 else f"{name}/{k}"] = v.contiguous()
     save_file(tensors, str(out), metadata={"format": "fastwidth-export-1", "step": str(meta["step"]),
-                                           "members": json.dumps(chosen), "mup_tables": json.dumps(tables)})
+                                           "members": json.dumps(chosen), "mup_tables": json.dumps(tables),
+                                           "forward_mults": "folded" if fold_mults else "not folded",
+                                           "folded": json.dumps(folded)})
     return chosen
+
+
+def foldable(rows: list[dict] | None) -> dict[str, float]:
+    """{weight name: forward multiplier} of the rows whose multiplier scales a linear layer's input
+    (param.scaling.apply_forward_mults' rule), to fold into the weight. A branch multiplier (the
+    depth kinds) scales a block's output, which no single weight carries: refused."""
+    rows = rows or []
+    if any(r.get("branch_mult", 1.0) != 1.0 for r in rows):
+        raise CheckpointError("this run's residual-branch multipliers (param.kind depth_mup / completep / umup) "
+                              "cannot be folded into one weight: load it with fastwidth.load_model instead")
+    return {r["name"]: float(r["forward_mult"]) for r in rows
+            if r["name"].endswith("weight") and r["init"] in ("normal", "uniform", "zeros")
+            and len(r["shape"]) >= 2 and r["forward_mult"] != 1.0}

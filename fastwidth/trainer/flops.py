@@ -8,6 +8,10 @@ device, no memory, no compute), training = 3 x forward (backward is two GEMMs pe
   - every MuConv2d: 2 x (weight elements) x H_out x W_out an example.
 Divided by the targets an example carries (T tokens, or 1 for classification), so it is per
 unit of `tokens` in the train rows. Embeddings, norms and activations are not counted.
+A model fastwidth did not write (model.arch python / hf: a user's nn.Linear, F.linear, matmul,
+scaled_dot_product_attention) is counted by torch's own FlopCounterMode over the same meta
+forward: every GEMM / BMM / convolution / attention op at 2 FLOPs a multiply-add, the same rule
+(attention's causal half not subtracted either).
 
 mfu = (sum of flops_per_token of the members trained in the step) x tokens_per_s / peak: the
 share of the devices' peak the step's model FLOPs use. Peak: bf16 dense tensor-core FLOP/s
@@ -29,6 +33,7 @@ from torch import nn
 
 from fastwidth.kernels import dispatch
 
+OWN_ARCHS = ("gpt", "mlp", "resnet")   # built from fastwidth.nn's layers, counted per layer
 GPU_PEAK_BF16 = (("H100 PCIe", 756e12), ("H200", 989e12), ("H100", 989e12), ("A100", 312e12))
 
 
@@ -38,6 +43,9 @@ def flops_per_token(cfg, io) -> float:
     from fastwidth.models import build_meta
     from fastwidth.nn import Attention, MuConv2d, MuLinear, TiedReadout
     meta = build_meta(cfg, io)
+    per_example = io.seq_len if io.kind == "tokens" else 1
+    if cfg.model.arch not in OWN_ARCHS:
+        return 3.0 * _dispatch_count(meta, _example(io)) / per_example
     total = [0.0]
 
     def on_linear(mod, inp, out):
@@ -68,8 +76,15 @@ def flops_per_token(cfg, io) -> float:
     finally:
         for h in hooks:
             h.remove()
-    per_example = io.seq_len if io.kind == "tokens" else 1
     return 3.0 * total[0] / per_example
+
+
+def _dispatch_count(meta, x: torch.Tensor) -> float:
+    """Forward FLOPs of any module on one meta example, as torch.utils.flop_counter counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        meta(x)
+    return float(counter.get_total_flops())
 
 
 def _example(io) -> torch.Tensor:

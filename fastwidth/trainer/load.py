@@ -41,11 +41,12 @@ def member_state(checkpoint: Path, name: str | None, trust_checkpoint: bool = Fa
 def model_io(cfg, run_dir: Path, state: dict) -> SimpleNamespace:
     """What building the model needs to know about the data, from the run itself (the data need
     not be present): classes and vocabulary from the readout, input shape from probe.safetensors."""
+    from fastwidth.data import TEXT_SOURCES
     from fastwidth.models import KIND_OF_ARCH
-    kind = KIND_OF_ARCH[cfg.model.arch]
-    # tied: the embedding is the one matrix; model.arch hf: transformers' lm_head
-    readout = next((k for k in ("readout.weight", "lm_head.weight") if k in state), "embed.weight")
-    outputs = int(state[readout].shape[0])
+    kind = KIND_OF_ARCH[cfg.model.arch] or ("tokens" if cfg.data.source in (*TEXT_SOURCES, "shards") else "classes")
+    # tied: embed.weight only; model.arch hf: transformers' lm_head
+    key = next((k for k in ("readout.weight", "lm_head.weight", "embed.weight") if k in state), None)
+    outputs = int(state[key].shape[0]) if key else None  # a user's model (model.arch python) builds without io
     in_shape = None
     if kind == "classes":
         probe = RunDir(run_dir).probe
