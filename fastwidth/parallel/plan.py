@@ -89,8 +89,10 @@ def count_params(cfg: Config) -> dict:
 def saved_values_per_row(model, io) -> float:
     """Values autograd saves for backward per example (sequence) of a training forward + loss, counted
     on the meta model (no memory), each saved tensor once: the count at 2 examples minus the count at
-    1, so parameters saved as they are (a matmul's weight) cancel."""
+    1, so parameters saved as they are (a matmul's weight) cancel. Under FakeTensorMode, where
+    transformers' mask code skips its data-dependent checks (.item(), which meta cannot give)."""
     import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
     def count(b: int) -> int:
         seen = {}                    # one tensor saved by two ops (a ReLU's output, the next matmul's input) once
@@ -101,7 +103,8 @@ def saved_values_per_row(model, io) -> float:
         shape = (b, io.seq_len) if io.kind == "tokens" else (b, *io.in_shape)
         x = torch.zeros(shape, dtype=torch.long if io.kind == "tokens" else torch.float32, device="meta")
         y = torch.zeros(shape if io.kind == "tokens" else (b,), dtype=torch.long, device="meta")
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.enable_grad():
             model.loss(x, y)
         return sum(t.numel() for t in seen.values())
     return float(count(2) - count(1))

@@ -65,14 +65,6 @@ def flops_per_token(cfg, io) -> float:
         x = _example(io)
         with torch.no_grad(), dispatch.using("torch"):
             meta(x)
-    except RuntimeError:
-        if not hasattr(meta, "param_roles"):
-            raise
-        # a user's / transformers' forward with data-dependent control flow (its attention masks)
-        # cannot run on meta: every linear layer once per token (attention scores not counted)
-        per_example = io.seq_len if io.kind == "tokens" else 1
-        total[0] = sum(2.0 * m.in_features * m.out_features * per_example
-                       for m in meta.modules() if isinstance(m, nn.Linear))
     finally:
         for h in hooks:
             h.remove()
@@ -80,9 +72,12 @@ def flops_per_token(cfg, io) -> float:
 
 
 def _dispatch_count(meta, x: torch.Tensor) -> float:
-    """Forward FLOPs of any module on one meta example, as torch.utils.flop_counter counts them."""
+    """Forward FLOPs of any module on one meta example, as torch.utils.flop_counter counts them.
+    Under FakeTensorMode: transformers' mask code skips its data-dependent checks (.item(), which
+    a meta tensor cannot give) for fake tensors, as it does when compiled."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad(), FlopCounterMode(display=False) as counter:
         meta(x)
     return float(counter.get_total_flops())
 

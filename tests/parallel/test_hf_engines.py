@@ -1,5 +1,5 @@
-"""A Hugging Face Llama (model.arch hf) at widths 32 and 64 trains 10 steps under one process, DDP
-and FSDP2 on 2 CPU ranks (gloo) with equal losses: the inferred µP table, the attention scale on
+"""A Hugging Face Llama (model.arch hf) at widths 32 and 64 trains 10 steps under one process, DDP,
+FSDP2 and DeepSpeed ZeRO-3 on 2 CPU ranks (gloo) with equal losses: the inferred µP table, the attention scale on
 each layer's `scaling` and the readout hook survive each engine's wrapping (FSDP2 shards the
 transformers decoder layers, to_empty replaces the parameters the model reads)."""
 import sys
@@ -17,7 +17,8 @@ CONFIG = {"model": {"arch": "hf", "hf": {"model_type": "llama"}, "depth": 2, "he
           "sweep": {"widths": [32, 64], "seeds": [0]},
           "train": {"steps": 10, "progress": False, "log_every": 1, "report": False},
           "stats": {"every": 5, "sharpness_iters": 0, "ntk_points": 0, "kernel_points": 8}}
-ENGINES = {"ddp": ["dist.backend=ddp"], "fsdp2": ["dist.backend=fsdp2"]}
+ENGINES = {"ddp": ["dist.backend=ddp"], "fsdp2": ["dist.backend=fsdp2"],
+           "zero3": ["dist.backend=deepspeed", "dist.zero_stage=3"]}
 
 
 @pytest.fixture(scope="module")
