@@ -11,11 +11,14 @@ Widths At Realistic Scales" (arXiv 2305.18411). From Python:
 `import fastwidth` is cheap: torch and the rest load on first use of these functions.
 """
 __version__ = "0.1.0"
-__all__ = ["train", "load_run", "load_model", "make_config", "__version__"]
+__all__ = ["train", "load_run", "load_model", "make_config", "Consistency", "__version__"]
 
 
 def __getattr__(name):  # PEP 562: the API without importing torch at `import fastwidth`
     if name in ("train", "load_run", "load_model", "make_config"):
         from fastwidth import api
         return getattr(api, name)
+    if name == "Consistency":  # the statistics inside another training loop (interop/consistency.py)
+        from fastwidth.interop.consistency import Consistency
+        return Consistency
     raise AttributeError(f"module 'fastwidth' has no attribute {name!r}")
