@@ -157,15 +157,18 @@ class Consistency:
     stream, a Config or a data section (its probe split); run_dir; steps: the optimizer steps each
     member trains (the schedule's last evaluation; a callback sets it from its trainer when None);
     every / schedule / evals: stats.every, stats.schedule, stats.evals; reference_width (0: the
-    widest); tokens_per_step (None: counted from the first batch after_step gets); stats: more
-    stats.* keys; overwrite: replace a run already in run_dir.
+    widest); tokens_per_step (None: the targets of the first batch after_step gets; until one
+    is seen, tokens count steps); stats: more
+    stats.* keys; overwrite: replace a run already in run_dir; report: write the report when the
+    last member finishes (finish(), which the callbacks call at their train end).
     Outputs: RUN/config.yaml, metrics.jsonl (eval, consistency, ensemble, fit, train, run rows),
     signatures/<member>/step_N.safetensors, probe.safetensors and, from report(), RUN/report/.
     """
 
     def __init__(self, models: dict, probe, run_dir, *, steps: int | None = None, every: int = 50,
                  schedule: str = "linear", evals: int = 24, reference_width: int = 0,
-                 tokens_per_step: int | None = None, stats: dict | None = None, overwrite: bool = False):
+                 tokens_per_step: int | None = None, stats: dict | None = None, overwrite: bool = False,
+                 report: bool = True):
         if not models:
             raise UserError("Consistency: give at least one model as {name: (model, width, seed)}")
         self.members = _members(models)
@@ -180,6 +183,7 @@ class Consistency:
             raise UserError(f"reference_width {reference_width} is none of the members' widths "
                             f"{sorted({m.width for m in self.members})}")
         self.tokens_per_step = tokens_per_step
+        self.report_at_end = report
         self.monitor: Monitor | None = None
         self.writer: MetricsWriter | None = None
         self._armed: dict[str, contextlib.AbstractContextManager] = {}
@@ -233,7 +237,8 @@ class Consistency:
         return list(self.members) if names is None else [self.member(n) for n in ([names] if isinstance(names, str) else names)]
 
     def tokens(self, step: int) -> int:
-        return step * (self.tokens_per_step or 0)
+        """The rows' tokens at `step`: step × tokens_per_step (steps themselves while no batch was seen)."""
+        return step * (self.tokens_per_step or 1)
 
     # ------------------------------------------------------------------ the loop's calls
     @contextlib.contextmanager
@@ -305,13 +310,14 @@ class Consistency:
             m.model.train(mode)
 
     def finish(self, name: str) -> Path | None:
-        """Member `name` has trained to the end; when every member has, the report (its summary.md)."""
+        """Member `name` has trained to the end; when every member has, the report (its summary.md;
+        None with report=False: call report() when you want it)."""
         self._done.add(self.member(name).user_name)
         left = [n for n in self.by_user if n not in self._done]
         if left:
             log.info("Consistency: %s done; the report waits for %s", name, ", ".join(left))
             return None
-        return self.report()
+        return self.report() if self.report_at_end else None
 
     def report(self) -> Path:
         """Write the last rows and RUN/report/ (figures, summary.md, summary.json) as a fastwidth
