@@ -11,7 +11,7 @@ with the consistency callback sharing one fastwidth.Consistency (the probe evalu
 and every --every steps, the preactivation hooks on every training forward). The modes alternate
 --repeats times in one process, so drift on a shared machine hits both; each time is the wall
 clock of the two trainers' fit, models rebuilt from the same seeds each time. The report written
-at the end (figures) is timed apart: a one-off cost, not per step.
+at the end (figures) is timed apart, once: a one-off cost, not per step.
 Prints off and on (median seconds, each repeat's too) and the ratio on/off.
 """
 from __future__ import annotations
@@ -73,8 +73,8 @@ def fit_lightning(model, seqs, steps, batch, callbacks, out):
                enable_model_summary=False, callbacks=callbacks, default_root_dir=str(out)).fit(LM(), loader)
 
 
-def once(loop: str, on: bool, a, seqs, probe, tmp: Path) -> tuple[float, float]:
-    """(seconds of the trainers' fits, seconds of the report) for one mode."""
+def once(loop: str, on: bool, a, seqs, probe, tmp: Path, report: bool = False) -> tuple[float, float]:
+    """(seconds of the trainers' fits, seconds of the report (report=True; else 0)) for one mode."""
     import fastwidth
     from fastwidth.interop.callbacks import hf_callback, lightning_callback
     models = {f"w{w}": (llama(w, 0), w, 0) for w in a.widths}
@@ -89,7 +89,7 @@ def once(loop: str, on: bool, a, seqs, probe, tmp: Path) -> tuple[float, float]:
         fit(model, seqs, a.steps, a.batch, [make(c, name)] if on else [], tmp / "out")
     wall = time.perf_counter() - t0
     rep = 0.0
-    if on:
+    if on and report:
         t1 = time.perf_counter()
         c.report()
         rep = time.perf_counter() - t1
@@ -120,7 +120,7 @@ def main() -> None:
         once(loop, False, a, train, probe, Path(d))  # warm-up: imports, first-call costs
         for _ in range(a.repeats):
             for mode in ("off", "on"):
-                wall, rep = once(loop, mode == "on", a, train, probe, Path(d))
+                wall, rep = once(loop, mode == "on", a, train, probe, Path(d), report=not reports)
                 walls[mode].append(wall)
                 if rep:
                     reports.append(rep)

@@ -328,7 +328,7 @@ class Consistency:
         step = max(m.step for m in self.members)
         self.writer.write({"kind": "run", "step": step, "tokens": self.tokens(step), "width": 0, "seed": 0,
                            "wall_s": time.time() - self._t0, "models": len(self.members), "diverged": 0,
-                           "loop": "Consistency"})
+                           "loop": "Consistency", "data_source": self._data.get("source", "probe tensors")})
         self.close()
         return report_at_end(self.run_dir)
 

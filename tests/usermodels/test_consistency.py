@@ -130,6 +130,18 @@ def test_training_context_sees_the_forward_and_a_batch_costs_one_forward(tmp_pat
     c.close()
 
 
+def test_probe_from_a_data_section_is_the_streams_probe_split(tmp_path):
+    from fastwidth.config import from_dict
+    from fastwidth.data import build_stream
+    section = {"source": "synthetic", "in_dim": D_IN, "num_classes": CLASSES, "probe_size": 20}
+    c = fastwidth.Consistency(family(widths=(8,), seeds=(0,)), section, tmp_path / "a", steps=1)
+    want = build_stream(from_dict({"data": section}).data).probe()
+    assert torch.equal(c.probe["x"], want["x"]) and torch.equal(c.probe["y"], want["y"])
+    c.evaluate(0)
+    c.close()
+    assert yaml.safe_load(RunDir(tmp_path / "a").config.read_text())["data"]["source"] == "synthetic"
+
+
 def test_one_line_errors(tmp_path):
     models = family(widths=(8,), seeds=(0,))
     probe, _ = batches(1)
@@ -182,6 +194,10 @@ def test_standin_loop_report(tmp_path):
     assert (RunDir(tmp_path / "run").report / "rmse_vs_width.png").is_file()
     data = json.loads((RunDir(tmp_path / "run").report / "summary.json").read_text())
     assert {w["width"] for w in data["widths"]} == {16, 32, 64}
+    assert data["run"]["optimizer"] == "user loop" and data["run"]["data_source"] == "probe tensors"
+    from fastwidth.cli import main  # `fastwidth report DIR` reads it as any run
+    assert main(["report", str(tmp_path / "run"), "-o", str(tmp_path / "again")]) in (0, None)
+    assert "seed variance V_N" in (tmp_path / "again" / "summary.md").read_text()
 
 
 def _sequential_hf(c, models, dataset, steps):
