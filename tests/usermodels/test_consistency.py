@@ -225,11 +225,8 @@ def tiny_llama(width: int, seed: int):
 @pytest.mark.slow
 def test_hf_trainers_of_two_widths_make_one_report(tmp_path):
     pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (pip install accelerate)")
-    g = torch.Generator().manual_seed(0)
-    seqs = torch.randint(0, 32, (64, 9), generator=g)
-    seqs[:, 1::2] = (seqs[:, 0::2][:, :4] * 3 + 1) % 32  # a learnable rule: odd tokens from the even ones
-    dataset = [{"input_ids": s[:8], "labels": s[:8].clone()} for s in seqs[:48]]
-    probe = (seqs[48:, :8], seqs[48:, 1:9])   # y: the next token at every position
+    train, probe = token_data(48)
+    dataset = [{"input_ids": s, "labels": s.clone()} for s in train]
     models = {f"llama{w}_{s}": (tiny_llama(w, s), w, s) for w in (16, 32) for s in (0, 1)}
     c = fastwidth.Consistency(models, probe, tmp_path / "run", every=3)
     _sequential_hf(c, models, dataset, steps=6)
@@ -281,31 +278,50 @@ def test_lightning_trainers_of_two_widths_make_one_report(tmp_path):
     assert (RunDir(tmp_path / "run").report / "summary.md").is_file()
 
 
+def token_data(n_train: int, n_probe: int = 16):
+    g = torch.Generator().manual_seed(0)
+    seqs = torch.randint(0, 32, (n_train + n_probe, 9), generator=g)
+    seqs[:, 1::2] = (seqs[:, 0::2][:, :4] * 3 + 1) % 32  # a learnable rule: odd tokens from the even ones
+    return seqs[:n_train, :8], (seqs[n_train:, :8], seqs[n_train:, 1:9])  # probe y: the next token at every position
+
+
 @pytest.mark.slow
 def test_hf_adapter_against_a_standin_driver(tmp_path):
-    """The callback's events as a Trainer sends them, driven by hand: evaluations at 0 and the
-    schedule's steps, train rows from on_log, the report after the last member's on_train_end."""
+    """The callback's events as transformers.Trainer sends them (trainer.py: on_step_begin once per
+    optimizer step, global_step += 1, on_step_end, on_log), driven by hand around tiny Llamas from
+    transformers: evaluations at 0 and the schedule's steps, the decoder layers' features and the
+    MLP's preactivations read through the roles, train rows from on_log, and the report after the
+    last member's on_train_end only."""
     from fastwidth.interop.callbacks import hf_callback
-    models = family(widths=(8, 16), seeds=(0,))
-    probe, data = batches(4)
+    train, probe = token_data(4 * 8)
+    models = {f"llama{w}_{s}": (tiny_llama(w, s), w, s) for w in (16, 32) for s in (0, 1)}
     c = fastwidth.Consistency(models, probe, tmp_path / "run", every=2)
-    args = SimpleNamespace(train_batch_size=16, gradient_accumulation_steps=1, world_size=1)
+    args = SimpleNamespace(train_batch_size=8, gradient_accumulation_steps=1, world_size=1)
+    report = RunDir(tmp_path / "run").report / "summary.md"
     for name, (m, _, _) in models.items():
         cb, state = hf_callback(c, name), SimpleNamespace(global_step=0, max_steps=4)
-        opt = torch.optim.Adam(m.parameters(), 1e-2)
+        opt = torch.optim.AdamW(m.parameters(), 3e-3)
         cb.on_train_begin(args, state, None)
-        for x, y in data:
+        for x in train.split(8):
             cb.on_step_begin(args, state, None)
-            loss = nn.functional.cross_entropy(m(x), y)
+            loss = m(input_ids=x, labels=x).loss
             loss.backward()
             opt.step()
             opt.zero_grad()
             state.global_step += 1
             cb.on_step_end(args, state, None)
             cb.on_log(args, state, None, logs={"loss": loss.item()})
-        assert not (RunDir(tmp_path / "run").report / "summary.md").exists() or name == "m16_0"
+        assert not report.exists()
         cb.on_train_end(args, state, None)
+    assert report.is_file()
     rows = read_metrics(RunDir(tmp_path / "run").metrics)
     assert sorted({r["step"] for r in rows if r["kind"] == "eval"}) == [0, 2, 4]
-    assert {r["tokens"] for r in rows if r["kind"] == "eval" and r["step"] == 4} == {64}
-    assert (RunDir(tmp_path / "run").report / "summary.md").is_file()
+    assert {r["tokens"] for r in rows if r["kind"] == "eval" and r["step"] == 4} == {32}  # 4 steps x 8 examples
+    assert {(r["width"], r["seed"]) for r in rows if r["kind"] == "consistency" and r["step"] == 4} == {(16, 0), (16, 1)}
+    assert len([r for r in rows if r["kind"] == "train"]) == 4 * len(models)
+    last = next(r for r in rows if r["kind"] == "eval" and r["step"] == 4 and r["width"] == 32)
+    assert "model.layers.0.mlp.up_proj" in last["preact"] and "lm_head" not in last["preact"]
+    sig = RunDir(tmp_path / "run").list_signatures()["w32_s0"][4]
+    from fastwidth.stats.signature import load_signature
+    kernels = {k for k in load_signature(sig)[0] if k.startswith("kernel/")}
+    assert kernels == {"kernel/block0", "kernel/block1", "kernel/readout_in"}
