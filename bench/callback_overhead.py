@@ -2,6 +2,7 @@
 consistency callback on and off (CPU).
 
     python bench/callback_overhead.py [--loop auto|hf|lightning] [--steps 60] [--every 20] [--repeats 3]
+                                      [--preact-every 1] [--widths 64 128] [--threads 1]
 
 Two members (tiny Llamas from transformers, widths --widths, 2 layers, vocabulary 64) each train
 --steps optimizer steps in their own trainer, one after the other, on one dataset: a
@@ -12,7 +13,9 @@ and every --every steps, the preactivation hooks on every training forward). The
 --repeats times in one process, so drift on a shared machine hits both; each time is the wall
 clock of the two trainers' fit, models rebuilt from the same seeds each time. The report written
 at the end (figures) is timed apart, once: a one-off cost, not per step.
-Prints off and on (median seconds, each repeat's too) and the ratio on/off.
+Prints off and on (median seconds, each repeat's too) and the ratio on/off, in wall seconds and in
+this process's CPU seconds (time.process_time; with --threads 1 the work itself, which other
+processes on a shared machine do not inflate as they do the wall clock).
 """
 from __future__ import annotations
 
@@ -73,8 +76,9 @@ def fit_lightning(model, seqs, steps, batch, callbacks, out):
                enable_model_summary=False, callbacks=callbacks, default_root_dir=str(out)).fit(LM(), loader)
 
 
-def once(loop: str, on: bool, a, seqs, probe, tmp: Path, report: bool = False) -> tuple[float, float]:
-    """(seconds of the trainers' fits, seconds of the report (report=True; else 0)) for one mode."""
+def once(loop: str, on: bool, a, seqs, probe, tmp: Path, report: bool = False) -> tuple[float, float, float]:
+    """(wall seconds of the trainers' fits, this process's CPU seconds of them, seconds of the
+    report (report=True; else 0)) for one mode."""
     import fastwidth
     from fastwidth.interop.callbacks import hf_callback, lightning_callback
     models = {f"w{w}": (llama(w, 0), w, 0) for w in a.widths}
@@ -83,17 +87,17 @@ def once(loop: str, on: bool, a, seqs, probe, tmp: Path, report: bool = False) -
     c = None
     if on:
         c = fastwidth.Consistency(models, probe, tmp / f"run{time.time_ns()}", steps=a.steps, every=a.every,
-                                  stats={"bootstrap": 100}, report=False)  # the report is timed apart, below
-    t0 = time.perf_counter()
+                                  stats={"bootstrap": 100, "preact_every": a.preact_every}, report=False)  # the report is timed apart, below
+    t0, c0 = time.perf_counter(), time.process_time()
     for name, (model, _, _) in models.items():
         fit(model, seqs, a.steps, a.batch, [make(c, name)] if on else [], tmp / "out")
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     rep = 0.0
     if on and report:
         t1 = time.perf_counter()
         c.report()
         rep = time.perf_counter() - t1
-    return wall, rep
+    return wall, cpu, rep
 
 
 def main() -> None:
@@ -106,6 +110,7 @@ def main() -> None:
     ap.add_argument("--probe", type=int, default=32, help="probe sequences")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--preact-every", type=int, default=1, help="stats.preact_every: observe every k-th training forward")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     loop = a.loop
@@ -115,21 +120,31 @@ def main() -> None:
     train, held = seqs[:a.steps * a.batch], seqs[a.steps * a.batch:]
     probe = (held[:, :SEQ], held[:, 1:])
     walls = {"off": [], "on": []}
+    cpus = {"off": [], "on": []}
     reports = []
     with tempfile.TemporaryDirectory() as d:
         once(loop, False, a, train, probe, Path(d))  # warm-up: imports, first-call costs
         for _ in range(a.repeats):
             for mode in ("off", "on"):
-                wall, rep = once(loop, mode == "on", a, train, probe, Path(d), report=not reports)
+                wall, cpu, rep = once(loop, mode == "on", a, train, probe, Path(d), report=not reports)
                 walls[mode].append(wall)
+                cpus[mode].append(cpu)
                 if rep:
                     reports.append(rep)
     off, on = statistics.median(walls["off"]), statistics.median(walls["on"])
+    coff, con = statistics.median(cpus["off"]), statistics.median(cpus["on"])
+    paired = statistics.median(b / o for o, b in zip(cpus["off"], cpus["on"]))
     print(f"loop {loop}: {len(a.widths)} members (widths {a.widths}) x {a.steps} steps, batch {a.batch} x {SEQ} tokens, "
-          f"evaluations every {a.every} steps on {a.probe} probe sequences, {a.threads} thread(s)")
+          f"evaluations every {a.every} steps on {a.probe} probe sequences, preactivations every "
+          f"{a.preact_every} step(s), {a.threads} thread(s)")
     print(f"off: median {off:.2f} s  ({', '.join(f'{w:.2f}' for w in walls['off'])})")
     print(f"on:  median {on:.2f} s  ({', '.join(f'{w:.2f}' for w in walls['on'])})")
-    print(f"ratio on/off: {on / off:.3f}   (report at the end, once: median {statistics.median(reports):.1f} s)")
+    print(f"ratio on/off (wall): {on / off:.3f}")
+    print(f"CPU s of this process (threads={a.threads}; what a loaded machine's wall time hides):")
+    print(f"off: median {coff:.2f} s  ({', '.join(f'{w:.2f}' for w in cpus['off'])})")
+    print(f"on:  median {con:.2f} s  ({', '.join(f'{w:.2f}' for w in cpus['on'])})")
+    print(f"ratio on/off (CPU): {con / coff:.3f}; median of the paired repeats' ratios {paired:.3f}")
+    print(f"report at the end, once: {statistics.median(reports):.1f} s wall")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ Widths At Realistic Scales" (arXiv 2305.18411). From Python:
     run_dir = fastwidth.train("demo", train__steps=50)
     run = fastwidth.load_run(run_dir)
     model = fastwidth.load_model(run_dir, "w64_s0")
+    c = fastwidth.Consistency({"small": (m64, 64, 0), "big": (m256, 256, 0)}, probe=(x, y), run_dir="runs/mine",
+                              steps=1000)   # the statistics inside your own loop (interop/consistency.py)
 
 `import fastwidth` is cheap: torch and the rest load on first use of these functions.
 """

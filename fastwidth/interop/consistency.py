@@ -3,7 +3,8 @@ like a fastwidth run's, from models the user built and trains.
 
     c = fastwidth.Consistency({"small": (m64, 64, 0), "big": (m256, 256, 0), ...}, probe=(x, y),
                               run_dir="runs/mine", steps=1000, every=100)
-    c.evaluate(0)                                  # before training (every member)
+    c.evaluate(0)                                  # before training (every member); it also sets the
+                                                   # preactivation histograms' bins, as a run's step 0
     for step, batch in enumerate(loader, 1):       # the user's loop: every member on the batch
         ...                                        # forward, backward, optimizer steps
         c.after_step(step, batch, loss={"small": l1, "big": l2})
