@@ -14,6 +14,11 @@ args.seed / args.data_seed; Lightning the loader's generator), so step s has see
 examples in every member. Trainers may run one after another or interleaved in one process; the
 comparisons of a step are written once the reference width's signature at it exists.
 
+The rows' tokens are step × Consistency.tokens_per_step; left None, a callback sets it to the
+examples of one optimizer step (HF: train_batch_size × accumulation × world size; Lightning: the
+first batch's labels, else its examples, × accumulation × world size): pass tokens_per_step =
+batch × sequence length for a language model's tokens.
+
 The step's own forwards are observed for the preactivations (between step begin and step end),
 so the statistics add no forward of their own on training batches. With gradient checkpointing,
 recomputed forwards are observed too (their preactivations counted twice).

@@ -117,10 +117,12 @@ def _members(models: dict) -> list[Member]:
     return out
 
 
-def _config(members: list[Member], run_dir, steps: int, reference_width: int, data: dict, stats: dict) -> Config:
+def _config(members: list[Member], run_dir, steps: int, reference_width: int, data: dict, stats: dict,
+            kind: str) -> Config:
     ref = reference_width or max(m.width for m in members)
     head = next(m for m in members if m.width == ref)
     return from_dict({
+        "param": {"kind": kind},
         "model": {"arch": "python", "width": ref, "factory": f"<python>:{type(head.model.inner).__name__}"},
         "sweep": {"widths": sorted({m.width for m in members}), "seeds": sorted({m.seed for m in members}),
                   "reference_width": ref},
@@ -161,7 +163,9 @@ class Consistency:
     widest); tokens_per_step (None: the targets of the first batch after_step gets; until one
     is seen, tokens count steps); stats: more
     stats.* keys; overwrite: replace a run already in run_dir; report: write the report when the
-    last member finishes (finish(), which the callbacks call at their train end).
+    last member finishes (finish(), which the callbacks call at their train end); kind: the
+    parameterization the models were built with, as the report labels the run (param.kind; sp,
+    the default, is PyTorch's and transformers' own init: nothing here applies or checks it).
     Outputs: RUN/config.yaml, metrics.jsonl (eval, consistency, ensemble, fit, train, run rows),
     signatures/<member>/step_N.safetensors, probe.safetensors and, from report(), RUN/report/.
     """
@@ -169,7 +173,7 @@ class Consistency:
     def __init__(self, models: dict, probe, run_dir, *, steps: int | None = None, every: int = 50,
                  schedule: str = "linear", evals: int = 24, reference_width: int = 0,
                  tokens_per_step: int | None = None, stats: dict | None = None, overwrite: bool = False,
-                 report: bool = True):
+                 report: bool = True, kind: str = "sp"):
         if not models:
             raise UserError("Consistency: give at least one model as {name: (model, width, seed)}")
         self.members = _members(models)
@@ -185,6 +189,7 @@ class Consistency:
                             f"{sorted({m.width for m in self.members})}")
         self.tokens_per_step = tokens_per_step
         self.report_at_end = report
+        self.kind = kind
         self.monitor: Monitor | None = None
         self.writer: MetricsWriter | None = None
         self._armed: dict[str, contextlib.AbstractContextManager] = {}
@@ -215,7 +220,8 @@ class Consistency:
             return self.monitor
         if self._steps is None:
             raise UserError("Consistency: steps is not set; pass steps= (the optimizer steps each member trains)")
-        self.cfg = _config(self.members, self.run_dir, self._steps, self.reference_width, self._data, self._stats)
+        self.cfg = _config(self.members, self.run_dir, self._steps, self.reference_width, self._data, self._stats,
+                           self.kind)
         self.schedule = EvalSchedule.from_config(self.cfg)
         prepare_run_dir(self.cfg, None)  # config.yaml, emptied subdirectories
         from safetensors.torch import save_file

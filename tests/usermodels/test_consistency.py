@@ -93,6 +93,7 @@ def test_standin_loop_writes_rows_signatures_and_summary(tmp_path):
     assert [r["step"] for r in rows if r["kind"] == "fit"] == [0, 2, 4]
     assert len([r for r in rows if r["kind"] == "train"]) == 4 * len(models)
     cfg = yaml.safe_load(RunDir(run).config.read_text())
+    assert cfg["param"]["kind"] == "sp"  # PyTorch's own init, as the report labels the run
     assert cfg["model"]["arch"] == "python" and cfg["sweep"]["widths"] == [16, 32] and cfg["sweep"]["seeds"] == [0, 1]
     # the report's reader and summary read it as a fastwidth run (the figures: the slow test)
     from fastwidth.report.reader import load_run
