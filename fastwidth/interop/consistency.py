@@ -199,6 +199,7 @@ class Consistency:
         self._steps = None
         if steps is not None:
             self.steps = steps
+        _config(self.members, self.run_dir, steps or 1, self.reference_width, self._data, self._stats, kind)  # a bad key: one line now
 
     # ------------------------------------------------------------------ set-up
     @property

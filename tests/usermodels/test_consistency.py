@@ -152,6 +152,10 @@ def test_one_line_errors(tmp_path):
         fastwidth.Consistency(models, probe, tmp_path / "a", reference_width=4)
     with pytest.raises(UserError, match="give \\(x, y\\) tensors"):
         fastwidth.Consistency(models, 3, tmp_path / "a")
+    with pytest.raises(UserError, match="param.kind"):
+        fastwidth.Consistency(models, probe, tmp_path / "a", kind="µ")
+    with pytest.raises(UserError, match="stats.evry"):
+        fastwidth.Consistency(models, probe, tmp_path / "a", stats={"evry": 3})
     c = fastwidth.Consistency(models, probe, tmp_path / "a")
     with pytest.raises(UserError, match="steps is not set"):
         c.evaluate(0)
