@@ -111,9 +111,11 @@ def run_numbers(run: Run) -> dict:
     ensembles = {r["width"]: r for r in ens}
     run_row = (run.rows("run") or [{}])[-1]
     cfg = run.config
+    loop = run_row.get("loop")  # trained by another loop (fastwidth.Consistency): config.yaml's optim is not its
     return {
-        "optimizer": cfg.get("optim", {}).get("name"), "lr": cfg.get("optim", {}).get("lr"),
-        "data_source": cfg.get("data", {}).get("source"), "commit": run_row.get("commit"),
+        "optimizer": "user loop" if loop else cfg.get("optim", {}).get("name"),
+        "lr": None if loop else cfg.get("optim", {}).get("lr"),
+        "data_source": run_row.get("data_source") or cfg.get("data", {}).get("source"), "commit": run_row.get("commit"),
         "arch": cfg.get("model", {}).get("arch"), "wall_s": run_row.get("wall_s"),
         "fit": final_fit(run), "intervals": width_intervals(run), "one_over_n": one_over_n(run),
         "ntk": ntk_across_run(run), "ensembles": ensembles, "equal_compute": equal_compute(ensembles),
