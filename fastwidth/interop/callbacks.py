@@ -117,29 +117,29 @@ def _lightning_class():
             self._last = -1
             consistency.member(member)
 
-        def on_train_start(self, trainer, pl_module):
+        def on_train_start(self, pl_trainer, pl_module):
             if self.c.steps is None:
-                self.c.steps = int(trainer.max_steps if trainer.max_steps and trainer.max_steps > 0
-                                   else trainer.estimated_stepping_batches)
-            self._last = trainer.global_step
-            if trainer.global_step == 0:
+                self.c.steps = int(pl_trainer.max_steps if pl_trainer.max_steps and pl_trainer.max_steps > 0
+                                   else pl_trainer.estimated_stepping_batches)
+            self._last = pl_trainer.global_step
+            if pl_trainer.global_step == 0:
                 self.c.evaluate(0, [self.member])
 
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        def on_train_batch_start(self, pl_trainer, pl_module, batch, batch_idx):
             self.c.arm(self.member)
 
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        def on_train_batch_end(self, pl_trainer, pl_module, outputs, batch, batch_idx):
             self.c.disarm(self.member)
-            step = trainer.global_step
+            step = pl_trainer.global_step
             if step == self._last:  # an accumulation micro-batch: no optimizer step yet
                 return
             self._last = step
             if self.c.tokens_per_step is None:
                 from fastwidth.interop.consistency import _targets
-                self.c.tokens_per_step = _targets(batch) * trainer.accumulate_grad_batches * trainer.world_size
+                self.c.tokens_per_step = _targets(batch) * pl_trainer.accumulate_grad_batches * pl_trainer.world_size
             self.c.after_step(step, loss={self.member: _loss(outputs)}, members=[self.member])
 
-        def on_train_end(self, trainer, pl_module):
+        def on_train_end(self, pl_trainer, pl_module):
             self.c.disarm(self.member)
             self.c.finish(self.member)
 
