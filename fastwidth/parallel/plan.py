@@ -72,15 +72,15 @@ def count_params(cfg: Config) -> dict:
     """Exact counts from the model built on meta: total, root unit, largest block, largest tensor."""
     from fastwidth.models import build_meta
     from fastwidth.parallel.engines import shard_units
-    model = build_meta(cfg, _io(cfg))
+    io = _io(cfg)  # for a data source other than synthetic, this builds its stream: once
+    model = build_meta(cfg, io)
     total = sum(p.numel() for p in model.parameters())
     units = [sum(p.numel() for p in u.parameters()) for u in shard_units(model)]
     counts = {"total": total, "root": total - sum(units), "block": max(units, default=0),
               "tensor": max((p.numel() for p in model.parameters()), default=0),
               "heads": (cfg.model.n_heads or cfg.model.width // cfg.model.head_dim) if cfg.model.arch == "gpt" else 0,
-              "vocab": getattr(_io(cfg), "vocab_size", None), "feature_layers": len(model.feature_points())}
+              "vocab": getattr(io, "vocab_size", None), "feature_layers": len(model.feature_points())}
     if cfg.model.arch in ("python", "hf"):  # a user's model: its saved activations measured, not a formula
-        io = _io(cfg)
         counts.update(act_row=saved_values_per_row(model, io), units=len(units),
                       row_len=io.seq_len if io.kind == "tokens" else 1)
     return counts

@@ -371,11 +371,17 @@ def init_parameters(model: nn.Module, table: dict[str, ParamInfo], seed: int, wi
         p.copy_(draw_init(table[name], seed, width, depth=depth).to(p.dtype))
 
 
+def scales_layer_input(name: str, init: str, shape) -> bool:
+    """Whether a parameter's forward multiplier is its layer's, applied to the layer's input (a
+    drawn matrix's weight): W(αx) + b = (αW)x + b, so a user's model hooks it and an export folds it."""
+    return name.endswith("weight") and init in ("normal", "uniform", "zeros") and len(shape) >= 2
+
+
 def module_mults(table: dict[str, ParamInfo]) -> tuple[dict[str, float], float]:
     """({module name: forward multiplier of its matrix}, the residual branch multiplier) of a
     user's model: what UserModel.apply_mults hooks on, and what an export folds into weights."""
     mults = {n.rpartition(".")[0]: info.forward_mult for n, info in table.items()
-             if n.endswith("weight") and info.init in ("normal", "uniform", "zeros") and len(info.shape) >= 2}
+             if scales_layer_input(n, info.init, info.shape)}
     branch = [info.branch_mult for info in table.values() if info.branch_mult != 1.0]
     return mults, branch[0] if branch else 1.0
 

@@ -15,6 +15,7 @@ import torch
 from fastwidth.errors import CheckpointError
 from fastwidth.parallel.checkpoints import LEGACY_DCP, dcp_model_tensors, is_dcp, member_dir
 from fastwidth.parallel.zero import check_zero_shards
+from fastwidth.param.scaling import scales_layer_input
 from fastwidth.run import checkpoint as ckpt
 from fastwidth.run.paths import RunDir, latest_pointer
 
@@ -105,12 +106,12 @@ def export_checkpoint(path: Path, out: Path, member: str | None = None, trust_ch
 
 def foldable(rows: list[dict] | None) -> dict[str, float]:
     """{weight name: forward multiplier} of the rows whose multiplier scales a linear layer's input
-    (param.scaling.apply_forward_mults' rule), to fold into the weight. A branch multiplier (the
-    depth kinds) scales a block's output, which no single weight carries: refused."""
+    (param.scaling.scales_layer_input, the rule UserModel's hooks follow), to fold into the weight.
+    A branch multiplier (the depth kinds) scales a block's output, which no single weight carries:
+    refused."""
     rows = rows or []
     if any(r.get("branch_mult", 1.0) != 1.0 for r in rows):
         raise CheckpointError("this run's residual-branch multipliers (param.kind depth_mup / completep / umup) "
                               "cannot be folded into one weight: load it with fastwidth.load_model instead")
     return {r["name"]: float(r["forward_mult"]) for r in rows
-            if r["name"].endswith("weight") and r["init"] in ("normal", "uniform", "zeros")
-            and len(r["shape"]) >= 2 and r["forward_mult"] != 1.0}
+            if scales_layer_input(r["name"], r["init"], r["shape"]) and r["forward_mult"] != 1.0}
